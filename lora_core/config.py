@@ -1,0 +1,250 @@
+"""The training configuration: one pydantic model, the single source of every rule and range.
+
+The CLI, the web page, the presets and `config_schema.json` all derive from `TrainConfig`.
+A config file may give the optional fields flat or nested under `training_params`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+REQUIRED_FIELDS = ("dataset_path", "base_model", "output_path", "trigger_words")
+NESTED_KEY = "training_params"
+
+
+def _ui(group: str, **extra: Any) -> dict[str, Any]:
+    """Hints for the web page: which panel a field sits in (basic / advanced / sampling)."""
+    return {"group": group, **extra}
+
+
+class TrainConfig(BaseModel):
+    """Everything one LoRA training run needs. Units: steps are optimizer steps, sizes are pixels."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- required ---
+    dataset_path: str = Field(description="Folder of images with optional same-named .txt captions.",
+                              min_length=1, json_schema_extra=_ui("basic"))
+    base_model: str = Field(
+        description="'builtin:tiny-sd', a Hugging Face hub id, a local diffusers folder, "
+        "or a single-file .safetensors checkpoint.", min_length=1, json_schema_extra=_ui("basic"))
+    output_path: str = Field(description="Folder for checkpoints, samples, the final LoRA and events.",
+                             min_length=1, json_schema_extra=_ui("basic"))
+    trigger_words: list[str] = Field(
+        description="Words put in front of every caption (or used as the caption where there is none).",
+        min_length=1, json_schema_extra=_ui("basic"))
+
+    # --- length ---
+    steps: int = Field(1000, ge=1, le=1_000_000, description=(
+        "Optimizer steps to run. When given, training runs exactly this many; "
+        "when only `epochs` is given, the length comes from epochs."), json_schema_extra=_ui("basic"))
+    epochs: int = Field(10, ge=1, le=10_000, description=(
+        "Passes over the dataset; decides the length only when `steps` is not given."),
+        json_schema_extra=_ui("basic"))
+
+    # --- optimisation ---
+    learning_rate: float = Field(1e-4, gt=0, le=1.0, description="AdamW learning rate for the LoRA weights.",
+                                 json_schema_extra=_ui("basic", step=1e-5))
+    batch_size: int = Field(1, ge=1, le=64, description="Images per step on each device.",
+                            json_schema_extra=_ui("basic"))
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description=(
+        "Batches whose gradients are summed before one optimizer step."), json_schema_extra=_ui("advanced"))
+    lr_scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts"] = Field(
+        "constant", description="Learning-rate schedule after warmup.", json_schema_extra=_ui("advanced"))
+    lr_warmup_steps: int = Field(0, ge=0, le=100_000, description="Steps of linear warmup from 0.",
+                                 json_schema_extra=_ui("advanced"))
+    adam_weight_decay: float = Field(1e-2, ge=0, le=1.0, description="AdamW weight decay.",
+                                     json_schema_extra=_ui("advanced"))
+    max_grad_norm: float = Field(1.0, ge=0, le=1000, description="Gradient clipping norm; 0 turns clipping off.",
+                                 json_schema_extra=_ui("advanced"))
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for noise, timesteps, data order and LoRA init.",
+                      json_schema_extra=_ui("advanced"))
+
+    # --- the LoRA ---
+    lora_rank: int = Field(16, ge=1, le=256, description="LoRA rank (network dim).", json_schema_extra=_ui("basic"))
+    lora_alpha: float = Field(32, gt=0, le=1024, description="LoRA alpha; the update is scaled by alpha / rank.",
+                              json_schema_extra=_ui("basic"))
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path during training.",
+                                json_schema_extra=_ui("advanced"))
+
+    # --- data ---
+    resolution: int = Field(512, ge=256, le=2048, multiple_of=8, description=(
+        "Training size in pixels (square); must also be a multiple of what the model needs, 64 for SD."),
+        json_schema_extra=_ui("basic", step=64))
+    cache_latents: bool = Field(True, description=(
+        "Encode every image with the VAE once, before training, instead of every step."),
+        json_schema_extra=_ui("advanced"))
+
+    # --- device ---
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="Where to train; auto takes CUDA when present.",
+                                                   json_schema_extra=_ui("advanced"))
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description=(
+        "auto: bf16 on GPUs that have it, else fp16 on CUDA, fp32 on CPU."), json_schema_extra=_ui("advanced"))
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.",
+                                         json_schema_extra=_ui("advanced"))
+
+    # --- events and outputs ---
+    checkpoint_steps: int = Field(500, ge=1, le=1_000_000, description="Save a LoRA every N steps.",
+                                  json_schema_extra=_ui("basic"))
+    validation_steps: int = Field(100, ge=1, le=1_000_000, description="Make sample images every N steps.",
+                                  json_schema_extra=_ui("sampling"))
+    progress_steps: int = Field(1, ge=1, le=10_000, description=(
+        "Emit a progress event every N steps (the loss is read back from the device only then)."),
+        json_schema_extra=_ui("advanced"))
+    sample_prompts: list[str] = Field(default_factory=list, max_length=16, description=(
+        "Prompts for sample images; empty means the trigger words."), json_schema_extra=_ui("sampling"))
+    sample_inference_steps: int = Field(20, ge=1, le=150, description="Denoising steps per sample image.",
+                                        json_schema_extra=_ui("sampling"))
+    sample_guidance_scale: float = Field(7.0, ge=1.0, le=30.0, description="Classifier-free guidance for samples.",
+                                         json_schema_extra=_ui("sampling"))
+
+    @field_validator("trigger_words", mode="before")
+    @classmethod
+    def _one_word_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("trigger_words", "sample_prompts")
+    @classmethod
+    def _no_blank_strings(cls, value: list[str]) -> list[str]:
+        if any(not item.strip() for item in value):
+            raise ValueError("entries must not be blank")
+        return value
+
+    @property
+    def given_fields(self) -> set[str]:
+        return set(self.model_fields_set)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used. `problems` is a list of (field, message), each naming the fix."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = [f"{field}: {message}" for field, message in problems]
+        super().__init__(f"invalid config{where}:\n  " + "\n  ".join(lines))
+
+    @property
+    def field(self) -> str:
+        return self.problems[0][0]
+
+
+def _allowed_range(name: str) -> str:
+    """The range or choices of a field, from the model itself, for error messages."""
+    info = TrainConfig.model_fields.get(name)
+    if info is None:
+        return ""
+    schema = TrainConfig.model_json_schema()["properties"].get(name, {})
+    if "enum" in schema:
+        return "choose one of " + ", ".join(repr(choice) for choice in schema["enum"])
+    low = schema.get("minimum", schema.get("exclusiveMinimum"))
+    high = schema.get("maximum", schema.get("exclusiveMaximum"))
+    if low is None and high is None:
+        return ""
+    low_mark = "(" if "exclusiveMinimum" in schema else "["
+    high_mark = ")" if "exclusiveMaximum" in schema else "]"
+    text = f"allowed range {low_mark}{low}, {high}{high_mark}"
+    if "multipleOf" in schema:
+        text += f", a multiple of {schema['multipleOf']}"
+    return text
+
+
+def _problems_from(error: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    known = list(TrainConfig.model_fields)
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "config"
+        top = str(item["loc"][0]) if item["loc"] else ""
+        if item["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(top, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(known)}"
+            problems.append((field, f"unknown field{hint}"))
+            continue
+        if item["type"] == "missing":
+            problems.append((field, "is required"))
+            continue
+        message = item["msg"]
+        allowed = _allowed_range(top)
+        got = item.get("input")
+        got_text = json.dumps(got) if isinstance(got, str | int | float | bool | None) else type(got).__name__
+        problems.append((field, f"{message} (got {got_text}{'; ' + allowed if allowed else ''})"))
+    return problems
+
+
+def flatten(data: Any, source: str | None = None) -> dict[str, Any]:
+    """Merge `training_params` into the top level; a field given in both places must agree."""
+    if not isinstance(data, dict):
+        raise ConfigError([("config", f"must be a JSON object, got {type(data).__name__}")], source)
+    flat = {key: value for key, value in data.items() if key != NESTED_KEY}
+    nested = data.get(NESTED_KEY, {})
+    if not isinstance(nested, dict):
+        raise ConfigError([(NESTED_KEY, "must be a JSON object of training options")], source)
+    for key, value in nested.items():
+        if key in REQUIRED_FIELDS:
+            raise ConfigError([(f"{NESTED_KEY}.{key}", "belongs at the top level, not in training_params")], source)
+        if key in flat and flat[key] != value:
+            raise ConfigError([(key, f"given twice with different values ({flat[key]!r} and "
+                                     f"{NESTED_KEY}.{key}={value!r}); keep one")], source)
+        flat[key] = value
+    return flat
+
+
+def parse_config(data: Any, source: str | None = None) -> TrainConfig:
+    """Validate a config mapping (flat or nested). Raises ConfigError naming each bad field."""
+    flat = flatten(data, source)
+    try:
+        return TrainConfig.model_validate(flat)
+    except ValidationError as error:
+        raise ConfigError(_problems_from(error), source) from None
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError([("config", f"cannot read {path}: {error.strerror or error}")], str(path)) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError([("config", f"{path} is not valid JSON: {error.msg} at line {error.lineno} "
+                                      f"column {error.colno}")], str(path)) from None
+    return parse_config(data, str(path))
+
+
+def config_to_file_dict(config: TrainConfig) -> dict[str, Any]:
+    """The nested file form: required fields at the top, the rest under training_params."""
+    values = config.model_dump(mode="json")
+    top = {key: values.pop(key) for key in REQUIRED_FIELDS}
+    return {**top, NESTED_KEY: values}
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the config *file*: the model's schema plus the optional `training_params` nesting."""
+    schema = TrainConfig.model_json_schema()
+    optional = {key: value for key, value in schema["properties"].items() if key not in REQUIRED_FIELDS}
+    schema["properties"][NESTED_KEY] = {
+        "type": "object",
+        "description": "The optional fields may be given here instead of at the top level.",
+        "properties": optional,
+        "additionalProperties": False,
+    }
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def write_schema(path: str | Path) -> None:
+    from lora_core.files import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(json_schema(), indent=2) + "\n")
+
+
+if __name__ == "__main__":  # python -m lora_core.config [path]: regenerate config_schema.json
+    write_schema(sys.argv[1] if len(sys.argv) > 1 else "config_schema.json")

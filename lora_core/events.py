@@ -1,0 +1,124 @@
+"""Typed events: the only thing callers of the engine see.
+
+Each event serialises to one JSON object with `type` and an ISO-8601 `timestamp`.
+`complete`, `error` and `interrupted` are terminal: exactly one of them ends every run.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(kw_only=True)
+class Event:
+    type: ClassVar[str] = "event"
+    terminal: ClassVar[bool] = False
+    timestamp: str = field(default_factory=_now)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), allow_nan=False, default=str)
+
+
+@dataclass(kw_only=True)
+class Started(Event):
+    type: ClassVar[str] = "started"
+    total_steps: int
+    num_images: int
+    device: str
+    mixed_precision: str
+    model_family: str
+    output_path: str
+
+
+@dataclass(kw_only=True)
+class Progress(Event):
+    type: ClassVar[str] = "progress"
+    step: int
+    total_steps: int
+    loss: float | None
+    percent: float
+    lr: float
+    it_per_s: float
+    eta_s: float
+    epoch: int
+
+
+@dataclass(kw_only=True)
+class Checkpoint(Event):
+    type: ClassVar[str] = "checkpoint"
+    step: int
+    path: str
+
+
+@dataclass(kw_only=True)
+class Sample(Event):
+    type: ClassVar[str] = "sample"
+    step: int
+    image_path: str
+    prompt: str
+
+
+@dataclass(kw_only=True)
+class Complete(Event):
+    type: ClassVar[str] = "complete"
+    terminal: ClassVar[bool] = True
+    final_path: str
+    total_time: float
+    step: int
+
+
+@dataclass(kw_only=True)
+class Error(Event):
+    type: ClassVar[str] = "error"
+    terminal: ClassVar[bool] = True
+    message: str
+    step: int | None = None
+    field: str | None = None
+
+
+@dataclass(kw_only=True)
+class Interrupted(Event):
+    type: ClassVar[str] = "interrupted"
+    terminal: ClassVar[bool] = True
+    step: int
+    message: str
+    checkpoint_path: str | None
+
+
+class EventLog:
+    """Appends events as JSON lines to `events.jsonl` (flushed per line) and forwards them to a listener."""
+
+    def __init__(self, path: Path | None, listener=None):
+        self._lock = threading.Lock()
+        self._listener = listener
+        self._file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def __call__(self, event: Event) -> None:
+        line = event.to_json()
+        with self._lock:
+            if self._file is not None:
+                self._file.write(line + "\n")
+                self._file.flush()
+        if self._listener is not None:
+            self._listener(event)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None

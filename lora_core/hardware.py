@@ -1,0 +1,102 @@
+"""The device: which one, which precision, how much memory a run needs, and what there is."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lora_core.config import TrainConfig
+from lora_core.models import ModelSizes
+
+GIB = 1024**3
+
+
+@dataclass
+class DeviceInfo:
+    kind: str  # cuda | cpu
+    name: str
+    total_memory_gib: float | None
+    free_memory_gib: float | None
+    count: int
+    torch_version: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pick_device(config: TrainConfig) -> torch.device:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device is 'cuda' but PyTorch sees no CUDA GPU; set device to 'auto' or 'cpu', "
+                           "or install a CUDA build of torch")
+    if config.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def describe(device: torch.device) -> DeviceInfo:
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return DeviceInfo("cuda", torch.cuda.get_device_name(device), round(total / GIB, 2), round(free / GIB, 2),
+                          torch.cuda.device_count(), torch.__version__)
+    try:
+        import psutil
+
+        memory = psutil.virtual_memory()
+        total, free = memory.total / GIB, memory.available / GIB
+    except ImportError:
+        total = free = None
+    return DeviceInfo("cpu", "CPU", total and round(total, 2), free and round(free, 2), 1, torch.__version__)
+
+
+def resolve_precision(config: TrainConfig, device: torch.device) -> str:
+    """The accelerate mixed-precision mode: 'no', 'fp16' or 'bf16'."""
+    if device.type == "cpu":
+        if config.mixed_precision in ("fp16",):
+            raise RuntimeError("mixed_precision 'fp16' needs a CUDA GPU; use 'no' or 'auto' on the CPU")
+        return "bf16" if config.mixed_precision == "bf16" else "no"
+    if config.mixed_precision != "auto":
+        return config.mixed_precision
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def weight_dtype(precision: str) -> torch.dtype:
+    """The dtype of the frozen base weights; the trained LoRA weights stay fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+
+
+@dataclass
+class MemoryEstimate:
+    total_gib: float
+    frozen_weights_gib: float
+    lora_and_optimizer_gib: float
+    activations_gib: float
+    covers: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Activation bytes per latent pixel per unit of UNet width (sum of block channels x layers per block),
+# for one image at 2-byte precision, fitted on SD 1.5 and SDXL LoRA training (see bench/RESULTS.md).
+ACTIVATION_BYTES_PER_UNIT = 9.0
+CHECKPOINTING_FACTOR = 0.35
+
+
+def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str) -> MemoryEstimate:
+    """Peak memory of the training step on the device: frozen weights kept there, LoRA weights with
+    gradients and AdamW state, and UNet activations for one batch. It does not cover the sample-image
+    pass, the allocator's cache beyond that, or (on the CPU) the Python process itself."""
+    bytes_per = 4 if precision == "no" else 2
+    resident = sizes.unet_params + (0 if config.cache_latents else sizes.vae_params)
+    frozen = resident * bytes_per
+    lora = sizes.lora_params_per_rank * config.lora_rank * 4 * 4  # weights, grads, AdamW's 2 moments, fp32
+    latent = config.resolution // 8
+    activations = ACTIVATION_BYTES_PER_UNIT * config.batch_size * latent * latent * sizes.unet_width * bytes_per / 2
+    if config.gradient_checkpointing:
+        activations *= CHECKPOINTING_FACTOR
+    covers = ("frozen UNet weights" + ("" if config.cache_latents else " and VAE") + " on the device, LoRA "
+              "weights + gradients + AdamW state in fp32, UNet activations for one batch; not the text "
+              "encoders (used once to cache captions, then moved off), the sample-image pass or allocator slack")
+    return MemoryEstimate(round((frozen + lora + activations) / GIB, 3), round(frozen / GIB, 3),
+                          round(lora / GIB, 3), round(activations / GIB, 3), covers)

@@ -1,0 +1,112 @@
+"""The LoRA itself: adapters on the UNet's attention projections, and export in the kohya/A1111 format.
+
+Export writes `lora_unet_<diffusers module path with _>.lora_down.weight / .lora_up.weight / .alpha`,
+the names that A1111, ComfyUI and diffusers' `load_lora_weights` all read. `.alpha` is the true
+`lora_alpha` (diffusers' own converter writes the rank there, which changes the LoRA's strength).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from lora_core.config import TrainConfig
+from lora_core.files import atomic_write
+
+TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+ARCHITECTURES = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
+                 "sdxl": "stable-diffusion-xl-v1-base/lora"}
+
+
+def add_lora(unet, config: TrainConfig) -> list[torch.nn.Parameter]:
+    """Freeze the UNet, add a LoRA adapter, and return its (trainable, fp32) parameters."""
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                init_lora_weights="gaussian", target_modules=TARGET_MODULES))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for param in params:
+        param.data = param.data.float()
+    return params
+
+
+def kohya_state_dict(unet, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The adapter's weights under kohya names, fp32 on the CPU, contiguous."""
+    state = {}
+    alpha = torch.tensor(float(config.lora_alpha))
+    for key, tensor in get_peft_model_state_dict(unet).items():
+        module, _, kind = key.partition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        if kind == "A.weight":
+            state[f"{name}.lora_down.weight"] = tensor.detach().float().cpu().contiguous()
+            state[f"{name}.alpha"] = alpha.clone()
+        elif kind == "B.weight":
+            state[f"{name}.lora_up.weight"] = tensor.detach().float().cpu().contiguous()
+        else:
+            raise ValueError(f"unexpected LoRA tensor {key}")
+    return state
+
+
+def training_metadata(config: TrainConfig, family: str, prediction_type: str, *, steps: int, epochs: int,
+                      num_images: int, precision: str, started_at: datetime,
+                      tag_frequency: dict[str, int]) -> dict[str, str]:
+    """Header metadata in sd-scripts' `ss_*` and the `modelspec.*` form (all values strings)."""
+    now = datetime.now(UTC)
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(config.lora_rank),
+        "ss_network_alpha": str(config.lora_alpha),
+        "ss_learning_rate": str(config.learning_rate),
+        "ss_unet_lr": str(config.learning_rate),
+        "ss_text_encoder_lr": "0",
+        "ss_num_train_images": str(num_images),
+        "ss_num_epochs": str(epochs),
+        "ss_steps": str(steps),
+        "ss_max_train_steps": str(steps),
+        "ss_batch_size_per_device": str(config.batch_size),
+        "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
+        "ss_resolution": f"({config.resolution}, {config.resolution})",
+        "ss_mixed_precision": precision,
+        "ss_optimizer": "torch.optim.AdamW",
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": str(config.lr_warmup_steps),
+        "ss_max_grad_norm": str(config.max_grad_norm),
+        "ss_seed": str(config.seed),
+        "ss_sd_model_name": config.base_model,
+        "ss_base_model_version": {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family],
+        "ss_v2": str(family == "sd2"),
+        "ss_tag_frequency": json.dumps({"dataset": tag_frequency}),
+        "ss_training_started_at": str(started_at.timestamp()),
+        "ss_training_finished_at": str(now.timestamp()),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": ARCHITECTURES[family],
+        "modelspec.implementation": "https://github.com/huggingface/diffusers",
+        "modelspec.title": Path(config.output_path).name or "lora",
+        "modelspec.resolution": f"{config.resolution}x{config.resolution}",
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.trigger_phrase": ", ".join(config.trigger_words),
+        "modelspec.date": now.date().isoformat(),
+    }
+
+
+def tag_frequency(captions: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in (part.strip() for part in caption.split(",")):
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return counts
+
+
+def save_lora(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write the LoRA atomically, refusing one with non-finite weights."""
+    bad = [key for key, tensor in state.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise FloatingPointError(f"refusing to save a LoRA with non-finite weights ({len(bad)} tensors, e.g. "
+                                 f"{bad[0]})")
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))

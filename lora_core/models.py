@@ -1,0 +1,233 @@
+"""Base models: where `base_model` points, which family it is, and loading its parts.
+
+Accepted: `builtin:<name>`, a Hugging Face hub id, a local diffusers folder, a single-file `.safetensors`.
+Only safetensors weights are ever loaded: a pickle (`.ckpt`, `.pt`, `.bin`) can run code when opened.
+The family is read from the model itself, never from its name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_core import builtin
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors",
+                "*/diffusion_pytorch_model-*.safetensors", "*/model.safetensors", "*/model-*.safetensors"]
+CONFIG_PATTERNS = ["model_index.json", "*/*.json"]
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+class ModelError(ValueError):
+    """A base model that cannot be used; the message says why and what to do."""
+
+    field = "base_model"
+
+
+@dataclass
+class ModelSource:
+    kind: str  # builtin | folder | single_file | hub
+    location: str  # folder or file path after resolution, or the hub id
+    name: str  # what the user wrote
+
+
+@dataclass
+class ModelSizes:
+    """Parameter counts, read from configs on the meta device (no weights are loaded)."""
+
+    unet_params: int
+    vae_params: int
+    text_params: int
+    lora_params_per_rank: int  # in_features + out_features summed over the adapted layers
+    unet_width: int  # sum of block channels x layers per block: scales the activation memory
+
+
+@dataclass
+class ModelInfo:
+    family: str  # sd1 | sd2 | sdxl
+    prediction_type: str  # epsilon | v_prediction
+    vae_scale_factor: int
+    unet_down_levels: int
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides must be a multiple of this for the latents to pass every down block."""
+        return self.vae_scale_factor * 2 ** (self.unet_down_levels - 1)
+
+    @property
+    def description(self) -> str:
+        suffix = " (v-prediction)" if self.prediction_type == "v_prediction" else ""
+        return FAMILY_NAMES[self.family] + suffix
+
+
+def resolve(base_model: str, configs_only: bool = False) -> ModelSource:
+    """Turn `base_model` into a local folder or file; a hub model is downloaded (only its configs when
+    `configs_only`, which is how --validate-only checks that the hub is reachable)."""
+    if base_model.startswith(builtin.PREFIX):
+        name = base_model[len(builtin.PREFIX):]
+        if name not in builtin.BUILTINS:
+            raise ModelError(f"unknown built-in model '{base_model}'; choose one of {', '.join(builtin.names())}")
+        spec = builtin.BUILTINS[name]
+        location = str(builtin.builtin_folder(name)) if spec.cacheable else name
+        return ModelSource("builtin", location, base_model)
+    path = Path(base_model).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelError(f"{base_model}: pickle checkpoints ({path.suffix}) can run arbitrary code when loaded and "
+                         "are refused; convert it to .safetensors or use a diffusers folder")
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise ModelError(f"{base_model}: a single-file model must be a .safetensors checkpoint")
+        return ModelSource("single_file", str(path), base_model)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"{base_model}: folder has no model_index.json; give a diffusers pipeline folder "
+                             "(with unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        return ModelSource("folder", str(path), base_model)
+    if path.suffix or base_model.startswith((".", "/", "~")) or not HUB_ID.match(base_model):
+        raise ModelError(f"{base_model}: no such file or folder, and not a Hugging Face hub id (owner/name)")
+    patterns = CONFIG_PATTERNS if configs_only else HUB_PATTERNS
+    return ModelSource("folder", _download(base_model, patterns), base_model)
+
+
+def _download(repo_id: str, patterns: list[str]) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=patterns)
+    except GatedRepoError:
+        raise ModelError(f"{repo_id}: this hub model is gated; accept its licence on huggingface.co and log in "
+                         "with `hf auth login`, or download it and pass the local folder") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"{repo_id}: no such model on the Hugging Face hub (or it is private)") from None
+    except (LocalEntryNotFoundError, OSError) as error:
+        raise ModelError(f"{repo_id}: cannot reach the Hugging Face hub and the model is not in the local cache "
+                         f"({type(error).__name__}); connect to the internet, or download the model elsewhere "
+                         "and pass its local folder") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def inspect(source: ModelSource) -> ModelInfo:
+    """Read the family from the model's own configs (or weights, for a single file)."""
+    if source.kind == "builtin" and source.location in builtin.BUILTINS:
+        spec = builtin.BUILTINS[source.location]
+        return ModelInfo(spec.family, "epsilon", 2 ** (len(spec.vae_channels) - 1), len(spec.unet_channels))
+    if source.kind == "single_file":
+        return _inspect_single_file(Path(source.location))
+    folder = Path(source.location)
+    index = _read_json(folder / "model_index.json")
+    unet = _read_json(folder / "unet" / "config.json")
+    vae = _read_json(folder / "vae" / "config.json")
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    scheduler = _read_json(scheduler_file) if scheduler_file.exists() else {}
+    if unet.get("addition_embed_type") == "text_time" or "XL" in index.get("_class_name", ""):
+        family = "sdxl"
+    elif unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024:
+        family = "sd2"
+    else:
+        family = "sd1"
+    return ModelInfo(family, scheduler.get("prediction_type", "epsilon"),
+                     2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1), len(unet["block_out_channels"]))
+
+
+def _inspect_single_file(path: Path) -> ModelInfo:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            keys = list(handle.keys())
+    except Exception as error:  # safetensors raises its own error types for a damaged header
+        raise ModelError(f"{path}: not a readable .safetensors file ({error})") from None
+    if any(key.startswith("conditioner.embedders.1.") for key in keys):
+        family = "sdxl"
+    elif any(key.startswith("cond_stage_model.model.") for key in keys):
+        family = "sd2"
+    elif any(key.startswith("cond_stage_model.transformer.") for key in keys):
+        family = "sd1"
+    else:
+        raise ModelError(f"{path}: not a Stable Diffusion checkpoint (no SD 1.x, SD 2.x or SDXL text-encoder "
+                         "weights found); is it a LoRA or a VAE?")
+    return ModelInfo(family, "epsilon", 8, 3 if family == "sdxl" else 4)
+
+
+def load_pipeline(source: ModelSource, info: ModelInfo):
+    """Load the whole diffusers pipeline on the CPU in fp32; the trainer moves and casts parts."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline_class = StableDiffusionXLPipeline if info.family == "sdxl" else StableDiffusionPipeline
+    if source.kind == "builtin" and source.location in builtin.BUILTINS:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            return builtin.build_pipeline(source.location, Path(folder) / "tokenizer")
+    if source.kind == "single_file":
+        try:
+            return pipeline_class.from_single_file(source.location, use_safetensors=True)
+        except Exception as error:
+            raise ModelError(f"{source.name}: diffusers could not load this single-file checkpoint ({error}); "
+                             "it needs the model's config from the hub the first time, or use a diffusers "
+                             "folder") from None
+    kwargs: dict[str, Any] = {"use_safetensors": True}
+    if info.family != "sdxl":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        return pipeline_class.from_pretrained(source.location, **kwargs)
+    except OSError as error:
+        raise ModelError(f"{source.name}: could not load the pipeline ({error}); only .safetensors weights are "
+                         "loaded, so a model shipped as .bin pickles must be converted first") from None
+
+
+def text_encoders(pipeline) -> list:
+    return [m for m in (getattr(pipeline, "text_encoder", None), getattr(pipeline, "text_encoder_2", None)) if m]
+
+
+def model_sizes(source: ModelSource, info: ModelInfo) -> ModelSizes:
+    """Count parameters by building the model on the meta device from its configs."""
+    import tempfile
+
+    import torch
+
+    from lora_core.lora import TARGET_MODULES
+
+    with torch.device("meta"), tempfile.TemporaryDirectory() as scratch:
+        if source.kind == "folder" or (source.kind == "builtin" and source.location not in builtin.BUILTINS):
+            pipeline = _meta_pipeline(Path(source.location))
+        else:
+            name = source.location if source.kind == "builtin" else f"{info.family.replace('sd2', 'sd1')}"
+            name = {"sd1": "sd15-arch", "sdxl": "sdxl-arch"}.get(name, name)
+            pipeline = builtin.build_pipeline(name, Path(scratch) / "tokenizer")
+    unet = pipeline.unet
+    per_rank = sum(module.in_features + module.out_features for name, module in unet.named_modules()
+                   if isinstance(module, torch.nn.Linear) and any(name.endswith(t) for t in TARGET_MODULES))
+    return ModelSizes(
+        unet_params=sum(p.numel() for p in unet.parameters()),
+        vae_params=sum(p.numel() for p in pipeline.vae.parameters()),
+        text_params=sum(p.numel() for encoder in text_encoders(pipeline) for p in encoder.parameters()),
+        lora_params_per_rank=per_rank,
+        unet_width=sum(unet.config.block_out_channels) * unet.config.layers_per_block,
+    )
+
+
+def _meta_pipeline(folder: Path):
+    """Just enough of a pipeline to count parameters: UNet, VAE and text encoders from their configs."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoConfig, AutoModel
+
+    def text(sub: str):
+        if not (folder / sub / "config.json").exists():
+            return None
+        return AutoModel.from_config(AutoConfig.from_pretrained(folder / sub))
+
+    return SimpleNamespace(unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
+                           vae=AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
+                           text_encoder=text("text_encoder"), text_encoder_2=text("text_encoder_2"))

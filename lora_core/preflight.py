@@ -1,0 +1,81 @@
+"""Checks before training (`--validate-only`): config, dataset, base model, output folder, device, memory.
+
+Nothing is trained and no weights are loaded: the memory estimate is computed from the model's configs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lora_core import dataset, hardware, models
+from lora_core.config import TrainConfig
+
+
+def check_output_folder(output_path: str) -> str | None:
+    """None when the folder can be created and written, else the reason."""
+    folder = Path(output_path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        return f"cannot write to {folder}: {error.strerror or error}; choose a writable output_path"
+    if shutil.disk_usage(folder).free < 256 * 1024**2:
+        return f"less than 256 MB free on the disk of {folder}; free space or choose another output_path"
+    return None
+
+
+def preflight(config: TrainConfig) -> dict[str, Any]:
+    """A JSON-ready report; `ok` is False when training would fail, with each problem naming its field."""
+    from lora_core.training import check_resolution, total_steps_for
+
+    report: dict[str, Any] = {"ok": True, "problems": [], "warnings": []}
+
+    def problem(field: str, message: str) -> None:
+        report["ok"] = False
+        report["problems"].append({"field": field, "message": message})
+
+    try:
+        scanned = dataset.scan(config.dataset_path, config.trigger_words)
+        report["dataset"] = {"num_images": len(scanned.images), "num_captioned": scanned.captioned,
+                             "refused": scanned.refused, "ignored": scanned.ignored}
+        report["total_steps"] = total_steps_for(config, len(scanned.images))
+    except dataset.DatasetError as error:
+        problem("dataset_path", str(error))
+
+    info = source = None
+    try:
+        source = models.resolve(config.base_model, configs_only=True)
+        info = models.inspect(source)
+        report["model"] = {"source": source.kind, "family": info.description,
+                           "prediction_type": info.prediction_type}
+        check_resolution(config, info)
+    except models.ModelError as error:
+        problem("base_model", str(error))
+    except ValueError as error:
+        problem("resolution", str(error))
+
+    if (reason := check_output_folder(config.output_path)) is not None:
+        problem("output_path", reason)
+
+    try:
+        device = hardware.pick_device(config)
+        precision = hardware.resolve_precision(config, device)
+        info_device = hardware.describe(device)
+        report["device"] = {**info_device.to_dict(), "mixed_precision": precision}
+    except RuntimeError as error:
+        problem("device", str(error))
+        return report
+
+    if info is not None and source is not None:
+        estimate = hardware.estimate_memory(config, models.model_sizes(source, info), precision)
+        report["memory_estimate"] = estimate.to_dict()
+        free = info_device.free_memory_gib
+        if free is not None and estimate.total_gib > free:
+            report["warnings"].append(f"the run needs about {estimate.total_gib} GiB but {free} GiB is free on "
+                                      f"{info_device.name}; lower batch_size or resolution, or turn on "
+                                      "gradient_checkpointing")
+    return report

@@ -1,0 +1,335 @@
+"""The training loop, top to bottom: setup -> cache -> fit -> export.
+
+`train(config, emit, should_stop)` runs one job on the calling thread and reports through `emit`
+(events.py). It is called by the worker (worker.py), never by the faces directly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.optimization import get_scheduler
+
+from lora_core import dataset, hardware, models
+from lora_core.config import TrainConfig, config_to_file_dict
+from lora_core.events import Checkpoint, Complete, Event, Interrupted, Progress, Sample, Started
+from lora_core.files import atomic_write, atomic_write_text
+from lora_core.lora import add_lora, kohya_state_dict, save_lora, tag_frequency, training_metadata
+
+
+@dataclass
+class TrainResult:
+    final_path: Path | None
+    step: int
+    total_time: float
+    interrupted: bool
+    unet: torch.nn.Module  # the trained UNet with its adapter, for callers who keep working in memory
+
+
+def total_steps_for(config: TrainConfig, num_images: int, num_processes: int = 1) -> int:
+    """`steps` when the config gives it (or gives neither), otherwise `epochs` passes over the data."""
+    if "steps" in config.given_fields or "epochs" not in config.given_fields:
+        return config.steps
+    per_step = config.batch_size * config.gradient_accumulation_steps * num_processes
+    return max(1, config.epochs * math.ceil(num_images / per_step))
+
+
+def check_resolution(config: TrainConfig, info: models.ModelInfo) -> None:
+    multiple = info.pixel_multiple
+    if config.resolution % multiple:
+        raise ValueError(f"resolution {config.resolution} is not a multiple of {multiple}, which this "
+                         f"{info.description} model needs; use {config.resolution // multiple * multiple} or "
+                         f"{(config.resolution // multiple + 1) * multiple}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# setup
+
+
+def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Callable[[], bool]) -> TrainResult:
+    started_at, t0 = datetime.now(UTC), time.perf_counter()
+    report = dataset.scan(config.dataset_path, config.trigger_words)
+    source = models.resolve(config.base_model)
+    info = models.inspect(source)
+    check_resolution(config, info)
+    device = hardware.pick_device(config)
+    precision = hardware.resolve_precision(config, device)
+    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu",
+                              gradient_accumulation_steps=config.gradient_accumulation_steps)
+    main = accelerator.is_main_process
+    set_seed(config.seed)
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    output = Path(config.output_path)
+    total_steps = total_steps_for(config, len(report.images), accelerator.num_processes)
+    if main:
+        resolved = config.model_copy(update={"steps": total_steps})
+        atomic_write_text(output / "config.json", _json(config_to_file_dict(resolved)))
+
+    pipeline = models.load_pipeline(source, info)
+    dtype = hardware.weight_dtype(precision)
+    unet, vae = pipeline.unet, pipeline.vae
+    for module in (unet, vae, *models.text_encoders(pipeline)):
+        module.requires_grad_(False)
+        module.eval()
+    unet.to(accelerator.device, dtype=dtype)
+    params = add_lora(unet, config)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+
+    cache = build_cache(config, pipeline, report, info, accelerator.device, dtype)
+    loader = torch.utils.data.DataLoader(list(range(len(report.images))), batch_size=config.batch_size,
+                                         shuffle=True, generator=torch.Generator().manual_seed(config.seed))
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay,
+                                  fused=accelerator.device.type == "cuda")
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=total_steps)
+    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+
+    if main:
+        emit(Started(total_steps=total_steps, num_images=len(report.images), device=str(accelerator.device),
+                     mixed_precision=precision, model_family=info.description, output_path=str(output)))
+    metadata = dict(family=info.family, prediction_type=info.prediction_type, num_images=len(report.images),
+                    precision=precision, started_at=started_at,
+                    tag_frequency=tag_frequency([r.caption for r in report.images]))
+
+    def export(path: Path, step: int, epoch: int) -> Path:
+        state = kohya_state_dict(accelerator.unwrap_model(unet), config)
+        return save_lora(path, state, training_metadata(config, steps=step, epochs=epoch, **metadata))
+
+    # ------------------------------------------------------------------------------------------------
+    # fit
+
+    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    step, epoch, window_loss, window_count = 0, 0, torch.zeros((), device=accelerator.device), 0
+    clock = StepClock(total_steps)
+    while step < total_steps:
+        for indices in loader:
+            with accelerator.accumulate(unet):
+                latents, conditioning = cache.batch(indices, vae, accelerator.device)
+                noise = torch.randn_like(latents)
+                timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), device=latents.device)
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                if info.prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                else:
+                    target = noise
+                with accelerator.autocast():
+                    prediction = unet(noisy, timesteps, **conditioning).sample
+                loss = F.mse_loss(prediction.float(), target.float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_loss += loss.detach()
+            window_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            lr_scheduler.step()
+            step += 1
+            clock.tick(step)
+            if main and (step % config.progress_steps == 0 or step == total_steps):
+                mean_loss = (window_loss / window_count).item()
+                window_loss.zero_()
+                window_count = 0
+                emit(Progress(step=step, total_steps=total_steps, loss=mean_loss, percent=round(100 * step /
+                              total_steps, 2), lr=lr_scheduler.get_last_lr()[0], it_per_s=clock.rate,
+                              eta_s=clock.eta(step), epoch=epoch))
+            stopping = should_stop()
+            if main and step < total_steps and step % config.checkpoint_steps == 0 and not stopping:
+                path = export(output / "checkpoints" / f"lora_step_{step}.safetensors", step, epoch)
+                emit(Checkpoint(step=step, path=str(path)))
+            if main and (step % config.validation_steps == 0 or step == total_steps) and not stopping:
+                for image_path, prompt in make_samples(config, pipeline, accelerator.unwrap_model(unet), cache,
+                                                       vae, accelerator.device, output, step):
+                    emit(Sample(step=step, image_path=str(image_path), prompt=prompt))
+                unet.train()
+            if stopping:
+                path = None
+                if main:
+                    path = export(output / "checkpoints" / f"lora_step_{step}.safetensors", step, epoch)
+                    emit(Interrupted(step=step, message="stopped on request after finishing the current step; "
+                                     "the LoRA so far is saved", checkpoint_path=str(path)))
+                return TrainResult(path, step, time.perf_counter() - t0, True, accelerator.unwrap_model(unet))
+            if step >= total_steps:
+                break
+        epoch += 1
+
+    # ------------------------------------------------------------------------------------------------
+    # export
+
+    final_path = None
+    accelerator.wait_for_everyone()
+    if main:
+        final_path = export(output / "lora_final.safetensors", step, max(epoch, 1))
+        emit(Complete(final_path=str(final_path), total_time=round(time.perf_counter() - t0, 3), step=step))
+    return TrainResult(final_path, step, time.perf_counter() - t0, False, accelerator.unwrap_model(unet))
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+
+
+class StepClock:
+    """it/s and ETA, measured from the end of the first step so that warm-up does not distort them."""
+
+    def __init__(self, total_steps: int):
+        self.total = total_steps
+        self.first: tuple[int, float] | None = None
+        self.last: tuple[int, float] | None = None
+        self.rate = 0.0
+
+    def tick(self, step: int) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (step, now)
+        elif now > self.first[1]:
+            self.rate = round((step - self.first[0]) / (now - self.first[1]), 4)
+        self.last = (step, now)
+
+    def eta(self, step: int) -> float:
+        return round((self.total - step) / self.rate, 1) if self.rate > 0 else -1.0
+
+
+class Cache:
+    """Per-image latents (or pixels) and text conditioning, on the training device."""
+
+    def __init__(self, latents, pixels, conditioning: dict, sample_conditioning: list, scaling_factor: float,
+                 shift_factor: float):
+        self.latents, self.pixels = latents, pixels
+        self.conditioning = conditioning  # name -> tensor with one row per image
+        self.sample_conditioning = sample_conditioning  # [(prompt, pipeline kwargs)]
+        self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
+
+    def batch(self, indices: torch.Tensor, vae, device: torch.device) -> tuple[torch.Tensor, dict]:
+        conditioning = {name: value[indices.to(value.device)] for name, value in self.conditioning.items()}
+        if "text_embeds" in conditioning:
+            conditioning = {"encoder_hidden_states": conditioning["encoder_hidden_states"],
+                            "added_cond_kwargs": {"text_embeds": conditioning["text_embeds"],
+                                                  "time_ids": conditioning["time_ids"]}}
+        if self.latents is not None:
+            return self.latents[indices.to(self.latents.device)], conditioning
+        pixels = self.pixels[indices.cpu()].to(device, non_blocking=True).float() / 127.5 - 1.0
+        with torch.no_grad():
+            latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample()
+        return (latents.float() - self.shift_factor) * self.scaling_factor, conditioning
+
+
+@torch.no_grad()
+def build_cache(config: TrainConfig, pipeline, report: dataset.DatasetReport, info: models.ModelInfo,
+                device: torch.device, dtype: torch.dtype) -> Cache:
+    """Encode captions once (the text encoders are frozen), and images once when `cache_latents`."""
+    encoders = models.text_encoders(pipeline)
+    for encoder in encoders:
+        encoder.to(device, dtype=dtype)
+    captions = [record.caption for record in report.images]
+    prompts = config.sample_prompts or [", ".join(config.trigger_words)]
+    conditioning, sample_conditioning = {}, []
+    if info.family == "sdxl":
+        embeds, _, pooled, _ = pipeline.encode_prompt(captions, device=device, do_classifier_free_guidance=False)
+        time_ids = torch.tensor([[h, w, top, left, config.resolution, config.resolution]
+                                 for h, w, top, left in (_crop_geometry(r, config.resolution)
+                                                         for r in report.images)], device=device, dtype=dtype)
+        conditioning = {"encoder_hidden_states": embeds.to(dtype), "text_embeds": pooled.to(dtype),
+                        "time_ids": time_ids}
+        for prompt in prompts:
+            pos, neg, pos_pooled, neg_pooled = pipeline.encode_prompt(prompt, device=device,
+                                                                      do_classifier_free_guidance=True)
+            sample_conditioning.append((prompt, {"prompt_embeds": pos, "negative_prompt_embeds": neg,
+                                                 "pooled_prompt_embeds": pos_pooled,
+                                                 "negative_pooled_prompt_embeds": neg_pooled}))
+    else:
+        embeds, _ = pipeline.encode_prompt(captions, device, 1, False)
+        conditioning = {"encoder_hidden_states": embeds.to(dtype)}
+        for prompt in prompts:
+            pos, neg = pipeline.encode_prompt(prompt, device, 1, True, negative_prompt="")
+            sample_conditioning.append((prompt, {"prompt_embeds": pos, "negative_prompt_embeds": neg}))
+    for encoder in encoders:
+        encoder.to("cpu")
+
+    vae = pipeline.vae
+    scaling = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    pixels = torch.stack([_uint8_pixels(record, config.resolution) for record in report.images])
+    latents = None
+    if config.cache_latents:
+        vae.to(device, dtype=torch.float32)  # one pass, in fp32: the SDXL VAE overflows in fp16
+        generator = torch.Generator(device).manual_seed(config.seed)
+        chunks = []
+        for start in range(0, len(pixels), 8):
+            chunk = pixels[start:start + 8].to(device).float() / 127.5 - 1.0
+            chunks.append(vae.encode(chunk).latent_dist.sample(generator=generator))
+        latents = ((torch.cat(chunks) - shift) * scaling).to(dtype)
+        vae.to("cpu")
+        pixels = None
+    else:
+        vae_dtype = torch.float32 if (info.family == "sdxl" and dtype == torch.float16) else dtype
+        vae.to(device, dtype=vae_dtype)
+    return Cache(latents, pixels, conditioning, sample_conditioning, scaling, shift)
+
+
+def _uint8_pixels(record: dataset.ImageRecord, size: int) -> torch.Tensor:
+    return ((dataset.load_pixels(record, size) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def _crop_geometry(record: dataset.ImageRecord, size: int) -> tuple[int, int, int, int]:
+    """SDXL's size conditioning: original size and the top-left of the centre crop, as resize_and_crop does."""
+    scale = size / min(record.width, record.height)
+    width, height = max(size, round(record.width * scale)), max(size, round(record.height * scale))
+    return record.height, record.width, (height - size) // 2, (width - size) // 2
+
+
+@torch.no_grad()
+def make_samples(config: TrainConfig, pipeline, unet, cache: Cache, vae, device: torch.device, output: Path,
+                 step: int) -> list[tuple[Path, str]]:
+    """Render each sample prompt with the current LoRA, with a fixed seed so that steps compare."""
+    vae_device, vae_dtype = vae.device, vae.dtype
+    vae.to(device, dtype=torch.float32)
+    unet.eval()
+    sampler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    pipe = type(pipeline)(**{**pipeline.components, "unet": unet, "vae": vae, "scheduler": sampler})
+    pipe.set_progress_bar_config(disable=True)
+    results = []
+    for index, (prompt, kwargs) in enumerate(cache.sample_conditioning):
+        generator = torch.Generator(device).manual_seed(config.seed + index)
+        with torch.autocast(device.type, dtype=unet.dtype, enabled=device.type == "cuda"):
+            latents = pipe(**kwargs, num_inference_steps=config.sample_inference_steps,
+                           guidance_scale=config.sample_guidance_scale, height=config.resolution,
+                           width=config.resolution, generator=generator, output_type="latent").images
+        image = _decode(vae, latents)
+        path = output / "samples" / (f"step_{step}.png" if index == 0 else f"step_{step}_{index}.png")
+        atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+        results.append((path, prompt))
+    vae.to(vae_device, dtype=vae_dtype)
+    return results
+
+
+def _decode(vae, latents: torch.Tensor):
+    from PIL import Image
+
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latents = latents.to(vae.device, torch.float32) / vae.config.scaling_factor + shift
+    pixels = vae.decode(latents).sample[0]
+    array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def _json(data) -> str:
+    import json
+
+    return json.dumps(data, indent=2) + "\n"
