@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -244,7 +243,3 @@ def write_schema(path: str | Path) -> None:
     from lora_core.files import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(json_schema(), indent=2) + "\n")
-
-
-if __name__ == "__main__":  # python -m lora_core.config [path]: regenerate config_schema.json
-    write_schema(sys.argv[1] if len(sys.argv) > 1 else "config_schema.json")
