@@ -1,0 +1,294 @@
+"""Safe ingestion of an uploaded dataset: loose images and .txt captions, or .zip archives.
+
+Nothing a client sends decides where a file lands: every accepted file is written into a fresh folder
+the server owns, under a name the server chooses (`0001_<safe stem>.png`, with its caption beside it
+as `0001_<safe stem>.txt`). Everything refused is listed with the reason: path traversal, absolute
+paths and drive letters, links, nested archives, files that are neither images nor captions, damaged
+members, members over the size or count limits, and zip bombs (a compression ratio no real image has).
+Image *content* is judged later by `dataset.scan`, which refuses unreadable images with their reason.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import stat
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from lora_core.dataset import IMAGE_SUFFIXES
+
+CAPTION_SUFFIX = ".txt"
+ARCHIVE_SUFFIXES = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".zst", ".lz", ".lzma"}
+# First bytes of archive formats: a "photo.png" that is really an archive is a nested archive too.
+ARCHIVE_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"\x1f\x8b", b"7z\xbc\xaf\x27\x1c", b"Rar!", b"BZh",
+                 b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
+CHUNK = 1024 * 1024
+MAX_LISTED_REFUSALS = 200  # past this, one summary line instead of one line per member
+DRIVE = re.compile(r"^[A-Za-z]:")
+UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_files: int = 2000  # images and captions together
+    max_file_bytes: int = 64 * 1024**2  # one image or caption
+    max_total_bytes: int = 4 * 1024**3  # everything written
+    max_ratio: float = 100.0  # uncompressed / compressed size of one zip member
+    ratio_floor_bytes: int = 1024**2  # small members (captions) may compress well; the ratio is checked above this
+
+
+class UploadError(ValueError):
+    """The upload as a whole cannot be used (nothing was given, or nothing usable was in it)."""
+
+    field = "dataset_path"
+
+
+@dataclass
+class UploadReport:
+    folder: str
+    stored: list[dict[str, str]] = field(default_factory=list)  # {"original", "stored"}
+    refused: list[dict[str, str]] = field(default_factory=list)  # {"file", "reason"}
+    notes: list[str] = field(default_factory=list)
+    total_bytes: int = 0
+
+    @property
+    def num_images(self) -> int:
+        return sum(Path(item["stored"]).suffix != CAPTION_SUFFIX for item in self.stored)
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.stored) - self.num_images
+
+    def refuse(self, name: str, reason: str) -> None:
+        if len(self.refused) < MAX_LISTED_REFUSALS:
+            self.refused.append({"file": name, "reason": reason})
+        elif len(self.refused) == MAX_LISTED_REFUSALS:
+            self.refused.append({"file": "…", "reason": f"more files were refused; only the first "
+                                                      f"{MAX_LISTED_REFUSALS} are listed"})
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "num_images": self.num_images, "num_captions": self.num_captions}
+
+
+@dataclass
+class _Candidate:
+    """One file that passed the name checks, not yet written. `key` pairs an image with its caption."""
+
+    name: str  # as the client gave it, for the report
+    key: tuple[str, str]  # (folder inside the upload, stem)
+    suffix: str  # lower case
+    size: int  # declared size in bytes
+    open: Callable[[], AbstractContextManager[BinaryIO]]
+    compressed: int | None = None  # compressed size of a zip member; None for a loose file
+
+
+def ingest(paths: list[str | Path], dest: str | Path, limits: UploadLimits | None = None) -> UploadReport:
+    """Copy the usable images and captions among `paths` (loose files and .zip archives) into `dest`.
+
+    `dest` must not exist yet (or be empty): the server makes one folder per upload.
+    """
+    limits = limits or UploadLimits()
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if any(dest.iterdir()):
+        raise UploadError(f"upload folder {dest} is not empty; each upload needs a fresh folder")
+    if not paths:
+        raise UploadError("no files were uploaded; add images (with optional .txt captions) or one .zip")
+    report = UploadReport(folder=str(dest))
+    archives: list[zipfile.ZipFile] = []
+    try:
+        candidates = list(_collect(paths, report, archives))
+        _write_all(_within_limits(candidates, report, limits), dest, report, limits)
+    finally:
+        for archive in archives:
+            archive.close()
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# collecting candidates
+
+
+def _collect(paths: list[str | Path], report: UploadReport,
+             archives: list[zipfile.ZipFile]) -> Iterator[_Candidate]:
+    for raw in sorted(paths, key=lambda p: Path(p).name):
+        path = Path(raw)
+        name = path.name
+        if path.is_symlink():
+            report.refuse(name, "a symbolic link; upload the file itself")
+        elif not path.is_file():
+            report.refuse(name, "not a regular file")
+        elif path.suffix.lower() == ".zip":
+            archive = _open_zip(path, report)
+            if archive is not None:
+                archives.append(archive)
+                yield from _zip_members(archive, name, path.stat().st_size, report)
+        elif (reason := _suffix_problem(name)) is not None:
+            report.refuse(name, reason)
+        else:
+            yield _Candidate(name, ("", Path(name).stem), Path(name).suffix.lower(), path.stat().st_size,
+                             partial(path.open, "rb"))
+
+
+def _open_zip(path: Path, report: UploadReport) -> zipfile.ZipFile | None:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as error:
+        report.refuse(path.name, f"not a readable .zip archive ({error})")
+        return None
+
+
+def _zip_members(archive: zipfile.ZipFile, archive_name: str, archive_size: int,
+                 report: UploadReport) -> Iterator[_Candidate]:
+    for info in archive.infolist():
+        name = _member_name(info, report, archive_name)
+        shown = f"{archive_name}:{name}"
+        if info.is_dir():
+            continue
+        reason = (_path_problem(name) or _member_problem(info, archive_size) or _suffix_problem(name))
+        if reason is not None:
+            report.refuse(shown, reason)
+            continue
+        parts = PurePosixPath(name.replace("\\", "/"))
+        yield _Candidate(shown, (str(parts.parent), parts.stem), parts.suffix.lower(), info.file_size,
+                         lambda info=info: archive.open(info), compressed=info.compress_size)
+
+
+def _member_name(info: zipfile.ZipInfo, report: UploadReport, archive_name: str) -> str:
+    """The member's name as text. Names not flagged UTF-8 were decoded as cp437 by zipfile; many tools
+    write UTF-8 without the flag, so try that. Either way the file is stored under a name we choose."""
+    name = info.filename
+    if info.flag_bits & 0x800 or name.isascii():
+        return name
+    raw = name.encode("cp437", errors="replace")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        report.notes.append(f"{archive_name}: the name {name!r} is not UTF-8; it is stored under a safe name")
+        return name
+
+
+def _path_problem(name: str) -> str | None:
+    if "\x00" in name:
+        return "the name contains a NUL character"
+    if name.startswith(("/", "\\")):
+        return "an absolute path; archive members must be relative"
+    if DRIVE.match(name):
+        return "a Windows drive path; archive members must be relative"
+    if ".." in re.split(r"[/\\]", name):
+        return "path traversal ('..'); archive members must stay inside the archive"
+    return None
+
+
+def _member_problem(info: zipfile.ZipInfo, archive_size: int) -> str | None:
+    kind = stat.S_IFMT(info.external_attr >> 16)  # Unix file type; 0 when the archiver did not record one
+    if kind == stat.S_IFLNK:
+        return "a symbolic link; links are never followed"
+    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+        return "not a regular file (a device, pipe or socket)"
+    if info.flag_bits & 0x1:
+        return "encrypted; upload an unencrypted archive"
+    if info.compress_size > archive_size:
+        return "damaged: its compressed size is larger than the whole archive"
+    return None
+
+
+def _suffix_problem(name: str) -> str | None:
+    suffix = PurePosixPath(name.replace("\\", "/")).suffix.lower()
+    if suffix in ARCHIVE_SUFFIXES:
+        return "an archive inside the upload; nested archives are not opened, unpack it first"
+    if suffix not in IMAGE_SUFFIXES and suffix != CAPTION_SUFFIX:
+        return (f"not an image or caption (accepted: {', '.join(sorted(IMAGE_SUFFIXES))} and "
+                f"{CAPTION_SUFFIX})")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# limits and writing
+
+
+def _within_limits(candidates: list[_Candidate], report: UploadReport, limits: UploadLimits) -> list[_Candidate]:
+    kept, total = [], 0
+    for candidate in candidates:
+        if candidate.size > limits.max_file_bytes:
+            report.refuse(candidate.name, f"{candidate.size} bytes is over the limit of {limits.max_file_bytes} "
+                                          "bytes per file; downscale or recompress it")
+        elif _bomb(candidate.size, candidate.compressed, limits):
+            report.refuse(candidate.name, _bomb_reason(limits))
+        elif len(kept) >= limits.max_files:
+            report.refuse(candidate.name, f"over the limit of {limits.max_files} files per upload")
+        elif total + candidate.size > limits.max_total_bytes:
+            report.refuse(candidate.name, f"the upload would exceed {limits.max_total_bytes} bytes in total")
+        else:
+            kept.append(candidate)
+            total += candidate.size
+    return kept
+
+
+def _write_all(candidates: list[_Candidate], dest: Path, report: UploadReport, limits: UploadLimits) -> None:
+    images = [c for c in candidates if c.suffix != CAPTION_SUFFIX]
+    captions = {c.key: c for c in candidates if c.suffix == CAPTION_SUFFIX}
+    paired: set[tuple[str, str]] = set()
+    for index, image in enumerate(images, start=1):
+        stem = f"{index:04d}_{_safe_stem(image.key[1])}"
+        if not _write_one(image, dest / f"{stem}{image.suffix}", report, limits):
+            continue
+        caption = captions.get(image.key)
+        if caption is not None:
+            paired.add(image.key)
+            _write_one(caption, dest / f"{stem}{CAPTION_SUFFIX}", report, limits)
+    for key, caption in captions.items():
+        if key not in paired:
+            report.refuse(caption.name, "a caption without an image of the same name")
+    if not report.num_images:
+        shutil.rmtree(dest, ignore_errors=True)
+        reasons = "; ".join(f"{item['file']}: {item['reason']}" for item in report.refused[:5])
+        raise UploadError("no usable image in the upload" + (f" ({reasons})" if reasons else ""))
+
+
+def _write_one(candidate: _Candidate, target: Path, report: UploadReport, limits: UploadLimits) -> bool:
+    """Copy at most the declared size (plus one byte, to notice a lie); 'x' mode never overwrites or
+    follows an existing link."""
+    written, problem = 0, None
+    try:
+        with candidate.open() as source, open(target, "xb") as out:
+            while chunk := source.read(min(CHUNK, candidate.size + 1 - written)):
+                if written == 0 and chunk.startswith(ARCHIVE_MAGIC):
+                    problem = "an archive under an image or caption name; nested archives are not opened"
+                    break
+                written += len(chunk)
+                if written > candidate.size:
+                    problem = "damaged: it holds more data than its header says"
+                    break
+                if _bomb(written, candidate.compressed, limits):
+                    problem = _bomb_reason(limits)
+                    break
+                out.write(chunk)
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as error:
+        problem = f"damaged or unreadable ({error})"
+    if problem is not None:
+        target.unlink(missing_ok=True)
+        report.refuse(candidate.name, problem)
+        return False
+    report.stored.append({"original": candidate.name, "stored": target.name})
+    report.total_bytes += written
+    return True
+
+
+def _bomb(size: int, compressed: int | None, limits: UploadLimits) -> bool:
+    """Checked on the header's sizes and again on the bytes actually read (a header can lie)."""
+    return compressed is not None and size > limits.ratio_floor_bytes and size > limits.max_ratio * max(compressed, 1)
+
+
+def _bomb_reason(limits: UploadLimits) -> str:
+    return f"a zip bomb: it expands more than {limits.max_ratio:g}x; no real image compresses that well"
+
+
+def _safe_stem(stem: str) -> str:
+    return UNSAFE_CHARS.sub("_", stem).strip("_")[:40] or "file"
