@@ -88,7 +88,9 @@ def resolve(base_model: str, configs_only: bool = False) -> ModelSource:
             raise ModelError(f"{base_model}: folder has no model_index.json; give a diffusers pipeline folder "
                              "(with unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
         return ModelSource("folder", str(path), base_model)
-    if path.suffix or base_model.startswith((".", "/", "~")) or not HUB_ID.match(base_model):
+    # a dot is fine in a hub id (stabilityai/stable-diffusion-xl-base-1.0); a missing .safetensors file is not one
+    if path.suffix.lower() == ".safetensors" or base_model.startswith((".", "/", "~")) or not HUB_ID.match(
+            base_model):
         raise ModelError(f"{base_model}: no such file or folder, and not a Hugging Face hub id (owner/name)")
     patterns = CONFIG_PATTERNS if configs_only else HUB_PATTERNS
     return ModelSource("folder", _download(base_model, patterns), base_model)
