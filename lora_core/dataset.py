@@ -80,8 +80,10 @@ def open_image(path: Path) -> Image.Image:
                 raise ValueError(f"{width}x{height} is too small to train on (under {MIN_SIDE} px)")
             image.seek(0)  # animated GIF/WebP: the first frame
             image.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ValueError(f"not a readable image ({type(error).__name__})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(f"over the {MAX_PIXELS // 1_000_000} Mpx limit ({error}); downscale it") from None
+    except UnidentifiedImageError:
+        raise ValueError("not a readable image (unknown format or not an image)") from None
     except (OSError, SyntaxError, EOFError) as error:
         raise ValueError(f"damaged or truncated image ({error})") from None
     return to_rgb(ImageOps.exif_transpose(image))

@@ -1,0 +1,94 @@
+"""The training loop in process: reproducible, exact export, lengths from steps or epochs."""
+
+import torch
+from conftest import tiny_config
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from lora_core import builtin
+from lora_core.config import parse_config
+from lora_core.training import train
+from lora_core.worker import BusyError, Worker
+
+
+def run(config_dict):
+    events = []
+    result = train(parse_config(config_dict), events.append, lambda: False)
+    return result, events
+
+
+def unet_output(unet):
+    generator = torch.Generator().manual_seed(3)
+    latents, text = torch.randn(2, 4, 32, 32, generator=generator), torch.randn(2, 77, 32, generator=generator)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([10, 900]), encoder_hidden_states=text).sample
+
+
+def test_final_file_reproduces_the_trained_unet_exactly(dataset_dir, tmp_path):
+    result, events = run(tiny_config(dataset_dir, tmp_path / "out", steps=4, lora_rank=8, lora_alpha=3,
+                                     validation_steps=100))
+    assert events[-1].type == "complete" and result.step == 4
+    trained = unet_output(result.unet.eval())
+    pipeline = StableDiffusionPipeline.from_pretrained(builtin.builtin_folder("tiny-sd"), safety_checker=None)
+    pipeline.load_lora_weights(str(result.final_path))
+    torch.testing.assert_close(unet_output(pipeline.unet), trained, rtol=0, atol=1e-5)
+
+
+def test_same_seed_gives_bit_identical_lora_and_another_seed_does_not(dataset_dir, tmp_path):
+    options = dict(steps=3, validation_steps=100, checkpoint_steps=100)
+    first, _ = run(tiny_config(dataset_dir, tmp_path / "a", **options))
+    second, _ = run(tiny_config(dataset_dir, tmp_path / "b", **options))
+    third, _ = run(tiny_config(dataset_dir, tmp_path / "c", **options, seed=8))
+    a, b, c = (load_file(str(r.final_path)) for r in (first, second, third))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert any(not torch.equal(a[key], c[key]) for key in a)
+
+
+def test_epochs_decide_the_length_when_steps_are_not_given(dataset_dir, tmp_path):
+    config = tiny_config(dataset_dir, tmp_path / "out", validation_steps=100, checkpoint_steps=100)
+    del config["training_params"]["steps"]
+    config["training_params"].update(epochs=2, batch_size=4)  # 6 images: 2 steps per epoch
+    result, events = run(config)
+    assert result.step == 4 and events[0].total_steps == 4
+
+
+def test_gradient_accumulation_counts_optimizer_steps(dataset_dir, tmp_path):
+    result, events = run(tiny_config(dataset_dir, tmp_path / "out", steps=2, gradient_accumulation_steps=3,
+                                     validation_steps=100))
+    assert [e.step for e in events if e.type == "progress"] == [1, 2]
+
+
+def test_uncached_latents_train_too(dataset_dir, tmp_path):
+    result, events = run(tiny_config(dataset_dir, tmp_path / "out", steps=2, cache_latents=False,
+                                     validation_steps=100))
+    assert events[-1].type == "complete" and result.final_path.is_file()
+
+
+def test_worker_runs_one_job_at_a_time_and_stops_on_request(dataset_dir, tmp_path):
+    worker = Worker()
+    config = parse_config(tiny_config(dataset_dir, tmp_path / "out", steps=500, validation_steps=1000,
+                                      checkpoint_steps=1000))
+    job = worker.submit(config)
+    try:
+        try:
+            worker.submit(config)
+        except BusyError as error:
+            assert "already running" in str(error)
+        else:
+            raise AssertionError("a second job started beside the first")
+        for event in job.events(timeout=120):
+            if event.type == "progress" and event.step == 2:
+                job.request_stop()
+    finally:
+        job.request_stop()
+        terminal = job.wait(timeout=120)
+    assert terminal.type == "interrupted" and terminal.step < 500
+    assert [e.type for e in job.snapshot()][-1] == "interrupted"
+    assert worker.submit(parse_config(tiny_config(dataset_dir, tmp_path / "again", steps=1))).wait(120).type == \
+        "complete"
+
+
+def test_a_failure_inside_the_worker_is_an_error_event(dataset_dir, tmp_path):
+    config = parse_config(tiny_config(dataset_dir, tmp_path / "out", resolution=264))  # not a multiple of 16
+    terminal = Worker().submit(config).wait(timeout=120)
+    assert terminal.type == "error" and "multiple of 16" in terminal.message
