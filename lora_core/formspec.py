@@ -1,0 +1,137 @@
+"""The form a face shows for `TrainConfig`: one widget per field, its range and choices read from the model.
+
+No UI library here: `field_specs()` says *what* each field needs (slider, number, dropdown, checkbox,
+text) and the web page turns that into widgets. Converting between form values and config dicts lives
+here too, so the page and its tests agree on it.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lora_core.config import REQUIRED_FIELDS, TrainConfig, config_to_file_dict
+
+Kind = Literal["slider", "number", "dropdown", "checkbox", "text", "lines"]
+SLIDER_MAX_POSITIONS = 2048  # a wider range is a number box: a slider cannot hit 1 of 1,000,000 steps
+LENGTH_CHOICES = ("steps", "epochs")  # which of the two decides the run length (see training.total_steps_for)
+LABEL_WORDS = {"lora": "LoRA", "lr": "LR", "adam": "AdamW", "vae": "VAE"}
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    name: str
+    kind: Kind
+    label: str
+    description: str
+    group: str  # basic | advanced | sampling
+    default: Any
+    integer: bool = False
+    minimum: float | None = None  # inclusive bounds, for sliders and number boxes
+    maximum: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] | None = None
+    range_text: str = ""  # the model's range in words, exclusive bounds included
+
+
+def _label(name: str) -> str:
+    words = [LABEL_WORDS.get(word, word) for word in name.split("_")]
+    return " ".join([words[0][:1].upper() + words[0][1:], *words[1:]])
+
+
+def _range_text(schema: dict[str, Any]) -> str:
+    low = schema.get("minimum", schema.get("exclusiveMinimum"))
+    high = schema.get("maximum", schema.get("exclusiveMaximum"))
+    if low is None and high is None:
+        return ""
+    low_mark = "(" if "exclusiveMinimum" in schema else "["
+    high_mark = ")" if "exclusiveMaximum" in schema else "]"
+    text = f"{low_mark}{_number(low)}, {_number(high)}{high_mark}"
+    return text + (f", a multiple of {_number(schema['multipleOf'])}" if "multipleOf" in schema else "")
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "…"
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _spec(name: str, schema: dict[str, Any]) -> FieldSpec:
+    info = TrainConfig.model_fields[name]
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    common = dict(name=name, label=_label(name), description=info.description or "", group=str(extra.get("group",
+                  "advanced")), default=info.get_default(call_default_factory=True), range_text=_range_text(schema))
+    if "enum" in schema:
+        return FieldSpec(kind="dropdown", choices=tuple(schema["enum"]), **common)
+    kind = schema.get("type")
+    if kind == "boolean":
+        return FieldSpec(kind="checkbox", **common)
+    if kind == "array":
+        return FieldSpec(kind="lines", **common)
+    if kind not in ("integer", "number"):
+        return FieldSpec(kind="text", **common)
+    integer = kind == "integer"
+    low, high = schema.get("minimum"), schema.get("maximum")
+    step = extra.get("step") or schema.get("multipleOf") or (1 if integer else None)
+    if low is not None and high is not None and step and (high - low) / step <= SLIDER_MAX_POSITIONS:
+        return FieldSpec(kind="slider", integer=integer, minimum=low, maximum=high, step=step, **common)
+    # number boxes keep exclusive bounds out of minimum/maximum: the model's message reports them
+    return FieldSpec(kind="number", integer=integer, minimum=low, maximum=high, step=step, **common)
+
+
+def field_specs() -> list[FieldSpec]:
+    """Every optional field of the config, in the model's order. The required ones (dataset, model,
+    output folder, trigger words) have dedicated widgets on the page."""
+    properties = TrainConfig.model_json_schema()["properties"]
+    return [_spec(name, properties[name]) for name in TrainConfig.model_fields if name not in REQUIRED_FIELDS]
+
+
+# ----------------------------------------------------------------------------------------------------
+# form values <-> config
+
+
+def _is_list_field(name: str) -> bool:
+    return typing.get_origin(TrainConfig.model_fields[name].annotation) is list
+
+
+def split_list(name: str, text: Any) -> Any:
+    """Trigger words are comma-separated on the page; other lists (sample prompts) one per line."""
+    if not isinstance(text, str):
+        return text
+    parts = text.split(",") if name == "trigger_words" else text.splitlines()
+    return [part.strip() for part in parts if part.strip()]
+
+
+def join_list(name: str, items: list[str]) -> str:
+    return (", " if name == "trigger_words" else "\n").join(items)
+
+
+def form_to_config_dict(form: dict[str, Any], length_by: str = "steps") -> dict[str, Any]:
+    """A flat config dict from form values: list fields split, and only one of steps/epochs given, so the
+    run length means the same as in a config file that gives only that one."""
+    data = {}
+    for name, value in form.items():
+        if name not in TrainConfig.model_fields:
+            continue
+        data[name] = split_list(name, value) if _is_list_field(name) else value
+    data.pop("epochs" if length_by == "steps" else "steps", None)
+    return data
+
+
+def config_to_form(config: TrainConfig) -> tuple[dict[str, Any], str]:
+    """Form values for every field (lists joined) and which of steps/epochs decides the length."""
+    values = {name: join_list(name, value) if _is_list_field(name) else value
+              for name, value in config.model_dump().items()}
+    given = config.given_fields
+    length_by = "epochs" if "epochs" in given and "steps" not in given else "steps"
+    return values, length_by
+
+
+def config_file_dict(config: TrainConfig) -> dict[str, Any]:
+    """The config file form, which `train_lora.py --config` accepts unchanged. When the length comes from
+    epochs, `steps` is left out so that the file means the same run."""
+    data = config_to_file_dict(config)
+    if "steps" not in config.given_fields and "epochs" in config.given_fields:
+        data["training_params"].pop("steps")
+    return data

@@ -1,0 +1,59 @@
+"""What a face shows before training: dataset thumbnails and the base model's family.
+
+Thumbnails are small JPEG copies written under the outputs folder, so a page never serves the
+original files (which may live anywhere on the server) and stays fast with large images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from lora_core import dataset
+
+THUMBNAIL_SIZE = 192
+MAX_THUMBNAILS = 120
+# The hub models offered in pickers. The family shown is read from the model's own configs.
+HUB_MODELS = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "SD 1.5",
+    "stabilityai/stable-diffusion-2-1": "SD 2.1 (768 px, v-prediction)",
+    "stabilityai/stable-diffusion-xl-base-1.0": "SDXL 1.0 base",
+}
+
+
+def thumbnails(report: dataset.DatasetReport, folder: Path,
+               limit: int = MAX_THUMBNAILS) -> list[tuple[str, str]]:
+    """(thumbnail path, caption) for the first `limit` usable images, made once per source file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    results = []
+    for record in report.images[:limit]:
+        source = Path(record.path)
+        stat = source.stat()
+        key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        target = folder / f"{key}.jpg"
+        if not target.exists():
+            image = dataset.open_image(source)
+            image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+            image.save(target, format="JPEG", quality=85)
+        results.append((str(target), f"{source.name} · {record.width}×{record.height} · {record.caption}"))
+    return results
+
+
+def describe_model(base_model: str) -> tuple[str, str | None]:
+    """(family in words, None) or ("", the problem). Reads the model's configs: a hub model's configs are
+    downloaded (a few kB); a built-in one is built the first time (about a second)."""
+    from lora_core import models
+
+    base_model = base_model.strip()
+    if not base_model:
+        return "", "choose a base model"
+    try:
+        source = models.resolve(base_model, configs_only=True)
+        info = models.inspect(source)
+    except models.ModelError as error:
+        return "", str(error)
+    kind = {"builtin": "built-in model with random weights, for tests and the demo", "hub": "Hugging Face hub",
+            "folder": "diffusers folder", "single_file": "single-file checkpoint"}.get(source.kind, source.kind)
+    if source.kind == "folder" and not Path(base_model).expanduser().exists():
+        kind = "Hugging Face hub; the weights download when training starts"
+    return f"{info.description} · {kind} · sides a multiple of {info.pixel_multiple} px", None

@@ -1,0 +1,559 @@
+#!/usr/bin/env python3
+"""LoRA Studio: a web page over lora_core that trains a Stable Diffusion LoRA in the background.
+
+The page only builds configs, asks the process's `Studio` (lora_core/jobs.py) to start or stop the job,
+and polls what the job reports; the engine owns the device. Closing the tab does not stop training, and
+any page opened later shows the running or finished job.
+
+    python webui.py                 # http://127.0.0.1:7860
+    python webui.py --demo          # the form pre-filled with the tiny CPU demo
+    python webui.py --host 0.0.0.0 --auth me:secret
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from lora_core.config import ConfigError, TrainConfig, load_config, parse_config
+from lora_core.formspec import (
+    LENGTH_CHOICES,
+    FieldSpec,
+    config_file_dict,
+    config_to_form,
+    field_specs,
+    form_to_config_dict,
+    split_list,
+)
+from lora_core.jobs import RUN_NAME, BusyError, RunView, Studio
+from lora_core.uploads import UploadError, UploadLimits, ingest
+
+log = logging.getLogger("webui")
+
+ROOT = Path(__file__).resolve().parent
+PRESETS = ROOT / "presets"
+DEMO_PRESET = PRESETS / "demo-tiny-cpu.json"
+SHIPPED_PRESETS = {"demo-tiny-cpu", "sd15-character", "sd15-style", "sdxl-character"}
+OUTPUTS_ENV, AUTH_ENV, DATASETS_ENV = "LORA_STUDIO_OUTPUTS", "LORA_STUDIO_AUTH", "LORA_STUDIO_DATASETS"
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".txt", ".zip"]
+ACTIVE_TICK_S, IDLE_TICK_S = 1.0, 3.0
+# The form: the page's own widgets, then one per optional config field. Handlers get these as keywords.
+PAGE_KEYS = ["dataset_path", "trigger_words", "base_model", "run_name", "length_by"]
+SPECS = field_specs()
+FORM_KEYS = PAGE_KEYS + [spec.name for spec in SPECS]
+
+CSS = """
+.ls-status {padding: 10px 12px; border-radius: 8px; border: 1px solid var(--border-color-primary);}
+.ls-bar {height: 14px; border-radius: 7px; background: var(--background-fill-secondary); overflow: hidden;}
+.ls-fill {height: 100%; background: var(--color-accent); transition: width .4s;}
+.ls-complete .ls-fill {background: #16a34a;} .ls-error .ls-fill, .ls-interrupted .ls-fill {background: #d97706;}
+.ls-line {margin-top: 6px; font-variant-numeric: tabular-nums;}
+.ls-message {margin-top: 6px; white-space: pre-wrap;} .ls-error .ls-message {color: #b91c1c;}
+"""
+
+
+@dataclass
+class PageSettings:
+    """What the page starts with and what it accepts, decided at launch."""
+
+    initial: dict[str, Any]  # form values
+    upload_limits: UploadLimits
+    datasets_root: Path | None = None  # when set, server folders must be inside it (uploads always allowed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# form values and configs
+
+
+def default_form(config: TrainConfig | None = None, run_name: str = "my-lora") -> dict[str, Any]:
+    """Form values for a config (or the model's defaults with the SD 1.5 hub model)."""
+    if config is None:
+        values = {spec.name: _display_default(spec) for spec in SPECS}
+        return {"dataset_path": "", "trigger_words": "", "base_model": DEFAULT_MODEL, "run_name": run_name,
+                "length_by": "steps", **values}
+    values, length_by = config_to_form(config)
+    values["run_name"] = Path(config.output_path).name or run_name
+    values["length_by"] = length_by
+    return {key: values[key] for key in FORM_KEYS}
+
+
+def _display_default(spec: FieldSpec) -> Any:
+    return "\n".join(spec.default) if isinstance(spec.default, list) else spec.default
+
+
+def build_config(form: dict[str, Any], studio: Studio, settings: PageSettings) -> TrainConfig:
+    """The config the form describes; ConfigError names each bad field with the CLI's message."""
+    problems = []
+    data = form_to_config_dict(form, form.get("length_by") or "steps")
+    try:
+        data["output_path"] = str(studio.run_folder(str(form.get("run_name") or "")))
+    except ValueError as error:
+        problems.append(("run_name", str(error)))
+    if reason := _dataset_folder_problem(str(form.get("dataset_path") or ""), studio, settings):
+        problems.append(("dataset_path", reason))
+    try:
+        config = parse_config(data)
+    except ConfigError as error:
+        problems = error.problems + problems
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _dataset_folder_problem(folder: str, studio: Studio, settings: PageSettings) -> str | None:
+    if not folder or settings.datasets_root is None:
+        return None
+    path = Path(folder).expanduser().resolve()
+    if path.is_relative_to(settings.datasets_root) or path.is_relative_to(studio.outputs_root):
+        return None
+    return f"this server only trains on uploads or folders inside {settings.datasets_root}; upload the images instead"
+
+
+def field_of(problem_field: str) -> str:
+    """The form key a config problem belongs to (`trigger_words.0` -> trigger_words)."""
+    top = problem_field.split(".")[0]
+    return {"output_path": "run_name", "training_params": "steps"}.get(top, top)
+
+
+def validation(form: dict[str, Any], studio: Studio, settings: PageSettings) -> list[dict]:
+    """One gr.validate per form input, in FORM_KEYS order (the order the inputs are wired in)."""
+    messages: dict[str, list[str]] = {}
+    try:
+        build_config(form, studio, settings)
+    except ConfigError as error:
+        for field, message in error.problems:
+            key = field_of(field)
+            messages.setdefault(key if key in FORM_KEYS else "dataset_path", []).append(message)
+    return [gr.validate(key not in messages, "; ".join(messages.get(key, []))) for key in FORM_KEYS]
+
+
+def preset_names() -> list[str]:
+    return sorted(path.stem for path in PRESETS.glob("*.json"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# what the page shows
+
+
+def dataset_markdown(scan_report, upload_report=None) -> str:
+    lines = [f"**{len(scan_report.images)} images**, {scan_report.captioned} with a caption file, in "
+             f"`{scan_report.folder}`"]
+    sizes = sorted({f"{r.width}×{r.height}" for r in scan_report.images})
+    lines.append(f"Sizes: {', '.join(sizes[:8])}{' …' if len(sizes) > 8 else ''}")
+    refused = list(upload_report.refused if upload_report else []) + scan_report.refused
+    if refused:
+        lines.append(f"**Refused ({len(refused)}):**")
+        lines += [f"- `{item['file']}`: {item['reason']}" for item in refused]
+    if upload_report and upload_report.notes:
+        lines += [f"- {note}" for note in upload_report.notes]
+    if scan_report.ignored:
+        lines.append(f"Ignored (not images): {', '.join(f'`{name}`' for name in scan_report.ignored[:20])}")
+    return "\n\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 0:
+        return "…"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+STATE_WORDS = {"idle": "No training yet", "preparing": "Preparing: loading the model and caching the dataset",
+               "running": "Training", "stopping": "Stopping after this step (a checkpoint is saved)",
+               "complete": "Done", "interrupted": "Stopped", "error": "Failed"}
+
+
+def status_html(view: RunView) -> str:
+    parts = [STATE_WORDS[view.state]]
+    if view.total_steps:
+        parts.append(f"step {view.step} / {view.total_steps}")
+        parts.append(f"{view.percent:g} %")
+    if view.loss is not None:
+        parts.append(f"loss {view.loss:.4f}")
+    if view.state == "running":
+        parts += [f"{view.it_per_s:.2f} it/s", f"ETA {_duration(view.eta_s)}"]
+    if view.device:
+        parts.append(f"{view.model_family} on {view.device}")
+    message = view.message
+    if view.state == "error" and view.error_field:
+        message = f"Problem with {view.error_field}: {message}"
+    if view.output_path and view.state != "idle":
+        message = (message + "\n" if message else "") + f"Output folder: {view.output_path}"
+    return (f'<div class="ls-status ls-{view.state}" id="run-status" data-state="{view.state}" '
+            f'data-percent="{view.percent:g}" data-step="{view.step}">'
+            f'<div class="ls-bar"><div class="ls-fill" style="width:{min(view.percent, 100):.2f}%"></div></div>'
+            f'<div class="ls-line">{html.escape(" · ".join(parts))}</div>'
+            f'<div class="ls-message">{html.escape(message)}</div></div>')
+
+
+def loss_frame(view: RunView):
+    import pandas as pd
+
+    points = view.curve()
+    return pd.DataFrame({"step": [p[0] for p in points], "loss": [p[1] for p in points]})
+
+
+def run_summary(view: RunView) -> dict[str, Any]:
+    return {"job_id": view.job_id, "state": view.state, "step": view.step, "total_steps": view.total_steps,
+            "percent": view.percent, "loss": view.loss, "output_path": view.output_path,
+            "final_path": view.final_path, "checkpoints": [path for _, path in view.checkpoints],
+            "samples": [path for path, _, _ in view.samples], "message": view.message,
+            "error_field": view.error_field}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the page
+
+
+def _widget(spec: FieldSpec, value: Any) -> gr.components.Component:
+    info = spec.description + (f" Allowed: {spec.range_text}." if spec.range_text else "")
+    common = dict(label=spec.label, info=info, elem_id=f"field-{spec.name}")
+    if spec.kind == "slider":
+        return gr.Slider(minimum=spec.minimum, maximum=spec.maximum, step=spec.step, value=value, **common)
+    if spec.kind == "dropdown":
+        return gr.Dropdown(choices=list(spec.choices or ()), value=value, **common)
+    if spec.kind == "checkbox":
+        return gr.Checkbox(value=value, **common)
+    if spec.kind == "number":
+        # No minimum/maximum here: Gradio would refuse out-of-range values with its own message before
+        # the model's check runs; the model's range is in `info` and its message shows at the field.
+        step = spec.step or (1 if (value or 0) >= 1 else 0.01)
+        return gr.Number(value=value, precision=0 if spec.integer else None, step=step, **common)
+    return gr.Textbox(value=value, lines=3 if spec.kind == "lines" else 1, **common)
+
+
+def build_app(studio: Studio, settings: PageSettings) -> gr.Blocks:
+    from lora_core import dataset, preflight, preview
+
+    initial = settings.initial
+    widgets: dict[str, gr.components.Component] = {}
+    specs_by_group = {group: [s for s in SPECS if s.group == group] for group in ("basic", "sampling", "advanced")}
+
+    with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as demo:
+        gr.Markdown("# LoRA Studio\nTrain a Stable Diffusion LoRA: add images, pick a model, start, and "
+                    "download the `.safetensors`. Training runs on the server; you can close this tab.")
+        seen = gr.State(None)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                with gr.Group():
+                    gr.Markdown("### 1 · Dataset")
+                    uploads = gr.File(label="Upload images with .txt captions, or one .zip", file_count="multiple",
+                                      file_types=UPLOAD_TYPES, elem_id="upload")
+                    with gr.Row():
+                        widgets["dataset_path"] = gr.Textbox(
+                            value=initial["dataset_path"], label="Dataset folder on the server", scale=4,
+                            info="Filled in by an upload; or type a folder of images and .txt captions.",
+                            elem_id="field-dataset_path")
+                        scan_button = gr.Button("Scan folder", scale=1)
+                    widgets["trigger_words"] = gr.Textbox(
+                        value=initial["trigger_words"], label="Trigger words", elem_id="field-trigger_words",
+                        info="Comma-separated; put in front of every caption (or the caption where none).")
+                    dataset_report = gr.Markdown("", elem_id="dataset-report")
+                    thumbs = gr.Gallery(label="Dataset", columns=6, height=220, object_fit="cover",
+                                        elem_id="dataset-gallery")
+                with gr.Group():
+                    gr.Markdown("### 2 · Model")
+                    model_choices = [*_builtin_names(), *preview.HUB_MODELS]
+                    widgets["base_model"] = gr.Dropdown(
+                        choices=model_choices, value=initial["base_model"], allow_custom_value=True,
+                        label="Base model", elem_id="field-base_model",
+                        info="A built-in model, a Hugging Face hub id, a local diffusers folder or a .safetensors "
+                             "file.")
+                    model_family = gr.Markdown("", elem_id="model-family")
+                with gr.Group():
+                    gr.Markdown("### 3 · Parameters")
+                    with gr.Row():
+                        preset = gr.Dropdown(choices=preset_names(), value=None, label="Preset", scale=3,
+                                             elem_id="preset")
+                        widgets["run_name"] = gr.Textbox(value=initial["run_name"], label="Run name", scale=3,
+                                                         info="The output folder's name.", elem_id="field-run_name")
+                    widgets["length_by"] = gr.Radio(list(LENGTH_CHOICES), value=initial["length_by"],
+                                                    label="Run length set by", elem_id="field-length_by")
+                    with gr.Row():
+                        for spec in specs_by_group["basic"]:
+                            widgets[spec.name] = _widget(spec, initial[spec.name])
+                    with gr.Accordion("Samples", open=False):
+                        for spec in specs_by_group["sampling"]:
+                            widgets[spec.name] = _widget(spec, initial[spec.name])
+                    with gr.Accordion("Advanced", open=False):
+                        for spec in specs_by_group["advanced"]:
+                            widgets[spec.name] = _widget(spec, initial[spec.name])
+                    with gr.Row():
+                        preset_name = gr.Textbox(label="Save as preset named", scale=3, elem_id="preset-name")
+                        save_preset = gr.Button("Save preset", scale=1)
+                        export = gr.Button("Make config file", scale=1)
+                    config_file = gr.File(label="Config file for train_lora.py --config", visible=False,
+                                          interactive=False, elem_id="config-file")
+                with gr.Group():
+                    gr.Markdown("### 4 · Estimate")
+                    estimate_button = gr.Button("Check device and memory")
+                    estimate_report = gr.Markdown("", elem_id="estimate")
+            with gr.Column(scale=2):
+                gr.Markdown("### 5 · Train")
+                with gr.Row():
+                    start = gr.Button("Start training", variant="primary", elem_id="start")
+                    stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
+                status = gr.HTML(status_html(studio.view()), elem_id="status")
+                plot = gr.LinePlot(x="step", y="loss", title="Loss", height=240, elem_id="loss-plot",
+                                   x_title="step", y_title="loss (mean since the last point)")
+                samples = gr.Gallery(label="Samples", columns=3, height=260, object_fit="contain",
+                                     elem_id="samples")
+                checkpoints = gr.File(label="Checkpoints", file_count="multiple", interactive=False,
+                                      elem_id="checkpoints")
+                final = gr.DownloadButton("Download LoRA (.safetensors)", visible=False, variant="primary",
+                                          elem_id="download-final")
+                run_state = gr.JSON(visible=False)
+        timer = gr.Timer(IDLE_TICK_S)
+
+        form = {key: widgets[key] for key in FORM_KEYS}
+        live = [status, plot, samples, checkpoints, final, start, stop, run_state, timer, seen]
+
+        # --- dataset ---
+        def on_upload(files: list[str] | None, trigger_words: str):
+            if not files:
+                return gr.skip(), gr.skip(), gr.skip()
+            folder = studio.new_upload_folder()
+            try:
+                report = ingest(files, folder, settings.upload_limits)
+            except UploadError as error:
+                raise gr.Error(f"Upload refused: {error}") from None
+            markdown, gallery = _scan(report.folder, trigger_words, report)
+            return report.folder, markdown, gallery
+
+        def _scan(folder: str, trigger_words: str, upload_report=None):
+            problem = _dataset_folder_problem(folder, studio, settings)
+            if problem:
+                raise gr.Error(problem)
+            try:
+                report = dataset.scan(folder, split_list("trigger_words", trigger_words) or ["<trigger>"])
+            except dataset.DatasetError as error:
+                return f"**Cannot use this dataset:** {error}", []
+            return dataset_markdown(report, upload_report), preview.thumbnails(report, studio.outputs_root /
+                                                                                ".thumbnails")
+
+        uploads.upload(on_upload, [uploads, widgets["trigger_words"]],
+                       [widgets["dataset_path"], dataset_report, thumbs], api_name="upload")
+        gr.on([scan_button.click, widgets["dataset_path"].submit], _scan,
+              [widgets["dataset_path"], widgets["trigger_words"]], [dataset_report, thumbs], api_name="scan")
+
+        # --- model ---
+        def on_model(base_model: str) -> str:
+            family, problem = preview.describe_model(base_model or "")
+            if problem is None:
+                return f"Detected: **{family}**"
+            expected = preview.HUB_MODELS.get((base_model or "").strip())
+            if expected:
+                return f"Expected: **{expected}** (not verified: {problem})"
+            return f"**Cannot use this model:** {problem}"
+
+        widgets["base_model"].change(on_model, widgets["base_model"], model_family, api_name="model_family")
+
+        # --- presets and config files ---
+        def on_preset(name: str | None, dataset_path: str):
+            if not name:
+                return [gr.skip()] * len(FORM_KEYS)
+            try:
+                values = default_form(load_config(PRESETS / f"{Path(name).name}.json"))
+            except ConfigError as error:
+                raise gr.Error(f"Preset {name} is not valid: {error}") from None
+            if dataset_path:  # keep the user's own dataset; a preset only brings its own to an empty form
+                values["dataset_path"] = dataset_path
+            return [values[key] for key in FORM_KEYS]
+
+        preset.input(on_preset, [preset, widgets["dataset_path"]], list(form.values()), api_name="load_preset")
+
+        def validate(**values):
+            return validation(values, studio, settings)
+
+        def on_save_preset(name: str, **values):
+            stem = RUN_NAME.sub("-", (name or "").strip()).strip("-.")[:64]
+            if not stem:
+                raise gr.Error("Give the preset a name (letters, digits, '-', '_').")
+            if stem in SHIPPED_PRESETS:
+                raise gr.Error(f"'{stem}' is a preset that ships with the studio; choose another name.")
+            config = build_config(values, studio, settings)
+            (PRESETS / f"{stem}.json").write_text(json.dumps(config_file_dict(config), indent=2) + "\n",
+                                                  encoding="utf-8")
+            gr.Info(f"Saved presets/{stem}.json")
+            return gr.update(choices=preset_names(), value=stem)
+
+        save_preset.click(on_save_preset, inputs=[preset_name], inputs_kwargs=form, outputs=preset,
+                          validator=lambda name, **values: [gr.validate(True, ""), *validate(**values)],
+                          api_name="save_preset")
+
+        def on_export(**values):
+            config = build_config(values, studio, settings)
+            folder = Path(tempfile.mkdtemp(prefix="lora-config-"))
+            path = folder / f"{Path(config.output_path).name}.json"
+            path.write_text(json.dumps(config_file_dict(config), indent=2) + "\n", encoding="utf-8")
+            return gr.update(value=str(path), visible=True)
+
+        export.click(on_export, inputs_kwargs=form, outputs=config_file, validator=validate, api_name="export_config")
+
+        def on_estimate(**values):
+            config = build_config(values, studio, settings)
+            return estimate_markdown(preflight.preflight(config))
+
+        estimate_button.click(on_estimate, inputs_kwargs=form, outputs=estimate_report, validator=validate,
+                              api_name="estimate")
+
+        # --- train and watch ---
+        def on_start(**values):
+            config = build_config(values, studio, settings)
+            try:
+                studio.start(config)
+            except BusyError as error:
+                raise gr.Error(f"Not started: {error}") from None
+            return refresh(None)
+
+        start.click(on_start, inputs_kwargs=form, outputs=live, validator=validate, api_name="start",
+                    concurrency_id="train-control", concurrency_limit=1)
+
+        def on_stop():
+            if not studio.stop():
+                gr.Info("No training is running.")
+            return refresh(None)
+
+        stop.click(on_stop, outputs=live, api_name="stop", concurrency_id="train-control")
+
+        def refresh(last_seen: tuple[int, int, str] | None = None):
+            view = studio.view()
+            key = (view.job_id, view.n_events, view.state)
+            interval = ACTIVE_TICK_S if view.active else IDLE_TICK_S
+            if key == last_seen:
+                return [gr.skip()] * (len(live) - 2) + [gr.Timer(interval), key]
+            return [status_html(view), loss_frame(view),
+                    [(path, f"step {step}: {prompt}") for path, prompt, step in view.samples],
+                    [path for _, path in view.checkpoints] or None,
+                    gr.DownloadButton(value=view.final_path, visible=bool(view.final_path)),
+                    gr.Button(interactive=not view.active), gr.Button(interactive=view.active),
+                    run_summary(view), gr.Timer(interval), key]
+
+        timer.tick(refresh, seen, live, api_name="refresh", show_progress="hidden", concurrency_limit=None,
+                   queue=True)
+        demo.load(refresh, None, live, api_name=False, show_progress="hidden")
+        if initial["dataset_path"]:
+            demo.load(_scan, [widgets["dataset_path"], widgets["trigger_words"]], [dataset_report, thumbs],
+                      api_name=False)
+        demo.load(on_model, widgets["base_model"], model_family, api_name=False)
+    return demo
+
+
+def _builtin_names() -> list[str]:
+    from lora_core import builtin
+
+    return [name for name in builtin.names() if name.startswith("builtin:tiny")]
+
+
+def estimate_markdown(report: dict[str, Any]) -> str:
+    lines = []
+    device = report.get("device")
+    if device:
+        memory = f", {device['free_memory_gib']} GiB free of {device['total_memory_gib']} GiB" \
+            if device.get("total_memory_gib") else ""
+        lines.append(f"**Device:** {device['name']} ({device['kind']}{memory}), precision "
+                     f"{device['mixed_precision']}")
+    estimate = report.get("memory_estimate")
+    if estimate:
+        lines.append(f"**Memory estimate:** about {estimate['total_gib']} GiB (weights "
+                     f"{estimate['frozen_weights_gib']}, LoRA + optimizer {estimate['lora_and_optimizer_gib']}, "
+                     f"activations {estimate['activations_gib']}); {estimate['covers']}")
+    if "total_steps" in report:
+        lines.append(f"**Steps:** {report['total_steps']} on {report['dataset']['num_images']} images")
+    if "model" in report:
+        lines.append(f"**Model:** {report['model']['family']}")
+    lines += [f"⚠️ **Will not fit:** {warning}" for warning in report.get("warnings", [])]
+    lines += [f"❌ **{item['field']}:** {item['message']}" for item in report.get("problems", [])]
+    if report.get("ok") and not report.get("warnings"):
+        lines.append("✅ Ready to train.")
+    return "\n\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# serving
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="LoRA Studio web page", epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="address to bind (default 127.0.0.1; 0.0.0.0 serves the network: use --auth)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--auth", default=os.environ.get(AUTH_ENV),
+                        help=f"require a login, user:password (several: comma-separated); or set {AUTH_ENV}")
+    parser.add_argument("--demo", action="store_true", help="pre-fill the tiny CPU demo (presets/demo-tiny-cpu.json)")
+    parser.add_argument("--outputs", default=os.environ.get(OUTPUTS_ENV, "outputs"),
+                        help=f"folder for runs and uploads (default ./outputs, or {OUTPUTS_ENV})")
+    parser.add_argument("--max-upload-mb", type=int, default=200, help="largest single uploaded file (MB)")
+    parser.add_argument("--max-upload-files", type=int, default=2000, help="most images + captions per upload")
+    return parser.parse_args(argv)
+
+
+def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
+    if not text:
+        return None
+    pairs = []
+    for item in text.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            raise SystemExit(f"--auth / {AUTH_ENV}: expected user:password, got {item.strip()!r}")
+        pairs.append((user, password))
+    return pairs
+
+
+def launch_settings(args: argparse.Namespace, studio: Studio) -> dict[str, Any]:
+    """Everything `Blocks.launch` gets: safe defaults, and only the outputs folder served."""
+    return dict(server_name=args.host, server_port=args.port, share=args.share, auth=parse_auth(args.auth),
+                auth_message="LoRA Studio: log in to train.", max_file_size=f"{args.max_upload_mb}mb",
+                allowed_paths=[str(studio.outputs_root)], enable_monitoring=False, ssr_mode=False,
+                show_error=False, css=CSS)
+
+
+def exposure_warning(args: argparse.Namespace) -> str | None:
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.auth:
+        return (f"serving on {args.host} without a login: anyone who can reach port {args.port} can train on "
+                f"this machine and download the results; add --auth user:password (or set {AUTH_ENV})")
+    if args.share and not args.auth:
+        return f"a public share link without a login; add --auth user:password (or set {AUTH_ENV})"
+    return None
+
+
+def make_app(args: argparse.Namespace) -> tuple[gr.Blocks, Studio, dict[str, Any]]:
+    studio = Studio(args.outputs)
+    config = load_config(DEMO_PRESET) if args.demo else None
+    initial = default_form(config)
+    if args.demo:
+        initial["dataset_path"] = str(ROOT / "demo" / "dataset")
+    datasets_root = os.environ.get(DATASETS_ENV)
+    settings = PageSettings(initial, UploadLimits(max_files=args.max_upload_files,
+                                                  max_file_bytes=args.max_upload_mb * 1024**2),
+                            Path(datasets_root).resolve() if datasets_root else None)
+    demo = build_app(studio, settings)
+    demo.queue(default_concurrency_limit=2, max_size=64)
+    return demo, studio, launch_settings(args, studio)
+
+
+def main(argv: list[str] | None = None, launch: Callable[..., Any] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    if warning := exposure_warning(args):
+        log.warning(warning)
+    demo, _, settings = make_app(args)
+    (launch or demo.launch)(**settings)
+
+
+if __name__ == "__main__":
+    main()
