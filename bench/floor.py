@@ -1,0 +1,58 @@
+"""The floor: the UNet's forward, backward and optimizer step alone, on pre-made latents and embeddings.
+
+The UNet is prepared exactly as the trainer prepares it (`lora_core.training.prepare_unet`: dtype, fp32 LoRA,
+channels-last, checkpointing) and stepped with the same optimizer settings. Nothing else runs (no gradient
+clipping, no data, no noise), so the gap to the trainer is everything the trainer adds around the step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lora_core import hardware
+from lora_core.config import TrainConfig
+from lora_core.training import prepare_unet
+
+
+class FloorLoop:
+    def __init__(self, unet, config: TrainConfig, device: torch.device, *, compile_mode: str | None = None,
+                 sync_per_step: bool = False, text_tokens: int = 77):
+        """`compile_mode` (default, reduce-overhead, ...) compiles the UNet whatever `config.compile_unet` says;
+        `sync_per_step` reads the loss back every step, to price one host-device sync."""
+        precision = hardware.resolve_precision(config, device)
+        self.dtype = hardware.weight_dtype(precision)
+        self.device, self.autocast = device, precision != "no"
+        self.params = prepare_unet(unet, config, device, self.dtype)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.adam_weight_decay,
+                                           fused=device.type == "cuda")
+        self.sync_per_step = sync_per_step
+        if compile_mode is None and config.compile_unet:
+            compile_mode = "default"
+        self.forward = torch.compile(unet, mode=compile_mode) if compile_mode else unet
+
+        generator = torch.Generator().manual_seed(config.seed)
+        batch, size = config.batch_size, config.resolution // 8
+
+        def made(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator).to(device, dtype)
+
+        self.latents = made(batch, unet.config.in_channels, size, size)
+        self.target = made(batch, unet.config.out_channels, size, size)
+        self.timesteps = torch.randint(0, 1000, (batch,), generator=generator).to(device)
+        self.conditioning: dict = {"encoder_hidden_states": made(batch, text_tokens, unet.config.cross_attention_dim,
+                                                                 dtype=self.dtype)}
+        if unet.config.addition_embed_type == "text_time":
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            self.conditioning["added_cond_kwargs"] = {"text_embeds": made(batch, pooled, dtype=self.dtype),
+                                                      "time_ids": made(batch, 6, dtype=self.dtype)}
+
+    def step(self) -> None:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
+            prediction = self.forward(self.latents, self.timesteps, **self.conditioning).sample
+        loss = F.mse_loss(prediction.float(), self.target)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.sync_per_step:
+            loss.item()

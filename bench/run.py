@@ -1,0 +1,319 @@
+"""`python -m bench`: reference vs this trainer vs the floor, in one process, on one model, dataset and settings.
+
+Every phase runs `--warmup` untimed windows, then `--windows` timed windows of `--steps` steps; each figure is
+the median over the timed windows. The device is synchronised only at window edges (the reference syncs every
+step by itself, the trainer at its progress events, which the benchmark sets to once per window).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from bench.measure import GIB, MemoryProbe, Timing, release_memory, time_windows, windows_from_marks
+
+TRIGGER = "benchstyle"
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for the "% of peak" figure.
+BF16_PEAK_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("GH200", 989.0),
+                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0)]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin:small-sd", help="base model (default builtin:small-sd)")
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank; alpha = rank")
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed window (default 5)")
+    parser.add_argument("--windows", type=int, default=5, help="timed windows per phase (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up windows per phase (default 1)")
+    parser.add_argument("--phases", default="reference,trainer,floor", help="comma-separated subset, in order")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--precision", choices=["auto", "no", "bf16", "fp16"], default="auto",
+                        help="the trainer's mixed_precision; the reference and the floor use the same")
+    parser.add_argument("--compile", action="store_true", help="compile_unet in the trainer and the floor")
+    parser.add_argument("--floor-compile-mode", default=None,
+                        help="compile the floor's UNet with this torch.compile mode (e.g. reduce-overhead for "
+                             "CUDA graphs), whatever --compile says")
+    parser.add_argument("--floor-sync", action="store_true", help="the floor reads its loss back every step")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--images", type=int, default=0, help="dataset size (default max(8, 2 x batch))")
+    parser.add_argument("--image-size", type=int, default=0,
+                        help="side of the synthetic JPEGs (default max(512, resolution)); the reference decodes "
+                             "and resizes them every step, the trainer once")
+    parser.add_argument("--label", default="", help="a name for this run in the JSON")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--work-dir", type=Path, default=None, help="dataset and trainer output (default: temp)")
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the dataset: synthetic photos-like JPEGs with captions, the same for every phase
+
+
+def make_dataset(folder: Path, count: int, size: int, seed: int = 0) -> Path:
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    colors = {"red": (200, 40, 40), "blue": (40, 60, 200), "green": (40, 160, 60), "yellow": (220, 200, 40),
+              "white": (235, 235, 235), "black": (20, 20, 20)}
+    names = list(colors)
+    ramp = np.linspace(0.6, 1.0, size, dtype=np.float32)[:, None, None]
+    for index in range(count):
+        shape_color, background = rng.choice(names, 2, replace=False)
+        array = (np.array(colors[background], np.float32) * ramp * np.ones((size, size, 3), np.float32))
+        image = Image.fromarray(array.clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        box = sorted(rng.integers(size // 8, size - size // 8, 2)), sorted(rng.integers(size // 8, size - size // 8, 2))
+        corners = (box[0][0], box[1][0], box[0][1] + size // 16, box[1][1] + size // 16)
+        shape = "circle" if index % 2 else "square"
+        (draw.ellipse if shape == "circle" else draw.rectangle)(corners, fill=colors[shape_color])
+        image.save(folder / f"image_{index:03d}.jpg", quality=92)
+        (folder / f"image_{index:03d}.txt").write_text(f"a {shape_color} {shape} on a {background} background\n")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------
+# the phases
+
+
+def trainer_config(args: argparse.Namespace, dataset_dir: Path, output: Path):
+    from lora_core.config import parse_config
+
+    steps = args.steps * (args.warmup + args.windows)
+    data = {"dataset_path": str(dataset_dir), "base_model": args.model, "output_path": str(output),
+            "trigger_words": [TRIGGER], "steps": steps, "resolution": max(args.resolution, 256),
+            "batch_size": args.batch, "lora_rank": args.rank, "lora_alpha": args.rank, "learning_rate": 1e-4,
+            "device": args.device, "mixed_precision": args.precision, "progress_steps": args.steps,
+            "checkpoint_steps": 1_000_000, "validation_steps": 1_000_000, "sample_inference_steps": 1,
+            "gradient_checkpointing": args.gradient_checkpointing, "compile_unet": args.compile, "seed": 42}
+    config = parse_config(data)
+    if args.resolution < 256:
+        # The config refuses sides under 256 (a guard for users); the engine itself takes any multiple of the
+        # model's pixel multiple, and the CPU benchmark is defined at 128 px.
+        config = config.model_copy(update={"resolution": args.resolution})
+    return config
+
+
+def run_reference(args, config, device: torch.device, records, probe: MemoryProbe) -> dict:
+    from bench.reference import ReferenceLoop, ReferenceSettings
+    from lora_core import hardware, models
+
+    precision = hardware.resolve_precision(config, device)
+    source = models.resolve(config.base_model)
+    pipeline = models.load_pipeline(source, models.inspect(source))
+    settings = ReferenceSettings(resolution=config.resolution, batch_size=config.batch_size, rank=config.lora_rank,
+                                 alpha=config.lora_alpha, learning_rate=config.learning_rate,
+                                 max_grad_norm=config.max_grad_norm, mixed_precision=precision, seed=config.seed)
+    loop = ReferenceLoop(pipeline, [Path(r.path) for r in records], [r.caption for r in records], settings, device)
+    timing = time_windows(loop.step, device, warmup_windows=args.warmup, windows=args.windows,
+                          window_steps=args.steps, batch_size=args.batch, after_warmup=lambda: probe.mark("setup"))
+    probe.mark("steps")
+    return {"timing": timing}
+
+
+def run_trainer(args, config, device: torch.device, records, probe: MemoryProbe) -> dict:
+    """`lora_core.training.train`, as the worker behind train_lora.py calls it; timed from its progress events."""
+    from lora_core import training
+    from lora_core.events import Progress
+
+    marks: list[float] = []
+    events: list[dict] = []
+
+    def emit(event) -> None:
+        if isinstance(event, Progress):
+            marks.append(time.perf_counter())
+            if len(marks) == args.warmup:  # setup and warm-up end here; the timed windows start
+                probe.mark("setup")
+            elif event.step == event.total_steps:  # before the final sample images and export
+                probe.mark("steps")
+        if event.type != "progress":
+            events.append(event.to_dict())
+
+    result = training.train(config, emit, lambda: False)
+    terminal = events[-1] if events else {}
+    if terminal.get("type") != "complete":
+        raise RuntimeError(f"the trainer ended with {terminal}")
+    timing = windows_from_marks(marks, args.steps, args.warmup, args.batch)
+    del result
+    return {"timing": timing, "started": events[0]}
+
+
+def run_floor(args, config, device: torch.device, records, probe: MemoryProbe) -> dict:
+    from bench.floor import FloorLoop
+    from lora_core import models
+
+    source = models.resolve(config.base_model)
+    unet = models.load_pipeline(source, models.inspect(source)).unet
+    loop = FloorLoop(unet, config, device, compile_mode=args.floor_compile_mode, sync_per_step=args.floor_sync)
+    timing = time_windows(loop.step, device, warmup_windows=args.warmup, windows=args.windows,
+                          window_steps=args.steps, batch_size=args.batch, after_warmup=lambda: probe.mark("setup"))
+    probe.mark("steps")
+    return {"timing": timing}
+
+
+PHASES = {"reference": run_reference, "trainer": run_trainer, "floor": run_floor}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the machine and the report
+
+
+def machine(device: torch.device) -> dict:
+    info: dict = {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
+                  "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                  "load_average": [round(x, 2) for x in os.getloadavg()]}
+    for package in ("diffusers", "transformers", "peft", "accelerate"):
+        try:
+            info[package] = __import__(package).__version__
+        except ImportError:
+            info[package] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / GIB, 1), cuda=torch.version.cuda,
+                    capability=f"{props.major}.{props.minor}")
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            info["driver"] = None
+        info["bf16_peak_tflops"] = next((peak for name, peak in BF16_PEAK_TFLOPS if name in props.name), None)
+    else:
+        info["cpu"] = _cpu_name()
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def summarise(results: dict) -> None:
+    """Ratios, FLOP rates and the estimate, added to `results` in place."""
+    phases = results["phases"]
+    rate = {name: phase["images_per_s"] for name, phase in phases.items() if "images_per_s" in phase}
+    results["ratios"] = {
+        "trainer_over_reference": round(rate["trainer"] / rate["reference"], 3) if {"trainer", "reference"} <= set(
+            rate) else None,
+        "floor_over_trainer": round(rate["floor"] / rate["trainer"], 3) if {"floor", "trainer"} <= set(rate) else None,
+    }
+    flops = results.get("tflop_per_image")
+    peak = results["machine"].get("bf16_peak_tflops")
+    for phase in phases.values():
+        if flops and "images_per_s" in phase:
+            phase["tflops"] = round(flops["total"] * phase["images_per_s"], 4)
+            if peak:
+                phase["percent_of_bf16_peak"] = round(100 * phase["tflops"] / peak, 2)
+
+
+def print_report(results: dict, out=sys.stdout) -> None:
+    settings, phases = results["settings"], results["phases"]
+    where = results["machine"].get("gpu") or results["machine"].get("cpu")
+    print(f"\n== {settings['model']} {settings['resolution']}px batch {settings['batch']} rank {settings['rank']} "
+          f"precision {settings['precision']}{' compiled' if settings['compile'] else ''} on {where} "
+          f"(torch {results['machine']['torch']}, load {results['machine']['load_average']})", file=out)
+    gpu = results["device"] == "cuda"
+    memory_head = "peak alloc / reserved GiB" if gpu else "peak RSS GiB"
+    print(f"{'phase':<10} {'s/step':>9} {'images/s':>9} {'spread':>7} {'TFLOP/s':>8}  {memory_head}", file=out)
+    for name, phase in phases.items():
+        if "error" in phase:
+            print(f"{name:<10} FAILED: {phase['error']}", file=out)
+            continue
+        memory = phase.get("step_memory", {})
+        mem = (f"{memory.get('allocated_gib')} / {memory.get('reserved_gib')}" if gpu
+               else f"{memory.get('rss_gib')}")
+        print(f"{name:<10} {phase['s_per_step']:>9.4f} {phase['images_per_s']:>9.2f} {phase['spread']:>7.1%} "
+              f"{phase.get('tflops', 0):>8.2f}  {mem}", file=out)
+    ratios = results["ratios"]
+    print(f"trainer/reference images/s: {ratios['trainer_over_reference']}   "
+          f"floor/trainer images/s: {ratios['floor_over_trainer']}", file=out)
+    estimate = results.get("memory_estimate")
+    if estimate:
+        measured = phases.get("trainer", {}).get("step_memory", {})
+        peak = measured.get("allocated_gib") if gpu else measured.get("rss_gib")
+        print(f"memory estimate (--validate-only): {estimate['total_gib']} GiB; trainer step peak "
+              f"{'allocated' if gpu else 'RSS'}: {peak} GiB", file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    from lora_core import dataset, hardware, preflight
+
+    if args.warmup < 1:
+        print("--warmup must be at least 1 (the trainer's first window has no start mark)", file=sys.stderr)
+        return 2
+    phases = [name.strip() for name in args.phases.split(",") if name.strip()]
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        print(f"unknown phases {sorted(unknown)}; choose from {list(PHASES)}", file=sys.stderr)
+        return 2
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="lora-bench-"))
+    images = args.images or max(8, 2 * args.batch)
+    dataset_dir = make_dataset(work / "dataset", images, args.image_size or max(512, args.resolution))
+    config = trainer_config(args, dataset_dir, work / "trainer-output")
+    device = hardware.pick_device(config)
+    if device.type == "cuda":  # the trainer turns these on; the other phases get the same
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    records = dataset.scan(dataset_dir, [TRIGGER]).images
+
+    from bench.flops import step_tflop_per_image
+
+    results: dict = {
+        "label": args.label, "device": device.type, "machine": machine(device),
+        "settings": {"model": args.model, "resolution": args.resolution, "batch": args.batch, "rank": args.rank,
+                     "precision": hardware.resolve_precision(config, device), "compile": args.compile,
+                     "floor_compile_mode": args.floor_compile_mode, "floor_sync": args.floor_sync,
+                     "gradient_checkpointing": args.gradient_checkpointing, "images": images,
+                     "image_size": args.image_size or max(512, args.resolution), "steps_per_window": args.steps,
+                     "windows": args.windows, "warmup_windows": args.warmup},
+        "tflop_per_image": step_tflop_per_image(args.model, args.resolution, args.rank),
+        "memory_estimate": (preflight.preflight(config).get("memory_estimate")),
+        "phases": {},
+    }
+    for name in phases:
+        print(f"-- {name} ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        try:
+            with MemoryProbe(device) as probe:
+                outcome = PHASES[name](args, config, device, records, probe)
+            timing: Timing = outcome.pop("timing")
+            results["phases"][name] = {**timing.to_dict(), **outcome, "memory": probe.result,
+                                       "step_memory": probe.segment("steps")}
+        except Exception as error:  # one failing phase must not lose the others
+            traceback.print_exc()
+            results["phases"][name] = {"error": f"{type(error).__name__}: {error}".splitlines()[0][:500]}
+        results["phases"][name]["wall_s"] = round(time.perf_counter() - started, 1)
+        release_memory(device)
+    results["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    summarise(results)
+    print_report(results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0 if all("error" not in phase for phase in results["phases"].values()) else 1
