@@ -87,6 +87,9 @@ class TrainConfig(BaseModel):
         "auto: bf16 on GPUs that have it, else fp16 on CUDA, fp32 on CPU."), json_schema_extra=_ui("advanced"))
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.",
                                          json_schema_extra=_ui("advanced"))
+    compile_unet: bool = Field(False, description=(
+        "Compile the UNet with torch.compile: faster steps on a GPU after a one-off compile of a minute or more "
+        "at the start (and again for a new batch shape). Off by default."), json_schema_extra=_ui("advanced"))
 
     # --- events and outputs ---
     checkpoint_steps: int = Field(500, ge=1, le=1_000_000, description="Save a LoRA every N steps.",
