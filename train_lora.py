@@ -13,6 +13,7 @@ import sys
 EXAMPLES = """examples:
   python train_lora.py --config presets/demo-tiny-cpu.json
   python train_lora.py --config my_run.json --validate-only
+  python train_lora.py --config my_run.json --resume      # after a stop or crash, or with more steps
   python train_lora.py --config my_run.json --debug 2> train.log | jq -c 'select(.type=="progress")'
 
 events (one JSON object per line on stdout, each with "type" and "timestamp"):
@@ -29,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="JSON config file (see config_schema.json)")
     parser.add_argument("--validate-only", action="store_true",
                         help="check config, dataset, model, device and memory; print one JSON report; train nothing")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete training state in output_path/checkpoints")
     parser.add_argument("--debug", action="store_true", help="more logging on stderr")
     return parser.parse_args(argv)
 
@@ -63,10 +66,16 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
     from lora_core.config import ConfigError, load_config
+    from lora_core.distributed import is_main_process
     from lora_core.events import Error
 
+    speaks = is_main_process()  # under accelerate/torchrun only the main process writes the JSON stream
+    if not speaks:
+        events_out = sys.stderr  # the other processes' errors still reach the log
+
     def send(event) -> None:
-        events_out.write(event.to_json() + "\n")
+        if speaks or event.type == "error":
+            events_out.write(event.to_json() + "\n")
 
     try:
         config = load_config(args.config)
@@ -87,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lora_core.worker import Worker
 
-    job = Worker().submit(config)
+    job = Worker().submit(config, resume=args.resume)
     received: list[int] = []
 
     def on_signal(signum, _frame) -> None:

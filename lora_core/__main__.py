@@ -1,10 +1,40 @@
-"""`python -m lora_core schema [PATH]`: regenerate config_schema.json from the configuration model."""
+"""Files generated from the configuration model and from a run.
+
+    python -m lora_core schema [PATH]   regenerate config_schema.json
+    python -m lora_core options         print the README's option table (Markdown)
+    python -m lora_core readme [PATH]   rewrite the option table between README.md's options markers
+    python -m lora_core report FOLDER   (re)write FOLDER/training_report.html from its events.jsonl
+"""
 
 import sys
+from pathlib import Path
 
-from lora_core.config import write_schema
+from lora_core.config import options_table, write_schema
+from lora_core.files import atomic_write_text
+
+START, END = "<!-- options:start -->", "<!-- options:end -->"
+
+
+def write_readme_options(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    atomic_write_text(path, f"{head}{START}\n{options_table()}\n{END}{tail}")
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] != "schema":
-        sys.exit("usage: python -m lora_core schema [PATH]")
-    write_schema(sys.argv[2] if len(sys.argv) > 2 else "config_schema.json")
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command == "schema":
+        write_schema(sys.argv[2] if len(sys.argv) > 2 else "config_schema.json")
+    elif command == "options":
+        print(options_table())
+    elif command == "readme":
+        write_readme_options(Path(sys.argv[2] if len(sys.argv) > 2 else "README.md"))
+    elif command == "report" and len(sys.argv) == 3:
+        from lora_core.report import write_report
+
+        written = write_report(sys.argv[2])
+        if written is None:
+            sys.exit(f"no training run recorded in {sys.argv[2]}/events.jsonl")
+        print(written)
+    else:
+        sys.exit(__doc__)

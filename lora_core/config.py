@@ -60,6 +60,14 @@ class TrainConfig(BaseModel):
                                  json_schema_extra=_ui("advanced"))
     adam_weight_decay: float = Field(1e-2, ge=0, le=1.0, description="AdamW weight decay.",
                                      json_schema_extra=_ui("advanced"))
+    min_snr_gamma: float = Field(5.0, ge=0, le=20, description=(
+        "Min-SNR loss weighting gamma (5 is the usual choice); 0 turns it off."), json_schema_extra=_ui("advanced"))
+    noise_offset: float = Field(0.0, ge=0, le=1.0, description=(
+        "Add this much per-channel offset noise (about 0.05) so very dark or bright images can be learned."),
+        json_schema_extra=_ui("advanced"))
+    zero_terminal_snr: bool = Field(False, description=(
+        "Rescale the noise schedule so the last timestep is pure noise; for v-prediction models."),
+        json_schema_extra=_ui("advanced"))
     max_grad_norm: float = Field(1.0, ge=0, le=1000, description="Gradient clipping norm; 0 turns clipping off.",
                                  json_schema_extra=_ui("advanced"))
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for noise, timesteps, data order and LoRA init.",
@@ -96,9 +104,18 @@ class TrainConfig(BaseModel):
                                   json_schema_extra=_ui("basic"))
     validation_steps: int = Field(100, ge=1, le=1_000_000, description="Make sample images every N steps.",
                                   json_schema_extra=_ui("sampling"))
+    keep_checkpoints: int = Field(3, ge=1, le=1000, description=(
+        "Training states (for --resume) to keep; older ones are deleted once a newer one is complete. "
+        "Every checkpoint's LoRA file is kept."), json_schema_extra=_ui("advanced"))
+    max_nonfinite_steps: int = Field(5, ge=1, le=1000, description=(
+        "Stop with an error after this many steps in a row whose loss or gradients were NaN/inf "
+        "(each such step is skipped, not applied)."), json_schema_extra=_ui("advanced"))
     progress_steps: int = Field(1, ge=1, le=10_000, description=(
         "Emit a progress event every N steps (the loss is read back from the device only then)."),
         json_schema_extra=_ui("advanced"))
+    log_with: Literal["none", "tensorboard"] = Field("none", description=(
+        "Also log loss, learning rate and sample images for TensorBoard, in <output_path>/logs "
+        "(needs the tensorboard package)."), json_schema_extra=_ui("advanced"))
     sample_prompts: list[str] = Field(default_factory=list, max_length=16, description=(
         "Prompts for sample images; empty means the trigger words."), json_schema_extra=_ui("sampling"))
     sample_inference_steps: int = Field(20, ge=1, le=150, description="Denoising steps per sample image.",
@@ -246,3 +263,17 @@ def write_schema(path: str | Path) -> None:
     from lora_core.files import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(json_schema(), indent=2) + "\n")
+
+
+def options_table() -> str:
+    """The README's option table, generated from the model so that it cannot drift."""
+    properties = TrainConfig.model_json_schema()["properties"]
+    rows = ["| option | default | allowed | what it does |", "| --- | --- | --- | --- |"]
+    for name, info in TrainConfig.model_fields.items():
+        schema = properties[name]
+        default = "required" if info.is_required() else json.dumps(info.get_default(call_default_factory=True))
+        allowed = _allowed_range(name).removeprefix("allowed range ").removeprefix("choose one of ")
+        if not allowed:
+            allowed = {"boolean": "true / false", "array": "list of strings"}.get(schema.get("type"), "text")
+        rows.append(f"| `{name}` | {default} | {allowed} | {info.description} |")
+    return "\n".join(rows)

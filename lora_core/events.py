@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,6 +40,8 @@ class Started(Event):
     mixed_precision: str
     model_family: str
     output_path: str
+    num_processes: int = 1  # data-parallel processes (devices) training together
+    resumed_from_step: int | None = None  # set when the run continues from a saved training state
 
 
 @dataclass(kw_only=True)
@@ -105,8 +107,11 @@ class EventLog:
         self._listener = listener
         self._file = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            except OSError:  # the run itself reports the unwritable folder as an error event
+                self._file = None
 
     def __call__(self, event: Event) -> None:
         line = event.to_json()
@@ -122,3 +127,40 @@ class EventLog:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+
+EVENT_TYPES: dict[str, type[Event]] = {cls.type: cls for cls in (Started, Progress, Checkpoint, Sample, Complete,
+                                                                  Error, Interrupted)}
+
+
+def event_from_dict(data: dict[str, Any]) -> Event:
+    """The inverse of `Event.to_dict`: the typed event of one JSON object (keys it does not know are dropped)."""
+    cls = EVENT_TYPES.get(data.get("type")) if isinstance(data, dict) else None
+    if cls is None:
+        raise ValueError(f"not an event: {data!r:.200}")
+    names = {item.name for item in fields(cls)}
+    try:
+        return cls(**{key: value for key, value in data.items() if key in names})
+    except TypeError as error:
+        raise ValueError(f"a {cls.type} event without its fields ({error}): {data!r:.200}") from None
+
+
+def parse_event(line: str) -> Event:
+    """One JSON line of the CLI's stdout or of events.jsonl as a typed event; ValueError if it is not one."""
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not JSON ({error.msg}): {line[:200]!r}") from None
+    return event_from_dict(data)
+
+
+def read_events(path: Path) -> list[Event]:
+    """Every event in an events.jsonl file, in order; a torn last line (a killed process) is skipped."""
+    events = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                events.append(parse_event(line))
+            except ValueError:
+                continue
+    return events

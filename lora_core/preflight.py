@@ -10,8 +10,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lora_core import dataset, hardware, models
+from lora_core import dataset, distributed, hardware, models, tracking
 from lora_core.config import TrainConfig
+
+
+class OutputFolderError(OSError):
+    field = "output_path"
 
 
 def check_output_folder(output_path: str) -> str | None:
@@ -28,11 +32,14 @@ def check_output_folder(output_path: str) -> str | None:
     return None
 
 
-def preflight(config: TrainConfig) -> dict[str, Any]:
-    """A JSON-ready report; `ok` is False when training would fail, with each problem naming its field."""
+def preflight(config: TrainConfig, num_processes: int | None = None) -> dict[str, Any]:
+    """A JSON-ready report; `ok` is False when training would fail, with each problem naming its field.
+
+    `num_processes`: data-parallel processes (devices) the run will use; by default the launcher's count."""
     from lora_core.training import check_resolution, total_steps_for
 
     report: dict[str, Any] = {"ok": True, "problems": [], "warnings": []}
+    processes = num_processes or distributed.world_size()
 
     def problem(field: str, message: str) -> None:
         report["ok"] = False
@@ -42,7 +49,7 @@ def preflight(config: TrainConfig) -> dict[str, Any]:
         scanned = dataset.scan(config.dataset_path, config.trigger_words)
         report["dataset"] = {"num_images": len(scanned.images), "num_captioned": scanned.captioned,
                              "refused": scanned.refused, "ignored": scanned.ignored}
-        report["total_steps"] = total_steps_for(config, len(scanned.images))
+        report["total_steps"] = total_steps_for(config, len(scanned.images), processes)
     except dataset.DatasetError as error:
         problem("dataset_path", str(error))
 
@@ -60,12 +67,19 @@ def preflight(config: TrainConfig) -> dict[str, Any]:
 
     if (reason := check_output_folder(config.output_path)) is not None:
         problem("output_path", reason)
+    if (reason := tracking.unavailable_reason(config)) is not None:
+        problem("log_with", reason)
 
     try:
         device = hardware.pick_device(config)
         precision = hardware.resolve_precision(config, device)
         info_device = hardware.describe(device)
         report["device"] = {**info_device.to_dict(), "mixed_precision": precision}
+        report["devices"] = {"available": info_device.count, "processes": processes,
+                             "global_batch_size": config.batch_size * config.gradient_accumulation_steps * processes}
+        if device.type == "cuda" and processes > info_device.count:
+            report["warnings"].append(f"{processes} processes but {info_device.count} CUDA devices are visible; "
+                                      "use one process per GPU")
     except RuntimeError as error:
         problem("device", str(error))
         return report

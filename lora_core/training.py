@@ -14,17 +14,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler
 from diffusers.optimization import get_scheduler
 
-from lora_core import dataset, hardware, models
+from lora_core import checkpoint, dataset, distributed, hardware, models, objective
 from lora_core.config import TrainConfig, config_to_file_dict
 from lora_core.events import Checkpoint, Complete, Event, Interrupted, Progress, Sample, Started
 from lora_core.files import atomic_write, atomic_write_text
 from lora_core.lora import add_lora, kohya_state_dict, save_lora, tag_frequency, training_metadata
+from lora_core.preflight import OutputFolderError, check_output_folder
 
 
 @dataclass
@@ -56,8 +56,18 @@ def check_resolution(config: TrainConfig, info: models.ModelInfo) -> None:
 # setup
 
 
-def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Callable[[], bool]) -> TrainResult:
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Callable[[], bool],
+          resume: bool = False) -> TrainResult:
+    """Train one LoRA. With `resume`, continue from the newest complete state in output_path."""
     started_at, t0 = datetime.now(UTC), time.perf_counter()
+    if (problem := check_output_folder(config.output_path)) is not None:
+        raise OutputFolderError(problem)
+    if resume:
+        checkpoint.latest_state(Path(config.output_path))  # fail before any model loads
     report = dataset.scan(config.dataset_path, config.trigger_words)
     source = models.resolve(config.base_model)
     info = models.inspect(source)
@@ -68,6 +78,7 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               dataloader_config=DataLoaderConfiguration(non_blocking=True))
     main = accelerator.is_main_process
+    stop_vote = distributed.StopVote(accelerator.num_processes)  # all processes stop after the same step
     set_seed(config.seed)
     if accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -89,18 +100,31 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
 
     cache = build_cache(config, pipeline, report, info, accelerator.device, dtype)
     loader = torch.utils.data.DataLoader(list(range(len(report.images))), batch_size=config.batch_size,
-                                         shuffle=True, generator=torch.Generator().manual_seed(config.seed),
-                                         pin_memory=device.type == "cuda")  # pinned + non_blocking: no sync
+                                         sampler=EpochSampler(len(report.images), config.seed),
+                                         pin_memory=device.type == "cuda",  # pinned + non_blocking: no sync
+                                         generator=torch.Generator())  # else each epoch draws on the global RNG
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay,
                                   fused=accelerator.device.type == "cuda")
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=total_steps)
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     forward = torch.compile(unet) if config.compile_unet else unet  # samples and export use the plain module
+    noise_scheduler = objective.noise_scheduler_for(pipeline.scheduler.config, config)
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    sample_noise = distributed.SampleNoise(config.seed, config.batch_size, accelerator.num_processes,
+                                           accelerator.process_index, num_timesteps)
+    lora_params = {name: p for name, p in accelerator.unwrap_model(unet).named_parameters() if p.requires_grad}
+    step, epoch, batches_in_epoch = 0, 0, 0
+    if resume:
+        state = checkpoint.load_state(checkpoint.latest_state(output), config, lora_params, optimizer)
+        lr_scheduler.load_state_dict(state.scheduler)
+        step, epoch, batches_in_epoch = state.step, state.epoch, state.batches_in_epoch
+        sample_noise.draws = state.noise_draws
 
     if main:
         emit(Started(total_steps=total_steps, num_images=len(report.images), device=str(accelerator.device),
-                     mixed_precision=precision, model_family=info.description, output_path=str(output)))
+                     mixed_precision=precision, model_family=info.description, output_path=str(output),
+                     num_processes=accelerator.num_processes, resumed_from_step=step if resume else None))
     metadata = dict(family=info.family, prediction_type=info.prediction_type, num_images=len(report.images),
                     precision=precision, started_at=started_at,
                     tag_frequency=tag_frequency([r.caption for r in report.images]))
@@ -109,49 +133,71 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
         state = kohya_state_dict(accelerator.unwrap_model(unet), config)
         return save_lora(path, state, training_metadata(config, steps=step, epochs=epoch, **metadata))
 
+    def save_checkpoint(step: int, epoch: int, batches_in_epoch: int, lora_file: bool = True) -> Path | None:
+        """The LoRA file users load, then the full state that --resume continues from."""
+        path = export(output / "checkpoints" / f"lora_step_{step}.safetensors", step, epoch) if lora_file else None
+        state = checkpoint.TrainerState(step, epoch, batches_in_epoch, sample_noise.draws,
+                                        lr_scheduler.state_dict(), config.model_dump(mode="json"))
+        checkpoint.save_state(output, step, state, lora_params, optimizer, config.keep_checkpoints)
+        return path
+
     # ------------------------------------------------------------------------------------------------
     # fit
 
-    noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    num_timesteps = noise_scheduler.config.num_train_timesteps
-    step, epoch, window_loss, window_count = 0, 0, torch.zeros((), device=accelerator.device), 0
+    window_loss, window_count, nonfinite_in_a_row = torch.zeros((), device=accelerator.device), 0, 0
     clock = StepClock(total_steps)
     while step < total_steps:
-        for indices in loader:
+        loader.set_epoch(epoch)
+        for batch_index, indices in enumerate(loader):
+            if batch_index < batches_in_epoch:  # resuming mid-epoch: these were trained before the stop
+                continue
+            batches_in_epoch += 1
             with accelerator.accumulate(unet):
                 latents, conditioning = cache.batch(indices, vae, accelerator.device)
-                noise = torch.randn_like(latents)
-                timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), device=latents.device)
+                noise, timesteps, offsets = sample_noise(latents)  # the same per sample however batches split
+                noise = objective.offset_noise(noise, offsets, config.noise_offset)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                if info.prediction_type == "v_prediction":
-                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
-                else:
-                    target = noise
+                target = objective.target_for(noise_scheduler, latents, noise, timesteps, info.prediction_type)
                 with accelerator.autocast():
                     prediction = forward(noisy, timesteps, **conditioning).sample
-                loss = F.mse_loss(prediction.float(), target.float())
+                loss = objective.diffusion_loss(prediction, target, noise_scheduler, timesteps,
+                                                info.prediction_type, config.min_snr_gamma)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    skipped = optimizer_step(accelerator, optimizer, params, config, precision, loss)
+                    optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                window_loss += loss.detach()
+                window_count += 1
+                continue
+            if skipped:  # a non-finite loss or gradient: nothing was applied, and the step does not count
+                nonfinite_in_a_row += 1
+                window_loss.zero_()
+                window_count = 0
+                if nonfinite_in_a_row >= config.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"the loss or gradients were NaN/inf for {nonfinite_in_a_row} steps in a row after step "
+                        f"{step}; each was skipped and nothing broken was saved. Likely causes: fp16 overflow "
+                        "(use mixed_precision 'bf16' or 'no'), a learning_rate too high, or a VAE run in fp16")
+                continue
+            nonfinite_in_a_row = 0
             window_loss += loss.detach()
             window_count += 1
-            if not accelerator.sync_gradients:
-                continue
             lr_scheduler.step()
             step += 1
             clock.tick(step)
-            if main and (step % config.progress_steps == 0 or step == total_steps):
-                mean_loss = (window_loss / window_count).item()
+            report_now = step % config.progress_steps == 0 or step == total_steps
+            if report_now:  # every process joins the reduce; the main one reports the mean over all
+                window_mean = accelerator.reduce(window_loss / window_count, reduction="mean")
                 window_loss.zero_()
                 window_count = 0
-                emit(Progress(step=step, total_steps=total_steps, loss=mean_loss, percent=round(100 * step /
+            if main and report_now:
+                emit(Progress(step=step, total_steps=total_steps, loss=window_mean.item(), percent=round(100 * step /
                               total_steps, 2), lr=lr_scheduler.get_last_lr()[0], it_per_s=clock.rate,
                               eta_s=clock.eta(step), epoch=epoch))
-            stopping = should_stop()
+            stopping = stop_vote(should_stop())
             if main and step < total_steps and step % config.checkpoint_steps == 0 and not stopping:
-                path = export(output / "checkpoints" / f"lora_step_{step}.safetensors", step, epoch)
+                path = save_checkpoint(step, epoch, batches_in_epoch)
                 emit(Checkpoint(step=step, path=str(path)))
             if main and (step % config.validation_steps == 0 or step == total_steps) and not stopping:
                 for image_path, prompt in make_samples(config, pipeline, accelerator.unwrap_model(unet), cache,
@@ -161,13 +207,15 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
             if stopping:
                 path = None
                 if main:
-                    path = export(output / "checkpoints" / f"lora_step_{step}.safetensors", step, epoch)
+                    path = save_checkpoint(step, epoch, batches_in_epoch)
                     emit(Interrupted(step=step, message="stopped on request after finishing the current step; "
                                      "the LoRA so far is saved", checkpoint_path=str(path)))
+                accelerator.wait_for_everyone()  # the others exit once the main process has saved
                 return TrainResult(path, step, time.perf_counter() - t0, True, accelerator.unwrap_model(unet))
             if step >= total_steps:
                 break
-        epoch += 1
+        else:  # the epoch ran out (not a break at the last step)
+            epoch, batches_in_epoch = epoch + 1, 0
 
     # ------------------------------------------------------------------------------------------------
     # export
@@ -175,6 +223,7 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
     final_path = None
     accelerator.wait_for_everyone()
     if main:
+        save_checkpoint(step, epoch, batches_in_epoch, lora_file=False)  # so --resume with more steps goes on
         final_path = export(output / "lora_final.safetensors", step, max(epoch, 1))
         emit(Complete(final_path=str(final_path), total_time=round(time.perf_counter() - t0, 3), step=step))
     return TrainResult(final_path, step, time.perf_counter() - t0, False, accelerator.unwrap_model(unet))
@@ -182,6 +231,42 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh permutation each epoch, drawn from (seed, epoch) alone: no hidden generator state, so a
+    resumed run, and every process of a multi-process run, sees the same order."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def optimizer_step(accelerator: Accelerator, optimizer, params, config: TrainConfig, precision: str,
+                   loss: torch.Tensor) -> bool:
+    """Clip, then step unless the loss or gradients are not finite; True when the step was skipped.
+
+    The gradient norm is taken after the processes' gradients are averaged, so every process decides the
+    same. This reads one number back from the device per optimizer step. Under fp16 the grad scaler skips
+    overflowing steps itself (and lowers its scale); only a non-finite loss counts as a fault there.
+    """
+    norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+    if precision == "fp16":
+        optimizer.step()
+        return not bool(torch.isfinite(loss.detach()).item())
+    if not bool(torch.isfinite(norm).item()):
+        return True
+    optimizer.step()
+    return False
 
 
 def prepare_unet(unet, config: TrainConfig, device: torch.device, dtype: torch.dtype) -> list[torch.nn.Parameter]:

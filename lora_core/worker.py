@@ -14,10 +14,9 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-from lora_core.config import ConfigError, TrainConfig
-from lora_core.dataset import DatasetError
-from lora_core.events import Error, Event, EventLog, Progress
-from lora_core.models import ModelError
+from lora_core import distributed
+from lora_core.config import TrainConfig
+from lora_core.events import Complete, Error, Event, EventLog, Interrupted, Progress
 
 log = logging.getLogger("lora_core")
 
@@ -30,8 +29,10 @@ class BusyError(RuntimeError):
 
 
 class Job:
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, resume: bool = False):
         self.config = config
+        self.resume = resume
+        self.is_main = distributed.is_main_process()  # of several processes, only the main one records
         self.history: list[Event] = []
         self.terminal: Event | None = None
         self._queue: queue.Queue[Event] = queue.Queue()
@@ -85,25 +86,34 @@ class Job:
         self._queue.put(event)
 
     def _run(self) -> None:
-        from lora_core import training
+        from lora_core import report, tracking, training
 
-        event_log = EventLog(Path(self.config.output_path) / "events.jsonl", self._emit)
-        step = None
+        events_path = Path(self.config.output_path) / "events.jsonl" if self.is_main else None
+        event_log = EventLog(events_path, self._emit)
+        step = tracker = None
         try:
-            result = training.train(self.config, event_log, self._stop.is_set)
+            tracker = tracking.open_tracker(self.config) if self.is_main else None  # TensorBoard, if asked
+            emit = event_log if tracker is None else tracking.tee(event_log, tracker)
+            result = training.train(self.config, emit, self._stop.is_set, resume=self.resume)
             step = result.step
-        except ConfigError as error:
-            event_log(Error(message=str(error), field=error.field))
-        except (DatasetError, ModelError) as error:
-            event_log(Error(message=str(error), field=error.field))
+            if not self.is_main:  # the main process reported the outcome; end this one's job quietly
+                self._emit(Interrupted(step=step, message="stopped with the other processes", checkpoint_path=None)
+                           if result.interrupted else Complete(final_path="", total_time=result.total_time,
+                                                               step=step))
         except Exception as error:  # every failure ends in an error event, never a dead thread
-            event_log(Error(message=describe_failure(error), step=self._current_step()))
+            field = getattr(error, "field", None)  # a user's input at fault: the message names the fix
+            message = str(error) if field else describe_failure(error)
+            event_log(Error(message=message, step=self._current_step(), field=field))
             log.debug("training failed:\n%s", traceback.format_exc())
         finally:
             release_device()
-            if self.terminal is None:  # e.g. a non-main process of a multi-process run
+            if self.terminal is None:
                 event_log(Error(message="training ended without a result", step=step))
             event_log.close()
+            if tracker is not None:
+                tracker.close()
+            if self.is_main:  # training_report.html beside the LoRA, from events.jsonl
+                report.write_report_safely(self.config.output_path)
 
     def _current_step(self) -> int | None:
         progress = self.last_progress
@@ -113,6 +123,9 @@ class Job:
 def describe_failure(error: Exception) -> str:
     import torch
 
+    if distributed.is_peer_failure(error):
+        return ("another training process failed or was stopped, so this one stopped too; its own error is "
+                f"in the log on stderr ({str(error).splitlines()[0][:300]})")
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return f"{OOM_ADVICE} ({str(error).splitlines()[0]})"
     if isinstance(error, OSError) and error.errno == 28:
@@ -140,12 +153,12 @@ class Worker:
         self._lock = threading.Lock()
         self.current: Job | None = None
 
-    def submit(self, config: TrainConfig) -> Job:
+    def submit(self, config: TrainConfig, resume: bool = False) -> Job:
         with self._lock:
             if self.current is not None and self.current.running:
                 raise BusyError("a training job is already running on this device; stop it or wait for it "
                                 "to finish before starting another")
-            job = Job(config)
+            job = Job(config, resume)
             self.current = job
             job.thread.start()
             return job

@@ -1,0 +1,313 @@
+"""`training_report.html`: one file to look at a run without the web page, built from events.jsonl.
+
+The events are the source of truth: the loss and learning-rate curves come from `progress` events, the
+samples from `sample` events, the outcome from the terminal event; the settings come from the config.json
+the run wrote. The page is self-contained (inline SVG charts, inline CSS, the last round of samples embedded
+as base64); other samples, checkpoints and the LoRA are linked relative to the output folder beside it.
+A resumed run appends to events.jsonl: each `started` after the first is marked on the charts.
+
+    python -m lora_core report OUTPUT_FOLDER   (re)writes OUTPUT_FOLDER/training_report.html
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_core.events import Event, read_events
+from lora_core.files import atomic_write_text
+
+log = logging.getLogger("lora_core.report")
+
+REPORT_NAME = "training_report.html"
+EMBED_LIMIT = 4 * 1024**2  # bytes of sample images embedded in the page; beyond that they are only linked
+
+
+@dataclass
+class RunSummary:
+    """What the page shows, gathered from the events."""
+
+    events: list[Event]
+    starts: list[Event] = field(default_factory=list)
+    progress: list[Event] = field(default_factory=list)
+    samples: list[Event] = field(default_factory=list)
+    checkpoints: list[Event] = field(default_factory=list)
+    terminal: Event | None = None
+
+    @classmethod
+    def from_events(cls, events: list[Event]) -> RunSummary:
+        summary = cls(events)
+        for event in events:
+            {"started": summary.starts, "progress": summary.progress, "sample": summary.samples,
+             "checkpoint": summary.checkpoints}.get(event.type, []).append(event)
+            if event.terminal:
+                summary.terminal = event
+        return summary
+
+    def curve(self, name: str) -> list[tuple[float, float]]:
+        """(step, value) for `loss` or `lr`; a step done twice (a resumed run) keeps its last value."""
+        points: dict[int, float] = {}
+        for event in self.progress:
+            value = getattr(event, name)
+            if value is not None and math.isfinite(value):
+                points[event.step] = value
+        return sorted(points.items())
+
+
+def write_report(output: str | Path) -> Path | None:
+    """Write `training_report.html` in `output` from its events.jsonl; None when no run started there."""
+    output = Path(output)
+    events_file = output / "events.jsonl"
+    if not events_file.is_file():
+        return None
+    summary = RunSummary.from_events(read_events(events_file))
+    if not summary.starts:
+        return None
+    config = _read_json(output / "config.json")
+    return atomic_write_text(output / REPORT_NAME, render(summary, config, output))
+
+
+def write_report_safely(output: str | Path) -> Path | None:
+    """`write_report`, logging instead of raising: a report must never change a run's outcome."""
+    try:
+        return write_report(output)
+    except Exception as error:
+        log.warning("could not write %s in %s: %s", REPORT_NAME, output, error)
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# the page
+
+
+def render(summary: RunSummary, config: dict[str, Any], output: Path) -> str:
+    start = summary.starts[-1]
+    title = f"LoRA training report: {Path(start.output_path).name or start.output_path}"
+    resumed = _resume_steps(summary)
+    sections = [
+        f"<h1>{_e(title)}</h1>",
+        _outcome(summary, output),
+        "<h2>Loss</h2>",
+        svg_chart(summary.curve("loss"), "loss", marks=resumed) if summary.curve("loss") else
+        "<p>No progress was recorded.</p>",
+        "<h2>Learning rate</h2>",
+        svg_chart(summary.curve("lr"), "learning rate", marks=resumed, height=160) if summary.curve("lr") else "",
+        "<h2>Samples</h2>",
+        _samples(summary, output),
+        "<h2>Checkpoints</h2>",
+        _checkpoints(summary, output),
+        "<h2>Settings</h2>",
+        _config_table(config),
+    ]
+    return PAGE.format(title=_e(title), body="\n".join(part for part in sections if part))
+
+
+def _outcome(summary: RunSummary, output: Path) -> str:
+    start, terminal = summary.starts[-1], summary.terminal
+    rows: list[tuple[str, str]] = []
+    if terminal is None:
+        rows.append(("status", "running (or stopped without a final event)"))
+    elif terminal.type == "complete":
+        rows += [("status", "complete"), ("LoRA", _link(terminal.final_path, output)),
+                 ("time", f"{terminal.total_time:.1f} s")]
+    elif terminal.type == "interrupted":
+        rows += [("status", f"stopped at step {terminal.step}: {_e(terminal.message)}")]
+        if terminal.checkpoint_path:
+            rows.append(("saved", _link(terminal.checkpoint_path, output)))
+    else:
+        rows.append(("status", f"failed: {_e(terminal.message)}"))
+    last = summary.progress[-1] if summary.progress else None
+    rows += [
+        ("steps", f"{last.step if last else 0} of {start.total_steps}"),
+        ("final loss", f"{last.loss:.5g}" if last and last.loss is not None else "–"),
+        ("speed", f"{last.it_per_s:.3g} steps/s" if last and last.it_per_s else "–"),
+        ("images", str(start.num_images)),
+        ("model", _e(start.model_family)),
+        ("device", f"{_e(start.device)} × {getattr(start, 'num_processes', 1)} process(es), precision "
+                   f"{_e(start.mixed_precision)}"),
+        ("started", _e(summary.starts[0].timestamp)),
+    ]
+    if len(summary.starts) > 1:
+        rows.append(("resumed", f"{len(summary.starts) - 1} time(s)"))
+    return _table(rows, css_class="outcome")
+
+
+def _resume_steps(summary: RunSummary) -> list[int]:
+    """The first step recorded after each `started` but the first: where a resumed run picked up."""
+    marks: list[int] = []
+    starts, waiting = 0, False
+    for event in summary.events:
+        if event.type == "started":
+            starts += 1
+            waiting = starts > 1
+        elif event.type == "progress" and waiting:
+            marks.append(event.step)
+            waiting = False
+    return marks
+
+
+def _samples(summary: RunSummary, output: Path) -> str:
+    if not summary.samples:
+        return "<p>No sample images were made.</p>"
+    by_step: dict[int, list[Event]] = {}
+    for event in summary.samples:
+        by_step.setdefault(event.step, []).append(event)
+    budget = EMBED_LIMIT
+    rows = []
+    for step in sorted(by_step, reverse=True):  # newest first; the newest round is embedded while it fits
+        cells = []
+        for event in by_step[step]:
+            path = Path(event.image_path)
+            source = _relative(path, output)
+            if step == max(by_step) and path.is_file() and path.stat().st_size <= budget:
+                budget -= path.stat().st_size
+                source = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+            cells.append(f'<figure><a href="{_e(_relative(path, output))}"><img src="{_e(source)}" '
+                         f'alt="{_e(event.prompt)}"></a><figcaption>{_e(event.prompt)}</figcaption></figure>')
+        rows.append(f'<div class="samples"><h3>step {step}</h3>{"".join(cells)}</div>')
+    return "\n".join(rows)
+
+
+def _checkpoints(summary: RunSummary, output: Path) -> str:
+    if not summary.checkpoints:
+        return "<p>No intermediate checkpoints.</p>"
+    return _table([(f"step {event.step}", _link(event.path, output)) for event in summary.checkpoints])
+
+
+def _config_table(config: dict[str, Any]) -> str:
+    if not config:
+        return "<p>config.json was not found.</p>"
+    flat = {key: value for key, value in config.items() if key != "training_params"}
+    flat.update(config.get("training_params", {}))
+    return _table([(_e(key), _e(json.dumps(value))) for key, value in flat.items()], css_class="config")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the chart
+
+
+def svg_chart(points: list[tuple[float, float]], label: str, marks: Sequence[int] = (), width: int = 720,
+              height: int = 260) -> str:
+    """A line chart of (step, value) as inline SVG: axes with ticks, the raw values and, when there are
+    enough of them, a smoothed line (exponential moving average) over them."""
+    left, right, top, bottom = 64, 16, 12, 36
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    x_low, x_high = min(xs), max(xs)
+    y_low, y_high = min(ys), max(ys)
+    if x_high == x_low:
+        x_low, x_high = x_low - 1, x_high + 1
+    if y_high == y_low:
+        pad = abs(y_high) * 0.1 or 1.0
+        y_low, y_high = y_low - pad, y_high + pad
+
+    def sx(x: float) -> float:
+        return left + (x - x_low) / (x_high - x_low) * (width - left - right)
+
+    def sy(y: float) -> float:
+        return top + (y_high - y) / (y_high - y_low) * (height - top - bottom)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
+             f'height="{height}" role="img" aria-label="{_e(label)} by step">']
+    for tick in _ticks(y_low, y_high):
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(tick):.1f}" y2="{sy(tick):.1f}" '
+                     f'class="grid"/><text x="{left - 6}" y="{sy(tick) + 4:.1f}" text-anchor="end">{tick:.4g}</text>')
+    for tick in _ticks(x_low, x_high):
+        parts.append(f'<text x="{sx(tick):.1f}" y="{height - bottom + 16}" text-anchor="middle">{tick:.6g}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 4}" text-anchor="middle">step</text>')
+    for mark in marks:
+        parts.append(f'<line x1="{sx(mark):.1f}" x2="{sx(mark):.1f}" y1="{top}" y2="{height - bottom}" '
+                     f'class="resume"><title>resumed at step {mark}</title></line>')
+    raw = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+    parts.append(f'<polyline points="{raw}" class="raw"><title>{_e(label)}</title></polyline>')
+    if len(points) >= 10:
+        smooth, average = [], ys[0]
+        for x, y in points:
+            average = 0.9 * average + 0.1 * y
+            smooth.append(f"{sx(x):.1f},{sy(average):.1f}")
+        parts.append(f'<polyline points="{" ".join(smooth)}" class="smooth"><title>{_e(label)}, smoothed'
+                     f'</title></polyline>')
+    parts.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{height - bottom}" class="axis"/>'
+                 f'<line x1="{left}" x2="{width - right}" y1="{height - bottom}" y2="{height - bottom}" '
+                 f'class="axis"/></svg>')
+    return "".join(parts)
+
+
+def _ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round tick values (1, 2, 5 × 10^k apart) covering [low, high]."""
+    span = high - low
+    raw = span / max(count - 1, 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    first = math.ceil(low / step) * step
+    return [round(first + i * step, 12) for i in range(int((high - first) / step) + 1)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _relative(path: str | Path, output: Path) -> str:
+    """`path` as a link from the report beside the output folder's files (absolute if it lies elsewhere)."""
+    try:
+        return Path(os.path.relpath(Path(path).resolve(), output.resolve())).as_posix()
+    except ValueError:  # another drive on Windows
+        return Path(path).as_posix()
+
+
+def _link(path: str, output: Path) -> str:
+    target = _relative(path, output)
+    return f'<a href="{_e(target)}">{_e(target)}</a>'
+
+
+def _table(rows: list[tuple[str, str]], css_class: str = "") -> str:
+    body = "".join(f"<tr><th>{key}</th><td>{value}</td></tr>" for key, value in rows)
+    return f'<table class="{css_class}">{body}</table>'
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; color: #222; padding: 0 1rem; }}
+table {{ border-collapse: collapse; margin: 0.5rem 0 1.5rem; }}
+th, td {{ text-align: left; padding: 0.25rem 0.75rem; border-bottom: 1px solid #ddd; vertical-align: top; }}
+th {{ font-weight: 600; white-space: nowrap; }}
+table.config td {{ font-family: ui-monospace, monospace; }}
+svg {{ max-width: 100%; height: auto; font-size: 11px; fill: #444; }}
+svg .grid {{ stroke: #eee; }} svg .axis {{ stroke: #888; }}
+svg .raw {{ fill: none; stroke: #9ab8e8; stroke-width: 1.2; }}
+svg .smooth {{ fill: none; stroke: #1f5fbf; stroke-width: 2; }}
+svg .resume {{ stroke: #d9822b; stroke-dasharray: 4 3; }}
+.samples {{ display: flex; flex-wrap: wrap; gap: 0.75rem; align-items: flex-start; }}
+.samples h3 {{ width: 100%; margin: 0.5rem 0 0; font-size: 1rem; }}
+figure {{ margin: 0; max-width: 256px; }} figure img {{ width: 100%; image-rendering: auto; }}
+figcaption {{ font-size: 0.85rem; color: #555; }}
+</style>
+</head>
+<body>
+{body}
+</body>
+</html>
+"""
