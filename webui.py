@@ -219,7 +219,7 @@ def run_summary(view: RunView) -> dict[str, Any]:
 
 def _widget(spec: FieldSpec, value: Any) -> gr.components.Component:
     info = spec.description + (f" Allowed: {spec.range_text}." if spec.range_text else "")
-    common = dict(label=spec.label, info=info, elem_id=f"field-{spec.name}")
+    common = dict(label=spec.label, info=info, elem_id=f"field-{spec.name}", min_width=180)
     if spec.kind == "slider":
         return gr.Slider(minimum=spec.minimum, maximum=spec.maximum, step=spec.step, value=value, **common)
     if spec.kind == "dropdown":
@@ -234,221 +234,259 @@ def _widget(spec: FieldSpec, value: Any) -> gr.components.Component:
     return gr.Textbox(value=value, lines=3 if spec.kind == "lines" else 1, **common)
 
 
-def build_app(studio: Studio, settings: PageSettings) -> gr.Blocks:
-    from lora_core import dataset, preflight, preview
+class StudioPage:
+    """The Gradio page: layout methods build the sections, handler methods answer the events.
 
-    initial = settings.initial
-    widgets: dict[str, gr.components.Component] = {}
-    specs_by_group = {group: [s for s in SPECS if s.group == group] for group in ("basic", "sampling", "advanced")}
+    Handlers read and change only the `Studio` (which owns the job) and files under the outputs folder.
+    """
 
-    with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as demo:
-        gr.Markdown("# LoRA Studio\nTrain a Stable Diffusion LoRA: add images, pick a model, start, and "
-                    "download the `.safetensors`. Training runs on the server; you can close this tab.")
-        seen = gr.State(None)
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=3):
-                with gr.Group():
-                    gr.Markdown("### 1 · Dataset")
-                    uploads = gr.File(label="Upload images with .txt captions, or one .zip", file_count="multiple",
-                                      file_types=UPLOAD_TYPES, elem_id="upload")
-                    with gr.Row():
-                        widgets["dataset_path"] = gr.Textbox(
-                            value=initial["dataset_path"], label="Dataset folder on the server", scale=4,
-                            info="Filled in by an upload; or type a folder of images and .txt captions.",
-                            elem_id="field-dataset_path")
-                        scan_button = gr.Button("Scan folder", scale=1)
-                    widgets["trigger_words"] = gr.Textbox(
-                        value=initial["trigger_words"], label="Trigger words", elem_id="field-trigger_words",
-                        info="Comma-separated; put in front of every caption (or the caption where none).")
-                    dataset_report = gr.Markdown("", elem_id="dataset-report")
-                    thumbs = gr.Gallery(label="Dataset", columns=6, height=220, object_fit="cover",
-                                        elem_id="dataset-gallery")
-                with gr.Group():
-                    gr.Markdown("### 2 · Model")
-                    model_choices = [*_builtin_names(), *preview.HUB_MODELS]
-                    widgets["base_model"] = gr.Dropdown(
-                        choices=model_choices, value=initial["base_model"], allow_custom_value=True,
-                        label="Base model", elem_id="field-base_model",
-                        info="A built-in model, a Hugging Face hub id, a local diffusers folder or a .safetensors "
-                             "file.")
-                    model_family = gr.Markdown("", elem_id="model-family")
-                with gr.Group():
-                    gr.Markdown("### 3 · Parameters")
-                    with gr.Row():
-                        preset = gr.Dropdown(choices=preset_names(), value=None, label="Preset", scale=3,
-                                             elem_id="preset")
-                        widgets["run_name"] = gr.Textbox(value=initial["run_name"], label="Run name", scale=3,
-                                                         info="The output folder's name.", elem_id="field-run_name")
-                    widgets["length_by"] = gr.Radio(list(LENGTH_CHOICES), value=initial["length_by"],
-                                                    label="Run length set by", elem_id="field-length_by")
-                    with gr.Row():
-                        for spec in specs_by_group["basic"]:
-                            widgets[spec.name] = _widget(spec, initial[spec.name])
-                    with gr.Accordion("Samples", open=False):
-                        for spec in specs_by_group["sampling"]:
-                            widgets[spec.name] = _widget(spec, initial[spec.name])
-                    with gr.Accordion("Advanced", open=False):
-                        for spec in specs_by_group["advanced"]:
-                            widgets[spec.name] = _widget(spec, initial[spec.name])
-                    with gr.Row():
-                        preset_name = gr.Textbox(label="Save as preset named", scale=3, elem_id="preset-name")
-                        save_preset = gr.Button("Save preset", scale=1)
-                        export = gr.Button("Make config file", scale=1)
-                    config_file = gr.File(label="Config file for train_lora.py --config", visible=False,
-                                          interactive=False, elem_id="config-file")
-                with gr.Group():
-                    gr.Markdown("### 4 · Estimate")
-                    estimate_button = gr.Button("Check device and memory")
-                    estimate_report = gr.Markdown("", elem_id="estimate")
-            with gr.Column(scale=2):
-                gr.Markdown("### 5 · Train")
+    def __init__(self, studio: Studio, settings: PageSettings):
+        self.studio, self.settings = studio, settings
+        self.fields: dict[str, gr.components.Component] = {}
+
+    # --- layout ---
+    def build(self) -> gr.Blocks:
+        with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as demo:
+            gr.Markdown("# LoRA Studio\nTrain a Stable Diffusion LoRA: add images, pick a model, start, and "
+                        "download the `.safetensors`. Training runs on the server; you can close this tab.")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=3):
+                    self._dataset_section()
+                    self._model_section()
+                    self._parameters_section()
+                    self._estimate_section()
+                with gr.Column(scale=2):
+                    self._train_section()
+            self.form = {key: self.fields[key] for key in FORM_KEYS}
+            self._wire(demo)
+        return demo
+
+    def _dataset_section(self) -> None:
+        initial = self.settings.initial
+        with gr.Group():
+            gr.Markdown("### 1 · Dataset")
+            self.uploads = gr.File(label="Upload images with .txt captions, or one .zip", file_count="multiple",
+                                   file_types=UPLOAD_TYPES, height=150, elem_id="upload")
+            with gr.Row():
+                self.fields["dataset_path"] = gr.Textbox(
+                    value=initial["dataset_path"], label="Dataset folder on the server", scale=4,
+                    info="Filled in by an upload; or type a folder of images and .txt captions.",
+                    elem_id="field-dataset_path")
+                self.scan_button = gr.Button("Scan folder", scale=1)
+            self.fields["trigger_words"] = gr.Textbox(
+                value=initial["trigger_words"], label="Trigger words", elem_id="field-trigger_words",
+                info="Comma-separated; put in front of every caption (or the caption where none).")
+            self.dataset_report = gr.Markdown("", elem_id="dataset-report")
+            self.thumbs = gr.Gallery(label="Dataset", columns=6, height=220, object_fit="cover",
+                                     elem_id="dataset-gallery")
+
+    def _model_section(self) -> None:
+        from lora_core.preview import HUB_MODELS
+
+        with gr.Group():
+            gr.Markdown("### 2 · Model")
+            self.fields["base_model"] = gr.Dropdown(
+                choices=[*_builtin_names(), *HUB_MODELS], value=self.settings.initial["base_model"],
+                allow_custom_value=True, label="Base model", elem_id="field-base_model",
+                info="A built-in model, a Hugging Face hub id, a local diffusers folder or a .safetensors file.")
+            self.model_family = gr.Markdown("", elem_id="model-family")
+
+    def _parameters_section(self) -> None:
+        initial = self.settings.initial
+        groups = {group: [s for s in SPECS if s.group == group] for group in ("basic", "sampling", "advanced")}
+        with gr.Group():
+            gr.Markdown("### 3 · Parameters")
+            with gr.Row():
+                self.preset = gr.Dropdown(choices=preset_names(), value=None, label="Preset", scale=3,
+                                          elem_id="preset")
+                self.fields["run_name"] = gr.Textbox(value=initial["run_name"], label="Run name", scale=3,
+                                                     info="The output folder's name.", elem_id="field-run_name")
+            self.fields["length_by"] = gr.Radio(list(LENGTH_CHOICES), value=initial["length_by"],
+                                                label="Run length set by", elem_id="field-length_by")
+            for row in range(0, len(groups["basic"]), 3):
                 with gr.Row():
-                    start = gr.Button("Start training", variant="primary", elem_id="start")
-                    stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
-                status = gr.HTML(status_html(studio.view()), elem_id="status")
-                plot = gr.LinePlot(x="step", y="loss", title="Loss", height=240, elem_id="loss-plot",
-                                   x_title="step", y_title="loss (mean since the last point)")
-                samples = gr.Gallery(label="Samples", columns=3, height=260, object_fit="contain",
-                                     elem_id="samples")
-                checkpoints = gr.File(label="Checkpoints", file_count="multiple", interactive=False,
-                                      elem_id="checkpoints")
-                final = gr.DownloadButton("Download LoRA (.safetensors)", visible=False, variant="primary",
-                                          elem_id="download-final")
-                run_state = gr.JSON(visible=False)
-        timer = gr.Timer(IDLE_TICK_S)
+                    for spec in groups["basic"][row:row + 3]:
+                        self.fields[spec.name] = _widget(spec, initial[spec.name])
+            for title, group in (("Samples", "sampling"), ("Advanced", "advanced")):
+                with gr.Accordion(title, open=False, elem_id=f"group-{group}"):
+                    for spec in groups[group]:
+                        self.fields[spec.name] = _widget(spec, initial[spec.name])
+            with gr.Row():
+                self.preset_name = gr.Textbox(label="Save as preset named", scale=3, elem_id="preset-name")
+                self.save_preset_button = gr.Button("Save preset", scale=1)
+                self.export_button = gr.Button("Make config file", scale=1)
+            self.config_file = gr.File(label="Config file for train_lora.py --config", visible=False,
+                                       interactive=False, elem_id="config-file")
 
-        form = {key: widgets[key] for key in FORM_KEYS}
-        live = [status, plot, samples, checkpoints, final, start, stop, run_state, timer, seen]
+    def _estimate_section(self) -> None:
+        with gr.Group():
+            gr.Markdown("### 4 · Estimate")
+            self.estimate_button = gr.Button("Check device and memory")
+            self.estimate_report = gr.Markdown("", elem_id="estimate")
 
-        # --- dataset ---
-        def on_upload(files: list[str] | None, trigger_words: str):
-            if not files:
-                return gr.skip(), gr.skip(), gr.skip()
-            folder = studio.new_upload_folder()
-            try:
-                report = ingest(files, folder, settings.upload_limits)
-            except UploadError as error:
-                raise gr.Error(f"Upload refused: {error}") from None
-            markdown, gallery = _scan(report.folder, trigger_words, report)
-            return report.folder, markdown, gallery
+    def _train_section(self) -> None:
+        gr.Markdown("### 5 · Train")
+        with gr.Row():
+            self.start_button = gr.Button("Start training", variant="primary", elem_id="start")
+            self.stop_button = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
+        self.status = gr.HTML(status_html(self.studio.view()), elem_id="status")
+        self.plot = gr.LinePlot(x="step", y="loss", title="Loss", height=240, elem_id="loss-plot",
+                                x_title="step", y_title="loss (mean since the last point)")
+        self.samples = gr.Gallery(label="Samples", columns=3, height=260, object_fit="contain", elem_id="samples")
+        self.checkpoints = gr.File(label="Checkpoints", file_count="multiple", interactive=False,
+                                   elem_id="checkpoints")
+        self.final = gr.DownloadButton("Download LoRA (.safetensors)", visible=False, variant="primary",
+                                       elem_id="download-final")
+        self.run_state = gr.JSON(visible=False)
+        self.seen = gr.State(None)
+        self.timer = gr.Timer(IDLE_TICK_S)
 
-        def _scan(folder: str, trigger_words: str, upload_report=None):
-            problem = _dataset_folder_problem(folder, studio, settings)
-            if problem:
-                raise gr.Error(problem)
-            try:
-                report = dataset.scan(folder, split_list("trigger_words", trigger_words) or ["<trigger>"])
-            except dataset.DatasetError as error:
-                return f"**Cannot use this dataset:** {error}", []
-            return dataset_markdown(report, upload_report), preview.thumbnails(report, studio.outputs_root /
-                                                                                ".thumbnails")
+    # --- events ---
+    def _wire(self, demo: gr.Blocks) -> None:
+        fields, form = self.fields, self.form
+        live = [self.status, self.plot, self.samples, self.checkpoints, self.final, self.start_button,
+                self.stop_button, self.run_state, self.timer, self.seen]
+        dataset_in = [fields["dataset_path"], fields["trigger_words"]]
+        self.uploads.upload(self.upload, [self.uploads, fields["trigger_words"]],
+                            [fields["dataset_path"], self.dataset_report, self.thumbs], api_name="upload")
+        gr.on([self.scan_button.click, fields["dataset_path"].submit], self.scan, dataset_in,
+              [self.dataset_report, self.thumbs], api_name="scan")
+        fields["base_model"].change(self.describe_model, fields["base_model"], self.model_family,
+                                    api_name="model_family")
+        fields["length_by"].change(self.length_fields, fields["length_by"], [fields["steps"], fields["epochs"]],
+                                   api_name=False)
+        self.preset.input(self.load_preset, [self.preset, fields["dataset_path"]], list(form.values()),
+                          api_name="load_preset")
+        self.save_preset_button.click(self.save_preset, [self.preset_name], self.preset, inputs_kwargs=form,
+                                      validator=self.validate_named, api_name="save_preset")
+        self.export_button.click(self.export_config, inputs_kwargs=form, outputs=self.config_file,
+                                 validator=self.validate, api_name="export_config")
+        self.estimate_button.click(self.estimate, inputs_kwargs=form, outputs=self.estimate_report,
+                                   validator=self.validate, api_name="estimate")
+        self.start_button.click(self.start, inputs_kwargs=form, outputs=live, validator=self.validate,
+                                api_name="start", concurrency_id="train-control", concurrency_limit=1)
+        self.stop_button.click(self.stop, outputs=live, api_name="stop", concurrency_id="train-control")
+        self.timer.tick(self.refresh, self.seen, live, api_name="refresh", show_progress="hidden",
+                        concurrency_limit=None)
+        demo.load(self.refresh, None, live, api_name=False, show_progress="hidden")
+        demo.load(self.describe_model, fields["base_model"], self.model_family, api_name=False)
+        if self.settings.initial["dataset_path"]:
+            demo.load(self.scan, dataset_in, [self.dataset_report, self.thumbs], api_name=False)
 
-        uploads.upload(on_upload, [uploads, widgets["trigger_words"]],
-                       [widgets["dataset_path"], dataset_report, thumbs], api_name="upload")
-        gr.on([scan_button.click, widgets["dataset_path"].submit], _scan,
-              [widgets["dataset_path"], widgets["trigger_words"]], [dataset_report, thumbs], api_name="scan")
+    # --- dataset and model ---
+    def upload(self, files: list[str] | None, trigger_words: str):
+        if not files:
+            return gr.skip(), gr.skip(), gr.skip()
+        try:
+            report = ingest(files, self.studio.new_upload_folder(), self.settings.upload_limits)
+        except UploadError as error:
+            raise gr.Error(f"Upload refused: {error}") from None
+        markdown, gallery = self.scan(report.folder, trigger_words, report)
+        return report.folder, markdown, gallery
 
-        # --- model ---
-        def on_model(base_model: str) -> str:
-            family, problem = preview.describe_model(base_model or "")
-            if problem is None:
-                return f"Detected: **{family}**"
-            expected = preview.HUB_MODELS.get((base_model or "").strip())
-            if expected:
-                return f"Expected: **{expected}** (not verified: {problem})"
-            return f"**Cannot use this model:** {problem}"
+    def scan(self, folder: str, trigger_words: str, upload_report=None):
+        from lora_core import dataset, preview
 
-        widgets["base_model"].change(on_model, widgets["base_model"], model_family, api_name="model_family")
+        if problem := _dataset_folder_problem(folder, self.studio, self.settings):
+            raise gr.Error(problem)
+        try:
+            report = dataset.scan(folder, split_list("trigger_words", trigger_words) or ["<trigger>"])
+        except dataset.DatasetError as error:
+            return f"**Cannot use this dataset:** {error}", []
+        gallery = preview.thumbnails(report, self.studio.outputs_root / ".thumbnails")
+        return dataset_markdown(report, upload_report), gallery
 
-        # --- presets and config files ---
-        def on_preset(name: str | None, dataset_path: str):
-            if not name:
-                return [gr.skip()] * len(FORM_KEYS)
-            try:
-                values = default_form(load_config(PRESETS / f"{Path(name).name}.json"))
-            except ConfigError as error:
-                raise gr.Error(f"Preset {name} is not valid: {error}") from None
-            if dataset_path:  # keep the user's own dataset; a preset only brings its own to an empty form
-                values["dataset_path"] = dataset_path
-            return [values[key] for key in FORM_KEYS]
+    def describe_model(self, base_model: str | None) -> str:
+        from lora_core import preview
 
-        preset.input(on_preset, [preset, widgets["dataset_path"]], list(form.values()), api_name="load_preset")
+        family, problem = preview.describe_model(base_model or "")
+        if problem is None:
+            return f"Detected: **{family}**"
+        if expected := preview.HUB_MODELS.get((base_model or "").strip()):
+            return f"Expected: **{expected}** (not verified: {problem})"
+        return f"**Cannot use this model:** {problem}"
 
-        def validate(**values):
-            return validation(values, studio, settings)
+    @staticmethod
+    def length_fields(length_by: str):
+        return gr.Number(interactive=length_by == "steps"), gr.Number(interactive=length_by == "epochs")
 
-        def on_save_preset(name: str, **values):
-            stem = RUN_NAME.sub("-", (name or "").strip()).strip("-.")[:64]
-            if not stem:
-                raise gr.Error("Give the preset a name (letters, digits, '-', '_').")
-            if stem in SHIPPED_PRESETS:
-                raise gr.Error(f"'{stem}' is a preset that ships with the studio; choose another name.")
-            config = build_config(values, studio, settings)
-            (PRESETS / f"{stem}.json").write_text(json.dumps(config_file_dict(config), indent=2) + "\n",
-                                                  encoding="utf-8")
-            gr.Info(f"Saved presets/{stem}.json")
-            return gr.update(choices=preset_names(), value=stem)
+    # --- presets, config files, estimate ---
+    def validate(self, **values) -> list[dict]:
+        return validation(values, self.studio, self.settings)
 
-        save_preset.click(on_save_preset, inputs=[preset_name], inputs_kwargs=form, outputs=preset,
-                          validator=lambda name, **values: [gr.validate(True, ""), *validate(**values)],
-                          api_name="save_preset")
+    def validate_named(self, name: str, **values) -> list[dict]:
+        return [gr.validate(True, ""), *self.validate(**values)]
 
-        def on_export(**values):
-            config = build_config(values, studio, settings)
-            folder = Path(tempfile.mkdtemp(prefix="lora-config-"))
-            path = folder / f"{Path(config.output_path).name}.json"
-            path.write_text(json.dumps(config_file_dict(config), indent=2) + "\n", encoding="utf-8")
-            return gr.update(value=str(path), visible=True)
+    def load_preset(self, name: str | None, dataset_path: str) -> list[Any]:
+        if not name:
+            return [gr.skip()] * len(FORM_KEYS)
+        try:
+            values = default_form(load_config(PRESETS / f"{Path(name).name}.json"))
+        except ConfigError as error:
+            raise gr.Error(f"Preset {name} is not valid: {error}") from None
+        if dataset_path:  # keep the user's own dataset; a preset only brings its own to an empty form
+            values["dataset_path"] = dataset_path
+        return [values[key] for key in FORM_KEYS]
 
-        export.click(on_export, inputs_kwargs=form, outputs=config_file, validator=validate, api_name="export_config")
+    def save_preset(self, name: str, **values):
+        stem = RUN_NAME.sub("-", (name or "").strip()).strip("-.")[:64]
+        if not stem:
+            raise gr.Error("Give the preset a name (letters, digits, '-', '_').")
+        if stem in SHIPPED_PRESETS:
+            raise gr.Error(f"'{stem}' is a preset that ships with the studio; choose another name.")
+        config = build_config(values, self.studio, self.settings)
+        text = json.dumps(config_file_dict(config), indent=2) + "\n"
+        (PRESETS / f"{stem}.json").write_text(text, encoding="utf-8")
+        gr.Info(f"Saved presets/{stem}.json")
+        return gr.Dropdown(choices=preset_names(), value=stem)
 
-        def on_estimate(**values):
-            config = build_config(values, studio, settings)
-            return estimate_markdown(preflight.preflight(config))
+    def export_config(self, **values):
+        config = build_config(values, self.studio, self.settings)
+        path = Path(tempfile.mkdtemp(prefix="lora-config-")) / f"{Path(config.output_path).name}.json"
+        path.write_text(json.dumps(config_file_dict(config), indent=2) + "\n", encoding="utf-8")
+        return gr.File(value=str(path), visible=True)
 
-        estimate_button.click(on_estimate, inputs_kwargs=form, outputs=estimate_report, validator=validate,
-                              api_name="estimate")
+    def estimate(self, **values) -> str:
+        from lora_core.preflight import preflight
 
-        # --- train and watch ---
-        def on_start(**values):
-            config = build_config(values, studio, settings)
-            try:
-                studio.start(config)
-            except BusyError as error:
-                raise gr.Error(f"Not started: {error}") from None
-            return refresh(None)
+        return estimate_markdown(preflight(build_config(values, self.studio, self.settings)))
 
-        start.click(on_start, inputs_kwargs=form, outputs=live, validator=validate, api_name="start",
-                    concurrency_id="train-control", concurrency_limit=1)
+    # --- training ---
+    def start(self, **values) -> list[Any]:
+        config = build_config(values, self.studio, self.settings)
+        try:
+            self.studio.start(config)
+        except BusyError as error:
+            raise gr.Error(f"Not started: {error}") from None
+        return self.refresh(None)
 
-        def on_stop():
-            if not studio.stop():
-                gr.Info("No training is running.")
-            return refresh(None)
+    def stop(self) -> list[Any]:
+        if not self.studio.stop():
+            gr.Info("No training is running.")
+        return self.refresh(None)
 
-        stop.click(on_stop, outputs=live, api_name="stop", concurrency_id="train-control")
+    def refresh(self, seen: dict[str, Any] | None = None) -> list[Any]:
+        """The live view. Each part is sent only when it changed since this page last saw it, so an idle
+        poll costs nothing and sample images and checkpoints are not copied again every second."""
+        view, seen = self.studio.view(), dict(seen or {})
+        keys = {"status": (view.job_id, view.n_events, view.state), "samples": (view.job_id, len(view.samples)),
+                "checkpoints": (view.job_id, len(view.checkpoints)), "final": (view.job_id, view.final_path)}
+        fresh = {part: seen.get(part) != key for part, key in keys.items()}
+        seen.update(keys)
+        skip = gr.skip()
+        status_parts = [status_html(view), loss_frame(view)] if fresh["status"] else [skip, skip]
+        buttons = ([gr.Button(interactive=not view.active), gr.Button(interactive=view.active), run_summary(view)]
+                   if fresh["status"] else [skip, skip, skip])
+        samples = [(path, f"step {step}: {prompt}") for path, prompt, step in view.samples]
+        checkpoints = [path for _, path in view.checkpoints] or None
+        final = gr.DownloadButton(value=view.final_path, visible=bool(view.final_path))
+        return [*status_parts, samples if fresh["samples"] else skip,
+                checkpoints if fresh["checkpoints"] else skip, final if fresh["final"] else skip,
+                *buttons, gr.Timer(ACTIVE_TICK_S if view.active else IDLE_TICK_S), seen]
 
-        def refresh(last_seen: tuple[int, int, str] | None = None):
-            view = studio.view()
-            key = (view.job_id, view.n_events, view.state)
-            interval = ACTIVE_TICK_S if view.active else IDLE_TICK_S
-            if key == last_seen:
-                return [gr.skip()] * (len(live) - 2) + [gr.Timer(interval), key]
-            return [status_html(view), loss_frame(view),
-                    [(path, f"step {step}: {prompt}") for path, prompt, step in view.samples],
-                    [path for _, path in view.checkpoints] or None,
-                    gr.DownloadButton(value=view.final_path, visible=bool(view.final_path)),
-                    gr.Button(interactive=not view.active), gr.Button(interactive=view.active),
-                    run_summary(view), gr.Timer(interval), key]
 
-        timer.tick(refresh, seen, live, api_name="refresh", show_progress="hidden", concurrency_limit=None,
-                   queue=True)
-        demo.load(refresh, None, live, api_name=False, show_progress="hidden")
-        if initial["dataset_path"]:
-            demo.load(_scan, [widgets["dataset_path"], widgets["trigger_words"]], [dataset_report, thumbs],
-                      api_name=False)
-        demo.load(on_model, widgets["base_model"], model_family, api_name=False)
-    return demo
+def build_app(studio: Studio, settings: PageSettings) -> gr.Blocks:
+    return StudioPage(studio, settings).build()
 
 
 def _builtin_names() -> list[str]:
