@@ -277,7 +277,7 @@ class StudioPage:
                 value=initial["trigger_words"], label="Trigger words", elem_id="field-trigger_words",
                 info="Comma-separated; put in front of every caption (or the caption where none).")
             self.dataset_report = gr.Markdown("", elem_id="dataset-report")
-            self.thumbs = gr.Gallery(label="Dataset", columns=6, height=220, object_fit="cover",
+            self.thumbs = gr.Gallery(label="Dataset", columns=6, height=170, object_fit="cover",
                                      elem_id="dataset-gallery")
 
     def _model_section(self) -> None:
@@ -449,7 +449,12 @@ class StudioPage:
     def estimate(self, **values) -> str:
         from lora_core.preflight import preflight
 
-        return estimate_markdown(preflight(build_config(values, self.studio, self.settings)))
+        config = build_config(values, self.studio, self.settings)
+        try:
+            return estimate_markdown(preflight(config))
+        except Exception as error:  # an estimate must never take the page down; say what failed
+            log.exception("estimate failed")
+            return f"**The estimate failed:** {type(error).__name__}: {error}"
 
     # --- training ---
     def start(self, **values) -> list[Any]:

@@ -21,8 +21,6 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from lora_core.dataset import IMAGE_SUFFIXES
-
 CAPTION_SUFFIX = ".txt"
 ARCHIVE_SUFFIXES = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".zst", ".lz", ".lzma"}
 # First bytes of archive formats: a "photo.png" that is really an archive is a nested archive too.
@@ -199,12 +197,19 @@ def _member_problem(info: zipfile.ZipInfo, archive_size: int) -> str | None:
     return None
 
 
+def _image_suffixes() -> set[str]:
+    from lora_core.dataset import IMAGE_SUFFIXES  # here, not at the top: the dataset module may import torch
+
+    return IMAGE_SUFFIXES
+
+
 def _suffix_problem(name: str) -> str | None:
     suffix = PurePosixPath(name.replace("\\", "/")).suffix.lower()
+    image_suffixes = _image_suffixes()
     if suffix in ARCHIVE_SUFFIXES:
         return "an archive inside the upload; nested archives are not opened, unpack it first"
-    if suffix not in IMAGE_SUFFIXES and suffix != CAPTION_SUFFIX:
-        return (f"not an image or caption (accepted: {', '.join(sorted(IMAGE_SUFFIXES))} and "
+    if suffix not in image_suffixes and suffix != CAPTION_SUFFIX:
+        return (f"not an image or caption (accepted: {', '.join(sorted(image_suffixes))} and "
                 f"{CAPTION_SUFFIX})")
     return None
 

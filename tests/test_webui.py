@@ -39,9 +39,10 @@ def served(tmp_path_factory, model_cache):
         demo.close()
 
 
-@pytest.fixture
-def client(served, tmp_path):
-    connected = Client(served[2], verbose=False, download_files=str(tmp_path / "downloads"))
+@pytest.fixture(scope="module")
+def client(served):
+    """One browser session for the module (closing a client waits a second for its heartbeat thread)."""
+    connected = Client(served[2], verbose=False, download_files=str(served[3] / "downloads"))
     yield connected
     connected.close()
 
@@ -51,16 +52,26 @@ def run_state(result: tuple) -> dict | None:
     return next((item for item in result if isinstance(item, dict) and "job_id" in item), None)
 
 
-def wait_for(client: Client, done, timeout: float = 60.0) -> dict:
+LAST_SEEN: dict[int, dict] = {}  # per client session: the page sends a part only when it changed
+
+
+def start(client: Client, **form) -> int:
+    """Click Start; the id of the job it started."""
+    state = run_state(client.predict(**form, api_name="/start"))
+    LAST_SEEN[id(client)] = state
+    return state["job_id"]
+
+
+def wait_for(client: Client, done, job_id: int | None = None, timeout: float = 60.0) -> dict:
     """Poll the page's own refresh endpoint, as the browser's timer does, until `done(state)`."""
     deadline = time.monotonic() + timeout
-    state: dict = {}
     while time.monotonic() < deadline:
-        state = run_state(client.predict(api_name="/refresh")) or state
-        if state and done(state):
+        state = run_state(client.predict(api_name="/refresh")) or LAST_SEEN.get(id(client), {})
+        LAST_SEEN[id(client)] = state
+        if state and (job_id is None or state["job_id"] == job_id) and done(state):
             return state
         time.sleep(0.2)
-    raise AssertionError(f"timed out; last state {state}")
+    raise AssertionError(f"timed out; last state {LAST_SEEN.get(id(client))}")
 
 
 def upload_demo(client: Client) -> str:
@@ -124,9 +135,9 @@ def test_validation_errors_show_at_the_field_with_the_cli_message(client):
 def test_full_job_from_upload_to_a_lora_that_loads_in_diffusers(client, served, tmp_path):
     folder = upload_demo(client)
     assert Path(folder).parent == served[3] / "outputs" / "uploads"
-    client.predict(dataset_path=folder, run_name="full", steps=4, checkpoint_steps=2, validation_steps=2,
-                   **TINY, api_name="/start")
-    state = wait_for(client, lambda s: s["state"] in TERMINAL)
+    job = start(client, dataset_path=folder, run_name="full", steps=4, checkpoint_steps=2, validation_steps=4,
+                **TINY)
+    state = wait_for(client, lambda s: s["state"] in TERMINAL, job)
     assert state["state"] == "complete", state
     assert state["percent"] == 100 and state["step"] == 4
     reopened = Client(served[2], verbose=False, download_files=str(tmp_path / "downloads"))  # a new page
@@ -134,7 +145,8 @@ def test_full_job_from_upload_to_a_lora_that_loads_in_diffusers(client, served, 
     reopened.close()
     assert 'data-state="complete"' in status and "step 4 / 4" in status
     assert [row[0] for row in plot["data"]] == [1, 2, 3, 4]
-    assert len(samples) == 2 and Path(samples[0]["image"]).suffix == ".png"
+    assert len(samples) == 1 and samples[0]["caption"] == "step 4: shapestyle"
+    assert Path(samples[0]["image"]).suffix == ".png"
     assert len(checkpoints) == 1 and Path(checkpoints[0]).name == "lora_step_2.safetensors"
     downloaded = Path(final["value"])
     assert downloaded.is_relative_to(tmp_path / "downloads") and downloaded.suffix == ".safetensors"
@@ -185,8 +197,8 @@ def test_one_job_at_a_time_and_stop_keeps_a_checkpoint(served, client, tmp_path)
     with pytest.raises(AppError, match="already running"):
         client.predict(**long_run, api_name="/start")
     client.predict(api_name="/stop")
-    state = wait_for(client, lambda s: s["state"] in TERMINAL)
-    assert state["job_id"] == running["job_id"] and state["state"] == "interrupted"
+    state = wait_for(client, lambda s: s["state"] in TERMINAL, running["job_id"])
+    assert state["state"] == "interrupted"
     assert 2 <= state["step"] < 5000
     checkpoint = Path(state["checkpoints"][-1])
     assert checkpoint.name == f"lora_step_{state['step']}.safetensors" and checkpoint.is_file()
@@ -256,3 +268,23 @@ def test_safe_launch_defaults_and_a_warning_when_exposed(tmp_path, monkeypatch, 
     assert launched["allowed_paths"] == [str((tmp_path / "out").resolve())]
     assert launched["max_file_size"] == "200mb" and launched["server_name"] == "0.0.0.0"
     assert webui.exposure_warning(webui.parse_args(["--host", "0.0.0.0", "--auth", "a:b"])) is None
+
+
+def test_a_failed_run_is_shown_plainly_with_its_field(client, tmp_path):
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    job = start(client, dataset_path=str(empty), run_name="fails", steps=2, **TINY)
+    state = wait_for(client, lambda s: s["state"] in TERMINAL, job)
+    assert state["state"] == "error" and state["error_field"] == "dataset_path"
+    assert "no usable image" in state["message"]
+    result = client.predict(api_name="/refresh")
+    assert run_state(result) is None  # unchanged since the last poll: nothing is sent again
+
+
+def test_estimate_shows_device_memory_and_a_warning_when_it_will_not_fit(client):
+    fits = client.predict(dataset_path=str(DEMO), run_name="estimate", steps=4, **TINY, api_name="/estimate")
+    assert "**Device:** CPU" in fits and "**Memory estimate:** about" in fits and "Ready to train" in fits
+    huge = {**TINY, "base_model": "builtin:sd15-arch", "resolution": 2048, "batch_size": 64}
+    too_big = client.predict(dataset_path=str(DEMO), run_name="estimate", steps=4, **huge, api_name="/estimate")
+    assert "Will not fit" in too_big and "GiB is free" in too_big
