@@ -90,8 +90,11 @@ def write_tokenizer(folder: Path) -> CLIPTokenizer:
 
 
 def _text_config(spec: BuiltinSpec, hidden: int, vocab_size: int, projection: int) -> CLIPTextConfig:
+    # SDXL's second encoder (1280 wide) has 64-wide heads like the first; transformers refuses a width that
+    # the head count does not divide
+    heads = spec.text_heads if hidden % spec.text_heads == 0 else hidden // 64
     return CLIPTextConfig(
-        hidden_size=hidden, intermediate_size=hidden * 4, num_attention_heads=spec.text_heads,
+        hidden_size=hidden, intermediate_size=hidden * 4, num_attention_heads=heads,
         num_hidden_layers=spec.text_layers, vocab_size=vocab_size, max_position_embeddings=77,
         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
         projection_dim=projection, hidden_act="quick_gelu" if spec.family == "sd1" else "gelu",

@@ -27,3 +27,13 @@ def test_bench_runs_all_phases_and_writes_json(tmp_path):
     assert results["ratios"]["floor_over_trainer"] > 0
     assert results["memory_estimate"]["total_gib"] > 0
     assert (tmp_path / "work" / "trainer-output" / "lora_final.safetensors").is_file()
+
+
+def test_flop_count_of_the_full_size_architectures():
+    """The FLOP counts the GPU figures are quoted against (bench/README.md): 1.73 and 14.2 TFLOP per image."""
+    from bench.flops import step_tflop_per_image
+
+    sd15 = step_tflop_per_image("builtin:sd15-arch", 512, 16)
+    sdxl = step_tflop_per_image("builtin:sdxl-arch", 1024, 16)
+    assert sd15 is not None and abs(sd15["total"] - 1.725) < 0.01
+    assert sdxl is not None and abs(sdxl["total"] - 14.19) < 0.05
