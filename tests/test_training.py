@@ -59,7 +59,7 @@ def test_gradient_accumulation_counts_optimizer_steps(dataset_dir, tmp_path):
 
 
 def test_uncached_latents_train_too(dataset_dir, tmp_path):
-    result, events = run(tiny_config(dataset_dir, tmp_path / "out", steps=2, cache_latents=False,
+    result, events = run(tiny_config(dataset_dir, tmp_path / "out", steps=2, latent_cache="off",
                                      validation_steps=100))
     assert events[-1].type == "complete" and result.final_path.is_file()
 
@@ -92,3 +92,26 @@ def test_a_failure_inside_the_worker_is_an_error_event(dataset_dir, tmp_path):
     config = parse_config(tiny_config(dataset_dir, tmp_path / "out", resolution=264))  # not a multiple of 16
     terminal = Worker().submit(config).wait(timeout=120)
     assert terminal.type == "error" and "multiple of 16" in terminal.message
+
+
+def test_sdxl_trains_and_its_lora_reproduces_the_trained_unet(dataset_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    config = tiny_config(dataset_dir, tmp_path / "out", steps=2, validation_steps=2, lora_rank=4, lora_alpha=2)
+    config["base_model"] = "builtin:tiny-sdxl"
+    result, events = run(config)
+    assert events[0].model_family == "SDXL" and events[-1].type == "complete"
+    assert any(e.type == "sample" for e in events)
+    with safe_open(str(result.final_path), "pt") as handle:
+        assert handle.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    generator = torch.Generator().manual_seed(0)
+    inputs = dict(sample=torch.randn(1, 4, 32, 32, generator=generator), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 77, 64, generator=generator),
+                  added_cond_kwargs={"text_embeds": torch.randn(1, 32, generator=generator),
+                                     "time_ids": torch.tensor([[256.0, 256.0, 0.0, 0.0, 256.0, 256.0]])})
+    with torch.no_grad():
+        expected = result.unet.eval()(**inputs).sample
+        pipeline = StableDiffusionXLPipeline.from_pretrained(builtin.builtin_folder("tiny-sdxl"))
+        pipeline.load_lora_weights(str(result.final_path))
+        torch.testing.assert_close(pipeline.unet(**inputs).sample, expected, rtol=0, atol=1e-5)
