@@ -134,7 +134,9 @@ def validation(form: dict[str, Any], studio: Studio, settings: PageSettings) -> 
     except ConfigError as error:
         for field, message in error.problems:
             key = field_of(field)
-            messages.setdefault(key if key in FORM_KEYS else "dataset_path", []).append(message)
+            if key not in FORM_KEYS:  # a field the form does not show: say which, at the first field
+                key, message = FORM_KEYS[0], f"{field}: {message}"
+            messages.setdefault(key, []).append(message)
     return [gr.validate(key not in messages, "; ".join(messages.get(key, []))) for key in FORM_KEYS]
 
 
@@ -329,6 +331,7 @@ class StudioPage:
         with gr.Row():
             self.start_button = gr.Button("Start training", variant="primary", elem_id="start")
             self.stop_button = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
+            self.resume_button = gr.Button("Resume last run", interactive=False, elem_id="resume")
         self.status = gr.HTML(status_html(self.studio.view()), elem_id="status")
         self.plot = gr.LinePlot(x="step", y="loss", title="Loss", height=240, elem_id="loss-plot",
                                 x_title="step", y_title="loss (mean since the last point)")
@@ -345,7 +348,7 @@ class StudioPage:
     def _wire(self, demo: gr.Blocks) -> None:
         fields, form = self.fields, self.form
         live = [self.status, self.plot, self.samples, self.checkpoints, self.final, self.start_button,
-                self.stop_button, self.run_state, self.timer, self.seen]
+                self.stop_button, self.resume_button, self.run_state, self.timer, self.seen]
         dataset_in = [fields["dataset_path"], fields["trigger_words"]]
         self.uploads.upload(self.upload, [self.uploads, fields["trigger_words"]],
                             [fields["dataset_path"], self.dataset_report, self.thumbs], api_name="upload")
@@ -366,6 +369,8 @@ class StudioPage:
         self.start_button.click(self.start, inputs_kwargs=form, outputs=live, validator=self.validate,
                                 api_name="start", concurrency_id="train-control", concurrency_limit=1)
         self.stop_button.click(self.stop, outputs=live, api_name="stop", concurrency_id="train-control")
+        self.resume_button.click(self.resume, inputs_kwargs=form, outputs=live, validator=self.validate,
+                                 api_name="resume", concurrency_id="train-control")
         self.timer.tick(self.refresh, self.seen, live, api_name="refresh", show_progress="hidden",
                         concurrency_limit=None)
         demo.load(self.refresh, None, live, api_name=False, show_progress="hidden")
@@ -458,10 +463,21 @@ class StudioPage:
 
     # --- training ---
     def start(self, **values) -> list[Any]:
-        config = build_config(values, self.studio, self.settings)
+        return self._launch(build_config(values, self.studio, self.settings), resume=False)
+
+    def resume(self, **values) -> list[Any]:
+        """Continue the run shown from its newest complete checkpoint, with the form's settings (e.g. more
+        steps); the engine refuses settings that cannot continue it (another model, another rank)."""
+        folder = self.studio.last_output()
+        if folder is None:
+            raise gr.Error("There is no earlier run to resume.")
+        config = build_config(values, self.studio, self.settings).model_copy(update={"output_path": str(folder)})
+        return self._launch(config, resume=True)
+
+    def _launch(self, config: TrainConfig, resume: bool) -> list[Any]:
         try:
-            self.studio.start(config)
-        except BusyError as error:
+            self.studio.start(config, resume=resume)
+        except (BusyError, ValueError) as error:
             raise gr.Error(f"Not started: {error}") from None
         return self.refresh(None)
 
@@ -480,8 +496,9 @@ class StudioPage:
         seen.update(keys)
         skip = gr.skip()
         status_parts = [status_html(view), loss_frame(view)] if fresh["status"] else [skip, skip]
-        buttons = ([gr.Button(interactive=not view.active), gr.Button(interactive=view.active), run_summary(view)]
-                   if fresh["status"] else [skip, skip, skip])
+        resumable = not view.active and view.state != "idle"  # the engine says so when nothing can be resumed
+        buttons = ([gr.Button(interactive=not view.active), gr.Button(interactive=view.active),
+                    gr.Button(interactive=resumable), run_summary(view)] if fresh["status"] else [skip] * 4)
         samples = [(path, f"step {step}: {prompt}") for path, prompt, step in view.samples]
         checkpoints = [path for _, path in view.checkpoints] or None
         final = gr.DownloadButton(value=view.final_path, visible=bool(view.final_path))

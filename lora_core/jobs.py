@@ -148,8 +148,9 @@ class Studio:
         return candidate
 
     # --- the job ---
-    def start(self, config: TrainConfig) -> int:
-        """Start training `config` in the background (its output folder made fresh); the new job's id.
+    def start(self, config: TrainConfig, resume: bool = False) -> int:
+        """Start training `config` in the background; the new job's id. A new run gets a fresh output
+        folder; with `resume` it continues from the newest complete state in `config.output_path`.
         Raises BusyError while a job trains. Safe to call from many threads at once: one wins."""
         from lora_core.worker import BusyError as WorkerBusy
         from lora_core.worker import Worker
@@ -157,12 +158,14 @@ class Studio:
         with self._lock:
             if self._job is not None and self._job.running:
                 raise BusyError(_busy_message(self._view))
-            output = self._fresh(Path(config.output_path))
+            output = Path(config.output_path) if resume else self._fresh(Path(config.output_path))
+            if not output.resolve().is_relative_to(self.outputs_root):
+                raise ValueError(f"output folder {output} is outside {self.outputs_root}")
             config = config.model_copy(update={"output_path": str(output)})
             if self._worker is None:
                 self._worker = Worker()
             try:
-                job = self._worker.submit(config)
+                job = self._worker.submit(config, resume=resume)
             except WorkerBusy as error:
                 raise BusyError(str(error)) from None
             self._job, self._job_id = job, self._job_id + 1
@@ -195,6 +198,11 @@ class Studio:
                 elif self._view.step:
                     self._view.state = "running"
             return self._view
+
+    def last_output(self) -> Path | None:
+        """The output folder of the run shown (the one Resume continues)."""
+        view = self.view()
+        return Path(view.output_path) if view.output_path else None
 
     def wait(self, timeout: float | None = None) -> RunView:
         """Block until the current job ends (for scripts and tests)."""

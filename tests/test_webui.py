@@ -205,6 +205,12 @@ def test_one_job_at_a_time_and_stop_keeps_a_checkpoint(served, client, tmp_path)
     reopened = Studio(served[3] / "outputs").view()  # a restarted server reads the last run back
     assert reopened.state == "interrupted" and reopened.checkpoints[-1][1] == str(checkpoint)
 
+    target = state["step"] + 2  # Resume continues the stopped run, here with a shorter total
+    result = client.predict(**{**long_run, "steps": target}, api_name="/resume")
+    resumed = wait_for(client, lambda s: s["state"] in TERMINAL, run_state(result)["job_id"])
+    assert resumed["state"] == "complete" and resumed["step"] == target, resumed
+    assert resumed["output_path"] == state["output_path"] and Path(resumed["final_path"]).is_file()
+
 
 def test_presets_fill_the_form_and_the_config_file_works_with_the_cli(client, tmp_path):
     names = webui.preset_names()
