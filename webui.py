@@ -374,9 +374,9 @@ class StudioPage:
         self.timer.tick(self.refresh, self.seen, live, api_name="refresh", show_progress="hidden",
                         concurrency_limit=None)
         demo.load(self.refresh, None, live, api_name=False, show_progress="hidden")
-        demo.load(self.describe_model, fields["base_model"], self.model_family, api_name=False)
-        if self.settings.initial["dataset_path"]:
-            demo.load(self.scan, dataset_in, [self.dataset_report, self.thumbs], api_name=False)
+        opened = demo.load(self.restore_form, None, list(form.values()), api_name=False)
+        opened.then(self.describe_model, fields["base_model"], self.model_family, api_name=False)
+        opened.then(self.scan_if_given, dataset_in, [self.dataset_report, self.thumbs], api_name=False)
 
     # --- dataset and model ---
     def upload(self, files: list[str] | None, trigger_words: str):
@@ -400,6 +400,17 @@ class StudioPage:
             return f"**Cannot use this dataset:** {error}", []
         gallery = preview.thumbnails(report, self.studio.outputs_root / ".thumbnails")
         return dataset_markdown(report, upload_report), gallery
+
+    def scan_if_given(self, folder: str, trigger_words: str):
+        return self.scan(folder, trigger_words) if folder else (gr.skip(), gr.skip())
+
+    def restore_form(self) -> list[Any]:
+        """A page opened while (or after) this server trained shows that job's settings."""
+        config = self.studio.current_config()
+        if config is None:
+            return [gr.skip()] * len(FORM_KEYS)
+        values = default_form(config)
+        return [values[key] for key in FORM_KEYS]
 
     def describe_model(self, base_model: str | None) -> str:
         from lora_core import preview

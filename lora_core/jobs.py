@@ -199,6 +199,11 @@ class Studio:
                     self._view.state = "running"
             return self._view
 
+    def current_config(self) -> TrainConfig | None:
+        """The config of this process's latest job (what a page that opens later shows in its form)."""
+        with self._lock:
+            return None if self._job is None else self._job.config
+
     def last_output(self) -> Path | None:
         """The output folder of the run shown (the one Resume continues)."""
         view = self.view()

@@ -91,8 +91,11 @@ def test_upload_train_watch_download_then_stop_a_second_job(page_url, browser, t
     assert download.value.suggested_filename == "lora_final.safetensors"
     assert saved.read_bytes() == final.read_bytes()
 
-    page.reload()  # a reopened page shows the finished job
+    page.reload()  # a reopened page shows the finished job, and its settings
     expect(page.locator("#run-status")).to_have_attribute("data-state", "complete")
+    expect(page.locator("#field-steps input[type=number]")).to_have_value("12")
+    expect(page.locator("#field-dataset_path textarea, #field-dataset_path input").first).to_have_value(
+        re.compile(r"/uploads/"))
 
     set_number(page, "steps", 5000)
     page.click("#start")
