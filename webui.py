@@ -618,11 +618,13 @@ def make_app(args: argparse.Namespace) -> tuple[gr.Blocks, Studio, dict[str, Any
 
 
 def main(argv: list[str] | None = None, launch: Callable[..., Any] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
     args = parse_args(argv)
     if warning := exposure_warning(args):
         log.warning(warning)
-    demo, _, settings = make_app(args)
+    demo, studio, settings = make_app(args)
+    log.info("runs and uploads go to %s", studio.outputs_root)
     (launch or demo.launch)(**settings)
 
 
