@@ -77,9 +77,11 @@ class MemoryEstimate:
         return asdict(self)
 
 
-# Activation bytes per latent pixel per unit of UNet width (sum of block channels x layers per block),
-# for one image at 2-byte precision, fitted on SD 1.5 and SDXL LoRA training (see bench/RESULTS.md).
-ACTIVATION_BYTES_PER_UNIT = 9.0
+# Activation bytes per latent pixel per activation unit (models.activation_units), for one image at 2-byte
+# precision: 37 from the tensors autograd saves in a bf16 LoRA step with flash attention (0.87 GiB for SD 1.5 at
+# 512 px, 6.45 GiB for SDXL at 1024 px, counted on the CPU), x1.15 for the backward's transient buffers. To be
+# confirmed against torch.cuda.max_memory_allocated by bench/gpu_check.sh (see bench/RESULTS.md).
+ACTIVATION_BYTES_PER_UNIT = 42.0
 CHECKPOINTING_FACTOR = 0.35
 
 
@@ -92,7 +94,8 @@ def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str) -> M
     frozen = resident * bytes_per
     lora = sizes.lora_params_per_rank * config.lora_rank * 4 * 4  # weights, grads, AdamW's 2 moments, fp32
     latent = config.resolution // 8
-    activations = ACTIVATION_BYTES_PER_UNIT * config.batch_size * latent * latent * sizes.unet_width * bytes_per / 2
+    activations = (ACTIVATION_BYTES_PER_UNIT * config.batch_size * latent * latent * sizes.activation_units
+                   * bytes_per / 2)
     if config.gradient_checkpointing:
         activations *= CHECKPOINTING_FACTOR
     covers = ("frozen UNet weights" + ("" if config.cache_latents else " and VAE") + " on the device, LoRA "

@@ -44,7 +44,7 @@ class ModelSizes:
     vae_params: int
     text_params: int
     lora_params_per_rank: int  # in_features + out_features summed over the adapted layers
-    unet_width: int  # sum of block channels x layers per block: scales the activation memory
+    activation_units: float  # what the UNet's saved activations scale with (see activation_units())
 
 
 @dataclass
@@ -214,8 +214,26 @@ def model_sizes(source: ModelSource, info: ModelInfo) -> ModelSizes:
         vae_params=sum(p.numel() for p in pipeline.vae.parameters()),
         text_params=sum(p.numel() for encoder in text_encoders(pipeline) for p in encoder.parameters()),
         lora_params_per_rank=per_rank,
-        unet_width=sum(unet.config.block_out_channels) * unet.config.layers_per_block,
+        activation_units=activation_units(unet.config),
     )
+
+
+TRANSFORMER_WEIGHT = 4.5  # a transformer layer saves ~4.5x what a ResNet layer of the same width saves
+
+
+def activation_units(config) -> float:
+    """Sum over the UNet's levels of channels x layers x (1 + 4.5 x transformer layers where there is attention),
+    each level weighted by its share of the latent's pixels (1/4 per level down). The activation memory is this
+    times the latent pixels (hardware.ACTIVATION_BYTES_PER_UNIT); the weight 4.5 makes the one constant fit both
+    SD 1.5 (4 levels, 1 transformer layer) and SDXL (3 levels, 0/2/10 transformer layers)."""
+    depth = config.transformer_layers_per_block
+    levels = len(config.block_out_channels)
+    depths = list(depth) if isinstance(depth, list | tuple) else [depth] * levels
+    units = 0.0
+    for level, (channels, block) in enumerate(zip(config.block_out_channels, config.down_block_types, strict=True)):
+        transformers = depths[level] if "CrossAttn" in block else 0
+        units += channels * config.layers_per_block * (1 + TRANSFORMER_WEIGHT * transformers) / 4**level
+    return units
 
 
 def _meta_pipeline(folder: Path):

@@ -294,3 +294,14 @@ def test_estimate_shows_device_memory_and_a_warning_when_it_will_not_fit(client)
     huge = {**TINY, "base_model": "builtin:sd15-arch", "resolution": 2048, "batch_size": 64}
     too_big = client.predict(dataset_path=str(DEMO), run_name="estimate", steps=4, **huge, api_name="/estimate")
     assert "Will not fit" in too_big and "GiB is free" in too_big
+
+
+def test_save_preset_writes_a_config_file_and_never_overwrites_a_shipped_one(client, tmp_path, monkeypatch):
+    monkeypatch.setattr(webui, "PRESETS", tmp_path)
+    form = dict(dataset_path=str(DEMO), run_name="mine", steps=7, **TINY)
+    update = client.predict("my run!", **form, api_name="/save_preset")
+    saved = load_config(tmp_path / "my-run.json")
+    assert update["value"] == "my-run" and saved.steps == 7 and saved.base_model == "builtin:tiny-sd"
+    with pytest.raises(AppError, match="ships with the studio"):
+        client.predict("sd15-character", **form, api_name="/save_preset")
+    assert not (tmp_path / "sd15-character.json").exists()
