@@ -14,6 +14,7 @@ the frozen weights need no gradient; the LoRA layers add under 1 %.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -23,21 +24,25 @@ from lora_core import builtin, models
 from lora_core.lora import TARGET_MODULES
 
 
-def step_tflop_per_image(base_model: str, resolution: int, rank: int) -> dict[str, float] | None:
-    """{"forward", "backward", "total"} TFLOP for one image, or None where the model's configs are unknown."""
-    from peft import LoraConfig
-
+def meta_unet(base_model: str):
+    """The model's UNet on the meta device (shapes and config only), or None where its configs are unknown."""
     try:
         source = models.resolve(base_model, configs_only=True)
         with torch.device("meta"):
             if source.kind == "builtin" and source.location in builtin.BUILTINS:
-                import tempfile
-
                 with tempfile.TemporaryDirectory() as scratch:
-                    unet = builtin.build_pipeline(source.location, Path(scratch) / "tokenizer").unet
-            else:
-                unet = models._meta_pipeline(Path(source.location)).unet
+                    return builtin.build_pipeline(source.location, Path(scratch) / "tokenizer").unet
+            return models._meta_pipeline(Path(source.location)).unet
     except Exception:  # a hub model with no network, a single file: the count is only a bonus
+        return None
+
+
+def step_tflop_per_image(base_model: str, resolution: int, rank: int) -> dict[str, float] | None:
+    """{"forward", "backward", "total"} TFLOP for one image, or None where the model's configs are unknown."""
+    from peft import LoraConfig
+
+    unet = meta_unet(base_model)
+    if unet is None:
         return None
     with torch.device("meta"):
         unet.requires_grad_(False)

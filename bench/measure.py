@@ -96,6 +96,7 @@ def _reset_peak_rss() -> bool:
 
 def release_memory(device: torch.device) -> None:
     """Give freed memory back before the next phase, so that each phase's peak is its own."""
+    torch._dynamo.reset()  # compiled graphs hold on to their modules
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -153,11 +153,20 @@ def run_trainer(args, config, device: torch.device, records, probe: MemoryProbe)
 
 
 def run_floor(args, config, device: torch.device, records, probe: MemoryProbe) -> dict:
+    from diffusers import UNet2DConditionModel
+
     from bench.floor import FloorLoop
+    from bench.flops import meta_unet
     from lora_core import models
 
-    source = models.resolve(config.base_model)
-    unet = models.load_pipeline(source, models.inspect(source)).unet
+    shapes = meta_unet(config.base_model)
+    if shapes is not None:  # random weights, made on the device: the floor's speed does not depend on them
+        torch.manual_seed(config.seed)
+        with torch.device(device):
+            unet = UNet2DConditionModel.from_config(shapes.config)
+    else:
+        source = models.resolve(config.base_model)
+        unet = models.load_pipeline(source, models.inspect(source)).unet
     loop = FloorLoop(unet, config, device, compile_mode=args.floor_compile_mode, sync_per_step=args.floor_sync)
     timing = time_windows(loop.step, device, warmup_windows=args.warmup, windows=args.windows,
                           window_steps=args.steps, batch_size=args.batch, after_warmup=lambda: probe.mark("setup"))
@@ -246,11 +255,18 @@ def print_report(results: dict, out=sys.stdout) -> None:
     print(f"trainer/reference images/s: {ratios['trainer_over_reference']}   "
           f"floor/trainer images/s: {ratios['floor_over_trainer']}", file=out)
     estimate = results.get("memory_estimate")
-    if estimate:
+    if estimate and "trainer" in phases:
         measured = phases.get("trainer", {}).get("step_memory", {})
         peak = measured.get("allocated_gib") if gpu else measured.get("rss_gib")
         print(f"memory estimate (--validate-only): {estimate['total_gib']} GiB; trainer step peak "
               f"{'allocated' if gpu else 'RSS'}: {peak} GiB", file=out)
+
+
+def _write_json(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".partial")
+    temporary.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    temporary.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,10 +326,12 @@ def main(argv: list[str] | None = None) -> int:
             results["phases"][name] = {"error": f"{type(error).__name__}: {error}".splitlines()[0][:500]}
         results["phases"][name]["wall_s"] = round(time.perf_counter() - started, 1)
         release_memory(device)
+        if args.json:  # after every phase, so that a run stopped by a time limit keeps what it measured
+            summarise(results)
+            _write_json(args.json, results)
     results["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     summarise(results)
     print_report(results)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        _write_json(args.json, results)
     return 0 if all("error" not in phase for phase in results["phases"].values()) else 1

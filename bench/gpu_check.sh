@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The GPU check of the speed-and-memory issue, in one go and under 6 minutes.
+#
+#   bash bench/gpu_check.sh            on a CUDA machine, from anywhere; results in $OUT (or a temp folder)
+#   bash bench/gpu_check.sh --dry-run  the same runs on the CPU with builtin:tiny-sd, to check the plumbing
+#
+# Runs `python -m bench` once per configuration, each in its own process with its own time limit, so that a
+# failure or a timeout loses that configuration only: SD 1.5 architecture (random weights) at 512 px batch 1
+# (trainer, floor, reference) and batch 16, SDXL architecture at 1024 px batch 1, then, while the time budget
+# lasts, the price of one host sync per step, torch.compile, and CUDA graphs (the floor under reduce-overhead).
+# Writes three files to $OUT: gpu_log.txt (everything printed), gpu_results.json (every figure, the card, driver
+# and versions) and gpu_summary.txt (a table and the issue's targets, met or missed).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO" || exit 1
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY="${PYTHON:-python3}"
+OUT="${OUT:-$(mktemp -d -t gpu-check-XXXX)}"
+mkdir -p "$OUT"
+RUNS="$(mktemp -d -t gpu-check-runs-XXXX)"
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+BUDGET_S="${GPU_CHECK_BUDGET_S:-330}"  # for the runs; the environment and the summary take a few seconds more
+[[ $DRY == 1 ]] && BUDGET_S="${GPU_CHECK_BUDGET_S:-900}"
+
+if [[ $DRY == 1 ]]; then
+    SD15=(--model builtin:tiny-sd --resolution 64 --device cpu --precision no --image-size 64)
+    SDXL=(--model builtin:tiny-sdxl --resolution 64 --device cpu --precision no --image-size 64)
+    BIG_BATCH=(--batch 4 --images 8)
+    STEPS=(--steps 1 --windows 2)
+else
+    SD15=(--model builtin:sd15-arch --resolution 512 --device cuda --precision bf16)
+    SDXL=(--model builtin:sdxl-arch --resolution 1024 --device cuda --precision bf16)
+    BIG_BATCH=(--batch 16 --images 32)
+    STEPS=()
+fi
+
+# run NAME CAP_S MIN_S ARGS...: one configuration, skipped when less than MIN_S seconds of the budget are left.
+run() {
+    local name=$1 cap=$2 min=$3
+    shift 3
+    local left=$((BUDGET_S - SECONDS))
+    if ((left < min)); then
+        echo "== $name: skipped ($left s of the budget left, it needs about $min s)"
+        return
+    fi
+    local limit=$((cap < left ? cap : left))
+    echo "== $name (limit ${limit}s, ${SECONDS}s into the check): python -m bench $*"
+    timeout -k 10 "$limit" "$PY" -m bench --label "$name" --rank 16 --json "$RUNS/$name.json" "$@"
+    local code=$?
+    echo "$code" >"$RUNS/$name.status"
+    echo "== $name: exit code $code after ${SECONDS}s"
+}
+
+main() {
+    echo "== GPU check $(date -u +%FT%TZ) in $REPO; results in $OUT; dry run: $DRY"
+    nvidia-smi || echo "(no nvidia-smi)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv || true
+    "$PY" - <<'EOF' || echo "(the environment check failed)"
+import importlib, platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "cudnn", torch.backends.cudnn.version(), "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+for name in ("diffusers", "transformers", "peft", "accelerate", "pydantic", "safetensors"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as error:
+        print(name, "MISSING", error)
+EOF
+    # name                cap  min  arguments
+    run sd15_b1            110  60  "${SD15[@]}" --batch 1 --steps 10 --windows 5 "${STEPS[@]}" --phases trainer,floor,reference
+    run sd15_b16            75  45  "${SD15[@]}" "${BIG_BATCH[@]}" --steps 3 --windows 4 "${STEPS[@]}" --phases trainer,floor
+    run sdxl_b1            120  70  "${SDXL[@]}" --batch 1 --steps 4 --windows 4 "${STEPS[@]}" --phases trainer,floor
+    run sd15_b1_sync        40  25  "${SD15[@]}" --batch 1 --steps 10 --windows 5 "${STEPS[@]}" --phases floor --floor-sync
+    run sd15_b1_compile    150  90  "${SD15[@]}" --batch 1 --steps 10 --windows 4 --warmup 2 "${STEPS[@]}" --compile \
+        --phases trainer,floor
+    run sd15_b1_cudagraphs 110  70  "${SD15[@]}" --batch 1 --steps 10 --windows 4 --warmup 2 "${STEPS[@]}" \
+        --floor-compile-mode reduce-overhead --phases floor
+    run sdxl_b1_compile    180 150  "${SDXL[@]}" --batch 1 --steps 4 --windows 4 --warmup 2 "${STEPS[@]}" --compile \
+        --phases trainer
+    echo "== runs done after ${SECONDS}s"
+    "$PY" -m bench.collect "$RUNS" "$OUT" || echo "(collecting the results failed; the per-run JSON is in $RUNS)"
+    echo "== GPU check done after ${SECONDS}s; files in $OUT"
+}
+
+main 2>&1 | tee -a "$OUT/gpu_log.txt"
