@@ -148,19 +148,24 @@ def preset_names() -> list[str]:
 # what the page shows
 
 
+def _code(text: str) -> str:
+    """Inline code for a name a client chose (a backtick in it would end the code span)."""
+    return "`" + str(text).replace("`", "'") + "`"
+
+
 def dataset_markdown(scan_report, upload_report=None) -> str:
     lines = [f"**{len(scan_report.images)} images**, {scan_report.captioned} with a caption file, in "
-             f"`{scan_report.folder}`"]
+             f"{_code(scan_report.folder)}"]
     sizes = sorted({f"{r.width}×{r.height}" for r in scan_report.images})
     lines.append(f"Sizes: {', '.join(sizes[:8])}{' …' if len(sizes) > 8 else ''}")
     refused = list(upload_report.refused if upload_report else []) + scan_report.refused
     if refused:
         lines.append(f"**Refused ({len(refused)}):**")
-        lines += [f"- `{item['file']}`: {item['reason']}" for item in refused]
+        lines += [f"- {_code(item['file'])}: {item['reason']}" for item in refused]
     if upload_report and upload_report.notes:
         lines += [f"- {note}" for note in upload_report.notes]
     if scan_report.ignored:
-        lines.append(f"Ignored (not images): {', '.join(f'`{name}`' for name in scan_report.ignored[:20])}")
+        lines.append(f"Ignored (not images): {', '.join(_code(name) for name in scan_report.ignored[:20])}")
     return "\n\n".join(lines)
 
 
@@ -278,8 +283,9 @@ class StudioPage:
             self.fields["trigger_words"] = gr.Textbox(
                 value=initial["trigger_words"], label="Trigger words", elem_id="field-trigger_words",
                 info="Comma-separated; put in front of every caption (or the caption where none).")
-            self.dataset_report = gr.Markdown("", elem_id="dataset-report")
-            self.thumbs = gr.Gallery(label="Dataset", columns=6, height=170, object_fit="cover",
+            report, thumbnails = self.initial_dataset()
+            self.dataset_report = gr.Markdown(report, elem_id="dataset-report")
+            self.thumbs = gr.Gallery(thumbnails, label="Dataset", columns=6, height=170, object_fit="cover",
                                      elem_id="dataset-gallery")
 
     def _model_section(self) -> None:
@@ -374,9 +380,9 @@ class StudioPage:
         self.timer.tick(self.refresh, self.seen, live, api_name="refresh", show_progress="hidden",
                         concurrency_limit=None)
         demo.load(self.refresh, None, live, api_name=False, show_progress="hidden")
-        opened = demo.load(self.restore_form, None, list(form.values()), api_name=False)
+        opened = demo.load(self.restore_form, None, [*form.values(), self.dataset_report, self.thumbs],
+                           api_name=False)
         opened.then(self.describe_model, fields["base_model"], self.model_family, api_name=False)
-        opened.then(self.scan_if_given, dataset_in, [self.dataset_report, self.thumbs], api_name=False)
 
     # --- dataset and model ---
     def upload(self, files: list[str] | None, trigger_words: str):
@@ -401,16 +407,18 @@ class StudioPage:
         gallery = preview.thumbnails(report, self.studio.outputs_root / ".thumbnails")
         return dataset_markdown(report, upload_report), gallery
 
-    def scan_if_given(self, folder: str, trigger_words: str):
-        return self.scan(folder, trigger_words) if folder else (gr.skip(), gr.skip())
-
     def restore_form(self) -> list[Any]:
-        """A page opened while (or after) this server trained shows that job's settings."""
+        """A page opened while (or after) this server trained shows that job's settings and dataset."""
         config = self.studio.current_config()
         if config is None:
-            return [gr.skip()] * len(FORM_KEYS)
+            return [gr.skip()] * (len(FORM_KEYS) + 2)
         values = default_form(config)
-        return [values[key] for key in FORM_KEYS]
+        return [*(values[key] for key in FORM_KEYS), *self.scan(values["dataset_path"], values["trigger_words"])]
+
+    def initial_dataset(self) -> tuple[str, list]:
+        """The report and thumbnails for a form that starts with a dataset (--demo), made once at start."""
+        initial = self.settings.initial
+        return self.scan(initial["dataset_path"], initial["trigger_words"]) if initial["dataset_path"] else ("", [])
 
     def describe_model(self, base_model: str | None) -> str:
         from lora_core import preview
