@@ -11,10 +11,18 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 REQUIRED_FIELDS = ("dataset_path", "base_model", "output_path", "trigger_words")
 NESTED_KEY = "training_params"
+
+
+class FieldConflict(ValueError):
+    """A rule between fields, raised from a model validator: each field in `fields` is reported with it."""
+
+    def __init__(self, fields: tuple[str, ...], message: str):
+        self.fields = fields
+        super().__init__(message)
 
 
 def _ui(group: str, **extra: Any) -> dict[str, Any]:
@@ -84,8 +92,44 @@ class TrainConfig(BaseModel):
     resolution: int = Field(512, ge=256, le=2048, multiple_of=8, description=(
         "Training size in pixels (square); must also be a multiple of what the model needs, 64 for SD."),
         json_schema_extra=_ui("basic", step=64))
-    cache_latents: bool = Field(True, description=(
-        "Encode every image with the VAE once, before training, instead of every step."),
+    bucketing: bool = Field(True, description=(
+        "Aspect-ratio bucketing: train each image at about resolution² pixels in the shape (bucket) nearest its "
+        "aspect ratio instead of a centre square; a batch never mixes buckets. Off: every image square."),
+        json_schema_extra=_ui("basic"))
+    min_bucket_resolution: int = Field(256, ge=64, le=4096, multiple_of=8, description=(
+        "Shortest bucket side in pixels (rounded up to the model's multiple); at most resolution."),
+        json_schema_extra=_ui("advanced", step=64))
+    max_bucket_resolution: int = Field(2048, ge=64, le=4096, multiple_of=8, description=(
+        "Longest bucket side in pixels; at least resolution."), json_schema_extra=_ui("advanced", step=64))
+    bucket_no_upscale: bool = Field(False, description=(
+        "Never enlarge an image smaller than its bucket: it gets a bucket of its own size (rounded down to the "
+        "model's multiple) instead."), json_schema_extra=_ui("advanced"))
+    crop: Literal["center", "random"] = Field("center", description=(
+        "Where to cut an image that overhangs its bucket. 'random' picks a new crop every step, which cached "
+        "latents cannot follow: it needs latent_cache 'off'."), json_schema_extra=_ui("advanced"))
+    flip_horizontal: bool = Field(False, description=(
+        "Mirror each image at random (half the steps); cached latents hold both sides. Leave off for "
+        "asymmetric subjects or text."), json_schema_extra=_ui("advanced"))
+    repeats: int = Field(1, ge=1, le=1000, description=(
+        "Times each image appears per epoch (kohya's folder repeats)."), json_schema_extra=_ui("basic"))
+    trigger_placement: Literal["first", "shuffled", "none"] = Field("first", description=(
+        "'first': the trigger words lead every caption and stay first when tags are shuffled; 'shuffled': "
+        "they lead it but shuffle like other tags (beyond keep_tokens); 'none': captions are used as written "
+        "(put the trigger words in them), and images without a caption get the trigger words."),
+        json_schema_extra=_ui("advanced"))
+    shuffle_tags: bool = Field(False, description=(
+        "Shuffle the comma-separated tags of each caption every step (for tag-style captions). The captions "
+        "are then encoded every step instead of once."), json_schema_extra=_ui("advanced"))
+    keep_tokens: int = Field(0, ge=0, le=255, description=(
+        "With shuffle_tags, the first N tags stay in place; the trigger words count."),
+        json_schema_extra=_ui("advanced"))
+    caption_dropout: float = Field(0.0, ge=0, le=1.0, description=(
+        "Probability that an image trains with an empty caption (unconditional) on a step; about 0.05 helps "
+        "the LoRA respond to guidance."), json_schema_extra=_ui("advanced"))
+    latent_cache: Literal["memory", "disk", "off"] = Field("memory", description=(
+        "Encode each image with the VAE once, before training: 'memory' keeps the latents on the device; "
+        "'disk' stores them under <output_path>/cache (reused by later runs while the image, bucket, crop, "
+        "flip and model are unchanged) and reads them each step; 'off' encodes every step."),
         json_schema_extra=_ui("advanced"))
 
     # --- device ---
@@ -135,6 +179,37 @@ class TrainConfig(BaseModel):
             raise ValueError("entries must not be blank")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_cache_latents_name(cls, data: Any) -> Any:
+        """`cache_latents: true/false` (before latent_cache existed) still reads as 'memory' / 'off'."""
+        if not isinstance(data, dict) or "cache_latents" not in data:
+            return data
+        data = dict(data)
+        old = data.pop("cache_latents")
+        if not isinstance(old, bool):
+            raise FieldConflict(("cache_latents",), "is the old name of latent_cache and must be true or false; "
+                                "better, use latent_cache 'memory' or 'off'")
+        mapped = "memory" if old else "off"
+        if data.setdefault("latent_cache", mapped) != mapped:
+            raise FieldConflict(("cache_latents", "latent_cache"), f"cache_latents {old} (the old name of "
+                                f"latent_cache) contradicts latent_cache {data['latent_cache']!r}; remove "
+                                "cache_latents")
+        return data
+
+    @model_validator(mode="after")
+    def _data_fields_agree(self) -> TrainConfig:
+        if self.crop == "random" and self.latent_cache != "off":
+            raise FieldConflict(("crop", "latent_cache"), f"crop 'random' cuts a new crop every step, which "
+                                f"latents cached once (latent_cache {self.latent_cache!r}) cannot follow; set "
+                                "crop to 'center', or latent_cache to 'off'")
+        if self.bucketing and not self.min_bucket_resolution <= self.resolution <= self.max_bucket_resolution:
+            raise FieldConflict(("min_bucket_resolution", "max_bucket_resolution", "resolution"),
+                                f"with bucketing, resolution {self.resolution} must lie between "
+                                f"min_bucket_resolution {self.min_bucket_resolution} and max_bucket_resolution "
+                                f"{self.max_bucket_resolution}; change one of them")
+        return self
+
     @property
     def given_fields(self) -> set[str]:
         return set(self.model_fields_set)
@@ -179,6 +254,9 @@ def _problems_from(error: ValidationError) -> list[tuple[str, str]]:
     problems = []
     known = list(TrainConfig.model_fields)
     for item in error.errors():
+        if isinstance(conflict := item.get("ctx", {}).get("error"), FieldConflict):
+            problems.extend((field, str(conflict)) for field in conflict.fields)
+            continue
         field = ".".join(str(part) for part in item["loc"]) or "config"
         top = str(item["loc"][0]) if item["loc"] else ""
         if item["type"] == "extra_forbidden":

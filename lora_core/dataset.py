@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lora_core import buckets, captions
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MAX_PIXELS = 64_000_000  # refuse before decoding: a 64 Mpx RGB image is already ~200 MB in memory
 MIN_SIDE = 8
@@ -38,6 +40,7 @@ class DatasetReport:
     images: list[ImageRecord] = field(default_factory=list)
     refused: list[dict[str, str]] = field(default_factory=list)  # {"file", "reason"}
     ignored: list[str] = field(default_factory=list)  # files that are neither images nor captions
+    buckets: dict[str, int] = field(default_factory=dict)  # bucket "WxH" -> images, once assigned
 
     @property
     def captioned(self) -> int:
@@ -46,14 +49,12 @@ class DatasetReport:
     def to_dict(self) -> dict:
         return {"folder": self.folder, "num_images": len(self.images), "num_captioned": self.captioned,
                 "images": [asdict(record) for record in self.images], "refused": self.refused,
-                "ignored": self.ignored}
+                "ignored": self.ignored, "buckets": self.buckets}
 
 
-def build_caption(trigger_words: list[str], caption: str) -> str:
+def build_caption(trigger_words: list[str], caption: str, placement: str = "first") -> str:
     """Trigger words go in front of the caption, or are the caption where there is none."""
-    trigger = ", ".join(trigger_words)
-    caption = " ".join(caption.split())
-    return f"{trigger}, {caption}" if caption else trigger
+    return captions.with_trigger(trigger_words, caption, placement)
 
 
 def _read_caption(image_path: Path) -> tuple[str, bool]:
@@ -105,7 +106,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def scan(folder: str | Path, trigger_words: list[str]) -> DatasetReport:
+def scan(folder: str | Path, trigger_words: list[str], trigger_placement: str = "first") -> DatasetReport:
     """Look at every file in the folder (not recursive) and decide which images are usable."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -129,8 +130,8 @@ def scan(folder: str | Path, trigger_words: list[str]) -> DatasetReport:
             report.refused.append({"file": path.name, "reason": str(error)})
             continue
         caption, has_file = _read_caption(path)
-        report.images.append(ImageRecord(str(path), build_caption(trigger_words, caption), image.width,
-                                         image.height, has_file))
+        report.images.append(ImageRecord(str(path), build_caption(trigger_words, caption, trigger_placement),
+                                         image.width, image.height, has_file))
     if not report.images:
         reasons = "; ".join(f"{item['file']}: {item['reason']}" for item in report.refused[:5])
         raise DatasetError(f"no usable image in {folder} (supported: {', '.join(sorted(IMAGE_SUFFIXES))})"
@@ -145,6 +146,27 @@ def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
     image = image.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)
     left, top = (width - size) // 2, (height - size) // 2
     return image.crop((left, top, left + size, top + size))
+
+
+def assign_buckets(report: DatasetReport, config, multiple: int) -> list[buckets.Bucket]:
+    """Each image's bucket under `config` (a TrainConfig), also recorded as the report's bucket table."""
+    sizes = [(record.width, record.height) for record in report.images]
+    if config.bucketing:
+        assigned = buckets.assign(sizes, config.resolution, multiple, config.min_bucket_resolution,
+                                  config.max_bucket_resolution, config.bucket_no_upscale)
+    else:
+        assigned = buckets.square(sizes, config.resolution)
+    report.buckets = buckets.table(assigned)
+    return assigned
+
+
+def load_covering(record: ImageRecord, bucket: buckets.Bucket):
+    """The image resized to cover `bucket` (not yet cropped), as a uint8 tensor (3, H, W)."""
+    import torch
+
+    size = buckets.cover_and_crop(record.width, record.height, bucket)
+    image = open_image(Path(record.path)).resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
 
 
 def load_pixels(record: ImageRecord, size: int):

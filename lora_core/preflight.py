@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lora_core import dataset, distributed, hardware, models, tracking
+from lora_core import buckets, dataset, distributed, hardware, models, tracking
 from lora_core.config import TrainConfig
 
 
@@ -45,8 +45,9 @@ def preflight(config: TrainConfig, num_processes: int | None = None) -> dict[str
         report["ok"] = False
         report["problems"].append({"field": field, "message": message})
 
+    scanned = None
     try:
-        scanned = dataset.scan(config.dataset_path, config.trigger_words)
+        scanned = dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement)
         report["dataset"] = {"num_images": len(scanned.images), "num_captioned": scanned.captioned,
                              "refused": scanned.refused, "ignored": scanned.ignored}
         report["total_steps"] = total_steps_for(config, len(scanned.images), processes)
@@ -60,6 +61,11 @@ def preflight(config: TrainConfig, num_processes: int | None = None) -> dict[str
         report["model"] = {"source": source.kind, "family": info.description,
                            "prediction_type": info.prediction_type}
         check_resolution(config, info)
+        if scanned is not None:  # the bucket table, and the length as the buckets make it
+            assigned = dataset.assign_buckets(scanned, config, info.pixel_multiple)
+            report["dataset"]["buckets"] = scanned.buckets
+            per_epoch = buckets.batches_per_epoch(assigned * config.repeats, config.batch_size * processes)
+            report["total_steps"] = total_steps_for(config, len(scanned.images), processes, per_epoch)
     except models.ModelError as error:
         problem("base_model", str(error))
     except ValueError as error:

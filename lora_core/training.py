@@ -19,7 +19,8 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.optimization import get_scheduler
 
-from lora_core import checkpoint, dataset, distributed, hardware, models, objective
+from lora_core import buckets, checkpoint, dataset, distributed, hardware, models, objective
+from lora_core.cache import Cache, build_cache
 from lora_core.config import TrainConfig, config_to_file_dict
 from lora_core.events import Checkpoint, Complete, Event, Interrupted, Progress, Sample, Started
 from lora_core.files import atomic_write, atomic_write_text
@@ -36,12 +37,17 @@ class TrainResult:
     unet: torch.nn.Module  # the trained UNet with its adapter, for callers who keep working in memory
 
 
-def total_steps_for(config: TrainConfig, num_images: int, num_processes: int = 1) -> int:
-    """`steps` when the config gives it (or gives neither), otherwise `epochs` passes over the data."""
+def total_steps_for(config: TrainConfig, num_images: int, num_processes: int = 1,
+                    batches_per_epoch: int | None = None) -> int:
+    """`steps` when the config gives it (or gives neither), otherwise `epochs` passes over the data.
+
+    `batches_per_epoch`: global batches in an epoch as the buckets make them (each bucket's last one may be
+    short); without it, the images times `repeats` in full batches."""
     if "steps" in config.given_fields or "epochs" not in config.given_fields:
         return config.steps
-    per_step = config.batch_size * config.gradient_accumulation_steps * num_processes
-    return max(1, config.epochs * math.ceil(num_images / per_step))
+    if batches_per_epoch is None:
+        batches_per_epoch = math.ceil(num_images * config.repeats / (config.batch_size * num_processes))
+    return max(1, config.epochs * math.ceil(batches_per_epoch / config.gradient_accumulation_steps))
 
 
 def check_resolution(config: TrainConfig, info: models.ModelInfo) -> None:
@@ -68,10 +74,11 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
         raise OutputFolderError(problem)
     if resume:
         checkpoint.latest_state(Path(config.output_path))  # fail before any model loads
-    report = dataset.scan(config.dataset_path, config.trigger_words)
+    report = dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement)
     source = models.resolve(config.base_model)
     info = models.inspect(source)
     check_resolution(config, info)
+    assigned = dataset.assign_buckets(report, config, info.pixel_multiple)
     device = hardware.pick_device(config)
     precision = hardware.resolve_precision(config, device)
     accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu",
@@ -85,7 +92,8 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
         torch.backends.cudnn.allow_tf32 = True
 
     output = Path(config.output_path)
-    total_steps = total_steps_for(config, len(report.images), accelerator.num_processes)
+    per_epoch = buckets.batches_per_epoch(assigned * config.repeats, config.batch_size * accelerator.num_processes)
+    total_steps = total_steps_for(config, len(report.images), accelerator.num_processes, per_epoch)
     if main:
         resolved = config.model_copy(update={"steps": total_steps})
         atomic_write_text(output / "config.json", _json(config_to_file_dict(resolved)))
@@ -98,9 +106,9 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
         module.eval()
     params = prepare_unet(unet, config, accelerator.device, dtype)
 
-    cache = build_cache(config, pipeline, report, info, accelerator.device, dtype)
-    loader = torch.utils.data.DataLoader(list(range(len(report.images))), batch_size=config.batch_size,
-                                         sampler=EpochSampler(len(report.images), config.seed),
+    cache = build_cache(config, pipeline, report, assigned, info, accelerator.device, dtype)
+    batches = cache.batches(accelerator.num_processes)  # same-bucket batches, a function of (seed, epoch)
+    loader = torch.utils.data.DataLoader(cache.keys(), batch_sampler=batches, collate_fn=cache.collate,
                                          pin_memory=device.type == "cuda",  # pinned + non_blocking: no sync
                                          generator=torch.Generator())  # else each epoch draws on the global RNG
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay,
@@ -148,12 +156,13 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
     clock = StepClock(total_steps)
     while step < total_steps:
         loader.set_epoch(epoch)
-        for batch_index, indices in enumerate(loader):
+        batches.set_epoch(epoch)  # under several processes accelerate's wrapper does not pass it on
+        for batch_index, batch in enumerate(loader):
             if batch_index < batches_in_epoch:  # resuming mid-epoch: these were trained before the stop
                 continue
             batches_in_epoch += 1
             with accelerator.accumulate(unet):
-                latents, conditioning = cache.batch(indices, vae, accelerator.device)
+                latents, conditioning = cache.batch(batch, vae, accelerator.device)
                 noise, timesteps, offsets = sample_noise(latents)  # the same per sample however batches split
                 noise = objective.offset_noise(noise, offsets, config.noise_offset)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -233,24 +242,6 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
 # helpers
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """A fresh permutation each epoch, drawn from (seed, epoch) alone: no hidden generator state, so a
-    resumed run, and every process of a multi-process run, sees the same order."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
 def optimizer_step(accelerator: Accelerator, optimizer, params, config: TrainConfig, precision: str,
                    loss: torch.Tensor) -> bool:
     """Clip, then step unless the loss or gradients are not finite; True when the step was skipped.
@@ -300,94 +291,6 @@ class StepClock:
 
     def eta(self, step: int) -> float:
         return round((self.total - step) / self.rate, 1) if self.rate > 0 else -1.0
-
-
-class Cache:
-    """Per-image latents (or pixels) and text conditioning, on the training device."""
-
-    def __init__(self, latents, pixels, conditioning: dict, sample_conditioning: list, scaling_factor: float,
-                 shift_factor: float):
-        self.latents, self.pixels = latents, pixels
-        self.conditioning = conditioning  # name -> tensor with one row per image
-        self.sample_conditioning = sample_conditioning  # [(prompt, pipeline kwargs)]
-        self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
-
-    def batch(self, indices: torch.Tensor, vae, device: torch.device) -> tuple[torch.Tensor, dict]:
-        conditioning = {name: value[indices.to(value.device)] for name, value in self.conditioning.items()}
-        if "text_embeds" in conditioning:
-            conditioning = {"encoder_hidden_states": conditioning["encoder_hidden_states"],
-                            "added_cond_kwargs": {"text_embeds": conditioning["text_embeds"],
-                                                  "time_ids": conditioning["time_ids"]}}
-        if self.latents is not None:
-            return self.latents[indices.to(self.latents.device)], conditioning
-        pixels = self.pixels[indices.cpu()].to(device, non_blocking=True).float() / 127.5 - 1.0
-        with torch.no_grad():
-            latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample()
-        return (latents.float() - self.shift_factor) * self.scaling_factor, conditioning
-
-
-@torch.no_grad()
-def build_cache(config: TrainConfig, pipeline, report: dataset.DatasetReport, info: models.ModelInfo,
-                device: torch.device, dtype: torch.dtype) -> Cache:
-    """Encode captions once (the text encoders are frozen), and images once when `cache_latents`."""
-    encoders = models.text_encoders(pipeline)
-    for encoder in encoders:
-        encoder.to(device, dtype=dtype)
-    captions = [record.caption for record in report.images]
-    prompts = config.sample_prompts or [", ".join(config.trigger_words)]
-    conditioning, sample_conditioning = {}, []
-    if info.family == "sdxl":
-        embeds, _, pooled, _ = pipeline.encode_prompt(captions, device=device, do_classifier_free_guidance=False)
-        time_ids = torch.tensor([[h, w, top, left, config.resolution, config.resolution]
-                                 for h, w, top, left in (_crop_geometry(r, config.resolution)
-                                                         for r in report.images)], device=device, dtype=dtype)
-        conditioning = {"encoder_hidden_states": embeds.to(dtype), "text_embeds": pooled.to(dtype),
-                        "time_ids": time_ids}
-        for prompt in prompts:
-            pos, neg, pos_pooled, neg_pooled = pipeline.encode_prompt(prompt, device=device,
-                                                                      do_classifier_free_guidance=True)
-            sample_conditioning.append((prompt, {"prompt_embeds": pos, "negative_prompt_embeds": neg,
-                                                 "pooled_prompt_embeds": pos_pooled,
-                                                 "negative_pooled_prompt_embeds": neg_pooled}))
-    else:
-        embeds, _ = pipeline.encode_prompt(captions, device, 1, False)
-        conditioning = {"encoder_hidden_states": embeds.to(dtype)}
-        for prompt in prompts:
-            pos, neg = pipeline.encode_prompt(prompt, device, 1, True, negative_prompt="")
-            sample_conditioning.append((prompt, {"prompt_embeds": pos, "negative_prompt_embeds": neg}))
-    for encoder in encoders:
-        encoder.to("cpu")
-
-    vae = pipeline.vae
-    scaling = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    pixels = torch.stack([_uint8_pixels(record, config.resolution) for record in report.images])
-    latents = None
-    if config.cache_latents:
-        vae.to(device, dtype=torch.float32)  # one pass, in fp32: the SDXL VAE overflows in fp16
-        generator = torch.Generator(device).manual_seed(config.seed)
-        chunks = []
-        for start in range(0, len(pixels), 8):
-            chunk = pixels[start:start + 8].to(device).float() / 127.5 - 1.0
-            chunks.append(vae.encode(chunk).latent_dist.sample(generator=generator))
-        latents = ((torch.cat(chunks) - shift) * scaling).to(dtype)
-        vae.to("cpu")
-        pixels = None
-    else:
-        vae_dtype = torch.float32 if (info.family == "sdxl" and dtype == torch.float16) else dtype
-        vae.to(device, dtype=vae_dtype)
-    return Cache(latents, pixels, conditioning, sample_conditioning, scaling, shift)
-
-
-def _uint8_pixels(record: dataset.ImageRecord, size: int) -> torch.Tensor:
-    return ((dataset.load_pixels(record, size) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-def _crop_geometry(record: dataset.ImageRecord, size: int) -> tuple[int, int, int, int]:
-    """SDXL's size conditioning: original size and the top-left of the centre crop, as resize_and_crop does."""
-    scale = size / min(record.width, record.height)
-    width, height = max(size, round(record.width * scale)), max(size, round(record.height * scale))
-    return record.height, record.width, (height - size) // 2, (width - size) // 2
 
 
 @torch.no_grad()

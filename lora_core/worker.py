@@ -21,7 +21,7 @@ from lora_core.events import Complete, Error, Event, EventLog, Interrupted, Prog
 log = logging.getLogger("lora_core")
 
 OOM_ADVICE = ("the GPU ran out of memory; lower batch_size or resolution, turn on gradient_checkpointing, "
-              "keep cache_latents on, or use a smaller lora_rank")
+              "keep latent_cache on (memory or disk), or use a smaller lora_rank")
 
 
 class BusyError(RuntimeError):
