@@ -11,17 +11,19 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from lora_core.config import TrainConfig
+from lora_core.config import ConfigError, TrainConfig
 from lora_core.events import Event
 
 log = logging.getLogger("lora_core.tracking")
 
-TENSORBOARD_HINT = ("log_with 'tensorboard' needs the tensorboard package: pip install tensorboard "
-                    "(or set log_with to 'none')")
+TENSORBOARD_HINT = "'tensorboard' needs the tensorboard package: pip install tensorboard (or set log_with to 'none')"
 
 
-class TrackerUnavailable(RuntimeError):
-    field = "log_with"
+class TrackerUnavailable(ConfigError):
+    """The tracker `log_with` names cannot run here; a config problem of that field."""
+
+    def __init__(self, reason: str):
+        super().__init__([("log_with", reason)])
 
 
 def log_dir(config: TrainConfig) -> Path:
