@@ -62,8 +62,13 @@ class TrainConfig(BaseModel):
                             json_schema_extra=_ui("basic"))
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description=(
         "Batches whose gradients are summed before one optimizer step."), json_schema_extra=_ui("advanced"))
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = Field("adamw", description=(
+        "adamw (fused on CUDA); adamw8bit needs bitsandbytes; prodigy (prodigyopt) sets its own step size: "
+        "use learning_rate 1.0 with it; adafactor."), json_schema_extra=_ui("advanced"))
     lr_scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts"] = Field(
         "constant", description="Learning-rate schedule after warmup.", json_schema_extra=_ui("advanced"))
+    lr_scheduler_num_cycles: int = Field(1, ge=1, le=100, description=(
+        "Hard restarts for cosine_with_restarts."), json_schema_extra=_ui("advanced"))
     lr_warmup_steps: int = Field(0, ge=0, le=100_000, description="Steps of linear warmup from 0.",
                                  json_schema_extra=_ui("advanced"))
     adam_weight_decay: float = Field(1e-2, ge=0, le=1.0, description="AdamW weight decay.",
@@ -85,6 +90,9 @@ class TrainConfig(BaseModel):
     lora_rank: int = Field(16, ge=1, le=256, description="LoRA rank (network dim).", json_schema_extra=_ui("basic"))
     lora_alpha: float = Field(32, gt=0, le=1024, description="LoRA alpha; the update is scaled by alpha / rank.",
                               json_schema_extra=_ui("basic"))
+    lora_target: Literal["attention", "attention_mlp", "locon"] = Field("attention", description=(
+        "Which UNet layers get a LoRA: the attention projections; plus the feed-forward and projection "
+        "layers; or all that plus the ResNet convolutions (LoCon)."), json_schema_extra=_ui("advanced"))
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path during training.",
                                 json_schema_extra=_ui("advanced"))
 

@@ -20,6 +20,16 @@ from lora_core.config import TrainConfig
 from lora_core.files import atomic_write
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+# What each `lora_target` adds: the feed-forward and projection layers of the transformer blocks, and
+# (LoCon) the 3x3 convolutions of the ResNet blocks and the down/up samplers.
+TARGETS = {
+    "attention": TARGET_MODULES,
+    "attention_mlp": TARGET_MODULES + ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"],
+    "locon": TARGET_MODULES + ["ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2",
+                               "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"],
+}
+OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit",
+                   "prodigy": "prodigyopt.Prodigy", "adafactor": "transformers.optimization.Adafactor"}
 ARCHITECTURES = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
                  "sdxl": "stable-diffusion-xl-v1-base/lora"}
 
@@ -28,7 +38,7 @@ def add_lora(unet, config: TrainConfig) -> list[torch.nn.Parameter]:
     """Freeze the UNet, add a LoRA adapter, and return its (trainable, fp32) parameters."""
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                                init_lora_weights="gaussian", target_modules=TARGET_MODULES))
+                                init_lora_weights="gaussian", target_modules=TARGETS[config.lora_target]))
     params = [p for p in unet.parameters() if p.requires_grad]
     for param in params:
         param.data = param.data.float()
@@ -72,7 +82,8 @@ def training_metadata(config: TrainConfig, family: str, prediction_type: str, *,
         "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
         "ss_resolution": f"({config.resolution}, {config.resolution})",
         "ss_mixed_precision": precision,
-        "ss_optimizer": "torch.optim.AdamW",
+        "ss_optimizer": OPTIMIZER_NAMES[config.optimizer],
+        "ss_network_args": json.dumps({"target": config.lora_target}),
         "ss_lr_scheduler": config.lr_scheduler,
         "ss_lr_warmup_steps": str(config.lr_warmup_steps),
         "ss_max_grad_norm": str(config.max_grad_norm),

@@ -17,9 +17,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from diffusers import DPMSolverMultistepScheduler
-from diffusers.optimization import get_scheduler
 
-from lora_core import buckets, checkpoint, dataset, distributed, hardware, models, objective
+from lora_core import buckets, checkpoint, dataset, distributed, hardware, models, objective, optim
 from lora_core.cache import Cache, build_cache
 from lora_core.config import TrainConfig, config_to_file_dict
 from lora_core.events import Checkpoint, Complete, Event, Interrupted, Progress, Sample, Started
@@ -111,10 +110,8 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
     loader = torch.utils.data.DataLoader(cache.keys(), batch_sampler=batches, collate_fn=cache.collate,
                                          pin_memory=device.type == "cuda",  # pinned + non_blocking: no sync
                                          generator=torch.Generator())  # else each epoch draws on the global RNG
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay,
-                                  fused=accelerator.device.type == "cuda")
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=total_steps)
+    optimizer = optim.make_optimizer(config, [{"params": params, "lr": config.learning_rate}], accelerator.device)
+    lr_scheduler = optim.make_lr_scheduler(config, optimizer, total_steps)
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     forward = torch.compile(unet) if config.compile_unet else unet  # samples and export use the plain module
     noise_scheduler = objective.noise_scheduler_for(pipeline.scheduler.config, config)

@@ -1,0 +1,125 @@
+"""LoRA variants (targets, DoRA), optimizers and loss options: each exported exactly, each trains and resumes."""
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from conftest import tiny_config
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+
+from lora_core import builtin, models, objective
+from lora_core.config import parse_config
+from lora_core.lora import add_lora, kohya_state_dict, save_lora
+from lora_core.training import train
+from lora_core.worker import Worker
+
+BASE = dict(dataset_path="d", output_path="o", base_model="builtin:tiny-sd", trigger_words=["t"])
+
+
+def unet_output(unet) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(1, 4, 32, 32, generator=generator), torch.randn(1, 77, 32, generator=generator)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([300]), encoder_hidden_states=text).sample
+
+
+def tiny_pipeline():
+    return StableDiffusionPipeline.from_pretrained(builtin.builtin_folder("tiny-sd"), safety_checker=None)
+
+
+@pytest.mark.parametrize("target", ["attention_mlp", "locon"])
+def test_variants_export_exactly(tmp_path, target):
+    config = parse_config({**BASE, "lora_rank": 4, "lora_alpha": 6, "lora_target": target})
+    trained = tiny_pipeline().unet
+    torch.manual_seed(2)
+    add_lora(trained, config)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn_like(param) * 0.05)
+    expected = unet_output(trained)
+    path = save_lora(tmp_path / "lora.safetensors", kohya_state_dict(trained, config), {})
+    with safe_open(str(path), "pt") as handle:
+        keys = list(handle.keys())
+    assert any("resnets_0_conv1" in key for key in keys) == (target == "locon")
+    assert any("ff_net_2" in key for key in keys)
+    pipeline = tiny_pipeline()
+    pipeline.load_lora_weights(str(path))
+    torch.testing.assert_close(unet_output(pipeline.unet), expected, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "prodigy", "adafactor"])
+def test_each_optimizer_trains_and_resumes(dataset_dir, tmp_path, optimizer):
+    lr = 1.0 if optimizer == "prodigy" else 1e-3
+    options = dict(optimizer=optimizer, learning_rate=lr, validation_steps=100, checkpoint_steps=1)
+    first = train(parse_config(tiny_config(dataset_dir, tmp_path / "out", steps=2, **options)), lambda e: None,
+                  lambda: False)
+    assert first.final_path.is_file()
+    events = []
+    resumed = train(parse_config(tiny_config(dataset_dir, tmp_path / "out", steps=3, **options)), events.append,
+                    lambda: False, resume=True)
+    assert events[0].resumed_from_step == 2 and resumed.step == 3
+    with safe_open(str(resumed.final_path), "pt") as handle:
+        assert handle.metadata()["ss_optimizer"].split(".")[-1].lower().startswith(optimizer[:4])
+
+
+def test_missing_optimizer_package_is_a_clear_error(dataset_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    config = parse_config(tiny_config(dataset_dir, tmp_path / "out", optimizer="adamw8bit"))
+    terminal = Worker().submit(config).wait(timeout=120)
+    assert terminal.type == "error" and terminal.field == "optimizer"
+    assert "pip install bitsandbytes" in terminal.message
+
+
+def test_min_snr_weights_match_the_formula():
+    scheduler = objective.noise_scheduler_for(tiny_pipeline().scheduler.config, parse_config(BASE))
+    timesteps = torch.tensor([0, 500, 999])
+    prediction, target = torch.ones(3, 4, 8, 8), torch.zeros(3, 4, 8, 8)
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    expected_eps = (torch.clamp(snr, max=5.0) / snr).mean()
+    expected_v = (torch.clamp(snr, max=5.0) / (snr + 1)).mean()
+    got_eps = objective.diffusion_loss(prediction, target, scheduler, timesteps, "epsilon", 5.0)
+    got_v = objective.diffusion_loss(prediction, target, scheduler, timesteps, "v_prediction", 5.0)
+    torch.testing.assert_close(got_eps, expected_eps.float(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(got_v, expected_v.float(), rtol=1e-5, atol=0)
+    assert objective.diffusion_loss(prediction, target, scheduler, timesteps, "epsilon", 0).item() == 1.0
+
+
+def test_zero_terminal_snr_and_noise_offset():
+    config = parse_config({**BASE, "zero_terminal_snr": True})
+    scheduler = objective.noise_scheduler_for(tiny_pipeline().scheduler.config, config)
+    assert scheduler.alphas_cumprod[-1] < 1e-6
+    noise, offsets = torch.zeros(2, 4, 8, 8), torch.randn(2, 4, 1, 1)
+    shifted = objective.offset_noise(noise, offsets, 0.1)
+    torch.testing.assert_close(shifted.mean(dim=(2, 3)), 0.1 * offsets[:, :, 0, 0])
+    assert objective.offset_noise(noise, offsets, 0.0) is noise
+
+
+def test_v_prediction_is_read_from_the_scheduler_and_trains_on_velocity(dataset_dir, tmp_path):
+    folder = tmp_path / "v-model"
+    shutil.copytree(builtin.builtin_folder("tiny-sd"), folder)
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(scheduler_file.read_text(encoding="utf-8"))
+    scheduler_file.write_text(json.dumps({**scheduler, "prediction_type": "v_prediction"}), encoding="utf-8")
+    info = models.inspect(models.resolve(str(folder)))
+    assert info.prediction_type == "v_prediction" and "v-prediction" in info.description
+
+    seen = []
+    real_target = objective.target_for
+
+    def spy(noise_scheduler, latents, noise, timesteps, prediction_type):
+        seen.append(prediction_type)
+        return real_target(noise_scheduler, latents, noise, timesteps, prediction_type)
+
+    objective.target_for = spy
+    try:
+        config = tiny_config(dataset_dir, tmp_path / "out", steps=1, validation_steps=100, zero_terminal_snr=True)
+        config["base_model"] = str(folder)
+        train(parse_config(config), lambda e: None, lambda: False)
+    finally:
+        objective.target_for = real_target
+    assert seen == ["v_prediction"]
