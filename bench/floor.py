@@ -17,13 +17,16 @@ from lora_core.training import prepare_unet
 
 class FloorLoop:
     def __init__(self, unet, config: TrainConfig, device: torch.device, *, compile_mode: str | None = None,
-                 sync_per_step: bool = False, text_tokens: int = 77):
+                 sync_per_step: bool = False, contiguous: bool = False, text_tokens: int = 77):
         """`compile_mode` (default, reduce-overhead, ...) compiles the UNet whatever `config.compile_unet` says;
-        `sync_per_step` reads the loss back every step, to price one host-device sync."""
+        `sync_per_step` reads the loss back every step, to price one host-device sync; `contiguous` undoes
+        prepare_unet's channels-last layout, to price it."""
         precision = hardware.resolve_precision(config, device)
         self.dtype = hardware.weight_dtype(precision)
         self.device, self.autocast = device, precision != "no"
         self.params = prepare_unet(unet, config, device, self.dtype)
+        if contiguous:
+            unet.to(memory_format=torch.contiguous_format)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.adam_weight_decay,
                                            fused=device.type == "cuda")
         self.sync_per_step = sync_per_step

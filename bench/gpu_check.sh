@@ -7,7 +7,8 @@
 # Runs `python -m bench` once per configuration, each in its own process with its own time limit, so that a
 # failure or a timeout loses that configuration only: SD 1.5 architecture (random weights) at 512 px batch 1
 # (trainer, floor, reference) and batch 16, SDXL architecture at 1024 px batch 1, then, while the time budget
-# lasts, the price of one host sync per step, torch.compile, and CUDA graphs (the floor under reduce-overhead).
+# lasts, the price of one host sync per step, of dropping channels-last (batch 16 floor), torch.compile, and CUDA
+# graphs (the floor under reduce-overhead).
 # Writes three files to $OUT: gpu_log.txt (everything printed), gpu_results.json (every figure, the card, driver
 # and versions) and gpu_summary.txt (a table and the targets, met or missed).
 set -uo pipefail
@@ -23,7 +24,7 @@ mkdir -p "$OUT"
 RUNS="$(mktemp -d -t gpu-check-runs-XXXX)"
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
-BUDGET_S="${GPU_CHECK_BUDGET_S:-330}"  # for the runs; the environment and the summary take a few seconds more
+BUDGET_S="${GPU_CHECK_BUDGET_S:-320}"  # for the runs; the environment and the summary take a few seconds more
 [[ $DRY == 1 ]] && BUDGET_S="${GPU_CHECK_BUDGET_S:-900}"
 
 if [[ $DRY == 1 ]]; then
@@ -74,6 +75,8 @@ EOF
     run sd15_b16            75  45  "${SD15[@]}" "${BIG_BATCH[@]}" --steps 3 --windows 4 "${STEPS[@]}" --phases trainer,floor
     run sdxl_b1            120  70  "${SDXL[@]}" --batch 1 --steps 4 --windows 4 "${STEPS[@]}" --phases trainer,floor
     run sd15_b1_sync        40  25  "${SD15[@]}" --batch 1 --steps 10 --windows 5 "${STEPS[@]}" --phases floor --floor-sync
+    run sd15_b16_nchw       50  30  "${SD15[@]}" "${BIG_BATCH[@]}" --steps 3 --windows 4 "${STEPS[@]}" --phases floor \
+        --floor-contiguous
     run sd15_b1_compile    150  90  "${SD15[@]}" --batch 1 --steps 10 --windows 4 --warmup 2 "${STEPS[@]}" --compile \
         --phases trainer,floor
     run sd15_b1_cudagraphs 110  70  "${SD15[@]}" --batch 1 --steps 10 --windows 4 --warmup 2 "${STEPS[@]}" \

@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="compile the floor's UNet with this torch.compile mode (e.g. reduce-overhead for "
                              "CUDA graphs), whatever --compile says")
     parser.add_argument("--floor-sync", action="store_true", help="the floor reads its loss back every step")
+    parser.add_argument("--floor-contiguous", action="store_true",
+                        help="the floor's UNet without the channels-last layout the trainer gives it on CUDA")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--images", type=int, default=0, help="dataset size (default max(8, 2 x batch))")
     parser.add_argument("--image-size", type=int, default=0,
@@ -167,7 +169,8 @@ def run_floor(args, config, device: torch.device, records, probe: MemoryProbe) -
     else:
         source = models.resolve(config.base_model)
         unet = models.load_pipeline(source, models.inspect(source)).unet
-    loop = FloorLoop(unet, config, device, compile_mode=args.floor_compile_mode, sync_per_step=args.floor_sync)
+    loop = FloorLoop(unet, config, device, compile_mode=args.floor_compile_mode, sync_per_step=args.floor_sync,
+                     contiguous=args.floor_contiguous)
     timing = time_windows(loop.step, device, warmup_windows=args.warmup, windows=args.windows,
                           window_steps=args.steps, batch_size=args.batch, after_warmup=lambda: probe.mark("setup"))
     probe.mark("steps")
@@ -305,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"model": args.model, "resolution": args.resolution, "batch": args.batch, "rank": args.rank,
                      "precision": hardware.resolve_precision(config, device), "compile": args.compile,
                      "floor_compile_mode": args.floor_compile_mode, "floor_sync": args.floor_sync,
+                     "floor_contiguous": args.floor_contiguous,
                      "gradient_checkpointing": args.gradient_checkpointing, "images": images,
                      "image_size": args.image_size or max(512, args.resolution), "steps_per_window": args.steps,
                      "windows": args.windows, "warmup_windows": args.warmup},

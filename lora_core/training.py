@@ -259,12 +259,13 @@ def optimizer_step(accelerator: Accelerator, optimizer, params, config: TrainCon
 
 def prepare_unet(unet, config: TrainConfig, device: torch.device, dtype: torch.dtype) -> list[torch.nn.Parameter]:
     """The UNet as the fit loop wants it: frozen weights in `dtype` on the device, an fp32 LoRA (returned),
-    channels-last convolutions, checkpointing when asked, in train mode. The benchmark's floor uses it too."""
+    channels-last convolutions on CUDA, checkpointing when asked, in train mode. The benchmark's floor uses it too."""
     unet.to(device, dtype=dtype)
     params = add_lora(unet, config)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    unet.to(memory_format=torch.channels_last)  # NHWC convolutions: faster in cuDNN and oneDNN
+    if device.type == "cuda":  # NHWC for cuDNN's tensor-core convolutions; on the CPU it measured 4 % slower
+        unet.to(memory_format=torch.channels_last)
     unet.train()
     return params
 
