@@ -69,7 +69,7 @@ def check_resume(work: Path, device: str, precision: str) -> dict:
 def check_oom(work: Path) -> dict:
     huge = {"dataset_path": str(ROOT / "demo" / "dataset"), "base_model": "builtin:sd15-arch",
             "output_path": str(work / "oom"), "trigger_words": ["x"],
-            "training_params": {"steps": 2, "resolution": 2048, "batch_size": 64, "device": "cuda",
+            "training_params": {"steps": 2, "resolution": 2048, "batch_size": 64, "repeats": 11, "device": "cuda",
                                 "validation_steps": 100, "checkpoint_steps": 100}}
     config = parse_config(huge)
     worker = Worker()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from diffusers import DPMSolverMultistepScheduler
 
@@ -80,6 +81,7 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
     assigned = dataset.assign_buckets(report, config, info.pixel_multiple)
     device = hardware.pick_device(config)
     precision = hardware.resolve_precision(config, device)
+    AcceleratorState._reset_state()  # accelerate keeps one precision per process; a later job may want another
     accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu",
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               dataloader_config=DataLoaderConfiguration(non_blocking=True))

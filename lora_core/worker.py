@@ -100,6 +100,7 @@ class Job:
                 self._emit(Interrupted(step=step, message="stopped with the other processes", checkpoint_path=None)
                            if result.interrupted else Complete(final_path="", total_time=result.total_time,
                                                                step=step))
+            del result  # the trained UNet: let release_device() free it
         except Exception as error:  # every failure ends in an error event, never a dead thread
             field = getattr(error, "field", None)  # a user's input at fault: the message names the fix
             message = str(error) if field else describe_failure(error)

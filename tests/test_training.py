@@ -115,3 +115,12 @@ def test_sdxl_trains_and_its_lora_reproduces_the_trained_unet(dataset_dir, tmp_p
         pipeline = StableDiffusionXLPipeline.from_pretrained(builtin.builtin_folder("tiny-sdxl"))
         pipeline.load_lora_weights(str(result.final_path))
         torch.testing.assert_close(pipeline.unet(**inputs).sample, expected, rtol=0, atol=1e-5)
+
+
+def test_jobs_with_different_precisions_run_one_after_another_in_one_process(dataset_dir, tmp_path):
+    worker = Worker()  # as the web page does: one process, many jobs
+    for index, precision in enumerate(["no", "bf16", "no"]):
+        config = parse_config(tiny_config(dataset_dir, tmp_path / str(index), steps=1, mixed_precision=precision,
+                                          validation_steps=100))
+        terminal = worker.submit(config).wait(timeout=180)
+        assert terminal.type == "complete", terminal
