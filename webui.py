@@ -633,7 +633,22 @@ def main(argv: list[str] | None = None, launch: Callable[..., Any] | None = None
         log.warning(warning)
     demo, studio, settings = make_app(args)
     log.info("runs and uploads go to %s", studio.outputs_root)
+    install_signal_handlers(studio)
     (launch or demo.launch)(**settings)
+
+
+def install_signal_handlers(studio: Studio) -> None:
+    """SIGTERM (docker stop, a Space restart) or Ctrl-C: let the running job save a checkpoint, then exit."""
+    import signal
+    import sys
+
+    def stop(signum, _frame) -> None:
+        log.warning("signal %s: stopping the running job after its current step, then exiting", signum)
+        studio.shutdown(timeout=8.0)
+        sys.exit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
 
 
 if __name__ == "__main__":

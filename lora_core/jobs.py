@@ -181,6 +181,14 @@ class Studio:
             self._job.request_stop()
             return True
 
+    def shutdown(self, timeout: float = 8.0) -> None:
+        """Stop the running job and wait up to `timeout` s for its checkpoint (SIGTERM: `docker stop` waits 10 s)."""
+        with self._lock:
+            job = self._job
+        if job is not None and job.running:
+            job.request_stop()
+            job.wait(timeout)
+
     def view(self) -> RunView:
         """The current (or last) run. Cheap to call every second from every open page."""
         with self._lock:

@@ -132,7 +132,8 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
         emit(Started(total_steps=total_steps, num_images=len(report.images), device=str(accelerator.device),
                      mixed_precision=precision, model_family=info.description, output_path=str(output),
                      num_processes=accelerator.num_processes, resumed_from_step=step if resume else None))
-    metadata = dict(family=info.family, prediction_type=info.prediction_type, num_images=len(report.images),
+    metadata = dict(family=info.family, prediction_type=info.prediction_type,
+                    num_images=len(report.images) * config.repeats,  # as sd-scripts counts them
                     precision=precision, started_at=started_at,
                     tag_frequency=tag_frequency([r.caption for r in report.images]))
 
@@ -252,7 +253,9 @@ def optimizer_step(accelerator: Accelerator, optimizer, params, config: TrainCon
     norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf)
     if precision == "fp16":
         optimizer.step()
-        return not bool(torch.isfinite(loss.detach()).item())
+        # Each process sees only its own loss: agree (max over processes), or their step counts would part.
+        bad = accelerator.reduce(torch.isfinite(loss.detach()).logical_not().float(), reduction="sum")
+        return bool(bad.item() > 0)
     if not bool(torch.isfinite(norm).item()):
         return True
     optimizer.step()

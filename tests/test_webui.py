@@ -305,3 +305,38 @@ def test_save_preset_writes_a_config_file_and_never_overwrites_a_shipped_one(cli
     with pytest.raises(AppError, match="ships with the studio"):
         client.predict("sd15-character", **form, api_name="/save_preset")
     assert not (tmp_path / "sd15-character.json").exists()
+
+
+def test_sigterm_to_the_server_lets_the_running_job_save_a_checkpoint(tmp_path):
+    """`docker stop` sends SIGTERM: the job stops after its step with a checkpoint before the server exits."""
+    import os
+    import signal
+
+    from conftest import DEMO_DATASET, ROOT, tiny_config
+
+    outputs = tmp_path / "outputs"
+    config = tiny_config(DEMO_DATASET, outputs / "run", steps=5000, checkpoint_steps=10_000, validation_steps=10_000)
+    script = (
+        "import json, sys, time\n"
+        "import webui\n"
+        "from lora_core.config import parse_config\n"
+        "from lora_core.jobs import Studio\n"
+        f"studio = Studio({str(outputs)!r})\n"
+        f"studio.start(parse_config(json.loads({json.dumps(json.dumps(config))})))\n"
+        "webui.install_signal_handlers(studio)\n"
+        "while True:\n"
+        "    time.sleep(0.2)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=os.environ.copy(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    events_file = outputs / "run" / "events.jsonl"
+    deadline = time.monotonic() + 120
+    while not (events_file.exists() and '"progress"' in events_file.read_text(encoding="utf-8")):
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "the job never made progress"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    events = [json.loads(line) for line in events_file.read_text(encoding="utf-8").splitlines()]
+    assert events[-1]["type"] == "interrupted"
+    assert Path(events[-1]["checkpoint_path"]).is_file()
