@@ -9,8 +9,9 @@ a `Batch` on the device into the UNet's inputs.
 What is cached:
 - latents, when `latent_cache` is 'memory' (on the device) or 'disk' (files under <output_path>/cache, read each
   step). A horizontal flip is cached as a second latent; a random crop cannot be (the config refuses it).
-- text-encoder outputs, when the captions are fixed (no `shuffle_tags`): one row per image, plus the empty
-  caption for `caption_dropout`. Shuffled captions are encoded every step by the frozen text encoders.
+- text-encoder outputs, when the captions are fixed (no `shuffle_tags`) and the text encoders frozen: one row
+  per image, plus the empty caption for `caption_dropout`. Shuffled captions are encoded every step by the
+  frozen text encoders; with `train_text_encoder` every caption is, with gradients through their LoRA.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from lora_core import buckets, captions, dataset, models
 from lora_core.config import TrainConfig
 from lora_core.files import atomic_write
 
-ENCODE_CHUNK = 8
+ENCODE_PIXEL_BUDGET = 4 * 512 * 512  # pixels per VAE encode call while caching
 
 
 def seed_of(*parts: object) -> int:
@@ -147,6 +148,8 @@ class Cache:
             if config.shuffle_tags:
                 keep = captions.kept_tags(config.trigger_words, config.keep_tokens, config.trigger_placement)
                 texts.append("" if drop else captions.shuffle_tags(record.caption, keep, generator))
+            elif config.train_text_encoder:  # a trained text encoder sees every caption every step
+                texts.append("" if drop else record.caption)
             if self.pixels is not None:
                 crop = self.pixels[image][:, top:top + bucket.height, left:left + bucket.width]
                 pixels.append(crop.flip(-1) if flip else crop)
@@ -183,7 +186,7 @@ class Cache:
 
     def _conditioning(self, batch: Batch) -> dict:
         if batch.captions is not None:
-            with torch.no_grad():
+            with torch.set_grad_enabled(self.config.train_text_encoder and torch.is_grad_enabled()):
                 conditioning = self.encode_text(batch.captions)
         else:
             conditioning = {}
@@ -218,8 +221,38 @@ def text_encoder(pipeline, family: str, device: torch.device, dtype: torch.dtype
     return encode
 
 
-def sample_conditioning(pipeline, family: str, prompts: list[str], device: torch.device) -> list:
-    """Each sample prompt's pipeline kwargs (with the empty negative prompt), encoded once."""
+def trained_text_encoder(pipeline, family: str, encoders: list, device: torch.device, dtype: torch.dtype
+                         ) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+    """captions -> the UNet's text conditioning through `encoders` (the pipeline's text encoders, in its order,
+    as the accelerator wrapped them, so that their gradients are averaged across processes). It computes what
+    `pipeline.encode_prompt` does, which cannot call a wrapped module."""
+    tokenizers = [t for t in (getattr(pipeline, "tokenizer", None), getattr(pipeline, "tokenizer_2", None)) if t]
+
+    def tokens(tokenizer, texts: list[str]) -> torch.Tensor:
+        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(device)
+
+    def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+        if family != "sdxl":
+            embeds = encoders[0](tokens(tokenizers[0], texts), attention_mask=None)[0]
+            return {"encoder_hidden_states": embeds.to(dtype)}
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(tokenizers, encoders, strict=True):
+            output = encoder(tokens(tokenizer, texts), output_hidden_states=True)
+            if pooled is None and output[0].ndim == 2:
+                pooled = output[0]
+            hidden.append(output.hidden_states[-2])
+        return {"encoder_hidden_states": torch.cat(hidden, dim=-1).to(dtype), "text_embeds": pooled.to(dtype)}
+
+    return encode
+
+
+def sample_conditioning(pipeline, family: str, prompts: list[str], device: torch.device,
+                        encode: bool = True) -> list:
+    """Each sample prompt's pipeline kwargs (with the empty negative prompt), encoded once; without `encode`
+    (a text encoder being trained) the prompt itself, which the pipeline encodes with the current LoRA."""
+    if not encode:
+        return [(prompt, {"prompt": prompt}) for prompt in prompts]
     results = []
     for prompt in prompts:
         if family == "sdxl":
@@ -251,9 +284,9 @@ def build_cache(config: TrainConfig, pipeline, report: dataset.DatasetReport, as
     encode = text_encoder(pipeline, info.family, device, dtype)
     cache.sample_conditioning = sample_conditioning(pipeline, info.family,
                                                     config.sample_prompts or [", ".join(config.trigger_words)],
-                                                    device)
-    if config.shuffle_tags:
-        cache.encode_text = encode  # the text encoders stay on the device
+                                                    device, encode=not config.train_text_encoder)
+    if config.shuffle_tags or config.train_text_encoder:
+        cache.encode_text = encode  # the text encoders stay on the device (training replaces this with its own)
     else:
         cache.conditioning = encode([record.caption for record in report.images])
         if config.caption_dropout > 0:
@@ -289,11 +322,14 @@ def _encode(vae, pixels: list[torch.Tensor], seeds: list[int], device: torch.dev
     does not depend on which images were encoded beside it."""
     chunks = []
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    for start in range(0, len(pixels), ENCODE_CHUNK):
-        chunk = torch.stack(pixels[start:start + ENCODE_CHUNK]).to(device).float() / 127.5 - 1.0
+    # The fp32 VAE encoder holds ~0.5 GB of activations per 512x512 image: a pixel budget keeps the one-off
+    # caching pass within what a 12 GB card has left beside the UNet.
+    size = max(1, ENCODE_PIXEL_BUDGET // pixels[0][0].numel())
+    for start in range(0, len(pixels), size):
+        chunk = torch.stack(pixels[start:start + size]).to(device).float() / 127.5 - 1.0
         posterior = vae.encode(chunk).latent_dist
         noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(seed))
-                             for seed in seeds[start:start + ENCODE_CHUNK]]).to(device)
+                             for seed in seeds[start:start + size]]).to(device)
         chunks.append(((posterior.mean + posterior.std * noise) - shift) * vae.config.scaling_factor)
     return torch.cat(chunks)
 

@@ -9,22 +9,29 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from diffusers import DPMSolverMultistepScheduler
 
 from lora_core import buckets, checkpoint, dataset, distributed, hardware, models, objective, optim
-from lora_core.cache import Cache, build_cache
+from lora_core.cache import Cache, build_cache, trained_text_encoder
 from lora_core.config import TrainConfig, config_to_file_dict
 from lora_core.events import Checkpoint, Complete, Event, Interrupted, Progress, Sample, Started
 from lora_core.files import atomic_write, atomic_write_text
-from lora_core.lora import add_lora, kohya_state_dict, save_lora, tag_frequency, training_metadata
+from lora_core.lora import (
+    add_lora,
+    add_text_encoder_lora,
+    kohya_state_dict,
+    save_lora,
+    tag_frequency,
+    training_metadata,
+)
 from lora_core.preflight import OutputFolderError, check_output_folder
 
 
@@ -35,6 +42,7 @@ class TrainResult:
     total_time: float
     interrupted: bool
     unet: torch.nn.Module  # the trained UNet with its adapter, for callers who keep working in memory
+    text_encoders: list[torch.nn.Module] = field(default_factory=list)  # with train_text_encoder: theirs too
 
 
 def total_steps_for(config: TrainConfig, num_images: int, num_processes: int = 1,
@@ -82,9 +90,11 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
     device = hardware.pick_device(config)
     precision = hardware.resolve_precision(config, device)
     AcceleratorState._reset_state()  # accelerate keeps one precision per process; a later job may want another
+    # SDXL's first text encoder feeds its next-to-last layer only: its last layer's LoRA gets no gradient
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if config.train_text_encoder else []
     accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu",
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
-                              dataloader_config=DataLoaderConfiguration(non_blocking=True))
+                              dataloader_config=DataLoaderConfiguration(non_blocking=True), kwargs_handlers=ddp)
     main = accelerator.is_main_process
     stop_vote = distributed.StopVote(accelerator.num_processes)  # all processes stop after the same step
     set_seed(config.seed)
@@ -108,19 +118,33 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
     params = prepare_unet(unet, config, accelerator.device, dtype)
 
     cache = build_cache(config, pipeline, report, assigned, info, accelerator.device, dtype)
+    if accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()  # hand back the one-off caching pass's blocks (the VAE in fp32) to other programs
+    # the text encoders' LoRA (after the cache: it keeps them on the device, in `dtype`, when they train)
+    trained_encoders = models.text_encoders(pipeline) if config.train_text_encoder else []
+    text_params = [p for encoder in trained_encoders for p in add_text_encoder_lora(encoder, config)]
+    for encoder in trained_encoders:
+        encoder.train()
     batches = cache.batches(accelerator.num_processes)  # same-bucket batches, a function of (seed, epoch)
     loader = torch.utils.data.DataLoader(cache.keys(), batch_sampler=batches, collate_fn=cache.collate,
                                          pin_memory=device.type == "cuda",  # pinned + non_blocking: no sync
                                          generator=torch.Generator())  # else each epoch draws on the global RNG
-    optimizer = optim.make_optimizer(config, [{"params": params, "lr": config.learning_rate}], accelerator.device)
+    groups = [{"params": params, "lr": config.learning_rate}]
+    if text_params:
+        groups.append({"params": text_params, "lr": config.text_encoder_lr})
+    optimizer = optim.make_optimizer(config, groups, accelerator.device)
     lr_scheduler = optim.make_lr_scheduler(config, optimizer, total_steps)
-    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+    unet, *wrapped_encoders, optimizer, loader = accelerator.prepare(unet, *trained_encoders, optimizer, loader)
+    if wrapped_encoders:  # captions go through the wrapped encoders, so their gradients are averaged
+        cache.encode_text = trained_text_encoder(pipeline, info.family, wrapped_encoders, accelerator.device, dtype)
     forward = torch.compile(unet) if config.compile_unet else unet  # samples and export use the plain module
     noise_scheduler = objective.noise_scheduler_for(pipeline.scheduler.config, config)
     num_timesteps = noise_scheduler.config.num_train_timesteps
     sample_noise = distributed.SampleNoise(config.seed, config.batch_size, accelerator.num_processes,
                                            accelerator.process_index, num_timesteps)
     lora_params = {name: p for name, p in accelerator.unwrap_model(unet).named_parameters() if p.requires_grad}
+    for prefix, encoder in zip(("text_encoder.", "text_encoder_2."), trained_encoders, strict=False):
+        lora_params.update({prefix + name: p for name, p in encoder.named_parameters() if p.requires_grad})
     step, epoch, batches_in_epoch = 0, 0, 0
     if resume:
         state = checkpoint.load_state(checkpoint.latest_state(output), config, lora_params, optimizer)
@@ -138,7 +162,7 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
                     tag_frequency=tag_frequency([r.caption for r in report.images]))
 
     def export(path: Path, step: int, epoch: int) -> Path:
-        state = kohya_state_dict(accelerator.unwrap_model(unet), config)
+        state = kohya_state_dict(accelerator.unwrap_model(unet), config, trained_encoders, info.family)
         return save_lora(path, state, training_metadata(config, steps=step, epochs=epoch, **metadata))
 
     def save_checkpoint(step: int, epoch: int, batches_in_epoch: int, lora_file: bool = True) -> Path | None:
@@ -161,7 +185,7 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
             if batch_index < batches_in_epoch:  # resuming mid-epoch: these were trained before the stop
                 continue
             batches_in_epoch += 1
-            with accelerator.accumulate(unet):
+            with accelerator.accumulate(unet, *wrapped_encoders):
                 latents, conditioning = cache.batch(batch, vae, accelerator.device)
                 noise, timesteps, offsets = sample_noise(latents)  # the same per sample however batches split
                 noise = objective.offset_noise(noise, offsets, config.noise_offset)
@@ -173,7 +197,7 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
                                                 info.prediction_type, config.min_snr_gamma)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    skipped = optimizer_step(accelerator, optimizer, params, config, precision, loss)
+                    skipped = optimizer_step(accelerator, optimizer, params + text_params, config, precision, loss)
                     optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 window_loss += loss.detach()
@@ -212,7 +236,8 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
                 for image_path, prompt in make_samples(config, pipeline, accelerator.unwrap_model(unet), cache,
                                                        vae, accelerator.device, output, step):
                     emit(Sample(step=step, image_path=str(image_path), prompt=prompt))
-                unet.train()
+                for module in (unet, *trained_encoders):
+                    module.train()
             if stopping:
                 path = None
                 if main:
@@ -220,7 +245,8 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
                     emit(Interrupted(step=step, message="stopped on request after finishing the current step; "
                                      "the LoRA so far is saved", checkpoint_path=str(path)))
                 accelerator.wait_for_everyone()  # the others exit once the main process has saved
-                return TrainResult(path, step, time.perf_counter() - t0, True, accelerator.unwrap_model(unet))
+                return TrainResult(path, step, time.perf_counter() - t0, True, accelerator.unwrap_model(unet),
+                                   trained_encoders)
             if step >= total_steps:
                 break
         else:  # the epoch ran out (not a break at the last step)
@@ -235,7 +261,8 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
         save_checkpoint(step, epoch, batches_in_epoch, lora_file=False)  # so --resume with more steps goes on
         final_path = export(output / "lora_final.safetensors", step, max(epoch, 1))
         emit(Complete(final_path=str(final_path), total_time=round(time.perf_counter() - t0, 3), step=step))
-    return TrainResult(final_path, step, time.perf_counter() - t0, False, accelerator.unwrap_model(unet))
+    return TrainResult(final_path, step, time.perf_counter() - t0, False, accelerator.unwrap_model(unet),
+                       trained_encoders)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -302,7 +329,8 @@ def make_samples(config: TrainConfig, pipeline, unet, cache: Cache, vae, device:
     """Render each sample prompt with the current LoRA, with a fixed seed so that steps compare."""
     vae_device, vae_dtype = vae.device, vae.dtype
     vae.to(device, dtype=torch.float32)
-    unet.eval()
+    for module in (unet, *models.text_encoders(pipeline)):  # the trained LoRA without its dropout
+        module.eval()
     sampler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
     pipe = type(pipeline)(**{**pipeline.components, "unet": unet, "vae": vae, "scheduler": sampler})
     pipe.set_progress_bar_config(disable=True)
