@@ -1,7 +1,8 @@
 """The reference: LoRA training the way diffusers' `examples/text_to_image/train_text_to_image_lora.py` does it.
 
 Per step it decodes and transforms the images (a DataLoader with no workers, as the script's default), encodes
-them with the VAE, encodes the captions with the text encoder(s), adds noise, runs the UNet, and reads the loss
+them with the VAE, encodes the captions with the text encoder(s), adds noise, runs the UNet against the
+scheduler's target (noise, or velocity for v-prediction), optionally min-SNR weighted, and reads the loss
 back (`.item()`, as the script does for its logged `train_loss`). Weights are fp32 on the CPU; under mixed
 precision the frozen models are in that dtype, the UNet runs under autocast (what `accelerator.prepare` adds on
 one device) and the LoRA weights keep the UNet's dtype (the script casts them to fp32 only for fp16). AdamW is
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 from peft import LoraConfig
 from PIL import Image
 
@@ -37,6 +39,7 @@ class ReferenceSettings:
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 42
+    snr_gamma: float = 0.0  # the script's --snr_gamma (min-SNR weighting); 0 is its default None
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
@@ -102,21 +105,45 @@ class ReferenceLoop:
         batch = self.next_batch()
         vae = self.pipeline.vae
         pixels = batch["pixel_values"].to(self.device, dtype=vae.dtype)
-        latents = vae.encode(pixels).latent_dist.sample().to(self.dtype) * vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  device=self.device)
+        posterior = vae.encode(pixels).latent_dist
+        latents = self.sample_posterior(posterior, batch).to(self.dtype) * vae.config.scaling_factor
+        noise, timesteps = self.draw_noise(latents)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
         conditioning = self.encode_captions(batch)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             prediction = self.unet(noisy, timesteps, **conditioning).sample
-        loss = F.mse_loss(prediction.float(), noise.float())
+        if not self.settings.snr_gamma:
+            loss = F.mse_loss(prediction.float(), target.float())
+        else:  # min-SNR weighting, as the script computes it
+            snr = compute_snr(self.noise_scheduler, timesteps)
+            weights = torch.stack([snr, self.settings.snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+            if self.noise_scheduler.config.prediction_type == "v_prediction":
+                weights = weights / (snr + 1)
+            else:
+                weights = weights / snr
+            loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
+            loss = (loss.mean(dim=list(range(1, len(loss.shape)))) * weights).mean()
         train_loss = loss.item()  # the script logs the loss every step
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad()
         return train_loss
+
+    # The script's own random draws; the parity tests override these to replay the trainer's.
+
+    def sample_posterior(self, posterior, batch: dict) -> torch.Tensor:
+        return posterior.sample()
+
+    def draw_noise(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  device=self.device)
+        return noise, timesteps
 
     def encode_captions(self, batch: dict) -> dict:
         """Tokenize and encode the batch's captions, every step (the text encoders are frozen)."""
