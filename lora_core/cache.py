@@ -29,8 +29,6 @@ from lora_core import buckets, captions, dataset, models
 from lora_core.config import TrainConfig
 from lora_core.files import atomic_write
 
-ENCODE_PIXEL_BUDGET = 4 * 512 * 512  # pixels per VAE encode call while caching
-
 
 def seed_of(*parts: object) -> int:
     """A well-mixed 63-bit seed from any tuple of values (torch generators seeded with nearby integers
@@ -318,20 +316,17 @@ def _variants(cache: Cache, image: int) -> list[torch.Tensor]:
 
 
 def _encode(vae, pixels: list[torch.Tensor], seeds: list[int], device: torch.device) -> torch.Tensor:
-    """fp32 latents (scaled) of same-sized uint8 images; each image's VAE noise from its own seed, so a latent
-    does not depend on which images were encoded beside it."""
-    chunks = []
+    """fp32 latents (scaled) of same-sized uint8 images, one image per VAE call: a convolution's rounding
+    depends on the batch it runs in, so batching would make a latent depend on its neighbours (memory and disk
+    caches, or a resumed run, would then differ); one at a time also bounds the pass's memory on small cards.
+    Each image's VAE noise comes from its own seed."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    # The fp32 VAE encoder holds ~0.5 GB of activations per 512x512 image: a pixel budget keeps the one-off
-    # caching pass within what a 12 GB card has left beside the UNet.
-    size = max(1, ENCODE_PIXEL_BUDGET // pixels[0][0].numel())
-    for start in range(0, len(pixels), size):
-        chunk = torch.stack(pixels[start:start + size]).to(device).float() / 127.5 - 1.0
-        posterior = vae.encode(chunk).latent_dist
-        noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(seed))
-                             for seed in seeds[start:start + size]]).to(device)
-        chunks.append(((posterior.mean + posterior.std * noise) - shift) * vae.config.scaling_factor)
-    return torch.cat(chunks)
+    latents = []
+    for image, seed in zip(pixels, seeds, strict=True):
+        posterior = vae.encode(image.unsqueeze(0).to(device).float() / 127.5 - 1.0).latent_dist
+        noise = torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(seed)).to(device)
+        latents.append((((posterior.mean + posterior.std * noise) - shift) * vae.config.scaling_factor)[0])
+    return torch.stack(latents)
 
 
 def _encode_in_memory(cache: Cache, vae, device: torch.device) -> list[torch.Tensor]:
