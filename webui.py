@@ -475,7 +475,7 @@ class StudioPage:
 
         config = build_config(values, self.studio, self.settings)
         try:
-            return estimate_markdown(preflight(config))
+            return estimate_markdown(preflight(config, num_processes=self.studio.num_processes()))
         except Exception as error:  # an estimate must never take the page down; say what failed
             log.exception("estimate failed")
             return f"**The estimate failed:** {type(error).__name__}: {error}"
@@ -544,6 +544,10 @@ def estimate_markdown(report: dict[str, Any]) -> str:
             if device.get("total_memory_gib") else ""
         lines.append(f"**Device:** {device['name']} ({device['kind']}{memory}), precision "
                      f"{device['mixed_precision']}")
+    devices = report.get("devices")
+    if devices:
+        lines.append(f"**Devices:** {devices['processes']} training process(es), {devices['available']} device(s) "
+                     f"visible, global batch {devices['global_batch_size']}")
     estimate = report.get("memory_estimate")
     if estimate:
         lines.append(f"**Memory estimate:** about {estimate['total_gib']} GiB (weights "
@@ -576,6 +580,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--demo", action="store_true", help="pre-fill the tiny CPU demo (presets/demo-tiny-cpu.json)")
     parser.add_argument("--outputs", default=os.environ.get(OUTPUTS_ENV, "outputs"),
                         help=f"folder for runs and uploads (default ./outputs, or {OUTPUTS_ENV})")
+    parser.add_argument("--gpus", default=os.environ.get("LORA_STUDIO_GPUS", "1"),
+                        help="GPUs per job: a number, or 'all'; more than one trains through accelerate launch")
     parser.add_argument("--max-upload-mb", type=int, default=200, help="largest single uploaded file (MB)")
     parser.add_argument("--max-upload-files", type=int, default=2000, help="most images + captions per upload")
     return parser.parse_args(argv)
@@ -611,7 +617,7 @@ def exposure_warning(args: argparse.Namespace) -> str | None:
 
 
 def make_app(args: argparse.Namespace) -> tuple[gr.Blocks, Studio, dict[str, Any]]:
-    studio = Studio(args.outputs)
+    studio = Studio(args.outputs, processes=args.gpus if args.gpus == "all" else int(args.gpus))
     config = load_config(DEMO_PRESET) if args.demo else None
     initial = default_form(config)
     if args.demo:

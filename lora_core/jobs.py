@@ -114,7 +114,10 @@ def read_run(folder: Path) -> RunView | None:
 class Studio:
     """One per server process: owns the worker, the outputs folder and the current job."""
 
-    def __init__(self, outputs_root: str | Path):
+    def __init__(self, outputs_root: str | Path, processes: int | str = 1):
+        """`processes`: data-parallel training processes per job: a number, or "all" for every visible GPU.
+        More than one runs the engine through `accelerate launch` in a child process (lora_core/launcher.py)."""
+        self.processes = processes
         self.outputs_root = Path(outputs_root).resolve()
         self.outputs_root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -162,12 +165,17 @@ class Studio:
             if not output.resolve().is_relative_to(self.outputs_root):
                 raise ValueError(f"output folder {output} is outside {self.outputs_root}")
             config = config.model_copy(update={"output_path": str(output)})
-            if self._worker is None:
-                self._worker = Worker()
-            try:
-                job = self._worker.submit(config, resume=resume)
-            except WorkerBusy as error:
-                raise BusyError(str(error)) from None
+            if self.num_processes() > 1:
+                from lora_core.launcher import launch
+
+                job = launch(config, self.num_processes(), extra_args=["--resume"] if resume else ())
+            else:
+                if self._worker is None:
+                    self._worker = Worker()
+                try:
+                    job = self._worker.submit(config, resume=resume)
+                except WorkerBusy as error:
+                    raise BusyError(str(error)) from None
             self._job, self._job_id = job, self._job_id + 1
             self._view = RunView(job_id=self._job_id, state="preparing", output_path=str(output))
             self._seen = 0
@@ -180,6 +188,13 @@ class Studio:
                 return False
             self._job.request_stop()
             return True
+
+    def num_processes(self) -> int:
+        if self.processes == "all":
+            from lora_core.launcher import device_count
+
+            return max(1, device_count())
+        return int(self.processes)
 
     def shutdown(self, timeout: float = 8.0) -> None:
         """Stop the running job and wait up to `timeout` s for its checkpoint (SIGTERM: `docker stop` waits 10 s)."""

@@ -340,3 +340,29 @@ def test_sigterm_to_the_server_lets_the_running_job_save_a_checkpoint(tmp_path):
     events = [json.loads(line) for line in events_file.read_text(encoding="utf-8").splitlines()]
     assert events[-1]["type"] == "interrupted"
     assert Path(events[-1]["checkpoint_path"]).is_file()
+
+
+def test_the_studio_trains_on_several_devices_through_the_launcher(tmp_path):
+    """`--gpus 2`: the job runs as two data-parallel processes in a child (here two CPU processes, gloo)."""
+    from conftest import DEMO_DATASET, tiny_config
+
+    from webui import estimate_markdown
+
+    studio = Studio(tmp_path / "outputs", processes=2)
+    assert studio.num_processes() == 2 and Studio(tmp_path / "o2", processes="all").num_processes() >= 1
+    config = parse_config(tiny_config(DEMO_DATASET, tmp_path / "outputs" / "run", steps=2, batch_size=1,
+                                      validation_steps=100, device="cpu"))
+    studio.start(config)
+    deadline = time.monotonic() + 180
+    while studio.view().state not in ("complete", "error", "interrupted"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    view = studio.view()
+    assert view.state == "complete", view.message
+    started = json.loads((tmp_path / "outputs" / "run" / "events.jsonl").read_text().splitlines()[0])
+    assert started["type"] == "started" and started["num_processes"] == 2
+
+    from lora_core.preflight import preflight
+
+    markdown = estimate_markdown(preflight(config, num_processes=studio.num_processes()))
+    assert "**Devices:** 2 training process(es)" in markdown and "global batch 2" in markdown
