@@ -95,6 +95,13 @@ class TrainConfig(BaseModel):
         "layers; or all that plus the ResNet convolutions (LoCon)."), json_schema_extra=_ui("advanced"))
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path during training.",
                                 json_schema_extra=_ui("advanced"))
+    train_text_encoder: bool = Field(False, description=(
+        "Also train a LoRA on the text encoder(s) (their attention projections), at text_encoder_lr. Captions are "
+        "then encoded every step and the text encoders stay on the device (more memory, slower steps)."),
+        json_schema_extra=_ui("advanced"))
+    text_encoder_lr: float = Field(1e-5, gt=0, le=1.0, description=(
+        "Learning rate for the text-encoder LoRA when train_text_encoder is on; usually well below "
+        "learning_rate."), json_schema_extra=_ui("advanced", step=1e-6))
 
     # --- data ---
     resolution: int = Field(512, ge=256, le=2048, multiple_of=8, description=(

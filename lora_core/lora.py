@@ -1,7 +1,8 @@
 """The LoRA itself: adapters on the UNet's attention projections, and export in the kohya/A1111 format.
 
 Export writes `lora_unet_<diffusers module path with _>.lora_down.weight / .lora_up.weight / .alpha`,
-the names that A1111, ComfyUI and diffusers' `load_lora_weights` all read. `.alpha` is the true
+the names that A1111, ComfyUI and diffusers' `load_lora_weights` all read; a trained text encoder's LoRA goes
+under `lora_te_` (SD 1.x/2.x) or `lora_te1_` / `lora_te2_` (SDXL's two encoders). `.alpha` is the true
 `lora_alpha` (diffusers' own converter writes the rank there, which changes the LoRA's strength).
 """
 
@@ -12,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
@@ -20,6 +21,7 @@ from lora_core.config import TrainConfig
 from lora_core.files import atomic_write
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP's self-attention, as diffusers' scripts
 # What each `lora_target` adds: the feed-forward and projection layers of the transformer blocks, and
 # (LoCon) the 3x3 convolutions of the ResNet blocks and the down/up samplers.
 TARGETS = {
@@ -45,13 +47,48 @@ def add_lora(unet, config: TrainConfig) -> list[torch.nn.Parameter]:
     return params
 
 
-def kohya_state_dict(unet, config: TrainConfig) -> dict[str, torch.Tensor]:
-    """The adapter's weights under kohya names, fp32 on the CPU, contiguous."""
+def add_text_encoder_lora(text_encoder, config: TrainConfig) -> list[torch.nn.Parameter]:
+    """Add a LoRA adapter to a (frozen) CLIP text encoder's attention projections; return its fp32 parameters."""
+    text_encoder.requires_grad_(False)
+    # peft directly, as diffusers' `add_adapter` does: transformers' own `add_adapter` wants a newer peft
+    inject_adapter_in_model(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                                       lora_dropout=config.lora_dropout, init_lora_weights="gaussian",
+                                       target_modules=TEXT_ENCODER_TARGETS), text_encoder)
+    params = [p for p in text_encoder.parameters() if p.requires_grad]
+    for param in params:
+        param.data = param.data.float()
+    return params
+
+
+def text_encoder_prefixes(family: str, count: int) -> list[str]:
+    """kohya's key prefix for each text encoder: `lora_te_` for one, `lora_te1_` / `lora_te2_` for SDXL's two."""
+    if family == "sdxl" or count > 1:
+        return [f"lora_te{index + 1}_" for index in range(count)]
+    return ["lora_te_"] * count
+
+
+def kohya_state_dict(unet, config: TrainConfig, text_encoders: list | None = None,
+                     family: str = "sd1") -> dict[str, torch.Tensor]:
+    """The adapters' weights under kohya names, fp32 on the CPU, contiguous: the UNet's, then each trained
+    text encoder's (`text_encoders`, in the pipeline's order, with `family` choosing their prefixes)."""
+    state = _kohya_names(unet, "lora_unet_", config)
+    encoders = text_encoders or []
+    for encoder, prefix in zip(encoders, text_encoder_prefixes(family, len(encoders)), strict=True):
+        state.update(_kohya_names(encoder, prefix, config, module_prefix="text_model."))
+    return state
+
+
+def _kohya_names(model, prefix: str, config: TrainConfig, module_prefix: str = "") -> dict[str, torch.Tensor]:
+    """`module_prefix`: what each module path must start with (transformers 5's CLIPTextModel dropped the
+    `text_model.` level that kohya's `lora_te_text_model_encoder_...` names, and CLIPTextModelWithProjection,
+    still have)."""
     state = {}
     alpha = torch.tensor(float(config.lora_alpha))
-    for key, tensor in get_peft_model_state_dict(unet).items():
+    for key, tensor in get_peft_model_state_dict(model).items():
         module, _, kind = key.partition(".lora_")
-        name = "lora_unet_" + module.replace(".", "_")
+        if not module.startswith(module_prefix):
+            module = module_prefix + module
+        name = prefix + module.replace(".", "_")
         if kind == "A.weight":
             state[f"{name}.lora_down.weight"] = tensor.detach().float().cpu().contiguous()
             state[f"{name}.alpha"] = alpha.clone()
@@ -73,7 +110,7 @@ def training_metadata(config: TrainConfig, family: str, prediction_type: str, *,
         "ss_network_alpha": str(config.lora_alpha),
         "ss_learning_rate": str(config.learning_rate),
         "ss_unet_lr": str(config.learning_rate),
-        "ss_text_encoder_lr": "0",
+        "ss_text_encoder_lr": str(config.text_encoder_lr if config.train_text_encoder else 0),
         "ss_num_train_images": str(num_images),
         "ss_num_epochs": str(epochs),
         "ss_steps": str(steps),
