@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lora_core import builtin
+from lora_core.checkpoint import ResumeError
 from lora_core.config import parse_config
 from lora_core.training import train
 
@@ -96,6 +97,9 @@ def test_resume_with_a_trained_text_encoder_is_bit_identical(dataset_dir, tmp_pa
     config = tiny_config(dataset_dir, tmp_path / "out", **options)
     first, _ = run(config, stop_at=2)
     assert first.interrupted and first.step == 2
+    frozen = tiny_config(dataset_dir, tmp_path / "out", **dict(options, train_text_encoder=False))
+    with pytest.raises(ResumeError, match="train_text_encoder"):  # its state has text-encoder weights
+        run(frozen, resume=True)
     second, events = run(config, resume=True)
     assert events[0].resumed_from_step == 2 and second.step == 4
     expected, resumed = load_file(str(whole.final_path)), load_file(str(second.final_path))
