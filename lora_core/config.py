@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -253,16 +254,20 @@ def _allowed_range(name: str) -> str:
     schema = TrainConfig.model_json_schema()["properties"].get(name, {})
     if "enum" in schema:
         return "choose one of " + ", ".join(repr(choice) for choice in schema["enum"])
+    text = range_text(schema)
+    return f"allowed range {text}" if text else ""
+
+
+def range_text(schema: dict[str, Any], number: Callable[[Any], str] = str) -> str:
+    """'[low, high]' (round brackets for exclusive bounds) and any multiple, from a field's JSON schema."""
     low = schema.get("minimum", schema.get("exclusiveMinimum"))
     high = schema.get("maximum", schema.get("exclusiveMaximum"))
     if low is None and high is None:
         return ""
     low_mark = "(" if "exclusiveMinimum" in schema else "["
     high_mark = ")" if "exclusiveMaximum" in schema else "]"
-    text = f"allowed range {low_mark}{low}, {high}{high_mark}"
-    if "multipleOf" in schema:
-        text += f", a multiple of {schema['multipleOf']}"
-    return text
+    text = f"{low_mark}{number(low)}, {number(high)}{high_mark}"
+    return text + (f", a multiple of {number(schema['multipleOf'])}" if "multipleOf" in schema else "")
 
 
 def _problems_from(error: ValidationError) -> list[tuple[str, str]]:

@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lora_core.config import REQUIRED_FIELDS, TrainConfig, config_to_file_dict
+from lora_core.config import REQUIRED_FIELDS, TrainConfig, config_to_file_dict, range_text
 
 Kind = Literal["slider", "number", "dropdown", "checkbox", "text", "lines"]
 SLIDER_MAX_POSITIONS = 2048  # a wider range is a number box: a slider cannot hit 1 of 1,000,000 steps
@@ -41,14 +41,7 @@ def _label(name: str) -> str:
 
 
 def _range_text(schema: dict[str, Any]) -> str:
-    low = schema.get("minimum", schema.get("exclusiveMinimum"))
-    high = schema.get("maximum", schema.get("exclusiveMaximum"))
-    if low is None and high is None:
-        return ""
-    low_mark = "(" if "exclusiveMinimum" in schema else "["
-    high_mark = ")" if "exclusiveMaximum" in schema else "]"
-    text = f"{low_mark}{_number(low)}, {_number(high)}{high_mark}"
-    return text + (f", a multiple of {_number(schema['multipleOf'])}" if "multipleOf" in schema else "")
+    return range_text(schema, _number)
 
 
 def _number(value: float | None) -> str:
