@@ -90,7 +90,9 @@ def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str) -> M
     gradients and AdamW state, and UNet activations for one batch. It does not cover the sample-image
     pass, the allocator's cache beyond that, or (on the CPU) the Python process itself."""
     bytes_per = 4 if precision == "no" else 2
-    resident = sizes.unet_params + (sizes.vae_params if config.latent_cache == "off" else 0)
+    text_on_device = config.train_text_encoder or config.shuffle_tags  # captions encoded every step
+    resident = (sizes.unet_params + (sizes.vae_params if config.latent_cache == "off" else 0)
+                + (sizes.text_params if text_on_device else 0))
     frozen = resident * bytes_per
     lora = sizes.lora_params_per_rank * config.lora_rank * 4 * 4  # weights, grads, AdamW's 2 moments, fp32
     latent = config.resolution // 8
@@ -98,8 +100,10 @@ def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str) -> M
                    * bytes_per / 2)
     if config.gradient_checkpointing:
         activations *= CHECKPOINTING_FACTOR
-    covers = ("frozen UNet weights" + (" and VAE" if config.latent_cache == "off" else "") + " on the device, LoRA "
-              "weights + gradients + AdamW state in fp32, UNet activations for one batch; not the text "
-              "encoders (used once to cache captions, then moved off), the sample-image pass or allocator slack")
+    kept = ["UNet"] + (["VAE"] if config.latent_cache == "off" else []) + (["text encoder"] if text_on_device else [])
+    covers = (f"frozen {', '.join(kept)} weights on the device, UNet LoRA weights + gradients + AdamW state in fp32, "
+              "UNet activations for one batch; not " + ("the text encoders' LoRA and activations (small), "
+              if text_on_device else "the text encoders (used once to cache captions, then moved off), ")
+              + "the sample-image pass or allocator slack")
     return MemoryEstimate(round((frozen + lora + activations) / GIB, 3), round(frozen / GIB, 3),
                           round(lora / GIB, 3), round(activations / GIB, 3), covers)

@@ -188,3 +188,15 @@ def test_sigterm_mid_run_saves_a_checkpoint_and_exits_143(tmp_path):
 def test_help_shows_examples():
     result = run_cli("--help", timeout=60)
     assert result.returncode == 0 and "examples:" in result.stdout and "--validate-only" in result.stdout
+
+
+def test_an_unreachable_hub_model_is_a_clear_error_not_a_hang(tmp_path):
+    config = {**tiny_config(DEMO_DATASET, tmp_path / "out"), "base_model": "stabilityai/stable-diffusion-2-1"}
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    env["HF_HOME"] = str(tmp_path / "empty-hf-home")  # nothing cached: the hub must be asked
+    result = subprocess.run([sys.executable, str(ROOT / "train_lora.py"), "--config",
+                             str(write_config(tmp_path, config)), "--validate-only"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert result.returncode == 1
+    problems = {p["field"]: p["message"] for p in json.loads(result.stdout)["problems"]}
+    assert "cannot reach the Hugging Face hub" in problems["base_model"]

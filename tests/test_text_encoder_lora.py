@@ -119,3 +119,17 @@ def test_per_step_encoding_equals_the_pipelines_encode_prompt(family):
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
+
+
+def test_the_memory_estimate_counts_text_encoders_that_stay_on_the_device():
+    from lora_core import hardware, models
+
+    base = dict(dataset_path="d", base_model="builtin:tiny-sd", output_path="o", trigger_words=["t"])
+    source = models.resolve("builtin:tiny-sd")
+    sizes = models.model_sizes(source, models.inspect(source))
+    frozen = hardware.estimate_memory(parse_config(base), sizes, "no")
+    trained = hardware.estimate_memory(parse_config({**base, "train_text_encoder": True}), sizes, "no")
+    added = (trained.total_gib - frozen.total_gib) * hardware.GIB
+    assert abs(added - sizes.text_params * 4) < 0.002 * hardware.GIB  # fp32 weights; rounding of the GiB figures
+    assert "text encoder" in trained.covers.split(" on the device")[0]
+    assert "text encoder" not in frozen.covers.split(" on the device")[0]
