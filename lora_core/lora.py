@@ -101,7 +101,7 @@ def _kohya_names(model, prefix: str, config: TrainConfig, module_prefix: str = "
 
 def training_metadata(config: TrainConfig, family: str, prediction_type: str, *, steps: int, epochs: int,
                       num_images: int, precision: str, started_at: datetime,
-                      tag_frequency: dict[str, int]) -> dict[str, str]:
+                      tag_frequency: dict[str, int], base_sha256: str | None = None) -> dict[str, str]:
     """Header metadata in sd-scripts' `ss_*` and the `modelspec.*` form (all values strings)."""
     now = datetime.now(UTC)
     return {
@@ -126,6 +126,8 @@ def training_metadata(config: TrainConfig, family: str, prediction_type: str, *,
         "ss_max_grad_norm": str(config.max_grad_norm),
         "ss_seed": str(config.seed),
         "ss_sd_model_name": config.base_model,
+        # the full SHA-256 and A1111's short form (its first 10 hex digits) of the base weights
+        **({"ss_new_sd_model_hash": base_sha256, "ss_sd_model_hash": base_sha256[:10]} if base_sha256 else {}),
         "ss_base_model_version": {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family],
         "ss_v2": str(family == "sd2"),
         "ss_tag_frequency": json.dumps({"dataset": tag_frequency}),

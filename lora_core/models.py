@@ -251,3 +251,24 @@ def _meta_pipeline(folder: Path):
     return SimpleNamespace(unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
                            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
                            text_encoder=text("text_encoder"), text_encoder_2=text("text_encoder_2"))
+
+
+def weights_sha256(source: ModelSource) -> str | None:
+    """SHA-256 of the base model's weights, for the LoRA's metadata: of the file for a single-file checkpoint,
+    of the UNet's weight file(s) for a diffusers folder; None for a built-in model built in memory."""
+    import hashlib
+
+    if source.kind == "single_file":
+        files = [Path(source.location)]
+    elif source.kind in ("folder", "builtin") and Path(source.location).is_dir():
+        files = sorted((Path(source.location) / "unet").glob("diffusion_pytorch_model*.safetensors"))
+    else:
+        return None
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -159,7 +159,8 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
     metadata = dict(family=info.family, prediction_type=info.prediction_type,
                     num_images=len(report.images) * config.repeats,  # as sd-scripts counts them
                     precision=precision, started_at=started_at,
-                    tag_frequency=tag_frequency([r.caption for r in report.images]))
+                    tag_frequency=tag_frequency([r.caption for r in report.images]),
+                    base_sha256=models.weights_sha256(source) if main else None)
 
     def export(path: Path, step: int, epoch: int) -> Path:
         state = kohya_state_dict(accelerator.unwrap_model(unet), config, trained_encoders, info.family)

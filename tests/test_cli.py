@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -97,6 +98,9 @@ def test_final_lora_has_kohya_keys_metadata_and_changes_the_pipeline(finished_ru
     assert metadata["ss_steps"] == "6" and metadata["modelspec.trigger_phrase"] == "shapestyle"
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert json.loads(metadata["ss_tag_frequency"])["dataset"]["shapestyle"] == 6
+    unet_file = builtin.builtin_folder("tiny-sd") / "unet" / "diffusion_pytorch_model.safetensors"
+    assert metadata["ss_new_sd_model_hash"] == hashlib.sha256(unet_file.read_bytes()).hexdigest()
+    assert metadata["ss_sd_model_hash"] == metadata["ss_new_sd_model_hash"][:10]
 
     pipeline = StableDiffusionPipeline.from_pretrained(builtin.builtin_folder("tiny-sd"), safety_checker=None)
     inputs = (torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([400]),
