@@ -203,8 +203,9 @@ def model_sizes(source: ModelSource, info: ModelInfo) -> ModelSizes:
         if source.kind == "folder" or (source.kind == "builtin" and source.location not in builtin.BUILTINS):
             pipeline = _meta_pipeline(Path(source.location))
         else:
-            name = source.location if source.kind == "builtin" else f"{info.family.replace('sd2', 'sd1')}"
-            name = {"sd1": "sd15-arch", "sdxl": "sdxl-arch"}.get(name, name)
+            # a built-in built in memory, or a single file: the real architecture of its family
+            name = source.location if source.kind == "builtin" else "sdxl-arch" if info.family == "sdxl" \
+                else "sd15-arch"
             pipeline = builtin.build_pipeline(name, Path(scratch) / "tokenizer")
     unet = pipeline.unet
     per_rank = sum(module.in_features + module.out_features for name, module in unet.named_modules()

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -107,7 +108,7 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
     total_steps = total_steps_for(config, len(report.images), accelerator.num_processes, per_epoch)
     if main:
         resolved = config.model_copy(update={"steps": total_steps})
-        atomic_write_text(output / "config.json", _json(config_to_file_dict(resolved)))
+        atomic_write_text(output / "config.json", json.dumps(config_to_file_dict(resolved), indent=2) + "\n")
 
     pipeline = models.load_pipeline(source, info)
     dtype = hardware.weight_dtype(precision)
@@ -309,7 +310,6 @@ class StepClock:
     def __init__(self, total_steps: int):
         self.total = total_steps
         self.first: tuple[int, float] | None = None
-        self.last: tuple[int, float] | None = None
         self.rate = 0.0
 
     def tick(self, step: int) -> None:
@@ -318,7 +318,6 @@ class StepClock:
             self.first = (step, now)
         elif now > self.first[1]:
             self.rate = round((step - self.first[0]) / (now - self.first[1]), 4)
-        self.last = (step, now)
 
     def eta(self, step: int) -> float:
         return round((self.total - step) / self.rate, 1) if self.rate > 0 else -1.0
@@ -358,9 +357,3 @@ def _decode(vae, latents: torch.Tensor):
     pixels = vae.decode(latents).sample[0]
     array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)
-
-
-def _json(data) -> str:
-    import json
-
-    return json.dumps(data, indent=2) + "\n"
