@@ -26,8 +26,8 @@ from lora_core.files import _fsync_dir
 MARKER = "COMPLETE"
 STATE_DIR = re.compile(r"^state_step_(\d+)$")
 # Changing these makes the saved state meaningless for this run; everything else may change on resume.
-MUST_MATCH = ("base_model", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "optimizer", "resolution",
-              "batch_size", "gradient_accumulation_steps", "seed", "dataset_path", "bucketing",
+MUST_MATCH = ("base_model", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_dora", "optimizer",
+              "resolution", "batch_size", "gradient_accumulation_steps", "seed", "dataset_path", "bucketing",
               "min_bucket_resolution", "max_bucket_resolution", "bucket_no_upscale", "repeats", "train_text_encoder")
 KILL_HOOK = "LORA_STUDIO_TEST_KILL_IN_SAVE"  # tests: SIGKILL halfway through saving the state of this step
 

@@ -96,6 +96,11 @@ class TrainConfig(BaseModel):
         "layers; or all that plus the ResNet convolutions (LoCon)."), json_schema_extra=_ui("advanced"))
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path during training.",
                                 json_schema_extra=_ui("advanced"))
+    use_dora: bool = Field(False, description=(
+        "DoRA: learn each adapted weight's magnitude apart from its direction (often closer to a full "
+        "fine-tune at the same rank; steps are slower). The file is then in diffusers' PEFT format, which "
+        "diffusers loads exactly; A1111 and ComfyUI read DoRA differently, so leave it off for them."),
+        json_schema_extra=_ui("advanced"))
     train_text_encoder: bool = Field(False, description=(
         "Also train a LoRA on the text encoder(s) (their attention projections), at text_encoder_lr. Captions are "
         "then encoded every step and the text encoders stay on the device (more memory, slower steps)."),

@@ -4,6 +4,11 @@ Export writes `lora_unet_<diffusers module path with _>.lora_down.weight / .lora
 the names that A1111, ComfyUI and diffusers' `load_lora_weights` all read; a trained text encoder's LoRA goes
 under `lora_te_` (SD 1.x/2.x) or `lora_te1_` / `lora_te2_` (SDXL's two encoders). `.alpha` is the true
 `lora_alpha` (diffusers' own converter writes the rank there, which changes the LoRA's strength).
+
+A DoRA is written in diffusers' PEFT format instead (`unet.<module>.lora_A.weight / .lora_B.weight /
+.lora_magnitude_vector`, the LoraConfig in the `lora_adapter_metadata` header): diffusers' SD loaders drop
+kohya's `dora_scale`, and the loaders that read it disagree on its axis (A1111 normalises per input channel,
+ComfyUI per output channel by the base weight's norm), so no kohya file would load the same everywhere.
 """
 
 from __future__ import annotations
@@ -36,11 +41,15 @@ ARCHITECTURES = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-
                  "sdxl": "stable-diffusion-xl-v1-base/lora"}
 
 
+def lora_config(config: TrainConfig, target_modules: list[str]) -> LoraConfig:
+    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      use_dora=config.use_dora, init_lora_weights="gaussian", target_modules=target_modules)
+
+
 def add_lora(unet, config: TrainConfig) -> list[torch.nn.Parameter]:
     """Freeze the UNet, add a LoRA adapter, and return its (trainable, fp32) parameters."""
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                                init_lora_weights="gaussian", target_modules=TARGETS[config.lora_target]))
+    unet.add_adapter(lora_config(config, TARGETS[config.lora_target]))
     params = [p for p in unet.parameters() if p.requires_grad]
     for param in params:
         param.data = param.data.float()
@@ -51,9 +60,7 @@ def add_text_encoder_lora(text_encoder, config: TrainConfig) -> list[torch.nn.Pa
     """Add a LoRA adapter to a (frozen) CLIP text encoder's attention projections; return its fp32 parameters."""
     text_encoder.requires_grad_(False)
     # peft directly, as diffusers' `add_adapter` does: transformers' own `add_adapter` wants a newer peft
-    inject_adapter_in_model(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
-                                       lora_dropout=config.lora_dropout, init_lora_weights="gaussian",
-                                       target_modules=TEXT_ENCODER_TARGETS), text_encoder)
+    inject_adapter_in_model(lora_config(config, TEXT_ENCODER_TARGETS), text_encoder)
     params = [p for p in text_encoder.parameters() if p.requires_grad]
     for param in params:
         param.data = param.data.float()
@@ -65,6 +72,15 @@ def text_encoder_prefixes(family: str, count: int) -> list[str]:
     if family == "sdxl" or count > 1:
         return [f"lora_te{index + 1}_" for index in range(count)]
     return ["lora_te_"] * count
+
+
+def lora_file_contents(unet, config: TrainConfig, text_encoders: list | None = None,
+                       family: str = "sd1") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What the LoRA file holds: its tensors, and the header entries the format itself needs (the training
+    metadata comes on top): kohya names for a LoRA, diffusers' PEFT format for a DoRA."""
+    if config.use_dora:
+        return diffusers_state_dict(unet, config, text_encoders)
+    return kohya_state_dict(unet, config, text_encoders, family), {}
 
 
 def kohya_state_dict(unet, config: TrainConfig, text_encoders: list | None = None,
@@ -99,13 +115,33 @@ def _kohya_names(model, prefix: str, config: TrainConfig, module_prefix: str = "
     return state
 
 
+def diffusers_state_dict(unet, config: TrainConfig,
+                         text_encoders: list | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The adapters under the names diffusers' `save_lora_weights` writes (`unet.`, `text_encoder.`,
+    `text_encoder_2.`), and the `lora_adapter_metadata` header from which its loader rebuilds each LoraConfig
+    (with it, alpha and DoRA; without it diffusers would take alpha = rank)."""
+    state, adapter_configs = {}, {}
+    models = [("unet", unet, TARGETS[config.lora_target])]
+    models += [(name, encoder, TEXT_ENCODER_TARGETS)
+               for name, encoder in zip(("text_encoder", "text_encoder_2"), text_encoders or [], strict=False)]
+    for prefix, model, targets in models:
+        for key, tensor in get_peft_model_state_dict(model).items():
+            # transformers' `load_adapter` (the text encoders' path) wants the magnitude as a `.weight`
+            if prefix != "unet" and key.endswith(".lora_magnitude_vector"):
+                key += ".weight"
+            state[f"{prefix}.{key}"] = tensor.detach().float().cpu().contiguous()
+        for option, value in lora_config(config, targets).to_dict().items():
+            adapter_configs[f"{prefix}.{option}"] = sorted(value) if isinstance(value, set) else value
+    return state, {"format": "pt", "lora_adapter_metadata": json.dumps(adapter_configs, sort_keys=True)}
+
+
 def training_metadata(config: TrainConfig, family: str, prediction_type: str, *, steps: int, epochs: int,
                       num_images: int, precision: str, started_at: datetime,
                       tag_frequency: dict[str, int], base_sha256: str | None = None) -> dict[str, str]:
     """Header metadata in sd-scripts' `ss_*` and the `modelspec.*` form (all values strings)."""
     now = datetime.now(UTC)
     return {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "peft.dora" if config.use_dora else "networks.lora",
         "ss_network_dim": str(config.lora_rank),
         "ss_network_alpha": str(config.lora_alpha),
         "ss_learning_rate": str(config.learning_rate),
@@ -120,7 +156,7 @@ def training_metadata(config: TrainConfig, family: str, prediction_type: str, *,
         "ss_resolution": f"({config.resolution}, {config.resolution})",
         "ss_mixed_precision": precision,
         "ss_optimizer": OPTIMIZER_NAMES[config.optimizer],
-        "ss_network_args": json.dumps({"target": config.lora_target}),
+        "ss_network_args": json.dumps({"target": config.lora_target, "dora": config.use_dora}),
         "ss_lr_scheduler": config.lr_scheduler,
         "ss_lr_warmup_steps": str(config.lr_warmup_steps),
         "ss_max_grad_norm": str(config.max_grad_norm),

@@ -28,7 +28,7 @@ from lora_core.files import atomic_write, atomic_write_text
 from lora_core.lora import (
     add_lora,
     add_text_encoder_lora,
-    kohya_state_dict,
+    lora_file_contents,
     save_lora,
     tag_frequency,
     training_metadata,
@@ -164,8 +164,10 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
                     base_sha256=models.weights_sha256(source) if main else None)
 
     def export(path: Path, step: int, epoch: int) -> Path:
-        state = kohya_state_dict(accelerator.unwrap_model(unet), config, trained_encoders, info.family)
-        return save_lora(path, state, training_metadata(config, steps=step, epochs=epoch, **metadata))
+        state, format_header = lora_file_contents(accelerator.unwrap_model(unet), config, trained_encoders,
+                                                  info.family)
+        header = training_metadata(config, steps=step, epochs=epoch, **metadata) | format_header
+        return save_lora(path, state, header)
 
     def save_checkpoint(step: int, epoch: int, batches_in_epoch: int, lora_file: bool = True) -> Path | None:
         """The LoRA file users load, then the full state that --resume continues from."""

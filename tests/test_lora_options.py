@@ -9,6 +9,8 @@ import torch
 from conftest import tiny_config
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
+from safetensors.torch import load_file
+from test_text_encoder_lora import OPTIONS, encode, load, run, unet_inputs
 
 from lora_core import builtin, models, objective
 from lora_core.config import parse_config
@@ -49,6 +51,58 @@ def test_variants_export_exactly(tmp_path, target):
     pipeline = tiny_pipeline()
     pipeline.load_lora_weights(str(path))
     torch.testing.assert_close(unet_output(pipeline.unet), expected, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_dora_loaded_by_diffusers_reproduces_the_trained_model(dataset_dir, tmp_path, family):
+    """DoRA on the UNet (LoCon targets: linear and conv layers) and the text encoder(s), trained, written in
+    diffusers' PEFT format, and loaded back by `load_lora_weights` (alpha != rank)."""
+    config = tiny_config(dataset_dir, tmp_path / "out", steps=2, use_dora=True, lora_target="locon",
+                         **dict(OPTIONS, lora_dropout=0.0))
+    config["base_model"] = "builtin:tiny-sdxl" if family == "sdxl" else "builtin:tiny-sd"
+    result, events = run(config)
+    assert events[-1].type == "complete"
+
+    with safe_open(str(result.final_path), "pt") as handle:
+        header = handle.metadata()
+    adapter = json.loads(header["lora_adapter_metadata"])
+    assert adapter["unet.use_dora"] and adapter["unet.lora_alpha"] == 8 and adapter["unet.r"] == 4
+    assert header["ss_network_module"] == "peft.dora" and header["ss_network_dim"] == "4"
+    state = load_file(str(result.final_path))
+    encoders = ["text_encoder", "text_encoder_2"][:len(result.text_encoders)]
+    for prefix in ["unet", *encoders]:
+        magnitudes = [key for key in state if key.startswith(prefix + ".") and "lora_magnitude_vector" in key]
+        assert magnitudes, f"no DoRA magnitudes for {prefix}"
+    assert any("resnets.0.conv1.lora_magnitude_vector" in key for key in state)  # conv layers have them too
+
+    base_unet = load(family).unet
+    inputs = unet_inputs(family)
+    with torch.no_grad():
+        expected_unet = result.unet.eval()(**inputs).sample
+        assert (expected_unet - base_unet(**inputs).sample).abs().max() > 1e-4
+    trained = load(family)
+    for index, encoder in enumerate(result.text_encoders):
+        setattr(trained, encoders[index], encoder.eval())
+    expected_text = encode(trained, family)
+
+    pipeline = load(family)
+    pipeline.load_lora_weights(str(result.final_path))
+    with torch.no_grad():
+        torch.testing.assert_close(pipeline.unet(**inputs).sample, expected_unet, rtol=0, atol=1e-5)
+    for loaded, wanted in zip(encode(pipeline, family), expected_text, strict=True):
+        torch.testing.assert_close(loaded, wanted, rtol=0, atol=1e-5)
+
+
+def test_dora_resumes_bit_identically(dataset_dir, tmp_path):
+    options = dict(steps=3, checkpoint_steps=1, validation_steps=1000, use_dora=True)
+    whole, _ = run(tiny_config(dataset_dir, tmp_path / "whole", **options))
+    first, _ = run(tiny_config(dataset_dir, tmp_path / "out", **options), stop_at=1)
+    assert first.interrupted
+    second, events = run(tiny_config(dataset_dir, tmp_path / "out", **options), resume=True)
+    assert events[0].resumed_from_step == 1
+    expected, resumed = load_file(str(whole.final_path)), load_file(str(second.final_path))
+    assert expected.keys() == resumed.keys() and any("magnitude" in key for key in expected)
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "prodigy", "adafactor"])
