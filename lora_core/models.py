@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +157,15 @@ def _inspect_single_file(path: Path) -> ModelInfo:
     else:
         raise ModelError(f"{path}: not a Stable Diffusion checkpoint (no SD 1.x, SD 2.x or SDXL text-encoder "
                          "weights found); is it a LoRA or a VAE?")
+    # epsilon until loaded: the weights do not say (SD 2.1-768 is v-prediction, 2.1-base is not), the scheduler
+    # config diffusers reads with them does (see with_loaded_prediction_type)
     return ModelInfo(family, "epsilon", 8, 3 if family == "sdxl" else 4)
+
+
+def with_loaded_prediction_type(info: ModelInfo, pipeline) -> ModelInfo:
+    """The prediction type of the loaded pipeline's scheduler (what a single file gets from its family's
+    configs)."""
+    return replace(info, prediction_type=pipeline.scheduler.config.get("prediction_type", "epsilon"))
 
 
 def load_pipeline(source: ModelSource, info: ModelInfo):
@@ -170,16 +178,16 @@ def load_pipeline(source: ModelSource, info: ModelInfo):
 
         with tempfile.TemporaryDirectory() as folder:
             return builtin.build_pipeline(source.location, Path(folder) / "tokenizer")
+    kwargs: dict[str, Any] = {"use_safetensors": True}
+    if info.family != "sdxl":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
     if source.kind == "single_file":
         try:
-            return pipeline_class.from_single_file(source.location, use_safetensors=True)
+            return pipeline_class.from_single_file(source.location, **kwargs)
         except Exception as error:
             raise ModelError(f"{source.name}: diffusers could not load this single-file checkpoint ({error}); "
                              "it needs the model's config from the hub the first time, or use a diffusers "
                              "folder") from None
-    kwargs: dict[str, Any] = {"use_safetensors": True}
-    if info.family != "sdxl":
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
         return pipeline_class.from_pretrained(source.location, **kwargs)
     except OSError as error:

@@ -111,6 +111,7 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
         atomic_write_text(output / "config.json", json.dumps(config_to_file_dict(resolved), indent=2) + "\n")
 
     pipeline = models.load_pipeline(source, info)
+    info = models.with_loaded_prediction_type(info, pipeline)  # a single file's comes with its configs
     dtype = hardware.weight_dtype(precision)
     unet, vae = pipeline.unet, pipeline.vae
     for module in (unet, vae, *models.text_encoders(pipeline)):
