@@ -94,15 +94,21 @@ def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str) -> M
     resident = (sizes.unet_params + (sizes.vae_params if config.latent_cache == "off" else 0)
                 + (sizes.text_params if text_on_device else 0))
     frozen = resident * bytes_per
-    lora = sizes.lora_params_per_rank * config.lora_rank * 4 * 4  # weights, grads, AdamW's 2 moments, fp32
+    lora_params = sizes.lora_params_per_rank[config.lora_target] * config.lora_rank
+    lora_params += sizes.lora_outputs[config.lora_target] if config.use_dora else 0
+    if config.train_text_encoder:
+        lora_params += sizes.text_lora_params_per_rank * config.lora_rank
+        lora_params += sizes.text_lora_outputs if config.use_dora else 0
+    lora = lora_params * 4 * 4  # weights, grads, AdamW's 2 moments, fp32
     latent = config.resolution // 8
     activations = (ACTIVATION_BYTES_PER_UNIT * config.batch_size * latent * latent * sizes.activation_units
                    * bytes_per / 2)
     if config.gradient_checkpointing:
         activations *= CHECKPOINTING_FACTOR
     kept = ["UNet"] + (["VAE"] if config.latent_cache == "off" else []) + (["text encoder"] if text_on_device else [])
-    covers = (f"frozen {', '.join(kept)} weights on the device, UNet LoRA weights + gradients + AdamW state in fp32, "
-              "UNet activations for one batch; not " + ("the text encoders' LoRA and activations (small), "
+    trained = "UNet and text-encoder" if config.train_text_encoder else "UNet"
+    covers = (f"frozen {', '.join(kept)} weights on the device, {trained} LoRA weights + gradients + AdamW state in "
+              "fp32, UNet activations for one batch; not " + ("the text encoders' activations (small), "
               if text_on_device else "the text encoders (used once to cache captions, then moved off), ")
               + "the sample-image pass or allocator slack")
     return MemoryEstimate(round((frozen + lora + activations) / GIB, 3), round(frozen / GIB, 3),

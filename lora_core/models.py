@@ -43,7 +43,12 @@ class ModelSizes:
     unet_params: int
     vae_params: int
     text_params: int
-    lora_params_per_rank: int  # in_features + out_features summed over the adapted layers
+    # per lora_target: the UNet LoRA's parameters per unit of rank (in + out features of each adapted linear,
+    # in x kernel area + out of each conv), and the output channels (DoRA's magnitudes)
+    lora_params_per_rank: dict[str, int]
+    lora_outputs: dict[str, int]
+    text_lora_params_per_rank: int  # the same for the text encoders' attention projections
+    text_lora_outputs: int
     activation_units: float  # what the UNet's saved activations scale with (see activation_units())
 
 
@@ -205,7 +210,7 @@ def model_sizes(source: ModelSource, info: ModelInfo) -> ModelSizes:
 
     import torch
 
-    from lora_core.lora import TARGET_MODULES
+    from lora_core.lora import TARGETS, TEXT_ENCODER_TARGETS
 
     with torch.device("meta"), tempfile.TemporaryDirectory() as scratch:
         if source.kind == "folder" or (source.kind == "builtin" and source.location not in builtin.BUILTINS):
@@ -215,16 +220,36 @@ def model_sizes(source: ModelSource, info: ModelInfo) -> ModelSizes:
             name = source.location if source.kind == "builtin" else "sdxl-arch" if info.family == "sdxl" \
                 else "sd15-arch"
             pipeline = builtin.build_pipeline(name, Path(scratch) / "tokenizer")
-    unet = pipeline.unet
-    per_rank = sum(module.in_features + module.out_features for name, module in unet.named_modules()
-                   if isinstance(module, torch.nn.Linear) and any(name.endswith(t) for t in TARGET_MODULES))
+    unet, encoders = pipeline.unet, text_encoders(pipeline)
+    unet_layers = {target: _adapted(unet, names) for target, names in TARGETS.items()}
+    text_layers = [layer for encoder in encoders for layer in _adapted(encoder, TEXT_ENCODER_TARGETS)]
     return ModelSizes(
         unet_params=sum(p.numel() for p in unet.parameters()),
         vae_params=sum(p.numel() for p in pipeline.vae.parameters()),
-        text_params=sum(p.numel() for encoder in text_encoders(pipeline) for p in encoder.parameters()),
-        lora_params_per_rank=per_rank,
+        text_params=sum(p.numel() for encoder in encoders for p in encoder.parameters()),
+        lora_params_per_rank={target: sum(i + o for i, o in layers) for target, layers in unet_layers.items()},
+        lora_outputs={target: sum(o for _, o in layers) for target, layers in unet_layers.items()},
+        text_lora_params_per_rank=sum(i + o for i, o in text_layers),
+        text_lora_outputs=sum(o for _, o in text_layers),
         activation_units=activation_units(unet.config),
     )
+
+
+def _adapted(model, targets: list[str]) -> list[tuple[int, int]]:
+    """(inputs, outputs) of each layer a LoRA on `targets` adapts (peft's suffix match); a conv's inputs count
+    its kernel area, as its LoRA down weight does."""
+    import torch
+
+    layers = []
+    for name, module in model.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            layers.append((module.in_features, module.out_features))
+        elif isinstance(module, torch.nn.Conv2d):
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            layers.append((module.in_channels * kernel, module.out_channels))
+    return layers
 
 
 TRANSFORMER_WEIGHT = 4.5  # a transformer layer saves ~4.5x what a ResNet layer of the same width saves

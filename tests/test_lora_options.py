@@ -177,3 +177,18 @@ def test_v_prediction_is_read_from_the_scheduler_and_trains_on_velocity(dataset_
     finally:
         objective.target_for = real_target
     assert seen == ["v_prediction"]
+
+
+@pytest.mark.parametrize(("target", "dora"), [("attention", False), ("attention_mlp", True), ("locon", True)])
+def test_the_memory_estimate_counts_every_lora_parameter(target, dora):
+    """The estimate's LoRA parameter count (read from configs on the meta device) equals what peft adds."""
+    from lora_core.lora import add_text_encoder_lora
+
+    config = parse_config({**BASE, "lora_rank": 4, "lora_target": target, "use_dora": dora})
+    source = models.resolve("builtin:tiny-sd")
+    sizes = models.model_sizes(source, models.inspect(source))
+    pipeline = tiny_pipeline()
+    unet_params = sum(p.numel() for p in add_lora(pipeline.unet, config))
+    text_params = sum(p.numel() for p in add_text_encoder_lora(pipeline.text_encoder, config))
+    assert unet_params == sizes.lora_params_per_rank[target] * 4 + (sizes.lora_outputs[target] if dora else 0)
+    assert text_params == sizes.text_lora_params_per_rank * 4 + (sizes.text_lora_outputs if dora else 0)
