@@ -14,6 +14,9 @@ TARGETS = [
     ("sd15_b16", "trainer", "percent_of_bf16_peak", 35.0, "% of bf16 peak >="),
     ("sdxl_b1", "trainer", "s_per_step", 0.45, "s/step <="),
     ("sdxl_b1", "trainer", "allocated_gib", 13.0, "GiB peak allocated <="),
+    # the same speed targets with compile_unet (the --fast-path runs)
+    ("sd15_b1_compile", "trainer", "s_per_step", 0.09, "s/step <="),
+    ("sd15_b16_compile", "trainer", "percent_of_bf16_peak", 35.0, "% of bf16 peak >="),
 ]
 
 

@@ -3,6 +3,9 @@
 #
 #   bash bench/gpu_check.sh            on a CUDA machine, from anywhere; results in $OUT (or a temp folder)
 #   bash bench/gpu_check.sh --dry-run  the same runs on the CPU with builtin:tiny-sd, to check the plumbing
+#   bash bench/gpu_check.sh --fast-path   only what the last H200 check left unmeasured, with the time it needs:
+#                                         torch.compile (trainer and floor), CUDA graphs, batch 16 compiled, and
+#                                         the eager batch-1 baseline on the same card (under 8 minutes)
 #
 # Runs `python -m bench` once per configuration, each in its own process with its own time limit, so that a
 # failure or a timeout loses that configuration only: SD 1.5 architecture (random weights) at 512 px batch 1
@@ -23,8 +26,13 @@ OUT="${OUT:-$(mktemp -d -t gpu-check-XXXX)}"
 mkdir -p "$OUT"
 RUNS="$(mktemp -d -t gpu-check-runs-XXXX)"
 DRY=0
-[[ "${1:-}" == "--dry-run" ]] && DRY=1
+FAST_PATH=0
+for arg in "$@"; do
+    [[ "$arg" == "--dry-run" ]] && DRY=1
+    [[ "$arg" == "--fast-path" ]] && FAST_PATH=1
+done
 BUDGET_S="${GPU_CHECK_BUDGET_S:-320}"  # for the runs; the environment and the summary take a few seconds more
+((FAST_PATH)) && BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"
 [[ $DRY == 1 ]] && BUDGET_S="${GPU_CHECK_BUDGET_S:-900}"
 
 if [[ $DRY == 1 ]]; then
@@ -70,6 +78,24 @@ for name in ("diffusers", "transformers", "peft", "accelerate", "pydantic", "saf
     except Exception as error:
         print(name, "MISSING", error)
 EOF
+    if ((FAST_PATH)); then
+        # name                cap  min  arguments
+        run sd15_b1_compile    240  90  "${SD15[@]}" --batch 1 --steps 10 --windows 4 --warmup 2 "${STEPS[@]}" --compile \
+            --phases trainer,floor
+        run sd15_b1_cudagraphs 120  60  "${SD15[@]}" --batch 1 --steps 10 --windows 4 --warmup 2 "${STEPS[@]}" \
+            --floor-compile-mode reduce-overhead --phases floor
+        run sd15_b16_compile    90  45  "${SD15[@]}" "${BIG_BATCH[@]}" --steps 3 --windows 4 --warmup 2 "${STEPS[@]}" \
+            --compile --phases trainer
+        run sd15_b1             60  40  "${SD15[@]}" --batch 1 --steps 10 --windows 5 "${STEPS[@]}" --phases trainer,floor
+    else
+        full_check
+    fi
+    echo "== runs done after ${SECONDS}s"
+    "$PY" -m bench.collect "$RUNS" "$OUT" || echo "(collecting the results failed; the per-run JSON is in $RUNS)"
+    echo "== GPU check done after ${SECONDS}s; files in $OUT"
+}
+
+full_check() {
     # name                cap  min  arguments
     run sd15_b1            110  60  "${SD15[@]}" --batch 1 --steps 10 --windows 5 "${STEPS[@]}" --phases trainer,floor,reference
     run sd15_b16            75  45  "${SD15[@]}" "${BIG_BATCH[@]}" --steps 3 --windows 4 "${STEPS[@]}" --phases trainer,floor
@@ -83,9 +109,6 @@ EOF
         --floor-compile-mode reduce-overhead --phases floor
     run sdxl_b1_compile    180 150  "${SDXL[@]}" --batch 1 --steps 4 --windows 4 --warmup 2 "${STEPS[@]}" --compile \
         --phases trainer
-    echo "== runs done after ${SECONDS}s"
-    "$PY" -m bench.collect "$RUNS" "$OUT" || echo "(collecting the results failed; the per-run JSON is in $RUNS)"
-    echo "== GPU check done after ${SECONDS}s; files in $OUT"
 }
 
 main 2>&1 | tee -a "$OUT/gpu_log.txt"

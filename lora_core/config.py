@@ -161,8 +161,9 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.",
                                          json_schema_extra=_ui("advanced"))
     compile_unet: bool = Field(False, description=(
-        "Compile the UNet with torch.compile: faster steps on a GPU after a one-off compile of a minute or more "
-        "at the start (and again for a new batch shape). Off by default."), json_schema_extra=_ui("advanced"))
+        "Compile the UNet with torch.compile: faster steps (about 19 % on a 2-core CPU) after a one-off compile "
+        "of minutes at the start (again for a new batch shape; seconds once cached). For long runs."),
+        json_schema_extra=_ui("advanced"))
 
     # --- events and outputs ---
     checkpoint_steps: int = Field(500, ge=1, le=1_000_000, description="Save a LoRA every N steps.",
