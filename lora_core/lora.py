@@ -50,10 +50,7 @@ def add_lora(unet, config: TrainConfig) -> list[torch.nn.Parameter]:
     """Freeze the UNet, add a LoRA adapter, and return its (trainable, fp32) parameters."""
     unet.requires_grad_(False)
     unet.add_adapter(lora_config(config, TARGETS[config.lora_target]))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for param in params:
-        param.data = param.data.float()
-    return params
+    return _trainable_in_fp32(unet)
 
 
 def add_text_encoder_lora(text_encoder, config: TrainConfig) -> list[torch.nn.Parameter]:
@@ -61,7 +58,12 @@ def add_text_encoder_lora(text_encoder, config: TrainConfig) -> list[torch.nn.Pa
     text_encoder.requires_grad_(False)
     # peft directly, as diffusers' `add_adapter` does: transformers' own `add_adapter` wants a newer peft
     inject_adapter_in_model(lora_config(config, TEXT_ENCODER_TARGETS), text_encoder)
-    params = [p for p in text_encoder.parameters() if p.requires_grad]
+    return _trainable_in_fp32(text_encoder)
+
+
+def _trainable_in_fp32(model) -> list[torch.nn.Parameter]:
+    """The adapter's parameters, cast to fp32 (the frozen model may be in bf16/fp16: autocast does the rest)."""
+    params = [p for p in model.parameters() if p.requires_grad]
     for param in params:
         param.data = param.data.float()
     return params
