@@ -1,8 +1,9 @@
 """The floor: the UNet's forward, backward and optimizer step alone, on pre-made latents and embeddings.
 
 The UNet is prepared exactly as the trainer prepares it (`lora_core.training.prepare_unet`: dtype, fp32 LoRA,
-channels-last, checkpointing) and stepped with the same optimizer settings. Nothing else runs (no gradient
-clipping, no data, no noise), so the gap to the trainer is everything the trainer adds around the step.
+channels-last, checkpointing) and stepped with the trainer's optimizer (`lora_core.optim`). Nothing else runs
+(no gradient clipping, no data, no noise), so the gap to the trainer is everything the trainer adds around the
+step.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lora_core import hardware
+from lora_core import hardware, optim
 from lora_core.config import TrainConfig
 from lora_core.training import prepare_unet
 
@@ -27,8 +28,7 @@ class FloorLoop:
         self.params = prepare_unet(unet, config, device, self.dtype)
         if contiguous:
             unet.to(memory_format=torch.contiguous_format)
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.adam_weight_decay,
-                                           fused=device.type == "cuda")
+        self.optimizer = optim.make_optimizer(config, [{"params": self.params, "lr": config.learning_rate}], device)
         self.sync_per_step = sync_per_step
         if compile_mode is None and config.compile_unet:
             compile_mode = "default"

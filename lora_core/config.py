@@ -64,7 +64,7 @@ class TrainConfig(BaseModel):
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description=(
         "Batches whose gradients are summed before one optimizer step."), json_schema_extra=_ui("advanced"))
     optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = Field("adamw", description=(
-        "adamw (fused on CUDA); adamw8bit needs bitsandbytes; prodigy (prodigyopt) sets its own step size: "
+        "adamw (fused on CUDA and the CPU); adamw8bit needs bitsandbytes; prodigy (prodigyopt) sets its own step size: "
         "use learning_rate 1.0 with it; adafactor."), json_schema_extra=_ui("advanced"))
     lr_scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts"] = Field(
         "constant", description="Learning-rate schedule after warmup.", json_schema_extra=_ui("advanced"))

@@ -120,6 +120,28 @@ def test_each_optimizer_trains_and_resumes(dataset_dir, tmp_path, optimizer):
         assert handle.metadata()["ss_optimizer"].split(".")[-1].lower().startswith(optimizer[:4])
 
 
+def test_adamw_is_fused_on_the_cpu_and_steps_like_the_plain_one():
+    from lora_core.optim import make_optimizer
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(16, 8)) for _ in range(3)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    initial = [p.detach().clone() for p in params]
+    config = parse_config(BASE)
+    fused = make_optimizer(config, [{"params": params, "lr": 1e-2}], torch.device("cpu"))
+    plain = torch.optim.AdamW([{"params": twins, "lr": 1e-2}], weight_decay=config.adam_weight_decay, foreach=False)
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        for p, twin in zip(params, twins, strict=True):
+            p.grad = torch.randn_like(p)
+            twin.grad = p.grad.clone()
+        fused.step()
+        plain.step()
+    for p, twin in zip(params, twins, strict=True):
+        torch.testing.assert_close(p, twin, rtol=1e-5, atol=1e-6)
+    assert all((p - start).abs().max() > 1e-3 for p, start in zip(params, initial, strict=True))
+
+
 def test_missing_optimizer_package_is_a_clear_error(dataset_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
     config = parse_config(tiny_config(dataset_dir, tmp_path / "out", optimizer="adamw8bit"))
