@@ -42,26 +42,33 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_window(step: Callable[[], object], device: torch.device, window_steps: int) -> float:
+    """Seconds per step over one window of `window_steps` steps; the device is synchronised at its edges only."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(window_steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - start) / window_steps
+
+
 def time_windows(step: Callable[[], object], device: torch.device, *, warmup_windows: int, windows: int,
                  window_steps: int, batch_size: int, after_warmup: Callable[[], None] | None = None) -> Timing:
-    """Run `step` in windows of `window_steps`; the device is synchronised only at window edges."""
-    times = []
-    for index in range(warmup_windows + windows):
-        sync(device)
-        if index == warmup_windows and after_warmup is not None:
-            after_warmup()
-        start = time.perf_counter()
-        for _ in range(window_steps):
-            step()
-        sync(device)
-        if index >= warmup_windows:
-            times.append((time.perf_counter() - start) / window_steps)
-    return Timing(times, batch_size)
+    """`warmup_windows` untimed windows, then `windows` timed ones."""
+    for _ in range(warmup_windows):
+        time_window(step, device, window_steps)
+    sync(device)
+    if after_warmup is not None:
+        after_warmup()
+    return Timing([time_window(step, device, window_steps) for _ in range(windows)], batch_size)
 
 
-def windows_from_marks(marks: list[float], window_steps: int, warmup_windows: int, batch_size: int) -> Timing:
-    """Timing from the times at which each window ended (e.g. the trainer's progress events)."""
-    durations = [(b - a) / window_steps for a, b in zip(marks, marks[1:], strict=False)]
+def windows_from_marks(marks: list[float], window_steps: int, warmup_windows: int, batch_size: int,
+                       resumed: list[float] | None = None) -> Timing:
+    """Timing from the times at which each window ended (e.g. the trainer's progress events). `resumed`: when
+    the next window started, where other work ran between windows (default: at once, `marks`)."""
+    starts = marks if resumed is None else resumed
+    durations = [(end - start) / window_steps for start, end in zip(starts, marks[1:], strict=False)]
     return Timing(durations[max(0, warmup_windows - 1):], batch_size)
 
 

@@ -16,11 +16,20 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from bench.measure import GIB, MemoryProbe, Timing, release_memory, time_windows, windows_from_marks
+from bench.measure import (
+    GIB,
+    MemoryProbe,
+    Timing,
+    release_memory,
+    time_window,
+    time_windows,
+    windows_from_marks,
+)
 
 TRIGGER = "benchstyle"
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for the "% of peak" figure.
@@ -50,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--floor-contiguous", action="store_true",
                         help="the floor's UNet without the channels-last layout the trainer gives it on CUDA")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--interleave", action="store_true",
+                        help="run the phases window by window in turn instead of one after another, so that a "
+                             "machine whose speed drifts slows them alike (memory is then for the whole run)")
     parser.add_argument("--images", type=int, default=0, help="dataset size (default max(8, 2 x batch))")
     parser.add_argument("--image-size", type=int, default=0,
                         help="side of the synthetic JPEGs (default max(512, resolution)); the reference decodes "
@@ -110,7 +122,7 @@ def trainer_config(args: argparse.Namespace, dataset_dir: Path, output: Path):
     return config
 
 
-def run_reference(args, config, device: torch.device, records, probe: MemoryProbe) -> dict:
+def reference_loop(config, device: torch.device, records):
     from bench.reference import ReferenceLoop, ReferenceSettings
     from lora_core import hardware, models
 
@@ -120,41 +132,10 @@ def run_reference(args, config, device: torch.device, records, probe: MemoryProb
     settings = ReferenceSettings(resolution=config.resolution, batch_size=config.batch_size, rank=config.lora_rank,
                                  alpha=config.lora_alpha, learning_rate=config.learning_rate,
                                  max_grad_norm=config.max_grad_norm, mixed_precision=precision, seed=config.seed)
-    loop = ReferenceLoop(pipeline, [Path(r.path) for r in records], [r.caption for r in records], settings, device)
-    timing = time_windows(loop.step, device, warmup_windows=args.warmup, windows=args.windows,
-                          window_steps=args.steps, batch_size=args.batch, after_warmup=lambda: probe.mark("setup"))
-    probe.mark("steps")
-    return {"timing": timing}
+    return ReferenceLoop(pipeline, [Path(r.path) for r in records], [r.caption for r in records], settings, device)
 
 
-def run_trainer(args, config, device: torch.device, records, probe: MemoryProbe) -> dict:
-    """`lora_core.training.train`, as the worker behind train_lora.py calls it; timed from its progress events."""
-    from lora_core import training
-    from lora_core.events import Progress
-
-    marks: list[float] = []
-    events: list[dict] = []
-
-    def emit(event) -> None:
-        if isinstance(event, Progress):
-            marks.append(time.perf_counter())
-            if len(marks) == args.warmup:  # setup and warm-up end here; the timed windows start
-                probe.mark("setup")
-            elif event.step == event.total_steps:  # before the final sample images and export
-                probe.mark("steps")
-        if event.type != "progress":
-            events.append(event.to_dict())
-
-    result = training.train(config, emit, lambda: False)
-    terminal = events[-1] if events else {}
-    if terminal.get("type") != "complete":
-        raise RuntimeError(f"the trainer ended with {terminal}")
-    timing = windows_from_marks(marks, args.steps, args.warmup, args.batch)
-    del result
-    return {"timing": timing, "started": events[0]}
-
-
-def run_floor(args, config, device: torch.device, records, probe: MemoryProbe) -> dict:
+def floor_loop(args, config, device: torch.device):
     from diffusers import UNet2DConditionModel
 
     from bench.floor import FloorLoop
@@ -169,12 +150,83 @@ def run_floor(args, config, device: torch.device, records, probe: MemoryProbe) -
     else:
         source = models.resolve(config.base_model)
         unet = models.load_pipeline(source, models.inspect(source)).unet
-    loop = FloorLoop(unet, config, device, compile_mode=args.floor_compile_mode, sync_per_step=args.floor_sync,
+    return FloorLoop(unet, config, device, compile_mode=args.floor_compile_mode, sync_per_step=args.floor_sync,
                      contiguous=args.floor_contiguous)
+
+
+def run_reference(args, config, device: torch.device, records, probe: MemoryProbe) -> dict:
+    loop = reference_loop(config, device, records)
     timing = time_windows(loop.step, device, warmup_windows=args.warmup, windows=args.windows,
                           window_steps=args.steps, batch_size=args.batch, after_warmup=lambda: probe.mark("setup"))
     probe.mark("steps")
     return {"timing": timing}
+
+
+def run_trainer(args, config, device: torch.device, records, probe: MemoryProbe,
+                between_windows: Callable[[], None] | None = None) -> dict:
+    """`lora_core.training.train`, as the worker behind train_lora.py calls it; timed from its progress events.
+
+    `between_windows` runs at each progress event but the last, outside the timed windows."""
+    from lora_core import training
+    from lora_core.events import Progress
+
+    marks: list[float] = []  # when each window ended
+    resumed: list[float] = []  # when the next one started
+    events: list[dict] = []
+
+    def emit(event) -> None:
+        if isinstance(event, Progress):
+            marks.append(time.perf_counter())
+            if len(marks) == args.warmup:  # setup and warm-up end here; the timed windows start
+                probe.mark("setup")
+            elif event.step == event.total_steps:  # before the final sample images and export
+                probe.mark("steps")
+            if between_windows is not None and event.step < event.total_steps:
+                between_windows()
+            resumed.append(time.perf_counter())
+        if event.type != "progress":
+            events.append(event.to_dict())
+
+    result = training.train(config, emit, lambda: False)
+    terminal = events[-1] if events else {}
+    if terminal.get("type") != "complete":
+        raise RuntimeError(f"the trainer ended with {terminal}")
+    timing = windows_from_marks(marks, args.steps, args.warmup, args.batch, resumed)
+    del result
+    return {"timing": timing, "started": events[0]}
+
+
+def run_floor(args, config, device: torch.device, records, probe: MemoryProbe) -> dict:
+    loop = floor_loop(args, config, device)
+    timing = time_windows(loop.step, device, warmup_windows=args.warmup, windows=args.windows,
+                          window_steps=args.steps, batch_size=args.batch, after_warmup=lambda: probe.mark("setup"))
+    probe.mark("steps")
+    return {"timing": timing}
+
+
+def run_interleaved(args, config, device: torch.device, records, phases: list[str]) -> dict:
+    """All phases in one go, window by window: the trainer trains, and at each of its progress events one window
+    of every other phase runs (after their own warm-up at the first event), outside the trainer's timed windows.
+    A machine whose speed drifts, such as a shared VM, then slows every phase alike and the ratios hold. Memory
+    is measured for the whole run only, since every phase's model is loaded at once."""
+    builders = {"reference": lambda: reference_loop(config, device, records),
+                "floor": lambda: floor_loop(args, config, device)}
+    others = {name: builders[name]().step for name in phases if name != "trainer"}
+    seconds: dict[str, list[float]] = {name: [] for name in others}
+
+    def between_windows() -> None:
+        for name, step in others.items():
+            if not seconds[name]:
+                for _ in range(args.warmup):
+                    time_window(step, device, args.steps)
+            seconds[name].append(time_window(step, device, args.steps))
+
+    with MemoryProbe(device) as probe:
+        trainer = run_trainer(args, config, device, records, probe, between_windows)
+    timings = {name: Timing(times[args.warmup - 1:], args.batch) for name, times in seconds.items()}
+    timings["trainer"] = trainer.pop("timing")
+    return {name: {**timings[name].to_dict(), **(trainer if name == "trainer" else {}), "interleaved": True}
+            for name in phases} | {"_memory": probe.result}
 
 
 PHASES = {"reference": run_reference, "trainer": run_trainer, "floor": run_floor}
@@ -249,20 +301,38 @@ def print_report(results: dict, out=sys.stdout) -> None:
         if "error" in phase:
             print(f"{name:<10} FAILED: {phase['error']}", file=out)
             continue
-        memory = phase.get("step_memory", {})
-        mem = (f"{memory.get('allocated_gib')} / {memory.get('reserved_gib')}" if gpu
-               else f"{memory.get('rss_gib')}")
+        memory = phase.get("step_memory")
+        mem = ("- (interleaved)" if memory is None else
+               f"{memory.get('allocated_gib')} / {memory.get('reserved_gib')}" if gpu else f"{memory.get('rss_gib')}")
         print(f"{name:<10} {phase['s_per_step']:>9.4f} {phase['images_per_s']:>9.2f} {phase['spread']:>7.1%} "
               f"{phase.get('tflops', 0):>8.2f}  {mem}", file=out)
     ratios = results["ratios"]
     print(f"trainer/reference images/s: {ratios['trainer_over_reference']}   "
           f"floor/trainer images/s: {ratios['floor_over_trainer']}", file=out)
+    if "memory_all_phases" in results:
+        peak = results["memory_all_phases"].get("peak", {})
+        print(f"interleaved: peak memory of all phases together {peak}", file=out)
     estimate = results.get("memory_estimate")
-    if estimate and "trainer" in phases:
+    if estimate and "step_memory" in phases.get("trainer", {}):
         measured = phases.get("trainer", {}).get("step_memory", {})
         peak = measured.get("allocated_gib") if gpu else measured.get("rss_gib")
         print(f"memory estimate (--validate-only): {estimate['total_gib']} GiB; trainer step peak "
               f"{'allocated' if gpu else 'RSS'}: {peak} GiB", file=out)
+
+
+def run_all_interleaved(args, config, device: torch.device, records, phases: list[str], results: dict) -> None:
+    print(f"-- {', '.join(phases)}, interleaved ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    try:
+        measured = run_interleaved(args, config, device, records, phases)
+        results["memory_all_phases"] = measured.pop("_memory")
+        results["phases"] = measured
+    except Exception as error:
+        traceback.print_exc()
+        message = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+        results["phases"] = {name: {"error": message} for name in phases}
+    for phase in results["phases"].values():
+        phase["wall_s"] = round(time.perf_counter() - started, 1)
 
 
 def _write_json(path: Path, results: dict) -> None:
@@ -291,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown phases {sorted(unknown)}; choose from {list(PHASES)}", file=sys.stderr)
         return 2
+    if args.interleave and "trainer" not in phases:
+        print("--interleave times the other phases between the trainer's windows: include the trainer phase",
+              file=sys.stderr)
+        return 2
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="lora-bench-"))
     images = args.images or max(8, 2 * args.batch)
     dataset_dir = make_dataset(work / "dataset", images, args.image_size or max(512, args.resolution))
@@ -309,14 +383,17 @@ def main(argv: list[str] | None = None) -> int:
                      "precision": hardware.resolve_precision(config, device), "compile": args.compile,
                      "floor_compile_mode": args.floor_compile_mode, "floor_sync": args.floor_sync,
                      "floor_contiguous": args.floor_contiguous,
-                     "gradient_checkpointing": args.gradient_checkpointing, "images": images,
+                     "gradient_checkpointing": args.gradient_checkpointing, "interleave": args.interleave,
+                     "images": images,
                      "image_size": args.image_size or max(512, args.resolution), "steps_per_window": args.steps,
                      "windows": args.windows, "warmup_windows": args.warmup},
         "tflop_per_image": step_tflop_per_image(args.model, args.resolution, args.rank),
         "memory_estimate": (preflight.preflight(config).get("memory_estimate")),
         "phases": {},
     }
-    for name in phases:
+    if args.interleave:
+        run_all_interleaved(args, config, device, records, phases, results)
+    for name in [] if args.interleave else phases:
         print(f"-- {name} ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
         try:
