@@ -552,7 +552,9 @@ def estimate_markdown(report: dict[str, Any]) -> str:
     if estimate:
         lines.append(f"**Memory estimate:** about {estimate['total_gib']} GiB (weights "
                      f"{estimate['frozen_weights_gib']}, LoRA + optimizer {estimate['lora_and_optimizer_gib']}, "
-                     f"activations {estimate['activations_gib']}); {estimate['covers']}")
+                     f"activations {estimate['activations_gib']}"
+                     f"{', gradient checkpointing on' if estimate.get('gradient_checkpointing') else ''}); "
+                     f"{estimate['covers']}")
     if "total_steps" in report:
         lines.append(f"**Steps:** {report['total_steps']} on {report['dataset']['num_images']} images")
     if "model" in report:

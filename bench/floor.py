@@ -25,7 +25,7 @@ class FloorLoop:
         precision = hardware.resolve_precision(config, device)
         self.dtype = hardware.weight_dtype(precision)
         self.device, self.autocast = device, precision != "no"
-        self.params = prepare_unet(unet, config, device, self.dtype)
+        self.params = prepare_unet(unet, config, device, self.dtype, config.gradient_checkpointing == "on")
         if contiguous:
             unet.to(memory_format=torch.contiguous_format)
         self.optimizer = optim.make_optimizer(config, [{"params": self.params, "lr": config.learning_rate}], device)

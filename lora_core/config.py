@@ -158,8 +158,10 @@ class TrainConfig(BaseModel):
                                                    json_schema_extra=_ui("advanced"))
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description=(
         "auto: bf16 on GPUs that have it, else fp16 on CUDA, fp32 on CPU."), json_schema_extra=_ui("advanced"))
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the UNet.",
-                                         json_schema_extra=_ui("advanced"))
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description=(
+        "Recompute the UNet's activations in the backward pass instead of keeping them: far less memory, slower "
+        "steps. auto: on only when the memory estimate says the run would not fit in the GPU's free memory "
+        "otherwise (never on the CPU). true/false read as on/off."), json_schema_extra=_ui("advanced"))
     compile_unet: bool = Field(False, description=(
         "Compile the UNet with torch.compile: faster steps (about 19 % on a 2-core CPU) after a one-off compile "
         "of minutes at the start (again for a new batch shape; seconds once cached). For long runs."),
@@ -193,6 +195,11 @@ class TrainConfig(BaseModel):
     @classmethod
     def _one_word_is_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _bool_is_on_or_off(cls, value: Any) -> Any:
+        return ("on" if value else "off") if isinstance(value, bool) else value
 
     @field_validator("trigger_words", "sample_prompts")
     @classmethod

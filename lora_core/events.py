@@ -42,6 +42,7 @@ class Started(Event):
     output_path: str
     num_processes: int = 1  # data-parallel processes (devices) training together
     resumed_from_step: int | None = None  # set when the run continues from a saved training state
+    gradient_checkpointing: bool = False  # as decided for this run (the config may say 'auto')
 
 
 @dataclass(kw_only=True)

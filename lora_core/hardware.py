@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -71,6 +72,7 @@ class MemoryEstimate:
     frozen_weights_gib: float
     lora_and_optimizer_gib: float
     activations_gib: float
+    gradient_checkpointing: bool
     covers: str
 
     def to_dict(self) -> dict:
@@ -83,12 +85,13 @@ class MemoryEstimate:
 # confirmed against torch.cuda.max_memory_allocated by bench/gpu_check.sh (see bench/RESULTS.md).
 ACTIVATION_BYTES_PER_UNIT = 42.0
 CHECKPOINTING_FACTOR = 0.35
+FIT_MARGIN = 1.1  # the estimate came out 1.5-8 % under the measured peaks on an H200 (bench/RESULTS.md)
 
 
-def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str) -> MemoryEstimate:
+def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str, checkpointing: bool) -> MemoryEstimate:
     """Peak memory of the training step on the device: frozen weights kept there, LoRA weights with
-    gradients and AdamW state, and UNet activations for one batch. It does not cover the sample-image
-    pass, the allocator's cache beyond that, or (on the CPU) the Python process itself."""
+    gradients and AdamW state, and UNet activations for one batch (fewer with `checkpointing`). It does not
+    cover the sample-image pass, the allocator's cache beyond that, or (on the CPU) the Python process itself."""
     bytes_per = 4 if precision == "no" else 2
     text_on_device = config.train_text_encoder or config.shuffle_tags  # captions encoded every step
     resident = (sizes.unet_params + (sizes.vae_params if config.latent_cache == "off" else 0)
@@ -103,7 +106,7 @@ def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str) -> M
     latent = config.resolution // 8
     activations = (ACTIVATION_BYTES_PER_UNIT * config.batch_size * latent * latent * sizes.activation_units
                    * bytes_per / 2)
-    if config.gradient_checkpointing:
+    if checkpointing:
         activations *= CHECKPOINTING_FACTOR
     kept = ["UNet"] + (["VAE"] if config.latent_cache == "off" else []) + (["text encoder"] if text_on_device else [])
     trained = "UNet and text-encoder" if config.train_text_encoder else "UNet"
@@ -112,4 +115,25 @@ def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str) -> M
               if text_on_device else "the text encoders (used once to cache captions, then moved off), ")
               + "the sample-image pass or allocator slack")
     return MemoryEstimate(round((frozen + lora + activations) / GIB, 3), round(frozen / GIB, 3),
-                          round(lora / GIB, 3), round(activations / GIB, 3), covers)
+                          round(lora / GIB, 3), round(activations / GIB, 3), checkpointing, covers)
+
+
+def free_device_memory_gib(device: torch.device) -> float | None:
+    """What a new job can use on a CUDA device: the driver's free memory plus what this process's allocator
+    holds cached but unused. None on the CPU."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return round((free + cached) / GIB, 2)
+
+
+def use_gradient_checkpointing(config: TrainConfig, precision: str, free_gib: float | None,
+                               sizes: Callable[[], ModelSizes]) -> bool:
+    """'on' and 'off' as given. 'auto': on when the step without it would not fit in `free_gib` (with
+    FIT_MARGIN for the estimate's error); off where there is no device memory to fit in (the CPU)."""
+    if config.gradient_checkpointing != "auto":
+        return config.gradient_checkpointing == "on"
+    if free_gib is None:
+        return False
+    return estimate_memory(config, sizes(), precision, checkpointing=False).total_gib * FIT_MARGIN > free_gib

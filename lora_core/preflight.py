@@ -91,11 +91,14 @@ def preflight(config: TrainConfig, num_processes: int | None = None) -> dict[str
         return report
 
     if info is not None and source is not None:
-        estimate = hardware.estimate_memory(config, models.model_sizes(source, info), precision)
+        sizes = models.model_sizes(source, info)
+        checkpointing = hardware.use_gradient_checkpointing(config, precision, hardware.free_device_memory_gib(
+            device), lambda: sizes)
+        estimate = hardware.estimate_memory(config, sizes, precision, checkpointing)
         report["memory_estimate"] = estimate.to_dict()
         free = info_device.free_memory_gib
         if free is not None and estimate.total_gib > free:
             report["warnings"].append(f"the run needs about {estimate.total_gib} GiB but {free} GiB is free on "
-                                      f"{info_device.name}; lower batch_size or resolution, or turn on "
-                                      "gradient_checkpointing")
+                                      f"{info_device.name}; lower batch_size or resolution"
+                                      + ("" if checkpointing else ", or turn on gradient_checkpointing"))
     return report

@@ -117,7 +117,9 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
     for module in (unet, vae, *models.text_encoders(pipeline)):
         module.requires_grad_(False)
         module.eval()
-    params = prepare_unet(unet, config, accelerator.device, dtype)
+    checkpointing = hardware.use_gradient_checkpointing(config, precision, hardware.free_device_memory_gib(
+        accelerator.device), lambda: models.model_sizes(source, info))
+    params = prepare_unet(unet, config, accelerator.device, dtype, checkpointing)
 
     cache = build_cache(config, pipeline, report, assigned, info, accelerator.device, dtype)
     if accelerator.device.type == "cuda":
@@ -157,7 +159,8 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
     if main:
         emit(Started(total_steps=total_steps, num_images=len(report.images), device=str(accelerator.device),
                      mixed_precision=precision, model_family=info.description, output_path=str(output),
-                     num_processes=accelerator.num_processes, resumed_from_step=step if resume else None))
+                     num_processes=accelerator.num_processes, resumed_from_step=step if resume else None,
+                     gradient_checkpointing=checkpointing))
     metadata = dict(family=info.family, prediction_type=info.prediction_type,
                     num_images=len(report.images) * config.repeats,  # as sd-scripts counts them
                     precision=precision, started_at=started_at,
@@ -294,12 +297,14 @@ def optimizer_step(accelerator: Accelerator, optimizer, params, config: TrainCon
     return False
 
 
-def prepare_unet(unet, config: TrainConfig, device: torch.device, dtype: torch.dtype) -> list[torch.nn.Parameter]:
+def prepare_unet(unet, config: TrainConfig, device: torch.device, dtype: torch.dtype,
+                 checkpointing: bool) -> list[torch.nn.Parameter]:
     """The UNet as the fit loop wants it: frozen weights in `dtype` on the device, an fp32 LoRA (returned),
-    channels-last convolutions on CUDA, checkpointing when asked, in train mode. The benchmark's floor uses it too."""
+    channels-last convolutions on CUDA, checkpointing if so decided, in train mode. The benchmark's floor uses
+    it too."""
     unet.to(device, dtype=dtype)
     params = add_lora(unet, config)
-    if config.gradient_checkpointing:
+    if checkpointing:
         unet.enable_gradient_checkpointing()
     if device.type == "cuda":  # NHWC for cuDNN's tensor-core convolutions; on the CPU it measured 4 % slower
         unet.to(memory_format=torch.channels_last)

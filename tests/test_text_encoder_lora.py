@@ -127,8 +127,8 @@ def test_the_memory_estimate_counts_text_encoders_that_stay_on_the_device():
     base = dict(dataset_path="d", base_model="builtin:tiny-sd", output_path="o", trigger_words=["t"])
     source = models.resolve("builtin:tiny-sd")
     sizes = models.model_sizes(source, models.inspect(source))
-    frozen = hardware.estimate_memory(parse_config(base), sizes, "no")
-    trained = hardware.estimate_memory(parse_config({**base, "train_text_encoder": True}), sizes, "no")
+    frozen = hardware.estimate_memory(parse_config(base), sizes, "no", False)
+    trained = hardware.estimate_memory(parse_config({**base, "train_text_encoder": True}), sizes, "no", False)
     added = (trained.total_gib - frozen.total_gib) * hardware.GIB
     assert abs(added - sizes.text_params * 4) < 0.002 * hardware.GIB  # fp32 weights; rounding of the GiB figures
     assert "text encoder" in trained.covers.split(" on the device")[0]

@@ -220,7 +220,7 @@ def test_presets_fill_the_form_and_the_config_file_works_with_the_cli(client, tm
     assert keys == webui.FORM_KEYS
     values = dict(zip(webui.FORM_KEYS, client.predict("sdxl-character", "", api_name="/load_preset"), strict=True))
     assert values["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
-    assert values["resolution"] == 1024 and values["gradient_checkpointing"] is True
+    assert values["resolution"] == 1024 and values["gradient_checkpointing"] == "auto"
     assert values["run_name"] == "sdxl-character" and values["length_by"] == "steps"
 
     values.update(dataset_path=str(DEMO), length_by="epochs", epochs=3)
