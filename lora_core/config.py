@@ -163,7 +163,7 @@ class TrainConfig(BaseModel):
         "steps. auto: on only when the memory estimate says the run would not fit in the GPU's free memory "
         "otherwise (never on the CPU). true/false read as on/off."), json_schema_extra=_ui("advanced"))
     compile_unet: bool = Field(False, description=(
-        "Compile the UNet with torch.compile: faster steps (about 19 % on a 2-core CPU) after a one-off compile "
+        "Compile the UNet with torch.compile: faster steps (about 14 % on a 2-core CPU) after a one-off compile "
         "of minutes at the start (again for a new batch shape; seconds once cached). For long runs."),
         json_schema_extra=_ui("advanced"))
 
