@@ -204,32 +204,66 @@ def run_floor(args, config, device: torch.device, records, probe: MemoryProbe) -
     return {"timing": timing}
 
 
-def run_interleaved(args, config, device: torch.device, records, phases: list[str]) -> dict:
+PHASES = {"reference": run_reference, "trainer": run_trainer, "floor": run_floor}
+
+
+def run_one_after_another(args, config, device: torch.device, records, phases: list[str], results: dict) -> None:
+    """Each phase on its own, with its own peak memory; the JSON is written after every phase, so that a run
+    stopped by a time limit keeps what it measured."""
+    for name in phases:
+        print(f"-- {name} ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        try:
+            with MemoryProbe(device) as probe:
+                outcome = PHASES[name](args, config, device, records, probe)
+            timing: Timing = outcome.pop("timing")
+            results["phases"][name] = {**timing.to_dict(), **outcome, "memory": probe.result,
+                                       "step_memory": probe.segment("steps")}
+        except Exception as error:  # one failing phase must not lose the others
+            results["phases"][name] = _failure(error)
+        results["phases"][name]["wall_s"] = round(time.perf_counter() - started, 1)
+        release_memory(device)
+        if args.json:
+            summarise(results)
+            _write_json(args.json, results)
+
+
+def run_interleaved(args, config, device: torch.device, records, phases: list[str], results: dict) -> None:
     """All phases in one go, window by window: the trainer trains, and at each of its progress events one window
     of every other phase runs (after their own warm-up at the first event), outside the trainer's timed windows.
     A machine whose speed drifts, such as a shared VM, then slows every phase alike and the ratios hold. Memory
-    is measured for the whole run only, since every phase's model is loaded at once."""
+    is measured for the whole run only (`memory_all_phases`), since every phase's model is loaded at once."""
+    print(f"-- {', '.join(phases)}, interleaved ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
     builders = {"reference": lambda: reference_loop(config, device, records),
                 "floor": lambda: floor_loop(args, config, device)}
-    others = {name: builders[name]().step for name in phases if name != "trainer"}
-    seconds: dict[str, list[float]] = {name: [] for name in others}
+    seconds: dict[str, list[float]] = {name: [] for name in phases if name != "trainer"}
+    try:
+        steps = {name: builders[name]().step for name in seconds}
 
-    def between_windows() -> None:
-        for name, step in others.items():
-            if not seconds[name]:
-                for _ in range(args.warmup):
-                    time_window(step, device, args.steps)
-            seconds[name].append(time_window(step, device, args.steps))
+        def between_windows() -> None:
+            for name, step in steps.items():
+                if not seconds[name]:
+                    for _ in range(args.warmup):
+                        time_window(step, device, args.steps)
+                seconds[name].append(time_window(step, device, args.steps))
 
-    with MemoryProbe(device) as probe:
-        trainer = run_trainer(args, config, device, records, probe, between_windows)
-    timings = {name: Timing(times[args.warmup - 1:], args.batch) for name, times in seconds.items()}
-    timings["trainer"] = trainer.pop("timing")
-    return {name: {**timings[name].to_dict(), **(trainer if name == "trainer" else {}), "interleaved": True}
-            for name in phases} | {"_memory": probe.result}
+        with MemoryProbe(device) as probe:
+            trainer = run_trainer(args, config, device, records, probe, between_windows)
+        results["memory_all_phases"] = probe.result
+        timings = {name: Timing(times[args.warmup - 1:], args.batch) for name, times in seconds.items()}
+        timings["trainer"] = trainer.pop("timing")
+        results["phases"] = {name: {**timings[name].to_dict(), **(trainer if name == "trainer" else {}),
+                                    "interleaved": True} for name in phases}
+    except Exception as error:  # every phase took part, so every phase failed
+        results["phases"] = {name: _failure(error) for name in phases}
+    for phase in results["phases"].values():
+        phase["wall_s"] = round(time.perf_counter() - started, 1)
 
 
-PHASES = {"reference": run_reference, "trainer": run_trainer, "floor": run_floor}
+def _failure(error: Exception) -> dict:
+    traceback.print_exc()
+    return {"error": f"{type(error).__name__}: {error}".splitlines()[0][:500]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -320,21 +354,6 @@ def print_report(results: dict, out=sys.stdout) -> None:
               f"{'allocated' if gpu else 'RSS'}: {peak} GiB", file=out)
 
 
-def run_all_interleaved(args, config, device: torch.device, records, phases: list[str], results: dict) -> None:
-    print(f"-- {', '.join(phases)}, interleaved ...", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    try:
-        measured = run_interleaved(args, config, device, records, phases)
-        results["memory_all_phases"] = measured.pop("_memory")
-        results["phases"] = measured
-    except Exception as error:
-        traceback.print_exc()
-        message = f"{type(error).__name__}: {error}".splitlines()[0][:500]
-        results["phases"] = {name: {"error": message} for name in phases}
-    for phase in results["phases"].values():
-        phase["wall_s"] = round(time.perf_counter() - started, 1)
-
-
 def _write_json(path: Path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".partial")
@@ -392,24 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         "phases": {},
     }
     if args.interleave:
-        run_all_interleaved(args, config, device, records, phases, results)
-    for name in [] if args.interleave else phases:
-        print(f"-- {name} ...", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        try:
-            with MemoryProbe(device) as probe:
-                outcome = PHASES[name](args, config, device, records, probe)
-            timing: Timing = outcome.pop("timing")
-            results["phases"][name] = {**timing.to_dict(), **outcome, "memory": probe.result,
-                                       "step_memory": probe.segment("steps")}
-        except Exception as error:  # one failing phase must not lose the others
-            traceback.print_exc()
-            results["phases"][name] = {"error": f"{type(error).__name__}: {error}".splitlines()[0][:500]}
-        results["phases"][name]["wall_s"] = round(time.perf_counter() - started, 1)
-        release_memory(device)
-        if args.json:  # after every phase, so that a run stopped by a time limit keeps what it measured
-            summarise(results)
-            _write_json(args.json, results)
+        run_interleaved(args, config, device, records, phases, results)
+    else:
+        run_one_after_another(args, config, device, records, phases, results)
     results["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     summarise(results)
     print_report(results)
