@@ -100,5 +100,5 @@ def preflight(config: TrainConfig, num_processes: int | None = None) -> dict[str
         if free is not None and estimate.total_gib > free:
             report["warnings"].append(f"the run needs about {estimate.total_gib} GiB but {free} GiB is free on "
                                       f"{info_device.name}; lower batch_size or resolution"
-                                      + ("" if checkpointing else ", or turn on gradient_checkpointing"))
+                                      + ("" if checkpointing else ", or set gradient_checkpointing to 'on'"))
     return report

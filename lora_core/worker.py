@@ -20,8 +20,9 @@ from lora_core.events import Complete, Error, Event, EventLog, Interrupted, Prog
 
 log = logging.getLogger("lora_core")
 
-OOM_ADVICE = ("the GPU ran out of memory; lower batch_size or resolution, turn on gradient_checkpointing, "
-              "keep latent_cache on (memory or disk), or use a smaller lora_rank")
+OOM_ADVICE = ("the GPU ran out of memory; lower batch_size or resolution, set gradient_checkpointing to 'on' "
+              "('auto' turns it on only when the estimate says the run would not fit), keep latent_cache on "
+              "(memory or disk), or use a smaller lora_rank")
 
 
 class BusyError(RuntimeError):

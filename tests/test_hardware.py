@@ -68,3 +68,13 @@ def test_auto_checkpointing_in_a_real_run_and_in_the_preflight(dataset_dir, tmp_
     assert events[-1].type == "complete"
     estimate = preflight.preflight(config)["memory_estimate"]
     assert estimate["gradient_checkpointing"] is True
+
+
+def test_running_out_of_gpu_memory_names_the_fixes():
+    import torch
+
+    from lora_core.worker import describe_failure
+
+    message = describe_failure(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert "gradient_checkpointing to 'on'" in message and "batch_size" in message
+    assert "Tried to allocate 2.00 GiB" in message
