@@ -30,3 +30,16 @@ def test_every_event_type_is_documented():
              if isinstance(cls, type) and issubclass(cls, events.Event) and cls is not events.Event}
     for event_type in types:
         assert f"| `{event_type}` |" in README, event_type
+
+
+def test_every_event_field_is_in_its_row_of_the_event_table():
+    import dataclasses
+
+    from lora_core import events
+
+    rows = {line.split("|")[1].strip(" `"): line for line in README.splitlines() if line.startswith("| `")}
+    for cls in vars(events).values():
+        if isinstance(cls, type) and issubclass(cls, events.Event) and cls is not events.Event:
+            for field in dataclasses.fields(cls):
+                if field.name != "timestamp":  # every event has it, as the text above the table says
+                    assert f"`{field.name}`" in rows[cls.type], (cls.type, field.name)
