@@ -132,7 +132,8 @@ def _outcome(summary: RunSummary, output: Path) -> str:
         ("images", str(start.num_images)),
         ("model", _e(start.model_family)),
         ("device", f"{_e(start.device)} × {getattr(start, 'num_processes', 1)} process(es), precision "
-                   f"{_e(start.mixed_precision)}"),
+                   f"{_e(start.mixed_precision)}"
+                   f"{', gradient checkpointing' if getattr(start, 'gradient_checkpointing', False) else ''}"),
         ("started", _e(summary.starts[0].timestamp)),
     ]
     if len(summary.starts) > 1:
