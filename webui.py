@@ -26,7 +26,7 @@ from typing import Any
 import gradio as gr
 
 from lora_core.config import ConfigError, TrainConfig, load_config, parse_config
-from lora_core.formspec import (
+from studio.formspec import (
     LENGTH_CHOICES,
     FieldSpec,
     config_file_dict,
@@ -35,8 +35,8 @@ from lora_core.formspec import (
     form_to_config_dict,
     split_list,
 )
-from lora_core.jobs import RUN_NAME, BusyError, RunView, Studio
-from lora_core.uploads import UploadError, UploadLimits, ingest
+from studio.jobs import RUN_NAME, BusyError, RunView, Studio
+from studio.uploads import UploadError, UploadLimits, ingest
 
 log = logging.getLogger("webui")
 
@@ -289,7 +289,7 @@ class StudioPage:
                                      elem_id="dataset-gallery")
 
     def _model_section(self) -> None:
-        from lora_core.preview import HUB_MODELS
+        from studio.preview import HUB_MODELS
 
         with gr.Group():
             gr.Markdown("### 2 · Model")
@@ -396,7 +396,8 @@ class StudioPage:
         return report.folder, markdown, gallery
 
     def scan(self, folder: str, trigger_words: str, upload_report=None):
-        from lora_core import dataset, preview
+        from lora_core import dataset
+        from studio import preview
 
         if problem := _dataset_folder_problem(folder, self.studio, self.settings):
             raise gr.Error(problem)
@@ -421,7 +422,7 @@ class StudioPage:
         return self.scan(initial["dataset_path"], initial["trigger_words"]) if initial["dataset_path"] else ("", [])
 
     def describe_model(self, base_model: str | None) -> str:
-        from lora_core import preview
+        from studio import preview
 
         family, problem = preview.describe_model(base_model or "")
         if problem is None:

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_core.config import TrainConfig
+from lora_core.errors import UserError
 from lora_core.files import _fsync_dir
 
 MARKER = "COMPLETE"
@@ -32,7 +33,7 @@ MUST_MATCH = ("base_model", "lora_rank", "lora_alpha", "lora_dropout", "lora_tar
 KILL_HOOK = "LORA_STUDIO_TEST_KILL_IN_SAVE"  # tests: SIGKILL halfway through saving the state of this step
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError):
     field = "resume"
 
 

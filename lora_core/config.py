@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lora_core.errors import UserError
+
 REQUIRED_FIELDS = ("dataset_path", "base_model", "output_path", "trigger_words")
 NESTED_KEY = "training_params"
 
@@ -244,7 +246,7 @@ class TrainConfig(BaseModel):
         return set(self.model_fields_set)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot be used. `problems` is a list of (field, message), each naming the fix."""
 
     def __init__(self, problems: list[tuple[str, str]], source: str | None = None):

@@ -15,13 +15,14 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lora_core import buckets, captions
+from lora_core.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MAX_PIXELS = 64_000_000  # refuse before decoding: a 64 Mpx RGB image is already ~200 MB in memory
 MIN_SIDE = 8
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     field = "dataset_path"
 
 

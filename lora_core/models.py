@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_core import builtin
+from lora_core.errors import UserError
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -23,7 +24,7 @@ CONFIG_PATTERNS = ["model_index.json", "*/*.json"]
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A base model that cannot be used; the message says why and what to do."""
 
     field = "base_model"

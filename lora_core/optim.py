@@ -12,11 +12,12 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from lora_core.config import TrainConfig
+from lora_core.errors import UserError
 
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 
 
-class OptimizerError(ImportError):
+class OptimizerError(UserError, ImportError):
     field = "optimizer"
 
 

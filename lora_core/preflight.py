@@ -12,9 +12,10 @@ from typing import Any
 
 from lora_core import buckets, dataset, distributed, hardware, models, tracking
 from lora_core.config import TrainConfig
+from lora_core.errors import UserError
 
 
-class OutputFolderError(OSError):
+class OutputFolderError(UserError, OSError):
     field = "output_path"
 
 

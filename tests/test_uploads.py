@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from lora_core import dataset
-from lora_core.uploads import UploadError, UploadLimits, ingest
+from studio.uploads import UploadError, UploadLimits, ingest
 
 SERVER_NAME = re.compile(r"^\d{4}_[A-Za-z0-9_-]+\.(png|jpg|jpeg|webp|bmp|txt)$")
 

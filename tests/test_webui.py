@@ -16,7 +16,7 @@ from gradio_client.exceptions import AppError, ValidationError
 
 import webui
 from lora_core.config import TrainConfig, load_config, parse_config
-from lora_core.jobs import Studio
+from studio.jobs import Studio
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo" / "dataset"
@@ -320,7 +320,7 @@ def test_sigterm_to_the_server_lets_the_running_job_save_a_checkpoint(tmp_path):
         "import json, sys, time\n"
         "import webui\n"
         "from lora_core.config import parse_config\n"
-        "from lora_core.jobs import Studio\n"
+        "from studio.jobs import Studio\n"
         f"studio = Studio({str(outputs)!r})\n"
         f"studio.start(parse_config(json.loads({json.dumps(json.dumps(config))})))\n"
         "webui.install_signal_handlers(studio)\n"

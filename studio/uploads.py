@@ -21,6 +21,8 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from lora_core.errors import UserError
+
 CAPTION_SUFFIX = ".txt"
 ARCHIVE_SUFFIXES = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".zst", ".lz", ".lzma"}
 # First bytes of archive formats: a "photo.png" that is really an archive is a nested archive too.
@@ -41,7 +43,7 @@ class UploadLimits:
     ratio_floor_bytes: int = 1024**2  # small members (captions) may compress well; the ratio is checked above this
 
 
-class UploadError(ValueError):
+class UploadError(UserError):
     """The upload as a whole cannot be used (nothing was given, or nothing usable was in it)."""
 
     field = "dataset_path"
