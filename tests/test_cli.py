@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_DATASET, ROOT, tiny_config
+from helpers import DEMO_DATASET, ROOT, tiny_config
 from PIL import Image
 from safetensors import safe_open
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import DEMO_DATASET, ROOT, tiny_config
+from helpers import DEMO_DATASET, ROOT, tiny_config
 from safetensors.torch import load_file
 
 from lora_core.events import parse_event, read_events

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, tiny_config
+from helpers import ROOT, tiny_config
 
 sys.path.insert(0, str(ROOT / "docker"))
 import entrypoint  # noqa: E402

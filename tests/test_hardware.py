@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 
 from lora_core import hardware, models, preflight
 from lora_core.config import config_to_file_dict, parse_config

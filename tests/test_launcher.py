@@ -6,7 +6,7 @@ import json
 import sys
 import textwrap
 
-from conftest import tiny_config
+from helpers import tiny_config
 from test_distributed import eight_image_dataset
 
 from lora_core.config import parse_config

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_config
 from diffusers import StableDiffusionPipeline
+from helpers import tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_text_encoder_lora import OPTIONS, encode, load, run, unet_inputs

@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 from PIL import Image
 
 from lora_core.config import parse_config

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_config
+from helpers import ROOT, tiny_config
 from safetensors.torch import load_file
 
 from lora_core import checkpoint

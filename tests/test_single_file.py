@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_config
+from helpers import ROOT, tiny_config
 from safetensors.torch import load_file, save_file
 
 from lora_core import builtin, models

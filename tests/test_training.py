@@ -1,8 +1,8 @@
 """The training loop in process: reproducible, exact export, lengths from steps or epochs."""
 
 import torch
-from conftest import tiny_config
 from diffusers import StableDiffusionPipeline
+from helpers import tiny_config
 from safetensors.torch import load_file
 
 from lora_core import builtin

@@ -15,7 +15,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError, ValidationError
 
 import webui
-from lora_core.config import TrainConfig, load_config, parse_config
+from lora_core.config import TrainConfig, load_config, non_null_schema, parse_config
 from studio.jobs import Studio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +94,7 @@ def test_importing_webui_does_not_import_torch():
 
 def test_every_slider_and_dropdown_has_the_models_range_and_choices(served):
     demo = served[0]
-    schema = TrainConfig.model_json_schema()["properties"]
+    schema = {name: non_null_schema(value) for name, value in TrainConfig.model_json_schema()["properties"].items()}
     fields = {block.elem_id.removeprefix("field-"): block for block in demo.blocks.values()
               if (block.elem_id or "").startswith("field-")}
     assert set(TrainConfig.model_fields) - {"output_path"} <= set(fields)  # output_path is the run name
