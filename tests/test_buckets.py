@@ -105,6 +105,7 @@ def test_the_bucket_table_is_in_the_dataset_report(tmp_path):
     assert report.to_dict()["buckets"] == {"256x256": 6}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("model", ["builtin:tiny-sd", "builtin:tiny-sdxl"])
 def test_training_batches_never_mix_shapes(tmp_path, model):
     mixed_dataset(tmp_path / "data", SIZES)

@@ -114,6 +114,7 @@ def test_text_embeddings_are_cached_for_fixed_captions_and_dropout_uses_the_empt
     assert conditioning["encoder_hidden_states"].shape == cached.rows["encoder_hidden_states"][:1].shape
 
 
+@pytest.mark.e2e
 def test_training_from_the_disk_cache_equals_training_from_memory(tmp_path):
     folder = make_dataset(tmp_path / "data")
     results = {}

@@ -124,6 +124,7 @@ def test_random_crop_with_cached_latents_is_refused_naming_both_fields():
     assert parse_config(tiny_config("d", "o", crop="random", latent_cache="off")).crop == "random"
 
 
+@pytest.mark.e2e
 def test_stop_and_resume_with_every_augmentation_is_bit_identical(tmp_path):
     folder = wide_dataset(tmp_path / "data")
     options = dict(steps=3, checkpoint_steps=1, validation_steps=100, shuffle_tags=True, keep_tokens=1,

@@ -17,6 +17,8 @@ from helpers import DEMO_DATASET, ROOT, tiny_config
 from PIL import Image
 from safetensors import safe_open
 
+pytestmark = pytest.mark.e2e  # every test here trains or serves end to end
+
 EVENT_FIELDS = {
     "started": {"total_steps", "num_images", "device"},
     "progress": {"step", "total_steps", "loss", "percent", "lr", "it_per_s", "eta_s"},

@@ -40,6 +40,8 @@ from lora_core.config import parse_config
 from lora_core.events import Progress
 from lora_core.latents import file_digest
 
+pytestmark = pytest.mark.e2e  # every test here trains or serves end to end
+
 STEPS, SEED, LR, TRIGGER = 4, 7, 1e-3, "shapestyle"
 LOSS_RTOL = 1e-5  # observed: 0 (SD, bitwise equal), 1.1e-7 (SDXL); a mismatched min-SNR: 0.33
 WEIGHT_TOL = 1e-3  # of the largest weight change; observed: 0 (SD), 8e-5 (SDXL); a mismatched min-SNR: 1.5

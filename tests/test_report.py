@@ -55,6 +55,7 @@ def polyline_points(svg: ET.Element, css_class: str = "raw") -> list[tuple[float
     return [tuple(map(float, pair.split(","))) for pair in line.get("points").split()]
 
 
+@pytest.mark.e2e
 def test_the_report_shows_the_loss_curve_the_settings_and_the_samples(tmp_path):
     image = record_run(tmp_path / "run")
     path = write_report(tmp_path / "run")
@@ -77,6 +78,7 @@ def test_the_report_shows_the_loss_curve_the_settings_and_the_samples(tmp_path):
     assert "complete" in page and "cuda:0 × 2 process(es), precision bf16, gradient checkpointing" in page
 
 
+@pytest.mark.e2e
 def test_a_resumed_run_is_one_curve_with_the_resume_marked(tmp_path):
     record_run(tmp_path / "run", resumed=True)
     page = write_report(tmp_path / "run").read_text(encoding="utf-8")
@@ -94,6 +96,7 @@ def test_no_report_without_a_run(tmp_path):
     assert write_report(tmp_path) is None and not (tmp_path / REPORT_NAME).exists()
 
 
+@pytest.mark.e2e
 def test_tensorboard_is_off_by_default_and_a_missing_package_is_named(dataset_dir, tmp_path, monkeypatch):
     config = parse_config(tiny_config(dataset_dir, tmp_path / "out"))
     assert config.log_with == "none" and open_tracker(config) is None
@@ -108,6 +111,7 @@ def test_tensorboard_is_off_by_default_and_a_missing_package_is_named(dataset_di
     assert terminal.type == "error" and terminal.field == "log_with" and "pip install tensorboard" in terminal.message
 
 
+@pytest.mark.e2e
 def test_a_run_logs_to_tensorboard_and_leaves_a_report_beside_the_lora(dataset_dir, tmp_path):
     pytest.importorskip("tensorboard", reason="the optional tensorboard package is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -18,6 +18,8 @@ from lora_core.config import parse_config
 from lora_core.training import train
 from lora_core.worker import Worker
 
+pytestmark = pytest.mark.e2e  # every test here trains or serves end to end
+
 STEPS = 8
 OPTIONS = dict(steps=STEPS, checkpoint_steps=2, validation_steps=1000, lora_dropout=0.1, lr_scheduler="cosine",
                lr_warmup_steps=2)

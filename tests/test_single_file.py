@@ -147,6 +147,7 @@ def train_cli(dataset: Path, output: Path, base_model: str, env: dict, **options
     return events
 
 
+@pytest.mark.e2e
 def test_an_sd1_single_file_trains_exactly_as_its_diffusers_folder(dataset_dir, tmp_path):
     single = write_sd1_single_file(tmp_path / "tiny-sd.safetensors")
     assert models.inspect(models.resolve(str(single))).family == "sd1"

@@ -56,6 +56,7 @@ def load(family: str):
     return StableDiffusionPipeline.from_pretrained(builtin.builtin_folder("tiny-sd"), safety_checker=None)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("family", "prefixes"), [("sd1", ["lora_te_"]), ("sdxl", ["lora_te1_", "lora_te2_"])])
 def test_text_encoder_lora_loaded_by_diffusers_reproduces_the_trained_model(dataset_dir, tmp_path, family,
                                                                             prefixes):
@@ -91,6 +92,7 @@ def test_text_encoder_lora_loaded_by_diffusers_reproduces_the_trained_model(data
                                    rtol=0, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_resume_with_a_trained_text_encoder_is_bit_identical(dataset_dir, tmp_path):
     options = dict(OPTIONS, steps=4, checkpoint_steps=2, validation_steps=1000)
     whole, _ = run(tiny_config(dataset_dir, tmp_path / "whole", **options))
