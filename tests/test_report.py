@@ -55,7 +55,6 @@ def polyline_points(svg: ET.Element, css_class: str = "raw") -> list[tuple[float
     return [tuple(map(float, pair.split(","))) for pair in line.get("points").split()]
 
 
-@pytest.mark.e2e
 def test_the_report_shows_the_loss_curve_the_settings_and_the_samples(tmp_path):
     image = record_run(tmp_path / "run")
     path = write_report(tmp_path / "run")
@@ -78,7 +77,6 @@ def test_the_report_shows_the_loss_curve_the_settings_and_the_samples(tmp_path):
     assert "complete" in page and "cuda:0 × 2 process(es), precision bf16, gradient checkpointing" in page
 
 
-@pytest.mark.e2e
 def test_a_resumed_run_is_one_curve_with_the_resume_marked(tmp_path):
     record_run(tmp_path / "run", resumed=True)
     page = write_report(tmp_path / "run").read_text(encoding="utf-8")
