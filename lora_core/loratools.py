@@ -161,20 +161,23 @@ def merge(loras: list[LoraFile], weights: list[float], rank: int | None,
     return out
 
 
-def write_layers(path: Path, layers: dict[str, Layer], metadata: dict[str, str]) -> Path:
-    state = {f"{name}.{param}": tensor for name, layer in layers.items() for param, tensor in layer.tensors.items()}
-    return save_lora(path, state, {key: value for key, value in metadata.items() if not key.startswith("sshs_")})
-
-
-def lora_metadata(source: dict[str, str], layers: dict[str, Layer], **extra: str) -> dict[str, str]:
-    """The source's metadata, its network fields now those of the LoRA written ('Dynamic' where ranks vary, as
-    sd-scripts' resize writes)."""
+def write_layers(path: Path, layers: dict[str, Layer], source: dict[str, str], **extra: str) -> Path:
+    """Write LoRA layers with one alpha for all (the largest rank), each up weight rescaled to keep its strength:
+    diffusers' loader applies a file's most common alpha to every layer whose own it cannot match, which would
+    change the strength of the layers whose rank differs (after --energy, or a merge)."""
+    alpha = float(max(layer.rank for layer in layers.values()))
+    state = {}
+    for name, layer in layers.items():
+        down, up = layer.tensors["lora_down.weight"], layer.tensors["lora_up.weight"]
+        state[f"{name}.lora_down.weight"] = down
+        state[f"{name}.lora_up.weight"] = (up * (layer.alpha / alpha)).contiguous()
+        state[f"{name}.alpha"] = torch.tensor(alpha)
     ranks = sorted({layer.rank for layer in layers.values()})
-    meta = {key: value for key, value in source.items() if key not in ("ss_network_args", "lora_adapter_metadata")}
-    dim = str(ranks[0]) if len(ranks) == 1 else "Dynamic"
-    meta.update(ss_network_module="networks.lora", ss_network_dim=dim,
-                ss_network_alpha=str(float(ranks[0])) if len(ranks) == 1 else "Dynamic", **extra)
-    return meta
+    meta = {key: value for key, value in source.items()
+            if key not in ("ss_network_args", "lora_adapter_metadata") and not key.startswith("sshs_")}
+    meta.update(ss_network_module="networks.lora", ss_network_dim=str(ranks[0]) if len(ranks) == 1 else "Dynamic",
+                ss_network_alpha=str(alpha), **extra)
+    return save_lora(path, state, meta)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,7 +250,7 @@ def run(args: argparse.Namespace) -> str:
             raise UserError("--energy must lie in (0, 1]", field="energy")
         lora = read(args.file)
         layers, kept = resize(lora, args.rank, args.energy, args.base)
-        write_layers(args.output, layers, lora_metadata(lora.metadata, layers))
+        write_layers(args.output, layers, lora.metadata)
         lines = [f"{name}  rank {layers[name].rank}  kept {100 * share:.2f} %" for name, share in kept.items()]
         return "\n".join([*lines, f"wrote {args.output}"])
     if args.command == "merge":
@@ -257,8 +260,7 @@ def run(args: argparse.Namespace) -> str:
         loras = [read(path) for path in args.files]
         layers = merge(loras, args.weights, args.rank, args.base)
         merged_from = ", ".join(f"{path.name} x {w:g}" for path, w in zip(args.files, args.weights, strict=True))
-        write_layers(args.output, layers, lora_metadata(loras[0].metadata, layers,
-                                                        **{"modelspec.merged_from": merged_from}))
+        write_layers(args.output, layers, loras[0].metadata, **{"modelspec.merged_from": merged_from})
         return f"wrote {args.output} ({len(layers)} layers)"
     return f"wrote {bake(args.file, args.base, args.output, args.scale)}"
 
