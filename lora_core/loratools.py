@@ -38,13 +38,14 @@ SETTINGS = ("ss_network_module", "ss_network_args", "ss_learning_rate", "ss_text
 
 def summary(lora: LoraFile) -> dict:
     meta = lora.metadata
-    ranks = sorted({layer.rank for layer in lora.layers.values()})
+    ranks = sorted({layer.rank for layer in lora.layers.values() if layer.rank})
+    whole = sum(1 for layer in lora.layers.values() if not layer.rank)  # LoKr layers with two whole factors
     alphas = sorted({layer.alpha for layer in lora.layers.values()})
     parts = sorted({name.split("_")[1] for name in lora.layers})  # unet, te, te1, te2
     targets = sorted({_target_of(name) for name in lora.layers})
     return {
         "file": str(lora.path), "type": "+".join(sorted(lora.kinds)), "layers": len(lora.layers),
-        "ranks": ranks, "alphas": alphas, "parts": parts, "targets": targets,
+        "ranks": ranks, "whole_factor_layers": whole, "alphas": alphas, "parts": parts, "targets": targets,
         "base_model": meta.get("ss_sd_model_name"), "architecture": meta.get("modelspec.architecture"),
         "trigger_words": meta.get("modelspec.trigger_phrase"),
         "settings": {key.removeprefix("ss_"): meta[key] for key in SETTINGS if key in meta},
@@ -61,8 +62,11 @@ def _target_of(name: str) -> str:
 
 
 def inspect_text(info: dict) -> str:
-    rows = [("file", info["file"]), ("type", info["type"]), ("layers", str(info["layers"])),
-            ("rank(s)", ", ".join(map(str, info["ranks"]))), ("alpha(s)", ", ".join(f"{a:g}" for a in info["alphas"])),
+    ranks = ", ".join(map(str, info["ranks"]))
+    if info["whole_factor_layers"]:
+        ranks += f" ({info['whole_factor_layers']} LoKr layers with whole factors)"
+    rows = [("file", info["file"]), ("type", info["type"]), ("layers", str(info["layers"])), ("rank(s)", ranks),
+            ("alpha(s)", ", ".join(f"{a:g}" for a in info["alphas"])),
             ("parts", ", ".join(info["parts"])), ("targets", ", ".join(info["targets"])),
             ("base model", info["base_model"] or "-"), ("architecture", info["architecture"] or "-"),
             ("trigger words", info["trigger_words"] or "-")]

@@ -116,6 +116,20 @@ def test_apply_lora_reads_new_and_old_sdxl_files_alike(sdxl_locon, which):
     assert_same(outputs(pipeline, "sdxl"), sdxl_locon[3])
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_apply_lora_reads_dora_files(tmp_path, family):
+    """A DoRA (diffusers' PEFT format, alpha != rank, LoCon targets, text encoders): its weight change depends
+    on the base weight, which `apply_lora` reads from the pipeline."""
+    config = parse_config({**BASE, "base_model": "builtin:tiny-sd", "lora_rank": 4, "lora_alpha": 6,
+                           "lora_target": "locon", "use_dora": True})
+    trained, encoders = with_adapters(family, config)
+    state, header = lora_file_contents(trained.unet, config, encoders, family)
+    path = save_lora(tmp_path / "dora.safetensors", state, header)
+    pipeline = load(family)
+    apply_lora(pipeline, path, 1.0)
+    assert_same(outputs(pipeline, family), outputs(trained, family))
+
+
 def test_apply_lora_refuses_a_file_for_another_model(sdxl_locon, tmp_path):
     with pytest.raises(LoraFileError, match="another base model"):
         apply_lora(load("sd1"), sdxl_locon[0], 1.0)

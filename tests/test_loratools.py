@@ -14,7 +14,7 @@ from test_text_encoder_lora import load, unet_inputs
 from lora_core.config import parse_config
 from lora_core.lora import add_lora, add_text_encoder_lora, lora_file_contents, save_lora, training_metadata
 from lora_core.lorafile import apply_lora, read, weight_deltas
-from lora_core.loratools import main
+from lora_core.loratools import main, summary
 
 
 def write_lora(path, seed: int, rank: int = 4, alpha: float = 6, target: str = "locon", network: str = "lora"):
@@ -97,6 +97,8 @@ def test_merge_equals_applying_both(files):
 
 def test_lycoris_files_resize_with_the_base_model(tmp_path):
     lokr = write_lora(tmp_path / "lokr.safetensors", 3, network="lokr")
+    info = summary(read(lokr))
+    assert info["type"] == "lokr" and info["ranks"] == [4] and info["whole_factor_layers"] > 0
     assert main(["resize", str(lokr), "--rank", "64", "-o", str(tmp_path / "x.safetensors")]) == 2  # needs --base
     out = tmp_path / "lora.safetensors"
     assert main(["resize", str(lokr), "--rank", "1000", "--base", "builtin:tiny-sd", "-o", str(out)]) == 0
@@ -131,3 +133,16 @@ def test_tools_refuse_pickles_and_bad_arguments(files, tmp_path, capsys):
     assert "one per file" in capsys.readouterr().err
     assert main(["resize", str(a), "--energy", "1.5", "-o", str(tmp_path / "r.safetensors")]) == 2
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+@pytest.mark.e2e
+def test_python_m_lora_core_dispatches_to_the_tools(files):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-m", "lora_core", "inspect", str(files[1]), "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["layers"] == len(read(files[1]).layers)
