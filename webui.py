@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """LoRA Studio: a web page over lora_core that trains a Stable Diffusion LoRA in the background.
 
-The page only builds configs, asks the process's `Studio` (lora_core/jobs.py) to start or stop the job,
-and polls what the job reports; the engine owns the device. Closing the tab does not stop training, and
-any page opened later shows the running or finished job.
+The page only builds configs, asks the process's `Studio` (studio/jobs.py) to start or stop a job, and
+polls what the job reports. Every job is a child process of its own (`python -m lora_core train`), so
+closing the tab does not stop training, any page opened later shows the running or finished job, and a
+restarted server finds a job that is still training and shows it again.
 
     python webui.py                 # http://127.0.0.1:7860
     python webui.py --demo          # the form pre-filled with the tiny CPU demo
     python webui.py --host 0.0.0.0 --auth me:secret
+    python webui.py --detach-jobs   # on SIGTERM, leave running jobs training (a later server finds them)
 """
 
 from __future__ import annotations
@@ -179,6 +181,7 @@ def _duration(seconds: float) -> str:
 
 STATE_WORDS = {"idle": "No training yet", "preparing": "Preparing: loading the model and caching the dataset",
                "running": "Training", "stopping": "Stopping after this step (a checkpoint is saved)",
+               "finishing": "Finishing: writing the report and releasing the device",
                "complete": "Done", "interrupted": "Stopped", "error": "Failed"}
 
 
@@ -217,7 +220,7 @@ def run_summary(view: RunView) -> dict[str, Any]:
             "percent": view.percent, "loss": view.loss, "output_path": view.output_path,
             "final_path": view.final_path, "checkpoints": [path for _, path in view.checkpoints],
             "samples": [path for path, _, _ in view.samples], "message": view.message,
-            "error_field": view.error_field}
+            "error_field": view.error_field, "stderr_tail": view.stderr_tail}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -585,6 +588,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"folder for runs and uploads (default ./outputs, or {OUTPUTS_ENV})")
     parser.add_argument("--gpus", default=os.environ.get("LORA_STUDIO_GPUS", "1"),
                         help="GPUs per job: a number, or 'all'; more than one trains through accelerate launch")
+    parser.add_argument("--detach-jobs", action="store_true",
+                        help="on SIGTERM/Ctrl-C leave running jobs training instead of stopping them with a "
+                             "checkpoint; a server started later shows them again")
     parser.add_argument("--max-upload-mb", type=int, default=200, help="largest single uploaded file (MB)")
     parser.add_argument("--max-upload-files", type=int, default=2000, help="most images + captions per upload")
     return parser.parse_args(argv)
@@ -642,19 +648,24 @@ def main(argv: list[str] | None = None, launch: Callable[..., Any] | None = None
         log.warning(warning)
     demo, studio, settings = make_app(args)
     log.info("runs and uploads go to %s", studio.outputs_root)
-    install_signal_handlers(studio)
+    install_signal_handlers(studio, detach_jobs=args.detach_jobs)
     (launch or demo.launch)(**settings)
 
 
-def install_signal_handlers(studio: Studio) -> None:
-    """SIGTERM (docker stop, a Space restart) or Ctrl-C: let the running job save a checkpoint, then exit."""
+def install_signal_handlers(studio: Studio, detach_jobs: bool = False) -> None:
+    """SIGTERM (docker stop, a Space restart) or Ctrl-C: let running jobs save a checkpoint (or, with
+    `detach_jobs`, leave them training), then exit at once: docker stop waits only 10 s."""
     import signal
-    import sys
 
     def stop(signum, _frame) -> None:
-        log.warning("signal %s: stopping the running job after its current step, then exiting", signum)
-        studio.shutdown(timeout=8.0)
-        sys.exit(128 + signum)
+        if detach_jobs:
+            log.warning("signal %s: exiting; running jobs go on training (%s)", signum,
+                        ", ".join(studio.running()) or "none")
+        else:
+            log.warning("signal %s: stopping running jobs after their current step, then exiting", signum)
+        studio.shutdown(timeout=8.0, stop_jobs=not detach_jobs)
+        logging.shutdown()
+        os._exit(128 + signum)  # not sys.exit: closing the HTTP server and its threads takes seconds
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)

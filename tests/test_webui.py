@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -10,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError, ValidationError
@@ -25,17 +30,23 @@ TINY = dict(base_model="builtin:tiny-sd", trigger_words="shapestyle", resolution
             lora_alpha=8, learning_rate=1e-3, sample_inference_steps=2, seed=7)
 
 
+def launch_app(outputs: Path) -> tuple:
+    """A page server in this process on a free port: (demo, studio, url)."""
+    demo, studio, settings = webui.make_app(webui.parse_args(["--outputs", str(outputs)]))
+    settings.pop("server_port")
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **settings)
+    return demo, studio, url.rstrip("/")
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, model_cache):
     """One launched app for the module: (demo, studio, url, outputs folder)."""
     root = tmp_path_factory.mktemp("webui")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_TEMP_DIR", str(root / "gradio"))
-        args = webui.parse_args(["--outputs", str(root / "outputs")])
-        demo, studio, settings = webui.make_app(args)
-        settings.pop("server_port")
-        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **settings)
-        yield demo, studio, url.rstrip("/"), root
+        demo, studio, url = launch_app(root / "outputs")
+        yield demo, studio, url, root
+        studio.shutdown(timeout=30)
         demo.close()
 
 
@@ -132,6 +143,7 @@ def test_validation_errors_show_at_the_field_with_the_cli_message(client):
     assert "- lora_rank" not in text
 
 
+@pytest.mark.e2e
 def test_full_job_from_upload_to_a_lora_that_loads_in_diffusers(client, served, tmp_path):
     folder = upload_demo(client)
     assert Path(folder).parent == served[3] / "outputs" / "uploads"
@@ -140,6 +152,10 @@ def test_full_job_from_upload_to_a_lora_that_loads_in_diffusers(client, served, 
     state = wait_for(client, lambda s: s["state"] in TERMINAL, job)
     assert state["state"] == "complete", state
     assert state["percent"] == 100 and state["step"] == 4
+    run = Path(state["output_path"])  # the job was a process of its own, recorded in its run folder
+    record = json.loads((run / "job.json").read_text())
+    assert record["job_id"] == job and record["pid"] != os.getpid() and gone(record["pid"])
+    assert record["command"][1:4] == ["-m", "lora_core", "train"] and (run / "stderr.log").is_file()
     reopened = Client(served[2], verbose=False, download_files=str(tmp_path / "downloads"))  # a new page
     status, plot, samples, checkpoints, final = reopened.predict(api_name="/refresh")[:5]
     reopened.close()
@@ -169,6 +185,7 @@ def test_full_job_from_upload_to_a_lora_that_loads_in_diffusers(client, served, 
     assert (after - before).abs().max() > 0  # the trained LoRA changes the UNet
 
 
+@pytest.mark.e2e
 def test_one_job_at_a_time_and_stop_keeps_a_checkpoint(served, client, tmp_path):
     long_run = dict(dataset_path=str(DEMO), run_name="long", steps=5000, checkpoint_steps=5000,
                     validation_steps=5000, **TINY)
@@ -276,6 +293,7 @@ def test_safe_launch_defaults_and_a_warning_when_exposed(tmp_path, monkeypatch, 
     assert webui.exposure_warning(webui.parse_args(["--host", "0.0.0.0", "--auth", "a:b"])) is None
 
 
+@pytest.mark.e2e
 def test_a_failed_run_is_shown_plainly_with_its_field(client, tmp_path):
     empty = tmp_path / "no-images"
     empty.mkdir()
@@ -307,41 +325,7 @@ def test_save_preset_writes_a_config_file_and_never_overwrites_a_shipped_one(cli
     assert not (tmp_path / "sd15-character.json").exists()
 
 
-def test_sigterm_to_the_server_lets_the_running_job_save_a_checkpoint(tmp_path):
-    """`docker stop` sends SIGTERM: the job stops after its step with a checkpoint before the server exits."""
-    import os
-    import signal
-
-    from conftest import DEMO_DATASET, ROOT, tiny_config
-
-    outputs = tmp_path / "outputs"
-    config = tiny_config(DEMO_DATASET, outputs / "run", steps=5000, checkpoint_steps=10_000, validation_steps=10_000)
-    script = (
-        "import json, sys, time\n"
-        "import webui\n"
-        "from lora_core.config import parse_config\n"
-        "from studio.jobs import Studio\n"
-        f"studio = Studio({str(outputs)!r})\n"
-        f"studio.start(parse_config(json.loads({json.dumps(json.dumps(config))})))\n"
-        "webui.install_signal_handlers(studio)\n"
-        "while True:\n"
-        "    time.sleep(0.2)\n"
-    )
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=os.environ.copy(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    events_file = outputs / "run" / "events.jsonl"
-    deadline = time.monotonic() + 120
-    while not (events_file.exists() and '"progress"' in events_file.read_text(encoding="utf-8")):
-        assert process.poll() is None, process.stderr.read()
-        assert time.monotonic() < deadline, "the job never made progress"
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 128 + signal.SIGTERM
-    events = [json.loads(line) for line in events_file.read_text(encoding="utf-8").splitlines()]
-    assert events[-1]["type"] == "interrupted"
-    assert Path(events[-1]["checkpoint_path"]).is_file()
-
-
+@pytest.mark.e2e
 def test_the_studio_trains_on_several_devices_through_the_launcher(tmp_path):
     """`--gpus 2`: the job runs as two data-parallel processes in a child (here two CPU processes, gloo)."""
     from conftest import DEMO_DATASET, tiny_config
@@ -352,12 +336,8 @@ def test_the_studio_trains_on_several_devices_through_the_launcher(tmp_path):
     assert studio.num_processes() == 2 and Studio(tmp_path / "o2", processes="all").num_processes() >= 1
     config = parse_config(tiny_config(DEMO_DATASET, tmp_path / "outputs" / "run", steps=2, batch_size=1,
                                       validation_steps=100, device="cpu"))
-    studio.start(config)
-    deadline = time.monotonic() + 180
-    while studio.view().state not in ("complete", "error", "interrupted"):
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    view = studio.view()
+    view = studio.wait(studio.start(config), timeout=180)
+    studio.shutdown()
     assert view.state == "complete", view.message
     started = json.loads((tmp_path / "outputs" / "run" / "events.jsonl").read_text().splitlines()[0])
     assert started["type"] == "started" and started["num_processes"] == 2
@@ -366,3 +346,120 @@ def test_the_studio_trains_on_several_devices_through_the_launcher(tmp_path):
 
     markdown = estimate_markdown(preflight(config, num_processes=studio.num_processes()))
     assert "**Devices:** 2 training process(es)" in markdown and "global batch 2" in markdown
+
+
+LONG = dict(dataset_path=str(DEMO), steps=5000, checkpoint_steps=5000, validation_steps=5000, **TINY)
+
+
+def job_record(state: dict) -> dict:
+    return json.loads((Path(state["output_path"]) / "job.json").read_text())
+
+
+@pytest.mark.e2e
+def test_a_job_killed_with_sigkill_shows_as_failed_with_its_signal_and_stderr(client):
+    job = start(client, run_name="killed", **LONG)
+    running = wait_for(client, lambda s: s["state"] == "running", job, timeout=120)
+    os.kill(job_record(running)["pid"], signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    state = wait_for(client, lambda s: s["state"] in TERMINAL, job)
+    assert state["state"] == "error" and "killed by signal 9 (SIGKILL)" in state["message"]
+    assert "Last lines of stderr.log" in state["message"] and state["stderr_tail"]
+    assert state["stderr_tail"][0].startswith("--- ")  # the job's own stderr, from its run folder
+    page = Client(client.src, verbose=False)  # a page opened now shows the failure, with the signal
+    status = page.predict(api_name="/refresh")[0]
+    page.close()
+    assert 'data-state="error"' in status and "signal 9" in status
+
+
+@pytest.mark.e2e
+def test_a_restarted_server_shows_a_running_job_again_and_then_complete(tmp_path):
+    outputs = tmp_path / "outputs"
+    demo, studio, url = launch_app(outputs)
+    first = Client(url, verbose=False)
+    job = start(first, **{**LONG, "steps": 40}, run_name="outlives")
+    before = wait_for(first, lambda s: s["state"] == "running", job, timeout=120)
+    first.close()
+    studio.shutdown(stop_jobs=False)  # what --detach-jobs does on SIGTERM
+    demo.close()
+    pid = job_record(before)["pid"]
+    assert psutil.pid_exists(pid), "the job outlives its server"
+
+    demo, studio, url = launch_app(outputs)
+    second = Client(url, verbose=False)
+    try:
+        again = wait_for(second, lambda s: s["job_id"] == job, timeout=30)
+        assert again["state"] == "running" and again["step"] >= before["step"], again  # followed live again
+        done = wait_for(second, lambda s: s["state"] in TERMINAL, job, timeout=180)
+        assert done["state"] == "complete" and done["step"] == 40 and Path(done["final_path"]).is_file()
+    finally:
+        second.close()
+        studio.shutdown()
+        demo.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve(outputs: Path, port: int) -> subprocess.Popen:
+    """`python webui.py` as a process of its own, answering on `port`."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "webui.py"), "--outputs", str(outputs), "--port",
+                                str(port)], cwd=ROOT, env=os.environ.copy(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None, f"the server exited with {process.returncode}"
+        assert time.monotonic() < deadline, "the server never answered"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/config", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+
+
+@pytest.mark.e2e
+def test_after_kill_9_of_the_server_a_fresh_one_shows_the_job_and_sigterm_stops_it_with_a_checkpoint(tmp_path):
+    outputs = tmp_path / "outputs"
+    port = free_port()
+    old = serve(outputs, port)
+    try:
+        client = Client(f"http://127.0.0.1:{port}", verbose=False)
+        job = start(client, run_name="orphan", **LONG)
+        before = wait_for(client, lambda s: s["state"] == "running", job, timeout=120)
+        client.close()
+    finally:
+        old.kill()  # kill -9: no handler runs, the job is not told
+        old.wait(30)
+    pid = job_record(before)["pid"]
+    assert psutil.pid_exists(pid), "the job outlives its server"
+
+    new = serve(outputs, port)
+    try:
+        client = Client(f"http://127.0.0.1:{port}", verbose=False)
+        again = wait_for(client, lambda s: s["job_id"] == job and s["step"] > before["step"], timeout=60)
+        assert again["state"] == "running"
+        client.close()
+        new.send_signal(signal.SIGTERM)  # docker stop: the running job saves a checkpoint, then the server exits
+        assert new.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        new.kill()
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
+    events = [json.loads(line) for line in (Path(before["output_path"]) / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["type"] == "interrupted" and Path(events[-1]["checkpoint_path"]).is_file()
+    assert gone(pid)
+
+
+def gone(pid: int, timeout: float = 10.0) -> bool:
+    """True once no process `pid` runs (an orphan's zombie waits for init to reap it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
