@@ -7,8 +7,13 @@ in its own session (lora_core/launcher.py), so it outlives the server: a restart
 still running in the outputs folder (their `job.json`) and follows them again, and a job that died
 without a final event is recorded as failed with its exit status and the tail of its stderr.
 
-`Studio.free_devices()` is the one place that decides whether a device is taken. Nothing here imports
-torch.
+Start puts a job in the queue (studio/queue.py, kept in `outputs/queue.json`), which starts it at once
+when a device is free, or later, in order, when one is: one job per GPU (a job of N processes waits for N
+free GPUs), one at a time on the CPU. `Studio.free_devices()` is the one place that decides whether a
+device is taken. Nothing here imports torch.
+
+The API a page (or a later view of all runs) uses: `submit`/`start`, `stop`, `cancel`, `move_up`,
+`queued`, `running`, `view` (one run, by job id), `read_run` (any run folder, also one made by the CLI).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -25,8 +31,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lora_core.config import TrainConfig
+from lora_core.config import ConfigError, TrainConfig
+from lora_core.events import Error, EventLog
 from lora_core.launcher import EVENTS_FILE, JOB_FILE, JobProcess, record_lost, stderr_tail
+from studio.queue import JobQueue, QueuedJob
 
 log = logging.getLogger("studio.jobs")
 
@@ -37,7 +45,21 @@ TICK_S = 0.5  # how often the registry looks at its running jobs
 
 
 class BusyError(RuntimeError):
-    """Every device is taken by a running job."""
+    """The run folder already has a queued or running job."""
+
+
+@dataclass
+class Submitted:
+    """What Start answers: the new job's id, whether it runs now or waits, and where it writes."""
+
+    job_id: str
+    state: str  # running | queued
+    position: int  # 1-based place in the queue; 0 when it runs
+    output_path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "state": self.state, "position": self.position,
+                "output_path": self.output_path}
 
 
 @dataclass
@@ -45,7 +67,7 @@ class RunView:
     """What a page shows of one run, built from its events."""
 
     job_id: str = ""  # "" : no run
-    # idle | preparing | running | stopping | finishing (final event written, process still ending) |
+    # idle | queued | preparing | running | stopping | finishing (final event written, process still ending) |
     # complete | interrupted | error
     state: str = "idle"
     output_path: str = ""
@@ -191,9 +213,12 @@ class Studio:
         self._tails: dict[str, RunTail] = {}  # job id -> its run's events, for every job seen by this server
         self._configs: dict[str, TrainConfig] = {}
         self._current = ""  # the job a page shows when it asks for none
-        self._closed = False
-        self._adopt_running_jobs()
-        self._previous = self._latest_run_on_disk() if not self._current else None
+        self._closed = self._closing = False
+        with self._lock:
+            self._adopt_running_jobs()
+            self._previous = self._latest_run_on_disk() if not self._current else None
+            self._queue = JobQueue(self.outputs_root)  # jobs queued before a restart wait on
+            self._dispatch()
         self._thread = threading.Thread(target=self._supervise, name="studio-jobs", daemon=True)
         self._thread.start()
 
@@ -214,7 +239,8 @@ class Studio:
     def _fresh(self, folder: Path) -> Path:
         """`folder`, or `folder-2`, `-3`... when an earlier run already wrote there."""
         candidate, number = folder, 1
-        while candidate.exists() and any(candidate.iterdir()):
+        taken = self._queue.folders()  # a queued job's folder is spoken for before it exists
+        while (candidate.exists() and any(candidate.iterdir())) or candidate.resolve() in taken:
             number += 1
             candidate = folder.with_name(f"{folder.name}-{number}")
         return candidate
@@ -254,24 +280,75 @@ class Studio:
         return free[:wanted] if len(free) >= wanted else None
 
     # --- jobs ---
-    def start(self, config: TrainConfig, resume: bool = False) -> str:
-        """Start training `config` in a child process; the new job's id. A new run gets a fresh output
+    def submit(self, config: TrainConfig, resume: bool = False) -> Submitted:
+        """Queue training `config`; it starts at once when a device is free. A new run gets a fresh output
         folder; with `resume` it continues from the newest complete state in `config.output_path`.
-        Raises BusyError when every device is taken. Safe to call from many threads at once."""
+        Raises BusyError when that folder already has a queued or running job, ValueError for a folder
+        outside the outputs. Safe to call from many threads at once."""
         with self._lock:
-            devices = self._devices_for(self.num_processes())
-            if devices is None:
-                raise BusyError(self._busy_message())
             output = Path(config.output_path) if resume else self._fresh(Path(config.output_path))
             if not output.resolve().is_relative_to(self.outputs_root):
                 raise ValueError(f"output folder {output} is outside {self.outputs_root}")
+            if output.resolve() in self._busy_folders():
+                raise BusyError(f"{output} already has a queued or running job; stop or cancel it first")
             config = config.model_copy(update={"output_path": str(output)})
             job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-            process = JobProcess.start(output, config, self.num_processes(), resume=resume, devices=devices,
-                                       record={"job_id": job_id})
-            self._track(ActiveJob(job_id, process, RunTail(output, job_id), config))
-            self._wake.notify_all()
-            return job_id
+            self._queue.add(QueuedJob.of(job_id, config, resume, self.num_processes()))
+            self._configs[job_id] = config
+            self._dispatch()
+            position = self._queue.position(job_id)
+            return Submitted(job_id, "queued" if position else "running", position or 0, str(output))
+
+    def start(self, config: TrainConfig, resume: bool = False) -> str:
+        """`submit`, answering only the job id."""
+        return self.submit(config, resume).job_id
+
+    def cancel(self, job_id: str) -> bool:
+        """Take a queued job out of the queue (nothing of it was written); False when it is not queued."""
+        with self._lock:
+            return self._queue.remove(job_id) is not None
+
+    def move_up(self, job_id: str) -> int | None:
+        """Move a queued job one place up; its new 1-based position, None when it is not queued."""
+        with self._lock:
+            return self._queue.move_up(job_id)
+
+    def queued(self) -> list[dict[str, Any]]:
+        """The queue in order: job_id, position, output_path, resume, processes, queued_at."""
+        with self._lock:
+            return [{"job_id": job.job_id, "position": index + 1, "output_path": job.output_path,
+                     "resume": job.resume, "processes": job.processes, "queued_at": job.queued_at}
+                    for index, job in enumerate(self._queue.jobs)]
+
+    def _busy_folders(self) -> set[Path]:
+        return self._queue.folders() | {job.process.folder.resolve() for job in self._active.values()}
+
+    def _dispatch(self) -> None:
+        """Start queued jobs, in order, while the head of the queue finds enough free devices."""
+        while self._queue.jobs and not self._closing:
+            head = self._queue.jobs[0]
+            devices = self._devices_for(head.processes)
+            if devices is None:
+                return
+            self._queue.remove(head.job_id)
+            self._launch(head, devices)
+
+    def _launch(self, queued: QueuedJob, devices: list[int]) -> None:
+        folder = Path(queued.output_path)
+        tail = RunTail(folder, queued.job_id)
+        try:
+            config = queued.train_config()
+            process = JobProcess.start(folder, config, queued.processes, resume=queued.resume, devices=devices,
+                                       record={"job_id": queued.job_id})
+        except (OSError, ConfigError) as error:  # the run shows why it never started
+            log.warning("job %s could not start: %s", queued.job_id, error)
+            event_log = EventLog(folder / EVENTS_FILE)
+            event_log(Error(message=f"the job could not start: {error}", field=getattr(error, "field", None)))
+            event_log.close()
+            self._tails[queued.job_id] = tail
+            return
+        self._track(ActiveJob(queued.job_id, process, tail, config))
+        self._wake.notify_all()
 
     def _track(self, job: ActiveJob) -> None:
         view = job.tail.update()
@@ -306,6 +383,10 @@ class Studio:
         with self._lock:
             key = job_id or self._current
             tail = self._tails.get(key)
+            if tail is None and (position := self._queue.position(key)):
+                queued = self._queue.get(key)
+                return RunView(job_id=key, state="queued", output_path=queued.output_path if queued else "",
+                               message=f"Queued: position {position} of {len(self._queue.jobs)}")
             if tail is None:
                 return (self._previous or RunView()) if job_id is None else RunView(job_id=job_id)
             view = tail.update()
@@ -332,16 +413,19 @@ class Studio:
 
     def wait(self, job_id: str | None = None, timeout: float | None = None) -> RunView:
         """Block until a job (by default the current one) ends (for scripts and tests)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
         key = job_id or self._current
         with self._lock:
-            while key in self._active and (deadline is None or time.monotonic() < deadline):
-                self._wake.wait(TICK_S if deadline is None else max(0.01, min(TICK_S, deadline - time.monotonic())))
+            while (key in self._active or self._queue.position(key)) and time.monotonic() < deadline:
+                self._wake.wait(max(0.01, min(TICK_S, deadline - time.monotonic())))
         return self.view(key)
 
     def shutdown(self, timeout: float = 8.0, stop_jobs: bool = True) -> None:
         """Stop watching the jobs. With `stop_jobs` (SIGTERM to the server, e.g. `docker stop`, which waits
-        10 s), first ask every running job to stop and wait up to `timeout` s for their checkpoints."""
+        10 s), first ask every running job to stop and wait up to `timeout` s for their checkpoints. Queued
+        jobs stay in outputs/queue.json for the next server."""
+        with self._lock:
+            self._closing = True  # nothing queued starts from now on
         if stop_jobs and self.stop():
             deadline = time.monotonic() + timeout
             with self._lock:
@@ -356,6 +440,7 @@ class Studio:
         with self._lock:
             while not self._closed:
                 self._reap()
+                self._dispatch()
                 self._wake.wait(TICK_S)
 
     def _reap(self) -> None:
@@ -396,10 +481,3 @@ class Studio:
         if not logs:
             return None
         return read_run(max(logs, key=lambda log: log.stat().st_mtime).parent)
-
-    def _busy_message(self) -> str:
-        views = [self.view(job_id) for job_id in self._active]
-        where = "; ".join(f"{view.output_path}" + (f" (step {view.step} of {view.total_steps})"
-                                                    if view.total_steps else "") for view in views)
-        return (f"a training job is already running in {where}; only one job trains on this device at a time. "
-                "Stop it, or wait for it to finish, then start again.")

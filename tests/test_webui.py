@@ -21,7 +21,7 @@ from gradio_client.exceptions import AppError, ValidationError
 
 import webui
 from lora_core.config import TrainConfig, load_config, parse_config
-from studio.jobs import Studio
+from studio.jobs import Studio, read_run
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo" / "dataset"
@@ -66,18 +66,27 @@ def run_state(result: tuple) -> dict | None:
 LAST_SEEN: dict[int, dict] = {}  # per client session: the page sends a part only when it changed
 
 
-def start(client: Client, **form) -> int:
-    """Click Start; the id of the job it started."""
-    state = run_state(client.predict(**form, api_name="/start"))
-    LAST_SEEN[id(client)] = state
-    return state["job_id"]
+def start(client: Client, **form) -> str:
+    """Click Start; the id of the job it started or queued."""
+    return submit(client, **form)["job_id"]
 
 
-def wait_for(client: Client, done, job_id: int | None = None, timeout: float = 60.0) -> dict:
-    """Poll the page's own refresh endpoint, as the browser's timer does, until `done(state)`."""
+def submit(client: Client, **form) -> dict:
+    """Click Start: {job_id, state (running | queued), position, output_path}."""
+    answer = client.predict(**form, api_name="/start")
+    assert answer["state"] in ("running", "queued"), answer
+    return answer
+
+
+def wait_for(client: Client, done, job_id: str | None = None, timeout: float = 60.0) -> dict:
+    """Poll until `done(state)`: one job's `run` endpoint, or without a job id the page's own refresh
+    endpoint, as the browser's timer does (it shows the current job)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = run_state(client.predict(api_name="/refresh")) or LAST_SEEN.get(id(client), {})
+        if job_id is not None:
+            state = client.predict(job_id, api_name="/run")
+        else:
+            state = run_state(client.predict(api_name="/refresh")) or LAST_SEEN.get(id(client), {})
         LAST_SEEN[id(client)] = state
         if state and (job_id is None or state["job_id"] == job_id) and done(state):
             return state
@@ -186,47 +195,89 @@ def test_full_job_from_upload_to_a_lora_that_loads_in_diffusers(client, served, 
 
 
 @pytest.mark.e2e
-def test_one_job_at_a_time_and_stop_keeps_a_checkpoint(served, client, tmp_path):
+def test_a_second_start_is_queued_stop_is_answered_under_a_flood_of_polls_and_keeps_a_checkpoint(served, client):
     long_run = dict(dataset_path=str(DEMO), run_name="long", steps=5000, checkpoint_steps=5000,
                     validation_steps=5000, **TINY)
-    outcomes: list[str] = []
+    answers: list[dict] = []
 
     def click_start() -> None:
         other = Client(served[2], verbose=False)
         try:
-            other.predict(**long_run, api_name="/start")
-            outcomes.append("started")
-        except AppError as error:
-            outcomes.append(str(error))
+            answers.append(other.predict(**long_run, api_name="/start"))
         finally:
             other.close()
 
-    clicks = [threading.Thread(target=click_start) for _ in range(2)]
+    clicks = [threading.Thread(target=click_start) for _ in range(2)]  # two browsers at once: both are taken
     for thread in clicks:
         thread.start()
     for thread in clicks:
         thread.join(60)
-    assert sorted(outcomes)[1] == "started" and outcomes.count("started") == 1, outcomes
-    refusal = next(item for item in outcomes if item != "started")
-    assert "already running" in refusal and "Stop it, or wait" in refusal
+    assert sorted(answer["state"] for answer in answers) == ["queued", "running"], answers
+    queued = next(answer for answer in answers if answer["state"] == "queued")
+    first = next(answer for answer in answers if answer["state"] == "running")
+    assert queued["position"] == 1 and queued["output_path"] != first["output_path"]  # its own folder, said
+    assert [job["job_id"] for job in client.predict(api_name="/queue")] == [queued["job_id"]]
+    assert client.predict(queued["job_id"], api_name="/cancel")["cancelled"] is True
+    assert client.predict(api_name="/queue") == [] and not Path(queued["output_path"]).exists()
 
-    running = wait_for(client, lambda s: s["state"] == "running" and s["step"] >= 2)  # another browser sees it
-    with pytest.raises(AppError, match="already running"):
-        client.predict(**long_run, api_name="/start")
-    client.predict(api_name="/stop")
-    state = wait_for(client, lambda s: s["state"] in TERMINAL, running["job_id"])
-    assert state["state"] == "interrupted"
-    assert 2 <= state["step"] < 5000
+    running = wait_for(client, lambda s: s["state"] == "running" and s["step"] >= 2, first["job_id"], timeout=120)
+    polling, failures, polls = threading.Event(), [], []
+
+    def poll() -> None:  # a page's timer, as fast as it can go, for a bounded time
+        page = Client(served[2], verbose=False)
+        deadline = time.monotonic() + 90
+        try:
+            while polling.is_set() and time.monotonic() < deadline:
+                try:
+                    page.predict(api_name="/refresh")
+                    polls.append(1)
+                except Exception as error:  # a refused poll is fine; a refused Stop is not
+                    failures.append(str(error))
+        finally:
+            page.close()
+
+    polling.set()
+    pollers = [threading.Thread(target=poll) for _ in range(24)]
+    for thread in pollers:
+        thread.start()
+    try:
+        while len(polls) < 48:  # the flood is on
+            time.sleep(0.05)
+        assert client.predict(api_name="/stop") == {"stopped": True, "job_id": running["job_id"]}
+        state = wait_for(client, lambda s: s["state"] in TERMINAL, running["job_id"])
+    finally:
+        polling.clear()
+        for thread in pollers:
+            thread.join(60)
+    assert not any("Queue is full" in failure for failure in failures), failures[:3]
+    assert state["state"] == "interrupted" and 2 <= state["step"] < 5000
     checkpoint = Path(state["checkpoints"][-1])
     assert checkpoint.name == f"lora_step_{state['step']}.safetensors" and checkpoint.is_file()
-    reopened = Studio(served[3] / "outputs").view()  # a restarted server reads the last run back
+    reopened = read_run(Path(state["output_path"]))  # what a restarted server reads back
     assert reopened.state == "interrupted" and reopened.checkpoints[-1][1] == str(checkpoint)
 
-    target = state["step"] + 2  # Resume continues the stopped run, here with a shorter total
-    result = client.predict(**{**long_run, "steps": target}, api_name="/resume")
-    resumed = wait_for(client, lambda s: s["state"] in TERMINAL, run_state(result)["job_id"])
+    target = state["step"] + 2  # Resume continues the stopped run (through the queue), here with a shorter total
+    resumed_job = client.predict(**{**long_run, "steps": target}, api_name="/resume")
+    assert resumed_job["state"] == "running" and resumed_job["output_path"] == state["output_path"]
+    resumed = wait_for(client, lambda s: s["state"] in TERMINAL, resumed_job["job_id"], timeout=120)
     assert resumed["state"] == "complete" and resumed["step"] == target, resumed
-    assert resumed["output_path"] == state["output_path"] and Path(resumed["final_path"]).is_file()
+    assert Path(resumed["final_path"]).is_file()
+    assert resumed["checkpoints"][0] == str(checkpoint)  # the checkpoints before the resume stay listed
+
+
+@pytest.mark.e2e
+def test_three_starts_give_one_running_and_two_queued_that_run_in_order(client):
+    quick = dict(dataset_path=str(DEMO), steps=2, checkpoint_steps=100, validation_steps=100, **TINY)
+    answers = [submit(client, run_name=f"in-order-{index}", **quick) for index in range(3)]
+    assert [(a["state"], a["position"]) for a in answers] == [("running", 0), ("queued", 1), ("queued", 2)]
+    ids = [answer["job_id"] for answer in answers]
+    assert client.predict(ids[2], api_name="/move_up") == {"job_id": ids[2], "position": 1}
+    assert [job["job_id"] for job in client.predict(api_name="/queue")] == [ids[2], ids[1]]
+    for job_id in (ids[0], ids[2], ids[1]):  # each starts by itself when the one before it ends
+        assert wait_for(client, lambda s: s["state"] in TERMINAL, job_id, timeout=180)["state"] == "complete"
+    starts = [json.loads((Path(a["output_path"]) / "job.json").read_text())["start_time"] for a in answers]
+    assert starts[0] < starts[2] < starts[1]
+    assert client.predict(api_name="/queue") == []
 
 
 def test_presets_fill_the_form_and_the_config_file_works_with_the_cli(client, tmp_path):
@@ -302,8 +353,8 @@ def test_a_failed_run_is_shown_plainly_with_its_field(client, tmp_path):
     state = wait_for(client, lambda s: s["state"] in TERMINAL, job)
     assert state["state"] == "error" and state["error_field"] == "dataset_path"
     assert "no usable image" in state["message"]
-    result = client.predict(api_name="/refresh")
-    assert run_state(result) is None  # unchanged since the last poll: nothing is sent again
+    assert run_state(client.predict(api_name="/refresh"))["state"] == "error"  # the page shows it
+    assert run_state(client.predict(api_name="/refresh")) is None  # unchanged since: nothing is sent again
 
 
 def test_estimate_shows_device_memory_and_a_warning_when_it_will_not_fit(client):
@@ -371,11 +422,13 @@ def test_a_job_killed_with_sigkill_shows_as_failed_with_its_signal_and_stderr(cl
 
 
 @pytest.mark.e2e
-def test_a_restarted_server_shows_a_running_job_again_and_then_complete(tmp_path):
+def test_a_restarted_server_shows_a_running_job_again_then_complete_and_keeps_the_queue(tmp_path):
     outputs = tmp_path / "outputs"
     demo, studio, url = launch_app(outputs)
     first = Client(url, verbose=False)
-    job = start(first, **{**LONG, "steps": 40}, run_name="outlives")
+    job = start(first, **{**LONG, "steps": 30}, run_name="outlives")
+    waiting = submit(first, **{**LONG, "steps": 1}, run_name="waits")
+    assert waiting["state"] == "queued"
     before = wait_for(first, lambda s: s["state"] == "running", job, timeout=120)
     first.close()
     studio.shutdown(stop_jobs=False)  # what --detach-jobs does on SIGTERM
@@ -388,8 +441,11 @@ def test_a_restarted_server_shows_a_running_job_again_and_then_complete(tmp_path
     try:
         again = wait_for(second, lambda s: s["job_id"] == job, timeout=30)
         assert again["state"] == "running" and again["step"] >= before["step"], again  # followed live again
+        assert [queued["job_id"] for queued in second.predict(api_name="/queue")] == [waiting["job_id"]]
         done = wait_for(second, lambda s: s["state"] in TERMINAL, job, timeout=180)
-        assert done["state"] == "complete" and done["step"] == 40 and Path(done["final_path"]).is_file()
+        assert done["state"] == "complete" and done["step"] == 30 and Path(done["final_path"]).is_file()
+        after = wait_for(second, lambda s: s["state"] in TERMINAL, waiting["job_id"], timeout=180)
+        assert after["state"] == "complete"  # the queue survived the restart and went on by itself
     finally:
         second.close()
         studio.shutdown()
