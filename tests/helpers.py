@@ -80,3 +80,18 @@ def train_tapped(config, tap_run, emit=None, should_stop=None):
     run = training.setup(make_plan(config, 1))
     tap_run(run)
     return training.train_run(run, emit or (lambda event: None), should_stop or (lambda: False))
+
+
+def run_job_here(config, resume: bool = False, stop_after_step: int | None = None) -> tuple:
+    """Run one job in this process through the engine's `run_job` (what `python -m lora_core train` does):
+    (final event, every event). With `stop_after_step`, a stop is asked once that step's progress is seen."""
+    from lora_core.job import run_job
+
+    events: list = []
+
+    def should_stop() -> bool:
+        return stop_after_step is not None and any(e.type == "progress" and e.step >= stop_after_step
+                                                   for e in events)
+
+    terminal = run_job(config, events.append, should_stop, resume=resume)
+    return terminal, events

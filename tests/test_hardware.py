@@ -74,7 +74,7 @@ def test_auto_checkpointing_in_a_real_run_and_in_the_preflight(dataset_dir, tmp_
 def test_running_out_of_gpu_memory_names_the_fixes():
     import torch
 
-    from lora_core.worker import describe_failure
+    from lora_core.job import describe_failure
 
     message = describe_failure(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert "gradient_checkpointing to 'on'" in message and "batch_size" in message

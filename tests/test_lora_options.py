@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from helpers import tiny_config
+from helpers import run_job_here, tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_text_encoder_lora import OPTIONS, encode, load, run, unet_inputs
@@ -16,7 +16,6 @@ from lora_core import builtin, models, objective
 from lora_core.config import parse_config
 from lora_core.lora import add_lora, kohya_state_dict, save_lora
 from lora_core.training import train
-from lora_core.worker import Worker
 
 BASE = dict(dataset_path="d", output_path="o", base_model="builtin:tiny-sd", trigger_words=["t"])
 
@@ -150,7 +149,7 @@ def test_adamw_is_fused_on_the_cpu_and_steps_like_the_plain_one():
 def test_missing_optimizer_package_is_a_clear_error(dataset_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
     config = parse_config(tiny_config(dataset_dir, tmp_path / "out", optimizer="adamw8bit"))
-    terminal = Worker().submit(config).wait(timeout=120)
+    terminal, _ = run_job_here(config)
     assert terminal.type == "error" and terminal.field == "optimizer"
     assert "pip install bitsandbytes" in terminal.message
 

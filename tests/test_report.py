@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from helpers import tiny_config
+from helpers import run_job_here, tiny_config
 from PIL import Image
 
 from lora_core.config import parse_config
@@ -18,7 +18,6 @@ from lora_core.events import Checkpoint, Complete, EventLog, Progress, Sample, S
 from lora_core.preflight import preflight
 from lora_core.report import REPORT_NAME, write_report
 from lora_core.tracking import TrackerUnavailable, open_tracker
-from lora_core.worker import Worker
 
 LOSSES = [0.9, 0.7, 0.8, 0.5, 0.6, 0.4]
 
@@ -104,8 +103,7 @@ def test_tensorboard_is_off_by_default_and_a_missing_package_is_named(dataset_di
         open_tracker(asked)
     problems = preflight(asked)["problems"]
     assert any(p["field"] == "log_with" and "tensorboard" in p["message"] for p in problems)
-    job = Worker().submit(asked)
-    terminal = job.wait(60)
+    terminal, _ = run_job_here(asked)
     assert terminal.type == "error" and terminal.field == "log_with" and "pip install tensorboard" in terminal.message
 
 
@@ -117,10 +115,8 @@ def test_a_run_logs_to_tensorboard_and_leaves_a_report_beside_the_lora(dataset_d
     output = tmp_path / "out"
     config = parse_config(tiny_config(dataset_dir, output, steps=4, checkpoint_steps=100, validation_steps=2,
                                       log_with="tensorboard"))
-    job = Worker().submit(config)
-    terminal = job.wait(120)
+    terminal, history = run_job_here(config)
     assert terminal.type == "complete", terminal
-    history = job.snapshot()
 
     logs = EventAccumulator(str(output / "logs"), size_guidance={"images": 0, "scalars": 0})
     logs.Reload()
