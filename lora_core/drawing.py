@@ -1,0 +1,117 @@
+"""Drawing with saved LoRA files: the run's base model loaded once, LoRAs loaded into it as a diffusers user
+would, images drawn the way the trainer draws its samples. Used by the grid and the sweep (grid.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DPMSolverMultistepScheduler
+
+from lora_core import hardware, models
+from lora_core.config import TrainConfig
+from lora_core.errors import UserError
+
+ADAPTER = "grid"
+LYCORIS_KEYS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a")  # LoHa / LoKr layers: diffusers cannot load these
+
+
+class Renderer:
+    """The base model of `config` on its device, with the trainer's sampler; one LoRA loaded at a time."""
+
+    def __init__(self, config: TrainConfig, device: str | None = None):
+        self.config, self.requested_device = config, device
+        if device is not None:
+            config = config.model_copy(update={"device": device})
+        self.device = hardware.pick_device(config)
+        # on a GPU the run's precision (an SDXL UNet in fp32 may not fit); on the CPU fp32, which is fastest there
+        self.dtype = hardware.weight_dtype(hardware.resolve_precision(config, self.device)) \
+            if self.device.type == "cuda" else torch.float32
+        source = models.resolve(config.base_model)
+        pipeline = models.load_pipeline(source, models.inspect(source))
+        for module in (pipeline.unet, *models.text_encoders(pipeline)):
+            # a dtype only when it changes: diffusers warns about every cast, even a no-op one
+            module.to(self.device, **({} if self.dtype == torch.float32 else {"dtype": self.dtype}))
+            module.eval()
+        pipeline.vae.to(self.device)  # loaded in fp32 and decoded in fp32, as the trainer's samples are
+        pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+        pipeline.set_progress_bar_config(disable=True)
+        self.pipeline = pipeline
+        self.loaded: Path | None = None
+
+    def serves(self, config: TrainConfig, device: str | None) -> bool:
+        """Whether this renderer draws as a new one for `config` on `device` would: the same base model, device,
+        precision and sampling settings (the LoRA is loaded per use)."""
+        fields = ("base_model", "device", "mixed_precision", "resolution", "sample_inference_steps",
+                  "sample_guidance_scale")
+        return device == self.requested_device and all(getattr(config, f) == getattr(self.config, f)
+                                                       for f in fields)
+
+    @property
+    def sampling(self) -> str:
+        """How the cells are drawn, for the sheet's title."""
+        c = self.config
+        return (f"{c.sample_inference_steps} DPM-Solver steps, guidance {c.sample_guidance_scale:g}, "
+                f"{c.resolution} px")
+
+    def load(self, path: Path, field: str = "steps") -> None:
+        """Load one LoRA file (replacing the one loaded before) at scale 1; `field`: what a bad file is blamed on."""
+        self.unload()
+        if _is_lycoris(path):
+            # The one place a file diffusers cannot read would be applied by other means (issue 15's
+            # apply function for LoHa/LoKr); until that lands, a clear error rather than the base model.
+            raise UserError(f"{path}: a LoHa/LoKr (LyCORIS) file, which diffusers' load_lora_weights cannot "
+                            "read; the grid and sweep cannot draw it yet", field=field)
+        try:
+            self.pipeline.load_lora_weights(str(path), adapter_name=ADAPTER)
+        except Exception as error:  # diffusers raises ValueError/KeyError/... for a file it cannot map
+            raise UserError(f"{path}: diffusers' load_lora_weights could not load this LoRA "
+                            f"({type(error).__name__}: {error})", field=field) from None
+        if not any(ADAPTER in names for names in self.pipeline.get_list_adapters().values()):
+            raise UserError(f"{path}: diffusers loaded no layer of this LoRA into {self.config.base_model}; is it "
+                            "a LoRA for another base model?", field=field)
+        self.loaded = path
+
+    def set_scale(self, scale: float) -> None:
+        """The loaded LoRA's strength on every part it adapts; 0 draws with the base model alone."""
+        if scale == 0:
+            self.pipeline.disable_lora()
+            return
+        self.pipeline.enable_lora()
+        self.pipeline.set_adapters([ADAPTER], [scale])
+
+    def unload(self) -> None:
+        if self.loaded is not None:
+            self.pipeline.unload_lora_weights()  # back to the base model's own layers
+            self.loaded = None
+
+    @torch.no_grad()
+    def draw(self, prompt: str, seed: int):
+        """One image (PIL), from the same initial noise for the same seed."""
+        c, device = self.config, self.device
+        generator = torch.Generator(device).manual_seed(seed)
+        with torch.autocast(device.type, dtype=self.dtype, enabled=device.type == "cuda"):
+            latents = self.pipeline(prompt=prompt, num_inference_steps=c.sample_inference_steps,
+                                    guidance_scale=c.sample_guidance_scale, height=c.resolution, width=c.resolution,
+                                    generator=generator, output_type="latent").images
+        return decode(self.pipeline.vae, latents)
+
+
+def _is_lycoris(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        keys = handle.keys()
+    return any(key.endswith(LYCORIS_KEYS) for key in keys)
+
+
+def decode(vae, latents: torch.Tensor):
+    """The first latent as a PIL image, decoded in fp32 (as the trainer decodes its samples)."""
+    from PIL import Image
+
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latents = latents.to(vae.device, torch.float32) / vae.config.scaling_factor + shift
+    pixels = vae.decode(latents).sample[0]
+    array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
