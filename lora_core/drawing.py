@@ -66,9 +66,11 @@ class Renderer:
         try:
             self.pipeline.load_lora_weights(str(path), adapter_name=ADAPTER)
         except Exception as error:  # diffusers raises ValueError/KeyError/... for a file it cannot map
+            self.pipeline.unload_lora_weights()  # whatever it injected before failing
             raise UserError(f"{path}: diffusers' load_lora_weights could not load this LoRA "
                             f"({type(error).__name__}: {error})", field=field) from None
         if not any(ADAPTER in names for names in self.pipeline.get_list_adapters().values()):
+            self.pipeline.unload_lora_weights()
             raise UserError(f"{path}: diffusers loaded no layer of this LoRA into {self.config.base_model}; is it "
                             "a LoRA for another base model?", field=field)
         self.loaded = path
@@ -91,7 +93,7 @@ class Renderer:
         """One image (PIL), from the same initial noise for the same seed."""
         c, device = self.config, self.device
         generator = torch.Generator(device).manual_seed(seed)
-        with torch.autocast(device.type, dtype=self.dtype, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             latents = self.pipeline(prompt=prompt, num_inference_steps=c.sample_inference_steps,
                                     guidance_scale=c.sample_guidance_scale, height=c.resolution, width=c.resolution,
                                     generator=generator, output_type="latent").images

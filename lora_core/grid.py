@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -76,7 +76,8 @@ class SweepOptions(BaseModel):
     step: Step | None = Field(None, description="A checkpoint's step or 'final'; default the newest LoRA.")
     prompts: list[str] | None = Field(None, min_length=1, max_length=MAX_COLUMNS, description=(
         "Prompts (rows); default the run's first sample prompt."))
-    scales: list[float] = Field(list(DEFAULT_SCALES), min_length=1, max_length=MAX_COLUMNS, description=(
+    scales: list[Annotated[float, Field(ge=-2, le=4)]] = Field(list(DEFAULT_SCALES), min_length=1,
+                                                               max_length=MAX_COLUMNS, description=(
         "LoRA scales (columns), each from -2 to 4; 0 is the base model."))
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     device: Literal["auto", "cpu", "cuda"] | None = None
@@ -84,13 +85,15 @@ class SweepOptions(BaseModel):
 
 @dataclass(frozen=True)
 class SavedLora:
-    step: int
+    step: int | None  # None: a final LoRA whose header does not say (not written by this trainer)
     path: Path
     final: bool
 
     @property
     def label(self) -> str:
-        return f"final (step {self.step})" if self.final else f"step {self.step}"
+        if self.final:
+            return "final" if self.step is None else f"final (step {self.step})"
+        return f"step {self.step}"
 
 
 @dataclass
@@ -111,8 +114,6 @@ def parse_options(model: type[BaseModel], options: BaseModel | dict | None) -> A
         first = error.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else "options"
         raise GridError(f"{field}: {first['msg']}", field=field) from None
-    if isinstance(parsed, SweepOptions) and (bad := [s for s in parsed.scales if not -2 <= s <= 4]):
-        raise GridError(f"scales: {bad[0]} is out of range; each scale must be from -2 to 4", field="scales")
     return parsed
 
 
@@ -144,12 +145,13 @@ def saved_loras(folder: Path) -> list[SavedLora]:
     return found
 
 
-def _header_steps(path: Path) -> int:
+def _header_steps(path: Path) -> int | None:
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as handle:
-            return int((handle.metadata() or {}).get("ss_steps", -1))
+            steps = (handle.metadata() or {}).get("ss_steps", "")
+            return int(steps) if steps.isdigit() else None
     except Exception as error:  # safetensors has its own error types for a damaged file
         raise GridError(f"{path}: not a readable .safetensors LoRA ({error})", field="steps") from None
 

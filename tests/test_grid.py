@@ -237,3 +237,26 @@ def test_an_sdxl_lora_renders_in_a_sweep(tmp_path):
     assert result.column_labels == ["scale 0 (base model)", "scale 1"]
     zero, one = (pixels(cell) for cell in result.cells[0])
     assert zero.shape == (256, 256, 3) and np.abs(one - zero).mean() > 0.5
+
+
+@pytest.mark.e2e
+def test_files_diffusers_cannot_load_are_refused_by_name(run_folder, renderer, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_core.errors import UserError
+
+    loha = tmp_path / "loha.safetensors"  # LyCORIS names: diffusers' load_lora_weights has no mapping for them
+    layer = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{layer}.hada_w1_a": torch.zeros(64, 2), f"{layer}.hada_w1_b": torch.zeros(2, 64),
+               f"{layer}.alpha": torch.tensor(2.0)}, str(loha))
+    with pytest.raises(UserError, match="LoHa/LoKr") as caught:
+        renderer.load(loha, field="step")
+    assert caught.value.field == "step" and renderer.loaded is None
+    stranger = tmp_path / "other.safetensors"  # keys of no layer this model has
+    save_file({"lora_unet_no_such_block.lora_down.weight": torch.zeros(2, 8),
+               "lora_unet_no_such_block.lora_up.weight": torch.zeros(8, 2)}, str(stranger))
+    with pytest.raises(UserError, match=str(stranger)):
+        renderer.load(stranger)
+    renderer.load(run_folder / "lora_final.safetensors")  # the renderer still works afterwards
+    renderer.unload()
