@@ -4,6 +4,8 @@ would, images drawn the way the trainer draws its samples. Used by the grid and 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -64,7 +66,8 @@ class Renderer:
             raise UserError(f"{path}: a LoHa/LoKr (LyCORIS) file, which diffusers' load_lora_weights cannot "
                             "read; the grid and sweep cannot draw it yet", field=field)
         try:
-            self.pipeline.load_lora_weights(str(path), adapter_name=ADAPTER)
+            with _quiet_diffusers():  # "no LoRA keys for CLIPTextModel", once per row, for every UNet-only LoRA
+                self.pipeline.load_lora_weights(str(path), adapter_name=ADAPTER)
         except Exception as error:  # diffusers raises ValueError/KeyError/... for a file it cannot map
             self.pipeline.unload_lora_weights()  # whatever it injected before failing
             raise UserError(f"{path}: diffusers' load_lora_weights could not load this LoRA "
@@ -98,6 +101,18 @@ class Renderer:
                                     guidance_scale=c.sample_guidance_scale, height=c.resolution, width=c.resolution,
                                     generator=generator, output_type="latent").images
         return decode(self.pipeline.vae, latents)
+
+
+@contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def _is_lycoris(path: Path) -> bool:
