@@ -163,12 +163,14 @@ def spread(items: list, count: int) -> list:
     return [items[round(index * (len(items) - 1) / (count - 1))] for index in range(count)]
 
 
-def pick(saved: list[SavedLora], steps: list[Step] | None, folder: Path, field: str = "steps") -> list[SavedLora]:
+def pick(saved: list[SavedLora], steps: list[Step] | None, folder: Path, field: str = "steps",
+         cap: int = MAX_DEFAULT_ROWS) -> list[SavedLora]:
+    """The LoRAs at `steps` (in that order), or without them up to `cap` spread evenly over all."""
     if not saved:
         raise GridError(f"{folder} holds no LoRA yet (checkpoints/lora_step_*.safetensors or "
                         "lora_final.safetensors); wait for the first checkpoint", field=field)
     if steps is None:
-        return spread(saved, MAX_DEFAULT_ROWS)
+        return spread(saved, cap)
     chosen = []
     for step in dict.fromkeys(steps):  # the order given, each once
         match = [s for s in saved if (s.final if step == "final" else s.step == step and not s.final)]
@@ -194,8 +196,9 @@ def render_grid(run_folder: str | Path, options: GridOptions | dict | None = Non
     """Rows = checkpoints, columns = prompts, one seed; the PNG is written into the run folder."""
     options = parse_options(GridOptions, options)
     folder, config = read_run(run_folder)
-    rows = pick(saved_loras(folder), options.steps, folder)
     prompts = options.prompts or default_prompts(config)
+    rows = pick(saved_loras(folder), options.steps, folder, cap=max(1, min(MAX_DEFAULT_ROWS,
+                                                                          MAX_CELLS // len(prompts))))
     _check_cells(len(rows), len(prompts), "steps")
     seed = config.seed if options.seed is None else options.seed
     renderer = _renderer_for(config, options.device, renderer)
@@ -204,7 +207,8 @@ def render_grid(run_folder: str | Path, options: GridOptions | dict | None = Non
     try:
         for saved in rows:
             renderer.load(saved.path)
-            cells.append([counter.cell(renderer.draw(prompt, seed), saved.label, prompt) for prompt in prompts])
+            cells.append([counter.cell(renderer.draw(prompt, seed), saved.label, _shown(prompt))
+                          for prompt in prompts])
     finally:
         renderer.unload()
     title = f"{folder.name}: {config.base_model}, seed {seed}, {renderer.sampling}"

@@ -84,6 +84,7 @@ def test_the_default_choice_of_checkpoints_is_all_then_spread_evenly(tmp_path):
     saved = [SavedLora(2, tmp_path / "a", False), SavedLora(4, tmp_path / "b", False),
              SavedLora(6, tmp_path / "c", True)]
     assert pick(saved, ["final", 2, 2], tmp_path) == [saved[2], saved[0]]
+    assert pick(saved, None, tmp_path, cap=2) == [saved[0], saved[2]]  # 16 prompts leave room for 4 rows
     with pytest.raises(GridError, match="no LoRA saved at 5; it has step 2, step 4, final \\(step 6\\)") as caught:
         pick(saved, [5], tmp_path)
     assert caught.value.field == "steps"
