@@ -237,9 +237,13 @@ def test_an_sdxl_lora_renders_in_a_sweep(tmp_path):
     events = []
     train(parse_config(config), events.append, lambda: False)
     result = render_sweep(tmp_path / "run", {"scales": [0, 1]})
-    assert result.column_labels == ["scale 0 (base model)", "scale 1"]
+    assert result.column_labels == ["scale 0 (base model)", "scale 1"] and result.row_labels == ["shapestyle"]
     zero, one = (pixels(cell) for cell in result.cells[0])
     assert zero.shape == (256, 256, 3) and np.abs(one - zero).mean() > 0.5
+    # the trainer drew its last sample (the trigger words, the run's seed) from prompt embeddings it encoded
+    # itself, with the LoRA in memory: the loaded file at scale 1 gives the same image
+    with Image.open(tmp_path / "run" / "samples" / "step_2.png") as sample:
+        assert np.array_equal(pixels(sample.convert("RGB")), one)
 
 
 @pytest.mark.e2e
