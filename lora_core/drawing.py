@@ -41,6 +41,7 @@ class Renderer:
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline
         self.loaded: Path | None = None
+        self.applied: AppliedLora | None = None  # a LoHa / LoKr file, added to the weights
 
     def serves(self, config: TrainConfig, device: str | None) -> bool:
         """Whether this renderer draws as a new one for `config` on `device` would: the same base model, device,
@@ -58,13 +59,17 @@ class Renderer:
                 f"{c.resolution} px")
 
     def load(self, path: Path, field: str = "steps") -> None:
-        """Load one LoRA file (replacing the one loaded before) at scale 1; `field`: what a bad file is blamed on."""
+        """Load one LoRA file (replacing the one loaded before) at scale 1; `field`: what a bad file is blamed on.
+
+        LoRA and DoRA files go through diffusers' `load_lora_weights`, as a diffusers user would load them.
+        LoHa / LoKr files, which it cannot read, are applied to the weights themselves (lorafile.apply_lora, as
+        ComfyUI and A1111 do), the touched weights kept to be put back exactly."""
         self.unload()
         if _is_lycoris(path):
-            # The one place a file diffusers cannot read would be applied by other means (issue 15's
-            # apply function for LoHa/LoKr); until that lands, a clear error rather than the base model.
-            raise UserError(f"{path}: a LoHa/LoKr (LyCORIS) file, which diffusers' load_lora_weights cannot "
-                            "read; the grid and sweep cannot draw it yet", field=field)
+            self.applied = AppliedLora(self.pipeline, path, field)
+            self.applied.set_scale(1.0)
+            self.loaded = path
+            return
         try:
             with _quiet_diffusers():  # "no LoRA keys for CLIPTextModel", once per row, for every UNet-only LoRA
                 self.pipeline.load_lora_weights(str(path), adapter_name=ADAPTER)
@@ -80,16 +85,21 @@ class Renderer:
 
     def set_scale(self, scale: float) -> None:
         """The loaded LoRA's strength on every part it adapts; 0 draws with the base model alone."""
-        if scale == 0:
+        if self.applied is not None:
+            self.applied.set_scale(scale)
+        elif scale == 0:
             self.pipeline.disable_lora()
-            return
-        self.pipeline.enable_lora()
-        self.pipeline.set_adapters([ADAPTER], [scale])
+        else:
+            self.pipeline.enable_lora()
+            self.pipeline.set_adapters([ADAPTER], [scale])
 
     def unload(self) -> None:
-        if self.loaded is not None:
+        if self.applied is not None:
+            self.applied.restore()
+            self.applied = None
+        elif self.loaded is not None:
             self.pipeline.unload_lora_weights()  # back to the base model's own layers
-            self.loaded = None
+        self.loaded = None
 
     @torch.no_grad()
     def draw(self, prompt: str, seed: int):
@@ -101,6 +111,40 @@ class Renderer:
                                     guidance_scale=c.sample_guidance_scale, height=c.resolution, width=c.resolution,
                                     generator=generator, output_type="latent").images
         return decode(self.pipeline.vae, latents)
+
+
+class AppliedLora:
+    """A LoRA file added to the pipeline's weights (any kind lorafile reads); the weights it touches are kept,
+    so that another scale, or none, starts again from the exact base weights rather than from a subtraction."""
+
+    def __init__(self, pipeline, path: Path, field: str):
+        from lora_core import lorafile
+
+        self.pipeline, self.path, self.field = pipeline, path, field
+        try:
+            layers = lorafile.read(path).layers
+        except UserError as error:
+            raise UserError(str(error), field=field) from None
+        table = lorafile.module_table(pipeline)
+        self.kept = {id(table[name]): (table[name].weight, table[name].weight.detach().clone())
+                     for name in layers if name in table}
+
+    @torch.no_grad()
+    def set_scale(self, scale: float) -> None:
+        from lora_core import lorafile
+
+        self.restore()
+        if scale != 0:
+            try:
+                lorafile.apply_lora(self.pipeline, self.path, scale)
+            except UserError as error:  # e.g. layers this model does not have: a file for another base model
+                self.restore()
+                raise UserError(str(error), field=self.field) from None
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for weight, original in self.kept.values():
+            weight.copy_(original)
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """Pick the best LoRA: a checkpoint x prompt grid and a strength sweep, drawn from a run folder's saved files.
 
 Every cell is what a diffusers user gets: the run's base model with a saved `.safetensors` LoRA loaded by
-`load_lora_weights`, drawn the way the trainer draws its samples (DPM-Solver, `sample_inference_steps`,
+`load_lora_weights` (a LoHa / LoKr file, which diffusers cannot read, is added to the weights by
+lorafile.apply_lora instead), drawn the way the trainer draws its samples (DPM-Solver, `sample_inference_steps`,
 `sample_guidance_scale`, the run's resolution) with one seed for every cell, so that the cells differ only by
 the LoRA (grid rows: checkpoints; sweep columns: its scale, 0 being the base model). The base model is loaded
 once, on the run's device; adapters are swapped per row or re-weighted per column.

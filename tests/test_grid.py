@@ -247,23 +247,42 @@ def test_an_sdxl_lora_renders_in_a_sweep(tmp_path):
 
 
 @pytest.mark.e2e
-def test_files_diffusers_cannot_load_are_refused_by_name(run_folder, renderer, tmp_path):
+def test_files_for_another_model_are_refused_by_name(run_folder, renderer, tmp_path):
     import torch
     from safetensors.torch import save_file
 
     from lora_core.errors import UserError
 
-    loha = tmp_path / "loha.safetensors"  # LyCORIS names: diffusers' load_lora_weights has no mapping for them
-    layer = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
-    save_file({f"{layer}.hada_w1_a": torch.zeros(64, 2), f"{layer}.hada_w1_b": torch.zeros(2, 64),
-               f"{layer}.alpha": torch.tensor(2.0)}, str(loha))
-    with pytest.raises(UserError, match="LoHa/LoKr") as caught:
-        renderer.load(loha, field="step")
-    assert caught.value.field == "step" and renderer.loaded is None
     stranger = tmp_path / "other.safetensors"  # keys of no layer this model has
     save_file({"lora_unet_no_such_block.lora_down.weight": torch.zeros(2, 8),
                "lora_unet_no_such_block.lora_up.weight": torch.zeros(8, 2)}, str(stranger))
-    with pytest.raises(UserError, match=str(stranger)):
-        renderer.load(stranger)
+    loha = tmp_path / "loha.safetensors"  # LyCORIS names, applied by lorafile rather than loaded by diffusers
+    save_file({f"lora_unet_no_such_block.{name}": torch.zeros(8, 2) if name.endswith("_a") else torch.zeros(2, 8)
+               for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}, str(loha))
+    for path in (stranger, loha):
+        with pytest.raises(UserError, match=str(path)) as caught:
+            renderer.load(path, field="step")
+        assert caught.value.field == "step" and renderer.loaded is None
     renderer.load(run_folder / "lora_final.safetensors")  # the renderer still works afterwards
     renderer.unload()
+
+
+@pytest.mark.e2e
+def test_a_loha_lora_is_applied_to_the_weights_and_taken_off_exactly(renderer, tmp_path):
+    """diffusers cannot read LoHa: its change is added to the weights (lorafile.apply_lora) and put back."""
+    from lora_core.config import parse_config
+    from lora_core.training import train
+
+    config = tiny_config(DEMO_DATASET, tmp_path / "run", steps=2, validation_steps=1000, learning_rate=5e-2,
+                         batch_size=1, sample_inference_steps=3, network_type="loha", lora_target="locon")
+    events = []
+    train(parse_config(config), events.append, lambda: False)
+    base = pixels(renderer.draw("shapestyle", 7))
+    result = render_sweep(tmp_path / "run", {"scales": [0, 1]}, renderer=renderer)
+    zero, one = (pixels(cell) for cell in result.cells[0])
+    assert np.array_equal(zero, base) and np.abs(one - zero).max() > 10 * FUSED_MAX_LEVELS
+    # the trainer's last sample is peft's LoHa computed beside the weight; applied, it is merged into it
+    with Image.open(tmp_path / "run" / "samples" / "step_2.png") as sample:
+        difference = np.abs(pixels(sample.convert("RGB")) - one)
+    assert difference.max() <= FUSED_MAX_LEVELS and (difference > 0).mean() <= FUSED_MAX_SHARE
+    assert np.array_equal(pixels(renderer.draw("shapestyle", 7)), base)  # the base weights are back, exactly
