@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
-from lora_core import hardware, models
+from lora_core import hardware, latents, models, samples
 from lora_core.config import TrainConfig
 from lora_core.errors import UserError
 
@@ -107,10 +107,10 @@ class Renderer:
         c, device = self.config, self.device
         generator = torch.Generator(device).manual_seed(seed)
         with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            latents = self.pipeline(prompt=prompt, num_inference_steps=c.sample_inference_steps,
+            drawn = self.pipeline(prompt=prompt, num_inference_steps=c.sample_inference_steps,
                                     guidance_scale=c.sample_guidance_scale, height=c.resolution, width=c.resolution,
                                     generator=generator, output_type="latent").images
-        return decode(self.pipeline.vae, latents)
+        return samples.to_image(latents.decode(self.pipeline.vae, drawn)[0])  # as the trainer's samples
 
 
 class AppliedLora:
@@ -165,14 +165,3 @@ def _is_lycoris(path: Path) -> bool:
     with safe_open(str(path), "pt") as handle:
         keys = handle.keys()
     return any(key.endswith(LYCORIS_KEYS) for key in keys)
-
-
-def decode(vae, latents: torch.Tensor):
-    """The first latent as a PIL image, decoded in fp32 (as the trainer decodes its samples)."""
-    from PIL import Image
-
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    latents = latents.to(vae.device, torch.float32) / vae.config.scaling_factor + shift
-    pixels = vae.decode(latents).sample[0]
-    array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)

@@ -184,7 +184,9 @@ def pick(saved: list[SavedLora], steps: list[Step] | None, folder: Path, field: 
 
 def default_prompts(config: TrainConfig) -> list[str]:
     """The trainer's sample prompts: `sample_prompts`, or the trigger words when there are none."""
-    return list(config.sample_prompts) or [", ".join(config.trigger_words)]
+    from lora_core.samples import prompts_of
+
+    return list(prompts_of(config))
 
 
 # ----------------------------------------------------------------------------------------------------
