@@ -182,12 +182,18 @@ def training_metadata(config: TrainConfig, family: str, prediction_type: str, *,
     }
 
 
+MAX_TAG_FREQUENCY = 1000  # tags in the header (the most frequent); a header is read whole by every loader
+MAX_TAG_CHARS = 100
+
+
 def tag_frequency(captions: list[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for caption in captions:
-        for tag in (part.strip() for part in caption.split(",")):
+        for tag in (part.strip()[:MAX_TAG_CHARS] for part in caption.split(",")):
             if tag:
                 counts[tag] = counts.get(tag, 0) + 1
+    if len(counts) > MAX_TAG_FREQUENCY:
+        counts = dict(sorted(counts.items(), key=lambda item: -item[1])[:MAX_TAG_FREQUENCY])
     return counts
 
 
