@@ -103,7 +103,7 @@ def build_config(form: dict[str, Any], studio: Studio, settings: PageSettings) -
     if reason := _dataset_folder_problem(str(form.get("dataset_path") or ""), studio, settings):
         problems.append(("dataset_path", reason))
     try:
-        config = parse_config(data)
+        config = parse_config(data, strict=False)  # the widgets give numbers as floats
     except ConfigError as error:
         problems = error.problems + problems
     if problems:

@@ -1,23 +1,42 @@
 """The training configuration: one pydantic model, the single source of every rule and range.
 
 The CLI, the web page, the presets and `config_schema.json` all derive from `TrainConfig`.
-A config file may give the optional fields flat or nested under `training_params`.
+A config file may give the optional fields flat or nested under `training_params`. A file is read with
+strict types (`"steps": "2"` or `true` is an error, as is `"bucketing": "yes"`); the page's form, whose
+widgets give numbers as floats, converts its own values (`parse_config(..., strict=False)`).
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lora_core.errors import UserError
 
 REQUIRED_FIELDS = ("dataset_path", "base_model", "output_path", "trigger_words")
 NESTED_KEY = "training_params"
+PATH_FIELDS = ("dataset_path", "base_model", "output_path")
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+MAX_CONFIG_BYTES = 4 * 1024**2  # a config is a few kB; more is a mistake (or an attack on the parser)
+MAX_SHOWN_CHARS = 120  # of a value quoted back in an error message
+# Text that reaches a text encoder: CLIP reads 75 tokens (about 300 characters; sd-scripts' long prompts 225).
+MAX_TRIGGER_WORDS, MAX_TRIGGER_CHARS, MAX_PROMPT_CHARS = 32, 200, 2000
+TriggerWord = Annotated[str, StringConstraints(max_length=MAX_TRIGGER_CHARS)]
+Prompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
 
 
 class FieldConflict(ValueError):
@@ -40,15 +59,16 @@ class TrainConfig(BaseModel):
 
     # --- required ---
     dataset_path: str = Field(description="Folder of images with optional same-named .txt captions.",
-                              min_length=1, json_schema_extra=_ui("basic"))
+                              min_length=1, max_length=MAX_PATH_CHARS, json_schema_extra=_ui("basic"))
     base_model: str = Field(
         description="'builtin:tiny-sd', a Hugging Face hub id, a local diffusers folder, "
-        "or a single-file .safetensors checkpoint.", min_length=1, json_schema_extra=_ui("basic"))
+        "or a single-file .safetensors checkpoint.", min_length=1, max_length=MAX_PATH_CHARS,
+        json_schema_extra=_ui("basic"))
     output_path: str = Field(description="Folder for checkpoints, samples, the final LoRA and events.",
-                             min_length=1, json_schema_extra=_ui("basic"))
-    trigger_words: list[str] = Field(
+                             min_length=1, max_length=MAX_PATH_CHARS, json_schema_extra=_ui("basic"))
+    trigger_words: list[TriggerWord] = Field(
         description="Words put in front of every caption (or used as the caption where there is none).",
-        min_length=1, json_schema_extra=_ui("basic"))
+        min_length=1, max_length=MAX_TRIGGER_WORDS, json_schema_extra=_ui("basic"))
 
     # --- length ---
     steps: int = Field(1000, ge=1, le=1_000_000, description=(
@@ -186,7 +206,7 @@ class TrainConfig(BaseModel):
     log_with: Literal["none", "tensorboard"] = Field("none", description=(
         "Also log loss, learning rate and sample images for TensorBoard, in <output_path>/logs "
         "(needs the tensorboard package)."), json_schema_extra=_ui("advanced"))
-    sample_prompts: list[str] = Field(default_factory=list, max_length=16, description=(
+    sample_prompts: list[Prompt] = Field(default_factory=list, max_length=16, description=(
         "Prompts for sample images; empty means the trigger words."), json_schema_extra=_ui("sampling"))
     sample_inference_steps: int = Field(20, ge=1, le=150, description="Denoising steps per sample image.",
                                         json_schema_extra=_ui("sampling"))
@@ -208,6 +228,15 @@ class TrainConfig(BaseModel):
     def _no_blank_strings(cls, value: list[str]) -> list[str]:
         if any(not item.strip() for item in value):
             raise ValueError("entries must not be blank")
+        return value
+
+    @field_validator(*PATH_FIELDS)
+    @classmethod
+    def _a_path_has_no_control_characters(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("contains a NUL character, which no path can hold")
+        if any(ord(char) < 32 for char in value):
+            raise ValueError("contains a control character (a newline or tab?); give the path on one line")
         return value
 
     @model_validator(mode="before")
@@ -305,9 +334,15 @@ def _problems_from(error: ValidationError) -> list[tuple[str, str]]:
         message = item["msg"]
         allowed = _allowed_range(top)
         got = item.get("input")
-        got_text = json.dumps(got) if isinstance(got, str | int | float | bool | None) else type(got).__name__
+        got_text = _shown(got) if isinstance(got, str | int | float | bool | None) else type(got).__name__
         problems.append((field, f"{message} (got {got_text}{'; ' + allowed if allowed else ''})"))
     return problems
+
+
+def _shown(value: Any) -> str:
+    """A value as JSON for an error message, cut short: a megabyte path is not echoed back whole."""
+    text = json.dumps(value) if not isinstance(value, int) or abs(value) < 10**100 else "a huge number"
+    return text if len(text) <= MAX_SHOWN_CHARS else f"{text[:MAX_SHOWN_CHARS]}… ({len(text)} characters)"
 
 
 def flatten(data: Any, source: str | None = None) -> dict[str, Any]:
@@ -322,33 +357,66 @@ def flatten(data: Any, source: str | None = None) -> dict[str, Any]:
         if key in REQUIRED_FIELDS:
             raise ConfigError([(f"{NESTED_KEY}.{key}", "belongs at the top level, not in training_params")], source)
         if key in flat and flat[key] != value:
-            raise ConfigError([(key, f"given twice with different values ({flat[key]!r} and "
-                                     f"{NESTED_KEY}.{key}={value!r}); keep one")], source)
+            raise ConfigError([(key, f"given twice with different values ({_shown(flat[key])} and "
+                                     f"{NESTED_KEY}.{key}={_shown(value)}); keep one")], source)
         flat[key] = value
     return flat
 
 
-def parse_config(data: Any, source: str | None = None) -> TrainConfig:
-    """Validate a config mapping (flat or nested). Raises ConfigError naming each bad field."""
-    flat = flatten(data, source)
+def parse_config(data: Any, source: str | None = None, strict: bool = True) -> TrainConfig:
+    """Validate a config mapping (flat or nested). Raises ConfigError naming each bad field.
+
+    `strict`: types as JSON has them (no "2" for 2, no true for 1); the page passes False for its widgets."""
     try:
-        return TrainConfig.model_validate(flat)
+        return TrainConfig.model_validate(flatten(data, source), strict=strict)
     except ValidationError as error:
         raise ConfigError(_problems_from(error), source) from None
+    except RecursionError:
+        raise ConfigError([("config", "is nested too deeply to check; a config is a flat JSON object of "
+                                      "options")], source) from None
 
 
 def load_config(path: str | Path) -> TrainConfig:
-    path = Path(path)
+    """Read and validate a JSON config file; every way it can be unusable is a ConfigError naming it."""
+    shown = _shown_path(path)
+
+    def problem(message: str) -> ConfigError:
+        return ConfigError([("config", message)], shown)
+
     try:
-        text = path.read_text(encoding="utf-8")
+        path = Path(path)
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise problem(f"{shown} is not a regular file; give the path of a .json config file")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise problem(f"{shown} is {info.st_size} bytes; a config is a few kB of JSON (at most "
+                          f"{MAX_CONFIG_BYTES} bytes)")
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
-        raise ConfigError([("config", f"cannot read {path}: {error.strerror or error}")], str(path)) from None
+        raise problem(f"cannot read {shown}: {error.strerror or error}") from None
+    except ValueError as error:  # a NUL byte in the path
+        raise problem(f"cannot read {shown}: {error}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise problem(f"{shown} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}); "
+                      "save it as UTF-8") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ConfigError([("config", f"{path} is not valid JSON: {error.msg} at line {error.lineno} "
-                                      f"column {error.colno}")], str(path)) from None
-    return parse_config(data, str(path))
+        raise problem(f"{shown} is not valid JSON: {error.msg} at line {error.lineno} column "
+                      f"{error.colno}") from None
+    except RecursionError:
+        raise problem(f"{shown} is nested too deeply to read; a config is a flat JSON object of options") from None
+    except ValueError as error:  # e.g. an integer of more digits than Python converts
+        raise problem(f"{shown} is not a usable JSON config: {error}") from None
+    return parse_config(data, shown)
+
+
+def _shown_path(path: Any) -> str:
+    text = str(path).replace("\x00", "\\0")
+    return text if len(text) <= MAX_SHOWN_CHARS else f"{text[:MAX_SHOWN_CHARS]}… ({len(text)} characters)"
 
 
 def config_to_file_dict(config: TrainConfig) -> dict[str, Any]:
