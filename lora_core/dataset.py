@@ -10,6 +10,7 @@ EXIF orientation is applied, and every mode (RGBA, P, L, CMYK, 16-bit, animated)
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import warnings
@@ -21,6 +22,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lora_core import buckets, captions
 from lora_core.errors import UserError
+
+log = logging.getLogger("lora_core")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MAX_PIXELS = 64_000_000  # refuse before decoding: a 64 Mpx RGB image is already ~200 MB in memory
@@ -226,6 +229,17 @@ def scan(folder: str | Path, trigger_words: list[str], trigger_placement: str = 
         raise DatasetError(f"no usable image in {folder} (supported: {', '.join(sorted(IMAGE_SUFFIXES))})"
                            + (f"; refused: {reasons}" if reasons else ""))
     return report
+
+
+def warn_about(report: DatasetReport, shown: int = 20) -> None:
+    """One warning line on stderr naming the refused files (and one for the captions that were cut)."""
+    if report.refused:
+        names = ", ".join(f"{item['file']} ({item['reason']})" for item in report.refused[:shown])
+        more = f" and {len(report.refused) - shown} more" if len(report.refused) > shown else ""
+        log.warning("%d of %d images in %s were refused and are left out: %s%s", len(report.refused),
+                    len(report.refused) + len(report.images), report.folder, names, more)
+    if report.warnings:
+        log.warning("dataset: %s", "; ".join(report.warnings[:shown]))
 
 
 def resize_and_crop(image: Image.Image, size: int) -> Image.Image:

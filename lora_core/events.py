@@ -132,6 +132,13 @@ class RunWarning(Event):
 MAX_LISTED = 100
 
 
+def dataset_event(report) -> Dataset:
+    """The `dataset` event of a dataset.DatasetReport (long lists cut to MAX_LISTED; the counts are whole)."""
+    return Dataset(num_images=len(report.images), num_captioned=report.captioned, refused=report.refused[:MAX_LISTED],
+                   num_refused=len(report.refused), ignored=report.ignored[:MAX_LISTED],
+                   num_ignored=len(report.ignored), warnings=report.warnings[:MAX_LISTED])
+
+
 class EventLog:
     """Forwards each event to a listener (stdout, a queue) and then appends it to `events.jsonl`.
 

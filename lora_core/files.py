@@ -27,8 +27,8 @@ class DiskFullError(UserError, OSError):
 
     field = "output_path"
 
-    def __init__(self, path: Path, needed: int | None = None, written: int | None = None):
-        self.path, self.needed, self.written = Path(path), needed, written
+    def __init__(self, path: Path, needed: int | None = None, written: int | None = None, note: str = ""):
+        self.path, self.needed, self.written, self.note = Path(path), needed, written, note
         folder = self.path.parent
         free = _free_bytes(folder)
         if needed:
@@ -39,14 +39,14 @@ class DiskFullError(UserError, OSError):
             need = "more space than is free"
         have = f"{_size(free)} is free there" if free is not None else "the free space is unknown"
         super().__init__(f"the disk is full: writing {self.path.name} in {folder} needed {need}, and {have}; "
-                         "free space on that disk or set output_path to another disk")
+                         "free space on that disk or set output_path to another disk" + (f". {note}" if note else ""))
         self.errno, self.filename = errno.ENOSPC, str(self.path)
 
     def __str__(self) -> str:
         return str(self.args[0])
 
     def __reduce__(self):  # picklable with its own arguments (OSError's default would pass errno, strerror)
-        return (type(self), (self.path, self.needed, self.written))
+        return (type(self), (self.path, self.needed, self.written, self.note))
 
 
 def is_disk_full(error: BaseException) -> bool:

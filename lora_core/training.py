@@ -23,7 +23,17 @@ from diffusers import DPMSolverMultistepScheduler
 from lora_core import buckets, checkpoint, dataset, distributed, hardware, models, objective, optim
 from lora_core.cache import Cache, build_cache, trained_text_encoder
 from lora_core.config import TrainConfig, config_to_file_dict
-from lora_core.events import Checkpoint, Complete, Event, Interrupted, Progress, Sample, Started
+from lora_core.events import (
+    Checkpoint,
+    Complete,
+    Event,
+    Interrupted,
+    Progress,
+    RunWarning,
+    Sample,
+    Started,
+    dataset_event,
+)
 from lora_core.files import atomic_write, atomic_write_text
 from lora_core.lora import (
     add_lora,
@@ -81,9 +91,14 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
     started_at, t0 = datetime.now(UTC), time.perf_counter()
     if (problem := check_output_folder(config.output_path)) is not None:
         raise OutputFolderError(problem)
+    checkpoint.clean_leftovers(Path(config.output_path))  # what killed writes left behind
+    skipped_states: list[str] = []
     if resume:
-        checkpoint.latest_state(Path(config.output_path))  # fail before any model loads
+        checkpoint.latest_state(Path(config.output_path), skipped_states)  # fail before any model loads
+    else:
+        checkpoint.refuse_other_runs_states(Path(config.output_path))
     report = dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement)
+    dataset.warn_about(report)
     source = models.resolve(config.base_model)
     info = models.inspect(source)
     check_resolution(config, info)
@@ -161,6 +176,9 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
                      mixed_precision=precision, model_family=info.description, output_path=str(output),
                      num_processes=accelerator.num_processes, resumed_from_step=step if resume else None,
                      gradient_checkpointing=checkpointing))
+        emit(dataset_event(report))
+        for note in skipped_states:
+            emit(RunWarning(message=note, field="resume"))
     metadata = dict(family=info.family, prediction_type=info.prediction_type,
                     num_images=len(report.images) * config.repeats,  # as sd-scripts counts them
                     precision=precision, started_at=started_at,
@@ -175,10 +193,11 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
 
     def save_checkpoint(step: int, epoch: int, batches_in_epoch: int, lora_file: bool = True) -> Path | None:
         """The LoRA file users load, then the full state that --resume continues from."""
-        path = export(output / "checkpoints" / f"lora_step_{step}.safetensors", step, epoch) if lora_file else None
-        state = checkpoint.TrainerState(step, epoch, batches_in_epoch, sample_noise.draws,
-                                        lr_scheduler.state_dict(), config.model_dump(mode="json"))
-        checkpoint.save_state(output, step, state, lora_params, optimizer, config.keep_checkpoints)
+        with checkpoint.naming_last_good(output):  # a full disk ends the run, naming what can be resumed
+            path = export(output / "checkpoints" / f"lora_step_{step}.safetensors", step, epoch) if lora_file else None
+            state = checkpoint.TrainerState(step, epoch, batches_in_epoch, sample_noise.draws,
+                                            lr_scheduler.state_dict(), config.model_dump(mode="json"))
+            checkpoint.save_state(output, step, state, lora_params, optimizer, config.keep_checkpoints)
         return path
 
     # ------------------------------------------------------------------------------------------------
@@ -241,9 +260,13 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
                 path = save_checkpoint(step, epoch, batches_in_epoch)
                 emit(Checkpoint(step=step, path=str(path)))
             if main and (step % config.validation_steps == 0 or step == total_steps) and not stopping:
-                for image_path, prompt in make_samples(config, pipeline, accelerator.unwrap_model(unet), cache,
-                                                       vae, accelerator.device, output, step):
-                    emit(Sample(step=step, image_path=str(image_path), prompt=prompt))
+                try:  # a sample that cannot be saved is not worth the run: the checkpoints decide that
+                    for image_path, prompt in make_samples(config, pipeline, accelerator.unwrap_model(unet), cache,
+                                                           vae, accelerator.device, output, step):
+                        emit(Sample(step=step, image_path=str(image_path), prompt=prompt))
+                except OSError as error:
+                    emit(RunWarning(message=f"the sample images of step {step} could not be saved: {error}",
+                                    step=step, field="output_path"))
                 for module in (unet, *trained_encoders):
                     module.train()
             if stopping:
@@ -267,7 +290,8 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
     accelerator.wait_for_everyone()
     if main:
         save_checkpoint(step, epoch, batches_in_epoch, lora_file=False)  # so --resume with more steps goes on
-        final_path = export(output / "lora_final.safetensors", step, max(epoch, 1))
+        with checkpoint.naming_last_good(output):
+            final_path = export(output / "lora_final.safetensors", step, max(epoch, 1))
         emit(Complete(final_path=str(final_path), total_time=round(time.perf_counter() - t0, 3), step=step))
     return TrainResult(final_path, step, time.perf_counter() - t0, False, accelerator.unwrap_model(unet),
                        trained_encoders)

@@ -19,6 +19,8 @@ from safetensors import safe_open
 
 EVENT_FIELDS = {
     "started": {"total_steps", "num_images", "device"},
+    "dataset": {"num_images", "num_captioned", "refused", "num_refused", "ignored", "warnings"},
+    "warning": {"message", "step", "field"},
     "progress": {"step", "total_steps", "loss", "percent", "lr", "it_per_s", "eta_s"},
     "checkpoint": {"step", "path"},
     "sample": {"step", "image_path", "prompt"},
