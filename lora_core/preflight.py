@@ -5,6 +5,7 @@ Nothing is trained and no weights are loaded: the memory estimate is computed fr
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,18 +20,25 @@ class OutputFolderError(UserError, OSError):
     field = "output_path"
 
 
-def check_output_folder(output_path: str) -> str | None:
-    """None when the folder can be created and written, else the reason."""
+def check_output_folder(output_path: str, keep: bool = True) -> str | None:
+    """None when the folder can be created and written, else the reason. Folders this made are removed
+    again when it is refused, or when `keep` is False (--validate-only writes nothing)."""
     folder = Path(output_path)
+    created = [parent for parent in (folder, *folder.parents) if not parent.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
+        reason = None
+        if shutil.disk_usage(folder).free < 256 * 1024**2:
+            reason = f"less than 256 MB free on the disk of {folder}; free space or choose another output_path"
     except OSError as error:
-        return f"cannot write to {folder}: {error.strerror or error}; choose a writable output_path"
-    if shutil.disk_usage(folder).free < 256 * 1024**2:
-        return f"less than 256 MB free on the disk of {folder}; free space or choose another output_path"
-    return None
+        reason = f"cannot write to {folder}: {error.strerror or error}; choose a writable output_path"
+    if reason is not None or not keep:
+        for made in created:  # deepest first
+            with contextlib.suppress(OSError):
+                made.rmdir()
+    return reason
 
 
 def preflight(config: TrainConfig, num_processes: int | None = None) -> dict[str, Any]:
@@ -72,7 +80,7 @@ def preflight(config: TrainConfig, num_processes: int | None = None) -> dict[str
     except ValueError as error:
         problem("resolution", str(error))
 
-    if (reason := check_output_folder(config.output_path)) is not None:
+    if (reason := check_output_folder(config.output_path, keep=False)) is not None:
         problem("output_path", reason)
     if (reason := tracking.unavailable_reason(config)) is not None:
         problem("log_with", reason)

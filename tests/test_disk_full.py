@@ -163,3 +163,21 @@ def test_stale_temporaries_are_removed(tmp_path):
     removed = files.remove_stale_temporaries(tmp_path, recursive=True)
     assert sorted(p.name for p in removed) == [".config.json.x.tmp", ".lora.safetensors.abc123.tmp"]
     assert (tmp_path / "keep.tmp").exists()
+
+
+def test_a_run_refused_for_its_output_folder_leaves_nothing_there(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from conftest import DEMO_DATASET, tiny_config
+
+    from lora_core import preflight
+    from lora_core.config import parse_config
+    from lora_core.worker import Worker
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda _folder: usage(10**9, 10**9 - 10**6, 10**6))
+    output = tmp_path / "new" / "run"
+    terminal = Worker().submit(parse_config(tiny_config(DEMO_DATASET, output))).wait(60)
+    assert terminal.type == "error" and terminal.field == "output_path" and "256 MB" in terminal.message
+    assert not (tmp_path / "new").exists(), "no folder, no events.jsonl, no report where the run was refused"
+    assert preflight.check_output_folder(str(output), keep=False) is not None and not (tmp_path / "new").exists()
