@@ -88,7 +88,7 @@ def save_state(output: Path, step: int, state: TrainerState, params: dict[str, t
         _write_state(staging, step, state, params, optimizer)
     except DiskFullError as error:
         shutil.rmtree(staging, ignore_errors=True)
-        raise DiskFullError(error.path, error.needed, error.written, note=last_good_note(output)) from None
+        raise DiskFullError(final / error.path.name, error.needed, error.written, note=last_good_note(output)) from None
     if final.exists():  # a state of the same step from an earlier attempt
         _set_aside(final)
     os.replace(staging, final)
