@@ -225,8 +225,10 @@ def load_state(folder: Path, config: TrainConfig, params: dict[str, torch.Tensor
     body = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
     saved = body["config"]
     current = config.model_dump(mode="json")
-    changed = [f"{name} was {saved.get(name)!r}, now {current[name]!r}" for name in MUST_MATCH
-               if saved.get(name) != current[name]]
+    # a state saved before a field existed holds that field's default
+    saved = {name: saved.get(name, TrainConfig.model_fields[name].default) for name in MUST_MATCH}
+    changed = [f"{name} was {saved[name]!r}, now {current[name]!r}" for name in MUST_MATCH
+               if saved[name] != current[name]]
     if changed:
         raise ResumeError(f"cannot resume from {folder}: " + "; ".join(changed) + ". Put them back, or start a "
                           "new run in another output_path")
