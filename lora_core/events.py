@@ -144,8 +144,8 @@ class EventLog:
 
     The listener comes first, so the file failing (a full disk) never loses an event: the failure is logged
     once on stderr, the partial line is cut off again (no torn line is left), and the file is not written
-    any more. The file is opened at the first event, never in a folder that does not exist, and never for an
-    `output_path` error (a refused folder gets no files); a torn last line a killed process left is cut off.
+    any more. The file is opened at the first event, but never for an `output_path` error (a refused folder,
+    or one holding another run, gets no file from this run); a torn last line a killed process left is cut off.
     """
 
     def __init__(self, path: Path | None, listener=None):
@@ -168,9 +168,10 @@ class EventLog:
         if self.path is None or self.write_error is not None:
             return
         if self._fd is None:
-            if (isinstance(event, Error) and event.field == "output_path") or not self.path.parent.is_dir():
+            if isinstance(event, Error) and event.field == "output_path":
                 return
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._fd = _open_for_append(self.path)
             except OSError as error:
                 self._give_up(error)

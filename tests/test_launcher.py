@@ -14,9 +14,11 @@ from lora_core.events import (
     EVENT_TYPES,
     Checkpoint,
     Complete,
+    Dataset,
     Error,
     Interrupted,
     Progress,
+    RunWarning,
     Sample,
     Started,
     parse_event,
@@ -42,7 +44,10 @@ def test_every_event_reads_back_from_its_json_line():
               Progress(step=1, total_steps=5, loss=None, percent=20.0, lr=1e-4, it_per_s=0.0, eta_s=-1.0, epoch=0),
               Checkpoint(step=2, path="c"), Sample(step=2, image_path="s.png", prompt="p"),
               Complete(final_path="f", total_time=1.5, step=5), Error(message="m", field="seed"),
-              Interrupted(step=3, message="m", checkpoint_path=None)]
+              Interrupted(step=3, message="m", checkpoint_path=None),
+              Dataset(num_images=3, num_captioned=2, refused=[{"file": "a.png", "reason": "r"}], num_refused=1,
+                      ignored=["n.md"], num_ignored=1, warnings=["w"]),
+              RunWarning(message="m", step=2, field="output_path")]
     assert {event.type for event in events} == set(EVENT_TYPES)
     assert [parse_event(event.to_json()) for event in events] == events
 
