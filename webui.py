@@ -27,7 +27,10 @@ from typing import Any
 
 import gradio as gr
 
-from lora_core.config import ConfigError, TrainConfig, load_config, parse_config
+from lora_core.config import ConfigError, TrainConfig
+from lora_core.configfile import load_config, parse_config
+from lora_core.files import atomic_write_text
+from studio import auth
 from studio.formspec import (
     LENGTH_CHOICES,
     FieldSpec,
@@ -38,7 +41,7 @@ from studio.formspec import (
     split_list,
 )
 from studio.jobs import RUN_NAME, BusyError, RunView, Studio
-from studio.uploads import UploadError, UploadLimits, ingest
+from studio.uploads import UploadError, UploadLimits, ingest, remove_unused
 
 log = logging.getLogger("webui")
 
@@ -46,6 +49,7 @@ ROOT = Path(__file__).resolve().parent
 PRESETS = ROOT / "presets"
 DEMO_PRESET = PRESETS / "demo-tiny-cpu.json"
 SHIPPED_PRESETS = {"demo-tiny-cpu", "sd15-character", "sd15-style", "sdxl-character"}
+USER_PRESETS = ".presets"  # under the outputs folder, so a read-only install can save presets; no run is named so
 OUTPUTS_ENV, AUTH_ENV, DATASETS_ENV = "LORA_STUDIO_OUTPUTS", "LORA_STUDIO_AUTH", "LORA_STUDIO_DATASETS"
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".txt", ".zip"]
@@ -105,7 +109,7 @@ def build_config(form: dict[str, Any], studio: Studio, settings: PageSettings) -
     if reason := _dataset_folder_problem(str(form.get("dataset_path") or ""), studio, settings):
         problems.append(("dataset_path", reason))
     try:
-        config = parse_config(data)
+        config = parse_config(data, strict=False)  # the widgets give numbers as floats
     except ConfigError as error:
         problems = error.problems + problems
     if problems:
@@ -142,8 +146,15 @@ def validation(form: dict[str, Any], studio: Studio, settings: PageSettings) -> 
     return [gr.validate(key not in messages, "; ".join(messages.get(key, []))) for key in FORM_KEYS]
 
 
-def preset_names() -> list[str]:
-    return sorted(path.stem for path in PRESETS.glob("*.json"))
+def preset_names(studio: Studio | None = None) -> list[str]:
+    """The shipped presets and the user's own (under the outputs folder)."""
+    folders = [PRESETS] + ([studio.outputs_root / USER_PRESETS] if studio is not None else [])
+    return sorted({path.stem for folder in folders for path in folder.glob("*.json")})
+
+
+def preset_path(name: str, studio: Studio) -> Path:
+    user = studio.outputs_root / USER_PRESETS / f"{Path(name).name}.json"
+    return user if user.is_file() and Path(name).name not in SHIPPED_PRESETS else PRESETS / f"{Path(name).name}.json"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -309,7 +320,7 @@ class StudioPage:
         with gr.Group():
             gr.Markdown("### 3 · Parameters")
             with gr.Row():
-                self.preset = gr.Dropdown(choices=preset_names(), value=None, label="Preset", scale=3,
+                self.preset = gr.Dropdown(choices=preset_names(self.studio), value=None, label="Preset", scale=3,
                                           elem_id="preset")
                 self.fields["run_name"] = gr.Textbox(value=initial["run_name"], label="Run name", scale=3,
                                                      info="The output folder's name.", elem_id="field-run_name")
@@ -413,8 +424,10 @@ class StudioPage:
     def upload(self, files: list[str] | None, trigger_words: str):
         if not files:
             return gr.skip(), gr.skip(), gr.skip()
+        folder = self.studio.new_upload_folder()
+        remove_unused(folder.parent, self.studio.outputs_root)  # uploads no run used, after UNUSED_UPLOAD_DAYS
         try:
-            report = ingest(files, self.studio.new_upload_folder(), self.settings.upload_limits)
+            report = ingest(files, folder, self.settings.upload_limits)
         except UploadError as error:
             raise gr.Error(f"Upload refused: {error}") from None
         markdown, gallery = self.scan(report.folder, trigger_words, report)
@@ -471,7 +484,7 @@ class StudioPage:
         if not name:
             return [gr.skip()] * len(FORM_KEYS)
         try:
-            values = default_form(load_config(PRESETS / f"{Path(name).name}.json"))
+            values = default_form(load_config(preset_path(name, self.studio)))
         except ConfigError as error:
             raise gr.Error(f"Preset {name} is not valid: {error}") from None
         if dataset_path:  # keep the user's own dataset; a preset only brings its own to an empty form
@@ -486,9 +499,9 @@ class StudioPage:
             raise gr.Error(f"'{stem}' is a preset that ships with the studio; choose another name.")
         config = build_config(values, self.studio, self.settings)
         text = json.dumps(config_file_dict(config), indent=2) + "\n"
-        (PRESETS / f"{stem}.json").write_text(text, encoding="utf-8")
-        gr.Info(f"Saved presets/{stem}.json")
-        return gr.Dropdown(choices=preset_names(), value=stem)
+        saved = atomic_write_text(self.studio.outputs_root / USER_PRESETS / f"{stem}.json", text)
+        gr.Info(f"Saved {saved}")
+        return gr.Dropdown(choices=preset_names(self.studio), value=stem)
 
     def export_config(self, **values):
         config = build_config(values, self.studio, self.settings)
@@ -672,7 +685,7 @@ def launch_settings(args: argparse.Namespace, studio: Studio) -> dict[str, Any]:
     return dict(server_name=args.host, server_port=args.port, share=args.share, auth=parse_auth(args.auth),
                 auth_message="LoRA Studio: log in to train.", max_file_size=f"{args.max_upload_mb}mb",
                 allowed_paths=[str(studio.outputs_root)], enable_monitoring=False, ssr_mode=False,
-                show_error=False, css=CSS)
+                show_error=False, css=CSS, app_kwargs={"middleware": [auth.middleware()]})
 
 
 def exposure_warning(args: argparse.Namespace) -> str | None:

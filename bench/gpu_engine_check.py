@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lora_core.config import parse_config  # noqa: E402
+from lora_core.configfile import parse_config  # noqa: E402
 from lora_core.job import run_job  # noqa: E402
 from lora_core.training import train  # noqa: E402
 

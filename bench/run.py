@@ -105,7 +105,7 @@ def make_dataset(folder: Path, count: int, size: int, seed: int = 0) -> Path:
 
 
 def trainer_config(args: argparse.Namespace, dataset_dir: Path, output: Path):
-    from lora_core.config import parse_config
+    from lora_core.configfile import parse_config
 
     steps = args.steps * (args.warmup + args.windows)
     data = {"dataset_path": str(dataset_dir), "base_model": args.model, "output_path": str(output),

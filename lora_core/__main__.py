@@ -14,7 +14,7 @@
 import sys
 from pathlib import Path
 
-from lora_core.config import options_table, write_schema
+from lora_core.configfile import options_table, write_schema
 from lora_core.files import atomic_write_text
 
 START, END = "<!-- options:start -->", "<!-- options:end -->"

@@ -3,34 +3,48 @@
 `checkpoints/state_step_<N>/` holds the LoRA parameters, the optimizer state (safetensors + JSON, never a
 pickle), and `trainer_state.json` (step, epoch, position in the epoch, LR scheduler, noise counter, RNG,
 the resolved config). It is written under a temporary name, each file fsynced, the marker `COMPLETE`
-written last, then renamed into place. Older states are pruned only after the new one is complete.
+written last, then renamed into place; a state of the same step is first renamed away (never emptied in
+place), so a folder with its marker is whole whenever the process is killed. Older states are pruned only
+after the new one is complete. Resume takes the newest state that is whole and readable, and says which it
+skipped; it continues only a state made with the same training settings (all but MAY_CHANGE). A fresh
+run refuses a folder that holds training states already.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lora_core.config import TrainConfig
 from lora_core.errors import UserError
-from lora_core.files import _fsync_dir
+from lora_core.files import DiskFullError, _fsync_dir, named_disk_full, remove_stale_temporaries
+
+log = logging.getLogger("lora_core")
 
 MARKER = "COMPLETE"
 STATE_DIR = re.compile(r"^state_step_(\d+)$")
-# Changing these makes the saved state meaningless for this run; everything else may change on resume.
-MUST_MATCH = ("base_model", "network_type", "lokr_factor", "lora_rank", "lora_alpha", "lora_dropout", "lora_target",
-              "use_dora", "optimizer",
-              "resolution", "batch_size", "gradient_accumulation_steps", "seed", "dataset_path", "bucketing",
-              "min_bucket_resolution", "max_bucket_resolution", "bucket_no_upscale", "repeats", "train_text_encoder")
+STATE_FILES = ("lora.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer_state.json", MARKER)
+# What a resumed run may change: its length, how often it reports and saves, and where and how fast it runs.
+# Every other field (the model, the LoRA, the data, the optimisation) must be as the state was made, or the
+# run would continue a different one; a field added later is covered without being listed here.
+MAY_CHANGE = frozenset({"steps", "epochs", "checkpoint_steps", "validation_steps", "keep_checkpoints",
+                        "max_nonfinite_steps", "progress_steps", "log_with", "sample_prompts",
+                        "sample_inference_steps", "sample_guidance_scale", "device", "mixed_precision",
+                        "gradient_checkpointing", "compile_unet", "latent_cache", "output_path"})
+MUST_MATCH = tuple(name for name in TrainConfig.model_fields if name not in MAY_CHANGE)
 KILL_HOOK = "LORA_STUDIO_TEST_KILL_IN_SAVE"  # tests: SIGKILL halfway through saving the state of this step
 
 
@@ -63,46 +77,147 @@ def state_folders(output: Path) -> list[tuple[int, Path]]:
 
 def save_state(output: Path, step: int, state: TrainerState, params: dict[str, torch.Tensor], optimizer,
                keep: int) -> Path:
-    """Write the state folder atomically, then prune all but the newest `keep` complete ones."""
+    """Write the state folder atomically, then prune all but the newest `keep` complete ones. On a full disk,
+    the partial folder is removed and the DiskFullError names the newest complete state that remains."""
     checkpoints = output / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / f"state_step_{step}"
     staging = checkpoints / f".state_step_{step}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    tensors, groups = _flatten_optimizer(optimizer.state_dict())
-    save_file({name: t.detach().cpu().contiguous() for name, t in params.items()}, str(staging / "lora.safetensors"))
-    if os.environ.get(KILL_HOOK) == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
-    save_file(tensors, str(staging / "optimizer.safetensors"))
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(staging / "rng.safetensors"))
-    body = {**state.__dict__, "optimizer_param_groups": groups}
-    (staging / "trainer_state.json").write_text(json.dumps(body, indent=1), encoding="utf-8")
-    for path in staging.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    (staging / MARKER).write_text(str(step), encoding="utf-8")
-    _fsync_dir(staging)
-    if final.exists():  # a state of the same step from an earlier, interrupted attempt
-        shutil.rmtree(final)
+    try:
+        _write_state(staging, step, state, params, optimizer)
+    except DiskFullError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DiskFullError(final / error.path.name, error.needed, error.written, note=last_good_note(output)) from None
+    if final.exists():  # a state of the same step from an earlier attempt
+        _set_aside(final)
     os.replace(staging, final)
     _fsync_dir(checkpoints)
-    for _, old in state_folders(output)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for leftover in checkpoints.glob(".state_step_*.partial-*"):  # from processes killed mid-save
-        shutil.rmtree(leftover, ignore_errors=True)
+    for _, old_state in state_folders(output)[:-keep]:
+        _set_aside(old_state)
+    clean_leftovers(output)
     return final
 
 
-def latest_state(output: Path) -> Path:
+def _set_aside(folder: Path) -> None:
+    """Rename a state folder out of the way in one step; it is deleted later. Never deleting a state in
+    place means no kill can leave its marker without its files."""
+    trash = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    _fsync_dir(folder.parent)
+
+
+def _write_state(staging: Path, step: int, state: TrainerState, params: dict[str, torch.Tensor],
+                 optimizer) -> None:
+    staging.mkdir()
+    tensors, groups = _flatten_optimizer(optimizer.state_dict())
+    weights = {name: t.detach().cpu().contiguous() for name, t in params.items()}
+    with named_disk_full(staging / "lora.safetensors", _nbytes(weights)):
+        save_file(weights, str(staging / "lora.safetensors"))
+    if os.environ.get(KILL_HOOK) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    with named_disk_full(staging / "optimizer.safetensors", _nbytes(tensors)):
+        save_file(tensors, str(staging / "optimizer.safetensors"))
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    body = json.dumps({**state.__dict__, "optimizer_param_groups": groups}, indent=1).encode("utf-8")
+    with named_disk_full(staging / "trainer_state.json", len(body) + _nbytes(rng)):
+        save_file(rng, str(staging / "rng.safetensors"))
+        (staging / "trainer_state.json").write_bytes(body)
+        for path in staging.iterdir():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        (staging / MARKER).write_text(str(step), encoding="utf-8")
+    _fsync_dir(staging)
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + 1024 * (1 + len(tensors) // 10)
+
+
+def clean_leftovers(output: Path) -> list[Path]:
+    """Remove what killed writes left: partial and replaced state folders, and `.*.tmp` files anywhere in
+    the output folder. The next run (and every save) calls it; the removed paths."""
+    removed = remove_stale_temporaries(output, recursive=True)
+    checkpoints = output / "checkpoints"
+    if checkpoints.is_dir():
+        for pattern in (".state_step_*.partial-*", ".state_step_*.old-*"):
+            for leftover in checkpoints.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
+                removed.append(leftover)
+    return removed
+
+
+def last_good_note(output: Path) -> str:
+    """Which saved state a user can resume from, for an error that ends the run."""
     folders = state_folders(output)
     if not folders:
-        raise ResumeError(f"nothing to resume: no complete training state in {output / 'checkpoints'}; "
-                          "run without --resume to start a new run")
-    return folders[-1][1]
+        return "No training state was saved yet"
+    step, folder = folders[-1]
+    lora = output / "checkpoints" / f"lora_step_{step}.safetensors"
+    return (f"The last good checkpoint is step {step} ({folder}" + (f", LoRA {lora}" if lora.is_file() else "")
+            + "); --resume continues from it")
+
+
+@contextmanager
+def naming_last_good(output: Path) -> Iterator[None]:
+    """A DiskFullError raised inside (saving a checkpoint or the final LoRA) also names the last good state."""
+    try:
+        yield
+    except DiskFullError as error:
+        if error.note:
+            raise
+        raise DiskFullError(error.path, error.needed, error.written, note=last_good_note(output)) from None
+
+
+def damage(folder: Path) -> str | None:
+    """Why a state folder with its marker cannot be resumed from (a file missing, cut short or unreadable)."""
+    missing = [name for name in STATE_FILES if not (folder / name).is_file()]
+    if missing:
+        return "missing " + ", ".join(missing)
+    try:
+        body = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        if not isinstance(body, dict) or not {"step", "config", "optimizer_param_groups"} <= set(body):
+            return "trainer_state.json lacks its fields"
+        for name in STATE_FILES[:3]:
+            with safe_open(str(folder / name), framework="pt") as handle:
+                handle.keys()
+    except Exception as error:  # any unreadable file makes the state unusable, whatever the library raises
+        return f"unreadable ({type(error).__name__}: {str(error)[:200]})"
+    return None
+
+
+def refuse_other_runs_states(output: Path) -> None:
+    """A fresh run must not share a folder with training states (its pruning and a later --resume would
+    mix the two runs): refuse, naming the newest state."""
+    folders = state_folders(output)
+    if folders:
+        step, folder = folders[-1]
+        raise ResumeError(f"{output} already holds training states of a run (newest: step {step}, {folder}). "
+                          "Use --resume (Resume on the page) to continue that run, or choose another "
+                          "output_path (or delete its checkpoints folder) to start a new one", field="output_path")
+
+
+def latest_state(output: Path, skipped: list[str] | None = None) -> Path:
+    """The newest complete state that is whole and readable; each damaged one passed over is logged (and
+    added to `skipped`, for the caller to report)."""
+    folders = state_folders(output)
+    for _, folder in reversed(folders):
+        reason = damage(folder)
+        if reason is None:
+            return folder
+        note = f"skipped the damaged training state {folder} ({reason}); resuming from an older one"
+        log.warning(note)
+        if skipped is not None and note not in skipped:
+            skipped.append(note)
+    if folders:
+        raise ResumeError(f"nothing to resume: every training state in {output / 'checkpoints'} is damaged "
+                          f"(newest: {folders[-1][1]}: {damage(folders[-1][1])}); start a new run in another "
+                          "output_path")
+    raise ResumeError(f"nothing to resume: no complete training state in {output / 'checkpoints'}; "
+                      "run without --resume to start a new run")
 
 
 def load_state(folder: Path, config: TrainConfig, params: dict[str, torch.Tensor], optimizer) -> TrainerState:

@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     stop = StopFlag()
     stop.install()  # before anything slow: a stop during loading still ends with one final event
 
-    from lora_core.config import ConfigError, load_config
+    from lora_core.config import ConfigError
+    from lora_core.configfile import load_config
     from lora_core.distributed import is_main_process
     from lora_core.events import Error, ValidationReport
 

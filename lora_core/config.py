@@ -1,18 +1,24 @@
 """The training configuration: one pydantic model, the single source of every rule and range.
 
 The CLI, the web page, the presets and `config_schema.json` all derive from `TrainConfig`.
-A config file may give the optional fields flat or nested under `training_params`.
+A config file may give the optional fields flat or nested under `training_params`. A file is read with
+strict types (`"steps": "2"` or `true` is an error, as is `"bucketing": "yes"`); the page's form, whose
+widgets give numbers as floats, converts its own values (`parse_config(..., strict=False)`).
 """
 
 from __future__ import annotations
 
-import difflib
-import json
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from lora_core.errors import UserError
 
@@ -20,6 +26,14 @@ REQUIRED_FIELDS = ("dataset_path", "base_model", "output_path", "trigger_words")
 NESTED_KEY = "training_params"
 DEFAULT_STEPS = 1000  # the run length when a config gives neither steps nor epochs (plan.run_length)
 LENGTH_FIELDS = ("steps", "epochs")
+PATH_FIELDS = ("dataset_path", "base_model", "output_path")
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+MAX_CONFIG_BYTES = 4 * 1024**2  # a config is a few kB; more is a mistake (or an attack on the parser)
+MAX_SHOWN_CHARS = 120  # of a value quoted back in an error message
+# Text that reaches a text encoder: CLIP reads 75 tokens (about 300 characters; sd-scripts' long prompts 225).
+MAX_TRIGGER_WORDS, MAX_TRIGGER_CHARS, MAX_PROMPT_CHARS = 32, 200, 2000
+TriggerWord = Annotated[str, StringConstraints(max_length=MAX_TRIGGER_CHARS)]
+Prompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
 
 
 class FieldConflict(ValueError):
@@ -42,15 +56,16 @@ class TrainConfig(BaseModel):
 
     # --- required ---
     dataset_path: str = Field(description="Folder of images with optional same-named .txt captions.",
-                              min_length=1, json_schema_extra=_ui("basic"))
+                              min_length=1, max_length=MAX_PATH_CHARS, json_schema_extra=_ui("basic"))
     base_model: str = Field(
         description="'builtin:tiny-sd', a Hugging Face hub id, a local diffusers folder, "
-        "or a single-file .safetensors checkpoint.", min_length=1, json_schema_extra=_ui("basic"))
+        "or a single-file .safetensors checkpoint.", min_length=1, max_length=MAX_PATH_CHARS,
+        json_schema_extra=_ui("basic"))
     output_path: str = Field(description="Folder for checkpoints, samples, the final LoRA and events.",
-                             min_length=1, json_schema_extra=_ui("basic"))
-    trigger_words: list[str] = Field(
+                             min_length=1, max_length=MAX_PATH_CHARS, json_schema_extra=_ui("basic"))
+    trigger_words: list[TriggerWord] = Field(
         description="Words put in front of every caption (or used as the caption where there is none).",
-        min_length=1, json_schema_extra=_ui("basic"))
+        min_length=1, max_length=MAX_TRIGGER_WORDS, json_schema_extra=_ui("basic"))
 
     # --- length ---
     steps: int | None = Field(None, ge=1, le=1_000_000, description=(
@@ -198,7 +213,7 @@ class TrainConfig(BaseModel):
     log_with: Literal["none", "tensorboard"] = Field("none", description=(
         "Also log loss, learning rate and sample images for TensorBoard, in <output_path>/logs "
         "(needs the tensorboard package)."), json_schema_extra=_ui("advanced"))
-    sample_prompts: list[str] = Field(default_factory=list, max_length=16, description=(
+    sample_prompts: list[Prompt] = Field(default_factory=list, max_length=16, description=(
         "Prompts for sample images; empty means the trigger words."), json_schema_extra=_ui("sampling"))
     sample_inference_steps: int = Field(20, ge=1, le=150, description="Denoising steps per sample image.",
                                         json_schema_extra=_ui("sampling"))
@@ -220,6 +235,15 @@ class TrainConfig(BaseModel):
     def _no_blank_strings(cls, value: list[str]) -> list[str]:
         if any(not item.strip() for item in value):
             raise ValueError("entries must not be blank")
+        return value
+
+    @field_validator(*PATH_FIELDS)
+    @classmethod
+    def _a_path_has_no_control_characters(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("contains a NUL character, which no path can hold")
+        if any(ord(char) < 32 for char in value):
+            raise ValueError("contains a control character (a newline or tab?); give the path on one line")
         return value
 
     @model_validator(mode="before")
@@ -278,7 +302,7 @@ class ConfigError(UserError):
         return self.problems[0][0]
 
 
-def _allowed_range(name: str) -> str:
+def allowed_range(name: str) -> str:
     """The range or choices of a field, from the model itself, for error messages."""
     info = TrainConfig.model_fields.get(name)
     if info is None:
@@ -306,113 +330,3 @@ def range_text(schema: dict[str, Any], number: Callable[[Any], str] = str) -> st
     high_mark = ")" if "exclusiveMaximum" in schema else "]"
     text = f"{low_mark}{number(low)}, {number(high)}{high_mark}"
     return text + (f", a multiple of {number(schema['multipleOf'])}" if "multipleOf" in schema else "")
-
-
-def _problems_from(error: ValidationError) -> list[tuple[str, str]]:
-    problems = []
-    known = list(TrainConfig.model_fields)
-    for item in error.errors():
-        if isinstance(conflict := item.get("ctx", {}).get("error"), FieldConflict):
-            problems.extend((field, str(conflict)) for field in conflict.fields)
-            continue
-        field = ".".join(str(part) for part in item["loc"]) or "config"
-        top = str(item["loc"][0]) if item["loc"] else ""
-        if item["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(top, known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(known)}"
-            problems.append((field, f"unknown field{hint}"))
-            continue
-        if item["type"] == "missing":
-            problems.append((field, "is required"))
-            continue
-        message = item["msg"]
-        allowed = _allowed_range(top)
-        got = item.get("input")
-        got_text = json.dumps(got) if isinstance(got, str | int | float | bool | None) else type(got).__name__
-        problems.append((field, f"{message} (got {got_text}{'; ' + allowed if allowed else ''})"))
-    return problems
-
-
-def flatten(data: Any, source: str | None = None) -> dict[str, Any]:
-    """Merge `training_params` into the top level; a field given in both places must agree."""
-    if not isinstance(data, dict):
-        raise ConfigError([("config", f"must be a JSON object, got {type(data).__name__}")], source)
-    flat = {key: value for key, value in data.items() if key != NESTED_KEY}
-    nested = data.get(NESTED_KEY, {})
-    if not isinstance(nested, dict):
-        raise ConfigError([(NESTED_KEY, "must be a JSON object of training options")], source)
-    for key, value in nested.items():
-        if key in REQUIRED_FIELDS:
-            raise ConfigError([(f"{NESTED_KEY}.{key}", "belongs at the top level, not in training_params")], source)
-        if key in flat and flat[key] != value:
-            raise ConfigError([(key, f"given twice with different values ({flat[key]!r} and "
-                                     f"{NESTED_KEY}.{key}={value!r}); keep one")], source)
-        flat[key] = value
-    return flat
-
-
-def parse_config(data: Any, source: str | None = None) -> TrainConfig:
-    """Validate a config mapping (flat or nested). Raises ConfigError naming each bad field."""
-    flat = flatten(data, source)
-    try:
-        return TrainConfig.model_validate(flat)
-    except ValidationError as error:
-        raise ConfigError(_problems_from(error), source) from None
-
-
-def load_config(path: str | Path) -> TrainConfig:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError([("config", f"cannot read {path}: {error.strerror or error}")], str(path)) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ConfigError([("config", f"{path} is not valid JSON: {error.msg} at line {error.lineno} "
-                                      f"column {error.colno}")], str(path)) from None
-    return parse_config(data, str(path))
-
-
-def config_to_file_dict(config: TrainConfig) -> dict[str, Any]:
-    """The nested file form: required fields at the top, the rest under training_params."""
-    values = config.model_dump(mode="json")
-    for name in LENGTH_FIELDS:  # not given: left out, so the file means the same run
-        if values[name] is None:
-            del values[name]
-    top = {key: values.pop(key) for key in REQUIRED_FIELDS}
-    return {**top, NESTED_KEY: values}
-
-
-def json_schema() -> dict[str, Any]:
-    """JSON Schema of the config *file*: the model's schema plus the optional `training_params` nesting."""
-    schema = TrainConfig.model_json_schema()
-    optional = {key: value for key, value in schema["properties"].items() if key not in REQUIRED_FIELDS}
-    schema["properties"][NESTED_KEY] = {
-        "type": "object",
-        "description": "The optional fields may be given here instead of at the top level.",
-        "properties": optional,
-        "additionalProperties": False,
-    }
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    return schema
-
-
-def write_schema(path: str | Path) -> None:
-    from lora_core.files import atomic_write_text
-
-    atomic_write_text(Path(path), json.dumps(json_schema(), indent=2) + "\n")
-
-
-def options_table() -> str:
-    """The README's option table, generated from the model so that it cannot drift."""
-    properties = TrainConfig.model_json_schema()["properties"]
-    rows = ["| option | default | allowed | what it does |", "| --- | --- | --- | --- |"]
-    for name, info in TrainConfig.model_fields.items():
-        schema = properties[name]
-        default = "required" if info.is_required() else json.dumps(info.get_default(call_default_factory=True))
-        allowed = _allowed_range(name).removeprefix("allowed range ").removeprefix("choose one of ")
-        if not allowed:
-            allowed = {"boolean": "true / false", "array": "list of strings"}.get(schema.get("type"), "text")
-        rows.append(f"| `{name}` | {default} | {allowed} | {info.description} |")
-    return "\n".join(rows)

@@ -1,12 +1,18 @@
 """The dataset: scan a folder of images and captions, and turn each image into a training tensor.
 
 Every file gets a verdict in the report: used (with its caption and size) or refused (with the reason).
-Images are decoded defensively: the pixel count is checked before decoding, EXIF orientation is applied,
-and every mode (RGBA, P, L, CMYK, 16-bit, animated) is converted properly to 8-bit RGB.
+Nothing but a regular file is ever opened (a FIFO, socket or device with an image name would block the scan
+or never end; a link loop is refused like any unreadable file). Images are decoded defensively: the pixel
+count and the aspect ratio are checked before decoding (so what training resizes them to stays bounded),
+EXIF orientation is applied, and every mode (RGBA, P, L, CMYK, 16-bit, animated) is converted properly to
+8-bit RGB. Captions are cut to what a text encoder can use, with a warning naming the file.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,9 +23,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from lora_core import buckets, captions
 from lora_core.errors import UserError
 
+log = logging.getLogger("lora_core")
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MAX_PIXELS = 64_000_000  # refuse before decoding: a 64 Mpx RGB image is already ~200 MB in memory
 MIN_SIDE = 8
+# Training scales the shorter side to the resolution (up to 2048): a 10:1 image then covers at most 42 Mpx.
+# Buckets are at most 8:1 (min_bucket 256, max 2048), so anything longer is cropped away in any case.
+MAX_ASPECT_RATIO = 10.0
+# CLIP reads 75 tokens (sd-scripts' long prompts 225, ~900 characters); the rest is headroom for shuffled tags.
+MAX_CAPTION_CHARS = 2000
+MAX_TAGS = 256
+MAX_CAPTION_FILE_BYTES = 64 * 1024  # more is not a caption; the file is read only this far
+FILE_KINDS = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+              stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}
 
 
 class DatasetError(UserError):
@@ -42,6 +59,7 @@ class DatasetReport:
     refused: list[dict[str, str]] = field(default_factory=list)  # {"file", "reason"}
     ignored: list[str] = field(default_factory=list)  # files that are neither images nor captions
     buckets: dict[str, int] = field(default_factory=dict)  # bucket "WxH" -> images, once assigned
+    warnings: list[str] = field(default_factory=list)  # e.g. a caption cut to MAX_CAPTION_CHARS
 
     @property
     def captioned(self) -> int:
@@ -50,7 +68,7 @@ class DatasetReport:
     def to_dict(self) -> dict:
         return {"folder": self.folder, "num_images": len(self.images), "num_captioned": self.captioned,
                 "images": [asdict(record) for record in self.images], "refused": self.refused,
-                "ignored": self.ignored, "buckets": self.buckets}
+                "ignored": self.ignored, "buckets": self.buckets, "warnings": self.warnings}
 
 
 def build_caption(trigger_words: list[str], caption: str, placement: str = "first") -> str:
@@ -58,28 +76,102 @@ def build_caption(trigger_words: list[str], caption: str, placement: str = "firs
     return captions.with_trigger(trigger_words, caption, placement)
 
 
-def _read_caption(image_path: Path) -> tuple[str, bool]:
+def _read_caption(image_path: Path, folder: Path, warn: list[str]) -> tuple[str, bool]:
+    """The caption beside an image (a regular file inside the folder), cut to what training can use."""
     caption_path = image_path.with_suffix(".txt")
-    if not caption_path.is_file():
+    if not os.path.lexists(caption_path):
         return "", False
-    raw = caption_path.read_bytes()
     try:
-        return raw.decode("utf-8-sig").strip(), True
+        _inside_folder(caption_path, folder)
+        with open_regular(caption_path) as handle:
+            raw = handle.read(MAX_CAPTION_FILE_BYTES + 1)
+    except ValueError as error:
+        warn.append(f"{caption_path.name}: not used as a caption ({error})")
+        return "", False
+    try:
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        return raw.decode("latin-1").strip(), True
+        text = raw[:MAX_CAPTION_FILE_BYTES].decode("latin-1")
+    caption, cut = limit_caption(text)
+    if cut or len(raw) > MAX_CAPTION_FILE_BYTES:
+        warn.append(f"{caption_path.name}: caption cut to {len(caption)} characters and "
+                    f"{len(captions.split_tags(caption))} tags (at most {MAX_CAPTION_CHARS} characters and "
+                    f"{MAX_TAGS} tags; a text encoder reads about 75 tokens)")
+    return caption, True
+
+
+def limit_caption(text: str) -> tuple[str, bool]:
+    """The caption with whitespace collapsed, cut at a tag boundary to MAX_CAPTION_CHARS and MAX_TAGS; and
+    whether anything was cut."""
+    caption = " ".join(text[:MAX_CAPTION_CHARS * 4].split())
+    cut = len(text) > MAX_CAPTION_CHARS * 4
+    parts = caption.split(",")
+    if len(parts) > MAX_TAGS:
+        caption, cut = ",".join(parts[:MAX_TAGS]), True
+    if len(caption) > MAX_CAPTION_CHARS:
+        head = caption[:MAX_CAPTION_CHARS]
+        caption, cut = (head.rsplit(",", 1)[0] if "," in head else head), True
+    return caption.strip().rstrip(",").strip(), cut
+
+
+def open_regular(path: Path):
+    """Open a regular file for reading, or raise ValueError saying what it is instead. Checked before the
+    open (a socket cannot be opened at all) and after it on the open file, which was opened O_NONBLOCK so
+    that a FIFO swapped in between the two never waits for a writer."""
+    try:
+        _require_regular(os.stat(path).st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as error:
+        raise ValueError(f"cannot be opened ({error.strerror or error})") from None
+    try:
+        _require_regular(os.fstat(fd).st_mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def _require_regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{FILE_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}; only regular files are read")
+
+
+def _inside_folder(path: Path, folder: Path) -> None:
+    """A link must resolve (no loop, no dangling) to a file inside the dataset folder; ValueError if not."""
+    if not path.is_symlink():
+        return
+    try:
+        target = path.resolve(strict=True)
+    except RuntimeError:  # Python 3.11 says "Symlink loop"
+        raise ValueError("a symbolic link loop") from None
+    except OSError as error:
+        reason = "a symbolic link loop" if error.errno == 40 else "a symbolic link to nothing (dangling)"
+        raise ValueError(reason) from None
+    if not target.is_relative_to(folder.resolve()):
+        raise ValueError("symbolic link that points outside the dataset folder")
+
+
+def size_problem(width: int, height: int) -> str | None:
+    """Why an image of this size cannot be trained on (before decoding it), or None. Uploads use it too."""
+    if width * height > MAX_PIXELS:
+        return f"{width}x{height} is over the {MAX_PIXELS // 1_000_000} Mpx limit; downscale it"
+    if min(width, height) < MIN_SIDE:
+        return f"{width}x{height} is too small to train on (under {MIN_SIDE} px)"
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return (f"{width}x{height} is more than {MAX_ASPECT_RATIO:g}:1; scaled to the training resolution it "
+                "would need gigabytes. Crop it to a less extreme shape")
+    return None
 
 
 def open_image(path: Path) -> Image.Image:
     """Decode one image to 8-bit RGB, or raise ValueError with the reason."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open_regular(path) as handle:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise ValueError(f"{width}x{height} is over the {MAX_PIXELS // 1_000_000} Mpx limit; downscale it")
-            if min(width, height) < MIN_SIDE:
-                raise ValueError(f"{width}x{height} is too small to train on (under {MIN_SIDE} px)")
+            image = Image.open(handle)
+            if (problem := size_problem(*image.size)) is not None:
+                raise ValueError(problem)
             image.seek(0)  # animated GIF/WebP: the first frame
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -115,7 +207,7 @@ def scan(folder: str | Path, trigger_words: list[str], trigger_placement: str = 
                            "with optional .txt captions")
     report = DatasetReport(folder=str(folder))
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.is_dir():
+        if path.name.startswith(".") or (path.is_dir() and not path.is_symlink()):
             continue
         suffix = path.suffix.lower()
         if suffix == ".txt":
@@ -124,13 +216,12 @@ def scan(folder: str | Path, trigger_words: list[str], trigger_placement: str = 
             report.ignored.append(path.name)
             continue
         try:
-            if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
-                raise ValueError("symbolic link that points outside the dataset folder")
+            _inside_folder(path, folder)
             image = open_image(path)
         except ValueError as error:
             report.refused.append({"file": path.name, "reason": str(error)})
             continue
-        caption, has_file = _read_caption(path)
+        caption, has_file = _read_caption(path, folder, report.warnings)
         report.images.append(ImageRecord(str(path), build_caption(trigger_words, caption, trigger_placement),
                                          image.width, image.height, has_file))
     if not report.images:
@@ -140,13 +231,32 @@ def scan(folder: str | Path, trigger_words: list[str], trigger_placement: str = 
     return report
 
 
+def warn_about(report: DatasetReport, shown: int = 20) -> None:
+    """One warning line on stderr naming the refused files (and one for the captions that were cut)."""
+    if report.refused:
+        names = ", ".join(f"{item['file']} ({item['reason']})" for item in report.refused[:shown])
+        more = f" and {len(report.refused) - shown} more" if len(report.refused) > shown else ""
+        log.warning("%d of %d images in %s were refused and are left out: %s%s", len(report.refused),
+                    len(report.refused) + len(report.images), report.folder, names, more)
+    if report.warnings:
+        log.warning("dataset: %s", "; ".join(report.warnings[:shown]))
+
+
 def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
     """Scale the shorter side to `size`, then centre-crop the longer one."""
     scale = size / min(image.size)
     width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    _check_resized(image, (width, height))
     image = image.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)
     left, top = (width - size) // 2, (height - size) // 2
     return image.crop((left, top, left + size, top + size))
+
+
+def _check_resized(image: Image.Image, size: tuple[int, int]) -> None:
+    """The last line of defence where the memory is spent (scan() already refuses extreme shapes)."""
+    if size[0] * size[1] > MAX_PIXELS:
+        raise DatasetError(f"{image.width}x{image.height} would be resized to {size[0]}x{size[1]}, over the "
+                           f"{MAX_PIXELS // 1_000_000} Mpx limit; crop the image to a less extreme shape")
 
 
 def assign_buckets(report: DatasetReport, config, multiple: int) -> list[buckets.Bucket]:
@@ -166,7 +276,9 @@ def load_covering(record: ImageRecord, bucket: buckets.Bucket):
     import torch
 
     size = buckets.cover_and_crop(record.width, record.height, bucket)
-    image = open_image(Path(record.path)).resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    image = open_image(Path(record.path))
+    _check_resized(image, size)
+    image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
 
 

@@ -7,12 +7,17 @@ Each event serialises to one JSON object with `type` and an ISO-8601 `timestamp`
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import threading
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
+
+log = logging.getLogger("lora_core")
 
 
 def _now() -> str:
@@ -101,34 +106,102 @@ class Interrupted(Event):
     checkpoint_path: str | None
 
 
+@dataclass(kw_only=True)
+class Dataset(Event):
+    """What the scan made of the dataset folder, before training starts: the refused files with reasons."""
+
+    type: ClassVar[str] = "dataset"
+    num_images: int
+    num_captioned: int
+    refused: list[dict[str, str]]  # {"file", "reason"}, at most MAX_LISTED of them
+    num_refused: int
+    ignored: list[str]  # files that are neither images nor captions, at most MAX_LISTED
+    num_ignored: int
+    warnings: list[str]  # e.g. a caption cut to the length a text encoder can use
+
+
+@dataclass(kw_only=True)
+class RunWarning(Event):
+    """Something went wrong that the run survives (a sample image that could not be saved)."""
+
+    type: ClassVar[str] = "warning"
+    message: str
+    step: int | None = None
+    field: str | None = None
+
+
+MAX_LISTED = 100
+
+
+def dataset_event(report) -> Dataset:
+    """The `dataset` event of a dataset.DatasetReport (long lists cut to MAX_LISTED; the counts are whole)."""
+    return Dataset(num_images=len(report.images), num_captioned=report.captioned, refused=report.refused[:MAX_LISTED],
+                   num_refused=len(report.refused), ignored=report.ignored[:MAX_LISTED],
+                   num_ignored=len(report.ignored), warnings=report.warnings[:MAX_LISTED])
+
+
 class EventLog:
-    """Appends events as JSON lines to `events.jsonl` (flushed per line) and forwards them to a listener."""
+    """Forwards each event to a listener (stdout, a queue) and then appends it to `events.jsonl`.
+
+    The listener comes first, so the file failing (a full disk) never loses an event: the failure is logged
+    once on stderr, the partial line is cut off again (no torn line is left), and the file is not written
+    any more. The file is opened at the first event, but never for an `output_path` error (a refused folder,
+    or one holding another run, gets no file from this run); a torn last line a killed process left is cut off.
+    """
 
     def __init__(self, path: Path | None, listener=None):
         self._lock = threading.Lock()
         self._listener = listener
-        self._file = None
-        if path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-            except OSError:  # the run itself reports the unwritable folder as an error event
-                self._file = None
+        self.path = Path(path) if path is not None else None
+        self._fd: int | None = None
+        self.write_error: OSError | None = None
 
     def __call__(self, event: Event) -> None:
-        line = event.to_json()
-        with self._lock:
-            if self._file is not None:
-                self._file.write(line + "\n")
-                self._file.flush()
-        if self._listener is not None:
-            self._listener(event)
+        line = (event.to_json() + "\n").encode("utf-8")
+        try:
+            if self._listener is not None:
+                self._listener(event)
+        finally:
+            with self._lock:
+                self._append(event, line)
+
+    def _append(self, event: Event, line: bytes) -> None:
+        if self.path is None or self.write_error is not None:
+            return
+        if self._fd is None:
+            if isinstance(event, Error) and event.field == "output_path":
+                return
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = _open_for_append(self.path)
+            except OSError as error:
+                self._give_up(error)
+                return
+        end = os.fstat(self._fd).st_size
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, end)
+            self._give_up(error)
+
+    def _give_up(self, error: OSError) -> None:
+        self.write_error = error
+        log.warning("cannot write %s (%s); the events go on only to the caller (stdout)", self.path,
+                    error.strerror or error)
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
 
     def close(self) -> None:
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            self._close_fd()
 
 
 @dataclass(kw_only=True)
@@ -180,8 +253,31 @@ class GridComplete(Event):
     total_time: float
 
 
-EVENT_TYPES: dict[str, type[Event]] = {cls.type: cls for cls in (Started, Progress, Checkpoint, Sample, Complete,
-                                                                  Error, Interrupted, ValidationReport, GridProgress,
+def _open_for_append(path: Path) -> int:
+    """Open events.jsonl to append, first cutting off a last line without its newline (a killed writer's)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            tail_start = max(0, size - 65536)
+            tail = os.pread(fd, size - tail_start, tail_start)
+            if not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n")
+                if cut >= 0:
+                    os.ftruncate(fd, tail_start + cut + 1)
+                elif tail_start == 0:
+                    os.ftruncate(fd, 0)
+                else:  # a torn line longer than 64 KiB: end it, so the next event starts a line of its own
+                    os.write(fd, b"\n")
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+EVENT_TYPES: dict[str, type[Event]] = {cls.type: cls for cls in (Started, Dataset, Progress, Checkpoint,
+                                                                  Sample, RunWarning, Complete, Error,
+                                                                  Interrupted, ValidationReport, GridProgress,
                                                                   GridComplete)}
 
 
@@ -209,9 +305,9 @@ def parse_event(line: str) -> Event:
 
 
 def read_events(path: Path) -> list[Event]:
-    """Every event in an events.jsonl file, in order; a torn last line (a killed process) is skipped."""
+    """Every event in an events.jsonl file, in order; a line that is not a whole event (a torn one) is skipped."""
     events = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         if line.strip():
             try:
                 events.append(parse_event(line))

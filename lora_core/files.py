@@ -1,34 +1,143 @@
-"""Atomic file writes: a killed process never leaves a half-written file under its final name."""
+"""Atomic file writes: a killed process never leaves a half-written file under its final name.
+
+A write that fails because the disk is full raises `DiskFullError`, which names the file, its folder, the
+space the write needed and the space that is free, whatever library did the writing (safetensors reports
+a full disk as its own error type, with no file name).
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from lora_core.errors import UserError
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+TMP_SUFFIX = ".tmp"
+# How libraries that do not raise OSError (safetensors' Rust writer) spell a full disk.
+DISK_FULL_WORDS = ("No space left on device", "StorageFull", "code: 28,", "Disk quota exceeded")
+
+
+class DiskFullError(UserError, OSError):
+    """No room on the disk for a file; names the file, the folder, what was needed and what is free."""
+
+    field = "output_path"
+
+    def __init__(self, path: Path, needed: int | None = None, written: int | None = None, note: str = ""):
+        self.path, self.needed, self.written, self.note = Path(path), needed, written, note
+        folder = self.path.parent
+        free = _free_bytes(folder)
+        if needed:
+            need = f"about {_size(needed)}"
+        elif written:
+            need = f"more than the {_size(written)} written before the disk filled"
+        else:
+            need = "more space than is free"
+        have = f"{_size(free)} is free there" if free is not None else "the free space is unknown"
+        super().__init__(f"the disk is full: writing {self.path.name} in {folder} needed {need}, and {have}; "
+                         "free space on that disk or set output_path to another disk" + (f". {note}" if note else ""))
+        self.errno, self.filename = errno.ENOSPC, str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    def __reduce__(self):  # picklable with its own arguments (OSError's default would pass errno, strerror)
+        return (type(self), (self.path, self.needed, self.written, self.note))
+
+
+def is_disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(word in str(error) for word in DISK_FULL_WORDS)
+
+
+@contextmanager
+def named_disk_full(path: Path, needed: int | None = None) -> Iterator[None]:
+    """Turn a full-disk failure of whatever writes `path` into a DiskFullError naming it."""
     try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as error:
+        if is_disk_full(error):
+            raise DiskFullError(path, needed, _written(path)) from None
+        raise
+
+
+def atomic_write(path: Path, write: Callable[[Path], None], needed: int | None = None) -> Path:
+    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then rename it into place.
+
+    `needed`: the bytes the file will take, when known, for the message if the disk is full."""
+    path = Path(path)
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        tmp = None
+    except BaseException as error:
+        written = _written(tmp) if tmp is not None else None
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(error, Exception) and not isinstance(error, DiskFullError) and is_disk_full(error):
+            raise DiskFullError(path, needed, written) from None
         raise
     _fsync_dir(path.parent)
     return path
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), needed=len(data))
+
+
+def remove_stale_temporaries(folder: Path, recursive: bool = False) -> list[Path]:
+    """Delete `.*.tmp` files that killed atomic writes left in `folder`; the removed paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    pattern = f"**/.*{TMP_SUFFIX}" if recursive else f".*{TMP_SUFFIX}"
+    removed = []
+    for leftover in folder.glob(pattern):
+        try:
+            if leftover.is_file() and not leftover.is_symlink():
+                leftover.unlink()
+                removed.append(leftover)
+        except OSError:
+            continue
+    return removed
+
+
+def _written(path: Path) -> int | None:
+    try:
+        return Path(path).stat().st_size or None
+    except OSError:
+        return None
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _size(count: int | None) -> str:
+    if count is None:
+        return "an unknown size"
+    for unit, scale in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lora_core.config import TrainConfig, load_config
+from lora_core.config import TrainConfig
+from lora_core.configfile import load_config
 from lora_core.errors import UserError
 from lora_core.events import Error, Event, GridComplete, GridProgress, Interrupted
 from lora_core.files import atomic_write
@@ -337,7 +338,7 @@ def run_job(kind: str, run_folder: str | Path, options: BaseModel | dict | None,
     except UserError as error:
         event = Error(message=str(error), field=error.field)
     except Exception as error:  # a fault of the program or the machine: reported, never a dead job
-        from lora_core.worker import describe_failure
+        from lora_core.job import describe_failure
 
         event = Error(message=describe_failure(error))
     emit(event)

@@ -29,7 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lora_core.config import TrainConfig, config_to_file_dict
+from lora_core.config import TrainConfig
+from lora_core.configfile import config_to_file_dict
 from lora_core.events import Error, Event, EventLog, read_events
 from lora_core.files import atomic_write_text
 

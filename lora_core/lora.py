@@ -277,12 +277,18 @@ def sshs_hashes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dic
     return {"sshs_model_hash": model_hash, "sshs_legacy_hash": hashlib.sha256(data[start:start + size]).hexdigest()[:8]}
 
 
+MAX_TAG_FREQUENCY = 1000  # tags in the header (the most frequent); a header is read whole by every loader
+MAX_TAG_CHARS = 100
+
+
 def tag_frequency(captions: list[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for caption in captions:
-        for tag in (part.strip() for part in caption.split(",")):
+        for tag in (part.strip()[:MAX_TAG_CHARS] for part in caption.split(",")):
             if tag:
                 counts[tag] = counts.get(tag, 0) + 1
+    if len(counts) > MAX_TAG_FREQUENCY:
+        counts = dict(sorted(counts.items(), key=lambda item: -item[1])[:MAX_TAG_FREQUENCY])
     return counts
 
 

@@ -118,8 +118,24 @@ def _download(repo_id: str, patterns: list[str]) -> str:
                          "and pass its local folder") from None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
+def _read_json(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config file of a model folder, or a ModelError (field base_model) saying what is missing or broken."""
+    top = path.name == "model_index.json"
+    where, folder = (path.name, path.parent) if top else (f"{path.parent.name}/{path.name}", path.parent.parent)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{folder}: the model folder has no {where}; it is not a complete diffusers pipeline "
+                         "folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/, each with its config): "
+                         "download the whole model again") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ModelError(f"{path}: the model's {where} is not readable JSON ({error}); download the model "
+                         "again") from None
+    missing = [key for key in required if key not in data] if isinstance(data, dict) else list(required)
+    if not isinstance(data, dict) or missing:
+        raise ModelError(f"{path}: the model's {where} is not a diffusers config (missing "
+                         f"{', '.join(missing) or 'its fields'}); download the model again")
+    return data
 
 
 def inspect(source: ModelSource) -> ModelInfo:
@@ -131,7 +147,7 @@ def inspect(source: ModelSource) -> ModelInfo:
         return _inspect_single_file(Path(source.location))
     folder = Path(source.location)
     index = _read_json(folder / "model_index.json")
-    unet = _read_json(folder / "unet" / "config.json")
+    unet = _read_json(folder / "unet" / "config.json", ("block_out_channels",))
     vae = _read_json(folder / "vae" / "config.json")
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_file) if scheduler_file.exists() else {}

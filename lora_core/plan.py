@@ -9,6 +9,7 @@ and reports every problem under its field instead of stopping at the first.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -76,6 +77,7 @@ class RunPlan:
     gradient_checkpointing: bool
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # for the LoRA's metadata
     clock_start: float = field(default_factory=time.perf_counter)  # the run's total_time counts from here
+    skipped_states: list[str] = field(default_factory=list)  # damaged states resume passed over, in words
     _sizes: models.ModelSizes | None = field(default=None, repr=False)
 
     @property
@@ -104,22 +106,29 @@ class RunPlan:
 # the checks, each raising a UserError that names its field
 
 
-def check_output_folder(output_path: str) -> str | None:
-    """None when the folder can be created and written, else the reason."""
+def check_output_folder(output_path: str, keep: bool = True) -> str | None:
+    """None when the folder can be created and written, else the reason. Folders this made are removed
+    again when it is refused, or when `keep` is False (--validate-only writes nothing)."""
     folder = Path(output_path)
+    created = [parent for parent in (folder, *folder.parents) if not parent.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
+        reason = None
+        if shutil.disk_usage(folder).free < 256 * 1024**2:
+            reason = f"less than 256 MB free on the disk of {folder}; free space or choose another output_path"
     except OSError as error:
-        return f"cannot write to {folder}: {error.strerror or error}; choose a writable output_path"
-    if shutil.disk_usage(folder).free < 256 * 1024**2:
-        return f"less than 256 MB free on the disk of {folder}; free space or choose another output_path"
-    return None
+        reason = f"cannot write to {folder}: {error.strerror or error}; choose a writable output_path"
+    if reason is not None or not keep:
+        for made in created:  # deepest first
+            with contextlib.suppress(OSError):
+                made.rmdir()
+    return reason
 
 
-def output_folder(config: TrainConfig) -> None:
-    if (problem := check_output_folder(config.output_path)) is not None:
+def output_folder(config: TrainConfig, keep: bool = True) -> None:
+    if (problem := check_output_folder(config.output_path, keep)) is not None:
         raise OutputFolderError(problem)
 
 
@@ -176,8 +185,13 @@ def make_plan(config: TrainConfig, num_processes: int = 1, *, resume: bool = Fal
     configs (a hub model is not downloaded), as --validate-only does."""
     clock_start, started_at = time.perf_counter(), datetime.now(UTC)
     output_folder(config)
+    output = Path(config.output_path)
+    checkpoint.clean_leftovers(output)  # what killed writes left behind
+    skipped_states: list[str] = []
     if resume:
-        checkpoint.latest_state(Path(config.output_path))  # fail before any model loads
+        checkpoint.latest_state(output, skipped_states)  # fail before any model loads
+    else:
+        checkpoint.refuse_other_runs_states(output)
     tracker(config)
     report = scan_dataset(config)
     source, info = base_model(config, configs_only)
@@ -187,7 +201,7 @@ def make_plan(config: TrainConfig, num_processes: int = 1, *, resume: bool = Fal
     device, precision = device_and_precision(config)
     plan = RunPlan(config, num_processes, resume, report, assigned, source, info, per_epoch,
                    run_length(config, per_epoch), device, precision, gradient_checkpointing=False,
-                   started_at=started_at, clock_start=clock_start)
+                   started_at=started_at, clock_start=clock_start, skipped_states=skipped_states)
     plan.gradient_checkpointing = checkpointing(config, device, precision, plan.sizes)
     return plan
 
@@ -235,7 +249,7 @@ def plan_report(config: TrainConfig, num_processes: int | None = None) -> dict[s
             per_epoch = buckets.batches_per_epoch(assigned * config.repeats, config.batch_size * processes)
             report["total_steps"] = run_length(config, per_epoch).steps
     with _Check(report, "output_path"):
-        output_folder(config)
+        output_folder(config, keep=False)
     with _Check(report, "log_with"):
         tracker(config)
     with _Check(report, "device") as device_check:

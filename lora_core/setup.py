@@ -31,7 +31,8 @@ from lora_core import (
     optim,
     samples,
 )
-from lora_core.config import TrainConfig, config_to_file_dict
+from lora_core.config import TrainConfig
+from lora_core.configfile import config_to_file_dict
 from lora_core.families import Family
 from lora_core.families.base import tokenizers
 from lora_core.files import atomic_write_text

@@ -17,10 +17,20 @@ from pathlib import Path
 
 import torch
 
-from lora_core import checkpoint, distributed, objective, samples
+from lora_core import checkpoint, dataset, distributed, objective, samples
 from lora_core.batches import Batch
 from lora_core.config import TrainConfig
-from lora_core.events import Checkpoint, Complete, Event, Interrupted, Progress, Sample, Started
+from lora_core.events import (
+    Checkpoint,
+    Complete,
+    Event,
+    Interrupted,
+    Progress,
+    RunWarning,
+    Sample,
+    Started,
+    dataset_event,
+)
 from lora_core.lora import save_lora, training_metadata
 from lora_core.plan import make_plan
 from lora_core.setup import Run, prepare_unet, setup
@@ -65,6 +75,10 @@ def emit_started(run: Run, emit: Callable[[Event], None]) -> None:
                      mixed_precision=plan.precision, model_family=run.info.description, output_path=str(plan.output),
                      num_processes=run.accelerator.num_processes, resumed_from_step=run.step if plan.resume else None,
                      gradient_checkpointing=plan.gradient_checkpointing))
+        emit(dataset_event(plan.dataset))  # images used, captioned, refused (file and reason), ignored
+        dataset.warn_about(plan.dataset)
+        for note in plan.skipped_states:
+            emit(RunWarning(message=note, field="resume"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -196,8 +210,13 @@ def maybe_checkpoint(run: Run, emit: Callable[[Event], None]) -> None:
 def maybe_sample(run: Run, emit: Callable[[Event], None]) -> None:
     if not run.main or (run.step % run.config.validation_steps and run.step != run.plan.total_steps):
         return
-    drawn = samples.make_samples(run.config, run.pipeline, run.bare_unet, run.sample_inputs, run.pipeline.vae,
-                                 run.device, run.plan.output, run.step)
+    try:  # a sample that cannot be saved is not worth the run: the checkpoints decide that
+        drawn = samples.make_samples(run.config, run.pipeline, run.bare_unet, run.sample_inputs, run.pipeline.vae,
+                                     run.device, run.plan.output, run.step)
+    except OSError as error:
+        drawn = []
+        emit(RunWarning(message=f"the sample images of step {run.step} could not be saved: {error}", step=run.step,
+                        field="output_path"))
     for image_path, prompt in drawn:
         emit(Sample(step=run.step, image_path=str(image_path), prompt=prompt))
     for module in (run.unet, *run.text_encoders):
@@ -227,10 +246,11 @@ def export_lora(run: Run, path: Path, epochs: int | None = None) -> Path:
 def save_checkpoint(run: Run, lora_file: bool = True) -> Path | None:
     """The LoRA file users load (unless not `lora_file`), then the full state that --resume continues from."""
     output = run.plan.output
-    path = export_lora(run, output / "checkpoints" / f"lora_step_{run.step}.safetensors") if lora_file else None
-    state = checkpoint.TrainerState(run.step, run.epoch, run.batches_in_epoch, run.noise.draws,
-                                    run.lr_scheduler.state_dict(), run.config.model_dump(mode="json"))
-    checkpoint.save_state(output, run.step, state, run.lora_params, run.optimizer, run.config.keep_checkpoints)
+    with checkpoint.naming_last_good(output):  # a full disk ends the run, naming what can be resumed
+        path = export_lora(run, output / "checkpoints" / f"lora_step_{run.step}.safetensors") if lora_file else None
+        state = checkpoint.TrainerState(run.step, run.epoch, run.batches_in_epoch, run.noise.draws,
+                                        run.lr_scheduler.state_dict(), run.config.model_dump(mode="json"))
+        checkpoint.save_state(output, run.step, state, run.lora_params, run.optimizer, run.config.keep_checkpoints)
     return path
 
 
@@ -240,7 +260,8 @@ def finish(run: Run, emit: Callable[[Event], None]) -> Path | None:
     if not run.main:
         return None
     save_checkpoint(run, lora_file=False)
-    final_path = export_lora(run, run.plan.output / "lora_final.safetensors", epochs=max(run.epoch, 1))
+    with checkpoint.naming_last_good(run.plan.output):
+        final_path = export_lora(run, run.plan.output / "lora_final.safetensors", epochs=max(run.epoch, 1))
     emit(Complete(final_path=str(final_path), total_time=round(time.perf_counter() - run.plan.clock_start, 3),
                   step=run.step))
     return final_path

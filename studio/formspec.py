@@ -11,14 +11,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lora_core.config import (
-    LENGTH_FIELDS,
-    REQUIRED_FIELDS,
-    TrainConfig,
-    config_to_file_dict,
-    non_null_schema,
-    range_text,
-)
+from lora_core.config import LENGTH_FIELDS, REQUIRED_FIELDS, TrainConfig, non_null_schema, range_text
+from lora_core.configfile import config_to_file_dict
 
 Kind = Literal["slider", "number", "dropdown", "checkbox", "text", "lines"]
 SLIDER_MAX_POSITIONS = 2048  # a wider range is a number box: a slider cannot hit 1 of 1,000,000 steps

@@ -13,7 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lora_core.config import ConfigError, TrainConfig, config_to_file_dict, parse_config
+from lora_core.config import ConfigError, TrainConfig
+from lora_core.configfile import config_to_file_dict, parse_config
 from lora_core.files import atomic_write_text
 
 log = logging.getLogger("studio.queue")

@@ -4,15 +4,21 @@ Nothing a client sends decides where a file lands: every accepted file is writte
 the server owns, under a name the server chooses (`0001_<safe stem>.png`, with its caption beside it
 as `0001_<safe stem>.txt`). Everything refused is listed with the reason: path traversal, absolute
 paths and drive letters, links, nested archives, files that are neither images nor captions, damaged
-members, members over the size or count limits, and zip bombs (a compression ratio no real image has).
-Image *content* is judged later by `dataset.scan`, which refuses unreadable images with their reason.
+members, members over the size or count limits, and zip bombs: one member of a compression ratio no real image has,
+or many members that together expand past the archive's budget (counted on the bytes really written, so
+small members cannot add up unnoticed; writing stops at the budget). An image whose header gives a size
+training refuses (too many pixels, too small, too extreme an aspect ratio) is refused here too. Whatever
+is refused is deleted. Image *content* is judged later by `dataset.scan`, which refuses unreadable images
+with their reason. Upload folders no run uses are deleted after UNUSED_UPLOAD_DAYS (`remove_unused`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import stat
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -32,6 +38,7 @@ CHUNK = 1024 * 1024
 MAX_LISTED_REFUSALS = 200  # past this, one summary line instead of one line per member
 DRIVE = re.compile(r"^[A-Za-z]:")
 UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+UNUSED_UPLOAD_DAYS = 2.0  # an upload no run has used is deleted this long after it was made
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,10 @@ class UploadLimits:
     max_total_bytes: int = 4 * 1024**3  # everything written
     max_ratio: float = 100.0  # uncompressed / compressed size of one zip member
     ratio_floor_bytes: int = 1024**2  # small members (captions) may compress well; the ratio is checked above this
+    # All members of one archive together: at most this many times the archive's size (images barely
+    # compress; captions do), or the floor for small archives, whichever is more.
+    max_archive_ratio: float = 10.0
+    archive_floor_bytes: int = 16 * 1024**2
 
 
 class UploadError(UserError):
@@ -56,6 +67,8 @@ class UploadReport:
     refused: list[dict[str, str]] = field(default_factory=list)  # {"file", "reason"}
     notes: list[str] = field(default_factory=list)
     total_bytes: int = 0
+    archive_sizes: dict[str, int] = field(default_factory=dict, repr=False)  # archive name -> its bytes
+    archive_written: dict[str, int] = field(default_factory=dict, repr=False)  # archive name -> bytes out
 
     @property
     def num_images(self) -> int:
@@ -73,7 +86,8 @@ class UploadReport:
                                                       f"{MAX_LISTED_REFUSALS} are listed"})
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "num_images": self.num_images, "num_captions": self.num_captions}
+        data = {key: value for key, value in asdict(self).items() if not key.startswith("archive_")}
+        return {**data, "num_images": self.num_images, "num_captions": self.num_captions}
 
 
 @dataclass
@@ -86,6 +100,7 @@ class _Candidate:
     size: int  # declared size in bytes
     open: Callable[[], AbstractContextManager[BinaryIO]]
     compressed: int | None = None  # compressed size of a zip member; None for a loose file
+    archive: str | None = None  # the archive it comes from
 
 
 def ingest(paths: list[str | Path], dest: str | Path, limits: UploadLimits | None = None) -> UploadReport:
@@ -128,6 +143,7 @@ def _collect(paths: list[str | Path], report: UploadReport,
             archive = _open_zip(path, report)
             if archive is not None:
                 archives.append(archive)
+                report.archive_sizes[name] = path.stat().st_size
                 yield from _zip_members(archive, name, path.stat().st_size, report)
         elif (reason := _suffix_problem(name)) is not None:
             report.refuse(name, reason)
@@ -157,7 +173,7 @@ def _zip_members(archive: zipfile.ZipFile, archive_name: str, archive_size: int,
             continue
         parts = PurePosixPath(name.replace("\\", "/"))
         yield _Candidate(shown, (str(parts.parent), parts.stem), parts.suffix.lower(), info.file_size,
-                         lambda info=info: archive.open(info), compressed=info.compress_size)
+                         lambda info=info: archive.open(info), compressed=info.compress_size, archive=archive_name)
 
 
 def _member_name(info: zipfile.ZipInfo, report: UploadReport, archive_name: str) -> str:
@@ -260,25 +276,37 @@ def _write_all(candidates: list[_Candidate], dest: Path, report: UploadReport, l
 
 
 def _write_one(candidate: _Candidate, target: Path, report: UploadReport, limits: UploadLimits) -> bool:
-    """Copy at most the declared size (plus one byte, to notice a lie); 'x' mode never overwrites or
-    follows an existing link."""
+    """Copy at most the declared size (plus one byte, to notice a lie) and at most what the upload's and the
+    archive's budgets have left; 'x' mode never overwrites or follows an existing link. What is refused is
+    deleted."""
     written, problem = 0, None
+    allowed = _budget_left(candidate, report, limits)
     try:
-        with candidate.open() as source, open(target, "xb") as out:
-            while chunk := source.read(min(CHUNK, candidate.size + 1 - written)):
-                if written == 0 and chunk.startswith(ARCHIVE_MAGIC):
-                    problem = "an archive under an image or caption name; nested archives are not opened"
-                    break
-                written += len(chunk)
-                if written > candidate.size:
-                    problem = "damaged: it holds more data than its header says"
-                    break
-                if _bomb(written, candidate.compressed, limits):
-                    problem = _bomb_reason(limits)
-                    break
-                out.write(chunk)
+        if allowed <= 0:
+            problem = _budget_reason(candidate, limits)
+        else:
+            with candidate.open() as source, open(target, "xb") as out:
+                while chunk := source.read(min(CHUNK, candidate.size + 1 - written)):
+                    if written == 0 and chunk.startswith(ARCHIVE_MAGIC):
+                        problem = "an archive under an image or caption name; nested archives are not opened"
+                        break
+                    written += len(chunk)
+                    if written > candidate.size:
+                        problem = "damaged: it holds more data than its header says"
+                        break
+                    if _bomb(written, candidate.compressed, limits):
+                        problem = _bomb_reason(limits)
+                        break
+                    if written > allowed:
+                        problem = _budget_reason(candidate, limits)
+                        break
+                    out.write(chunk)
     except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as error:
         problem = f"damaged or unreadable ({error})"
+    if candidate.archive is not None:  # what was read counts, kept or not: the budget is the work done
+        report.archive_written[candidate.archive] = report.archive_written.get(candidate.archive, 0) + written
+    if problem is None and candidate.suffix != CAPTION_SUFFIX:
+        problem = _image_size_problem(target)
     if problem is not None:
         target.unlink(missing_ok=True)
         report.refuse(candidate.name, problem)
@@ -286,6 +314,62 @@ def _write_one(candidate: _Candidate, target: Path, report: UploadReport, limits
     report.stored.append({"original": candidate.name, "stored": target.name})
     report.total_bytes += written
     return True
+
+
+def _budget_left(candidate: _Candidate, report: UploadReport, limits: UploadLimits) -> int:
+    left = limits.max_total_bytes - report.total_bytes
+    if candidate.archive is not None:
+        budget = max(limits.max_archive_ratio * report.archive_sizes.get(candidate.archive, 0),
+                     limits.archive_floor_bytes)
+        left = min(left, int(budget) - report.archive_written.get(candidate.archive, 0))
+    return left
+
+
+def _budget_reason(candidate: _Candidate, limits: UploadLimits) -> str:
+    if candidate.archive is None:
+        return f"the upload would exceed {limits.max_total_bytes} bytes in total"
+    return (f"{candidate.archive} expands to more than {limits.max_archive_ratio:g}x its size in total (or "
+            f"{limits.archive_floor_bytes} bytes); unpacking stopped there. Real images barely compress: "
+            "this looks like a zip bomb")
+
+
+def _image_size_problem(path: Path) -> str | None:
+    """The size bounds of dataset.scan, read from the header; unreadable images are left to the scan."""
+    from PIL import Image
+
+    from lora_core.dataset import size_problem
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception:  # PIL raises many types for what is not an image; the scan names them
+        return None
+    return size_problem(width, height)
+
+
+def remove_unused(uploads_root: Path, outputs_root: Path, max_age_days: float = UNUSED_UPLOAD_DAYS,
+                  now: float | None = None) -> list[Path]:
+    """Delete upload folders older than `max_age_days` that no run in `outputs_root` trained on (its
+    config.json names them); the removed folders. The page calls it for every new upload."""
+    uploads_root, now = Path(uploads_root), time.time() if now is None else now
+    if not uploads_root.is_dir():
+        return []
+    used = set()
+    for config in Path(outputs_root).glob("*/config.json"):
+        try:
+            used.add(Path(json.loads(config.read_text(encoding="utf-8"))["dataset_path"]).resolve())
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    removed = []
+    for folder in uploads_root.iterdir():
+        try:
+            old = now - folder.lstat().st_mtime > max_age_days * 86400
+        except OSError:
+            continue
+        if old and folder.is_dir() and not folder.is_symlink() and folder.resolve() not in used:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def _bomb(size: int, compressed: int | None, limits: UploadLimits) -> bool:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from lora_core import buckets, dataset
 from lora_core.buckets import Bucket, BucketBatchSampler
-from lora_core.config import parse_config
+from lora_core.configfile import parse_config
 
 
 def test_buckets_have_about_the_area_sides_on_the_multiple_and_within_limits():

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from lora_core import models
 from lora_core.conditioning import CachedConditioning, EncodedConditioning
-from lora_core.config import ConfigError, parse_config
+from lora_core.config import ConfigError
+from lora_core.configfile import parse_config
 from lora_core.training import train
 
 CPU = torch.device("cpu")

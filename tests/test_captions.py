@@ -13,7 +13,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lora_core import batches, buckets, captions, dataset
-from lora_core.config import ConfigError, parse_config
+from lora_core.config import ConfigError
+from lora_core.configfile import parse_config
 from lora_core.latents import EncodedLatents
 from lora_core.plan import run_length
 from lora_core.training import train

@@ -21,6 +21,8 @@ pytestmark = pytest.mark.e2e  # every test here trains or serves end to end
 
 EVENT_FIELDS = {
     "started": {"total_steps", "num_images", "device"},
+    "dataset": {"num_images", "num_captioned", "refused", "num_refused", "ignored", "warnings"},
+    "warning": {"message", "step", "field"},
     "progress": {"step", "total_steps", "loss", "percent", "lr", "it_per_s", "eta_s"},
     "checkpoint": {"step", "path"},
     "sample": {"step", "image_path", "prompt"},

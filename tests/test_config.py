@@ -4,14 +4,8 @@ import jsonschema
 import pytest
 from helpers import ROOT
 
-from lora_core.config import (
-    ConfigError,
-    TrainConfig,
-    config_to_file_dict,
-    json_schema,
-    load_config,
-    parse_config,
-)
+from lora_core.config import ConfigError, TrainConfig
+from lora_core.configfile import config_to_file_dict, json_schema, load_config, parse_config
 from lora_core.plan import run_length, unbucketed_batches_per_epoch
 
 BASE = {"dataset_path": "d", "base_model": "builtin:tiny-sd", "output_path": "o", "trigger_words": ["sks"]}

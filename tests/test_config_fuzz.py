@@ -5,7 +5,8 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lora_core.config import ConfigError, TrainConfig, parse_config
+from lora_core.config import ConfigError, TrainConfig
+from lora_core.configfile import parse_config
 
 FIELDS = list(TrainConfig.model_fields) + ["training_params", "bogus"]
 json_values = st.recursive(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEMO_DATASET, ROOT, tiny_config
+from helpers import DEMO_DATASET, ROOT, tiny_config
 from PIL import Image
 
 from lora_core.events import Error, GridComplete, GridProgress, Interrupted, parse_event
@@ -113,7 +113,7 @@ def test_bad_folders_and_options_are_errors_naming_the_field(tmp_path):
 
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory) -> Path:
-    from lora_core.config import parse_config
+    from lora_core.configfile import parse_config
     from lora_core.training import train
 
     output = tmp_path_factory.mktemp("grid") / "run"
@@ -228,7 +228,7 @@ def test_a_stopped_grid_ends_interrupted_and_writes_nothing(run_folder, renderer
 
 @pytest.mark.e2e
 def test_an_sdxl_lora_renders_in_a_sweep(tmp_path):
-    from lora_core.config import parse_config
+    from lora_core.configfile import parse_config
     from lora_core.training import train
 
     config = tiny_config(DEMO_DATASET, tmp_path / "run", steps=2, validation_steps=1000, learning_rate=1e-2,
@@ -270,7 +270,7 @@ def test_files_for_another_model_are_refused_by_name(run_folder, renderer, tmp_p
 @pytest.mark.e2e
 def test_a_loha_lora_is_applied_to_the_weights_and_taken_off_exactly(renderer, tmp_path):
     """diffusers cannot read LoHa: its change is added to the weights (lorafile.apply_lora) and put back."""
-    from lora_core.config import parse_config
+    from lora_core.configfile import parse_config
     from lora_core.training import train
 
     config = tiny_config(DEMO_DATASET, tmp_path / "run", steps=2, validation_steps=1000, learning_rate=5e-2,

@@ -6,7 +6,7 @@ import pytest
 from helpers import tiny_config
 
 from lora_core import hardware, models, preflight
-from lora_core.config import config_to_file_dict, parse_config
+from lora_core.configfile import config_to_file_dict, parse_config
 from lora_core.training import train
 
 BASE = dict(dataset_path="d", output_path="o", base_model="builtin:sd15-arch", trigger_words=["t"], resolution=512,

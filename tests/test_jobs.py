@@ -11,7 +11,7 @@ import pytest
 from helpers import DEMO_DATASET, tiny_config
 
 from lora_core import launcher
-from lora_core.config import parse_config
+from lora_core.configfile import parse_config
 from studio.jobs import BusyError, Studio
 from studio.queue import QUEUE_FILE
 

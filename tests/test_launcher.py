@@ -14,14 +14,18 @@ from helpers import tiny_config
 from test_distributed import eight_image_dataset
 
 from lora_core import launcher
-from lora_core.config import parse_config
+from lora_core.configfile import parse_config
 from lora_core.events import (
     EVENT_TYPES,
     Checkpoint,
     Complete,
+    Dataset,
     Error,
+    GridComplete,
+    GridProgress,
     Interrupted,
     Progress,
+    RunWarning,
     Sample,
     Started,
     ValidationReport,
@@ -63,6 +67,11 @@ def test_every_event_reads_back_from_its_json_line():
               Checkpoint(step=2, path="c"), Sample(step=2, image_path="s.png", prompt="p"),
               Complete(final_path="f", total_time=1.5, step=5), Error(message="m", field="seed"),
               Interrupted(step=3, message="m", checkpoint_path=None),
+              Dataset(num_images=3, num_captioned=2, refused=[{"file": "a.png", "reason": "r"}], num_refused=1,
+                      ignored=["n.md"], num_ignored=1, warnings=["w"]),
+              RunWarning(message="m", step=2, field="output_path"),
+              GridProgress(kind="grid", done=1, total=4, row="step 2", column="p"),
+              GridComplete(kind="sweep", path="sweep.png", width=64, height=32, total_time=1.0),
               ValidationReport(ok=False, problems=[{"field": "seed", "message": "m"}], details={"total_steps": 5})]
     assert {event.type for event in events} == set(EVENT_TYPES)
     assert [parse_event(event.to_json()) for event in events] == events

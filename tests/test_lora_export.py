@@ -6,7 +6,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from lora_core import builtin
-from lora_core.config import parse_config
+from lora_core.configfile import parse_config
 from lora_core.lora import add_lora, kohya_state_dict, save_lora, tag_frequency
 
 CONFIG = dict(dataset_path="d", output_path="o", base_model="builtin:tiny-sd", trigger_words=["t"])

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save, save_file
 from test_text_encoder_lora import encode, load, unet_inputs
 
 from lora_core import builtin
-from lora_core.config import parse_config
+from lora_core.configfile import parse_config
 from lora_core.ldm_names import ldm_module_names
 from lora_core.lora import (
     add_lora,

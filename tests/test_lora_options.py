@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from test_text_encoder_lora import OPTIONS, encode, load, run, unet_inputs
 
 from lora_core import builtin, models, objective
-from lora_core.config import parse_config
+from lora_core.configfile import parse_config
 from lora_core.lora import add_lora, kohya_state_dict, save_lora
 from lora_core.training import train
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from test_lora_files import BASE, perturb
 from test_text_encoder_lora import load, unet_inputs
 
-from lora_core.config import parse_config
+from lora_core.configfile import parse_config
 from lora_core.lora import add_lora, add_text_encoder_lora, lora_file_contents, save_lora, training_metadata
 from lora_core.lorafile import apply_lora, read, weight_deltas
 from lora_core.loratools import main, summary

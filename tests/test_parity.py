@@ -36,7 +36,7 @@ from torch.utils.data import default_collate
 from bench.reference import ReferenceLoop, ReferenceSettings
 from lora_core import builtin, models
 from lora_core.batches import seed_of
-from lora_core.config import parse_config
+from lora_core.configfile import parse_config
 from lora_core.events import Progress
 from lora_core.latents import file_digest
 

@@ -8,7 +8,7 @@ import torch
 from helpers import DEMO_DATASET, tiny_config
 
 from lora_core import families, plan
-from lora_core.config import parse_config
+from lora_core.configfile import parse_config
 from lora_core.errors import UserError
 
 

@@ -4,7 +4,7 @@ import re
 
 from helpers import ROOT
 
-from lora_core.config import options_table
+from lora_core.configfile import options_table
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 

@@ -13,7 +13,7 @@ import pytest
 from helpers import run_job_here, tiny_config
 from PIL import Image
 
-from lora_core.config import parse_config
+from lora_core.configfile import parse_config
 from lora_core.events import Checkpoint, Complete, EventLog, Progress, Sample, Started
 from lora_core.preflight import preflight
 from lora_core.report import REPORT_NAME, write_report

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lora_core import builtin
 from lora_core.checkpoint import ResumeError
-from lora_core.config import parse_config
+from lora_core.configfile import parse_config
 from lora_core.training import train
 
 # a large text-encoder rate so that its LoRA (lora_B starts at zero) really moves in a few steps

@@ -7,7 +7,7 @@ from helpers import run_job_here, tiny_config
 from safetensors.torch import load_file
 
 from lora_core import builtin
-from lora_core.config import parse_config
+from lora_core.configfile import parse_config
 from lora_core.training import train
 
 pytestmark = pytest.mark.e2e  # every test here trains or serves end to end

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +21,8 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError, ValidationError
 
 import webui
-from lora_core.config import TrainConfig, load_config, non_null_schema, parse_config
+from lora_core.config import TrainConfig, non_null_schema
+from lora_core.configfile import load_config, parse_config
 from studio.jobs import Studio, read_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -330,6 +332,9 @@ def test_login_required_when_auth_is_on(tmp_path, monkeypatch):
             assert http.post("/login", data={"username": "ada", "password": "wrong"}).status_code == 400
             assert http.post("/login", data={"username": "ada", "password": "lovelace"}).status_code == 200
             assert http.get("/config").status_code == 200
+            guesses = [http.post("/login", data={"username": "ada", "password": f"guess{i}"}) for i in range(5)]
+            assert [r.status_code for r in guesses] == [400, 400, 400, 400, 429]  # then a wait per client
+            assert int(guesses[-1].headers["retry-after"]) >= 1
     finally:
         demo.close()
 
@@ -369,15 +374,19 @@ def test_estimate_shows_device_memory_and_a_warning_when_it_will_not_fit(client)
     assert "Will not fit" in too_big and "GiB is free" in too_big
 
 
-def test_save_preset_writes_a_config_file_and_never_overwrites_a_shipped_one(client, tmp_path, monkeypatch):
-    monkeypatch.setattr(webui, "PRESETS", tmp_path)
+def test_save_preset_writes_a_config_file_and_never_overwrites_a_shipped_one(client, served, tmp_path, monkeypatch):
+    shipped = tmp_path / "shipped"  # the install's own presets, which may be read-only: never written
+    shutil.copytree(webui.PRESETS, shipped)
+    monkeypatch.setattr(webui, "PRESETS", shipped)
     form = dict(dataset_path=str(DEMO), run_name="mine", steps=7, **TINY)
     update = client.predict("my run!", **form, api_name="/save_preset")
-    saved = load_config(tmp_path / "my-run.json")
+    saved = load_config(served[1].outputs_root / webui.USER_PRESETS / "my-run.json")
     assert update["value"] == "my-run" and saved.steps == 7 and saved.base_model == "builtin:tiny-sd"
+    assert sorted(p.name for p in shipped.iterdir()) == sorted(p.name for p in webui.ROOT.joinpath("presets").iterdir())
     with pytest.raises(AppError, match="ships with the studio"):
         client.predict("sd15-character", **form, api_name="/save_preset")
-    assert not (tmp_path / "sd15-character.json").exists()
+    loaded = client.predict("my-run", "", api_name="/load_preset")
+    assert loaded[webui.FORM_KEYS.index("steps")] == 7
 
 
 @pytest.mark.e2e

@@ -1,0 +1,124 @@
+"""The server under abuse: zips that add up to bombs, images no training can afford, old uploads, guessing."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import struct
+import time
+import zipfile
+import zlib
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from studio import auth
+from studio.uploads import UploadLimits, ingest, remove_unused
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), "red").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _files(root: Path) -> set[str]:
+    return {path.name for path in root.rglob("*") if path.is_file()}
+
+
+def test_many_members_under_the_ratio_check_stop_at_the_archive_budget_and_refused_files_are_gone(tmp_path):
+    just_under = b"\0" * (1024**2)  # 1 MiB each: at the per-member ratio check's floor, so never checked alone
+    archive = _zip(tmp_path / "many.zip", {f"img_{i:03d}.png": just_under for i in range(200)} | {
+        "real.png": _png(32, 32)})
+    limits = UploadLimits(archive_floor_bytes=8 * 1024**2)
+    report = ingest([archive], tmp_path / "up", limits)
+    written = sum(path.stat().st_size for path in (tmp_path / "up").iterdir())
+    assert written <= 8 * 1024**2  # not 200 MiB
+    refused = [item for item in report.refused if "expands to more than" in item["reason"]]
+    assert len(refused) >= 190
+    assert _files(tmp_path / "up") == {item["stored"] for item in report.stored}  # nothing refused is left
+
+
+def test_images_training_cannot_afford_are_refused_at_upload_and_deleted(tmp_path):
+    header = struct.pack(">IIBBBBB", 20, 400_000, 8, 2, 0, 0, 0)  # 8 Mpx, 20000:1, in a few bytes
+    chunk = b"IHDR" + header
+    data = zlib.compress(b"\0" * 16)
+    idat = struct.pack(">I", len(data)) + b"IDAT" + data + struct.pack(">I", zlib.crc32(b"IDAT" + data))
+    needle = (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+              + idat)
+    archive = _zip(tmp_path / "a.zip", {"needle.png": needle, "strip.png": _png(8, 200), "ok.png": _png(32, 32)})
+    report = ingest([archive], tmp_path / "up")
+    reasons = {item["file"]: item["reason"] for item in report.refused}
+    assert "10:1" in reasons["a.zip:needle.png"] and "10:1" in reasons["a.zip:strip.png"]
+    assert _files(tmp_path / "up") == {item["stored"] for item in report.stored}
+    assert report.num_images == 1
+
+
+def test_unused_uploads_are_removed_after_their_time_and_used_ones_kept(tmp_path):
+    uploads, outputs = tmp_path / "outputs" / "uploads", tmp_path / "outputs"
+    for name in ("old-unused", "old-used", "new-unused"):
+        (uploads / name).mkdir(parents=True)
+        (uploads / name / "0001_a.png").write_bytes(b"x")
+    (outputs / "run").mkdir()
+    (outputs / "run" / "config.json").write_text(json.dumps({"dataset_path": str(uploads / "old-used")}))
+    three_days_ago = time.time() - 3 * 86400
+    for name in ("old-unused", "old-used"):
+        os.utime(uploads / name, (three_days_ago, three_days_ago))
+    removed = remove_unused(uploads, outputs)
+    assert [path.name for path in removed] == ["old-unused"]
+    assert sorted(path.name for path in uploads.iterdir()) == ["new-unused", "old-used"]
+
+
+def test_wrong_passwords_are_slowed_down_per_client():
+    now = [100.0]
+    throttle = auth.LoginThrottle(free=3, first_delay=1.0, max_delay=8.0, clock=lambda: now[0])
+    for _ in range(3):
+        throttle.failed("10.0.0.1")
+    assert throttle.wait_s("10.0.0.1") == 0  # a few typos are free
+    delays = []
+    for _ in range(5):
+        throttle.failed("10.0.0.1")
+        delays.append(throttle.wait_s("10.0.0.1"))
+    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0]
+    assert throttle.wait_s("10.0.0.2") == 0  # another client is not held up
+    throttle.succeeded("10.0.0.1")
+    assert throttle.wait_s("10.0.0.1") == 0
+
+
+def test_the_login_middleware_answers_429_without_checking_the_password_while_a_client_waits():
+    checked = []
+
+    async def login_route(scope, receive, send):
+        checked.append(scope["path"])
+        body = await receive()
+        ok = b"password=right" in body.get("body", b"")
+        await send({"type": "http.response.start", "status": 200 if ok else 400, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    now = [0.0]
+    app = auth.ThrottledLogin(login_route, auth.LoginThrottle(free=1, first_delay=5.0, clock=lambda: now[0]))
+
+    async def attempts() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app, client=("10.1.1.1", 5000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://studio") as http:
+            wrong = [await http.post("/login", data={"password": "wrong"}) for _ in range(2)]
+            blocked = await http.post("/login/", data={"password": "right"})
+            now[0] += 6
+            allowed = await http.post("/login", data={"password": "right"})
+            other = await http.post("/config")
+            return [*wrong, blocked, allowed, other]
+
+    responses = asyncio.run(attempts())
+    assert [r.status_code for r in responses] == [400, 400, 429, 200, 400]
+    assert responses[2].headers["retry-after"] == "5" and "try again" in responses[2].json()["detail"]
+    assert len(checked) == 4  # the blocked try never reached the password check
