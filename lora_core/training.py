@@ -22,6 +22,7 @@ from diffusers import DPMSolverMultistepScheduler
 
 from lora_core import buckets, checkpoint, dataset, distributed, hardware, models, objective, optim
 from lora_core.cache import Cache, build_cache, trained_text_encoder
+from lora_core.compile import compile_for_run
 from lora_core.config import TrainConfig, config_to_file_dict
 from lora_core.events import Checkpoint, Complete, Event, Interrupted, Progress, Sample, Started
 from lora_core.files import atomic_write, atomic_write_text
@@ -141,7 +142,7 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
     unet, *wrapped_encoders, optimizer, loader = accelerator.prepare(unet, *trained_encoders, optimizer, loader)
     if wrapped_encoders:  # captions go through the wrapped encoders, so their gradients are averaged
         cache.encode_text = trained_text_encoder(pipeline, info.family, wrapped_encoders, accelerator.device, dtype)
-    forward = torch.compile(unet) if config.compile_unet else unet  # samples and export use the plain module
+    forward = compile_for_run(unet, config, total_steps, assigned, accelerator)  # samples, export: plain modules
     noise_scheduler = objective.noise_scheduler_for(pipeline.scheduler.config, config)
     num_timesteps = noise_scheduler.config.num_train_timesteps
     sample_noise = distributed.SampleNoise(config.seed, config.batch_size, accelerator.num_processes,
@@ -160,7 +161,8 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
         emit(Started(total_steps=total_steps, num_images=len(report.images), device=str(accelerator.device),
                      mixed_precision=precision, model_family=info.description, output_path=str(output),
                      num_processes=accelerator.num_processes, resumed_from_step=step if resume else None,
-                     gradient_checkpointing=checkpointing))
+                     gradient_checkpointing=checkpointing, compile_unet=forward.scope,
+                     cuda_graphs=forward.cuda_graphs, compile_reason=forward.reason))
     metadata = dict(family=info.family, prediction_type=info.prediction_type,
                     num_images=len(report.images) * config.repeats,  # as sd-scripts counts them
                     precision=precision, started_at=started_at,
