@@ -22,9 +22,12 @@ from lora_core.config import TrainConfig
 
 # --- the figures "auto" decides by (bench/RESULTS.md, "Regional compilation") ---
 # First compile of the UNet's repeated blocks with a cold inductor cache, seconds. CPU: small-sd, 128², batch 4,
-# on the 2-core benchmark machine. CUDA: not measured yet (bench/gpu_check.sh); a guess on the safe side.
-COMPILE_S = {"cpu": 60.0, "cuda": 60.0}
-# Fraction of the eager step time that compiling saves. CPU: measured, trainer median. CUDA: not measured yet.
+# 488 s measured on the 2-core benchmark VM under load 7 (one thread): a figure on the safe side for a quiet
+# machine. CUDA: not measured yet (bench/gpu_check.sh will); a guess.
+COMPILE_S = {"cpu": 490.0, "cuda": 60.0}
+# Fraction of the eager step time that compiling saves. CPU: 14 % measured for whole-model compile (7
+# interleaved runs), regional about the same or better (bench/RESULTS.md), taken as 12 %. CUDA: a guess until
+# the GPU check measures it.
 STEP_SAVING = {"cpu": 0.12, "cuda": 0.10}
 # Eager training-step FLOP rate, TFLOP/s, to turn a step's FLOPs into seconds. CPU: small-sd on the benchmark
 # machine (7 GFLOP per batch-4 step in ~0.2 s). CUDA: the H200's batch-16 figure (158), the fastest measured, so

@@ -166,9 +166,10 @@ class TrainConfig(BaseModel):
         "otherwise (never on the CPU). true/false read as on/off."), json_schema_extra=_ui("advanced"))
     compile_unet: Literal["auto", "on", "off"] = Field("auto", description=(
         "Compile the UNet's repeated blocks with torch.compile (regional compilation; the whole model where it "
-        "declares none): faster steps (about 12 % on a 2-core CPU) after a one-off compile at the start (about a "
-        "minute there; again for a new batch shape; seconds once cached). auto: on when the run is long enough "
-        "to win the compile time back by the measured figures (never for the demo). true/false read as on/off."),
+        "declares none): faster steps (12-14 % on a 2-core CPU) after a one-off compile at the start (minutes on "
+        "a 2-core CPU, again for a new batch shape; less once inductor's cache holds it). auto: on when the run "
+        "is long enough to win the compile time back by the measured figures (never for the demo). true/false "
+        "read as on/off."),
         json_schema_extra=_ui("advanced"))
     cuda_graphs: bool = Field(False, description=(
         "Capture the compiled blocks' steps as CUDA graphs (torch.compile mode reduce-overhead): less launch "
