@@ -4,6 +4,7 @@
     python -m lora_core options         print the README's option table (Markdown)
     python -m lora_core readme [PATH]   rewrite the option table between README.md's options markers
     python -m lora_core report FOLDER   (re)write FOLDER/training_report.html from its events.jsonl
+    python -m lora_core inspect | resize | merge | bake ...   the LoRA tools (lora_core/loratools.py; --help)
 """
 
 import sys
@@ -23,6 +24,10 @@ def write_readme_options(path: Path) -> None:
 
 if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command in ("inspect", "resize", "merge", "bake"):
+        from lora_core.loratools import main
+
+        sys.exit(main(sys.argv[1:]))
     if command == "schema":
         write_schema(sys.argv[2] if len(sys.argv) > 2 else "config_schema.json")
     elif command == "options":

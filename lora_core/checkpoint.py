@@ -27,7 +27,8 @@ from lora_core.files import _fsync_dir
 MARKER = "COMPLETE"
 STATE_DIR = re.compile(r"^state_step_(\d+)$")
 # Changing these makes the saved state meaningless for this run; everything else may change on resume.
-MUST_MATCH = ("base_model", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_dora", "optimizer",
+MUST_MATCH = ("base_model", "network_type", "lokr_factor", "lora_rank", "lora_alpha", "lora_dropout", "lora_target",
+              "use_dora", "optimizer",
               "resolution", "batch_size", "gradient_accumulation_steps", "seed", "dataset_path", "bucketing",
               "min_bucket_resolution", "max_bucket_resolution", "bucket_no_upscale", "repeats", "train_text_encoder")
 KILL_HOOK = "LORA_STUDIO_TEST_KILL_IN_SAVE"  # tests: SIGKILL halfway through saving the state of this step
@@ -109,8 +110,10 @@ def load_state(folder: Path, config: TrainConfig, params: dict[str, torch.Tensor
     body = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
     saved = body["config"]
     current = config.model_dump(mode="json")
-    changed = [f"{name} was {saved.get(name)!r}, now {current[name]!r}" for name in MUST_MATCH
-               if saved.get(name) != current[name]]
+    # a state saved before a field existed holds that field's default
+    saved = {name: saved.get(name, TrainConfig.model_fields[name].default) for name in MUST_MATCH}
+    changed = [f"{name} was {saved[name]!r}, now {current[name]!r}" for name in MUST_MATCH
+               if saved[name] != current[name]]
     if changed:
         raise ResumeError(f"cannot resume from {folder}: " + "; ".join(changed) + ". Put them back, or start a "
                           "new run in another output_path")

@@ -93,11 +93,20 @@ class TrainConfig(BaseModel):
     lora_rank: int = Field(16, ge=1, le=256, description="LoRA rank (network dim).", json_schema_extra=_ui("basic"))
     lora_alpha: float = Field(32, gt=0, le=1024, description="LoRA alpha; the update is scaled by alpha / rank.",
                               json_schema_extra=_ui("basic"))
+    network_type: Literal["lora", "loha", "lokr"] = Field("lora", description=(
+        "lora: low-rank matrices (every loader reads them); loha (LoHa) or lokr (LoKr): LyCORIS's Hadamard and "
+        "Kronecker products, written in LyCORIS's layout, which ComfyUI, A1111, Forge and the studio's own tools "
+        "read but diffusers' load_lora_weights does not. lora_rank, lora_alpha and lora_target apply to all three."),
+        json_schema_extra=_ui("advanced"))
+    lokr_factor: int = Field(-1, ge=-1, le=1024, description=(
+        "LoKr only: the Kronecker factor's size (LyCORIS's factor); -1 splits each dimension near its square "
+        "root."), json_schema_extra=_ui("advanced"))
     lora_target: Literal["attention", "attention_mlp", "locon"] = Field("attention", description=(
         "Which UNet layers get a LoRA: the attention projections; plus the feed-forward and projection "
         "layers; or all that plus the ResNet convolutions (LoCon)."), json_schema_extra=_ui("advanced"))
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path during training.",
-                                json_schema_extra=_ui("advanced"))
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description=(
+        "Dropout on the LoRA path during training (for loha/lokr: LyCORIS's rank dropout)."),
+        json_schema_extra=_ui("advanced"))
     use_dora: bool = Field(False, description=(
         "DoRA: learn each adapted weight's magnitude apart from its direction (often closer to a full "
         "fine-tune at the same rank; steps are slower). The file is then in diffusers' PEFT format, which "
@@ -249,6 +258,15 @@ class TrainConfig(BaseModel):
                                 f"with bucketing, resolution {self.resolution} must lie between "
                                 f"min_bucket_resolution {self.min_bucket_resolution} and max_bucket_resolution "
                                 f"{self.max_bucket_resolution}; change one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _network_options_agree(self) -> TrainConfig:
+        if self.use_dora and self.network_type != "lora":
+            raise FieldConflict(("use_dora", "network_type"), f"DoRA is a LoRA variant; network_type "
+                                f"{self.network_type!r} cannot use it: turn use_dora off or use network_type 'lora'")
+        if self.lokr_factor == 0:
+            raise FieldConflict(("lokr_factor",), "must be -1 (automatic) or a factor of at least 1")
         return self
 
     def _cuda_graphs_can_apply(self) -> None:

@@ -88,6 +88,18 @@ CHECKPOINTING_FACTOR = 0.35
 FIT_MARGIN = 1.1  # the estimate came out 1.5-8 % under the measured peaks on an H200 (bench/RESULTS.md)
 
 
+def lora_parameter_count(config: TrainConfig, sizes: ModelSizes) -> tuple[int, int]:
+    """The trained parameters (UNet, text encoders). LoHa holds two LoRA-sized pairs per layer; LoKr's Kronecker
+    factors are smaller than a LoRA of the same rank, so its count here is an upper bound."""
+    rank = config.lora_rank * (2 if config.network_type == "loha" else 1)
+    unet = sizes.lora_params_per_rank[config.lora_target] * rank
+    unet += sizes.lora_outputs[config.lora_target] if config.use_dora else 0
+    text = 0
+    if config.train_text_encoder:
+        text = sizes.text_lora_params_per_rank * rank + (sizes.text_lora_outputs if config.use_dora else 0)
+    return unet, text
+
+
 def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str, checkpointing: bool) -> MemoryEstimate:
     """Peak memory of the training step on the device: frozen weights kept there, LoRA weights with
     gradients and AdamW state, and UNet activations for one batch (fewer with `checkpointing`). It does not
@@ -97,12 +109,7 @@ def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str, chec
     resident = (sizes.unet_params + (sizes.vae_params if config.latent_cache == "off" else 0)
                 + (sizes.text_params if text_on_device else 0))
     frozen = resident * bytes_per
-    lora_params = sizes.lora_params_per_rank[config.lora_target] * config.lora_rank
-    lora_params += sizes.lora_outputs[config.lora_target] if config.use_dora else 0
-    if config.train_text_encoder:
-        lora_params += sizes.text_lora_params_per_rank * config.lora_rank
-        lora_params += sizes.text_lora_outputs if config.use_dora else 0
-    lora = lora_params * 4 * 4  # weights, grads, AdamW's 2 moments, fp32
+    lora = sum(lora_parameter_count(config, sizes)) * 4 * 4  # weights, grads, AdamW's 2 moments, fp32
     latent = config.resolution // 8
     activations = (ACTIVATION_BYTES_PER_UNIT * config.batch_size * latent * latent * sizes.activation_units
                    * bytes_per / 2)

@@ -1,9 +1,12 @@
-"""The LoRA itself: adapters on the UNet's attention projections, and export in the kohya/A1111 format.
+"""The network itself: adapters on the UNet (and text encoders), and export in the kohya/A1111 format.
 
-Export writes `lora_unet_<diffusers module path with _>.lora_down.weight / .lora_up.weight / .alpha`,
-the names that A1111, ComfyUI and diffusers' `load_lora_weights` all read; a trained text encoder's LoRA goes
-under `lora_te_` (SD 1.x/2.x) or `lora_te1_` / `lora_te2_` (SDXL's two encoders). `.alpha` is the true
-`lora_alpha` (diffusers' own converter writes the rank there, which changes the LoRA's strength).
+Export writes `lora_unet_<module>.lora_down.weight / .lora_up.weight / .alpha`, the names that A1111, ComfyUI,
+Forge, sd-scripts and diffusers' `load_lora_weights` all read. `<module>` is the diffusers module path with `_`
+for SD 1.x/2.x and, for SDXL, the module's name in the original (Stability) layout (`input_blocks_4_1_...`),
+as sd-scripts writes each (ldm_names.py). A trained text encoder's keys go under `lora_te_` (SD 1.x/2.x) or
+`lora_te1_` / `lora_te2_` (SDXL's two encoders). `.alpha` is the true `lora_alpha` (diffusers' own converter
+writes the rank there, which changes the LoRA's strength). LoHa and LoKr (`network_type`) are written under the
+same names in LyCORIS's layout (lycoris.py).
 
 A DoRA is written in diffusers' PEFT format instead (`unet.<module>.lora_A.weight / .lora_B.weight /
 .lora_magnitude_vector`, the LoraConfig in the `lora_adapter_metadata` header): diffusers' SD loaders drop
@@ -13,17 +16,21 @@ ComfyUI per output channel by the base weight's norm), so no kohya file would lo
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
+from lora_core import lycoris
 from lora_core.config import TrainConfig
 from lora_core.files import atomic_write
+from lora_core.ldm_names import ldm_module_names
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP's self-attention, as diffusers' scripts
@@ -38,7 +45,11 @@ TARGETS = {
 OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit",
                    "prodigy": "prodigyopt.Prodigy", "adafactor": "transformers.optimization.Adafactor"}
 ARCHITECTURES = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
-                 "sdxl": "stable-diffusion-xl-v1-base/lora"}
+                 "sd2_v": "stable-diffusion-v2-768-v/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
+# sd-scripts' model spec: its SDXL LoRA names the original (Stability) code, SD 1.x/2.x LoRA diffusers
+IMPLEMENTATIONS = {"sdxl": "https://github.com/Stability-AI/generative-models"}
+MODELSPEC_VERSION = "1.0.1"
+NETWORK_MODULES = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya"}
 
 
 def lora_config(config: TrainConfig, target_modules: list[str]) -> LoraConfig:
@@ -46,18 +57,25 @@ def lora_config(config: TrainConfig, target_modules: list[str]) -> LoraConfig:
                       use_dora=config.use_dora, init_lora_weights="gaussian", target_modules=target_modules)
 
 
+def adapter_config(config: TrainConfig, target_modules: list[str]):
+    """peft's config for the network type: a LoraConfig, or LyCORIS's LoHa / LoKr."""
+    if config.network_type == "lora":
+        return lora_config(config, target_modules)
+    return lycoris.adapter_config(config, target_modules)
+
+
 def add_lora(unet, config: TrainConfig) -> list[torch.nn.Parameter]:
-    """Freeze the UNet, add a LoRA adapter, and return its (trainable, fp32) parameters."""
+    """Freeze the UNet, add the adapter (`network_type`), and return its (trainable, fp32) parameters."""
     unet.requires_grad_(False)
-    unet.add_adapter(lora_config(config, TARGETS[config.lora_target]))
+    unet.add_adapter(adapter_config(config, TARGETS[config.lora_target]))
     return _trainable_in_fp32(unet)
 
 
 def add_text_encoder_lora(text_encoder, config: TrainConfig) -> list[torch.nn.Parameter]:
-    """Add a LoRA adapter to a (frozen) CLIP text encoder's attention projections; return its fp32 parameters."""
+    """Add the adapter to a (frozen) CLIP text encoder's attention projections; return its fp32 parameters."""
     text_encoder.requires_grad_(False)
     # peft directly, as diffusers' `add_adapter` does: transformers' own `add_adapter` wants a newer peft
-    inject_adapter_in_model(lora_config(config, TEXT_ENCODER_TARGETS), text_encoder)
+    inject_adapter_in_model(adapter_config(config, TEXT_ENCODER_TARGETS), text_encoder)
     return _trainable_in_fp32(text_encoder)
 
 
@@ -89,31 +107,48 @@ def kohya_state_dict(unet, config: TrainConfig, text_encoders: list | None = Non
                      family: str = "sd1") -> dict[str, torch.Tensor]:
     """The adapters' weights under kohya names, fp32 on the CPU, contiguous: the UNet's, then each trained
     text encoder's (`text_encoders`, in the pipeline's order, with `family` choosing their prefixes)."""
-    state = _kohya_names(unet, "lora_unet_", config)
+    state = _file_tensors(unet, config, unet_namer(unet.config, family))
     encoders = text_encoders or []
     for encoder, prefix in zip(encoders, text_encoder_prefixes(family, len(encoders)), strict=True):
-        state.update(_kohya_names(encoder, prefix, config, module_prefix="text_model."))
+        state.update(_file_tensors(encoder, config, text_encoder_namer(prefix)))
     return state
 
 
-def _kohya_names(model, prefix: str, config: TrainConfig, module_prefix: str = "") -> dict[str, torch.Tensor]:
-    """`module_prefix`: what each module path must start with (transformers 5's CLIPTextModel dropped the
-    `text_model.` level that kohya's `lora_te_text_model_encoder_...` names, and CLIPTextModelWithProjection,
-    still have)."""
-    state = {}
-    alpha = torch.tensor(float(config.lora_alpha))
+def unet_namer(unet_config, family: str) -> Callable[[str], str]:
+    """A UNet module path -> its name in the file: the original layout's for SDXL, diffusers' otherwise."""
+    if family != "sdxl":
+        return lambda module: "lora_unet_" + module.replace(".", "_")
+    names = ldm_module_names(unet_config)
+    return lambda module: "lora_unet_" + names[module].replace(".", "_")
+
+
+def text_encoder_namer(prefix: str) -> Callable[[str], str]:
+    """transformers 5's CLIPTextModel dropped the `text_model.` level that kohya's `lora_te_text_model_encoder_`
+    names (and CLIPTextModelWithProjection) still have."""
+    return lambda module: prefix + (module if module.startswith("text_model.") else "text_model." + module
+                                    ).replace(".", "_")
+
+
+def _file_tensors(model, config: TrainConfig, name_of: Callable[[str], str]) -> dict[str, torch.Tensor]:
+    modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in get_peft_model_state_dict(model).items():
-        module, _, kind = key.partition(".lora_")
-        if not module.startswith(module_prefix):
-            module = module_prefix + module
-        name = prefix + module.replace(".", "_")
-        if kind == "A.weight":
-            state[f"{name}.lora_down.weight"] = tensor.detach().float().cpu().contiguous()
-            state[f"{name}.alpha"] = alpha.clone()
-        elif kind == "B.weight":
-            state[f"{name}.lora_up.weight"] = tensor.detach().float().cpu().contiguous()
+        if config.network_type == "lora":
+            module, _, kind = key.partition(".lora_")
+            param = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}.get(kind)
         else:
-            raise ValueError(f"unexpected LoRA tensor {key}")
+            module, _, param = key.rpartition(".")
+        if param is None or (config.network_type != "lora" and param not in lycoris.LOHA_KEYS + lycoris.LOKR_KEYS):
+            raise ValueError(f"unexpected {config.network_type} tensor {key}")
+        modules.setdefault(module, {})[param] = tensor
+    state = {}
+    for module, params in modules.items():
+        if config.network_type == "lora":
+            params = {name: t.detach().float().cpu().contiguous() for name, t in params.items()}
+            params["alpha"] = torch.tensor(float(config.lora_alpha))
+        else:
+            params = lycoris.lycoris_tensors(params, config)
+        name = name_of(module)
+        state.update({f"{name}.{param}": tensor for param, tensor in params.items()})
     return state
 
 
@@ -140,12 +175,20 @@ def diffusers_state_dict(unet, config: TrainConfig,
 def training_metadata(config: TrainConfig, family: str, prediction_type: str, *, steps: int, epochs: int,
                       num_images: int, precision: str, started_at: datetime,
                       tag_frequency: dict[str, int], base_sha256: str | None = None) -> dict[str, str]:
-    """Header metadata in sd-scripts' `ss_*` and the `modelspec.*` form (all values strings)."""
+    """Header metadata in sd-scripts' `ss_*` and the model spec's `modelspec.*` form (all values strings); the
+    README lists each field. `base_sha256`: of the base model's single file, or of a folder's UNet weights."""
     now = datetime.now(UTC)
+    v_pred = prediction_type == "v_prediction"
+    architecture = "sd2_v" if family == "sd2" and v_pred else family
+    version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family] + ("_v" if v_pred and family !=
+                                                                                    "sdxl" else "")
+    output_name = Path(config.output_path).name or "lora"
     return {
-        "ss_network_module": "peft.dora" if config.use_dora else "networks.lora",
+        "ss_network_module": "peft.dora" if config.use_dora else NETWORK_MODULES[config.network_type],
         "ss_network_dim": str(config.lora_rank),
         "ss_network_alpha": str(config.lora_alpha),
+        **({"ss_network_args": json.dumps(args)} if (args := network_args(config)) else {}),
+        "ss_output_name": output_name,
         "ss_learning_rate": str(config.learning_rate),
         "ss_unet_lr": str(config.learning_rate),
         "ss_text_encoder_lr": str(config.text_encoder_lr if config.train_text_encoder else 0),
@@ -158,28 +201,80 @@ def training_metadata(config: TrainConfig, family: str, prediction_type: str, *,
         "ss_resolution": f"({config.resolution}, {config.resolution})",
         "ss_mixed_precision": precision,
         "ss_optimizer": OPTIMIZER_NAMES[config.optimizer],
-        "ss_network_args": json.dumps({"target": config.lora_target, "dora": config.use_dora}),
         "ss_lr_scheduler": config.lr_scheduler,
         "ss_lr_warmup_steps": str(config.lr_warmup_steps),
         "ss_max_grad_norm": str(config.max_grad_norm),
         "ss_seed": str(config.seed),
-        "ss_sd_model_name": config.base_model,
-        # the full SHA-256 and A1111's short form (its first 10 hex digits) of the base weights
-        **({"ss_new_sd_model_hash": base_sha256, "ss_sd_model_hash": base_sha256[:10]} if base_sha256 else {}),
-        "ss_base_model_version": {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family],
+        **base_model_fields(config.base_model, base_sha256),
+        "ss_base_model_version": version,
         "ss_v2": str(family == "sd2"),
         "ss_tag_frequency": json.dumps({"dataset": tag_frequency}),
         "ss_training_started_at": str(started_at.timestamp()),
         "ss_training_finished_at": str(now.timestamp()),
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ARCHITECTURES[family],
-        "modelspec.implementation": "https://github.com/huggingface/diffusers",
-        "modelspec.title": Path(config.output_path).name or "lora",
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": ARCHITECTURES[architecture],
+        "modelspec.implementation": IMPLEMENTATIONS.get(family, "diffusers"),
+        "modelspec.title": output_name,
         "modelspec.resolution": f"{config.resolution}x{config.resolution}",
-        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
         "modelspec.trigger_phrase": ", ".join(config.trigger_words),
-        "modelspec.date": now.date().isoformat(),
+        "modelspec.date": now.replace(microsecond=0).isoformat(),
+        "lora_studio.lora_target": config.lora_target,
     }
+
+
+def network_args(config: TrainConfig) -> dict[str, str]:
+    """`ss_network_args` as sd-scripts writes them (strings, as given on its command line): `conv_dim` /
+    `conv_alpha` when convolutions are adapted, LyCORIS's `algo` and its options, `dora_wd` for DoRA."""
+    args = {}
+    if config.network_type != "lora":
+        args["algo"] = config.network_type
+        if config.network_type == "lokr":
+            args["factor"] = str(config.lokr_factor)
+        if config.lora_dropout:
+            args["rank_dropout"] = str(config.lora_dropout)
+    if config.lora_target == "locon":
+        args.update(conv_dim=str(config.lora_rank), conv_alpha=str(config.lora_alpha))
+    if config.use_dora:
+        args["dora_wd"] = "True"
+    return args
+
+
+def base_model_fields(base_model: str, base_sha256: str | None) -> dict[str, str]:
+    """`ss_sd_model_name` (a local file's or folder's name, as sd-scripts writes it), and for a single-file base
+    A1111's two hashes of it: `ss_sd_model_hash` its legacy 8-digit one, `ss_new_sd_model_hash` the SHA-256.
+    A diffusers folder, built-in or hub model is no file A1111 could have hashed: its UNet weights' SHA-256
+    goes under `lora_studio.base_unet_sha256` instead."""
+    path = Path(base_model).expanduser()
+    fields = {"ss_sd_model_name": path.name if path.exists() else base_model}
+    if path.is_file():
+        fields["ss_sd_model_hash"] = file_legacy_hash(path)
+        if base_sha256:
+            fields["ss_new_sd_model_hash"] = base_sha256
+    elif base_sha256:
+        fields["lora_studio.base_unet_sha256"] = base_sha256
+    return fields
+
+
+LEGACY_WINDOW = (0x100000, 0x10000)  # A1111's old hash reads the 64 KiB at 1 MiB
+
+
+def file_legacy_hash(path: Path) -> str:
+    """A1111's (and sd-scripts') old 8-hex-digit hash of a file."""
+    with open(path, "rb") as handle:
+        handle.seek(LEGACY_WINDOW[0])
+        return hashlib.sha256(handle.read(LEGACY_WINDOW[1])).hexdigest()[:8]
+
+
+def sshs_hashes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """sd-scripts' `sshs_model_hash` / `sshs_legacy_hash`, which A1111 and its Additional Networks extension
+    read instead of hashing the file: the file as saved with only its `ss_*` metadata; the model hash is the
+    SHA-256 of its tensor data (everything after the header), the legacy one A1111's old hash of those bytes."""
+    data = save(state, metadata={key: value for key, value in metadata.items() if key.startswith("ss_")})
+    header = 8 + int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[header:]).hexdigest()
+    start, size = LEGACY_WINDOW
+    return {"sshs_model_hash": model_hash, "sshs_legacy_hash": hashlib.sha256(data[start:start + size]).hexdigest()[:8]}
 
 
 def tag_frequency(captions: list[str]) -> dict[str, int]:
@@ -192,9 +287,10 @@ def tag_frequency(captions: list[str]) -> dict[str, int]:
 
 
 def save_lora(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write the LoRA atomically, refusing one with non-finite weights."""
+    """Write the LoRA atomically with sd-scripts' `sshs_*` hashes, refusing one with non-finite weights."""
     bad = [key for key, tensor in state.items() if not torch.isfinite(tensor).all()]
     if bad:
         raise FloatingPointError(f"refusing to save a LoRA with non-finite weights ({len(bad)} tensors, e.g. "
                                  f"{bad[0]})")
+    metadata = {**metadata, **sshs_hashes(state, metadata)}
     return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))

@@ -99,8 +99,9 @@ def test_final_lora_has_kohya_keys_metadata_and_changes_the_pipeline(finished_ru
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert json.loads(metadata["ss_tag_frequency"])["dataset"]["shapestyle"] == 6
     unet_file = builtin.builtin_folder("tiny-sd") / "unet" / "diffusion_pytorch_model.safetensors"
-    assert metadata["ss_new_sd_model_hash"] == hashlib.sha256(unet_file.read_bytes()).hexdigest()
-    assert metadata["ss_sd_model_hash"] == metadata["ss_new_sd_model_hash"][:10]
+    # a folder is no single file A1111 could have hashed: the UNet weights' SHA-256 under the studio's own key
+    assert metadata["lora_studio.base_unet_sha256"] == hashlib.sha256(unet_file.read_bytes()).hexdigest()
+    assert "ss_sd_model_hash" not in metadata and len(metadata["sshs_legacy_hash"]) == 8
 
     pipeline = StableDiffusionPipeline.from_pretrained(builtin.builtin_folder("tiny-sd"), safety_checker=None)
     inputs = (torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([400]),

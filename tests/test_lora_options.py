@@ -201,16 +201,19 @@ def test_v_prediction_is_read_from_the_scheduler_and_trains_on_velocity(dataset_
     assert seen == ["v_prediction"]
 
 
-@pytest.mark.parametrize(("target", "dora"), [("attention", False), ("attention_mlp", True), ("locon", True)])
-def test_the_memory_estimate_counts_every_lora_parameter(target, dora):
-    """The estimate's LoRA parameter count (read from configs on the meta device) equals what peft adds."""
+@pytest.mark.parametrize(("target", "dora", "network"), [("attention", False, "lora"), ("attention_mlp", True, "lora"),
+                                                       ("locon", True, "lora"), ("locon", False, "loha")])
+def test_the_memory_estimate_counts_every_lora_parameter(target, dora, network):
+    """The estimate's LoRA parameter count (read from configs on the meta device) equals what peft adds (LoHa:
+    two LoRA-sized pairs per layer)."""
+    from lora_core.hardware import lora_parameter_count
     from lora_core.lora import add_text_encoder_lora
 
-    config = parse_config({**BASE, "lora_rank": 4, "lora_target": target, "use_dora": dora})
+    config = parse_config({**BASE, "lora_rank": 4, "lora_target": target, "use_dora": dora, "network_type": network,
+                           "train_text_encoder": True})
     source = models.resolve("builtin:tiny-sd")
     sizes = models.model_sizes(source, models.inspect(source))
     pipeline = tiny_pipeline()
     unet_params = sum(p.numel() for p in add_lora(pipeline.unet, config))
     text_params = sum(p.numel() for p in add_text_encoder_lora(pipeline.text_encoder, config))
-    assert unet_params == sizes.lora_params_per_rank[target] * 4 + (sizes.lora_outputs[target] if dora else 0)
-    assert text_params == sizes.text_lora_params_per_rank * 4 + (sizes.text_lora_outputs if dora else 0)
+    assert lora_parameter_count(config, sizes) == (unet_params, text_params)
