@@ -14,10 +14,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lora_core.compile_rules import cuda_graphs_conflict
 from lora_core.errors import UserError
 
 REQUIRED_FIELDS = ("dataset_path", "base_model", "output_path", "trigger_words")
 NESTED_KEY = "training_params"
+DEFAULT_STEPS = 1000  # the run length when a config gives neither steps nor epochs (plan.run_length)
+LENGTH_FIELDS = ("steps", "epochs")
 
 
 class FieldConflict(ValueError):
@@ -51,12 +54,13 @@ class TrainConfig(BaseModel):
         min_length=1, json_schema_extra=_ui("basic"))
 
     # --- length ---
-    steps: int = Field(1000, ge=1, le=1_000_000, description=(
-        "Optimizer steps to run. When given, training runs exactly this many; "
-        "when only `epochs` is given, the length comes from epochs."), json_schema_extra=_ui("basic"))
-    epochs: int = Field(10, ge=1, le=10_000, description=(
+    steps: int | None = Field(None, ge=1, le=1_000_000, description=(
+        "Optimizer steps to run. When given, training runs exactly this many; when only `epochs` is given, the "
+        f"length comes from epochs; when neither is, {DEFAULT_STEPS} steps."),
+        json_schema_extra=_ui("basic", form_default=DEFAULT_STEPS))
+    epochs: int | None = Field(None, ge=1, le=10_000, description=(
         "Passes over the dataset; decides the length only when `steps` is not given."),
-        json_schema_extra=_ui("basic"))
+        json_schema_extra=_ui("basic", form_default=10))
 
     # --- optimisation ---
     learning_rate: float = Field(1e-4, gt=0, le=1.0, description="AdamW learning rate for the LoRA weights.",
@@ -173,18 +177,8 @@ class TrainConfig(BaseModel):
         "Recompute the UNet's activations in the backward pass instead of keeping them: far less memory, slower "
         "steps. auto: on only when the memory estimate says the run would not fit in the GPU's free memory "
         "otherwise (never on the CPU). true/false read as on/off."), json_schema_extra=_ui("advanced"))
-    compile_unet: Literal["auto", "on", "off"] = Field("auto", description=(
-        "Compile the UNet's repeated blocks with torch.compile (regional compilation; the whole model where it "
-        "declares none): faster steps (12-14 % on a 2-core CPU) after a one-off compile at the start (minutes on "
-        "a 2-core CPU, again for a new batch shape; less once inductor's cache holds it). auto: on when the run "
-        "is long enough to win the compile time back by the measured figures (never for the demo). true/false "
-        "read as on/off."),
-        json_schema_extra=_ui("advanced"))
-    cuda_graphs: bool = Field(False, description=(
-        "Capture the compiled blocks' steps as CUDA graphs (torch.compile mode reduce-overhead): less launch "
-        "overhead for batch-1 and small-batch steps. CUDA only, compiles the UNet, needs fixed batch shapes "
-        "(bucketing off, or few buckets), no text-encoder training; where it cannot apply at run time the run "
-        "compiles without graphs and the started event says why."), json_schema_extra=_ui("advanced"))
+    compile_unet: Literal["auto", "on", "off"] = Field("auto", description=("Compile the UNet's repeated blocks (regional torch.compile): faster steps after a one-off compile of minutes on a CPU. auto: on when the run is long enough to win it back (never for the demo). true/false read as on/off."), json_schema_extra=_ui("advanced"))  # noqa: E501
+    cuda_graphs: bool = Field(False, description=("Capture the compiled blocks as CUDA graphs (mode reduce-overhead) for small-batch steps. CUDA only, no text-encoder training; where it cannot apply at run time (changing batch shapes, ...) the run compiles without graphs and the started event says why."), json_schema_extra=_ui("advanced"))  # noqa: E501
 
     # --- events and outputs ---
     checkpoint_steps: int = Field(500, ge=1, le=1_000_000, description="Save a LoRA every N steps.",
@@ -251,8 +245,8 @@ class TrainConfig(BaseModel):
             raise FieldConflict(("crop", "latent_cache"), f"crop 'random' cuts a new crop every step, which "
                                 f"latents cached once (latent_cache {self.latent_cache!r}) cannot follow; set "
                                 "crop to 'center', or latent_cache to 'off'")
-        if self.cuda_graphs:
-            self._cuda_graphs_can_apply()
+        if self.cuda_graphs and (conflict := cuda_graphs_conflict(self)):
+            raise FieldConflict(("cuda_graphs", conflict[0]), conflict[1])
         if self.bucketing and not self.min_bucket_resolution <= self.resolution <= self.max_bucket_resolution:
             raise FieldConflict(("min_bucket_resolution", "max_bucket_resolution", "resolution"),
                                 f"with bucketing, resolution {self.resolution} must lie between "
@@ -269,22 +263,6 @@ class TrainConfig(BaseModel):
             raise FieldConflict(("lokr_factor",), "must be -1 (automatic) or a factor of at least 1")
         return self
 
-    def _cuda_graphs_can_apply(self) -> None:
-        """What the config alone shows cannot be captured; the rest falls back at run time (lora_core.compile)."""
-        if self.compile_unet == "off":
-            raise FieldConflict(("cuda_graphs", "compile_unet"), "cuda_graphs captures the compiled UNet, and "
-                                "compile_unet is 'off'; set compile_unet to 'auto' or 'on', or cuda_graphs false")
-        if self.device == "cpu":
-            raise FieldConflict(("cuda_graphs", "device"), "cuda_graphs needs a CUDA GPU and device is 'cpu'; set "
-                                "cuda_graphs false (compile_unet still compiles on the CPU)")
-        if self.train_text_encoder:
-            raise FieldConflict(("cuda_graphs", "train_text_encoder"), "cuda_graphs is not supported with "
-                                "train_text_encoder (the captured UNet would hand gradients back to the eager text "
-                                "encoders every step); set one of them false")
-
-    @property
-    def given_fields(self) -> set[str]:
-        return set(self.model_fields_set)
 
 
 class ConfigError(UserError):
@@ -307,11 +285,17 @@ def _allowed_range(name: str) -> str:
     info = TrainConfig.model_fields.get(name)
     if info is None:
         return ""
-    schema = TrainConfig.model_json_schema()["properties"].get(name, {})
+    schema = non_null_schema(TrainConfig.model_json_schema()["properties"].get(name, {}))
     if "enum" in schema:
         return "choose one of " + ", ".join(repr(choice) for choice in schema["enum"])
     text = range_text(schema)
     return f"allowed range {text}" if text else ""
+
+
+def non_null_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """An optional field's schema (`int | None`: anyOf with null) as that of its non-null type."""
+    options = [option for option in schema.get("anyOf", []) if option.get("type") != "null"]
+    return {**schema, **options[0]} if len(options) == 1 else schema
 
 
 def range_text(schema: dict[str, Any], number: Callable[[Any], str] = str) -> str:
@@ -395,6 +379,9 @@ def load_config(path: str | Path) -> TrainConfig:
 def config_to_file_dict(config: TrainConfig) -> dict[str, Any]:
     """The nested file form: required fields at the top, the rest under training_params."""
     values = config.model_dump(mode="json")
+    for name in LENGTH_FIELDS:  # not given: left out, so the file means the same run
+        if values[name] is None:
+            del values[name]
     top = {key: values.pop(key) for key in REQUIRED_FIELDS}
     return {**top, NESTED_KEY: values}
 

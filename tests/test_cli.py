@@ -13,9 +13,11 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_DATASET, ROOT, tiny_config
+from helpers import DEMO_DATASET, ROOT, tiny_config
 from PIL import Image
 from safetensors import safe_open
+
+pytestmark = pytest.mark.e2e  # every test here trains or serves end to end
 
 EVENT_FIELDS = {
     "started": {"total_steps", "num_images", "device"},

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, tiny_config
+from helpers import ROOT, tiny_config
 
 sys.path.insert(0, str(ROOT / "docker"))
 import entrypoint  # noqa: E402
@@ -129,6 +129,7 @@ def test_the_same_entrypoint_trains_from_a_config():
         "p", str(ROOT / "webui.py"), "--host", "0.0.0.0", "--port", "7860", "--demo"]
 
 
+@pytest.mark.e2e
 def test_the_entrypoint_execs_the_cli_so_signals_reach_python(dataset_dir, tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(tiny_config(dataset_dir, tmp_path / "out")))
@@ -145,6 +146,7 @@ def test_the_entrypoint_execs_the_cli_so_signals_reach_python(dataset_dir, tmp_p
     assert int(probe.communicate(timeout=30)[0]) == probe.pid
 
 
+@pytest.mark.e2e
 def test_the_health_check_asks_the_page_and_passes_a_training_run(tmp_path, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -6,7 +6,8 @@ import json
 import sys
 import textwrap
 
-from conftest import tiny_config
+import pytest
+from helpers import tiny_config
 from test_distributed import eight_image_dataset
 
 from lora_core.config import parse_config
@@ -26,6 +27,7 @@ from lora_core.launcher import ProcessJob, launch, launch_command
 from lora_core.preflight import preflight
 
 
+@pytest.mark.e2e
 def test_one_device_runs_the_cli_and_several_go_through_accelerate_launch():
     assert launch_command("run.json", 1, python="py", script="train_lora.py") == [
         "py", "train_lora.py", "--config", "run.json"]
@@ -65,6 +67,7 @@ def test_a_child_that_dies_without_a_result_ends_in_one_error(dataset_dir, tmp_p
     assert read_events(tmp_path / "out" / "events.jsonl")[-1] == terminal  # events.jsonl still ends the run
 
 
+@pytest.mark.e2e
 def test_two_processes_through_accelerate_launch_stop_together_when_asked(tmp_path):
     config = parse_config(tiny_config(eight_image_dataset(tmp_path), tmp_path / "out", steps=500,
                                       checkpoint_steps=1000, validation_steps=1000))

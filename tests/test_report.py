@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 from PIL import Image
 
 from lora_core.config import parse_config
@@ -96,6 +96,7 @@ def test_no_report_without_a_run(tmp_path):
     assert write_report(tmp_path) is None and not (tmp_path / REPORT_NAME).exists()
 
 
+@pytest.mark.e2e
 def test_tensorboard_is_off_by_default_and_a_missing_package_is_named(dataset_dir, tmp_path, monkeypatch):
     config = parse_config(tiny_config(dataset_dir, tmp_path / "out"))
     assert config.log_with == "none" and open_tracker(config) is None
@@ -110,6 +111,7 @@ def test_tensorboard_is_off_by_default_and_a_missing_package_is_named(dataset_di
     assert terminal.type == "error" and terminal.field == "log_with" and "pip install tensorboard" in terminal.message
 
 
+@pytest.mark.e2e
 def test_a_run_logs_to_tensorboard_and_leaves_a_report_beside_the_lora(dataset_dir, tmp_path):
     pytest.importorskip("tensorboard", reason="the optional tensorboard package is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -10,13 +10,15 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_config
+from helpers import ROOT, tiny_config
 from safetensors.torch import load_file
 
 from lora_core import checkpoint
 from lora_core.config import parse_config
 from lora_core.training import train
 from lora_core.worker import Worker
+
+pytestmark = pytest.mark.e2e  # every test here trains or serves end to end
 
 STEPS = 8
 OPTIONS = dict(steps=STEPS, checkpoint_steps=2, validation_steps=1000, lora_dropout=0.1, lr_scheduler="cosine",

@@ -1,14 +1,17 @@
 """The training loop in process: reproducible, exact export, lengths from steps or epochs."""
 
+import pytest
 import torch
-from conftest import tiny_config
 from diffusers import StableDiffusionPipeline
+from helpers import tiny_config
 from safetensors.torch import load_file
 
 from lora_core import builtin
 from lora_core.config import parse_config
 from lora_core.training import train
 from lora_core.worker import BusyError, Worker
+
+pytestmark = pytest.mark.e2e  # every test here trains or serves end to end
 
 
 def run(config_dict):

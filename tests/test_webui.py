@@ -15,7 +15,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError, ValidationError
 
 import webui
-from lora_core.config import TrainConfig, load_config, parse_config
+from lora_core.config import TrainConfig, load_config, non_null_schema, parse_config
 from studio.jobs import Studio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,6 +85,7 @@ def upload_demo(client: Client) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_importing_webui_does_not_import_torch():
     code = "import sys, webui; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -92,9 +93,10 @@ def test_importing_webui_does_not_import_torch():
     assert result.stdout.strip() == "False"
 
 
+@pytest.mark.e2e
 def test_every_slider_and_dropdown_has_the_models_range_and_choices(served):
     demo = served[0]
-    schema = TrainConfig.model_json_schema()["properties"]
+    schema = {name: non_null_schema(value) for name, value in TrainConfig.model_json_schema()["properties"].items()}
     fields = {block.elem_id.removeprefix("field-"): block for block in demo.blocks.values()
               if (block.elem_id or "").startswith("field-")}
     assert set(TrainConfig.model_fields) - {"output_path"} <= set(fields)  # output_path is the run name
@@ -132,6 +134,7 @@ def test_validation_errors_show_at_the_field_with_the_cli_message(client):
     assert "- lora_rank" not in text
 
 
+@pytest.mark.e2e
 def test_full_job_from_upload_to_a_lora_that_loads_in_diffusers(client, served, tmp_path):
     folder = upload_demo(client)
     assert Path(folder).parent == served[3] / "outputs" / "uploads"
@@ -169,6 +172,7 @@ def test_full_job_from_upload_to_a_lora_that_loads_in_diffusers(client, served, 
     assert (after - before).abs().max() > 0  # the trained LoRA changes the UNet
 
 
+@pytest.mark.e2e
 def test_one_job_at_a_time_and_stop_keeps_a_checkpoint(served, client, tmp_path):
     long_run = dict(dataset_path=str(DEMO), run_name="long", steps=5000, checkpoint_steps=5000,
                     validation_steps=5000, **TINY)
@@ -232,6 +236,7 @@ def test_presets_fill_the_form_and_the_config_file_works_with_the_cli(client, tm
     assert Path(config.output_path).name == "sdxl-character"
 
 
+@pytest.mark.e2e
 def test_file_routes_serve_only_the_outputs(served, tmp_path):
     _, studio, url, _ = served
     inside = studio.outputs_root / "probe.txt"
@@ -245,6 +250,7 @@ def test_file_routes_serve_only_the_outputs(served, tmp_path):
         assert monitoring.status_code == 403 and "not enabled" in monitoring.text
 
 
+@pytest.mark.e2e
 def test_login_required_when_auth_is_on(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_STUDIO_AUTH", "ada:lovelace")
     args = webui.parse_args(["--outputs", str(tmp_path / "outputs")])
@@ -276,6 +282,7 @@ def test_safe_launch_defaults_and_a_warning_when_exposed(tmp_path, monkeypatch, 
     assert webui.exposure_warning(webui.parse_args(["--host", "0.0.0.0", "--auth", "a:b"])) is None
 
 
+@pytest.mark.e2e
 def test_a_failed_run_is_shown_plainly_with_its_field(client, tmp_path):
     empty = tmp_path / "no-images"
     empty.mkdir()
@@ -307,6 +314,7 @@ def test_save_preset_writes_a_config_file_and_never_overwrites_a_shipped_one(cli
     assert not (tmp_path / "sd15-character.json").exists()
 
 
+@pytest.mark.e2e
 def test_sigterm_to_the_server_lets_the_running_job_save_a_checkpoint(tmp_path):
     """`docker stop` sends SIGTERM: the job stops after its step with a checkpoint before the server exits."""
     import os
@@ -342,6 +350,7 @@ def test_sigterm_to_the_server_lets_the_running_job_save_a_checkpoint(tmp_path):
     assert Path(events[-1]["checkpoint_path"]).is_file()
 
 
+@pytest.mark.e2e
 def test_the_studio_trains_on_several_devices_through_the_launcher(tmp_path):
     """`--gpus 2`: the job runs as two data-parallel processes in a child (here two CPU processes, gloo)."""
     from conftest import DEMO_DATASET, tiny_config
