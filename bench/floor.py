@@ -12,14 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from lora_core import hardware, optim
+from lora_core.compile import CompileDecision, compile_unet
 from lora_core.config import TrainConfig
 from lora_core.setup import prepare_unet
 
 
 class FloorLoop:
-    def __init__(self, unet, config: TrainConfig, device: torch.device, *, compile_mode: str | None = None,
-                 sync_per_step: bool = False, contiguous: bool = False, text_tokens: int = 77):
-        """`compile_mode` (default, reduce-overhead, ...) compiles the UNet whatever `config.compile_unet` says;
+    def __init__(self, unet, config: TrainConfig, device: torch.device, *, scope: str = "eager",
+                 compile_mode: str | None = None, sync_per_step: bool = False, contiguous: bool = False,
+                 text_tokens: int = 77):
+        """`scope` eager, regional (the repeated blocks, as the trainer compiles) or whole (the whole UNet), with
+        torch.compile's `compile_mode` (reduce-overhead: CUDA graphs), whatever `config.compile_unet` says;
         `sync_per_step` reads the loss back every step, to price one host-device sync; `contiguous` undoes
         prepare_unet's channels-last layout, to price it."""
         precision = hardware.resolve_precision(config, device)
@@ -30,9 +33,13 @@ class FloorLoop:
             unet.to(memory_format=torch.contiguous_format)
         self.optimizer = optim.make_optimizer(config, [{"params": self.params, "lr": config.learning_rate}], device)
         self.sync_per_step = sync_per_step
-        if compile_mode is None and config.compile_unet:
-            compile_mode = "default"
-        self.forward = torch.compile(unet, mode=compile_mode) if compile_mode else unet
+        if scope == "eager":
+            self.forward = unet
+        elif compile_mode in (None, "default", "reduce-overhead"):
+            graphs = compile_mode == "reduce-overhead"
+            self.forward = compile_unet(unet, CompileDecision(True, graphs, "benchmark"), scope)
+        else:  # another torch.compile mode (max-autotune, ...): the whole model, as torch.compile takes it
+            self.forward = torch.compile(unet, mode=compile_mode)
 
         generator = torch.Generator().manual_seed(config.seed)
         batch, size = config.batch_size, config.resolution // 8

@@ -22,6 +22,8 @@ class Timing:
 
     window_s_per_step: list[float]
     batch_size: int
+    first_window_s: float | None = None  # seconds of the first (warm-up) window: compiling happens in it
+    window_steps: int = 0
 
     @property
     def s_per_step(self) -> float:
@@ -31,10 +33,21 @@ class Timing:
     def images_per_s(self) -> float:
         return self.batch_size / self.s_per_step
 
+    @property
+    def first_window_extra_s(self) -> float | None:
+        """What the first window took beyond the same steps at the median speed: the first compile, mostly."""
+        if self.first_window_s is None:
+            return None
+        return self.first_window_s - self.window_steps * self.s_per_step
+
     def to_dict(self) -> dict:
-        return {"s_per_step": round(self.s_per_step, 5), "images_per_s": round(self.images_per_s, 3),
-                "window_s_per_step": [round(t, 5) for t in self.window_s_per_step],
-                "spread": round((max(self.window_s_per_step) - min(self.window_s_per_step)) / self.s_per_step, 3)}
+        result = {"s_per_step": round(self.s_per_step, 5), "images_per_s": round(self.images_per_s, 3),
+                  "window_s_per_step": [round(t, 5) for t in self.window_s_per_step],
+                  "spread": round((max(self.window_s_per_step) - min(self.window_s_per_step)) / self.s_per_step, 3)}
+        if self.first_window_s is not None:
+            result.update(first_window_s=round(self.first_window_s, 2),
+                          first_window_extra_s=round(self.first_window_extra_s, 2))
+        return result
 
 
 def sync(device: torch.device) -> None:
@@ -55,21 +68,23 @@ def time_window(step: Callable[[], object], device: torch.device, window_steps: 
 def time_windows(step: Callable[[], object], device: torch.device, *, warmup_windows: int, windows: int,
                  window_steps: int, batch_size: int, after_warmup: Callable[[], None] | None = None) -> Timing:
     """`warmup_windows` untimed windows, then `windows` timed ones."""
-    for _ in range(warmup_windows):
-        time_window(step, device, window_steps)
+    first = [time_window(step, device, window_steps) * window_steps for _ in range(warmup_windows)]
     sync(device)
     if after_warmup is not None:
         after_warmup()
-    return Timing([time_window(step, device, window_steps) for _ in range(windows)], batch_size)
+    return Timing([time_window(step, device, window_steps) for _ in range(windows)], batch_size,
+                  first[0] if first else None, window_steps)
 
 
 def windows_from_marks(marks: list[float], window_steps: int, warmup_windows: int, batch_size: int,
-                       resumed: list[float] | None = None) -> Timing:
+                       resumed: list[float] | None = None, first_start: float | None = None) -> Timing:
     """Timing from the times at which each window ended (e.g. the trainer's progress events). `resumed`: when
-    the next window started, where other work ran between windows (default: at once, `marks`)."""
+    the next window started, where other work ran between windows (default: at once, `marks`). `first_start`:
+    when the first window started (the trainer's `started` event), for `first_window_s`."""
     starts = marks if resumed is None else resumed
     durations = [(end - start) / window_steps for start, end in zip(starts, marks[1:], strict=False)]
-    return Timing(durations[max(0, warmup_windows - 1):], batch_size)
+    first = marks[0] - first_start if first_start is not None and marks else None
+    return Timing(durations[max(0, warmup_windows - 1):], batch_size, first, window_steps)
 
 
 def _rss_bytes() -> int | None:

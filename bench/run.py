@@ -51,10 +51,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--precision", choices=["auto", "no", "bf16", "fp16"], default="auto",
                         help="the trainer's mixed_precision; the reference and the floor use the same")
-    parser.add_argument("--compile", action="store_true", help="compile_unet in the trainer and the floor")
+    parser.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "auto"],
+                        help="the trainer's compile_unet (bare --compile: on, i.e. regional); the floor follows "
+                             "it unless --floor-compile says otherwise")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="the trainer's cuda_graphs; the floor follows it (torch.compile mode reduce-overhead)")
+    parser.add_argument("--floor-compile", choices=["eager", "regional", "whole"], default=None,
+                        help="how the floor's UNet is compiled (default: regional when --compile on, else eager). "
+                             "Phases floor_eager, floor_regional and floor_whole run a floor each way in one run")
     parser.add_argument("--floor-compile-mode", default=None,
-                        help="compile the floor's UNet with this torch.compile mode (e.g. reduce-overhead for "
-                             "CUDA graphs), whatever --compile says")
+                        help="the torch.compile mode of the floor's compile (e.g. reduce-overhead for CUDA graphs); "
+                             "alone, it compiles the floor regionally")
     parser.add_argument("--floor-sync", action="store_true", help="the floor reads its loss back every step")
     parser.add_argument("--floor-contiguous", action="store_true",
                         help="the floor's UNet without the channels-last layout the trainer gives it on CUDA")
@@ -113,7 +120,8 @@ def trainer_config(args: argparse.Namespace, dataset_dir: Path, output: Path):
             "batch_size": args.batch, "lora_rank": args.rank, "lora_alpha": args.rank, "learning_rate": 1e-4,
             "device": args.device, "mixed_precision": args.precision, "progress_steps": args.steps,
             "checkpoint_steps": 1_000_000, "validation_steps": 1_000_000, "sample_inference_steps": 1,
-            "gradient_checkpointing": args.gradient_checkpointing, "compile_unet": args.compile, "seed": 42}
+            "gradient_checkpointing": args.gradient_checkpointing, "compile_unet": args.compile,
+            "cuda_graphs": args.cuda_graphs, "seed": 42}
     config = parse_config(data)
     if args.resolution < 256:
         # The config refuses sides under 256 (a guard for users); the engine itself takes any multiple of the
@@ -135,7 +143,16 @@ def reference_loop(config, device: torch.device, records):
     return ReferenceLoop(pipeline, [Path(r.path) for r in records], [r.caption for r in records], settings, device)
 
 
-def floor_loop(args, config, device: torch.device):
+def floor_scope(args, phase: str = "floor") -> str:
+    """eager, regional or whole: from the phase name (floor_whole, ...), else --floor-compile, else --compile."""
+    if phase != "floor":
+        return phase.removeprefix("floor_")
+    if args.floor_compile:
+        return args.floor_compile
+    return "regional" if args.compile == "on" or args.cuda_graphs or args.floor_compile_mode else "eager"
+
+
+def floor_loop(args, config, device: torch.device, phase: str = "floor"):
     from diffusers import UNet2DConditionModel
 
     from bench.floor import FloorLoop
@@ -150,8 +167,9 @@ def floor_loop(args, config, device: torch.device):
     else:
         source = models.resolve(config.base_model)
         unet = models.load_pipeline(source, models.inspect(source)).unet
-    return FloorLoop(unet, config, device, compile_mode=args.floor_compile_mode, sync_per_step=args.floor_sync,
-                     contiguous=args.floor_contiguous)
+    mode = args.floor_compile_mode or ("reduce-overhead" if args.cuda_graphs else None)
+    return FloorLoop(unet, config, device, scope=floor_scope(args, phase), compile_mode=mode,
+                     sync_per_step=args.floor_sync, contiguous=args.floor_contiguous)
 
 
 def run_reference(args, config, device: torch.device, records, probe: MemoryProbe) -> dict:
@@ -171,6 +189,7 @@ def run_trainer(args, config, device: torch.device, records, probe: MemoryProbe,
     from lora_core.events import Progress
 
     marks: list[float] = []  # when each window ended
+    started: list[float] = []  # when the started event came (the fit loop begins)
     resumed: list[float] = []  # when the next one started
     events: list[dict] = []
 
@@ -186,25 +205,29 @@ def run_trainer(args, config, device: torch.device, records, probe: MemoryProbe,
             resumed.append(time.perf_counter())
         if event.type != "progress":
             events.append(event.to_dict())
+        if event.type == "started":
+            started.append(time.perf_counter())
 
     result = training.train(config, emit, lambda: False)
     terminal = events[-1] if events else {}
     if terminal.get("type") != "complete":
         raise RuntimeError(f"the trainer ended with {terminal}")
-    timing = windows_from_marks(marks, args.steps, args.warmup, args.batch, resumed)
+    timing = windows_from_marks(marks, args.steps, args.warmup, args.batch, resumed, started[0] if started else None)
     del result
     return {"timing": timing, "started": events[0]}
 
 
-def run_floor(args, config, device: torch.device, records, probe: MemoryProbe) -> dict:
-    loop = floor_loop(args, config, device)
+def run_floor(args, config, device: torch.device, records, probe: MemoryProbe, phase: str = "floor") -> dict:
+    loop = floor_loop(args, config, device, phase)
     timing = time_windows(loop.step, device, warmup_windows=args.warmup, windows=args.windows,
                           window_steps=args.steps, batch_size=args.batch, after_warmup=lambda: probe.mark("setup"))
     probe.mark("steps")
     return {"timing": timing}
 
 
-PHASES = {"reference": run_reference, "trainer": run_trainer, "floor": run_floor}
+PHASES = {"reference": run_reference, "trainer": run_trainer, "floor": run_floor,
+          **{f"floor_{scope}": (lambda *a, scope=scope: run_floor(*a, phase=f"floor_{scope}"))
+             for scope in ("eager", "regional", "whole")}}
 
 
 def run_one_after_another(args, config, device: torch.device, records, phases: list[str], results: dict) -> None:
@@ -235,23 +258,24 @@ def run_interleaved(args, config, device: torch.device, records, phases: list[st
     is measured for the whole run only (`memory_all_phases`), since every phase's model is loaded at once."""
     print(f"-- {', '.join(phases)}, interleaved ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    builders = {"reference": lambda: reference_loop(config, device, records),
-                "floor": lambda: floor_loop(args, config, device)}
     seconds: dict[str, list[float]] = {name: [] for name in phases if name != "trainer"}
+    first: dict[str, float] = {}
     try:
-        steps = {name: builders[name]().step for name in seconds}
+        steps = {name: (reference_loop(config, device, records) if name == "reference"
+                        else floor_loop(args, config, device, name)).step for name in seconds}
 
         def between_windows() -> None:
             for name, step in steps.items():
                 if not seconds[name]:
-                    for _ in range(args.warmup):
-                        time_window(step, device, args.steps)
+                    warmups = [time_window(step, device, args.steps) for _ in range(args.warmup)]
+                    first[name] = warmups[0] * args.steps
                 seconds[name].append(time_window(step, device, args.steps))
 
         with MemoryProbe(device) as probe:
             trainer = run_trainer(args, config, device, records, probe, between_windows)
         results["memory_all_phases"] = probe.result
-        timings = {name: Timing(times[args.warmup - 1:], args.batch) for name, times in seconds.items()}
+        timings = {name: Timing(times[args.warmup - 1:], args.batch, first.get(name), args.steps)
+                   for name, times in seconds.items()}
         timings["trainer"] = trainer.pop("timing")
         results["phases"] = {name: {**timings[name].to_dict(), **(trainer if name == "trainer" else {}),
                                     "interleaved": True} for name in phases}
@@ -325,21 +349,24 @@ def summarise(results: dict) -> None:
 def print_report(results: dict, out=sys.stdout) -> None:
     settings, phases = results["settings"], results["phases"]
     where = results["machine"].get("gpu") or results["machine"].get("cpu")
+    compiled = f" compile_unet {settings['compile']}" if settings["compile"] != "off" else ""
     print(f"\n== {settings['model']} {settings['resolution']}px batch {settings['batch']} rank {settings['rank']} "
-          f"precision {settings['precision']}{' compiled' if settings['compile'] else ''} on {where} "
+          f"precision {settings['precision']}{compiled} on {where} "
           f"(torch {results['machine']['torch']}, load {results['machine']['load_average']})", file=out)
     gpu = results["device"] == "cuda"
     memory_head = "peak alloc / reserved GiB" if gpu else "peak RSS GiB"
-    print(f"{'phase':<10} {'s/step':>9} {'images/s':>9} {'spread':>7} {'TFLOP/s':>8}  {memory_head}", file=out)
+    print(f"{'phase':<15} {'s/step':>9} {'images/s':>9} {'spread':>7} {'TFLOP/s':>8} {'1st win +s':>10}  {memory_head}",
+          file=out)
     for name, phase in phases.items():
         if "error" in phase:
-            print(f"{name:<10} FAILED: {phase['error']}", file=out)
+            print(f"{name:<15} FAILED: {phase['error']}", file=out)
             continue
         memory = phase.get("step_memory")
         mem = ("- (interleaved)" if memory is None else
                f"{memory.get('allocated_gib')} / {memory.get('reserved_gib')}" if gpu else f"{memory.get('rss_gib')}")
-        print(f"{name:<10} {phase['s_per_step']:>9.4f} {phase['images_per_s']:>9.2f} {phase['spread']:>7.1%} "
-              f"{phase.get('tflops', 0):>8.2f}  {mem}", file=out)
+        extra = phase.get("first_window_extra_s")
+        print(f"{name:<15} {phase['s_per_step']:>9.4f} {phase['images_per_s']:>9.2f} {phase['spread']:>7.1%} "
+              f"{phase.get('tflops', 0):>8.2f} {'' if extra is None else f'{extra:.1f}':>10}  {mem}", file=out)
     ratios = results["ratios"]
     print(f"trainer/reference images/s: {ratios['trainer_over_reference']}   "
           f"floor/trainer images/s: {ratios['floor_over_trainer']}", file=out)
@@ -400,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         "label": args.label, "device": device.type, "machine": machine(device),
         "settings": {"model": args.model, "resolution": args.resolution, "batch": args.batch, "rank": args.rank,
                      "precision": hardware.resolve_precision(config, device), "compile": args.compile,
+                     "cuda_graphs": args.cuda_graphs, "floor_compile": floor_scope(args),
                      "floor_compile_mode": args.floor_compile_mode, "floor_sync": args.floor_sync,
                      "floor_contiguous": args.floor_contiguous,
                      "gradient_checkpointing": args.gradient_checkpointing, "interleave": args.interleave,

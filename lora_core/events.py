@@ -49,6 +49,9 @@ class Started(Event):
     num_processes: int = 1  # data-parallel processes (devices) training together
     resumed_from_step: int | None = None  # set when the run continues from a saved training state
     gradient_checkpointing: bool = False  # as decided for this run (the config may say 'auto')
+    compile_unet: str = "off"  # as decided: off, regional (the repeated blocks) or whole
+    cuda_graphs: bool = False  # the compiled blocks captured as CUDA graphs
+    compile_reason: str = ""  # why: the setting, or auto's estimate; a cuda_graphs fallback says why
 
 
 @dataclass(kw_only=True)

@@ -133,7 +133,8 @@ def _outcome(summary: RunSummary, output: Path) -> str:
         ("model", _e(start.model_family)),
         ("device", f"{_e(start.device)} × {getattr(start, 'num_processes', 1)} process(es), precision "
                    f"{_e(start.mixed_precision)}"
-                   f"{', gradient checkpointing' if getattr(start, 'gradient_checkpointing', False) else ''}"),
+                   f"{', gradient checkpointing' if getattr(start, 'gradient_checkpointing', False) else ''}"
+                   f"{_compiled(start)}"),
         ("started", _e(summary.starts[0].timestamp)),
     ]
     if len(summary.starts) > 1:
@@ -312,3 +313,11 @@ figcaption {{ font-size: 0.85rem; color: #555; }}
 </body>
 </html>
 """
+
+
+def _compiled(start) -> str:
+    """', UNet compiled (regional, CUDA graphs)' as the started event says, or nothing."""
+    scope = getattr(start, "compile_unet", "off")
+    if scope == "off":
+        return ""
+    return f", UNet compiled ({_e(scope)}{', CUDA graphs' if getattr(start, 'cuda_graphs', False) else ''})"

@@ -31,6 +31,7 @@ from lora_core import (
     optim,
     samples,
 )
+from lora_core.compile import compile_for_run
 from lora_core.config import TrainConfig
 from lora_core.configfile import config_to_file_dict
 from lora_core.families import Family
@@ -50,7 +51,7 @@ class Run:
     accelerator: Accelerator
     pipeline: Any
     unet: torch.nn.Module
-    forward: Any  # the UNet the step calls: compiled with compile_unet
+    forward: Any  # the UNet the step calls: lora_core.compile.CompiledUNet (as compile_unet decides)
     text_encoders: list[torch.nn.Module]  # the trained ones (train_text_encoder), in the pipeline's order
     wrapped_encoders: list[torch.nn.Module]
     params: list[torch.nn.Parameter]  # the UNet's LoRA
@@ -119,7 +120,8 @@ def setup(plan: RunPlan) -> Run:
     optimizer, lr_scheduler = make_optimizer(plan, params, text_params, device)
     unet, *wrapped, optimizer, loader = accelerator.prepare(pipeline.unet, *trained_encoders, optimizer, loader)
     noise_scheduler = objective.noise_scheduler_for(pipeline.scheduler.config, config)
-    run = Run(plan, info, accelerator, pipeline, unet, torch.compile(unet) if config.compile_unet else unet,
+    run = Run(plan, info, accelerator, pipeline, unet, compile_for_run(unet, config, plan.total_steps, plan.assigned,
+                                                                   accelerator),
               trained_encoders, wrapped, params, text_params, optimizer, lr_scheduler, loader, sampler,
               layout, latent_source, cached or per_step_conditioning(plan, pipeline, wrapped, device, dtype),
               noise_scheduler, make_noise(config, accelerator, noise_scheduler),

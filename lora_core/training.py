@@ -74,7 +74,8 @@ def emit_started(run: Run, emit: Callable[[Event], None]) -> None:
         emit(Started(total_steps=plan.total_steps, num_images=len(plan.dataset.images), device=str(run.device),
                      mixed_precision=plan.precision, model_family=run.info.description, output_path=str(plan.output),
                      num_processes=run.accelerator.num_processes, resumed_from_step=run.step if plan.resume else None,
-                     gradient_checkpointing=plan.gradient_checkpointing))
+                     gradient_checkpointing=plan.gradient_checkpointing, compile_unet=run.forward.scope,
+                     cuda_graphs=run.forward.cuda_graphs, compile_reason=run.forward.reason))
         emit(dataset_event(plan.dataset))  # images used, captioned, refused (file and reason), ignored
         dataset.warn_about(plan.dataset)
         for note in plan.skipped_states:

@@ -74,3 +74,37 @@ def test_trainer_windows_leave_out_what_ran_between_them():
                                 resumed=[16.0, 26.0, 30.0])
     assert timing.window_s_per_step == [2.0, 2.0]
     assert windows_from_marks([10.0, 20.0, 30.0], 2, 1, 1).window_s_per_step == [5.0, 5.0]
+
+
+def test_compile_options_choose_how_the_trainer_and_each_floor_compile():
+    from bench.run import floor_scope, parse_args
+
+    assert parse_args([]).compile == "off" and parse_args(["--compile"]).compile == "on"
+    assert parse_args(["--compile", "auto"]).compile == "auto"
+    assert floor_scope(parse_args([])) == "eager"
+    assert floor_scope(parse_args(["--compile"])) == "regional"  # the floor follows the trainer
+    assert floor_scope(parse_args(["--compile", "--floor-compile", "whole"])) == "whole"
+    assert floor_scope(parse_args([]), "floor_whole") == "whole"  # the phase name wins
+    assert floor_scope(parse_args(["--compile"]), "floor_eager") == "eager"
+
+
+def test_the_first_window_says_what_it_took_beyond_its_steps():
+    from bench.measure import Timing, windows_from_marks
+
+    timing = windows_from_marks([70.0, 80.0, 90.0], window_steps=5, warmup_windows=1, batch_size=1, first_start=0.0)
+    assert timing.first_window_s == 70.0 and timing.first_window_extra_s == 60.0  # 5 steps of 2 s, + 60 s compiling
+    assert timing.to_dict()["first_window_extra_s"] == 60.0
+    assert "first_window_s" not in Timing([1.0], 1).to_dict()
+
+
+def test_the_gpu_summary_shows_first_compile_times_and_the_compile_decision():
+    from bench.collect import summary_lines
+
+    phase = {"s_per_step": 0.08, "images_per_s": 12.5, "first_window_extra_s": 41.5,
+             "step_memory": {"allocated_gib": 2.8, "reserved_gib": 3.0},
+             "started": {"compile_unet": "regional", "cuda_graphs": True, "compile_reason": "compile_unet is on"}}
+    lines = summary_lines({"sd15_b1_graphs": {"phases": {"trainer": phase}, "exit_code": "0"}}, {})
+    text = "\n".join(lines)
+    assert "41.5" in text and "compile_unet regional, cuda_graphs True: compile_unet is on" in text
+    assert "sd15_b1_graphs trainer: s/step <= 0.09: 0.08 -> met" in text
+    assert "sdxl_b1_regional trainer: s/step <= 0.3: not measured" in text

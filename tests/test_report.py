@@ -34,7 +34,8 @@ def record_run(output: Path, prompt: str = "shapestyle <b>&</b>", resumed: bool 
     for index, loss in enumerate(LOSSES, start=1):
         if index - 1 in starts:
             log(Started(total_steps=6, num_images=6, device="cuda:0", mixed_precision="bf16", model_family="SD 1.x",
-                        output_path=str(output), num_processes=2, gradient_checkpointing=True))
+                        output_path=str(output), num_processes=2, gradient_checkpointing=True,
+                        compile_unet="regional", cuda_graphs=True))
         log(Progress(step=index, total_steps=6, loss=loss, percent=100 * index / 6, lr=0.002, it_per_s=2.5,
                      eta_s=1.0, epoch=0))
         if index == 3:
@@ -74,6 +75,7 @@ def test_the_report_shows_the_loss_curve_the_settings_and_the_samples(tmp_path):
     assert 'href="samples/step_6.png"' in page
     assert "shapestyle &lt;b&gt;&amp;&lt;/b&gt;" in page and "<b>&</b>" not in page  # prompts are escaped
     assert "complete" in page and "cuda:0 × 2 process(es), precision bf16, gradient checkpointing" in page
+    assert "gradient checkpointing, UNet compiled (regional, CUDA graphs)" in page
 
 
 def test_a_resumed_run_is_one_curve_with_the_resume_marked(tmp_path):
