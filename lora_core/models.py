@@ -15,6 +15,7 @@ from typing import Any
 
 from lora_core import builtin
 from lora_core.errors import UserError
+from lora_core.notices import quiet_library_notices
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -178,6 +179,7 @@ def load_pipeline(source: ModelSource, info: ModelInfo):
     """Load the whole diffusers pipeline on the CPU in fp32; the trainer moves and casts parts."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    quiet_library_notices()
     pipeline_class = StableDiffusionXLPipeline if info.family == "sdxl" else StableDiffusionPipeline
     if source.kind == "builtin" and source.location in builtin.BUILTINS:
         import tempfile
