@@ -39,7 +39,11 @@ def make_run(root: Path, name: str, events: list[dict], config: dict | None = No
 
 @pytest.fixture
 def outputs(tmp_path: Path) -> Path:
-    root = tmp_path / "outputs"
+    return fill_outputs(tmp_path / "outputs")
+
+
+def fill_outputs(root: Path) -> Path:
+    """Runs in every state; `cli-killed` is a folder as a killed `train_lora.py --config` leaves it."""
     done = make_run(root, "done", [_started(0), _progress(5, 5, 0.5), _progress(9, 10, 0.25),
                                    _event("complete", 10, final_path=str(root / "done/lora.safetensors"),
                                           total_time=10.0, step=10)],
@@ -132,3 +136,52 @@ def test_delete_removes_only_that_run_and_never_a_running_one(outputs: Path) -> 
     with pytest.raises(RunError):
         delete_run(outputs, "link")
     assert outside.is_dir()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the Runs tab through gradio_client (a page with only that tab: no training needed)
+
+
+@pytest.fixture(scope="module")
+def runs_page(tmp_path_factory):
+    import gradio as gr
+    from gradio_client import Client
+
+    from studio.runs_page import RunsTab
+
+    root = fill_outputs(tmp_path_factory.mktemp("runs_page") / "outputs")
+    tab = RunsTab(root, running=lambda: set())
+    with gr.Blocks() as demo:
+        tab.build()
+        tab.wire(demo)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, allowed_paths=[str(root)])
+    client = Client(url, verbose=False, download_files=str(root.parent / "downloads"))
+    yield client, root
+    client.close()
+    demo.close()
+
+
+def test_the_runs_endpoint_lists_cli_runs_and_compare_returns_the_differing_fields(runs_page):
+    client, root = runs_page
+    table, data, _ = client.predict(api_name="/runs")
+    assert [row["id"] for row in data] == ["waiting", "cli-killed", "broken", "resumed", "done"]
+    assert table["data"][1][:2] == ["cli-killed", "stopped"]
+    _, _, result = client.predict(["done", "resumed"], api_name="/compare")
+    assert result["differing"] == {"learning_rate": {"done": 1e-4, "resumed": 5e-4}}
+
+
+def test_the_run_endpoint_opens_a_run_and_delete_needs_the_confirmation(runs_page):
+    from gradio_client.exceptions import AppError
+
+    client, root = runs_page
+    summary, _, _, files, _, detail = client.predict("resumed", api_name="/run")
+    assert detail["state"] == "stopped" and detail["resumed_at"] == [6] and "resumed at step(s): 6" in summary
+    assert [Path(item).name for item in files] == ["checkpoint-4.safetensors"]
+    with pytest.raises(AppError, match="tick"):
+        client.predict("broken", False, api_name="/delete_run")
+    assert (root / "broken").is_dir()
+    message, _, data, _ = client.predict("broken", True, api_name="/delete_run")
+    assert message == "deleted broken" and not (root / "broken").exists()
+    assert "broken" not in [row["id"] for row in data]
+    with pytest.raises(AppError, match="not a run id"):
+        client.predict("../outputs", api_name="/run")
