@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """LoRA Studio: a web page over lora_core that trains a Stable Diffusion LoRA in the background.
 
-The page only builds configs, asks the process's `Studio` (lora_core/jobs.py) to start or stop the job,
-and polls what the job reports; the engine owns the device. Closing the tab does not stop training, and
-any page opened later shows the running or finished job.
+The page only builds configs, asks the process's `Studio` (studio/jobs.py) to start or stop a job, and
+polls what the job reports. Every job is a child process of its own (`python -m lora_core train`), so
+closing the tab does not stop training, any page opened later shows the running or finished job, and a
+restarted server finds a job that is still training and shows it again.
 
     python webui.py                 # http://127.0.0.1:7860
     python webui.py --demo          # the form pre-filled with the tiny CPU demo
     python webui.py --host 0.0.0.0 --auth me:secret
+    python webui.py --detach-jobs   # on SIGTERM, leave running jobs training (a later server finds them)
 """
 
 from __future__ import annotations
@@ -178,8 +180,10 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-STATE_WORDS = {"idle": "No training yet", "preparing": "Preparing: loading the model and caching the dataset",
+STATE_WORDS = {"idle": "No training yet", "queued": "Queued: waiting for the device",
+               "preparing": "Preparing: loading the model and caching the dataset",
                "running": "Training", "stopping": "Stopping after this step (a checkpoint is saved)",
+               "finishing": "Finishing: writing the report and releasing the device",
                "complete": "Done", "interrupted": "Stopped", "error": "Failed"}
 
 
@@ -218,7 +222,7 @@ def run_summary(view: RunView) -> dict[str, Any]:
             "percent": view.percent, "loss": view.loss, "output_path": view.output_path,
             "final_path": view.final_path, "checkpoints": [path for _, path in view.checkpoints],
             "samples": [path for path, _, _ in view.samples], "message": view.message,
-            "error_field": view.error_field}
+            "error_field": view.error_field, "stderr_tail": view.stderr_tail}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,17 +269,12 @@ class StudioPage:
                     self._estimate_section()
                 with gr.Column(scale=2):
                     self._train_section()
-            self.runs_tab = RunsTab(self.studio.outputs_root, self._running_runs)
+            self.runs_tab = RunsTab(self.studio.outputs_root)  # every job has a job.json: the OS says what runs
             self.runs_tab.build()
             self.form = {key: self.fields[key] for key in FORM_KEYS}
             self._wire(demo)
             self.runs_tab.wire(demo)
         return demo
-
-    def _running_runs(self) -> set[str]:
-        """Run ids this server trains now (a run with no final event and no live job shows as stopped)."""
-        view = self.studio.view()
-        return {Path(view.output_path).name} if view.active and view.output_path else set()
 
     def _dataset_section(self) -> None:
         initial = self.settings.initial
@@ -355,7 +354,15 @@ class StudioPage:
                                    elem_id="checkpoints")
         self.final = gr.DownloadButton("Download LoRA (.safetensors)", visible=False, variant="primary",
                                        elem_id="download-final")
+        with gr.Accordion("Queue", open=True, elem_id="queue"):
+            self.queue_table = gr.Dataframe(headers=["#", "job", "run folder", "queued at"], value=[],
+                                            interactive=False, elem_id="queue-table")
+            with gr.Row():
+                self.queue_pick = gr.Dropdown(choices=[], label="Queued job", scale=3, elem_id="queue-pick")
+                self.move_up_button = gr.Button("Move up", scale=1, elem_id="queue-move-up")
+                self.cancel_button = gr.Button("Cancel", scale=1, variant="stop", elem_id="queue-cancel")
         self.run_state = gr.JSON(visible=False)
+        self.job_info = gr.JSON(visible=False)  # what Start answered: job id, running or queued, position
         self.seen = gr.State(None)
         self.timer = gr.Timer(IDLE_TICK_S)
 
@@ -363,7 +370,8 @@ class StudioPage:
     def _wire(self, demo: gr.Blocks) -> None:
         fields, form = self.fields, self.form
         live = [self.status, self.plot, self.samples, self.checkpoints, self.final, self.start_button,
-                self.stop_button, self.resume_button, self.run_state, self.timer, self.seen]
+                self.stop_button, self.resume_button, self.run_state, self.timer, self.seen, self.queue_table,
+                self.queue_pick]
         dataset_in = [fields["dataset_path"], fields["trigger_words"]]
         self.uploads.upload(self.upload, [self.uploads, fields["trigger_words"]],
                             [fields["dataset_path"], self.dataset_report, self.thumbs], api_name="upload")
@@ -381,13 +389,25 @@ class StudioPage:
                                  validator=self.validate, api_name="export_config")
         self.estimate_button.click(self.estimate, inputs_kwargs=form, outputs=self.estimate_report,
                                    validator=self.validate, api_name="estimate")
-        self.start_button.click(self.start, inputs_kwargs=form, outputs=live, validator=self.validate,
-                                api_name="start", concurrency_id="train-control", concurrency_limit=1)
-        self.stop_button.click(self.stop, outputs=live, api_name="stop", concurrency_id="train-control")
-        self.resume_button.click(self.resume, inputs_kwargs=form, outputs=live, validator=self.validate,
-                                 api_name="resume", concurrency_id="train-control")
+        # Control actions have their own concurrency group and no limit (the Studio's lock orders them),
+        # polls another: however many pages poll, Start and Stop are answered (demo.queue has no max_size).
+        control = dict(concurrency_id="control", concurrency_limit=None)
+        for event in (self.start_button.click(self.start, inputs_kwargs=form, outputs=self.job_info,
+                                              validator=self.validate, api_name="start", **control),
+                      self.stop_button.click(self.stop, outputs=self.job_info, api_name="stop", **control),
+                      self.resume_button.click(self.resume, inputs_kwargs=form, outputs=self.job_info,
+                                               validator=self.validate, api_name="resume", **control),
+                      self.cancel_button.click(self.cancel, self.queue_pick, self.job_info, api_name=False,
+                                               **control),
+                      self.move_up_button.click(self.move_up, self.queue_pick, self.job_info, api_name=False,
+                                                **control)):
+            event.then(self.refresh, None, live, api_name=False, show_progress="hidden")
+        gr.api(self.queue_list, api_name="queue", **control)
+        gr.api(self.run, api_name="run", concurrency_id="poll", concurrency_limit=None)
+        gr.api(self.cancel, api_name="cancel", **control)
+        gr.api(self.move_up, api_name="move_up", **control)
         self.timer.tick(self.refresh, self.seen, live, api_name="refresh", show_progress="hidden",
-                        concurrency_limit=None)
+                        concurrency_id="poll", concurrency_limit=None)
         demo.load(self.refresh, None, live, api_name=False, show_progress="hidden")
         opened = demo.load(self.restore_form, None, [*form.values(), self.dataset_report, self.thumbs],
                            api_name=False)
@@ -491,10 +511,11 @@ class StudioPage:
             return f"**The estimate failed:** {type(error).__name__}: {error}"
 
     # --- training ---
-    def start(self, **values) -> list[Any]:
+    def start(self, **values) -> dict[str, Any]:
+        """Queue the form's run: {job_id, state: running | queued, position, output_path}."""
         return self._launch(build_config(values, self.studio, self.settings), resume=False)
 
-    def resume(self, **values) -> list[Any]:
+    def resume(self, **values) -> dict[str, Any]:
         """Continue the run shown from its newest complete checkpoint, with the form's settings (e.g. more
         steps); the engine refuses settings that cannot continue it (another model, another rank)."""
         folder = self.studio.last_output()
@@ -503,37 +524,73 @@ class StudioPage:
         config = build_config(values, self.studio, self.settings).model_copy(update={"output_path": str(folder)})
         return self._launch(config, resume=True)
 
-    def _launch(self, config: TrainConfig, resume: bool) -> list[Any]:
+    def _launch(self, config: TrainConfig, resume: bool) -> dict[str, Any]:
         try:
-            self.studio.start(config, resume=resume)
+            submitted = self.studio.submit(config, resume=resume)
         except (BusyError, ValueError) as error:
             raise gr.Error(f"Not started: {error}") from None
-        return self.refresh(None)
+        if submitted.state == "queued":
+            gr.Info(f"Queued at position {submitted.position}: it starts when the device is free "
+                    f"({submitted.output_path}).")
+        return submitted.to_dict()
 
-    def stop(self) -> list[Any]:
-        if not self.studio.stop():
+    def stop(self) -> dict[str, Any]:
+        """Stop the running job shown (it saves a checkpoint): {stopped, job_id}."""
+        view = self.studio.view()
+        stopped = view.active and self.studio.stop(view.job_id)
+        if not stopped:
             gr.Info("No training is running.")
-        return self.refresh(None)
+        return {"stopped": bool(stopped), "job_id": view.job_id if stopped else None}
+
+    def run(self, job_id: str) -> dict[str, Any]:
+        """One job's run by id (queued, running or finished), as the hidden run summary gives it."""
+        return run_summary(self.studio.view(job_id))
+
+    def queue_list(self) -> list[dict[str, Any]]:
+        """The queue in order: job_id, position, output_path, resume, processes, queued_at."""
+        return self.studio.queued()
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Take a queued job out of the queue: {cancelled, job_id}."""
+        cancelled = bool(job_id) and self.studio.cancel(job_id)
+        if not cancelled:
+            gr.Info("That job is not in the queue (it may have started).")
+        return {"cancelled": bool(cancelled), "job_id": job_id}
+
+    def move_up(self, job_id: str) -> dict[str, Any]:
+        """Move a queued job one place up: {job_id, position} (position None: not queued)."""
+        return {"job_id": job_id, "position": self.studio.move_up(job_id) if job_id else None}
 
     def refresh(self, seen: dict[str, Any] | None = None) -> list[Any]:
         """The live view. Each part is sent only when it changed since this page last saw it, so an idle
         poll costs nothing and sample images and checkpoints are not copied again every second."""
         view, seen = self.studio.view(), dict(seen or {})
+        queued = self.studio.queued()
         keys = {"status": (view.job_id, view.n_events, view.state), "samples": (view.job_id, len(view.samples)),
-                "checkpoints": (view.job_id, len(view.checkpoints)), "final": (view.job_id, view.final_path)}
+                "checkpoints": (view.job_id, len(view.checkpoints)), "final": (view.job_id, view.final_path),
+                "queue": [job["job_id"] for job in queued]}
         fresh = {part: seen.get(part) != key for part, key in keys.items()}
         seen.update(keys)
         skip = gr.skip()
         status_parts = [status_html(view), loss_frame(view)] if fresh["status"] else [skip, skip]
         resumable = not view.active and view.state != "idle"  # the engine says so when nothing can be resumed
-        buttons = ([gr.Button(interactive=not view.active), gr.Button(interactive=view.active),
+        buttons = ([gr.Button(interactive=True), gr.Button(interactive=view.active),
                     gr.Button(interactive=resumable), run_summary(view)] if fresh["status"] else [skip] * 4)
         samples = [(path, f"step {step}: {prompt}") for path, prompt, step in view.samples]
         checkpoints = [path for _, path in view.checkpoints] or None
         final = gr.DownloadButton(value=view.final_path, visible=bool(view.final_path))
         return [*status_parts, samples if fresh["samples"] else skip,
                 checkpoints if fresh["checkpoints"] else skip, final if fresh["final"] else skip,
-                *buttons, gr.Timer(ACTIVE_TICK_S if view.active else IDLE_TICK_S), seen]
+                *buttons, gr.Timer(ACTIVE_TICK_S if view.active else IDLE_TICK_S), seen,
+                *(queue_parts(queued) if fresh["queue"] else [skip, skip])]
+
+
+def queue_parts(queued: list[dict[str, Any]]) -> list[Any]:
+    """The queue table and the picker of queued jobs."""
+    rows = [[job["position"], job["job_id"], Path(job["output_path"]).name + (" (resume)" if job["resume"] else ""),
+             job["queued_at"]] for job in queued]
+    choices = [(f"{job['position']}. {Path(job['output_path']).name}", job["job_id"]) for job in queued]
+    return [rows, gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)]
 
 
 def build_app(studio: Studio, settings: PageSettings) -> gr.Blocks:
@@ -594,6 +651,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"folder for runs and uploads (default ./outputs, or {OUTPUTS_ENV})")
     parser.add_argument("--gpus", default=os.environ.get("LORA_STUDIO_GPUS", "1"),
                         help="GPUs per job: a number, or 'all'; more than one trains through accelerate launch")
+    parser.add_argument("--detach-jobs", action="store_true",
+                        help="on SIGTERM/Ctrl-C leave running jobs training instead of stopping them with a "
+                             "checkpoint; a server started later shows them again")
     parser.add_argument("--max-upload-mb", type=int, default=200, help="largest single uploaded file (MB)")
     parser.add_argument("--max-upload-files", type=int, default=2000, help="most images + captions per upload")
     return parser.parse_args(argv)
@@ -639,7 +699,7 @@ def make_app(args: argparse.Namespace) -> tuple[gr.Blocks, Studio, dict[str, Any
                                                   max_file_bytes=args.max_upload_mb * 1024**2),
                             Path(datasets_root).resolve() if datasets_root else None)
     demo = build_app(studio, settings)
-    demo.queue(default_concurrency_limit=2, max_size=64)
+    demo.queue(default_concurrency_limit=2, max_size=None)  # a bounded queue let polls crowd out Stop
     return demo, studio, launch_settings(args, studio)
 
 
@@ -651,19 +711,24 @@ def main(argv: list[str] | None = None, launch: Callable[..., Any] | None = None
         log.warning(warning)
     demo, studio, settings = make_app(args)
     log.info("runs and uploads go to %s", studio.outputs_root)
-    install_signal_handlers(studio)
+    install_signal_handlers(studio, detach_jobs=args.detach_jobs)
     (launch or demo.launch)(**settings)
 
 
-def install_signal_handlers(studio: Studio) -> None:
-    """SIGTERM (docker stop, a Space restart) or Ctrl-C: let the running job save a checkpoint, then exit."""
+def install_signal_handlers(studio: Studio, detach_jobs: bool = False) -> None:
+    """SIGTERM (docker stop, a Space restart) or Ctrl-C: let running jobs save a checkpoint (or, with
+    `detach_jobs`, leave them training), then exit at once: docker stop waits only 10 s."""
     import signal
-    import sys
 
     def stop(signum, _frame) -> None:
-        log.warning("signal %s: stopping the running job after its current step, then exiting", signum)
-        studio.shutdown(timeout=8.0)
-        sys.exit(128 + signum)
+        if detach_jobs:
+            log.warning("signal %s: exiting; running jobs go on training (%s)", signum,
+                        ", ".join(studio.running()) or "none")
+        else:
+            log.warning("signal %s: stopping running jobs after their current step, then exiting", signum)
+        studio.shutdown(timeout=8.0, stop_jobs=not detach_jobs)
+        logging.shutdown()
+        os._exit(128 + signum)  # not sys.exit: closing the HTTP server and its threads takes seconds
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)

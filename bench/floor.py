@@ -1,6 +1,6 @@
 """The floor: the UNet's forward, backward and optimizer step alone, on pre-made latents and embeddings.
 
-The UNet is prepared exactly as the trainer prepares it (`lora_core.training.prepare_unet`: dtype, fp32 LoRA,
+The UNet is prepared exactly as the trainer prepares it (`lora_core.setup.prepare_unet`: dtype, fp32 LoRA,
 channels-last, checkpointing) and stepped with the trainer's optimizer (`lora_core.optim`). Nothing else runs
 (no gradient clipping, no data, no noise), so the gap to the trainer is everything the trainer adds around the
 step.
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from lora_core import hardware, optim
 from lora_core.config import TrainConfig
-from lora_core.training import prepare_unet
+from lora_core.setup import prepare_unet
 
 
 class FloorLoop:

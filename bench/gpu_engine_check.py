@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lora_core.config import parse_config  # noqa: E402
+from lora_core.job import run_job  # noqa: E402
 from lora_core.training import train  # noqa: E402
-from lora_core.worker import Worker  # noqa: E402
 
 
 def tiny(output: Path, device: str, **options) -> dict:
@@ -72,10 +72,9 @@ def check_oom(work: Path) -> dict:
             "training_params": {"steps": 2, "resolution": 2048, "batch_size": 64, "repeats": 11, "device": "cuda",
                                 "validation_steps": 100, "checkpoint_steps": 100}}
     config = parse_config(huge)
-    worker = Worker()
-    terminal = worker.submit(config).wait(timeout=300)
+    terminal = run_job(config, lambda e: None, lambda: False)  # in one process, as a library user runs jobs
     after_oom = torch.cuda.memory_allocated() / 2**30
-    second = worker.submit(parse_config(tiny(work / "after-oom", "cuda"))).wait(timeout=300)
+    second = run_job(parse_config(tiny(work / "after-oom", "cuda")), lambda e: None, lambda: False)
     return {"terminal": terminal.to_dict() if terminal else None, "allocated_gib_after_oom": round(after_oom, 3),
             "second_job": second.type if second else None}
 

@@ -4,7 +4,7 @@
     docker run IMAGE                                       the web page on 0.0.0.0:7860 (the image's CMD)
     docker run IMAGE web [--demo] [--auth user:pass] ...   the web page, with webui.py's options
     docker run IMAGE --config /config/config.json          train_lora.py (any of its options may follow)
-    docker run IMAGE train --num-processes 4 --config F    the CLI on 4 GPUs through accelerate launch
+    docker run IMAGE train --num-processes 4 --config F    the engine on 4 GPUs through accelerate launch
     docker run IMAGE accelerate launch ... | torchrun ... | python ... | bash   that command, as given
 
 It replaces itself with the command (exec), so the signal `docker stop` sends (through tini, PID 1) reaches
@@ -72,10 +72,10 @@ def train_command(args: list[str], python: str) -> list[str]:
         raise SystemExit(f"--num-processes: expected a number of GPUs or 'all', got {wanted!r}")
     if processes == 1:
         return [python, str(TRAIN_SCRIPT), *args]
-    from lora_core.launcher import launch_command
+    from lora_core.launcher import launch_command  # accelerate launch -m lora_core train ...
 
     rest = without_option(args, "--config")
-    return launch_command(config, processes, extra_args=rest, python=python, script=TRAIN_SCRIPT)
+    return launch_command(config, processes, extra_args=rest, python=python)
 
 
 def build_command(argv: list[str], python: str = sys.executable) -> tuple[str, list[str]]:

@@ -1,7 +1,9 @@
 """lora_core: the LoRA training engine. The only package that imports torch, diffusers, peft, accelerate.
 
-Flow: config (TrainConfig) -> dataset -> models -> training loop -> events / exported .safetensors.
-Faces (train_lora.py, webui.py) build a TrainConfig, submit it to a Worker and read the Job's events.
+Flow: config (TrainConfig) -> plan (dataset, model family, length, device) -> setup -> fit -> events / exported
+.safetensors (training.py).
+Faces build a TrainConfig and run it as a job: `python -m lora_core train` (cli.py, which calls
+job.run_job on its main thread), a process per job that the web page starts and follows (launcher.py).
 Importing this package is cheap: torch is imported by the modules that need it, when they are used.
 """
 

@@ -1,5 +1,7 @@
-"""Files generated from the configuration model and from a run.
+"""The engine's commands: training, and the files generated from the configuration model and from a run.
 
+    python -m lora_core train --config F [--resume] [--validate-only] [--debug]
+                                        train (see lora_core/cli.py)
     python -m lora_core schema [PATH]   regenerate config_schema.json
     python -m lora_core options         print the README's option table (Markdown)
     python -m lora_core readme [PATH]   rewrite the option table between README.md's options markers
@@ -24,6 +26,10 @@ def write_readme_options(path: Path) -> None:
 
 if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command == "train":
+        from lora_core.cli import main
+
+        sys.exit(main(sys.argv[2:]))
     if command in ("inspect", "resize", "merge", "bake"):
         from lora_core.loratools import main
 

@@ -18,6 +18,8 @@ from lora_core.errors import UserError
 
 REQUIRED_FIELDS = ("dataset_path", "base_model", "output_path", "trigger_words")
 NESTED_KEY = "training_params"
+DEFAULT_STEPS = 1000  # the run length when a config gives neither steps nor epochs (plan.run_length)
+LENGTH_FIELDS = ("steps", "epochs")
 
 
 class FieldConflict(ValueError):
@@ -51,12 +53,13 @@ class TrainConfig(BaseModel):
         min_length=1, json_schema_extra=_ui("basic"))
 
     # --- length ---
-    steps: int = Field(1000, ge=1, le=1_000_000, description=(
-        "Optimizer steps to run. When given, training runs exactly this many; "
-        "when only `epochs` is given, the length comes from epochs."), json_schema_extra=_ui("basic"))
-    epochs: int = Field(10, ge=1, le=10_000, description=(
+    steps: int | None = Field(None, ge=1, le=1_000_000, description=(
+        "Optimizer steps to run. When given, training runs exactly this many; when only `epochs` is given, the "
+        f"length comes from epochs; when neither is, {DEFAULT_STEPS} steps."),
+        json_schema_extra=_ui("basic", form_default=DEFAULT_STEPS))
+    epochs: int | None = Field(None, ge=1, le=10_000, description=(
         "Passes over the dataset; decides the length only when `steps` is not given."),
-        json_schema_extra=_ui("basic"))
+        json_schema_extra=_ui("basic", form_default=10))
 
     # --- optimisation ---
     learning_rate: float = Field(1e-4, gt=0, le=1.0, description="AdamW learning rate for the LoRA weights.",
@@ -259,10 +262,6 @@ class TrainConfig(BaseModel):
             raise FieldConflict(("lokr_factor",), "must be -1 (automatic) or a factor of at least 1")
         return self
 
-    @property
-    def given_fields(self) -> set[str]:
-        return set(self.model_fields_set)
-
 
 class ConfigError(UserError):
     """A config that cannot be used. `problems` is a list of (field, message), each naming the fix."""
@@ -284,11 +283,17 @@ def _allowed_range(name: str) -> str:
     info = TrainConfig.model_fields.get(name)
     if info is None:
         return ""
-    schema = TrainConfig.model_json_schema()["properties"].get(name, {})
+    schema = non_null_schema(TrainConfig.model_json_schema()["properties"].get(name, {}))
     if "enum" in schema:
         return "choose one of " + ", ".join(repr(choice) for choice in schema["enum"])
     text = range_text(schema)
     return f"allowed range {text}" if text else ""
+
+
+def non_null_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """An optional field's schema (`int | None`: anyOf with null) as that of its non-null type."""
+    options = [option for option in schema.get("anyOf", []) if option.get("type") != "null"]
+    return {**schema, **options[0]} if len(options) == 1 else schema
 
 
 def range_text(schema: dict[str, Any], number: Callable[[Any], str] = str) -> str:
@@ -372,6 +377,9 @@ def load_config(path: str | Path) -> TrainConfig:
 def config_to_file_dict(config: TrainConfig) -> dict[str, Any]:
     """The nested file form: required fields at the top, the rest under training_params."""
     values = config.model_dump(mode="json")
+    for name in LENGTH_FIELDS:  # not given: left out, so the file means the same run
+        if values[name] is None:
+            del values[name]
     top = {key: values.pop(key) for key in REQUIRED_FIELDS}
     return {**top, NESTED_KEY: values}
 

@@ -130,8 +130,34 @@ class EventLog:
                 self._file = None
 
 
+@dataclass(kw_only=True)
+class ValidationReport(Event):
+    """`--validate-only`'s one line: `ok`, each problem as {field, message}, warnings, and what was checked
+    (`details`: dataset, model, device, devices, memory_estimate, total_steps), written at the top level."""
+
+    type: ClassVar[str] = "validation_report"
+    terminal: ClassVar[bool] = True  # the only line of a validate-only run
+    ok: bool
+    problems: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        return {**data.pop("details"), **data}
+
+    @classmethod
+    def from_report(cls, report: dict[str, Any]) -> ValidationReport:
+        """From preflight's report dict (`ok`, `problems`, `warnings` and the rest)."""
+        rest = {key: value for key, value in report.items() if key not in ("ok", "problems", "warnings", "type",
+                                                                          "timestamp")}
+        return cls(ok=bool(report.get("ok")), problems=list(report.get("problems", [])),
+                   warnings=list(report.get("warnings", [])), details=rest,
+                   **({"timestamp": report["timestamp"]} if "timestamp" in report else {}))
+
+
 EVENT_TYPES: dict[str, type[Event]] = {cls.type: cls for cls in (Started, Progress, Checkpoint, Sample, Complete,
-                                                                  Error, Interrupted)}
+                                                                  Error, Interrupted, ValidationReport)}
 
 
 def event_from_dict(data: dict[str, Any]) -> Event:
@@ -139,6 +165,8 @@ def event_from_dict(data: dict[str, Any]) -> Event:
     cls = EVENT_TYPES.get(data.get("type")) if isinstance(data, dict) else None
     if cls is None:
         raise ValueError(f"not an event: {data!r:.200}")
+    if cls is ValidationReport:
+        return ValidationReport.from_report(data)
     names = {item.name for item in fields(cls)}
     try:
         return cls(**{key: value for key, value in data.items() if key in names})

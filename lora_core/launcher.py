@@ -1,38 +1,41 @@
-"""Run the engine in a child process, on one device or on several through `accelerate launch`, and read it.
+"""A job is a process: start the engine's CLI for one run folder, find it again later, and tell how it ended.
 
-The child is the CLI (`train_lora.py`): its stdout is the JSON-lines event stream, which is parsed back into
-the event objects of events.py. A `ProcessJob` has the surface of `worker.Job` (`events()`, `snapshot()`,
-`last_progress`, `running`, `terminal`, `request_stop()`, `wait()`), so a face can run a job in its own process
-(`Worker.submit`) or on N GPUs (`launch(config, N)`) and read both the same way.
+`JobProcess.start(folder, config)` runs `python -m lora_core train --config folder/job_config.json` (through
+`accelerate launch` for several devices) in its own session, so the job outlives whoever started it, with
+its stderr in `folder/stderr.log` and its pid and start time in `folder/job.json`. Its events are what
+`run_job` appends to `folder/events.jsonl`: any reader, this process or a later one, follows that file.
+`JobProcess.attach(folder)` finds a job again from job.json (the start time guards against a reused pid).
+A job that dies without a final event (SIGKILL, the out-of-memory killer, a native crash) gets one from
+`record_lost`: an `error` with its exit status or signal and the last lines of its stderr.
 
-Stop is SIGTERM to the child: the CLI, or accelerate's launcher (torch's elastic agent), which passes it to
-every training process; they agree on the step to stop after and the main one saves a checkpoint.
+Stop is SIGTERM to the job's process: the CLI, or accelerate's launcher (torch's elastic agent), which passes
+it to every training process; they agree on the step to stop after and the main one saves a checkpoint.
+Nothing here imports torch (the page's registry uses it); `device_count` imports it when called.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from lora_core.config import TrainConfig, config_to_file_dict
-from lora_core.events import Error, EventLog, parse_event
-from lora_core.worker import Job
+from lora_core.events import Error, Event, EventLog, read_events
+from lora_core.files import atomic_write_text
 
-log = logging.getLogger("lora_core.launcher")
-
-ROOT = Path(__file__).resolve().parent.parent
-TRAIN_SCRIPT = ROOT / "train_lora.py"
+JOB_FILE, CONFIG_FILE, STDERR_FILE, EVENTS_FILE = "job.json", "job_config.json", "stderr.log", "events.jsonl"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where `-m lora_core` is importable from
+STDERR_TAIL_LINES = 20
 
 
 def device_count() -> int:
@@ -43,15 +46,15 @@ def device_count() -> int:
 
 
 def launch_command(config_path: str | Path, num_processes: int = 1, *, extra_args: Sequence[str] = (),
-                   python: str = sys.executable, script: str | Path = TRAIN_SCRIPT) -> list[str]:
+                   python: str = sys.executable) -> list[str]:
     """The command that trains `config_path` with `num_processes` data-parallel processes on this machine.
 
-    One process runs the CLI directly (accelerate's single-process launcher would not pass SIGTERM on).
-    Several run under `accelerate launch --multi_gpu`, on a free port so that two jobs on one box never clash.
+    One process runs the engine's CLI directly (accelerate's single-process launcher would not pass SIGTERM
+    on). Several run under `accelerate launch --multi_gpu`, on a free port so that two jobs never clash.
     """
     if num_processes < 1:
         raise ValueError(f"num_processes must be at least 1, got {num_processes}")
-    train = [str(script), "--config", str(config_path), *extra_args]
+    train = ["-m", "lora_core", "train", "--config", str(config_path), *extra_args]
     if num_processes == 1:
         return [python, *train]
     return [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
@@ -59,99 +62,161 @@ def launch_command(config_path: str | Path, num_processes: int = 1, *, extra_arg
             *train]
 
 
-class ProcessJob(Job):
-    """A training job in a child process; its events are those the child prints on stdout."""
+def job_environment(config: TrainConfig, num_processes: int, devices: Sequence[int] | None = None,
+                    base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: unbuffered, gloo for several CPU processes, and only its own GPUs visible."""
+    env = {**(os.environ if base is None else base), "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH", "")]))
+    if devices:  # indices into what this process sees, which may itself be a CUDA_VISIBLE_DEVICES subset
+        visible = [item for item in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if item.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] if i < len(visible) else str(i) for i in devices)
+    elif config.device == "cpu" or num_processes > 1:
+        env["ACCELERATE_USE_CPU"] = "true"  # several CPU processes: gloo instead of NCCL
+    return env
 
-    def __init__(self, config: TrainConfig, num_processes: int = 1, *, extra_args: Sequence[str] = (),
-                 env: dict[str, str] | None = None):
-        super().__init__(config)
-        self.num_processes = num_processes
-        self._folder = Path(tempfile.mkdtemp(prefix="lora-launch-"))
-        config_path = self._folder / "config.json"
-        config_path.write_text(json.dumps(config_to_file_dict(config), indent=2), encoding="utf-8")
-        self.command = launch_command(config_path, num_processes, extra_args=extra_args)
-        self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        if config.device == "cpu" or (num_processes > 1 and device_count() == 0):
-            self.env["ACCELERATE_USE_CPU"] = "true"  # several CPU processes: gloo instead of NCCL
-        self.process: subprocess.Popen | None = None
-        self.returncode: int | None = None
-        self._log_tail: deque[str] = deque(maxlen=40)
 
-    def start(self) -> ProcessJob:
-        self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
-        self.thread.start()
-        return self
+def process_start_time(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), or None when there is no such process."""
+    import psutil
 
-    def log_tail(self) -> list[str]:
-        """The last lines the child wrote on stderr (its log)."""
-        return list(self._log_tail)
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
 
-    def request_stop(self) -> None:
-        """Every process finishes its current step, the main one saves a checkpoint, the job ends `interrupted`."""
-        super().request_stop()
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+
+@dataclass
+class JobProcess:
+    """One job's process, started here or found again from its run folder's job.json."""
+
+    folder: Path
+    pid: int
+    start_time: float  # with the pid, names the process: a pid reused by another process has another start
+    record: dict[str, Any] = field(default_factory=dict)  # job.json as written
+    popen: subprocess.Popen | None = None  # set when this process started the job (then its exit code is known)
+
+    @classmethod
+    def start(cls, folder: str | Path, config: TrainConfig, num_processes: int = 1, *, resume: bool = False,
+              devices: Sequence[int] | None = None, env: Mapping[str, str] | None = None,
+              record: Mapping[str, Any] | None = None) -> JobProcess:
+        """Write the config and start the job in its own session; `record` goes into job.json too."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / CONFIG_FILE, json.dumps(config_to_file_dict(config), indent=2) + "\n")
+        command = launch_command(folder / CONFIG_FILE, num_processes, extra_args=["--resume"] if resume else ())
+        environment = job_environment(config, num_processes, devices, env)
+        with open(folder / STDERR_FILE, "ab") as log:
+            log.write(f"--- {_now()} {' '.join(command)}\n".encode())
+            log.flush()
+            popen = subprocess.Popen(command, cwd=PACKAGE_ROOT, env=environment, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        start_time = process_start_time(popen.pid) or time.time()
+        data = {**(record or {}), "pid": popen.pid, "start_time": start_time, "started_at": _now(),
+                "command": command, "num_processes": num_processes, "devices": list(devices or []),
+                "resume": resume}
+        job = cls(folder, popen.pid, start_time, data, popen)
+        job.save()
+        return job
+
+    @classmethod
+    def attach(cls, folder: str | Path) -> JobProcess | None:
+        """The job recorded in `folder/job.json`, or None when there is none (or it cannot be read)."""
+        try:
+            data = json.loads((Path(folder) / JOB_FILE).read_text(encoding="utf-8"))
+            return cls(Path(folder), int(data["pid"]), float(data["start_time"]), data)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def save(self) -> None:
+        atomic_write_text(self.folder / JOB_FILE, json.dumps(self.record, indent=2) + "\n")
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        import psutil
+
+        try:
+            process = psutil.Process(self.pid)
+            return abs(process.create_time() - self.start_time) < 1.0 and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def describe_exit(self) -> str:
+        """How the process ended, in words (only known to the process that started it)."""
+        code = None if self.popen is None else self.popen.poll()
+        if code is None:
+            return (f"the training process (pid {self.pid}) ended without a final event; its exit status is "
+                    "unknown (it was started by an earlier server process)")
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+            hint = " (the kernel's out-of-memory killer sends this too)" if -code == signal.SIGKILL else ""
+            return f"the training process was killed by signal {-code} ({name}){hint} before it reported a result"
+        return f"the training process exited with code {code} without a result"
+
+    def terminate(self) -> None:
+        """Ask the job to stop after its current step (it saves a checkpoint)."""
+        self._signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        """SIGKILL the child and every process under it (torch's agent starts workers in their own sessions)."""
-        if self.process is None:
+        """SIGKILL the job and every process under it (torch's agent starts workers in their own sessions)."""
+        import psutil
+
+        if not self.alive():
             return
         try:
-            import psutil
-
-            children = psutil.Process(self.process.pid).children(recursive=True)
-        except Exception:  # psutil missing or the child already gone
-            children = []
-        for process in [*children, self.process]:
-            with contextlib.suppress(Exception):
+            processes = [*psutil.Process(self.pid).children(recursive=True), psutil.Process(self.pid)]
+        except psutil.Error:
+            return
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
                 process.kill()
 
-    # --- the reader thread (Job's thread runs this instead of training) ---
-    def _run(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
-        drain = threading.Thread(target=self._drain_stderr, name="lora-launch-log", daemon=True)
-        drain.start()
-        try:
-            for line in self.process.stdout:
-                if not line.strip():
-                    continue
-                try:
-                    self._emit(parse_event(line))
-                except ValueError as error:
-                    log.warning("ignoring a line that is not an event: %s", error)
-            self.returncode = self.process.wait()
-            drain.join(timeout=5)
-            if self.terminal is None:
-                self._fail(f"the training process exited with code {self.returncode} without a result")
-        except Exception as error:  # the reader must always end the job
-            self._fail(f"lost the training process: {type(error).__name__}: {error}")
-        finally:
-            shutil.rmtree(self._folder, ignore_errors=True)
+    def _signal(self, signum: int) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
 
-    def _drain_stderr(self) -> None:
-        assert self.process is not None and self.process.stderr is not None
-        for line in self.process.stderr:
-            line = line.rstrip()
-            if line:
-                self._log_tail.append(line)
-                log.debug("child: %s", line)
 
-    def _fail(self, message: str) -> None:
-        """End with an error event, recorded in events.jsonl too (the child could not write it)."""
-        last = next((line for line in reversed(self._log_tail) if line.strip()), "")
-        progress = self.last_progress
-        event = Error(message=f"{message}: {last[-500:]}" if last else message,
-                      step=progress.step if progress else None)
-        try:
-            event_log = EventLog(Path(self.config.output_path) / "events.jsonl")
-            event_log(event)
-            event_log.close()
-        except OSError as error:
-            log.warning("could not record the error in events.jsonl: %s", error)
-        self._emit(event)
+def final_event(folder: str | Path) -> Event | None:
+    """The final event of the run in `folder` (complete, error or interrupted), or None while it has none."""
+    path = Path(folder) / EVENTS_FILE
+    if not path.is_file():
+        return None
+    return next((event for event in reversed(read_events(path)) if event.terminal), None)
 
-def launch(config: TrainConfig, num_processes: int = 1, *, extra_args: Sequence[str] = (),
-           env: dict[str, str] | None = None) -> ProcessJob:
-    """Start training `config` on `num_processes` devices of this machine in a child process."""
-    return ProcessJob(config, num_processes, extra_args=extra_args, env=env).start()
+
+def stderr_tail(folder: str | Path, lines: int = STDERR_TAIL_LINES) -> list[str]:
+    """The last non-empty lines of the job's stderr.log."""
+    path = Path(folder) / STDERR_FILE
+    if not path.is_file():
+        return []
+    with open(path, "rb") as handle:
+        handle.seek(max(0, path.stat().st_size - 64 * 1024))
+        text = handle.read().decode("utf-8", errors="replace")
+    kept: deque[str] = deque(maxlen=lines)
+    for line in text.splitlines():
+        if line.strip():
+            kept.append(line.rstrip())
+    return list(kept)
+
+
+def record_lost(job: JobProcess) -> Error:
+    """End a run whose process died without a final event: one `error` in events.jsonl, with how the
+    process ended and the last lines of its stderr, so every reader sees the run as failed."""
+    steps = [event.step for event in _events(job.folder) if event.type == "progress"]
+    tail = stderr_tail(job.folder, 5)
+    message = job.describe_exit() + (". Last lines of stderr.log:\n" + "\n".join(tail) if tail else "")
+    event = Error(message=message, step=steps[-1] if steps else None)
+    log = EventLog(job.folder / EVENTS_FILE)
+    log(event)
+    log.close()
+    return event
+
+
+def _events(folder: Path) -> list[Event]:
+    path = folder / EVENTS_FILE
+    return read_events(path) if path.is_file() else []
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

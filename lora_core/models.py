@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lora_core import builtin
+from lora_core import builtin, families
 from lora_core.errors import UserError
 from lora_core.notices import quiet_library_notices
 
@@ -22,7 +22,6 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors",
                 "*/diffusion_pytorch_model-*.safetensors", "*/model.safetensors", "*/model-*.safetensors"]
 CONFIG_PATTERNS = ["model_index.json", "*/*.json"]
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
 class ModelError(UserError):
@@ -69,7 +68,7 @@ class ModelInfo:
     @property
     def description(self) -> str:
         suffix = " (v-prediction)" if self.prediction_type == "v_prediction" else ""
-        return FAMILY_NAMES[self.family] + suffix
+        return families.get(self.family).display_name + suffix
 
 
 def resolve(base_model: str, configs_only: bool = False) -> ModelSource:
@@ -137,12 +136,7 @@ def inspect(source: ModelSource) -> ModelInfo:
     vae = _read_json(folder / "vae" / "config.json")
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_file) if scheduler_file.exists() else {}
-    if unet.get("addition_embed_type") == "text_time" or "XL" in index.get("_class_name", ""):
-        family = "sdxl"
-    elif unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024:
-        family = "sd2"
-    else:
-        family = "sd1"
+    family = families.detect_folder(index, unet).name
     return ModelInfo(family, scheduler.get("prediction_type", "epsilon"),
                      2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1), len(unet["block_out_channels"]))
 
@@ -155,18 +149,14 @@ def _inspect_single_file(path: Path) -> ModelInfo:
             keys = list(handle.keys())
     except Exception as error:  # safetensors raises its own error types for a damaged header
         raise ModelError(f"{path}: not a readable .safetensors file ({error})") from None
-    if any(key.startswith("conditioner.embedders.1.") for key in keys):
-        family = "sdxl"
-    elif any(key.startswith("cond_stage_model.model.") for key in keys):
-        family = "sd2"
-    elif any(key.startswith("cond_stage_model.transformer.") for key in keys):
-        family = "sd1"
-    else:
-        raise ModelError(f"{path}: not a Stable Diffusion checkpoint (no SD 1.x, SD 2.x or SDXL text-encoder "
-                         "weights found); is it a LoRA or a VAE?")
+    family = families.detect_single_file(keys)
+    if family is None:
+        known = ", ".join(families.get(name).display_name for name in families.names())
+        raise ModelError(f"{path}: not a Stable Diffusion checkpoint (no {known} text-encoder weights found); "
+                         "is it a LoRA or a VAE?")
     # epsilon until loaded: the weights do not say (SD 2.1-768 is v-prediction, 2.1-base is not), the scheduler
     # config diffusers reads with them does (see with_loaded_prediction_type)
-    return ModelInfo(family, "epsilon", 8, 3 if family == "sdxl" else 4)
+    return ModelInfo(family.name, "epsilon", 8, family.single_file_down_levels)
 
 
 def with_loaded_prediction_type(info: ModelInfo, pipeline) -> ModelInfo:
@@ -177,18 +167,15 @@ def with_loaded_prediction_type(info: ModelInfo, pipeline) -> ModelInfo:
 
 def load_pipeline(source: ModelSource, info: ModelInfo):
     """Load the whole diffusers pipeline on the CPU in fp32; the trainer moves and casts parts."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     quiet_library_notices()
-    pipeline_class = StableDiffusionXLPipeline if info.family == "sdxl" else StableDiffusionPipeline
+    family = families.get(info.family)
     if source.kind == "builtin" and source.location in builtin.BUILTINS:
         import tempfile
 
         with tempfile.TemporaryDirectory() as folder:
             return builtin.build_pipeline(source.location, Path(folder) / "tokenizer")
-    kwargs: dict[str, Any] = {"use_safetensors": True}
-    if info.family != "sdxl":
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    kwargs: dict[str, Any] = {"use_safetensors": True, **family.load_kwargs()}
+    pipeline_class = family.pipeline_class()
     if source.kind == "single_file":
         try:
             return pipeline_class.from_single_file(source.location, **kwargs)
@@ -220,8 +207,7 @@ def model_sizes(source: ModelSource, info: ModelInfo) -> ModelSizes:
             pipeline = _meta_pipeline(Path(source.location))
         else:
             # a built-in built in memory, or a single file: the real architecture of its family
-            name = source.location if source.kind == "builtin" else "sdxl-arch" if info.family == "sdxl" \
-                else "sd15-arch"
+            name = source.location if source.kind == "builtin" else families.get(info.family).single_file_builtin
             pipeline = builtin.build_pipeline(name, Path(scratch) / "tokenizer")
     unet, encoders = pipeline.unet, text_encoders(pipeline)
     unet_layers = {target: _adapted(unet, names) for target, names in TARGETS.items()}

@@ -1,39 +1,32 @@
-"""The training loop, top to bottom: setup -> cache -> fit -> export.
+"""The training loop, in litgpt's shape: plan -> setup -> fit -> export.
 
-`train(config, emit, should_stop)` runs one job on the calling thread and reports through `emit`
-(events.py). It is called by the worker (worker.py), never by the faces directly.
+`train(config, emit, should_stop)` runs one job on the calling thread and reports through `emit` (events.py):
+`plan.make_plan` decides everything that needs no weights, `setup(plan)` (setup.py) builds the `Run`,
+`fit(run, emit, should_stop)` loops over the batches calling `training_step` and then each periodic action
+(`maybe_report`, `maybe_checkpoint`, `maybe_sample`), and `finish` exports the LoRA. A new periodic action
+is one more `maybe_...` call in `fit`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
-from diffusers import DPMSolverMultistepScheduler
 
-from lora_core import buckets, checkpoint, dataset, distributed, hardware, models, objective, optim
-from lora_core.cache import Cache, build_cache, trained_text_encoder
-from lora_core.config import TrainConfig, config_to_file_dict
+from lora_core import checkpoint, distributed, objective, samples
+from lora_core.batches import Batch
+from lora_core.config import TrainConfig
 from lora_core.events import Checkpoint, Complete, Event, Interrupted, Progress, Sample, Started
-from lora_core.files import atomic_write, atomic_write_text
-from lora_core.lora import (
-    add_lora,
-    add_text_encoder_lora,
-    lora_file_contents,
-    save_lora,
-    tag_frequency,
-    training_metadata,
-)
-from lora_core.preflight import OutputFolderError, check_output_folder
+from lora_core.lora import save_lora, training_metadata
+from lora_core.plan import make_plan
+from lora_core.setup import Run, prepare_unet, setup
+
+__all__ = ["NonFiniteLossError", "Run", "TrainResult", "export_lora", "fit", "prepare_unet", "save_checkpoint",
+           "setup", "train", "train_run", "training_step"]
 
 
 @dataclass
@@ -46,31 +39,6 @@ class TrainResult:
     text_encoders: list[torch.nn.Module] = field(default_factory=list)  # with train_text_encoder: theirs too
 
 
-def total_steps_for(config: TrainConfig, num_images: int, num_processes: int = 1,
-                    batches_per_epoch: int | None = None) -> int:
-    """`steps` when the config gives it (or gives neither), otherwise `epochs` passes over the data.
-
-    `batches_per_epoch`: global batches in an epoch as the buckets make them (each bucket's last one may be
-    short); without it, the images times `repeats` in full batches."""
-    if "steps" in config.given_fields or "epochs" not in config.given_fields:
-        return config.steps
-    if batches_per_epoch is None:
-        batches_per_epoch = math.ceil(num_images * config.repeats / (config.batch_size * num_processes))
-    return max(1, config.epochs * math.ceil(batches_per_epoch / config.gradient_accumulation_steps))
-
-
-def check_resolution(config: TrainConfig, info: models.ModelInfo) -> None:
-    multiple = info.pixel_multiple
-    if config.resolution % multiple:
-        raise ValueError(f"resolution {config.resolution} is not a multiple of {multiple}, which this "
-                         f"{info.description} model needs; use {config.resolution // multiple * multiple} or "
-                         f"{(config.resolution // multiple + 1) * multiple}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# setup
-
-
 class NonFiniteLossError(FloatingPointError):
     pass
 
@@ -78,238 +46,228 @@ class NonFiniteLossError(FloatingPointError):
 def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Callable[[], bool],
           resume: bool = False) -> TrainResult:
     """Train one LoRA. With `resume`, continue from the newest complete state in output_path."""
-    started_at, t0 = datetime.now(UTC), time.perf_counter()
-    if (problem := check_output_folder(config.output_path)) is not None:
-        raise OutputFolderError(problem)
-    if resume:
-        checkpoint.latest_state(Path(config.output_path))  # fail before any model loads
-    report = dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement)
-    source = models.resolve(config.base_model)
-    info = models.inspect(source)
-    check_resolution(config, info)
-    assigned = dataset.assign_buckets(report, config, info.pixel_multiple)
-    device = hardware.pick_device(config)
-    precision = hardware.resolve_precision(config, device)
-    AcceleratorState._reset_state()  # accelerate keeps one precision per process; a later job may want another
-    # SDXL's first text encoder feeds its next-to-last layer only: its last layer's LoRA gets no gradient
-    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if config.train_text_encoder else []
-    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu",
-                              gradient_accumulation_steps=config.gradient_accumulation_steps,
-                              dataloader_config=DataLoaderConfiguration(non_blocking=True), kwargs_handlers=ddp)
-    main = accelerator.is_main_process
-    stop_vote = distributed.StopVote(accelerator.num_processes)  # all processes stop after the same step
-    set_seed(config.seed)
-    if accelerator.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    return train_run(setup(make_plan(config, distributed.world_size(), resume=resume)), emit, should_stop)
 
-    output = Path(config.output_path)
-    per_epoch = buckets.batches_per_epoch(assigned * config.repeats, config.batch_size * accelerator.num_processes)
-    total_steps = total_steps_for(config, len(report.images), accelerator.num_processes, per_epoch)
-    if main:
-        resolved = config.model_copy(update={"steps": total_steps})
-        atomic_write_text(output / "config.json", json.dumps(config_to_file_dict(resolved), indent=2) + "\n")
 
-    pipeline = models.load_pipeline(source, info)
-    info = models.with_loaded_prediction_type(info, pipeline)  # a single file's comes with its configs
-    dtype = hardware.weight_dtype(precision)
-    unet, vae = pipeline.unet, pipeline.vae
-    for module in (unet, vae, *models.text_encoders(pipeline)):
-        module.requires_grad_(False)
-        module.eval()
-    checkpointing = hardware.use_gradient_checkpointing(config, precision, hardware.free_device_memory_gib(
-        accelerator.device), lambda: models.model_sizes(source, info))
-    params = prepare_unet(unet, config, accelerator.device, dtype, checkpointing)
+def train_run(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], bool]) -> TrainResult:
+    """A set-up run to its end: started, fit, then the final LoRA (or the checkpoint of a stop)."""
+    emit_started(run, emit)
+    stopped = fit(run, emit, should_stop)
+    path = run.stop_checkpoint if stopped else finish(run, emit)
+    return TrainResult(path, run.step, time.perf_counter() - run.plan.clock_start, stopped, run.bare_unet,
+                       run.text_encoders)
 
-    cache = build_cache(config, pipeline, report, assigned, info, accelerator.device, dtype)
-    if accelerator.device.type == "cuda":
-        torch.cuda.empty_cache()  # hand back the one-off caching pass's blocks (the VAE in fp32) to other programs
-    # the text encoders' LoRA (after the cache: it keeps them on the device, in `dtype`, when they train)
-    trained_encoders = models.text_encoders(pipeline) if config.train_text_encoder else []
-    text_params = [p for encoder in trained_encoders for p in add_text_encoder_lora(encoder, config)]
-    for encoder in trained_encoders:
-        encoder.train()
-    batches = cache.batches(accelerator.num_processes)  # same-bucket batches, a function of (seed, epoch)
-    loader = torch.utils.data.DataLoader(cache.keys(), batch_sampler=batches, collate_fn=cache.collate,
-                                         pin_memory=device.type == "cuda",  # pinned + non_blocking: no sync
-                                         generator=torch.Generator())  # else each epoch draws on the global RNG
-    groups = [{"params": params, "lr": config.learning_rate}]
-    if text_params:
-        groups.append({"params": text_params, "lr": config.text_encoder_lr})
-    optimizer = optim.make_optimizer(config, groups, accelerator.device)
-    lr_scheduler = optim.make_lr_scheduler(config, optimizer, total_steps)
-    unet, *wrapped_encoders, optimizer, loader = accelerator.prepare(unet, *trained_encoders, optimizer, loader)
-    if wrapped_encoders:  # captions go through the wrapped encoders, so their gradients are averaged
-        cache.encode_text = trained_text_encoder(pipeline, info.family, wrapped_encoders, accelerator.device, dtype)
-    forward = torch.compile(unet) if config.compile_unet else unet  # samples and export use the plain module
-    noise_scheduler = objective.noise_scheduler_for(pipeline.scheduler.config, config)
-    num_timesteps = noise_scheduler.config.num_train_timesteps
-    sample_noise = distributed.SampleNoise(config.seed, config.batch_size, accelerator.num_processes,
-                                           accelerator.process_index, num_timesteps)
-    lora_params = {name: p for name, p in accelerator.unwrap_model(unet).named_parameters() if p.requires_grad}
-    for prefix, encoder in zip(("text_encoder.", "text_encoder_2."), trained_encoders, strict=False):
-        lora_params.update({prefix + name: p for name, p in encoder.named_parameters() if p.requires_grad})
-    step, epoch, batches_in_epoch = 0, 0, 0
-    if resume:
-        state = checkpoint.load_state(checkpoint.latest_state(output), config, lora_params, optimizer)
-        lr_scheduler.load_state_dict(state.scheduler)
-        step, epoch, batches_in_epoch = state.step, state.epoch, state.batches_in_epoch
-        sample_noise.draws = state.noise_draws
 
-    if main:
-        emit(Started(total_steps=total_steps, num_images=len(report.images), device=str(accelerator.device),
-                     mixed_precision=precision, model_family=info.description, output_path=str(output),
-                     num_processes=accelerator.num_processes, resumed_from_step=step if resume else None,
-                     gradient_checkpointing=checkpointing))
-    metadata = dict(family=info.family, prediction_type=info.prediction_type,
-                    num_images=len(report.images) * config.repeats,  # as sd-scripts counts them
-                    precision=precision, started_at=started_at,
-                    tag_frequency=tag_frequency([r.caption for r in report.images]),
-                    base_sha256=models.weights_sha256(source) if main else None)
-
-    def export(path: Path, step: int, epoch: int) -> Path:
-        state, format_header = lora_file_contents(accelerator.unwrap_model(unet), config, trained_encoders,
-                                                  info.family)
-        header = training_metadata(config, steps=step, epochs=epoch, **metadata) | format_header
-        return save_lora(path, state, header)
-
-    def save_checkpoint(step: int, epoch: int, batches_in_epoch: int, lora_file: bool = True) -> Path | None:
-        """The LoRA file users load, then the full state that --resume continues from."""
-        path = export(output / "checkpoints" / f"lora_step_{step}.safetensors", step, epoch) if lora_file else None
-        state = checkpoint.TrainerState(step, epoch, batches_in_epoch, sample_noise.draws,
-                                        lr_scheduler.state_dict(), config.model_dump(mode="json"))
-        checkpoint.save_state(output, step, state, lora_params, optimizer, config.keep_checkpoints)
-        return path
-
-    # ------------------------------------------------------------------------------------------------
-    # fit
-
-    window_loss, window_count, nonfinite_in_a_row = torch.zeros((), device=accelerator.device), 0, 0
-    clock = StepClock(total_steps)
-    while step < total_steps:
-        loader.set_epoch(epoch)
-        batches.set_epoch(epoch)  # under several processes accelerate's wrapper does not pass it on
-        for batch_index, batch in enumerate(loader):
-            if batch_index < batches_in_epoch:  # resuming mid-epoch: these were trained before the stop
-                continue
-            batches_in_epoch += 1
-            with accelerator.accumulate(unet, *wrapped_encoders):
-                latents, conditioning = cache.batch(batch, vae, accelerator.device)
-                noise, timesteps, offsets = sample_noise(latents)  # the same per sample however batches split
-                noise = objective.offset_noise(noise, offsets, config.noise_offset)
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                target = objective.target_for(noise_scheduler, latents, noise, timesteps, info.prediction_type)
-                with accelerator.autocast():
-                    prediction = forward(noisy, timesteps, **conditioning).sample
-                loss = objective.diffusion_loss(prediction, target, noise_scheduler, timesteps,
-                                                info.prediction_type, config.min_snr_gamma)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    skipped = optimizer_step(accelerator, optimizer, params + text_params, config, precision, loss)
-                    optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                window_loss += loss.detach()
-                window_count += 1
-                continue
-            if skipped:  # a non-finite loss or gradient: nothing was applied, and the step does not count
-                nonfinite_in_a_row += 1
-                window_loss.zero_()
-                window_count = 0
-                if nonfinite_in_a_row >= config.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"the loss or gradients were NaN/inf for {nonfinite_in_a_row} steps in a row after step "
-                        f"{step}; each was skipped and nothing broken was saved. Likely causes: fp16 overflow "
-                        "(use mixed_precision 'bf16' or 'no'), a learning_rate too high, or a VAE run in fp16")
-                continue
-            nonfinite_in_a_row = 0
-            window_loss += loss.detach()
-            window_count += 1
-            lr_scheduler.step()
-            step += 1
-            clock.tick(step)
-            report_now = step % config.progress_steps == 0 or step == total_steps
-            if report_now:  # every process joins the reduce; the main one reports the mean over all
-                window_mean = accelerator.reduce(window_loss / window_count, reduction="mean")
-                window_loss.zero_()
-                window_count = 0
-            if main and report_now:
-                emit(Progress(step=step, total_steps=total_steps, loss=window_mean.item(), percent=round(100 * step /
-                              total_steps, 2), lr=lr_scheduler.get_last_lr()[0], it_per_s=clock.rate,
-                              eta_s=clock.eta(step), epoch=epoch))
-            stopping = stop_vote(should_stop())
-            if main and step < total_steps and step % config.checkpoint_steps == 0 and not stopping:
-                path = save_checkpoint(step, epoch, batches_in_epoch)
-                emit(Checkpoint(step=step, path=str(path)))
-            if main and (step % config.validation_steps == 0 or step == total_steps) and not stopping:
-                for image_path, prompt in make_samples(config, pipeline, accelerator.unwrap_model(unet), cache,
-                                                       vae, accelerator.device, output, step):
-                    emit(Sample(step=step, image_path=str(image_path), prompt=prompt))
-                for module in (unet, *trained_encoders):
-                    module.train()
-            if stopping:
-                path = None
-                if main:
-                    path = save_checkpoint(step, epoch, batches_in_epoch)
-                    emit(Interrupted(step=step, message="stopped on request after finishing the current step; "
-                                     "the LoRA so far is saved", checkpoint_path=str(path)))
-                accelerator.wait_for_everyone()  # the others exit once the main process has saved
-                return TrainResult(path, step, time.perf_counter() - t0, True, accelerator.unwrap_model(unet),
-                                   trained_encoders)
-            if step >= total_steps:
-                break
-        else:  # the epoch ran out (not a break at the last step)
-            epoch, batches_in_epoch = epoch + 1, 0
-
-    # ------------------------------------------------------------------------------------------------
-    # export
-
-    final_path = None
-    accelerator.wait_for_everyone()
-    if main:
-        save_checkpoint(step, epoch, batches_in_epoch, lora_file=False)  # so --resume with more steps goes on
-        final_path = export(output / "lora_final.safetensors", step, max(epoch, 1))
-        emit(Complete(final_path=str(final_path), total_time=round(time.perf_counter() - t0, 3), step=step))
-    return TrainResult(final_path, step, time.perf_counter() - t0, False, accelerator.unwrap_model(unet),
-                       trained_encoders)
+def emit_started(run: Run, emit: Callable[[Event], None]) -> None:
+    if run.main:
+        plan = run.plan
+        emit(Started(total_steps=plan.total_steps, num_images=len(plan.dataset.images), device=str(run.device),
+                     mixed_precision=plan.precision, model_family=run.info.description, output_path=str(plan.output),
+                     num_processes=run.accelerator.num_processes, resumed_from_step=run.step if plan.resume else None,
+                     gradient_checkpointing=plan.gradient_checkpointing))
 
 
 # ----------------------------------------------------------------------------------------------------
-# helpers
+# fit
 
 
-def optimizer_step(accelerator: Accelerator, optimizer, params, config: TrainConfig, precision: str,
-                   loss: torch.Tensor) -> bool:
+def training_step(run: Run, batch: Batch) -> torch.Tensor:
+    """One micro-batch of the diffusion objective, forward and backward; returns the loss."""
+    config, scheduler, prediction_type = run.config, run.noise_scheduler, run.info.prediction_type
+    latents = run.latents.latents(batch, run.device)
+    conditioning = run.conditioning(batch)
+    noise, timesteps, offsets = run.noise(latents)  # the same per sample however batches split
+    noise = objective.offset_noise(noise, offsets, config.noise_offset)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = objective.target_for(scheduler, latents, noise, timesteps, prediction_type)
+    with run.accelerator.autocast():
+        prediction = run.forward(noisy, timesteps, **conditioning).sample
+    loss = objective.diffusion_loss(prediction, target, scheduler, timesteps, prediction_type, config.min_snr_gamma)
+    run.accelerator.backward(loss)
+    return loss
+
+
+ACCUMULATING, SKIPPED, APPLIED = "accumulating", "skipped", "applied"
+
+
+def micro_step(run: Run, batch: Batch) -> tuple[torch.Tensor, str]:
+    """`training_step`, then the optimizer step at the end of an accumulation window; says which happened."""
+    with run.accelerator.accumulate(run.unet, *run.wrapped_encoders):
+        loss = training_step(run, batch)
+        if not run.accelerator.sync_gradients:
+            return loss, ACCUMULATING
+        skipped = optimizer_step(run, loss)
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss, SKIPPED if skipped else APPLIED
+
+
+def fit(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], bool]) -> bool:
+    """Train up to the plan's total steps. True when stopped on request: a checkpoint is then saved, and its
+    LoRA file is `run.stop_checkpoint`."""
+    window, clock = LossWindow(run.device), StepClock(run.plan.total_steps)
+    while run.step < run.plan.total_steps:
+        for batch in epoch_batches(run):
+            loss, outcome = micro_step(run, batch)
+            if outcome == ACCUMULATING:
+                window.add(loss)
+                continue
+            if outcome == SKIPPED:  # a non-finite loss or gradient: nothing was applied, the step does not count
+                window.reset()
+                count_nonfinite(run)
+                continue
+            run.nonfinite_in_a_row = 0
+            window.add(loss)
+            run.lr_scheduler.step()
+            run.step += 1
+            clock.tick(run.step)
+            maybe_report(run, emit, window, clock)
+            if run.stop_vote(should_stop()):  # all processes stop after the same step
+                stop(run, emit)
+                return True
+            maybe_checkpoint(run, emit)
+            maybe_sample(run, emit)
+            if run.step >= run.plan.total_steps:
+                break
+        else:  # the epoch ran out (not a break at the last step)
+            run.epoch, run.batches_in_epoch = run.epoch + 1, 0
+    return False
+
+
+def epoch_batches(run: Run):
+    """The current epoch's batches from where the run stands in it (a resumed run skips those it trained)."""
+    run.loader.set_epoch(run.epoch)
+    run.sampler.set_epoch(run.epoch)  # under several processes accelerate's wrapper does not pass it on
+    for index, batch in enumerate(run.loader):
+        if index < run.batches_in_epoch:
+            continue
+        run.batches_in_epoch += 1
+        yield batch
+
+
+def optimizer_step(run: Run, loss: torch.Tensor) -> bool:
     """Clip, then step unless the loss or gradients are not finite; True when the step was skipped.
 
     The gradient norm is taken after the processes' gradients are averaged, so every process decides the
     same. This reads one number back from the device per optimizer step. Under fp16 the grad scaler skips
     overflowing steps itself (and lowers its scale); only a non-finite loss counts as a fault there.
     """
-    norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or math.inf)
-    if precision == "fp16":
-        optimizer.step()
+    accelerator = run.accelerator
+    norm = accelerator.clip_grad_norm_(run.params + run.text_params, run.config.max_grad_norm or math.inf)
+    if run.plan.precision == "fp16":
+        run.optimizer.step()
         # Each process sees only its own loss: agree (max over processes), or their step counts would part.
         bad = accelerator.reduce(torch.isfinite(loss.detach()).logical_not().float(), reduction="sum")
         return bool(bad.item() > 0)
     if not bool(torch.isfinite(norm).item()):
         return True
-    optimizer.step()
+    run.optimizer.step()
     return False
 
 
-def prepare_unet(unet, config: TrainConfig, device: torch.device, dtype: torch.dtype,
-                 checkpointing: bool) -> list[torch.nn.Parameter]:
-    """The UNet as the fit loop wants it: frozen weights in `dtype` on the device, an fp32 LoRA (returned),
-    channels-last convolutions on CUDA, checkpointing if so decided, in train mode. The benchmark's floor uses
-    it too."""
-    unet.to(device, dtype=dtype)
-    params = add_lora(unet, config)
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
-    if device.type == "cuda":  # NHWC for cuDNN's tensor-core convolutions; on the CPU it measured 4 % slower
-        unet.to(memory_format=torch.channels_last)
-    unet.train()
-    return params
+def count_nonfinite(run: Run) -> None:
+    run.nonfinite_in_a_row += 1
+    if run.nonfinite_in_a_row >= run.config.max_nonfinite_steps:
+        raise NonFiniteLossError(
+            f"the loss or gradients were NaN/inf for {run.nonfinite_in_a_row} steps in a row after step "
+            f"{run.step}; each was skipped and nothing broken was saved. Likely causes: fp16 overflow "
+            "(use mixed_precision 'bf16' or 'no'), a learning_rate too high, or a VAE run in fp16")
+
+
+# ----------------------------------------------------------------------------------------------------
+# periodic actions, after each optimizer step
+
+
+def maybe_report(run: Run, emit: Callable[[Event], None], window: LossWindow, clock: StepClock) -> None:
+    total = run.plan.total_steps
+    if run.step % run.config.progress_steps and run.step != total:
+        return
+    mean = window.take_mean(run.accelerator)  # every process joins the reduce; the main one reports
+    if run.main:
+        emit(Progress(step=run.step, total_steps=total, loss=mean.item(), percent=round(100 * run.step / total, 2),
+                      lr=run.lr_scheduler.get_last_lr()[0], it_per_s=clock.rate, eta_s=clock.eta(run.step),
+                      epoch=run.epoch))
+
+
+def maybe_checkpoint(run: Run, emit: Callable[[Event], None]) -> None:
+    if run.main and run.step < run.plan.total_steps and run.step % run.config.checkpoint_steps == 0:
+        emit(Checkpoint(step=run.step, path=str(save_checkpoint(run))))
+
+
+def maybe_sample(run: Run, emit: Callable[[Event], None]) -> None:
+    if not run.main or (run.step % run.config.validation_steps and run.step != run.plan.total_steps):
+        return
+    drawn = samples.make_samples(run.config, run.pipeline, run.bare_unet, run.sample_inputs, run.pipeline.vae,
+                                 run.device, run.plan.output, run.step)
+    for image_path, prompt in drawn:
+        emit(Sample(step=run.step, image_path=str(image_path), prompt=prompt))
+    for module in (run.unet, *run.text_encoders):
+        module.train()
+
+
+def stop(run: Run, emit: Callable[[Event], None]) -> None:
+    if run.main:
+        run.stop_checkpoint = save_checkpoint(run)
+        emit(Interrupted(step=run.step, message="stopped on request after finishing the current step; the LoRA so "
+                         "far is saved", checkpoint_path=str(run.stop_checkpoint)))
+    run.accelerator.wait_for_everyone()  # the others exit once the main process has saved
+
+
+# ----------------------------------------------------------------------------------------------------
+# saving
+
+
+def export_lora(run: Run, path: Path, epochs: int | None = None) -> Path:
+    """Write the LoRA file users load (the family names its tensors), with the training metadata."""
+    state, format_header = run.family.lora_file_contents(run.bare_unet, run.config, run.text_encoders)
+    header = training_metadata(run.config, steps=run.step, epochs=run.epoch if epochs is None else epochs,
+                               **run.metadata) | format_header
+    return save_lora(path, state, header)
+
+
+def save_checkpoint(run: Run, lora_file: bool = True) -> Path | None:
+    """The LoRA file users load (unless not `lora_file`), then the full state that --resume continues from."""
+    output = run.plan.output
+    path = export_lora(run, output / "checkpoints" / f"lora_step_{run.step}.safetensors") if lora_file else None
+    state = checkpoint.TrainerState(run.step, run.epoch, run.batches_in_epoch, run.noise.draws,
+                                    run.lr_scheduler.state_dict(), run.config.model_dump(mode="json"))
+    checkpoint.save_state(output, run.step, state, run.lora_params, run.optimizer, run.config.keep_checkpoints)
+    return path
+
+
+def finish(run: Run, emit: Callable[[Event], None]) -> Path | None:
+    """The end of a complete run: the last state (so --resume with more steps goes on), then the final LoRA."""
+    run.accelerator.wait_for_everyone()
+    if not run.main:
+        return None
+    save_checkpoint(run, lora_file=False)
+    final_path = export_lora(run, run.plan.output / "lora_final.safetensors", epochs=max(run.epoch, 1))
+    emit(Complete(final_path=str(final_path), total_time=round(time.perf_counter() - run.plan.clock_start, 3),
+                  step=run.step))
+    return final_path
+
+
+# ----------------------------------------------------------------------------------------------------
+# meters
+
+
+class LossWindow:
+    """The losses since the last progress report, summed on the device (read back only when reported)."""
+
+    def __init__(self, device: torch.device):
+        self.total, self.count = torch.zeros((), device=device), 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss.detach()
+        self.count += 1
+
+    def reset(self) -> None:
+        self.total.zero_()
+        self.count = 0
+
+    def take_mean(self, accelerator) -> torch.Tensor:
+        mean = accelerator.reduce(self.total / self.count, reduction="mean")
+        self.reset()
+        return mean
 
 
 class StepClock:
@@ -329,39 +287,3 @@ class StepClock:
 
     def eta(self, step: int) -> float:
         return round((self.total - step) / self.rate, 1) if self.rate > 0 else -1.0
-
-
-@torch.no_grad()
-def make_samples(config: TrainConfig, pipeline, unet, cache: Cache, vae, device: torch.device, output: Path,
-                 step: int) -> list[tuple[Path, str]]:
-    """Render each sample prompt with the current LoRA, with a fixed seed so that steps compare."""
-    vae_device, vae_dtype = vae.device, vae.dtype
-    vae.to(device, dtype=torch.float32)
-    for module in (unet, *models.text_encoders(pipeline)):  # the trained LoRA without its dropout
-        module.eval()
-    sampler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
-    pipe = type(pipeline)(**{**pipeline.components, "unet": unet, "vae": vae, "scheduler": sampler})
-    pipe.set_progress_bar_config(disable=True)
-    results = []
-    for index, (prompt, kwargs) in enumerate(cache.sample_conditioning):
-        generator = torch.Generator(device).manual_seed(config.seed + index)
-        with torch.autocast(device.type, dtype=unet.dtype, enabled=device.type == "cuda"):
-            latents = pipe(**kwargs, num_inference_steps=config.sample_inference_steps,
-                           guidance_scale=config.sample_guidance_scale, height=config.resolution,
-                           width=config.resolution, generator=generator, output_type="latent").images
-        image = _decode(vae, latents)
-        path = output / "samples" / (f"step_{step}.png" if index == 0 else f"step_{step}_{index}.png")
-        atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
-        results.append((path, prompt))
-    vae.to(vae_device, dtype=vae_dtype)
-    return results
-
-
-def _decode(vae, latents: torch.Tensor):
-    from PIL import Image
-
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    latents = latents.to(vae.device, torch.float32) / vae.config.scaling_factor + shift
-    pixels = vae.decode(latents).sample[0]
-    array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)

@@ -11,11 +11,18 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lora_core.config import REQUIRED_FIELDS, TrainConfig, config_to_file_dict, range_text
+from lora_core.config import (
+    LENGTH_FIELDS,
+    REQUIRED_FIELDS,
+    TrainConfig,
+    config_to_file_dict,
+    non_null_schema,
+    range_text,
+)
 
 Kind = Literal["slider", "number", "dropdown", "checkbox", "text", "lines"]
 SLIDER_MAX_POSITIONS = 2048  # a wider range is a number box: a slider cannot hit 1 of 1,000,000 steps
-LENGTH_CHOICES = ("steps", "epochs")  # which of the two decides the run length (see training.total_steps_for)
+LENGTH_CHOICES = LENGTH_FIELDS  # which of the two decides the run length (see plan.run_length)
 LABEL_WORDS = {"lora": "LoRA", "lr": "LR", "adam": "AdamW", "vae": "VAE"}
 
 
@@ -51,10 +58,12 @@ def _number(value: float | None) -> str:
 
 
 def _spec(name: str, schema: dict[str, Any]) -> FieldSpec:
+    schema = non_null_schema(schema)
     info = TrainConfig.model_fields[name]
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    default = extra.get("form_default", info.get_default(call_default_factory=True))  # steps/epochs: not None
     common = dict(name=name, label=_label(name), description=info.description or "", group=str(extra.get("group",
-                  "advanced")), default=info.get_default(call_default_factory=True), range_text=_range_text(schema))
+                  "advanced")), default=default, range_text=_range_text(schema))
     if "enum" in schema:
         return FieldSpec(kind="dropdown", choices=tuple(schema["enum"]), **common)
     kind = schema.get("type")
@@ -113,18 +122,19 @@ def form_to_config_dict(form: dict[str, Any], length_by: str = "steps") -> dict[
 
 
 def config_to_form(config: TrainConfig) -> tuple[dict[str, Any], str]:
-    """Form values for every field (lists joined) and which of steps/epochs decides the length."""
+    """Form values for every field (lists joined; an unset length shows its form default) and which of
+    steps/epochs decides the length."""
+    specs = {spec.name: spec for spec in field_specs()}
     values = {name: join_list(name, value) if _is_list_field(name) else value
               for name, value in config.model_dump().items()}
-    given = config.given_fields
-    length_by = "epochs" if "epochs" in given and "steps" not in given else "steps"
+    for name in LENGTH_FIELDS:
+        if values[name] is None:
+            values[name] = specs[name].default
+    length_by = "epochs" if config.steps is None and config.epochs is not None else "steps"
     return values, length_by
 
 
 def config_file_dict(config: TrainConfig) -> dict[str, Any]:
-    """The config file form, which `train_lora.py --config` accepts unchanged. When the length comes from
-    epochs, `steps` is left out so that the file means the same run."""
-    data = config_to_file_dict(config)
-    if "steps" not in config.given_fields and "epochs" in config.given_fields:
-        data["training_params"].pop("steps")
-    return data
+    """The config file form, which `train_lora.py --config` accepts unchanged (a length not given is left
+    out, so the file means the same run)."""
+    return config_to_file_dict(config)

@@ -1,39 +1,75 @@
-"""The studio's job registry: the one training job of this process, its folders, and what a page shows.
+"""The studio's job registry: every job is a process with its own run folder; what a page shows of it.
 
 A web page never owns a job (its handlers stop when the browser goes away); it asks the `Studio`, which
 lives as long as the server, to start or stop one, and polls `Studio.view()` for a `RunView`: a summary
-of the job's events that any number of browsers can read at once. The last run of an earlier server
-process is read back from its `events.jsonl`, so a restarted server still shows it.
+of a run's `events.jsonl` that any number of browsers can read at once. Each job runs as a child process
+in its own session (lora_core/launcher.py), so it outlives the server: a restarted server finds the jobs
+still running in the outputs folder (their `job.json`) and follows them again, and a job that died
+without a final event is recorded as failed with its exit status and the tail of its stderr.
+
+Start puts a job in the queue (studio/queue.py, kept in `outputs/queue.json`), which starts it at once
+when a device is free, or later, in order, when one is: one job per GPU (a job of N processes waits for N
+free GPUs), one at a time on the CPU. `Studio.free_devices()` is the one place that decides whether a
+device is taken. Nothing here imports torch.
+
+The API a page (or a later view of all runs) uses: `submit`/`start`, `stop`, `cancel`, `move_up`,
+`queued`, `running`, `view` (one run, by job id), `read_run` (any run folder, also one made by the CLI).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import math
 import re
 import threading
+import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lora_core.config import TrainConfig
+from lora_core.config import ConfigError, TrainConfig
+from lora_core.events import Error, EventLog
+from lora_core.launcher import EVENTS_FILE, JOB_FILE, JobProcess, record_lost, stderr_tail
+from studio.queue import JobQueue, QueuedJob
+
+log = logging.getLogger("studio.jobs")
 
 MAX_CURVE_POINTS = 400  # the loss curve shown is averaged down to this many points
 UPLOADS = "uploads"
 RUN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+TICK_S = 0.5  # how often the registry looks at its running jobs
 
 
 class BusyError(RuntimeError):
-    """A job is already training; only one trains per device."""
+    """The run folder already has a queued or running job."""
+
+
+@dataclass
+class Submitted:
+    """What Start answers: the new job's id, whether it runs now or waits, and where it writes."""
+
+    job_id: str
+    state: str  # running | queued
+    position: int  # 1-based place in the queue; 0 when it runs
+    output_path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "state": self.state, "position": self.position,
+                "output_path": self.output_path}
 
 
 @dataclass
 class RunView:
     """What a page shows of one run, built from its events."""
 
-    job_id: int = 0  # 0: no run; runs of this process count from 1, one read back from disk is -1
-    state: str = "idle"  # idle | preparing | running | stopping | complete | interrupted | error
+    job_id: str = ""  # "" : no run
+    # idle | queued | preparing | running | stopping | finishing (final event written, process still ending) |
+    # complete | interrupted | error
+    state: str = "idle"
     output_path: str = ""
     step: int = 0
     total_steps: int = 0
@@ -50,11 +86,16 @@ class RunView:
     final_path: str | None = None
     message: str = ""  # the error or interruption, in words
     error_field: str | None = None
+    stderr_tail: list[str] = field(default_factory=list)  # the job's last stderr lines, for a failed run
     n_events: int = 0
 
     @property
     def active(self) -> bool:
-        return self.state in ("preparing", "running", "stopping")
+        return self.state in ("preparing", "running", "stopping", "finishing")
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("complete", "interrupted", "error")
 
     def curve(self, max_points: int = MAX_CURVE_POINTS) -> list[tuple[int, float]]:
         """The loss curve, averaged over equal windows of steps when it has more points than a plot needs."""
@@ -74,11 +115,15 @@ def add_event(view: RunView, event: dict[str, Any]) -> None:
         view.total_steps = event["total_steps"]
         view.device, view.model_family = event["device"], event["model_family"]
         view.output_path = event.get("output_path", view.output_path)
+        if view.finished:  # a resumed run: the earlier part ended, this one goes on
+            view.state, view.message, view.final_path = "preparing", "", None
     elif kind == "progress":
         for name in ("step", "total_steps", "percent", "loss", "it_per_s", "eta_s", "epoch"):
             setattr(view, name, event[name])
         if event["loss"] is not None:
             view.loss_points.append((event["step"], event["loss"]))
+        if view.state == "preparing":
+            view.state = "running"
     elif kind == "sample":
         view.samples.append((event["image_path"], event["prompt"], event["step"]))
     elif kind == "checkpoint":
@@ -94,39 +139,88 @@ def add_event(view: RunView, event: dict[str, Any]) -> None:
         view.state, view.message, view.error_field = "error", event["message"], event.get("field")
 
 
-def read_run(folder: Path) -> RunView | None:
-    """The view of a finished run from its events.jsonl (a run that was still going when its server
-    stopped shows as interrupted)."""
-    log = folder / "events.jsonl"
-    if not log.is_file():
-        return None
-    view = RunView(job_id=-1, state="preparing", output_path=str(folder))
-    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+class RunTail:
+    """Follows one run folder's events.jsonl, reading only what was appended since the last look."""
+
+    def __init__(self, folder: Path, job_id: str = ""):
+        self.folder = folder
+        self.view = RunView(job_id=job_id, state="preparing", output_path=str(folder))
+        self._offset = 0
+        self._partial = b""
+
+    def update(self) -> RunView:
+        path = self.folder / EVENTS_FILE
         try:
-            add_event(view, json.loads(line))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut short by a killed process
+            with open(path, "rb") as handle:
+                handle.seek(self._offset)
+                data = handle.read()
+        except OSError:
+            return self.view
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()  # a line still being written (or cut short by a killed process)
+        for line in lines:
+            try:
+                add_event(self.view, json.loads(line))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                continue
+        return self.view
+
+
+def read_run(folder: Path) -> RunView | None:
+    """The view of a run from its events.jsonl, as far as it got; None when the folder holds no run.
+
+    A run with no final event and no job process recorded (a command-line run that was killed, or one still
+    going in another program) shows as interrupted."""
+    if not (folder / EVENTS_FILE).is_file():
+        return None
+    job = JobProcess.attach(folder)
+    view = RunTail(folder, str(job.record.get("job_id", "")) if job else "").update()
     if view.active:
-        view.state, view.message = "interrupted", "the server stopped while this run was training"
+        view.state, view.message = "interrupted", "the run has no final event (it was stopped without one)"
+    if view.state == "error":
+        view.stderr_tail = stderr_tail(folder)
     return view
 
 
-class Studio:
-    """One per server process: owns the worker, the outputs folder and the current job."""
+@dataclass
+class ActiveJob:
+    job_id: str
+    process: JobProcess
+    tail: RunTail
+    config: TrainConfig | None = None
+    stop_requested: bool = False
 
-    def __init__(self, outputs_root: str | Path, processes: int | str = 1):
-        """`processes`: data-parallel training processes per job: a number, or "all" for every visible GPU.
-        More than one runs the engine through `accelerate launch` in a child process (lora_core/launcher.py)."""
+    @property
+    def devices(self) -> list[int]:
+        return list(self.process.record.get("devices", []))
+
+
+class Studio:
+    """One per server process: the outputs folder, its running jobs and the devices they hold."""
+
+    def __init__(self, outputs_root: str | Path, processes: int | str = 1, devices: int | None = None):
+        """`processes`: data-parallel training processes per job: a number, or "all" for every visible GPU
+        (more than one runs the engine through `accelerate launch`). `devices`: the GPUs this machine has
+        (None: ask CUDA when first needed; 0: the CPU, where one job runs at a time)."""
         self.processes = processes
         self.outputs_root = Path(outputs_root).resolve()
         self.outputs_root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._worker = None
-        self._job = None
-        self._job_id = 0
-        self._view = RunView()
-        self._seen = 0
-        self._previous = self._latest_run_on_disk()
+        self._devices = devices
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._active: dict[str, ActiveJob] = {}
+        self._tails: dict[str, RunTail] = {}  # job id -> its run's events, for every job seen by this server
+        self._configs: dict[str, TrainConfig] = {}
+        self._current = ""  # the job a page shows when it asks for none
+        self._closed = self._closing = False
+        with self._lock:
+            self._adopt_running_jobs()
+            self._previous = self._latest_run_on_disk() if not self._current else None
+            self._queue = JobQueue(self.outputs_root)  # jobs queued before a restart wait on
+            self._dispatch()
+        self._thread = threading.Thread(target=self._supervise, name="studio-jobs", daemon=True)
+        self._thread.start()
 
     # --- folders ---
     def run_folder(self, run_name: str) -> Path:
@@ -145,108 +239,245 @@ class Studio:
     def _fresh(self, folder: Path) -> Path:
         """`folder`, or `folder-2`, `-3`... when an earlier run already wrote there."""
         candidate, number = folder, 1
-        while candidate.exists() and any(candidate.iterdir()):
+        taken = self._queue.folders()  # a queued job's folder is spoken for before it exists
+        while (candidate.exists() and any(candidate.iterdir())) or candidate.resolve() in taken:
             number += 1
             candidate = folder.with_name(f"{folder.name}-{number}")
         return candidate
 
-    # --- the job ---
-    def start(self, config: TrainConfig, resume: bool = False) -> int:
-        """Start training `config` in the background; the new job's id. A new run gets a fresh output
-        folder; with `resume` it continues from the newest complete state in `config.output_path`.
-        Raises BusyError while a job trains. Safe to call from many threads at once: one wins."""
-        from lora_core.worker import BusyError as WorkerBusy
-        from lora_core.worker import Worker
+    # --- devices ---
+    def num_processes(self) -> int:
+        """Training processes (devices) per job."""
+        if self.processes == "all":
+            return max(1, self.device_count())
+        return int(self.processes)
 
+    def device_count(self) -> int:
+        """GPUs on this machine; 0 for the CPU."""
+        if self._devices is None:
+            from lora_core.launcher import device_count
+
+            self._devices = device_count()
+        return self._devices
+
+    def free_devices(self) -> list[int] | None:
+        """The devices no running job holds: GPU indices, or [] for a free CPU; None when none is free.
+
+        The one place that decides whether a job may start now."""
         with self._lock:
-            if self._job is not None and self._job.running:
-                raise BusyError(_busy_message(self._view))
+            if self.device_count() == 0:
+                return None if self._active else []
+            held = {device for job in self._active.values() for device in job.devices}
+            free = [device for device in range(self.device_count()) if device not in held]
+            return free or None
+
+    def _devices_for(self, wanted: int) -> list[int] | None:
+        free = self.free_devices()
+        if free is None:
+            return None
+        if self.device_count() == 0:
+            return []
+        return free[:wanted] if len(free) >= wanted else None
+
+    # --- jobs ---
+    def submit(self, config: TrainConfig, resume: bool = False) -> Submitted:
+        """Queue training `config`; it starts at once when a device is free. A new run gets a fresh output
+        folder; with `resume` it continues from the newest complete state in `config.output_path`.
+        Raises BusyError when that folder already has a queued or running job, ValueError for a folder
+        outside the outputs. Safe to call from many threads at once."""
+        with self._lock:
             output = Path(config.output_path) if resume else self._fresh(Path(config.output_path))
             if not output.resolve().is_relative_to(self.outputs_root):
                 raise ValueError(f"output folder {output} is outside {self.outputs_root}")
+            if output.resolve() in self._busy_folders():
+                raise BusyError(f"{output} already has a queued or running job; stop or cancel it first")
             config = config.model_copy(update={"output_path": str(output)})
-            if self.num_processes() > 1:
-                from lora_core.launcher import launch
+            job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+            self._queue.add(QueuedJob.of(job_id, config, resume, self.num_processes()))
+            self._configs[job_id] = config
+            self._dispatch()
+            position = self._queue.position(job_id)
+            return Submitted(job_id, "queued" if position else "running", position or 0, str(output))
 
-                job = launch(config, self.num_processes(), extra_args=["--resume"] if resume else ())
-            else:
-                if self._worker is None:
-                    self._worker = Worker()
-                try:
-                    job = self._worker.submit(config, resume=resume)
-                except WorkerBusy as error:
-                    raise BusyError(str(error)) from None
-            self._job, self._job_id = job, self._job_id + 1
-            self._view = RunView(job_id=self._job_id, state="preparing", output_path=str(output))
-            self._seen = 0
-            return self._job_id
+    def start(self, config: TrainConfig, resume: bool = False) -> str:
+        """`submit`, answering only the job id."""
+        return self.submit(config, resume).job_id
 
-    def stop(self) -> bool:
-        """Ask the running job to stop after its current step (it saves a checkpoint). False when none runs."""
+    def cancel(self, job_id: str) -> bool:
+        """Take a queued job out of the queue (nothing of it was written); False when it is not queued."""
         with self._lock:
-            if self._job is None or not self._job.running:
-                return False
-            self._job.request_stop()
-            return True
+            return self._queue.remove(job_id) is not None
 
-    def num_processes(self) -> int:
-        if self.processes == "all":
-            from lora_core.launcher import device_count
-
-            return max(1, device_count())
-        return int(self.processes)
-
-    def shutdown(self, timeout: float = 8.0) -> None:
-        """Stop the running job and wait up to `timeout` s for its checkpoint (SIGTERM: `docker stop` waits 10 s)."""
+    def move_up(self, job_id: str) -> int | None:
+        """Move a queued job one place up; its new 1-based position, None when it is not queued."""
         with self._lock:
-            job = self._job
-        if job is not None and job.running:
-            job.request_stop()
-            job.wait(timeout)
+            return self._queue.move_up(job_id)
 
-    def view(self) -> RunView:
-        """The current (or last) run. Cheap to call every second from every open page."""
+    def queued(self) -> list[dict[str, Any]]:
+        """The queue in order: job_id, position, output_path, resume, processes, queued_at."""
         with self._lock:
-            if self._job is None:
-                return self._previous or self._view
-            events = self._job.snapshot()
-            for event in events[self._seen:]:
-                add_event(self._view, event.to_dict())
-            self._seen = len(events)
-            if self._view.state in ("preparing", "running", "stopping"):
-                if not self._job.running and self._job.terminal is None:
-                    self._view.state, self._view.message = "error", "training ended without a result"
-                elif self._job.stop_requested:
-                    self._view.state = "stopping"
-                elif self._view.step:
-                    self._view.state = "running"
-            return self._view
+            return [{"job_id": job.job_id, "position": index + 1, "output_path": job.output_path,
+                     "resume": job.resume, "processes": job.processes, "queued_at": job.queued_at}
+                    for index, job in enumerate(self._queue.jobs)]
+
+    def _busy_folders(self) -> set[Path]:
+        return self._queue.folders() | {job.process.folder.resolve() for job in self._active.values()}
+
+    def _dispatch(self) -> None:
+        """Start queued jobs, in order, while the head of the queue finds enough free devices."""
+        while self._queue.jobs and not self._closing:
+            head = self._queue.jobs[0]
+            devices = self._devices_for(head.processes)
+            if devices is None:
+                return
+            self._queue.remove(head.job_id)
+            self._launch(head, devices)
+
+    def _launch(self, queued: QueuedJob, devices: list[int]) -> None:
+        folder = Path(queued.output_path)
+        tail = RunTail(folder, queued.job_id)
+        try:
+            config = queued.train_config()
+            process = JobProcess.start(folder, config, queued.processes, resume=queued.resume, devices=devices,
+                                       record={"job_id": queued.job_id})
+        except (OSError, ConfigError) as error:  # the run shows why it never started
+            log.warning("job %s could not start: %s", queued.job_id, error)
+            event_log = EventLog(folder / EVENTS_FILE)
+            event_log(Error(message=f"the job could not start: {error}", field=getattr(error, "field", None)))
+            event_log.close()
+            self._tails[queued.job_id] = tail
+            return
+        self._track(ActiveJob(queued.job_id, process, tail, config))
+        self._wake.notify_all()
+
+    def _track(self, job: ActiveJob) -> None:
+        view = job.tail.update()
+        if view.finished:  # a resumed run: the earlier part's end is not this job's
+            view.state, view.message, view.final_path, view.error_field = "preparing", "", None, None
+        self._active[job.job_id] = job
+        self._tails[job.job_id] = job.tail
+        if job.config is not None:
+            self._configs[job.job_id] = job.config
+        self._current = job.job_id
+
+    def stop(self, job_id: str | None = None) -> bool:
+        """Ask a running job (by default every one) to stop after its current step; it saves a checkpoint.
+        False when no such job runs."""
+        with self._lock:
+            jobs = [job for key, job in self._active.items() if job_id in (None, key)]
+            for job in jobs:
+                job.stop_requested = True
+                job.process.record["stop_requested"] = True
+                with contextlib.suppress(OSError):
+                    job.process.save()
+                job.process.terminate()
+            return bool(jobs)
+
+    def running(self) -> list[str]:
+        """Ids of the jobs running now."""
+        with self._lock:
+            return list(self._active)
+
+    def view(self, job_id: str | None = None) -> RunView:
+        """A job's run (by default the current or last one). Cheap to call every second from every page."""
+        with self._lock:
+            key = job_id or self._current
+            tail = self._tails.get(key)
+            if tail is None and (position := self._queue.position(key)):
+                queued = self._queue.get(key)
+                return RunView(job_id=key, state="queued", output_path=queued.output_path if queued else "",
+                               message=f"Queued: position {position} of {len(self._queue.jobs)}")
+            if tail is None:
+                return (self._previous or RunView()) if job_id is None else RunView(job_id=job_id)
+            view = tail.update()
+            if key in self._active and view.finished:
+                self._reap()  # the device is free only once the process has ended
+            job = self._active.get(key)
+            if job is not None and view.active and job.stop_requested:
+                view.state = "stopping"
+            if job is not None and view.finished:
+                return replace(view, state="finishing")
+            if view.state == "error" and not view.stderr_tail:
+                view.stderr_tail = stderr_tail(tail.folder)
+            return view
 
     def current_config(self) -> TrainConfig | None:
-        """The config of this process's latest job (what a page that opens later shows in its form)."""
+        """The config of the current job (what a page that opens later shows in its form)."""
         with self._lock:
-            return None if self._job is None else self._job.config
+            return self._configs.get(self._current)
 
     def last_output(self) -> Path | None:
         """The output folder of the run shown (the one Resume continues)."""
         view = self.view()
         return Path(view.output_path) if view.output_path else None
 
-    def wait(self, timeout: float | None = None) -> RunView:
-        """Block until the current job ends (for scripts and tests)."""
-        job = self._job
-        if job is not None:
-            job.wait(timeout)
-        return self.view()
+    def wait(self, job_id: str | None = None, timeout: float | None = None) -> RunView:
+        """Block until a job (by default the current one) ends (for scripts and tests)."""
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        key = job_id or self._current
+        with self._lock:
+            while (key in self._active or self._queue.position(key)) and time.monotonic() < deadline:
+                self._wake.wait(max(0.01, min(TICK_S, deadline - time.monotonic())))
+        return self.view(key)
+
+    def shutdown(self, timeout: float = 8.0, stop_jobs: bool = True) -> None:
+        """Stop watching the jobs. With `stop_jobs` (SIGTERM to the server, e.g. `docker stop`, which waits
+        10 s), first ask every running job to stop and wait up to `timeout` s for their checkpoints. Queued
+        jobs stay in outputs/queue.json for the next server."""
+        with self._lock:
+            self._closing = True  # nothing queued starts from now on
+        if stop_jobs and self.stop():
+            deadline = time.monotonic() + timeout
+            with self._lock:
+                while self._active and time.monotonic() < deadline:
+                    self._wake.wait(min(TICK_S, max(0.01, deadline - time.monotonic())))
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+
+    # --- the supervisor thread ---
+    def _supervise(self) -> None:
+        with self._lock:
+            while not self._closed:
+                self._reap()
+                self._dispatch()
+                self._wake.wait(TICK_S)
+
+    def _reap(self) -> None:
+        """Forget jobs whose process ended; one that ended without a final event is recorded as failed."""
+        for job_id, job in list(self._active.items()):
+            if job.process.alive():
+                continue
+            if not job.tail.update().finished:
+                try:
+                    record_lost(job.process)
+                except OSError as error:
+                    log.warning("could not record how job %s ended: %s", job_id, error)
+                job.tail.update()
+            del self._active[job_id]
+            self._wake.notify_all()
+
+    def _adopt_running_jobs(self) -> None:
+        """Jobs of an earlier server process: those still running are followed again, those that died
+        without a final event are recorded as failed."""
+        found = []
+        for record in self.outputs_root.glob(f"*/{JOB_FILE}"):
+            process = JobProcess.attach(record.parent)
+            if process is None:
+                continue
+            tail = RunTail(record.parent, str(process.record.get("job_id") or record.parent.name))
+            if tail.update().finished:
+                continue
+            job = ActiveJob(tail.view.job_id, process, tail, stop_requested=bool(process.record.get("stop_requested")))
+            found.append((process.start_time, job))
+        for _, job in sorted(found, key=lambda item: item[0]):
+            self._active[job.job_id] = job
+            self._tails[job.job_id] = job.tail
+            self._current = job.job_id
+        self._reap()
 
     def _latest_run_on_disk(self) -> RunView | None:
-        logs = [log for log in self.outputs_root.glob("*/events.jsonl") if log.parent.name != UPLOADS]
+        logs = [log for log in self.outputs_root.glob(f"*/{EVENTS_FILE}") if log.parent.name != UPLOADS]
         if not logs:
             return None
         return read_run(max(logs, key=lambda log: log.stat().st_mtime).parent)
-
-
-def _busy_message(view: RunView) -> str:
-    where = f" (step {view.step} of {view.total_steps})" if view.total_steps else ""
-    return (f"a training job is already running{where} in {view.output_path}; only one job trains on this "
-            "device at a time. Stop it, or wait for it to finish, then start again.")

@@ -1,4 +1,5 @@
-"""Shared fixtures: a per-session model cache (the tiny models are built there once) and tiny configs."""
+"""Shared fixtures: a per-session model cache (the tiny models are built there once). Shared helpers (the
+tiny config, paths) are in helpers.py."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO_DATASET = ROOT / "demo" / "dataset"
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from helpers import DEMO_DATASET, ROOT, tiny_config  # noqa: E402, F401  (re-exported for branches not yet ported)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -29,20 +30,3 @@ def dataset_dir(tmp_path) -> Path:
     target = tmp_path / "dataset"
     shutil.copytree(DEMO_DATASET, target)
     return target
-
-
-def tiny_config(dataset: Path, output: Path, **overrides) -> dict:
-    """The smallest config that exercises every event: 256 px, rank 4 (alpha 8 so alpha != rank)."""
-    config = {
-        "dataset_path": str(dataset),
-        "base_model": "builtin:tiny-sd",
-        "output_path": str(output),
-        "trigger_words": ["shapestyle"],
-        "training_params": {
-            "steps": 6, "resolution": 256, "batch_size": 2, "learning_rate": 1e-3, "lora_rank": 4,
-            "lora_alpha": 8, "checkpoint_steps": 3, "validation_steps": 3, "sample_inference_steps": 2,
-            "seed": 7,
-        },
-    }
-    config["training_params"].update(overrides)
-    return config

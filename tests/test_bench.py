@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.run import main
 
 PHASE_KEYS = {"s_per_step", "images_per_s", "window_s_per_step", "memory", "step_memory", "wall_s"}
 
 
+@pytest.mark.e2e
 def test_bench_runs_all_phases_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     code = main(["--model", "builtin:tiny-sd", "--resolution", "64", "--batch", "1", "--rank", "4", "--steps", "1",
@@ -29,6 +32,7 @@ def test_bench_runs_all_phases_and_writes_json(tmp_path):
     assert (tmp_path / "work" / "trainer-output" / "lora_final.safetensors").is_file()
 
 
+@pytest.mark.e2e  # builds SD 1.5 and SDXL at full size (meta device): ~20 s
 def test_flop_count_of_the_full_size_architectures():
     """The FLOP counts the GPU figures are quoted against (bench/README.md): 1.73 and 14.2 TFLOP per image."""
     from bench.flops import step_tflop_per_image
@@ -39,6 +43,7 @@ def test_flop_count_of_the_full_size_architectures():
     assert sdxl is not None and abs(sdxl["total"] - 14.19) < 0.05
 
 
+@pytest.mark.e2e
 def test_interleaved_run_times_every_phase_between_the_trainers_windows(tmp_path):
     out = tmp_path / "bench.json"
     code = main(["--model", "builtin:tiny-sd", "--resolution", "64", "--batch", "1", "--rank", "4", "--steps", "1",

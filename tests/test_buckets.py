@@ -7,15 +7,14 @@ import math
 import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
-from conftest import tiny_config
+from helpers import Tap, tiny_config, train_tapped
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lora_core import buckets, cache, dataset
+from lora_core import buckets, dataset
 from lora_core.buckets import Bucket, BucketBatchSampler
 from lora_core.config import parse_config
-from lora_core.training import train
 
 
 def test_buckets_have_about_the_area_sides_on_the_multiple_and_within_limits():
@@ -106,26 +105,29 @@ def test_the_bucket_table_is_in_the_dataset_report(tmp_path):
     assert report.to_dict()["buckets"] == {"256x256": 6}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("model", ["builtin:tiny-sd", "builtin:tiny-sdxl"])
-def test_training_batches_never_mix_shapes(tmp_path, monkeypatch, model):
+def test_training_batches_never_mix_shapes(tmp_path, model):
     mixed_dataset(tmp_path / "data", SIZES)
     seen = []
-    original = cache.Cache.batch
 
-    def recording(self, batch, vae, device):
-        latents, conditioning = original(self, batch, vae, device)
-        seen.append((tuple(latents.shape), self.buckets[batch.bucket]))
-        if "added_cond_kwargs" in conditioning:  # SDXL: the target size is the bucket's
-            time_ids = conditioning["added_cond_kwargs"]["time_ids"]
-            assert time_ids[:, 4:].tolist() == [[self.buckets[batch.bucket].height,
-                                                 self.buckets[batch.bucket].width]] * len(time_ids)
-        return latents, conditioning
+    def tap_run(run):
+        def on_latents(args, latents):
+            seen.append((tuple(latents.shape), run.layout.buckets[args[0].bucket]))
 
-    monkeypatch.setattr(cache.Cache, "batch", recording)
+        def on_conditioning(args, conditioning):
+            if "added_cond_kwargs" in conditioning:  # SDXL: the target size is the bucket's
+                bucket = run.layout.buckets[args[0].bucket]
+                time_ids = conditioning["added_cond_kwargs"]["time_ids"]
+                assert time_ids[:, 4:].tolist() == [[bucket.height, bucket.width]] * len(time_ids)
+
+        run.latents = Tap(run.latents, on_latents, "latents")
+        run.conditioning = Tap(run.conditioning, on_conditioning)
+
     config = tiny_config(tmp_path / "data", tmp_path / "out", steps=3, batch_size=2, min_bucket_resolution=128,
                          validation_steps=100, checkpoint_steps=100) | {"base_model": model}
     events = []
-    result = train(parse_config(config), events.append, lambda: False)
+    result = train_tapped(parse_config(config), tap_run, events.append)
     assert result.step == 3 and events[-1].type == "complete"
     assert {bucket for _, bucket in seen} == {Bucket(176, 352), Bucket(256, 256), Bucket(352, 176)}  # multiple 16
     for shape, bucket in seen:  # one shape per batch, the bucket's, in latent pixels

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import step_data, tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 
-from lora_core import dataset, models
-from lora_core.cache import build_cache
+from lora_core import models
+from lora_core.conditioning import CachedConditioning, EncodedConditioning
 from lora_core.config import ConfigError, parse_config
 from lora_core.training import train
 
@@ -37,9 +37,7 @@ def make_dataset(folder):
 def cache_for(pipeline_info, folder, output, **options):
     pipeline, info = pipeline_info
     config = parse_config(tiny_config(folder, output, min_bucket_resolution=128, **options))
-    report = dataset.scan(folder, config.trigger_words, config.trigger_placement)
-    assigned = dataset.assign_buckets(report, config, info.pixel_multiple)
-    return build_cache(config, pipeline, report, assigned, info, CPU, torch.float32)
+    return step_data(config, pipeline, info, CPU)
 
 
 KEYS = [(epoch, entry) for entry in range(3) for epoch in range(6)]  # each image, on several epochs
@@ -54,14 +52,14 @@ def test_disk_and_memory_caches_hold_the_same_latents_both_sides(sd, tmp_path):
     memory = cache_for(sd, folder, tmp_path / "m", flip_horizontal=True)
     disk = cache_for(sd, folder, tmp_path / "d", flip_horizontal=True, latent_cache="disk")
     assert len(files(tmp_path / "d")) == 3 * 2  # each image, each side
-    assert len(memory.buckets) == 3  # a landscape, a portrait and a square bucket
+    assert len(memory.layout.buckets) == 3  # a landscape, a portrait and a square bucket
     batches = [memory.collate([key]) for key in KEYS]
     assert {bool(b.flips[0]) for b in batches} == {True, False}
     for key, batch in zip(KEYS, batches, strict=True):  # the same seed: the same choices in both caches
-        from_memory, _ = memory.batch(batch, None, CPU)
-        from_disk, _ = disk.batch(disk.collate([key]), None, CPU)
+        from_memory = memory.latents.latents(batch, CPU)
+        from_disk = disk.latents.latents(disk.collate([key]), CPU)
         assert torch.equal(from_memory, from_disk)
-    sides = [memory.batch(b, None, CPU)[0] for b in batches if b.images[0] == 0]
+    sides = [memory.latents.latents(b, CPU) for b in batches if b.images[0] == 0]
     assert any(not torch.equal(sides[0], other) for other in sides[1:])  # the two sides differ
 
 
@@ -99,22 +97,24 @@ def test_disk_cache_is_reused_and_invalidated_by_image_bucket_flip_seed_and_mode
 
 def test_text_embeddings_are_cached_for_fixed_captions_and_dropout_uses_the_empty_caption(sd, tmp_path):
     folder = make_dataset(tmp_path / "data")
-    cache = cache_for(sd, folder, tmp_path / "out", caption_dropout=0.5)
-    assert cache.encode_text is None and cache.conditioning["encoder_hidden_states"].shape[0] == 3
-    batches = [cache.collate([(epoch, 0)]) for epoch in range(12)]
+    data = cache_for(sd, folder, tmp_path / "out", caption_dropout=0.5)
+    cached = data.conditioning
+    assert isinstance(cached, CachedConditioning) and cached.rows["encoder_hidden_states"].shape[0] == 3
+    batches = [data.collate([(epoch, 0)]) for epoch in range(12)]
     assert {bool(b.drops[0]) for b in batches} == {True, False}
     for batch in batches:
-        _, conditioning = cache.batch(batch, None, CPU)
-        expected = cache.empty if batch.drops[0] else {"encoder_hidden_states":
-                                                       cache.conditioning["encoder_hidden_states"][:1]}
+        conditioning = cached(batch)
+        expected = cached.empty if batch.drops[0] else {"encoder_hidden_states":
+                                                        cached.rows["encoder_hidden_states"][:1]}
         assert torch.equal(conditioning["encoder_hidden_states"], expected["encoder_hidden_states"])
 
     shuffled = cache_for(sd, folder, tmp_path / "out2", shuffle_tags=True)
-    assert shuffled.encode_text is not None and not shuffled.conditioning  # encoded every step instead
-    _, conditioning = shuffled.batch(shuffled.collate([(0, 1)]), None, CPU)
-    assert conditioning["encoder_hidden_states"].shape == cache.conditioning["encoder_hidden_states"][:1].shape
+    assert isinstance(shuffled.conditioning, EncodedConditioning)  # encoded every step instead
+    conditioning = shuffled.conditioning(shuffled.collate([(0, 1)]))
+    assert conditioning["encoder_hidden_states"].shape == cached.rows["encoder_hidden_states"][:1].shape
 
 
+@pytest.mark.e2e
 def test_training_from_the_disk_cache_equals_training_from_memory(tmp_path):
     folder = make_dataset(tmp_path / "data")
     results = {}

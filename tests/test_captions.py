@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 
-from lora_core import buckets, captions, dataset
-from lora_core.cache import Cache
+from lora_core import batches, buckets, captions, dataset
 from lora_core.config import ConfigError, parse_config
-from lora_core.training import total_steps_for, train
+from lora_core.latents import EncodedLatents
+from lora_core.plan import run_length
+from lora_core.training import train
 
 
 def test_trigger_placement():
@@ -59,15 +60,20 @@ def wide_dataset(folder, count: int = 4):
     return folder
 
 
-def host_cache(tmp_path, **options) -> Cache:
-    """A Cache with no model: enough for the per-step choices that collate makes."""
+class HostBatches:
+    """Collate with the latent source of latent_cache 'off' and no model: enough for the per-step choices."""
+
+    def __init__(self, config, report, assigned):
+        layout = batches.Layout(config, report, assigned)
+        self.collate = batches.Collate(config, layout, EncodedLatents(layout, None, lambda b: (4, b.height // 8,
+                                                                                                b.width // 8)))
+
+
+def host_cache(tmp_path, **options) -> HostBatches:
     folder = wide_dataset(tmp_path / "data")
     config = parse_config(tiny_config(folder, tmp_path / "out", **options))
     report = dataset.scan(folder, config.trigger_words, config.trigger_placement)
-    assigned = dataset.assign_buckets(report, config, 64)
-    cache = Cache(config, report, assigned, lambda b: (4, b.height // 8, b.width // 8))
-    cache.pixels = [dataset.load_covering(record, assigned[i]) for i, record in enumerate(report.images)]
-    return cache
+    return HostBatches(config, report, dataset.assign_buckets(report, config, 64))
 
 
 def test_each_entry_draws_the_same_choices_in_any_batch_and_new_ones_each_epoch(tmp_path):
@@ -77,8 +83,8 @@ def test_each_entry_draws_the_same_choices_in_any_batch_and_new_ones_each_epoch(
     together = cache.collate([(0, entry) for entry in range(12)])
     assert [b.captions[0] for b in alone] == together.captions
     assert torch.equal(torch.cat([b.flips for b in alone]), together.flips)
-    assert torch.equal(torch.cat([b.pixels for b in alone]), together.pixels)
-    assert torch.equal(torch.cat([b.noise for b in alone]), together.noise)
+    for name in ("pixels", "noise"):  # what the latent source drew (latent_cache 'off')
+        assert torch.equal(torch.cat([b.latent_inputs[name] for b in alone]), together.latent_inputs[name])
     next_epoch = cache.collate([(1, entry) for entry in range(12)])
     assert next_epoch.captions != together.captions
     for caption, dropped in zip(together.captions, together.drops.tolist(), strict=True):
@@ -89,7 +95,7 @@ def test_each_entry_draws_the_same_choices_in_any_batch_and_new_ones_each_epoch(
     assert together.images.tolist() == [0, 1, 2, 3] * 3  # repeats: each image three times an epoch
     flips = together.flips.tolist()
     assert 0 < sum(flips) < 12
-    for pixels, flip in zip(together.pixels, flips, strict=True):  # the white band moves to the right
+    for pixels, flip in zip(together.latent_inputs["pixels"], flips, strict=True):  # the white band moves to the right
         assert (pixels[:, :, -1].float().mean() > 250) == flip and (pixels[:, :, 0].float().mean() > 250) != flip
     tops_lefts = {tuple(row[2:4].tolist()) for row in together.time_ids}
     assert len(tops_lefts) > 1  # random crop: 384x256 covers 256x256 with room to move
@@ -98,7 +104,7 @@ def test_each_entry_draws_the_same_choices_in_any_batch_and_new_ones_each_epoch(
 def test_center_crop_and_no_flip_are_the_same_every_step(tmp_path):
     cache = host_cache(tmp_path, latent_cache="off", bucketing=False)
     first, second = cache.collate([(0, 0), (0, 1)]), cache.collate([(5, 0), (5, 1)])
-    assert torch.equal(first.pixels, second.pixels) and first.captions is None
+    assert torch.equal(first.latent_inputs["pixels"], second.latent_inputs["pixels"]) and first.captions is None
     assert first.time_ids[0].tolist() == [256, 384, 0, 64, 256, 256]  # orig h, w; top, left (centre); target
 
 
@@ -106,8 +112,8 @@ def test_repeats_lengthen_an_epoch():
     document = tiny_config("d", "o", epochs=2, repeats=3, batch_size=2)
     del document["training_params"]["steps"]
     config = parse_config(document)
-    assert total_steps_for(config, 6) == 2 * 9  # 6 images x 3 repeats / batch 2, two epochs
-    assert total_steps_for(config, 6, batches_per_epoch=buckets.batches_per_epoch([0, 1] * 9, 2)) == 2 * 10
+    assert run_length(config, 9) == (2 * 9, "epochs")  # 6 images x 3 repeats / batch 2, two epochs
+    assert run_length(config, buckets.batches_per_epoch([0, 1] * 9, 2)).steps == 2 * 10  # two buckets
 
 
 def test_random_crop_with_cached_latents_is_refused_naming_both_fields():
@@ -118,6 +124,7 @@ def test_random_crop_with_cached_latents_is_refused_naming_both_fields():
     assert parse_config(tiny_config("d", "o", crop="random", latent_cache="off")).crop == "random"
 
 
+@pytest.mark.e2e
 def test_stop_and_resume_with_every_augmentation_is_bit_identical(tmp_path):
     folder = wide_dataset(tmp_path / "data")
     options = dict(steps=3, checkpoint_steps=1, validation_steps=100, shuffle_tags=True, keep_tokens=1,

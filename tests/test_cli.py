@@ -13,9 +13,11 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_DATASET, ROOT, tiny_config
+from helpers import DEMO_DATASET, ROOT, tiny_config
 from PIL import Image
 from safetensors import safe_open
+
+pytestmark = pytest.mark.e2e  # every test here trains or serves end to end
 
 EVENT_FIELDS = {
     "started": {"total_steps", "num_images", "device"},
@@ -25,6 +27,7 @@ EVENT_FIELDS = {
     "complete": {"final_path", "total_time", "step"},
     "error": {"message", "step", "field"},
     "interrupted": {"step", "message", "checkpoint_path"},
+    "validation_report": {"ok", "problems", "warnings"},
 }
 
 
@@ -34,9 +37,21 @@ def write_config(folder: Path, data: dict) -> Path:
     return path
 
 
-def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train_lora.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=os.environ.copy())
+ENGINE = [sys.executable, "-m", "lora_core", "train"]  # the engine's own entry point; train_lora.py is its shim
+
+
+def run_cli(*args: str, timeout: float = 240, command: list[str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*(command or [sys.executable, str(ROOT / "train_lora.py")]), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env=os.environ.copy())
+
+
+def validation_report(stdout: str) -> dict:
+    """--validate-only's one stdout line: a typed event like every other line."""
+    lines = stdout.splitlines()
+    assert len(lines) == 1, stdout
+    (report,) = parse_events(lines[0])
+    assert report["type"] == "validation_report"
+    return report
 
 
 def parse_events(stdout: str) -> list[dict]:
@@ -133,13 +148,12 @@ def test_dataset_error_is_an_error_event(tmp_path):
     assert "no usable image" in events[-1]["message"]
 
 
-def test_validate_only_good_config_reports_device_and_memory_and_trains_nothing(tmp_path):
+@pytest.mark.parametrize("command", [None, ENGINE], ids=["train_lora.py", "python -m lora_core train"])
+def test_validate_only_good_config_reports_device_and_memory_and_trains_nothing(tmp_path, command):
     result = run_cli("--config", str(write_config(tmp_path, tiny_config(DEMO_DATASET, tmp_path / "out"))),
-                     "--validate-only")
+                     "--validate-only", command=command)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
-    lines = result.stdout.splitlines()
-    assert len(lines) == 1
-    report = json.loads(lines[0])
+    report = validation_report(result.stdout)
     assert report["ok"] and report["device"]["kind"] == "cpu"
     assert report["dataset"]["num_images"] == 6 and report["total_steps"] == 6
     assert report["model"]["family"] == "SD 1.x"
@@ -156,7 +170,7 @@ def test_validate_only_bad_config_exits_one_naming_the_field(tmp_path, change, f
     config = {**tiny_config(DEMO_DATASET, tmp_path / "out"), **change}
     result = run_cli("--config", str(write_config(tmp_path, config)), "--validate-only")
     assert result.returncode == 1
-    report = json.loads(result.stdout)
+    report = validation_report(result.stdout)
     assert not report["ok"] and field in [problem["field"] for problem in report["problems"]]
 
 
@@ -164,13 +178,13 @@ def test_validate_only_with_a_config_error(tmp_path):
     config = tiny_config(DEMO_DATASET, tmp_path / "out", lora_rank=0)
     result = run_cli("--config", str(write_config(tmp_path, config)), "--validate-only")
     assert result.returncode == 1
-    assert json.loads(result.stdout)["problems"][0]["field"] == "lora_rank"
+    assert validation_report(result.stdout)["problems"][0]["field"] == "lora_rank"
 
 
 def test_sigterm_mid_run_saves_a_checkpoint_and_exits_143(tmp_path):
+    """The engine's entry point trains on its main thread; SIGTERM sets the flag the loop reads after a step."""
     config = tiny_config(DEMO_DATASET, tmp_path / "out", steps=400, checkpoint_steps=1000, validation_steps=1000)
-    process = subprocess.Popen([sys.executable, str(ROOT / "train_lora.py"), "--config",
-                                str(write_config(tmp_path, config))], stdout=subprocess.PIPE,
+    process = subprocess.Popen([*ENGINE, "--config", str(write_config(tmp_path, config))], stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
     lines = []
     deadline = time.monotonic() + 180
@@ -190,9 +204,15 @@ def test_sigterm_mid_run_saves_a_checkpoint_and_exits_143(tmp_path):
     assert not (tmp_path / "out" / "lora_final.safetensors").exists()
 
 
-def test_help_shows_examples():
+def test_help_shows_examples_and_train_lora_is_a_shim_over_the_engine():
     result = run_cli("--help", timeout=60)
     assert result.returncode == 0 and "examples:" in result.stdout and "--validate-only" in result.stdout
+    engine = run_cli("--help", timeout=60, command=ENGINE)
+    assert engine.returncode == 0
+    examples = engine.stdout.split("examples:")[1]  # the same options and examples, under each command's name
+    assert examples.replace("python -m lora_core train", "python train_lora.py") == result.stdout.split("examples:")[1]
+    engine_sources = "".join(path.read_text() for path in (ROOT / "lora_core").glob("*.py"))
+    assert "train_lora" not in engine_sources  # the engine never names a face
 
 
 def test_an_unreachable_hub_model_is_a_clear_error_not_a_hang(tmp_path):
@@ -203,5 +223,5 @@ def test_an_unreachable_hub_model_is_a_clear_error_not_a_hang(tmp_path):
                              str(write_config(tmp_path, config)), "--validate-only"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert result.returncode == 1
-    problems = {p["field"]: p["message"] for p in json.loads(result.stdout)["problems"]}
+    problems = {p["field"]: p["message"] for p in validation_report(result.stdout)["problems"]}
     assert "cannot reach the Hugging Face hub" in problems["base_model"]

@@ -2,7 +2,7 @@ import json
 
 import jsonschema
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from lora_core.config import (
     ConfigError,
@@ -12,7 +12,7 @@ from lora_core.config import (
     load_config,
     parse_config,
 )
-from lora_core.training import total_steps_for
+from lora_core.plan import run_length, unbucketed_batches_per_epoch
 
 BASE = {"dataset_path": "d", "base_model": "builtin:tiny-sd", "output_path": "o", "trigger_words": ["sks"]}
 
@@ -25,7 +25,8 @@ def problems(data) -> dict[str, str]:
 
 def test_defaults_match_the_documented_values():
     config = parse_config(BASE)
-    assert (config.learning_rate, config.batch_size, config.epochs, config.steps) == (1e-4, 1, 10, 1000)
+    assert (config.learning_rate, config.batch_size, config.epochs, config.steps) == (1e-4, 1, None, None)
+    assert run_length(config, batches_per_epoch=10) == (1000, "default")  # neither given: 1000 steps
     assert (config.resolution, config.lora_rank, config.lora_alpha) == (512, 16, 32)
     assert (config.checkpoint_steps, config.validation_steps, config.gradient_accumulation_steps) == (500, 100, 1)
     assert config.mixed_precision == "auto"
@@ -108,12 +109,17 @@ def test_not_an_object_and_bad_json_file(tmp_path):
         load_config(tmp_path / "missing.json")
 
 
+def length(options: dict, num_images: int = 10):
+    config = parse_config({**BASE, **options})
+    return run_length(config, unbucketed_batches_per_epoch(config, num_images, num_processes=1))
+
+
 def test_steps_decide_the_length_and_epochs_only_when_steps_are_not_given():
-    assert total_steps_for(parse_config({**BASE, "steps": 30, "epochs": 2}), num_images=10) == 30
-    assert total_steps_for(parse_config({**BASE, "epochs": 3, "batch_size": 4}), num_images=10) == 9
-    assert total_steps_for(parse_config({**BASE, "epochs": 2, "batch_size": 2, "gradient_accumulation_steps": 2}),
-                           num_images=10) == 6
-    assert total_steps_for(parse_config(BASE), num_images=10) == 1000
+    assert length({"steps": 30, "epochs": 2}) == (30, "steps")
+    assert length({"epochs": 3, "batch_size": 4}) == (9, "epochs")
+    assert length({"epochs": 2, "batch_size": 2, "gradient_accumulation_steps": 2}) == (6, "epochs")
+    assert length({}) == (1000, "default")
+    assert parse_config(config_to_file_dict(parse_config({**BASE, "epochs": 3}))).steps is None  # saved as given
 
 
 def test_schema_file_is_generated_from_the_model_and_in_sync():

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import DEMO_DATASET, ROOT, tiny_config
+from helpers import DEMO_DATASET, ROOT, tiny_config
 from safetensors.torch import load_file
 
 from lora_core.events import parse_event, read_events
@@ -84,6 +84,7 @@ def files_under(folder: Path) -> list[str]:
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
 
 
+@pytest.mark.e2e
 def test_two_processes_with_batch_b_train_the_lora_of_one_process_with_batch_2b(tmp_path):
     dataset = eight_image_dataset(tmp_path)
     # 4 steps over 8 images with a global batch of 4: two epochs, so the reshuffle is covered too
@@ -140,6 +141,7 @@ def worker_with_rank(launcher: subprocess.Popen, rank: int, timeout: float = 30)
     raise AssertionError(f"no process with rank {rank} under the launcher")
 
 
+@pytest.mark.e2e
 def test_a_stop_asked_of_one_process_stops_both_after_the_same_step(tmp_path):
     config = write_config(tmp_path, "run", eight_image_dataset(tmp_path), steps=500, checkpoint_steps=1000)
     launcher = torchrun(config)
@@ -177,6 +179,7 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
+@pytest.mark.e2e
 def test_a_fault_in_one_process_ends_every_process_with_one_error(tmp_path):
     config = write_config(tmp_path, "run", eight_image_dataset(tmp_path), steps=500, checkpoint_steps=1000)
     wrapper = tmp_path / "faulty_rank.py"

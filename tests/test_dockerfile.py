@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, tiny_config
+from helpers import ROOT, tiny_config
 
 sys.path.insert(0, str(ROOT / "docker"))
 import entrypoint  # noqa: E402
@@ -123,12 +123,13 @@ def test_the_same_entrypoint_trains_from_a_config():
                                              python="python")
     assert mode == "train" and command[1:3] == ["-m", "accelerate.commands.launch"]
     assert command[command.index("--num_processes") + 1] == "4"
-    assert command[-4:] == [str(ROOT / "train_lora.py"), "--config", "c.json", "--resume"]
+    assert command[-6:] == ["-m", "lora_core", "train", "--config", "c.json", "--resume"]  # the engine's entry
     assert entrypoint.build_command(["accelerate", "launch", "x.py"])[1] == ["accelerate", "launch", "x.py"]
     assert entrypoint.build_command(["web", "--demo"], python="p")[1] == [
         "p", str(ROOT / "webui.py"), "--host", "0.0.0.0", "--port", "7860", "--demo"]
 
 
+@pytest.mark.e2e
 def test_the_entrypoint_execs_the_cli_so_signals_reach_python(dataset_dir, tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(tiny_config(dataset_dir, tmp_path / "out")))
@@ -136,7 +137,8 @@ def test_the_entrypoint_execs_the_cli_so_signals_reach_python(dataset_dir, tmp_p
     done = subprocess.run([sys.executable, str(ROOT / "docker" / "entrypoint.py"), "--config", str(config),
                            "--validate-only"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout)["ok"] is True  # train_lora.py's --validate-only report
+    report = json.loads(done.stdout)  # train_lora.py's --validate-only report, a typed event
+    assert report["type"] == "validation_report" and report["ok"] is True
     assert (tmp_path / "mode").read_text().split() == ["train"]
 
     # exec, not a child: the command's PID is the entrypoint's, so docker stop's SIGTERM reaches it
@@ -145,6 +147,7 @@ def test_the_entrypoint_execs_the_cli_so_signals_reach_python(dataset_dir, tmp_p
     assert int(probe.communicate(timeout=30)[0]) == probe.pid
 
 
+@pytest.mark.e2e
 def test_the_health_check_asks_the_page_and_passes_a_training_run(tmp_path, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

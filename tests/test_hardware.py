@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_config
+from helpers import tiny_config
 
 from lora_core import hardware, models, preflight
 from lora_core.config import config_to_file_dict, parse_config
@@ -53,6 +53,7 @@ def test_on_and_off_are_obeyed_whatever_the_free_memory(setting, expected):
         assert hardware.use_gradient_checkpointing(config, "bf16", free, never_asked) is expected
 
 
+@pytest.mark.e2e
 def test_auto_checkpointing_in_a_real_run_and_in_the_preflight(dataset_dir, tmp_path, monkeypatch):
     """On the CPU 'auto' stays off; with a device that has too little free memory (faked) the run turns it on,
     says so in its started event, and the preflight reports the estimate with it."""
@@ -73,7 +74,7 @@ def test_auto_checkpointing_in_a_real_run_and_in_the_preflight(dataset_dir, tmp_
 def test_running_out_of_gpu_memory_names_the_fixes():
     import torch
 
-    from lora_core.worker import describe_failure
+    from lora_core.job import describe_failure
 
     message = describe_failure(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert "gradient_checkpointing to 'on'" in message and "batch_size" in message

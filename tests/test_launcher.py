@@ -1,14 +1,19 @@
-"""The engine in a child process (one device, or several through `accelerate launch`), read as events."""
+"""A job is a process: its command, its run folder's files, finding it again, and how an unreported end is told."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
+import time
+from pathlib import Path
 
-from conftest import tiny_config
+import pytest
+from helpers import tiny_config
 from test_distributed import eight_image_dataset
 
+from lora_core import launcher
 from lora_core.config import parse_config
 from lora_core.events import (
     EVENT_TYPES,
@@ -19,21 +24,36 @@ from lora_core.events import (
     Progress,
     Sample,
     Started,
+    ValidationReport,
     parse_event,
     read_events,
 )
-from lora_core.launcher import ProcessJob, launch, launch_command
+from lora_core.launcher import JobProcess, final_event, launch_command, record_lost, stderr_tail
 from lora_core.preflight import preflight
 
 
-def test_one_device_runs_the_cli_and_several_go_through_accelerate_launch():
-    assert launch_command("run.json", 1, python="py", script="train_lora.py") == [
-        "py", "train_lora.py", "--config", "run.json"]
-    command = launch_command("run.json", 4, extra_args=["--resume"], python="py", script="train_lora.py")
+def wait_until(done, timeout: float = 60.0, what: str = "the condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_one_device_runs_the_engine_and_several_go_through_accelerate_launch():
+    assert launch_command("run.json", 1, python="py") == ["py", "-m", "lora_core", "train", "--config", "run.json"]
+    command = launch_command("run.json", 4, extra_args=["--resume"], python="py")
     assert command[:3] == ["py", "-m", "accelerate.commands.launch"]
     assert command[command.index("--num_processes") + 1] == "4" and "--multi_gpu" in command
     assert command[command.index("--main_process_port") + 1] == "0"  # a free port: two jobs never clash
-    assert command[-4:] == ["train_lora.py", "--config", "run.json", "--resume"]
+    assert command[-6:] == ["-m", "lora_core", "train", "--config", "run.json", "--resume"]
+
+
+def test_each_job_sees_only_its_own_gpus_and_cpu_processes_use_gloo(tmp_path):
+    config = parse_config(tiny_config(tmp_path, tmp_path / "out"))
+    env = launcher.job_environment(config, 1, [1], base={"CUDA_VISIBLE_DEVICES": "4,5,6"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "5" and "ACCELERATE_USE_CPU" not in env
+    assert launcher.job_environment(config, 2, [0, 1], base={})["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert launcher.job_environment(config, 2, [], base={})["ACCELERATE_USE_CPU"] == "true"
 
 
 def test_every_event_reads_back_from_its_json_line():
@@ -42,45 +62,84 @@ def test_every_event_reads_back_from_its_json_line():
               Progress(step=1, total_steps=5, loss=None, percent=20.0, lr=1e-4, it_per_s=0.0, eta_s=-1.0, epoch=0),
               Checkpoint(step=2, path="c"), Sample(step=2, image_path="s.png", prompt="p"),
               Complete(final_path="f", total_time=1.5, step=5), Error(message="m", field="seed"),
-              Interrupted(step=3, message="m", checkpoint_path=None)]
+              Interrupted(step=3, message="m", checkpoint_path=None),
+              ValidationReport(ok=False, problems=[{"field": "seed", "message": "m"}], details={"total_steps": 5})]
     assert {event.type for event in events} == set(EVENT_TYPES)
     assert [parse_event(event.to_json()) for event in events] == events
+    assert json.loads(events[-1].to_json())["total_steps"] == 5  # the report's details sit at the top level
 
 
-def test_a_child_that_dies_without_a_result_ends_in_one_error(dataset_dir, tmp_path):
-    job = ProcessJob(parse_config(tiny_config(dataset_dir, tmp_path / "out")))
+def fake_job(tmp_path: Path, monkeypatch, script: str) -> JobProcess:
+    """A job whose process runs `script` instead of the engine (launch_command is what JobProcess runs)."""
+    monkeypatch.setattr(launcher, "launch_command", lambda *args, **kwargs: [sys.executable, "-c",
+                                                                             textwrap.dedent(script)])
+    return JobProcess.start(tmp_path / "run", parse_config(tiny_config(tmp_path, tmp_path / "run")),
+                            record={"job_id": "j1"})
+
+
+def test_a_process_that_exits_without_a_result_ends_in_one_error_with_its_stderr(tmp_path, monkeypatch):
     started = Started(total_steps=5, num_images=3, device="cpu", mixed_precision="no", model_family="SD 1.x",
-                      output_path=str(tmp_path / "out"))
-    job.command = [sys.executable, "-c", textwrap.dedent(f"""
+                      output_path=str(tmp_path / "run"))
+    job = fake_job(tmp_path, monkeypatch, f"""
         import sys
-        print({started.to_json()!r}, flush=True)
-        print("not an event", flush=True)
+        with open({str(tmp_path / "run" / "events.jsonl")!r}, "a") as log:
+            print({started.to_json()!r}, file=log)
         print("CUDA error: an illegal memory access", file=sys.stderr)
         sys.exit(3)
-    """)]
-    terminal = job.start().wait(30)
-    assert [event.type for event in job.snapshot()] == ["started", "error"]
-    assert "exited with code 3" in terminal.message and "illegal memory access" in terminal.message
-    assert job.returncode == 3 and not job.running
-    assert read_events(tmp_path / "out" / "events.jsonl")[-1] == terminal  # events.jsonl still ends the run
+    """)
+    recorded = json.loads((tmp_path / "run" / "job.json").read_text())
+    assert recorded["pid"] == job.pid and recorded["job_id"] == "j1" and recorded["start_time"] > 0
+    assert (tmp_path / "run" / "job_config.json").is_file()
+    wait_until(lambda: not job.alive(), what="the process to exit")
+    assert final_event(job.folder) is None
+    error = record_lost(job)
+    assert "exited with code 3" in error.message and "illegal memory access" in error.message
+    assert [event.type for event in read_events(job.folder / "events.jsonl")] == ["started", "error"]
+    assert final_event(job.folder) == error  # every later reader sees the run as failed
 
 
+def test_a_killed_job_is_told_by_its_signal_and_a_later_process_finds_it_by_pid_and_start_time(tmp_path,
+                                                                                                 monkeypatch):
+    job = fake_job(tmp_path, monkeypatch, """
+        import sys, time
+        print("loading the model", file=sys.stderr, flush=True)
+        time.sleep(120)
+    """)
+    wait_until(lambda: "loading the model" in "".join(stderr_tail(job.folder)), what="the child's stderr")
+    found = JobProcess.attach(job.folder)  # what a restarted server sees
+    assert found is not None and found.popen is None and found.alive()
+    assert found.start_time == job.start_time
+    reused = JobProcess(found.folder, found.pid, found.start_time - 100)  # the same pid, another process
+    assert not reused.alive()
+    job.kill()
+    wait_until(lambda: not job.alive(), what="the kill")
+    assert not found.alive()
+    error = record_lost(job)
+    assert "killed by signal 9 (SIGKILL)" in error.message and "loading the model" in error.message
+    assert "exit status is unknown" in found.describe_exit()  # not its child: how it ended is not known
+
+
+@pytest.mark.e2e
 def test_two_processes_through_accelerate_launch_stop_together_when_asked(tmp_path):
     config = parse_config(tiny_config(eight_image_dataset(tmp_path), tmp_path / "out", steps=500,
                                       checkpoint_steps=1000, validation_steps=1000))
     assert preflight(config, num_processes=2)["devices"]["global_batch_size"] == 4  # the estimate knows
-    job = launch(config, 2, env={"OMP_NUM_THREADS": "1"})
-    seen = []
-    for event in job.events(timeout=120):
-        seen.append(event)
-        if event.type == "progress" and event.step == 2:
-            job.request_stop()  # SIGTERM to accelerate's launcher, which passes it to both processes
-    terminal = job.wait(60)
-    assert terminal is not None and terminal.type == "interrupted", job.log_tail()
-    assert seen[0].type == "started" and seen[0].num_processes == 2
-    assert [e.type for e in seen].count("started") == 1 and seen[-1] == terminal
+    job = JobProcess.start(tmp_path / "out", config, 2, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    events_file = tmp_path / "out" / "events.jsonl"
+    try:
+        wait_until(lambda: events_file.is_file() and any(
+            e.type == "progress" and e.step >= 2 for e in read_events(events_file)), timeout=180,
+            what=f"step 2 ({stderr_tail(job.folder)})")
+        job.terminate()  # SIGTERM to accelerate's launcher, which passes it to both processes
+        wait_until(lambda: not job.alive(), timeout=90, what="the stop")
+    finally:
+        job.kill()
+    events = read_events(events_file)
+    terminal = events[-1]
+    assert terminal.type == "interrupted", stderr_tail(job.folder)
+    assert events[0].type == "started" and events[0].num_processes == 2
+    assert [e.type for e in events].count("started") == 1 and [e.terminal for e in events].count(True) == 1
     assert 2 <= terminal.step < 10 and (tmp_path / "out" / "checkpoints" / f"lora_step_{terminal.step}.safetensors"
                                         ).is_file()
-    assert read_events(tmp_path / "out" / "events.jsonl") == seen  # one voice: the file holds what was read
     assert not (tmp_path / "out" / "logs").exists()  # TensorBoard is off by default
     assert json.loads((tmp_path / "out" / "config.json").read_text())["training_params"]["batch_size"] == 2

@@ -1,5 +1,6 @@
 """The exported kohya-format file reproduces the adapter exactly when diffusers loads it."""
 
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
@@ -23,6 +24,7 @@ def load_tiny() -> StableDiffusionPipeline:
     return StableDiffusionPipeline.from_pretrained(builtin.builtin_folder("tiny-sd"), safety_checker=None)
 
 
+@pytest.mark.e2e
 def test_kohya_file_loaded_by_diffusers_equals_the_trained_adapter(tmp_path):
     config = parse_config({**CONFIG, "lora_rank": 4, "lora_alpha": 11})  # alpha != rank on purpose
     trained = load_tiny().unet

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_config
 from diffusers import StableDiffusionPipeline
+from helpers import run_job_here, tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_text_encoder_lora import OPTIONS, encode, load, run, unet_inputs
@@ -16,7 +16,6 @@ from lora_core import builtin, models, objective
 from lora_core.config import parse_config
 from lora_core.lora import add_lora, kohya_state_dict, save_lora
 from lora_core.training import train
-from lora_core.worker import Worker
 
 BASE = dict(dataset_path="d", output_path="o", base_model="builtin:tiny-sd", trigger_words=["t"])
 
@@ -32,6 +31,7 @@ def tiny_pipeline():
     return StableDiffusionPipeline.from_pretrained(builtin.builtin_folder("tiny-sd"), safety_checker=None)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("target", ["attention_mlp", "locon"])
 def test_variants_export_exactly(tmp_path, target):
     config = parse_config({**BASE, "lora_rank": 4, "lora_alpha": 6, "lora_target": target})
@@ -53,6 +53,7 @@ def test_variants_export_exactly(tmp_path, target):
     torch.testing.assert_close(unet_output(pipeline.unet), expected, rtol=0, atol=2e-5)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_dora_loaded_by_diffusers_reproduces_the_trained_model(dataset_dir, tmp_path, family):
     """DoRA on the UNet (LoCon targets: linear and conv layers) and the text encoder(s), trained, written in
@@ -93,6 +94,7 @@ def test_dora_loaded_by_diffusers_reproduces_the_trained_model(dataset_dir, tmp_
         torch.testing.assert_close(loaded, wanted, rtol=0, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_dora_resumes_bit_identically(dataset_dir, tmp_path):
     options = dict(steps=3, checkpoint_steps=1, validation_steps=1000, use_dora=True)
     whole, _ = run(tiny_config(dataset_dir, tmp_path / "whole", **options))
@@ -105,6 +107,7 @@ def test_dora_resumes_bit_identically(dataset_dir, tmp_path):
     assert all(torch.equal(expected[key], resumed[key]) for key in expected)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("optimizer", ["adamw", "prodigy", "adafactor"])
 def test_each_optimizer_trains_and_resumes(dataset_dir, tmp_path, optimizer):
     lr = 1.0 if optimizer == "prodigy" else 1e-3
@@ -142,10 +145,11 @@ def test_adamw_is_fused_on_the_cpu_and_steps_like_the_plain_one():
     assert all((p - start).abs().max() > 1e-3 for p, start in zip(params, initial, strict=True))
 
 
+@pytest.mark.e2e
 def test_missing_optimizer_package_is_a_clear_error(dataset_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
     config = parse_config(tiny_config(dataset_dir, tmp_path / "out", optimizer="adamw8bit"))
-    terminal = Worker().submit(config).wait(timeout=120)
+    terminal, _ = run_job_here(config)
     assert terminal.type == "error" and terminal.field == "optimizer"
     assert "pip install bitsandbytes" in terminal.message
 
@@ -175,6 +179,7 @@ def test_zero_terminal_snr_and_noise_offset():
     assert objective.offset_noise(noise, offsets, 0.0) is noise
 
 
+@pytest.mark.e2e
 def test_v_prediction_is_read_from_the_scheduler_and_trains_on_velocity(dataset_dir, tmp_path):
     folder = tmp_path / "v-model"
     shutil.copytree(builtin.builtin_folder("tiny-sd"), folder)

@@ -140,7 +140,7 @@ def test_python_m_lora_core_dispatches_to_the_tools(files):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     done = subprocess.run([sys.executable, "-m", "lora_core", "inspect", str(files[1]), "--json"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 from safetensors.torch import load_file
 from test_text_encoder_lora import OPTIONS, encode, load, run, unet_inputs
 

@@ -1,10 +1,10 @@
 """Parity with the reference: the trainer learns what a plain diffusers-style loop (bench/reference.py) learns.
 
-The two loops draw their randomness differently, so the trainer runs with recording hooks (its LoRA init, and
-per step the images, cached latents, noise and timesteps), and the reference replays exactly those draws while
-doing everything else itself: VAE encode of the decoded images, text encode of the captions every step, noise,
-target, (min-SNR weighted) MSE, AdamW with clipping. What is checked is then the trainer's caching, caption
-building, objective and optimisation.
+The two loops draw their randomness differently, so the trainer runs with Taps on its Run's parts (its LoRA
+init as set up, and per step the images and latents from its latent source, and its noise and timesteps), and
+the reference replays exactly those draws while doing everything else itself: VAE encode of the decoded images,
+text encode of the captions every step, noise, target, (min-SNR weighted) MSE, AdamW with clipping. What is
+checked is then the trainer's caching, caption building, objective and optimisation.
 
 Same inputs: the demo images are 256 px squares trained at 256 without bucketing, so neither loop resizes (the
 trainer's bicubic and the script's bilinear would differ by design); the reference gets the captions written here
@@ -29,15 +29,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import Tap, tiny_config, train_tapped
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.utils.data import default_collate
 
 from bench.reference import ReferenceLoop, ReferenceSettings
-from lora_core import builtin, distributed, models, training
-from lora_core.cache import Cache, file_digest, seed_of
+from lora_core import builtin, models
+from lora_core.batches import seed_of
 from lora_core.config import parse_config
 from lora_core.events import Progress
+from lora_core.latents import file_digest
+
+pytestmark = pytest.mark.e2e  # every test here trains or serves end to end
 
 STEPS, SEED, LR, TRIGGER = 4, 7, 1e-3, "shapestyle"
 LOSS_RTOL = 1e-5  # observed: 0 (SD, bitwise equal), 1.1e-7 (SDXL); a mismatched min-SNR: 0.33
@@ -57,30 +60,27 @@ class Recording:
     final: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def run_trainer(monkeypatch, base_model: str, dataset: Path, output: Path, gamma: float) -> Recording:
+def run_trainer(base_model: str, dataset: Path, output: Path, gamma: float) -> Recording:
+    """The trainer's own run, with Taps on its step's parts: the latent source and the noise."""
     record = Recording()
-    add_lora, cache_batch, sample_noise = training.add_lora, Cache.batch, distributed.SampleNoise.__call__
 
-    def recording_add_lora(unet, config):
-        params = add_lora(unet, config)
-        record.init = lora_state(unet)
-        return params
-
-    def recording_batch(self, batch, vae, device):
-        latents, conditioning = cache_batch(self, batch, vae, device)
-        record.paths.append([self.records[i].path for i in batch.images.tolist()])
+    def on_latents(args, latents):
+        batch = args[0]
+        record.paths.append([str(run_parts["run"].layout.records[i].path) for i in batch.images.tolist()])
         record.latents.append(latents.detach().clone())
-        return latents, conditioning
 
-    def recording_noise(self, latents):
-        noise, timesteps, offsets = sample_noise(self, latents)
+    def on_noise(args, drawn):
+        noise, timesteps, _ = drawn
         record.noise.append((noise.clone(), timesteps.clone()))
-        return noise, timesteps, offsets
 
-    monkeypatch.setattr(training, "add_lora", recording_add_lora)
-    monkeypatch.setattr(Cache, "batch", recording_batch)
-    monkeypatch.setattr(distributed.SampleNoise, "__call__", recording_noise)
-    monkeypatch.setattr(training, "make_samples", lambda *args: [])  # the last step's sample images: not compared
+    run_parts = {}
+
+    def tap_run(run):
+        run_parts["run"] = run
+        record.init = lora_state(run.bare_unet)  # the LoRA as set up, before step 1
+        run.latents = Tap(run.latents, on_latents, "latents")
+        run.noise = Tap(run.noise, on_noise)
+        run.sample_inputs = []  # the last step's sample images: not compared
 
     config = tiny_config(dataset, output, steps=STEPS, batch_size=2, learning_rate=LR, min_snr_gamma=gamma,
                          bucketing=False, lr_scheduler="constant", lora_dropout=0.0, max_grad_norm=1.0,
@@ -91,9 +91,8 @@ def run_trainer(monkeypatch, base_model: str, dataset: Path, output: Path, gamma
         if isinstance(event, Progress):
             record.losses.append(event.loss)
 
-    result = training.train(parse_config(config), emit, lambda: False)
+    result = train_tapped(parse_config(config), tap_run, emit)
     record.final = lora_state(result.unet)
-    monkeypatch.undo()
     return record
 
 
@@ -174,11 +173,11 @@ CASES = {  # base model, min_snr_gamma (v-prediction with min-SNR checks both it
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_trainer_matches_the_reference_loop(case, dataset_dir, tmp_path, monkeypatch):
+def test_trainer_matches_the_reference_loop(case, dataset_dir, tmp_path):
     base_model, gamma = CASES[case]
     if base_model == "v-model":
         base_model = v_prediction_model(tmp_path / "v-model")
-    record = run_trainer(monkeypatch, base_model, dataset_dir, tmp_path / "out", gamma)
+    record = run_trainer(base_model, dataset_dir, tmp_path / "out", gamma)
     assert len(record.losses) == len(record.noise) == STEPS
 
     losses, loop = replay(base_model, dataset_dir, record, gamma)

@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from helpers import run_job_here, tiny_config
 from PIL import Image
 
 from lora_core.config import parse_config
@@ -19,7 +19,6 @@ from lora_core.events import Checkpoint, Complete, EventLog, Progress, Sample, S
 from lora_core.preflight import preflight
 from lora_core.report import REPORT_NAME, write_report
 from lora_core.tracking import TrackerUnavailable, open_tracker
-from lora_core.worker import Worker
 
 LOSSES = [0.9, 0.7, 0.8, 0.5, 0.6, 0.4]
 
@@ -97,6 +96,7 @@ def test_no_report_without_a_run(tmp_path):
     assert write_report(tmp_path) is None and not (tmp_path / REPORT_NAME).exists()
 
 
+@pytest.mark.e2e
 def test_tensorboard_is_off_by_default_and_a_missing_package_is_named(dataset_dir, tmp_path, monkeypatch):
     config = parse_config(tiny_config(dataset_dir, tmp_path / "out"))
     assert config.log_with == "none" and open_tracker(config) is None
@@ -106,11 +106,11 @@ def test_tensorboard_is_off_by_default_and_a_missing_package_is_named(dataset_di
         open_tracker(asked)
     problems = preflight(asked)["problems"]
     assert any(p["field"] == "log_with" and "tensorboard" in p["message"] for p in problems)
-    job = Worker().submit(asked)
-    terminal = job.wait(60)
+    terminal, _ = run_job_here(asked)
     assert terminal.type == "error" and terminal.field == "log_with" and "pip install tensorboard" in terminal.message
 
 
+@pytest.mark.e2e
 def test_a_run_logs_to_tensorboard_and_leaves_a_report_beside_the_lora(dataset_dir, tmp_path):
     pytest.importorskip("tensorboard", reason="the optional tensorboard package is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -118,10 +118,8 @@ def test_a_run_logs_to_tensorboard_and_leaves_a_report_beside_the_lora(dataset_d
     output = tmp_path / "out"
     config = parse_config(tiny_config(dataset_dir, output, steps=4, checkpoint_steps=100, validation_steps=2,
                                       log_with="tensorboard"))
-    job = Worker().submit(config)
-    terminal = job.wait(120)
+    terminal, history = run_job_here(config)
     assert terminal.type == "complete", terminal
-    history = job.snapshot()
 
     logs = EventAccumulator(str(output / "logs"), size_guidance={"images": 0, "scalars": 0})
     logs.Reload()

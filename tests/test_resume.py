@@ -10,13 +10,14 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_config
+from helpers import ROOT, run_job_here, tiny_config
 from safetensors.torch import load_file
 
 from lora_core import checkpoint
 from lora_core.config import parse_config
 from lora_core.training import train
-from lora_core.worker import Worker
+
+pytestmark = pytest.mark.e2e  # every test here trains or serves end to end
 
 STEPS = 8
 OPTIONS = dict(steps=STEPS, checkpoint_steps=2, validation_steps=1000, lora_dropout=0.1, lr_scheduler="cosine",
@@ -112,7 +113,7 @@ def test_sigkill_at_a_random_moment_then_resume(dataset_dir, tmp_path, uninterru
 def test_resume_with_a_changed_rank_is_refused(dataset_dir, tmp_path):
     run(tiny_config(dataset_dir, tmp_path / "out", steps=2, checkpoint_steps=1, validation_steps=100))
     changed = parse_config(tiny_config(dataset_dir, tmp_path / "out", steps=4, lora_rank=8, validation_steps=100))
-    terminal = Worker().submit(changed, resume=True).wait(timeout=120)
+    terminal, _ = run_job_here(changed, resume=True)
     assert terminal.type == "error" and terminal.field == "resume"
     assert "lora_rank was 4, now 8" in terminal.message
 
@@ -124,7 +125,7 @@ def test_resume_with_more_steps_continues_a_finished_run(dataset_dir, tmp_path):
 
 
 def test_resume_with_nothing_saved_is_a_clear_error(dataset_dir, tmp_path):
-    terminal = Worker().submit(parse_config(tiny_config(dataset_dir, tmp_path / "out")), resume=True).wait(60)
+    terminal, _ = run_job_here(parse_config(tiny_config(dataset_dir, tmp_path / "out")), resume=True)
     assert terminal.type == "error" and "nothing to resume" in terminal.message
 
 
@@ -142,16 +143,15 @@ def test_non_finite_loss_is_skipped_then_stops_with_an_error_and_saves_nothing(d
     monkeypatch.setattr(objective.F, "mse_loss", mse_that_breaks)
     config = parse_config(tiny_config(dataset_dir, tmp_path / "out", steps=50, checkpoint_steps=1000,
                                       validation_steps=1000, max_nonfinite_steps=3))
-    job = Worker().submit(config)
-    terminal = job.wait(timeout=120)
+    terminal, events = run_job_here(config)
     assert terminal.type == "error" and "NaN/inf for 3 steps in a row after step 2" in terminal.message
     assert "fp16" in terminal.message and "learning_rate" in terminal.message
-    assert [e.step for e in job.snapshot() if e.type == "progress"] == [1, 2]
+    assert [e.step for e in events if e.type == "progress"] == [1, 2]
     assert not (tmp_path / "out" / "lora_final.safetensors").exists()
 
 
 def test_unwritable_output_is_refused_before_training(dataset_dir, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder", encoding="utf-8")
-    terminal = Worker().submit(parse_config(tiny_config(dataset_dir, blocker / "out"))).wait(60)
+    terminal, _ = run_job_here(parse_config(tiny_config(dataset_dir, blocker / "out")))
     assert terminal.type == "error" and terminal.field == "output_path" and "cannot write" in terminal.message

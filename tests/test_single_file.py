@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_config
+from helpers import ROOT, tiny_config
 from safetensors.torch import load_file, save_file
 
 from lora_core import builtin, models
@@ -147,6 +147,7 @@ def train_cli(dataset: Path, output: Path, base_model: str, env: dict, **options
     return events
 
 
+@pytest.mark.e2e
 def test_an_sd1_single_file_trains_exactly_as_its_diffusers_folder(dataset_dir, tmp_path):
     single = write_sd1_single_file(tmp_path / "tiny-sd.safetensors")
     assert models.inspect(models.resolve(str(single))).family == "sd1"

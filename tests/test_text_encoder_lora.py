@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from helpers import tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -56,6 +56,7 @@ def load(family: str):
     return StableDiffusionPipeline.from_pretrained(builtin.builtin_folder("tiny-sd"), safety_checker=None)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("family", "prefixes"), [("sd1", ["lora_te_"]), ("sdxl", ["lora_te1_", "lora_te2_"])])
 def test_text_encoder_lora_loaded_by_diffusers_reproduces_the_trained_model(dataset_dir, tmp_path, family,
                                                                             prefixes):
@@ -91,6 +92,7 @@ def test_text_encoder_lora_loaded_by_diffusers_reproduces_the_trained_model(data
                                    rtol=0, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_resume_with_a_trained_text_encoder_is_bit_identical(dataset_dir, tmp_path):
     options = dict(OPTIONS, steps=4, checkpoint_steps=2, validation_steps=1000)
     whole, _ = run(tiny_config(dataset_dir, tmp_path / "whole", **options))
@@ -110,12 +112,14 @@ def test_resume_with_a_trained_text_encoder_is_bit_identical(dataset_dir, tmp_pa
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_per_step_encoding_equals_the_pipelines_encode_prompt(family):
-    from lora_core.cache import text_encoder, trained_text_encoder
+    from lora_core import families
+    from lora_core.conditioning import frozen_encoder, trained_encoder
+    from lora_core.families.base import tokenizers
     from lora_core.models import text_encoders
 
-    pipeline, cpu, texts = load(family), torch.device("cpu"), [PROMPT, ""]
-    ours = trained_text_encoder(pipeline, family, text_encoders(pipeline), cpu, torch.float32)(texts)
-    theirs = text_encoder(pipeline, family, cpu, torch.float32)(texts)
+    pipeline, cpu, texts, model = load(family), torch.device("cpu"), [PROMPT, ""], families.get(family)
+    ours = trained_encoder(model, tokenizers(pipeline), text_encoders(pipeline), cpu, torch.float32)(texts)
+    theirs = frozen_encoder(model, pipeline, cpu, torch.float32)(texts)
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name

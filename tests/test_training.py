@@ -1,14 +1,16 @@
 """The training loop in process: reproducible, exact export, lengths from steps or epochs."""
 
+import pytest
 import torch
-from conftest import tiny_config
 from diffusers import StableDiffusionPipeline
+from helpers import run_job_here, tiny_config
 from safetensors.torch import load_file
 
 from lora_core import builtin
 from lora_core.config import parse_config
 from lora_core.training import train
-from lora_core.worker import BusyError, Worker
+
+pytestmark = pytest.mark.e2e  # every test here trains or serves end to end
 
 
 def run(config_dict):
@@ -64,33 +66,17 @@ def test_uncached_latents_train_too(dataset_dir, tmp_path):
     assert events[-1].type == "complete" and result.final_path.is_file()
 
 
-def test_worker_runs_one_job_at_a_time_and_stops_on_request(dataset_dir, tmp_path):
-    worker = Worker()
+def test_a_job_stops_on_request_with_one_final_event(dataset_dir, tmp_path):
     config = parse_config(tiny_config(dataset_dir, tmp_path / "out", steps=500, validation_steps=1000,
                                       checkpoint_steps=1000))
-    job = worker.submit(config)
-    try:
-        try:
-            worker.submit(config)
-        except BusyError as error:
-            assert "already running" in str(error)
-        else:
-            raise AssertionError("a second job started beside the first")
-        for event in job.events(timeout=120):
-            if event.type == "progress" and event.step == 2:
-                job.request_stop()
-    finally:
-        job.request_stop()
-        terminal = job.wait(timeout=120)
-    assert terminal.type == "interrupted" and terminal.step < 500
-    assert [e.type for e in job.snapshot()][-1] == "interrupted"
-    assert worker.submit(parse_config(tiny_config(dataset_dir, tmp_path / "again", steps=1))).wait(120).type == \
-        "complete"
+    terminal, events = run_job_here(config, stop_after_step=2)
+    assert terminal.type == "interrupted" and 2 <= terminal.step < 500
+    assert [e.type for e in events if e.terminal] == ["interrupted"] and events[-1] == terminal
 
 
-def test_a_failure_inside_the_worker_is_an_error_event(dataset_dir, tmp_path):
+def test_a_failure_inside_the_job_is_an_error_event(dataset_dir, tmp_path):
     config = parse_config(tiny_config(dataset_dir, tmp_path / "out", resolution=264))  # not a multiple of 16
-    terminal = Worker().submit(config).wait(timeout=120)
+    terminal, _ = run_job_here(config)
     assert terminal.type == "error" and "multiple of 16" in terminal.message
 
 
@@ -118,9 +104,8 @@ def test_sdxl_trains_and_its_lora_reproduces_the_trained_unet(dataset_dir, tmp_p
 
 
 def test_jobs_with_different_precisions_run_one_after_another_in_one_process(dataset_dir, tmp_path):
-    worker = Worker()  # as the web page does: one process, many jobs
-    for index, precision in enumerate(["no", "bf16", "no"]):
+    for index, precision in enumerate(["no", "bf16", "no"]):  # a library user's process, many jobs
         config = parse_config(tiny_config(dataset_dir, tmp_path / str(index), steps=1, mixed_precision=precision,
                                           validation_steps=100))
-        terminal = worker.submit(config).wait(timeout=180)
+        terminal, _ = run_job_here(config)
         assert terminal.type == "complete", terminal

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -10,13 +14,14 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError, ValidationError
 
 import webui
-from lora_core.config import TrainConfig, load_config, parse_config
-from studio.jobs import Studio
+from lora_core.config import TrainConfig, load_config, non_null_schema, parse_config
+from studio.jobs import Studio, read_run
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo" / "dataset"
@@ -25,17 +30,23 @@ TINY = dict(base_model="builtin:tiny-sd", trigger_words="shapestyle", resolution
             lora_alpha=8, learning_rate=1e-3, sample_inference_steps=2, seed=7)
 
 
+def launch_app(outputs: Path) -> tuple:
+    """A page server in this process on a free port: (demo, studio, url)."""
+    demo, studio, settings = webui.make_app(webui.parse_args(["--outputs", str(outputs)]))
+    settings.pop("server_port")
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **settings)
+    return demo, studio, url.rstrip("/")
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, model_cache):
     """One launched app for the module: (demo, studio, url, outputs folder)."""
     root = tmp_path_factory.mktemp("webui")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_TEMP_DIR", str(root / "gradio"))
-        args = webui.parse_args(["--outputs", str(root / "outputs")])
-        demo, studio, settings = webui.make_app(args)
-        settings.pop("server_port")
-        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **settings)
-        yield demo, studio, url.rstrip("/"), root
+        demo, studio, url = launch_app(root / "outputs")
+        yield demo, studio, url, root
+        studio.shutdown(timeout=30)
         demo.close()
 
 
@@ -55,18 +66,27 @@ def run_state(result: tuple) -> dict | None:
 LAST_SEEN: dict[int, dict] = {}  # per client session: the page sends a part only when it changed
 
 
-def start(client: Client, **form) -> int:
-    """Click Start; the id of the job it started."""
-    state = run_state(client.predict(**form, api_name="/start"))
-    LAST_SEEN[id(client)] = state
-    return state["job_id"]
+def start(client: Client, **form) -> str:
+    """Click Start; the id of the job it started or queued."""
+    return submit(client, **form)["job_id"]
 
 
-def wait_for(client: Client, done, job_id: int | None = None, timeout: float = 60.0) -> dict:
-    """Poll the page's own refresh endpoint, as the browser's timer does, until `done(state)`."""
+def submit(client: Client, **form) -> dict:
+    """Click Start: {job_id, state (running | queued), position, output_path}."""
+    answer = client.predict(**form, api_name="/start")
+    assert answer["state"] in ("running", "queued"), answer
+    return answer
+
+
+def wait_for(client: Client, done, job_id: str | None = None, timeout: float = 60.0) -> dict:
+    """Poll until `done(state)`: one job's `run` endpoint, or without a job id the page's own refresh
+    endpoint, as the browser's timer does (it shows the current job)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = run_state(client.predict(api_name="/refresh")) or LAST_SEEN.get(id(client), {})
+        if job_id is not None:
+            state = client.predict(job_id, api_name="/run")
+        else:
+            state = run_state(client.predict(api_name="/refresh")) or LAST_SEEN.get(id(client), {})
         LAST_SEEN[id(client)] = state
         if state and (job_id is None or state["job_id"] == job_id) and done(state):
             return state
@@ -85,6 +105,7 @@ def upload_demo(client: Client) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_importing_webui_does_not_import_torch():
     code = "import sys, webui; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -92,9 +113,10 @@ def test_importing_webui_does_not_import_torch():
     assert result.stdout.strip() == "False"
 
 
+@pytest.mark.e2e
 def test_every_slider_and_dropdown_has_the_models_range_and_choices(served):
     demo = served[0]
-    schema = TrainConfig.model_json_schema()["properties"]
+    schema = {name: non_null_schema(value) for name, value in TrainConfig.model_json_schema()["properties"].items()}
     fields = {block.elem_id.removeprefix("field-"): block for block in demo.blocks.values()
               if (block.elem_id or "").startswith("field-")}
     assert set(TrainConfig.model_fields) - {"output_path"} <= set(fields)  # output_path is the run name
@@ -132,6 +154,7 @@ def test_validation_errors_show_at_the_field_with_the_cli_message(client):
     assert "- lora_rank" not in text
 
 
+@pytest.mark.e2e
 def test_full_job_from_upload_to_a_lora_that_loads_in_diffusers(client, served, tmp_path):
     folder = upload_demo(client)
     assert Path(folder).parent == served[3] / "outputs" / "uploads"
@@ -140,6 +163,10 @@ def test_full_job_from_upload_to_a_lora_that_loads_in_diffusers(client, served, 
     state = wait_for(client, lambda s: s["state"] in TERMINAL, job)
     assert state["state"] == "complete", state
     assert state["percent"] == 100 and state["step"] == 4
+    run = Path(state["output_path"])  # the job was a process of its own, recorded in its run folder
+    record = json.loads((run / "job.json").read_text())
+    assert record["job_id"] == job and record["pid"] != os.getpid() and gone(record["pid"])
+    assert record["command"][1:4] == ["-m", "lora_core", "train"] and (run / "stderr.log").is_file()
     reopened = Client(served[2], verbose=False, download_files=str(tmp_path / "downloads"))  # a new page
     status, plot, samples, checkpoints, final = reopened.predict(api_name="/refresh")[:5]
     reopened.close()
@@ -169,47 +196,90 @@ def test_full_job_from_upload_to_a_lora_that_loads_in_diffusers(client, served, 
     assert (after - before).abs().max() > 0  # the trained LoRA changes the UNet
 
 
-def test_one_job_at_a_time_and_stop_keeps_a_checkpoint(served, client, tmp_path):
+@pytest.mark.e2e
+def test_a_second_start_is_queued_stop_is_answered_under_a_flood_of_polls_and_keeps_a_checkpoint(served, client):
     long_run = dict(dataset_path=str(DEMO), run_name="long", steps=5000, checkpoint_steps=5000,
                     validation_steps=5000, **TINY)
-    outcomes: list[str] = []
+    answers: list[dict] = []
 
     def click_start() -> None:
         other = Client(served[2], verbose=False)
         try:
-            other.predict(**long_run, api_name="/start")
-            outcomes.append("started")
-        except AppError as error:
-            outcomes.append(str(error))
+            answers.append(other.predict(**long_run, api_name="/start"))
         finally:
             other.close()
 
-    clicks = [threading.Thread(target=click_start) for _ in range(2)]
+    clicks = [threading.Thread(target=click_start) for _ in range(2)]  # two browsers at once: both are taken
     for thread in clicks:
         thread.start()
     for thread in clicks:
         thread.join(60)
-    assert sorted(outcomes)[1] == "started" and outcomes.count("started") == 1, outcomes
-    refusal = next(item for item in outcomes if item != "started")
-    assert "already running" in refusal and "Stop it, or wait" in refusal
+    assert sorted(answer["state"] for answer in answers) == ["queued", "running"], answers
+    queued = next(answer for answer in answers if answer["state"] == "queued")
+    first = next(answer for answer in answers if answer["state"] == "running")
+    assert queued["position"] == 1 and queued["output_path"] != first["output_path"]  # its own folder, said
+    assert [job["job_id"] for job in client.predict(api_name="/queue")] == [queued["job_id"]]
+    assert client.predict(queued["job_id"], api_name="/cancel")["cancelled"] is True
+    assert client.predict(api_name="/queue") == [] and not Path(queued["output_path"]).exists()
 
-    running = wait_for(client, lambda s: s["state"] == "running" and s["step"] >= 2)  # another browser sees it
-    with pytest.raises(AppError, match="already running"):
-        client.predict(**long_run, api_name="/start")
-    client.predict(api_name="/stop")
-    state = wait_for(client, lambda s: s["state"] in TERMINAL, running["job_id"])
-    assert state["state"] == "interrupted"
-    assert 2 <= state["step"] < 5000
+    running = wait_for(client, lambda s: s["state"] == "running" and s["step"] >= 2, first["job_id"], timeout=120)
+    polling, failures, polls = threading.Event(), [], []
+
+    def poll() -> None:  # a page's timer, as fast as it can go, for a bounded time
+        page = Client(served[2], verbose=False)
+        deadline = time.monotonic() + 90
+        try:
+            while polling.is_set() and time.monotonic() < deadline:
+                try:
+                    page.predict(api_name="/refresh")
+                    polls.append(1)
+                except Exception as error:  # a refused poll is fine; a refused Stop is not
+                    failures.append(str(error))
+        finally:
+            page.close()
+
+    polling.set()
+    pollers = [threading.Thread(target=poll) for _ in range(24)]
+    for thread in pollers:
+        thread.start()
+    try:
+        while len(polls) < 48:  # the flood is on
+            time.sleep(0.05)
+        assert client.predict(api_name="/stop") == {"stopped": True, "job_id": running["job_id"]}
+        state = wait_for(client, lambda s: s["state"] in TERMINAL, running["job_id"])
+    finally:
+        polling.clear()
+        for thread in pollers:
+            thread.join(60)
+    assert not any("Queue is full" in failure for failure in failures), failures[:3]
+    assert state["state"] == "interrupted" and 2 <= state["step"] < 5000
     checkpoint = Path(state["checkpoints"][-1])
     assert checkpoint.name == f"lora_step_{state['step']}.safetensors" and checkpoint.is_file()
-    reopened = Studio(served[3] / "outputs").view()  # a restarted server reads the last run back
+    reopened = read_run(Path(state["output_path"]))  # what a restarted server reads back
     assert reopened.state == "interrupted" and reopened.checkpoints[-1][1] == str(checkpoint)
 
-    target = state["step"] + 2  # Resume continues the stopped run, here with a shorter total
-    result = client.predict(**{**long_run, "steps": target}, api_name="/resume")
-    resumed = wait_for(client, lambda s: s["state"] in TERMINAL, run_state(result)["job_id"])
+    target = state["step"] + 2  # Resume continues the stopped run (through the queue), here with a shorter total
+    resumed_job = client.predict(**{**long_run, "steps": target}, api_name="/resume")
+    assert resumed_job["state"] == "running" and resumed_job["output_path"] == state["output_path"]
+    resumed = wait_for(client, lambda s: s["state"] in TERMINAL, resumed_job["job_id"], timeout=120)
     assert resumed["state"] == "complete" and resumed["step"] == target, resumed
-    assert resumed["output_path"] == state["output_path"] and Path(resumed["final_path"]).is_file()
+    assert Path(resumed["final_path"]).is_file()
+    assert resumed["checkpoints"][0] == str(checkpoint)  # the checkpoints before the resume stay listed
+
+
+@pytest.mark.e2e
+def test_three_starts_give_one_running_and_two_queued_that_run_in_order(client):
+    quick = dict(dataset_path=str(DEMO), steps=2, checkpoint_steps=100, validation_steps=100, **TINY)
+    answers = [submit(client, run_name=f"in-order-{index}", **quick) for index in range(3)]
+    assert [(a["state"], a["position"]) for a in answers] == [("running", 0), ("queued", 1), ("queued", 2)]
+    ids = [answer["job_id"] for answer in answers]
+    assert client.predict(ids[2], api_name="/move_up") == {"job_id": ids[2], "position": 1}
+    assert [job["job_id"] for job in client.predict(api_name="/queue")] == [ids[2], ids[1]]
+    for job_id in (ids[0], ids[2], ids[1]):  # each starts by itself when the one before it ends
+        assert wait_for(client, lambda s: s["state"] in TERMINAL, job_id, timeout=180)["state"] == "complete"
+    starts = [json.loads((Path(a["output_path"]) / "job.json").read_text())["start_time"] for a in answers]
+    assert starts[0] < starts[2] < starts[1]
+    assert client.predict(api_name="/queue") == []
 
 
 def test_presets_fill_the_form_and_the_config_file_works_with_the_cli(client, tmp_path):
@@ -232,6 +302,7 @@ def test_presets_fill_the_form_and_the_config_file_works_with_the_cli(client, tm
     assert Path(config.output_path).name == "sdxl-character"
 
 
+@pytest.mark.e2e
 def test_file_routes_serve_only_the_outputs(served, tmp_path):
     _, studio, url, _ = served
     inside = studio.outputs_root / "probe.txt"
@@ -245,6 +316,7 @@ def test_file_routes_serve_only_the_outputs(served, tmp_path):
         assert monitoring.status_code == 403 and "not enabled" in monitoring.text
 
 
+@pytest.mark.e2e
 def test_login_required_when_auth_is_on(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_STUDIO_AUTH", "ada:lovelace")
     args = webui.parse_args(["--outputs", str(tmp_path / "outputs")])
@@ -276,6 +348,7 @@ def test_safe_launch_defaults_and_a_warning_when_exposed(tmp_path, monkeypatch, 
     assert webui.exposure_warning(webui.parse_args(["--host", "0.0.0.0", "--auth", "a:b"])) is None
 
 
+@pytest.mark.e2e
 def test_a_failed_run_is_shown_plainly_with_its_field(client, tmp_path):
     empty = tmp_path / "no-images"
     empty.mkdir()
@@ -284,8 +357,8 @@ def test_a_failed_run_is_shown_plainly_with_its_field(client, tmp_path):
     state = wait_for(client, lambda s: s["state"] in TERMINAL, job)
     assert state["state"] == "error" and state["error_field"] == "dataset_path"
     assert "no usable image" in state["message"]
-    result = client.predict(api_name="/refresh")
-    assert run_state(result) is None  # unchanged since the last poll: nothing is sent again
+    assert run_state(client.predict(api_name="/refresh"))["state"] == "error"  # the page shows it
+    assert run_state(client.predict(api_name="/refresh")) is None  # unchanged since: nothing is sent again
 
 
 def test_estimate_shows_device_memory_and_a_warning_when_it_will_not_fit(client):
@@ -307,44 +380,11 @@ def test_save_preset_writes_a_config_file_and_never_overwrites_a_shipped_one(cli
     assert not (tmp_path / "sd15-character.json").exists()
 
 
-def test_sigterm_to_the_server_lets_the_running_job_save_a_checkpoint(tmp_path):
-    """`docker stop` sends SIGTERM: the job stops after its step with a checkpoint before the server exits."""
-    import os
-    import signal
-
-    from conftest import DEMO_DATASET, ROOT, tiny_config
-
-    outputs = tmp_path / "outputs"
-    config = tiny_config(DEMO_DATASET, outputs / "run", steps=5000, checkpoint_steps=10_000, validation_steps=10_000)
-    script = (
-        "import json, sys, time\n"
-        "import webui\n"
-        "from lora_core.config import parse_config\n"
-        "from studio.jobs import Studio\n"
-        f"studio = Studio({str(outputs)!r})\n"
-        f"studio.start(parse_config(json.loads({json.dumps(json.dumps(config))})))\n"
-        "webui.install_signal_handlers(studio)\n"
-        "while True:\n"
-        "    time.sleep(0.2)\n"
-    )
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=os.environ.copy(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    events_file = outputs / "run" / "events.jsonl"
-    deadline = time.monotonic() + 120
-    while not (events_file.exists() and '"progress"' in events_file.read_text(encoding="utf-8")):
-        assert process.poll() is None, process.stderr.read()
-        assert time.monotonic() < deadline, "the job never made progress"
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 128 + signal.SIGTERM
-    events = [json.loads(line) for line in events_file.read_text(encoding="utf-8").splitlines()]
-    assert events[-1]["type"] == "interrupted"
-    assert Path(events[-1]["checkpoint_path"]).is_file()
-
-
+@pytest.mark.e2e
+@pytest.mark.e2e
 def test_the_studio_trains_on_several_devices_through_the_launcher(tmp_path):
     """`--gpus 2`: the job runs as two data-parallel processes in a child (here two CPU processes, gloo)."""
-    from conftest import DEMO_DATASET, tiny_config
+    from helpers import DEMO_DATASET, tiny_config
 
     from webui import estimate_markdown
 
@@ -352,12 +392,8 @@ def test_the_studio_trains_on_several_devices_through_the_launcher(tmp_path):
     assert studio.num_processes() == 2 and Studio(tmp_path / "o2", processes="all").num_processes() >= 1
     config = parse_config(tiny_config(DEMO_DATASET, tmp_path / "outputs" / "run", steps=2, batch_size=1,
                                       validation_steps=100, device="cpu"))
-    studio.start(config)
-    deadline = time.monotonic() + 180
-    while studio.view().state not in ("complete", "error", "interrupted"):
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    view = studio.view()
+    view = studio.wait(studio.start(config), timeout=180)
+    studio.shutdown()
     assert view.state == "complete", view.message
     started = json.loads((tmp_path / "outputs" / "run" / "events.jsonl").read_text().splitlines()[0])
     assert started["type"] == "started" and started["num_processes"] == 2
@@ -366,3 +402,125 @@ def test_the_studio_trains_on_several_devices_through_the_launcher(tmp_path):
 
     markdown = estimate_markdown(preflight(config, num_processes=studio.num_processes()))
     assert "**Devices:** 2 training process(es)" in markdown and "global batch 2" in markdown
+
+
+LONG = dict(dataset_path=str(DEMO), steps=5000, checkpoint_steps=5000, validation_steps=5000, **TINY)
+
+
+def job_record(state: dict) -> dict:
+    return json.loads((Path(state["output_path"]) / "job.json").read_text())
+
+
+@pytest.mark.e2e
+def test_a_job_killed_with_sigkill_shows_as_failed_with_its_signal_and_stderr(client):
+    job = start(client, run_name="killed", **LONG)
+    running = wait_for(client, lambda s: s["state"] == "running", job, timeout=120)
+    os.kill(job_record(running)["pid"], signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    state = wait_for(client, lambda s: s["state"] in TERMINAL, job)
+    assert state["state"] == "error" and "killed by signal 9 (SIGKILL)" in state["message"]
+    assert "Last lines of stderr.log" in state["message"] and state["stderr_tail"]
+    assert state["stderr_tail"][0].startswith("--- ")  # the job's own stderr, from its run folder
+    page = Client(client.src, verbose=False)  # a page opened now shows the failure, with the signal
+    status = page.predict(api_name="/refresh")[0]
+    page.close()
+    assert 'data-state="error"' in status and "signal 9" in status
+
+
+@pytest.mark.e2e
+def test_a_restarted_server_shows_a_running_job_again_then_complete_and_keeps_the_queue(tmp_path):
+    outputs = tmp_path / "outputs"
+    demo, studio, url = launch_app(outputs)
+    first = Client(url, verbose=False)
+    job = start(first, **{**LONG, "steps": 30}, run_name="outlives")
+    waiting = submit(first, **{**LONG, "steps": 1}, run_name="waits")
+    assert waiting["state"] == "queued"
+    before = wait_for(first, lambda s: s["state"] == "running", job, timeout=120)
+    first.close()
+    studio.shutdown(stop_jobs=False)  # what --detach-jobs does on SIGTERM
+    demo.close()
+    pid = job_record(before)["pid"]
+    assert psutil.pid_exists(pid), "the job outlives its server"
+
+    demo, studio, url = launch_app(outputs)
+    second = Client(url, verbose=False)
+    try:
+        again = wait_for(second, lambda s: s["job_id"] == job, timeout=30)
+        assert again["state"] == "running" and again["step"] >= before["step"], again  # followed live again
+        assert [queued["job_id"] for queued in second.predict(api_name="/queue")] == [waiting["job_id"]]
+        done = wait_for(second, lambda s: s["state"] in TERMINAL, job, timeout=180)
+        assert done["state"] == "complete" and done["step"] == 30 and Path(done["final_path"]).is_file()
+        after = wait_for(second, lambda s: s["state"] in TERMINAL, waiting["job_id"], timeout=180)
+        assert after["state"] == "complete"  # the queue survived the restart and went on by itself
+    finally:
+        second.close()
+        studio.shutdown()
+        demo.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve(outputs: Path, port: int) -> subprocess.Popen:
+    """`python webui.py` as a process of its own, answering on `port`."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "webui.py"), "--outputs", str(outputs), "--port",
+                                str(port)], cwd=ROOT, env=os.environ.copy(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None, f"the server exited with {process.returncode}"
+        assert time.monotonic() < deadline, "the server never answered"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/config", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+
+
+@pytest.mark.e2e
+def test_after_kill_9_of_the_server_a_fresh_one_shows_the_job_and_sigterm_stops_it_with_a_checkpoint(tmp_path):
+    outputs = tmp_path / "outputs"
+    port = free_port()
+    old = serve(outputs, port)
+    try:
+        client = Client(f"http://127.0.0.1:{port}", verbose=False)
+        job = start(client, run_name="orphan", **LONG)
+        before = wait_for(client, lambda s: s["state"] == "running", job, timeout=120)
+        client.close()
+    finally:
+        old.kill()  # kill -9: no handler runs, the job is not told
+        old.wait(30)
+    pid = job_record(before)["pid"]
+    assert psutil.pid_exists(pid), "the job outlives its server"
+
+    new = serve(outputs, port)
+    try:
+        client = Client(f"http://127.0.0.1:{port}", verbose=False)
+        again = wait_for(client, lambda s: s["job_id"] == job and s["step"] > before["step"], timeout=60)
+        assert again["state"] == "running"
+        client.close()
+        new.send_signal(signal.SIGTERM)  # docker stop: the running job saves a checkpoint, then the server exits
+        assert new.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        new.kill()
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
+    events = [json.loads(line) for line in (Path(before["output_path"]) / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["type"] == "interrupted" and Path(events[-1]["checkpoint_path"]).is_file()
+    assert gone(pid)
+
+
+def gone(pid: int, timeout: float = 10.0) -> bool:
+    """True once no process `pid` runs (an orphan's zombie waits for init to reap it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False

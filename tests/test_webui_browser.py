@@ -21,8 +21,9 @@ DEMO = ROOT / "demo" / "dataset"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
                  "--no-first-run"]
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
-                                                                "(apt-get install -y chromium; .ci/run installs it)")
+pytestmark = [pytest.mark.e2e,  # serves the page and trains through a browser
+              pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                 "(apt-get install -y chromium; .ci/run installs it)")]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,108 @@
+"""One training job, start to final event: the one function every way of running the engine calls.
+
+`run_job(config, emit, should_stop, resume)` trains on the calling thread (the CLI's main thread) and
+guarantees what a reader of the events relies on: the events are appended to `output_path/events.jsonl`
+(on the main process of several), TensorBoard gets them when asked, every failure becomes one `error`
+event (with the field when the user can fix it, with advice for out-of-memory and a full disk), exactly
+one final event ends the run, the HTML report is written and the device memory is released.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from lora_core import distributed
+from lora_core.config import TrainConfig
+from lora_core.events import Complete, Error, Event, EventLog, Interrupted, Progress
+
+log = logging.getLogger("lora_core")
+
+OOM_ADVICE = ("the GPU ran out of memory; lower batch_size or resolution, set gradient_checkpointing to 'on' "
+              "('auto' turns it on only when the estimate says the run would not fit), keep latent_cache on "
+              "(memory or disk), or use a smaller lora_rank")
+
+
+def run_job(config: TrainConfig, emit: Callable[[Event], None], should_stop: Callable[[], bool],
+            resume: bool = False) -> Event:
+    """Train `config` and return the final event (`complete`, `interrupted` or `error`), which `emit` saw last.
+
+    Of several processes only the main one writes events.jsonl, the tracker and the report; the others
+    still pass every event to `emit` (the CLI prints only their errors) and end with their own final event.
+    """
+    from lora_core import report, tracking, training
+
+    is_main = distributed.is_main_process()
+    event_log = EventLog(Path(config.output_path) / "events.jsonl" if is_main else None, emit)
+    state = _Outcome(event_log)
+    tracker = None
+    try:
+        tracker = tracking.open_tracker(config) if is_main else None  # TensorBoard, if asked
+        sink = state if tracker is None else tracking.tee(state, tracker)
+        result = training.train(config, sink, should_stop, resume=resume)
+        if not is_main:  # the main process reported the outcome; this one ends quietly
+            state(Interrupted(step=result.step, message="stopped with the other processes", checkpoint_path=None)
+                  if result.interrupted else Complete(final_path="", total_time=result.total_time, step=result.step))
+        del result  # the trained UNet: let release_device() free it
+    except Exception as error:  # every failure ends in an error event, never a traceback alone
+        field = getattr(error, "field", None)  # a user's input at fault: the message names the fix
+        message = str(error) if field else describe_failure(error)
+        state(Error(message=message, step=state.step, field=field))
+        log.debug("training failed:\n%s", traceback.format_exc())
+    finally:
+        release_device()
+        if state.terminal is None:
+            state(Error(message="training ended without a result", step=state.step))
+        event_log.close()
+        if tracker is not None:
+            tracker.close()
+        if is_main:  # training_report.html beside the LoRA, from events.jsonl
+            report.write_report_safely(config.output_path)
+    assert state.terminal is not None
+    return state.terminal
+
+
+class _Outcome:
+    """Passes events on (to the event log) and remembers the last step and the final event."""
+
+    def __init__(self, emit: Callable[[Event], None]):
+        self.emit, self.step, self.terminal = emit, None, None
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Progress):
+            self.step = event.step
+        if event.terminal:
+            if self.terminal is not None:  # one final event per run, whatever fails after the first
+                return
+            self.terminal = event
+        self.emit(event)
+
+
+def describe_failure(error: Exception) -> str:
+    """A failure that is not the user's input, in words: what happened and, where known, what to do."""
+    import torch
+
+    if distributed.is_peer_failure(error):
+        return ("another training process failed or was stopped, so this one stopped too; its own error is "
+                f"in the log on stderr ({str(error).splitlines()[0][:300]})")
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return f"{OOM_ADVICE} ({str(error).splitlines()[0]})"
+    if isinstance(error, OSError) and error.errno == 28:
+        return f"the disk is full ({error.filename}); free space or set output_path to another disk"
+    if isinstance(error, PermissionError):
+        return f"cannot write {error.filename}: permission denied; choose a writable output_path"
+    return f"{type(error).__name__}: {error}"
+
+
+def release_device() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # releasing memory must never mask the real outcome
+        pass

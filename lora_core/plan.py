@@ -1,0 +1,272 @@
+"""The run plan: everything decided about a run before any weights load.
+
+`make_plan(config, num_processes)` scans the dataset and assigns its buckets, resolves the base model and its
+family, checks the resolution, the output folder and the tracker, fixes the run length, the device and the
+precision, and decides gradient checkpointing from the memory estimate. Training starts from the plan
+(`training.setup`), and `--validate-only` prints `plan_report(config)`, which runs the same checks one by one
+and reports every problem under its field instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+
+from lora_core import buckets, checkpoint, dataset, distributed, families, hardware, models, tracking
+from lora_core.config import DEFAULT_STEPS, TrainConfig
+from lora_core.errors import UserError
+
+
+class OutputFolderError(UserError, OSError):
+    field = "output_path"
+
+
+class ResolutionError(UserError):
+    field = "resolution"
+
+
+class DeviceError(UserError, RuntimeError):
+    field = "device"
+
+
+class RunLength(NamedTuple):
+    steps: int  # optimizer steps
+    decided_by: Literal["steps", "epochs", "default"]
+
+
+def run_length(config: TrainConfig, batches_per_epoch: int) -> RunLength:
+    """The run's optimizer steps, and which setting decided them: `steps` when given, else `epochs` passes
+    over the data (`batches_per_epoch` global batches each), else DEFAULT_STEPS."""
+    if config.steps is not None:
+        return RunLength(config.steps, "steps")
+    if config.epochs is not None:
+        return RunLength(max(1, config.epochs * math.ceil(batches_per_epoch / config.gradient_accumulation_steps)),
+                         "epochs")
+    return RunLength(DEFAULT_STEPS, "default")
+
+
+def unbucketed_batches_per_epoch(config: TrainConfig, num_images: int, num_processes: int) -> int:
+    """Global batches in an epoch before buckets are known: the images times `repeats` in full batches."""
+    return math.ceil(num_images * config.repeats / (config.batch_size * num_processes))
+
+
+@dataclass
+class RunPlan:
+    config: TrainConfig
+    num_processes: int
+    resume: bool
+    dataset: dataset.DatasetReport
+    assigned: list[buckets.Bucket]  # each image's bucket, in dataset order
+    source: models.ModelSource
+    info: models.ModelInfo
+    batches_per_epoch: int
+    length: RunLength
+    device: torch.device
+    precision: str  # accelerate's mixed-precision mode: no | fp16 | bf16
+    gradient_checkpointing: bool
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # for the LoRA's metadata
+    clock_start: float = field(default_factory=time.perf_counter)  # the run's total_time counts from here
+    _sizes: models.ModelSizes | None = field(default=None, repr=False)
+
+    @property
+    def family(self) -> families.Family:
+        return families.get(self.info.family)
+
+    @property
+    def total_steps(self) -> int:
+        return self.length.steps
+
+    @property
+    def output(self) -> Path:
+        return Path(self.config.output_path)
+
+    def sizes(self) -> models.ModelSizes:
+        """Parameter counts from the model's configs (built on the meta device once, when first asked)."""
+        if self._sizes is None:
+            self._sizes = models.model_sizes(self.source, self.info)
+        return self._sizes
+
+    def memory_estimate(self) -> hardware.MemoryEstimate:
+        return hardware.estimate_memory(self.config, self.sizes(), self.precision, self.gradient_checkpointing)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the checks, each raising a UserError that names its field
+
+
+def check_output_folder(output_path: str) -> str | None:
+    """None when the folder can be created and written, else the reason."""
+    folder = Path(output_path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        return f"cannot write to {folder}: {error.strerror or error}; choose a writable output_path"
+    if shutil.disk_usage(folder).free < 256 * 1024**2:
+        return f"less than 256 MB free on the disk of {folder}; free space or choose another output_path"
+    return None
+
+
+def output_folder(config: TrainConfig) -> None:
+    if (problem := check_output_folder(config.output_path)) is not None:
+        raise OutputFolderError(problem)
+
+
+def tracker(config: TrainConfig) -> None:
+    if (reason := tracking.unavailable_reason(config)) is not None:
+        raise tracking.TrackerUnavailable(reason)
+
+
+def scan_dataset(config: TrainConfig) -> dataset.DatasetReport:
+    return dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement)
+
+
+def base_model(config: TrainConfig, configs_only: bool = False) -> tuple[models.ModelSource, models.ModelInfo]:
+    source = models.resolve(config.base_model, configs_only=configs_only)
+    return source, models.inspect(source)
+
+
+def check_resolution(config: TrainConfig, info: models.ModelInfo) -> None:
+    multiple = info.pixel_multiple
+    if config.resolution % multiple:
+        raise ResolutionError(f"resolution {config.resolution} is not a multiple of {multiple}, which this "
+                              f"{info.description} model needs; use {config.resolution // multiple * multiple} "
+                              f"or {(config.resolution // multiple + 1) * multiple}")
+
+
+def device_and_precision(config: TrainConfig) -> tuple[torch.device, str]:
+    try:
+        device = hardware.pick_device(config)
+        return device, hardware.resolve_precision(config, device)
+    except RuntimeError as error:
+        raise DeviceError(str(error)) from None
+
+
+def process_device(device: torch.device) -> torch.device:
+    """The device this process trains on: under a launcher, CUDA device LOCAL_RANK (as accelerate picks it)."""
+    if device.type != "cuda":
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
+
+
+def checkpointing(config: TrainConfig, device: torch.device, precision: str,
+                  sizes: Callable[[], models.ModelSizes]) -> bool:
+    free = hardware.free_device_memory_gib(process_device(device))
+    return hardware.use_gradient_checkpointing(config, precision, free, sizes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the plan, and its report
+
+
+def make_plan(config: TrainConfig, num_processes: int = 1, *, resume: bool = False,
+              configs_only: bool = False) -> RunPlan:
+    """The plan training runs (the first problem raises its UserError). `configs_only`: read only the model's
+    configs (a hub model is not downloaded), as --validate-only does."""
+    clock_start, started_at = time.perf_counter(), datetime.now(UTC)
+    output_folder(config)
+    if resume:
+        checkpoint.latest_state(Path(config.output_path))  # fail before any model loads
+    tracker(config)
+    report = scan_dataset(config)
+    source, info = base_model(config, configs_only)
+    check_resolution(config, info)
+    assigned = dataset.assign_buckets(report, config, info.pixel_multiple)
+    per_epoch = buckets.batches_per_epoch(assigned * config.repeats, config.batch_size * num_processes)
+    device, precision = device_and_precision(config)
+    plan = RunPlan(config, num_processes, resume, report, assigned, source, info, per_epoch,
+                   run_length(config, per_epoch), device, precision, gradient_checkpointing=False,
+                   started_at=started_at, clock_start=clock_start)
+    plan.gradient_checkpointing = checkpointing(config, device, precision, plan.sizes)
+    return plan
+
+
+class _Check:
+    """`with _Check(report, field):` a UserError raised inside becomes a problem in the report, under the
+    error's field (or `default_field`), and the report is no longer ok."""
+
+    def __init__(self, report: dict[str, Any], default_field: str):
+        self.report, self.default_field, self.failed = report, default_field, False
+
+    def __enter__(self) -> _Check:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if not isinstance(error, UserError):
+            return False
+        self.failed = True
+        self.report["ok"] = False
+        self.report["problems"].append({"field": getattr(error, "field", None) or self.default_field,
+                                        "message": str(error)})
+        return True
+
+
+def plan_report(config: TrainConfig, num_processes: int | None = None) -> dict[str, Any]:
+    """The JSON-ready `--validate-only` report of the plan: `ok` is False when training would fail, with each
+    problem under its field. `num_processes`: the devices the run will use; by default the launcher's count."""
+    processes = num_processes or distributed.world_size()
+    report: dict[str, Any] = {"ok": True, "problems": [], "warnings": []}
+    scanned = source = info = None
+    with _Check(report, "dataset_path"):
+        scanned = scan_dataset(config)
+        report["dataset"] = {"num_images": len(scanned.images), "num_captioned": scanned.captioned,
+                             "refused": scanned.refused, "ignored": scanned.ignored}
+        per_epoch = unbucketed_batches_per_epoch(config, len(scanned.images), processes)
+        report["total_steps"] = run_length(config, per_epoch).steps
+    with _Check(report, "base_model"):
+        source, info = base_model(config, configs_only=True)
+        report["model"] = {"source": source.kind, "family": info.description,
+                           "prediction_type": info.prediction_type}
+        check_resolution(config, info)
+        if scanned is not None:  # the bucket table, and the length as the buckets make it
+            assigned = dataset.assign_buckets(scanned, config, info.pixel_multiple)
+            report["dataset"]["buckets"] = scanned.buckets
+            per_epoch = buckets.batches_per_epoch(assigned * config.repeats, config.batch_size * processes)
+            report["total_steps"] = run_length(config, per_epoch).steps
+    with _Check(report, "output_path"):
+        output_folder(config)
+    with _Check(report, "log_with"):
+        tracker(config)
+    with _Check(report, "device") as device_check:
+        device, precision = device_and_precision(config)
+    if device_check.failed:
+        return report
+    _device_report(report, config, device, precision, processes)
+    if info is not None and source is not None:
+        _memory_report(report, config, source, info, device, precision)
+    return report
+
+
+def _device_report(report: dict[str, Any], config: TrainConfig, device: torch.device, precision: str,
+                   processes: int) -> None:
+    info_device = hardware.describe(device)
+    report["device"] = {**info_device.to_dict(), "mixed_precision": precision}
+    report["devices"] = {"available": info_device.count, "processes": processes,
+                         "global_batch_size": config.batch_size * config.gradient_accumulation_steps * processes}
+    if device.type == "cuda" and processes > info_device.count:
+        report["warnings"].append(f"{processes} processes but {info_device.count} CUDA devices are visible; "
+                                  "use one process per GPU")
+
+
+def _memory_report(report: dict[str, Any], config: TrainConfig, source: models.ModelSource,
+                   info: models.ModelInfo, device: torch.device, precision: str) -> None:
+    sizes = models.model_sizes(source, info)
+    on = checkpointing(config, device, precision, lambda: sizes)
+    estimate = hardware.estimate_memory(config, sizes, precision, on)
+    report["memory_estimate"] = estimate.to_dict()
+    free = report["device"]["free_memory_gib"]
+    if free is not None and estimate.total_gib > free:
+        report["warnings"].append(f"the run needs about {estimate.total_gib} GiB but {free} GiB is free on "
+                                  f"{report['device']['name']}; lower batch_size or resolution"
+                                  + ("" if on else ", or set gradient_checkpointing to 'on'"))

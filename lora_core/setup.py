@@ -1,0 +1,261 @@
+"""`setup(plan) -> Run`: everything the fit loop holds, built from the plan in small named steps.
+
+The order matters where the global RNG is drawn (the LoRA inits, after `set_seed`) and where memory is
+freed: the accelerator, the models (frozen), the UNet's adapter, the one-off encoding pass (sample prompts,
+fixed captions, cached latents), the text encoders' adapters, the data loader, the optimizer, the
+accelerator's wrappers, the per-step conditioning, the noise, and last the saved state of a resumed run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+
+from lora_core import (
+    batches,
+    checkpoint,
+    conditioning,
+    distributed,
+    families,
+    hardware,
+    latents,
+    models,
+    objective,
+    optim,
+    samples,
+)
+from lora_core.config import TrainConfig, config_to_file_dict
+from lora_core.families import Family
+from lora_core.families.base import tokenizers
+from lora_core.files import atomic_write_text
+from lora_core.lora import tag_frequency
+from lora_core.plan import RunPlan
+
+
+@dataclass
+class Run:
+    """What the fit loop works with. `unet` and `wrapped_encoders` are as the accelerator wrapped them;
+    `bare_unet` and `text_encoders` are the plain modules (for samples, export and callers)."""
+
+    plan: RunPlan
+    info: models.ModelInfo  # the plan's, with the loaded scheduler's prediction type
+    accelerator: Accelerator
+    pipeline: Any
+    unet: torch.nn.Module
+    forward: Any  # the UNet the step calls: compiled with compile_unet
+    text_encoders: list[torch.nn.Module]  # the trained ones (train_text_encoder), in the pipeline's order
+    wrapped_encoders: list[torch.nn.Module]
+    params: list[torch.nn.Parameter]  # the UNet's LoRA
+    text_params: list[torch.nn.Parameter]  # the text encoders' LoRA
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    loader: Any
+    sampler: Any  # buckets.BucketBatchSampler: the data order
+    layout: batches.Layout
+    latents: latents.LatentSource
+    conditioning: conditioning.ConditioningSource
+    noise_scheduler: Any
+    noise: distributed.SampleNoise
+    stop_vote: distributed.StopVote
+    sample_inputs: list[tuple[str, dict[str, Any]]]
+    metadata: dict[str, Any]  # the LoRA file's training metadata that does not change during the run
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches already consumed in `epoch`
+    nonfinite_in_a_row: int = 0
+    stop_checkpoint: Path | None = None  # the LoRA saved when stopped on request
+    lora_params: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # by name, for the saved state
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.plan.config
+
+    @property
+    def family(self) -> Family:
+        return self.plan.family
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def bare_unet(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.unet)
+
+
+def setup(plan: RunPlan) -> Run:
+    config, family = plan.config, plan.family
+    accelerator = make_accelerator(plan)
+    device, dtype = accelerator.device, hardware.weight_dtype(plan.precision)
+    set_seed(config.seed)
+    if accelerator.is_main_process:
+        write_resolved_config(plan)
+    pipeline, info = load_frozen_models(plan)
+    params = prepare_unet(pipeline.unet, config, device, dtype, plan.gradient_checkpointing, family)
+    layout = batches.Layout(config, plan.dataset, plan.assigned)
+    sample_inputs, cached = encode_text_once(plan, pipeline, device, dtype)
+    vae_dtype = torch.float32 if family.vae_fp16_overflows and dtype == torch.float16 else dtype
+    latent_source = latents.make_latent_source(config, layout, pipeline.vae, device, dtype, vae_dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # hand back the one-off encoding pass's blocks (the VAE in fp32) to other programs
+    trained_encoders, text_params = add_text_encoder_adapters(plan, pipeline)
+    sampler = batches.sampler(config, layout, accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(batches.Keys(len(layout.entry_buckets)), batch_sampler=sampler,
+                                         collate_fn=batches.Collate(config, layout, latent_source),
+                                         pin_memory=device.type == "cuda",  # pinned + non_blocking: no sync
+                                         generator=torch.Generator())  # else each epoch draws on the global RNG
+    optimizer, lr_scheduler = make_optimizer(plan, params, text_params, device)
+    unet, *wrapped, optimizer, loader = accelerator.prepare(pipeline.unet, *trained_encoders, optimizer, loader)
+    noise_scheduler = objective.noise_scheduler_for(pipeline.scheduler.config, config)
+    run = Run(plan, info, accelerator, pipeline, unet, torch.compile(unet) if config.compile_unet else unet,
+              trained_encoders, wrapped, params, text_params, optimizer, lr_scheduler, loader, sampler,
+              layout, latent_source, cached or per_step_conditioning(plan, pipeline, wrapped, device, dtype),
+              noise_scheduler, make_noise(config, accelerator, noise_scheduler),
+              distributed.StopVote(accelerator.num_processes), sample_inputs,
+              lora_metadata(plan, info, accelerator.is_main_process))
+    run.lora_params = named_lora_params(run)
+    if plan.resume:
+        restore(run)
+    return run
+
+
+def make_accelerator(plan: RunPlan) -> Accelerator:
+    config = plan.config
+    AcceleratorState._reset_state()  # accelerate keeps one precision per process; a later job may want another
+    # SDXL's first text encoder feeds its next-to-last layer only: its last layer's LoRA gets no gradient
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if config.train_text_encoder else []
+    accelerator = Accelerator(mixed_precision=plan.precision, cpu=plan.device.type == "cpu",
+                              gradient_accumulation_steps=config.gradient_accumulation_steps,
+                              dataloader_config=DataLoaderConfiguration(non_blocking=True), kwargs_handlers=ddp)
+    if accelerator.num_processes != plan.num_processes:
+        raise RuntimeError(f"the plan is for {plan.num_processes} processes but accelerate runs "
+                           f"{accelerator.num_processes}")
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def write_resolved_config(plan: RunPlan) -> None:
+    """config.json in the output folder, with the run length the plan resolved."""
+    resolved = plan.config.model_copy(update={"steps": plan.total_steps})
+    atomic_write_text(plan.output / "config.json", json.dumps(config_to_file_dict(resolved), indent=2) + "\n")
+
+
+def load_frozen_models(plan: RunPlan) -> tuple[Any, models.ModelInfo]:
+    """The pipeline with every module frozen in eval mode, and the model info with the prediction type of the
+    loaded scheduler (a single file's comes with its configs)."""
+    pipeline = models.load_pipeline(plan.source, plan.info)
+    for module in (pipeline.unet, pipeline.vae, *models.text_encoders(pipeline)):
+        module.requires_grad_(False)
+        module.eval()
+    return pipeline, models.with_loaded_prediction_type(plan.info, pipeline)
+
+
+def prepare_unet(unet, config: TrainConfig, device: torch.device, dtype: torch.dtype, checkpointing: bool,
+                 family: Family | None = None) -> list[torch.nn.Parameter]:
+    """The UNet as the fit loop wants it: frozen weights in `dtype` on the device, an fp32 LoRA (returned; the
+    family adds it, SD's by default), channels-last convolutions on CUDA, checkpointing if so decided, in train
+    mode. The benchmark's floor uses it too."""
+    unet.to(device, dtype=dtype)
+    params = (family or families.get("sd1")).add_unet_adapter(unet, config)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    if device.type == "cuda":  # NHWC for cuDNN's tensor-core convolutions; on the CPU it measured 4 % slower
+        unet.to(memory_format=torch.channels_last)
+    unet.train()
+    return params
+
+
+@torch.no_grad()
+def encode_text_once(plan: RunPlan, pipeline, device: torch.device, dtype: torch.dtype
+                     ) -> tuple[list[tuple[str, dict[str, Any]]], conditioning.CachedConditioning | None]:
+    """With the text encoders on the device: the sample prompts, and (when captions are fixed and the encoders
+    frozen) every caption, after which the encoders go back to the CPU. Otherwise they stay for per-step
+    encoding, and the conditioning source is built after the accelerator wraps them."""
+    config, family = plan.config, plan.family
+    encoders = models.text_encoders(pipeline)
+    for encoder in encoders:
+        encoder.to(device, dtype=dtype)
+    inputs = samples.prompt_inputs(family, pipeline, samples.prompts_of(config), device,
+                                         encode=not config.train_text_encoder)
+    if config.shuffle_tags or config.train_text_encoder:
+        return inputs, None
+    cached = conditioning.cache_captions(family, conditioning.frozen_encoder(family, pipeline, device, dtype),
+                                         [record.caption for record in plan.dataset.images], config.caption_dropout > 0)
+    for encoder in encoders:
+        encoder.to("cpu")
+    return inputs, cached
+
+
+def add_text_encoder_adapters(plan: RunPlan, pipeline) -> tuple[list[torch.nn.Module], list[torch.nn.Parameter]]:
+    """With train_text_encoder: a LoRA on each text encoder (kept on the device, in the weights' dtype)."""
+    if not plan.config.train_text_encoder:
+        return [], []
+    encoders = models.text_encoders(pipeline)
+    params = [p for encoder in encoders for p in plan.family.add_text_encoder_adapter(encoder, plan.config)]
+    for encoder in encoders:
+        encoder.train()
+    return encoders, params
+
+
+def per_step_conditioning(plan: RunPlan, pipeline, wrapped: list, device: torch.device,
+                          dtype: torch.dtype) -> conditioning.EncodedConditioning:
+    """Captions encoded every step: through the wrapped encoders when they train (so that their gradients are
+    averaged across processes), else by the frozen pipeline."""
+    family = plan.family
+    if wrapped:
+        encode = conditioning.trained_encoder(family, tokenizers(pipeline), wrapped, device, dtype)
+    else:
+        encode = conditioning.frozen_encoder(family, pipeline, device, dtype)
+    return conditioning.EncodedConditioning(family, encode, trains=plan.config.train_text_encoder)
+
+
+def make_optimizer(plan: RunPlan, params: list, text_params: list, device: torch.device) -> tuple[Any, Any]:
+    config = plan.config
+    groups = [{"params": params, "lr": config.learning_rate}]
+    if text_params:
+        groups.append({"params": text_params, "lr": config.text_encoder_lr})
+    optimizer = optim.make_optimizer(config, groups, device)
+    return optimizer, optim.make_lr_scheduler(config, optimizer, plan.total_steps)
+
+
+def make_noise(config: TrainConfig, accelerator: Accelerator, noise_scheduler) -> distributed.SampleNoise:
+    return distributed.SampleNoise(config.seed, config.batch_size, accelerator.num_processes,
+                                   accelerator.process_index, noise_scheduler.config.num_train_timesteps)
+
+
+def lora_metadata(plan: RunPlan, info: models.ModelInfo, main: bool) -> dict[str, Any]:
+    captions = [record.caption for record in plan.dataset.images]
+    return dict(family=info.family, prediction_type=info.prediction_type,
+                num_images=len(captions) * plan.config.repeats,  # as sd-scripts counts them
+                precision=plan.precision, started_at=plan.started_at, tag_frequency=tag_frequency(captions),
+                base_sha256=models.weights_sha256(plan.source) if main else None)
+
+
+def named_lora_params(run: Run) -> dict[str, torch.nn.Parameter]:
+    """The trained parameters by name (the UNet's, then `text_encoder.` / `text_encoder_2.` ones)."""
+    named = {name: p for name, p in run.bare_unet.named_parameters() if p.requires_grad}
+    for prefix, encoder in zip(("text_encoder.", "text_encoder_2."), run.text_encoders, strict=False):
+        named.update({prefix + name: p for name, p in encoder.named_parameters() if p.requires_grad})
+    return named
+
+
+def restore(run: Run) -> None:
+    """Continue a stopped run: its LoRA, optimizer, schedule, RNG, position in the data and noise stream."""
+    state = checkpoint.load_state(checkpoint.latest_state(run.plan.output), run.config, run.lora_params,
+                                  run.optimizer)
+    run.lr_scheduler.load_state_dict(state.scheduler)
+    run.step, run.epoch, run.batches_in_epoch = state.step, state.epoch, state.batches_in_epoch
+    run.noise.draws = state.noise_draws

@@ -1,0 +1,97 @@
+"""Helpers shared by the tests (fixtures stay in conftest.py): paths, the tiny config, the step's data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_DATASET = ROOT / "demo" / "dataset"
+
+
+def tiny_config(dataset: Path, output: Path, **overrides) -> dict:
+    """The smallest config that exercises every event: 256 px, rank 4 (alpha 8 so alpha != rank)."""
+    config = {
+        "dataset_path": str(dataset),
+        "base_model": "builtin:tiny-sd",
+        "output_path": str(output),
+        "trigger_words": ["shapestyle"],
+        "training_params": {
+            "steps": 6, "resolution": 256, "batch_size": 2, "learning_rate": 1e-3, "lora_rank": 4,
+            "lora_alpha": 8, "checkpoint_steps": 3, "validation_steps": 3, "sample_inference_steps": 2,
+            "seed": 7,
+        },
+    }
+    config["training_params"].update(overrides)
+    return config
+
+
+def step_data(config, pipeline, info, device=None) -> SimpleNamespace:
+    """What `training.setup` builds for the step's data, in fp32 on the CPU, without the rest of the run:
+    `layout`, `latents` (the latent source), `conditioning` (cached for fixed captions, else encoded each
+    step by the frozen text encoders) and `collate`."""
+    import torch
+
+    from lora_core import batches, conditioning, dataset, families, latents
+
+    device = device or torch.device("cpu")
+    report = dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement)
+    layout = batches.Layout(config, report, dataset.assign_buckets(report, config, info.pixel_multiple))
+    family = families.get(info.family)
+    source = latents.make_latent_source(config, layout, pipeline.vae, device, torch.float32, torch.float32)
+    encode = conditioning.frozen_encoder(family, pipeline, device, torch.float32)
+    if config.shuffle_tags:
+        text = conditioning.EncodedConditioning(family, encode, trains=False)
+    else:
+        text = conditioning.cache_captions(family, encode, [r.caption for r in report.images],
+                                           config.caption_dropout > 0)
+    return SimpleNamespace(layout=layout, latents=source, conditioning=text,
+                           collate=batches.Collate(config, layout, source))
+
+
+class Tap:
+    """Stands in for a part of a training Run (its latent source, conditioning or noise): `method` calls
+    through to the part, then hands (args, result) to `record`; everything else is the part's own."""
+
+    def __init__(self, inner, record, method: str = "__call__"):
+        self._inner, self._record, self._method = inner, record, method
+
+    def __getattr__(self, name: str):
+        value = getattr(self._inner, name)
+        if name != self._method:
+            return value
+
+        def tapped(*args):
+            result = value(*args)
+            self._record(args, result)
+            return result
+
+        return tapped
+
+    def __call__(self, *args):
+        return self.__getattr__("__call__")(*args)
+
+
+def train_tapped(config, tap_run, emit=None, should_stop=None):
+    """`training.train`, with `tap_run(run)` called between setup and fit (to put Taps on the run's parts)."""
+    from lora_core import training
+    from lora_core.plan import make_plan
+
+    run = training.setup(make_plan(config, 1))
+    tap_run(run)
+    return training.train_run(run, emit or (lambda event: None), should_stop or (lambda: False))
+
+
+def run_job_here(config, resume: bool = False, stop_after_step: int | None = None) -> tuple:
+    """Run one job in this process through the engine's `run_job` (what `python -m lora_core train` does):
+    (final event, every event). With `stop_after_step`, a stop is asked once that step's progress is seen."""
+    from lora_core.job import run_job
+
+    events: list = []
+
+    def should_stop() -> bool:
+        return stop_after_step is not None and any(e.type == "progress" and e.step >= stop_after_step
+                                                   for e in events)
+
+    terminal = run_job(config, events.append, should_stop, resume=resume)
+    return terminal, events

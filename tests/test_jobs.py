@@ -1,0 +1,102 @@
+"""The job registry's queue and devices, with stand-in job processes (no training: seconds, not minutes)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import DEMO_DATASET, tiny_config
+
+from lora_core import launcher
+from lora_core.config import parse_config
+from studio.jobs import BusyError, Studio
+from studio.queue import QUEUE_FILE
+
+ENGINE_STANDIN = "import time; time.sleep(60)"  # a job that runs until it is stopped
+
+
+@pytest.fixture
+def studios(monkeypatch):
+    """Make Studios whose jobs are stand-in processes; every one is shut down (its jobs stopped) after."""
+    monkeypatch.setattr(launcher, "launch_command", lambda *args, **kwargs: [sys.executable, "-c", ENGINE_STANDIN])
+    made: list[Studio] = []
+
+    def make(outputs: Path, **options) -> Studio:
+        made.append(Studio(outputs, **options))
+        return made[-1]
+
+    yield make
+    for studio in made:
+        studio.shutdown(timeout=10)
+
+
+def config(outputs: Path, name: str):
+    return parse_config(tiny_config(DEMO_DATASET, outputs / name))
+
+
+def devices_of(studio: Studio, job_id: str) -> list[int]:
+    return json.loads((Path(studio.view(job_id).output_path) / "job.json").read_text())["devices"]
+
+
+def wait_until(done, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_one_job_per_gpu_and_the_next_starts_on_the_gpu_that_frees(studios, tmp_path):
+    studio = studios(tmp_path, devices=2)
+    answers = [studio.submit(config(tmp_path, f"run{i}")) for i in range(3)]
+    assert [(a.state, a.position) for a in answers] == [("running", 0), ("running", 0), ("queued", 1)]
+    assert devices_of(studio, answers[0].job_id) == [0] and devices_of(studio, answers[1].job_id) == [1]
+    assert studio.free_devices() is None and studio.view(answers[2].job_id).state == "queued"
+    assert studio.stop(answers[1].job_id)
+    wait_until(lambda: answers[2].job_id in studio.running())  # started by itself on the freed GPU
+    assert devices_of(studio, answers[2].job_id) == [1]
+    stopped = studio.view(answers[1].job_id)  # the stand-in ignores the stop's meaning: it dies of SIGTERM
+    assert stopped.state == "error" and "signal 15 (SIGTERM)" in stopped.message
+
+
+def test_a_job_of_several_gpus_waits_until_they_are_all_free(studios, tmp_path):
+    studio = studios(tmp_path, devices=3, processes=2)
+    first, second = (studio.submit(config(tmp_path, f"wide{i}")) for i in range(2))
+    assert first.state == "running" and devices_of(studio, first.job_id) == [0, 1]
+    assert second.state == "queued" and studio.free_devices() == [2]  # one GPU free is not enough
+    studio.stop(first.job_id)
+    wait_until(lambda: second.job_id in studio.running())
+    assert devices_of(studio, second.job_id) == [0, 1]
+
+
+def test_on_the_cpu_one_job_runs_and_the_queue_can_be_cancelled_and_reordered(studios, tmp_path):
+    studio = studios(tmp_path, devices=0)
+    running, *queued = (studio.submit(config(tmp_path, "same")) for _ in range(4))
+    assert running.state == "running" and [q.position for q in queued] == [1, 2, 3]
+    folders = [Path(q.output_path).name for q in queued]
+    assert folders == ["same-2", "same-3", "same-4"]  # each says which folder it will use
+    assert studio.move_up(queued[2].job_id) == 2 and studio.move_up(queued[2].job_id) == 1
+    assert studio.move_up(queued[2].job_id) == 1  # already first
+    assert studio.cancel(queued[0].job_id) and not studio.cancel(queued[0].job_id)
+    assert [job["job_id"] for job in studio.queued()] == [queued[2].job_id, queued[1].job_id]
+    assert not Path(queued[0].output_path).exists()  # a cancelled job leaves nothing behind
+    with pytest.raises(BusyError, match="already has a queued or running job"):
+        studio.submit(config(tmp_path, "same-3"), resume=True)
+
+
+def test_the_queue_is_kept_in_the_outputs_folder_and_survives_a_restart(studios, tmp_path):
+    first = studios(tmp_path, devices=0)
+    running = first.submit(config(tmp_path, "a"))
+    waiting = first.submit(config(tmp_path, "b"))
+    saved = json.loads((tmp_path / QUEUE_FILE).read_text())
+    assert [item["job_id"] for item in saved] == [waiting.job_id]
+    assert saved[0]["config"]["output_path"] == waiting.output_path
+    first.shutdown(timeout=10)  # stops the running job; the queued one stays on disk
+    assert first.view(running.job_id).finished and not (tmp_path / "b").exists()
+
+    second = studios(tmp_path, devices=0)
+    assert second.view(waiting.job_id).state in ("preparing", "running")  # the device was free: it started
+    assert second.running() == [waiting.job_id] and second.queued() == []
+    assert json.loads((tmp_path / QUEUE_FILE).read_text()) == []

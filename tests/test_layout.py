@@ -1,0 +1,100 @@
+"""The project's layout rules: no import cycle among its own modules, and engine modules and functions of a
+size one can read (modules at most ~400 lines, functions at most ~60)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from helpers import ROOT
+
+PACKAGES = ("lora_core", "studio")
+FACES = ("train_lora.py", "webui.py")
+MAX_MODULE_LINES = 420  # "about 400": config.py, mostly its table of fields, is at 418
+MAX_FUNCTION_LINES = 60
+
+
+def own_modules() -> dict[str, Path]:
+    """Module name -> file, for the project's packages and faces."""
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            modules[name] = path
+    modules.update({face.removesuffix(".py"): ROOT / face for face in FACES})
+    return modules
+
+
+def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
+    """The project's modules `path` imports anywhere in it (function-level imports included)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        for target in targets:
+            while target and target not in known:  # `a.b.c` -> the deepest module of ours it names
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for other in sorted(graph[node]):
+            if state.get(other) == 1:
+                return stack[stack.index(other):] + [other]
+            if other not in state and (cycle := visit(other)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_import_graph_of_the_projects_modules_has_no_cycle():
+    modules = own_modules()
+    graph = {name: imports_of(path, name, set(modules)) for name, path in modules.items()}
+    assert graph["lora_core.training"] >= {"lora_core.plan", "lora_core.setup"}  # the parser sees imports
+    assert "lora_core.config" in graph["lora_core.cli"]  # function-level ones too
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_a_cycle_is_found():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_engine_modules_and_functions_stay_small():
+    too_long = []
+    for path in sorted((ROOT / "lora_core").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        name = path.relative_to(ROOT)
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {len(text.splitlines())} lines (at most {MAX_MODULE_LINES})")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{name}:{node.lineno} {node.name}: {length} lines (at most "
+                                    f"{MAX_FUNCTION_LINES})")
+    assert not too_long, "split these:\n" + "\n".join(too_long)
