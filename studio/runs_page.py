@@ -1,7 +1,7 @@
 """The page's Runs tab: every run in the outputs folder, one run opened, Delete and Compare.
 
 Built from studio/runs.py (each run's own files), so it shows CLI runs and runs of earlier servers too.
-Its named API endpoints: `runs`, `run`, `delete_run`, `compare`.
+Its named API endpoints: `runs`, `open_run` (by run id; the jobs API's `run` takes a job id), `delete_run`, `compare`.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ class RunsTab:
         self.refresh_button.click(self.list, None, listed, api_name="runs")
         demo.load(self.list, None, listed, api_name=False)
         self.open_button.click(self.open, self.pick, [self.summary, self.plot, self.samples, self.files,
-                                                      self.report, self.detail], api_name="run")
+                                                      self.report, self.detail], api_name="open_run")
         self.delete_button.click(self.delete, [self.pick, self.confirm], [self.deleted, *listed],
                                  api_name="delete_run")
         self.data.change(lambda data: gr.update(choices=[row["id"] for row in data or []

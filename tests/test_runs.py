@@ -174,7 +174,7 @@ def test_the_run_endpoint_opens_a_run_and_delete_needs_the_confirmation(runs_pag
     from gradio_client.exceptions import AppError
 
     client, root = runs_page
-    summary, _, _, files, _, detail = client.predict("resumed", api_name="/run")
+    summary, _, _, files, _, detail = client.predict("resumed", api_name="/open_run")
     assert detail["state"] == "stopped" and detail["resumed_at"] == [6] and "resumed at step(s): 6" in summary
     assert [Path(item).name for item in files] == ["checkpoint-4.safetensors"]
     with pytest.raises(AppError, match="tick"):
@@ -184,4 +184,4 @@ def test_the_run_endpoint_opens_a_run_and_delete_needs_the_confirmation(runs_pag
     assert message == "deleted broken" and not (root / "broken").exists()
     assert "broken" not in [row["id"] for row in data]
     with pytest.raises(AppError, match="not a run id"):
-        client.predict("../outputs", api_name="/run")
+        client.predict("../outputs", api_name="/open_run")
