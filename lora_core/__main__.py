@@ -6,6 +6,8 @@
     python -m lora_core options         print the README's option table (Markdown)
     python -m lora_core readme [PATH]   rewrite the option table between README.md's options markers
     python -m lora_core report FOLDER   (re)write FOLDER/training_report.html from its events.jsonl
+    python -m lora_core grid RUN ...    checkpoints x prompts image grid (see lora_core/grid.py, or grid -h)
+    python -m lora_core sweep RUN ...   one LoRA at several strengths (see lora_core/grid.py, or sweep -h)
     python -m lora_core inspect | resize | merge | bake ...   the LoRA tools (lora_core/loratools.py; --help)
 """
 
@@ -47,5 +49,9 @@ if __name__ == "__main__":
         if written is None:
             sys.exit(f"no training run recorded in {sys.argv[2]}/events.jsonl")
         print(written)
+    elif command in ("grid", "sweep"):
+        from lora_core.grid import main
+
+        sys.exit(main(sys.argv[1:]))
     else:
         sys.exit(__doc__)

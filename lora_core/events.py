@@ -1,7 +1,8 @@
 """Typed events: the only thing callers of the engine see.
 
 Each event serialises to one JSON object with `type` and an ISO-8601 `timestamp`.
-`complete`, `error` and `interrupted` are terminal: exactly one of them ends every run.
+`complete`, `error` and `interrupted` are terminal: exactly one of them ends every run; a grid or sweep
+(grid.py) ends with `grid_complete`, `error` or `interrupted`.
 """
 
 from __future__ import annotations
@@ -156,8 +157,32 @@ class ValidationReport(Event):
                    **({"timestamp": report["timestamp"]} if "timestamp" in report else {}))
 
 
+@dataclass(kw_only=True)
+class GridProgress(Event):
+    """One cell of a checkpoint x prompt grid or a strength sweep is drawn (grid.py)."""
+
+    type: ClassVar[str] = "grid_progress"
+    kind: str  # grid | sweep
+    done: int
+    total: int
+    row: str
+    column: str
+
+
+@dataclass(kw_only=True)
+class GridComplete(Event):
+    type: ClassVar[str] = "grid_complete"
+    terminal: ClassVar[bool] = True
+    kind: str
+    path: str
+    width: int
+    height: int
+    total_time: float
+
+
 EVENT_TYPES: dict[str, type[Event]] = {cls.type: cls for cls in (Started, Progress, Checkpoint, Sample, Complete,
-                                                                  Error, Interrupted, ValidationReport)}
+                                                                  Error, Interrupted, ValidationReport, GridProgress,
+                                                                  GridComplete)}
 
 
 def event_from_dict(data: dict[str, Any]) -> Event:

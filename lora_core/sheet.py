@@ -1,0 +1,118 @@
+"""Contact sheets: equally sized images in rows and columns, with a label per row and per column.
+
+Pillow only (no torch), so the page can build or read sheets without the engine. Labels use Pillow's own
+default font (bundled with Pillow, no system font needed); text that does not fit is wrapped, and cut with
+"..." after a few lines, so a long prompt never changes the size of the cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw, ImageFont
+
+BACKGROUND, INK, FRAME = (255, 255, 255), (20, 20, 20), (200, 200, 200)
+MAX_LABEL_LINES = 4
+
+
+@dataclass(frozen=True)
+class SheetLayout:
+    """Where everything sits: cell (r, c)'s box is `box(r, c)`; the sheet is `size` pixels."""
+
+    rows: int
+    columns: int
+    cell_width: int
+    cell_height: int
+    label_width: int  # the row labels' column, left of the cells
+    top: int  # the title and the column labels, above the cells
+    gap: int  # between cells, and the margin right and below
+
+    def box(self, row: int, column: int) -> tuple[int, int, int, int]:
+        left = self.label_width + column * (self.cell_width + self.gap)
+        top = self.top + row * (self.cell_height + self.gap)
+        return left, top, left + self.cell_width, top + self.cell_height
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.label_width + self.columns * (self.cell_width + self.gap),
+                self.top + self.rows * (self.cell_height + self.gap))
+
+
+def font_size_for(cell_height: int) -> int:
+    """About 1/20 of a cell, so that labels stay legible from 64 px test cells to 1024 px SDXL ones."""
+    return max(10, min(40, cell_height // 20))
+
+
+def wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int,
+         max_lines: int = MAX_LABEL_LINES) -> list[str]:
+    """`text` in lines no wider than `width` pixels (a word longer than a line is broken), at most
+    `max_lines`, the last one ending in "..." when some text was left out."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        candidate = f"{line} {word}" if line else word
+        if font.getlength(candidate) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        while font.getlength(word) > width and len(word) > 1:  # break a word wider than the line
+            cut = len(word) - 1
+            while cut > 1 and font.getlength(word[:cut]) > width:
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        line = word
+    if line or not lines:
+        lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        last = lines[-1]
+        while last and font.getlength(last + "...") > width:
+            last = last[:-1]
+        lines[-1] = last + "..."
+    return lines
+
+
+def compose(cells: list[list[Image.Image]], row_labels: list[str], column_labels: list[str],
+            title: str = "") -> tuple[Image.Image, SheetLayout]:
+    """One RGB image of `cells` (rows of equally sized images) with their labels, and its layout."""
+    if not cells or not cells[0]:
+        raise ValueError("a sheet needs at least one cell")
+    if len(row_labels) != len(cells) or any(len(row) != len(column_labels) for row in cells):
+        raise ValueError(f"{len(cells)} rows of {[len(row) for row in cells]} cells do not match "
+                         f"{len(row_labels)} row labels and {len(column_labels)} column labels")
+    width, height = cells[0][0].size
+    if any(image.size != (width, height) for row in cells for image in row):
+        raise ValueError("every cell of a sheet must have the same size")
+    font = ImageFont.load_default(size=font_size_for(height))
+    line_height = int(font.size * 1.25)
+    pad = max(4, font.size // 2)
+    label_text_width = max(width, 96)
+    row_lines = [wrap(label, font, label_text_width) for label in row_labels]
+    column_lines = [wrap(label, font, width) for label in column_labels]
+    title_lines = wrap(title, font, max(width * len(column_labels), 200), max_lines=2) if title else []
+    widest = max(font.getlength(line) for lines in row_lines for line in lines)
+    label_width = int(min(widest, label_text_width)) + 2 * pad
+    title_height = len(title_lines) * line_height + pad if title_lines else 0
+    header_height = max(len(lines) for lines in column_lines) * line_height + pad
+    layout = SheetLayout(len(cells), len(column_labels), width, height, label_width,
+                         pad + title_height + header_height, pad)
+
+    sheet = Image.new("RGB", layout.size, BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    for index, line in enumerate(title_lines):
+        draw.text((pad, pad + index * line_height), line, fill=INK, font=font)
+    for column, lines in enumerate(column_lines):
+        left = layout.box(0, column)[0]
+        for index, line in enumerate(lines):
+            draw.text((left, pad + title_height + index * line_height), line, fill=INK, font=font)
+    for row, lines in enumerate(row_lines):
+        top = layout.box(row, 0)[1]
+        for index, line in enumerate(lines):
+            draw.text((pad, top + index * line_height), line, fill=INK, font=font)
+        for column, image in enumerate(cells[row]):
+            left, top, right, bottom = layout.box(row, column)
+            draw.rectangle((left - 1, top - 1, right, bottom), outline=FRAME)
+            sheet.paste(image.convert("RGB"), (left, top))
+    return sheet, layout
