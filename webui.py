@@ -41,6 +41,7 @@ from studio.formspec import (
     split_list,
 )
 from studio.jobs import RUN_NAME, BusyError, RunView, Studio
+from studio.runs_page import RunsTab
 from studio.uploads import UploadError, UploadLimits, ingest, remove_unused
 
 log = logging.getLogger("webui")
@@ -271,7 +272,7 @@ class StudioPage:
         with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as demo:
             gr.Markdown("# LoRA Studio\nTrain a Stable Diffusion LoRA: add images, pick a model, start, and "
                         "download the `.safetensors`. Training runs on the server; you can close this tab.")
-            with gr.Row(equal_height=False):
+            with gr.Tab("Train", elem_id="tab-train"), gr.Row(equal_height=False):
                 with gr.Column(scale=3):
                     self._dataset_section()
                     self._model_section()
@@ -279,8 +280,11 @@ class StudioPage:
                     self._estimate_section()
                 with gr.Column(scale=2):
                     self._train_section()
+            self.runs_tab = RunsTab(self.studio.outputs_root)  # every job has a job.json: the OS says what runs
+            self.runs_tab.build()
             self.form = {key: self.fields[key] for key in FORM_KEYS}
             self._wire(demo)
+            self.runs_tab.wire(demo)
         return demo
 
     def _dataset_section(self) -> None:

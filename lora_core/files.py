@@ -7,6 +7,7 @@ a full disk as its own error type, with no file name).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -17,6 +18,14 @@ from pathlib import Path
 
 from lora_core.errors import UserError
 
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file (0644 under the usual umask)
 TMP_SUFFIX = ".tmp"
 # How libraries that do not raise OSError (safetensors' Rust writer) spell a full disk.
 DISK_FULL_WORDS = ("No space left on device", "StorageFull", "code: 28,", "Disk quota exceeded")
@@ -69,7 +78,8 @@ def named_disk_full(path: Path, needed: int | None = None) -> Iterator[None]:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None], needed: int | None = None) -> Path:
-    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then rename it into place.
+    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then rename it into place. The file
+    gets the permissions a plain open() would give it (mkstemp's own 0600 would hide it from other users).
 
     `needed`: the bytes the file will take, when known, for the message if the disk is full."""
     path = Path(path)
@@ -77,6 +87,8 @@ def atomic_write(path: Path, write: Callable[[Path], None], needed: int | None =
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        with contextlib.suppress(AttributeError, OSError):  # no fchmod on Windows, whose files have no such modes
+            os.fchmod(fd, FILE_MODE)
         os.close(fd)
         tmp = Path(tmp_name)
         write(tmp)

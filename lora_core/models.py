@@ -15,6 +15,7 @@ from typing import Any
 
 from lora_core import builtin, families
 from lora_core.errors import UserError
+from lora_core.notices import quiet_library_notices
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -182,6 +183,7 @@ def with_loaded_prediction_type(info: ModelInfo, pipeline) -> ModelInfo:
 
 def load_pipeline(source: ModelSource, info: ModelInfo):
     """Load the whole diffusers pipeline on the CPU in fp32; the trainer moves and casts parts."""
+    quiet_library_notices()
     family = families.get(info.family)
     if source.kind == "builtin" and source.location in builtin.BUILTINS:
         import tempfile

@@ -2,8 +2,9 @@
 
 The events are the source of truth: the loss and learning-rate curves come from `progress` events, the
 samples from `sample` events, the outcome from the terminal event; the settings come from the config.json
-the run wrote. The page is self-contained (inline SVG charts, inline CSS, the last round of samples embedded
-as base64); other samples, checkpoints and the LoRA are linked relative to the output folder beside it.
+the run wrote. The page is self-contained (inline SVG charts, inline CSS, the sample images embedded as base64,
+newest first up to EMBED_LIMIT bytes; older ones beyond that are named, never linked), so a report that is
+moved or mailed keeps its images; the LoRA files are named by their path relative to the output folder.
 A resumed run appends to events.jsonl: each `started` after the first is marked on the charts.
 
     python -m lora_core report OUTPUT_FOLDER   (re)writes OUTPUT_FOLDER/training_report.html
@@ -164,16 +165,19 @@ def _samples(summary: RunSummary, output: Path) -> str:
         by_step.setdefault(event.step, []).append(event)
     budget = EMBED_LIMIT
     rows = []
-    for step in sorted(by_step, reverse=True):  # newest first; the newest round is embedded while it fits
+    for step in sorted(by_step, reverse=True):  # newest first, embedded while they fit in the budget
         cells = []
         for event in by_step[step]:
             path = Path(event.image_path)
-            source = _relative(path, output)
-            if step == max(by_step) and path.is_file() and path.stat().st_size <= budget:
-                budget -= path.stat().st_size
+            size = path.stat().st_size if path.is_file() else None
+            if size is not None and size <= budget:
+                budget -= size
                 source = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-            cells.append(f'<figure><a href="{_e(_relative(path, output))}"><img src="{_e(source)}" '
-                         f'alt="{_e(event.prompt)}"></a><figcaption>{_e(event.prompt)}</figcaption></figure>')
+                picture = f'<img src="{_e(source)}" alt="{_e(event.prompt)}">'
+            else:
+                why = "missing" if size is None else "not embedded: the report's image budget is spent"
+                picture = f'<p class="absent">{_e(_relative(path, output))} ({why})</p>'
+            cells.append(f'<figure>{picture}<figcaption>{_e(event.prompt)}</figcaption></figure>')
         rows.append(f'<div class="samples"><h3>step {step}</h3>{"".join(cells)}</div>')
     return "\n".join(rows)
 
@@ -269,7 +273,11 @@ def _relative(path: str | Path, output: Path) -> str:
 
 
 def _link(path: str, output: Path) -> str:
+    """A link to a file beside the report (it travels with the folder); a file elsewhere is only named, so
+    the page never points at a path on this machine."""
     target = _relative(path, output)
+    if target.startswith("../") or Path(target).is_absolute():
+        return f"<code>{_e(Path(path).as_posix())}</code>"
     return f'<a href="{_e(target)}">{_e(target)}</a>'
 
 
@@ -306,6 +314,7 @@ svg .resume {{ stroke: #d9822b; stroke-dasharray: 4 3; }}
 .samples h3 {{ width: 100%; margin: 0.5rem 0 0; font-size: 1rem; }}
 figure {{ margin: 0; max-width: 256px; }} figure img {{ width: 100%; image-rendering: auto; }}
 figcaption {{ font-size: 0.85rem; color: #555; }}
+.absent {{ font-size: 0.8rem; color: #888; }}
 </style>
 </head>
 <body>

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import sys
 import xml.etree.ElementTree as ET
@@ -72,7 +73,9 @@ def test_the_report_shows_the_loss_curve_the_settings_and_the_samples(tmp_path):
     assert "<th>learning_rate</th><td>0.002</td>" in page and "<th>lora_rank</th><td>4</td>" in page
     embedded = re.search(r'src="data:image/png;base64,([^"]+)"', page).group(1)
     assert base64.b64decode(embedded) == image.read_bytes()  # self-contained: the newest samples are inline
-    assert 'href="samples/step_6.png"' in page
+    assert "file://" not in page and 'href="samples/' not in page and 'src="samples/' not in page
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == page.count("<figure>")  # every sample inline
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # readable like any other output
     assert "shapestyle &lt;b&gt;&amp;&lt;/b&gt;" in page and "<b>&</b>" not in page  # prompts are escaped
     assert "complete" in page and "cuda:0 × 2 process(es), precision bf16, gradient checkpointing" in page
     assert "gradient checkpointing, UNet compiled (regional, CUDA graphs)" in page
@@ -133,3 +136,25 @@ def test_a_run_logs_to_tensorboard_and_leaves_a_report_beside_the_lora(dataset_d
     report = output / REPORT_NAME
     assert report.is_file() and (output / "lora_final.safetensors").is_file()
     assert len(polyline_points(svgs(report.read_text(encoding="utf-8"))[0])) == 4
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_a_moved_report_keeps_every_image_and_names_files_outside_its_folder(tmp_path):
+    image = record_run(tmp_path / "run")
+    older = image.with_name("step_3.png")
+    Image.new("RGB", (16, 16), (30, 200, 30)).save(older)
+    log = EventLog(tmp_path / "run" / "events.jsonl")
+    log(Sample(step=3, image_path=str(older), prompt="older"))  # an earlier round: embedded as well
+    log.close()
+    path = write_report(tmp_path / "run")
+    moved = tmp_path / "elsewhere" / REPORT_NAME
+    moved.parent.mkdir()
+    path.rename(moved)
+    page = moved.read_text(encoding="utf-8")
+    assert page.count("<img") == 2 and all(src.startswith("data:image/png;base64,")
+                                  for src in re.findall(r'<img src="([^"]+)"', page))

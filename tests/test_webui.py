@@ -533,3 +533,15 @@ def gone(pid: int, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def test_the_runs_tab_of_the_full_app_lists_a_run_made_outside_the_server(client, served):
+    folder = served[3] / "outputs" / "made-by-the-cli"
+    folder.mkdir(parents=True)
+    started = {"type": "started", "timestamp": "2026-12-01T09:00:00.000+00:00", "total_steps": 4, "num_images": 2,
+               "device": "cpu", "mixed_precision": "no", "model_family": "sd15", "output_path": str(folder)}
+    done = {"type": "complete", "timestamp": "2026-12-01T09:00:05.000+00:00", "final_path": "x", "total_time": 5.0,
+            "step": 4}
+    (folder / "events.jsonl").write_text(json.dumps(started) + "\n" + json.dumps(done) + "\n")
+    rows = {row["id"]: row for row in client.predict(api_name="/runs")[1]}
+    assert rows["made-by-the-cli"]["state"] == "complete" and rows["made-by-the-cli"]["duration_s"] == 5.0
