@@ -6,7 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_DATASET = ROOT / "demo" / "dataset"
+SHAPES_DATASET = ROOT / "tests" / "data" / "shapes"  # the tiny random models' pictures (the demo's were these)
 
 
 def tiny_config(dataset: Path, output: Path, **overrides) -> dict:

@@ -17,7 +17,7 @@ import webui
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-DEMO = ROOT / "demo" / "dataset"
+DEMO = ROOT / "tests" / "data" / "shapes"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
                  "--no-first-run"]
 
