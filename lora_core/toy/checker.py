@@ -1,9 +1,9 @@
 """A deterministic judge of toy pictures (no model weights): which shape, in which colour, on which background.
 
 The background colour is the median of the border pixels; the foreground is every pixel far from it (and must
-be of one colour, not noise); each colour is the palette name nearest the mean of its pixels (the held-out colour included, so a picture of it
-can be recognised); the shape is the template (circle, square, triangle fitted to the foreground's bounding
-box) that overlaps the foreground mask best.
+be of one colour, not noise); each colour is the palette name nearest the mean of its pixels (the held-out
+colour included, so a picture of it can be recognised); the shape is the template (circle, square, triangle
+fitted to the foreground's bounding box) that overlaps the foreground mask best.
 """
 
 from __future__ import annotations
