@@ -208,7 +208,7 @@ class TrainConfig(BaseModel):
         "Hold out images of dataset_path for a validation loss; they never train. A whole number is a count "
         "(2), a number below 1 a fraction of the images (0.1 = 10 %, at least one image). The held-out images "
         "are picked by their file names, not the seed, so runs compare on the same ones. Empty: none."),
-        json_schema_extra=_ui("sampling"))
+        json_schema_extra=_ui("sampling", allowed=f"a count [1, {MAX_VALIDATION_IMAGES}] or a fraction (0, 1)"))
     validation_dataset_path: str | None = Field(None, min_length=1, max_length=MAX_PATH_CHARS, description=(
         "Instead of validation_images: a separate folder of held-out images (with optional .txt captions, "
         "read like dataset_path's) for the validation loss."), json_schema_extra=_ui("sampling"))

@@ -175,6 +175,7 @@ def options_table() -> str:
         default = "required" if info.is_required() else json.dumps(info.get_default(call_default_factory=True))
         allowed = allowed_range(name).removeprefix("allowed range ").removeprefix("choose one of ")
         if not allowed:
-            allowed = {"boolean": "true / false", "array": "list of strings"}.get(schema.get("type"), "text")
+            allowed = schema.get("allowed") or {"boolean": "true / false", "array": "list of strings"}.get(
+                schema.get("type"), "text")
         rows.append(f"| `{name}` | {default} | {allowed} | {info.description} |")
     return "\n".join(rows)
