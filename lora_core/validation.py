@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -26,9 +26,6 @@ from lora_core.config import TrainConfig
 from lora_core.errors import UserError
 from lora_core.families import Family
 from lora_core.families.base import tokenizers
-
-if TYPE_CHECKING:
-    from lora_core.setup import Run
 
 DRAWS_PER_IMAGE = 4  # (noise, timestep) pairs per image; the timesteps are spread over four equal strata
 SEED_TAG = "lora-studio validation"  # the draws depend on this and the image, never on the run's seed
@@ -123,7 +120,7 @@ class ValidationSet:
         return len(self.images)
 
     @torch.no_grad()
-    def loss(self, run: Run) -> float:
+    def loss(self, run: Any) -> float:  # a setup.Run (not imported: setup imports this module)
         """The mean held-out loss with the run's current LoRA (the UNet and text encoders left in eval mode;
         the caller puts them back to train)."""
         unet, scheduler, prediction_type = run.bare_unet, run.noise_scheduler, run.info.prediction_type
@@ -142,7 +139,7 @@ class ValidationSet:
                                               run.config.min_snr_gamma)
         return float(total.item()) / len(self.images)
 
-    def _encoder(self, run: Run):
+    def _encoder(self, run: Any):
         """(image index, caption) -> the text conditioning for its DRAWS_PER_IMAGE rows."""
 
         def rows(text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
