@@ -202,8 +202,8 @@ class TrainConfig(BaseModel):
     checkpoint_steps: int = Field(500, ge=1, le=1_000_000, description="Save a LoRA every N steps.",
                                   json_schema_extra=_ui("basic"))
     validation_steps: int = Field(100, ge=1, le=1_000_000, description=(
-        "Make sample images every N steps (and at the end); also the validation loss's cadence unless "
-        "validation_loss_steps is given."), json_schema_extra=_ui("sampling"))
+        "Make sample images every N steps (and at the end); also the validation loss's cadence while "
+        "validation_loss_steps is 0."), json_schema_extra=_ui("sampling"))
     validation_images: int | float | None = Field(None, description=(
         "Hold out images of dataset_path for a validation loss; they never train. A whole number is a count "
         "(2), a number below 1 a fraction of the images (0.1 = 10 %, at least one image). The held-out images "
@@ -212,9 +212,9 @@ class TrainConfig(BaseModel):
     validation_dataset_path: str | None = Field(None, min_length=1, max_length=MAX_PATH_CHARS, description=(
         "Instead of validation_images: a separate folder of held-out images (with optional .txt captions, "
         "read like dataset_path's) for the validation loss."), json_schema_extra=_ui("sampling"))
-    validation_loss_steps: int | None = Field(None, ge=1, le=1_000_000, description=(
+    validation_loss_steps: int = Field(0, ge=0, le=1_000_000, description=(
         "With held-out images, compute their denoising loss (fixed noise and timesteps, the same every time) "
-        "every N steps and at the end; empty: every validation_steps."), json_schema_extra=_ui("sampling"))
+        "every N steps and at the end; 0: every validation_steps."), json_schema_extra=_ui("sampling"))
     keep_checkpoints: int = Field(3, ge=1, le=1000, description=(
         "Training states (for --resume) to keep; older ones are deleted once a newer one is complete. "
         "Every checkpoint's LoRA file is kept."), json_schema_extra=_ui("advanced"))

@@ -227,7 +227,7 @@ def maybe_sample(run: Run, emit: Callable[[Event], None]) -> None:
 
 
 def maybe_validate(run: Run, emit: Callable[[Event], None]) -> None:
-    """The held-out images' loss every validation_loss_steps (else validation_steps) and at the end."""
+    """The held-out images' loss every validation_loss_steps (0: every validation_steps) and at the end."""
     every = run.config.validation_loss_steps or run.config.validation_steps
     if run.held_out is None or (run.step % every and run.step != run.plan.total_steps):
         return

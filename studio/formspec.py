@@ -65,8 +65,8 @@ def _spec(name: str, schema: dict[str, Any]) -> FieldSpec:
         return FieldSpec(kind="checkbox", **common)
     if kind == "array":
         return FieldSpec(kind="lines", **common)
-    if kind not in ("integer", "number"):
-        return FieldSpec(kind="text", **common)
+    if kind not in ("integer", "number"):  # an unset optional one is an empty box (None would make the API
+        return FieldSpec(kind="text", **{**common, "default": common["default"] or ""})  # argument required)
     integer = kind == "integer"
     low, high = schema.get("minimum"), schema.get("maximum")
     step = extra.get("step") or schema.get("multipleOf") or (1 if integer else None)
@@ -130,6 +130,9 @@ def config_to_form(config: TrainConfig) -> tuple[dict[str, Any], str]:
     for name in LENGTH_FIELDS:
         if values[name] is None:
             values[name] = specs[name].default
+    for name, spec in specs.items():
+        if values[name] is None and spec.kind == "text":
+            values[name] = ""
     length_by = "epochs" if config.steps is None and config.epochs is not None else "steps"
     return values, length_by
 

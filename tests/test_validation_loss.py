@@ -56,7 +56,7 @@ def test_counts_fractions_and_conflicting_options():
     assert set(both) == {"validation_images", "validation_dataset_path"} and "not both" in both["validation_images"]
     same = problems_of(validation_dataset_path=str(DEMO_DATASET) + "/")
     assert "dataset_path itself" in same["validation_dataset_path"]
-    assert "validation_loss_steps" in problems_of(validation_loss_steps=0)
+    assert "validation_loss_steps" in problems_of(validation_loss_steps=-1)
 
 
 def scanned() -> dataset.DatasetReport:
