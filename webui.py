@@ -224,8 +224,9 @@ def status_html(view: RunView) -> str:
 def loss_frame(view: RunView):
     import pandas as pd
 
-    points = view.curve()
-    return pd.DataFrame({"step": [p[0] for p in points], "loss": [p[1] for p in points]})
+    rows = [(step, loss, "training") for step, loss in view.curve()]
+    rows += [(step, loss, "validation (held-out)") for step, loss in view.validation_points]
+    return pd.DataFrame(rows, columns=["step", "loss", "line"])
 
 
 def run_summary(view: RunView) -> dict[str, Any]:
@@ -358,7 +359,7 @@ class StudioPage:
             self.stop_button = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
             self.resume_button = gr.Button("Resume last run", interactive=False, elem_id="resume")
         self.status = gr.HTML(status_html(self.studio.view()), elem_id="status")
-        self.plot = gr.LinePlot(x="step", y="loss", title="Loss", height=240, elem_id="loss-plot",
+        self.plot = gr.LinePlot(x="step", y="loss", color="line", title="Loss", height=240, elem_id="loss-plot",
                                 x_title="step", y_title="loss (mean since the last point)")
         self.samples = gr.Gallery(label="Samples", columns=3, height=260, object_fit="contain", elem_id="samples")
         self.checkpoints = gr.File(label="Checkpoints", file_count="multiple", interactive=False,

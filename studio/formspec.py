@@ -65,8 +65,8 @@ def _spec(name: str, schema: dict[str, Any]) -> FieldSpec:
         return FieldSpec(kind="checkbox", **common)
     if kind == "array":
         return FieldSpec(kind="lines", **common)
-    if kind not in ("integer", "number"):
-        return FieldSpec(kind="text", **common)
+    if kind not in ("integer", "number"):  # an unset optional one is an empty box (None would make the API
+        return FieldSpec(kind="text", **{**common, "default": common["default"] or ""})  # argument required)
     integer = kind == "integer"
     low, high = schema.get("minimum"), schema.get("maximum")
     step = extra.get("step") or schema.get("multipleOf") or (1 if integer else None)
@@ -91,6 +91,10 @@ def _is_list_field(name: str) -> bool:
     return typing.get_origin(TrainConfig.model_fields[name].annotation) is list
 
 
+def _is_optional(name: str) -> bool:
+    return type(None) in typing.get_args(TrainConfig.model_fields[name].annotation)
+
+
 def split_list(name: str, text: Any) -> Any:
     """Trigger words are comma-separated on the page; other lists (sample prompts) one per line."""
     if not isinstance(text, str):
@@ -110,6 +114,8 @@ def form_to_config_dict(form: dict[str, Any], length_by: str = "steps") -> dict[
     for name, value in form.items():
         if name not in TrainConfig.model_fields:
             continue
+        if isinstance(value, str) and not value.strip() and _is_optional(name):
+            value = None  # an empty text box of an optional field (validation_images) means "not set"
         data[name] = split_list(name, value) if _is_list_field(name) else value
     data.pop("epochs" if length_by == "steps" else "steps", None)
     return data
@@ -124,6 +130,9 @@ def config_to_form(config: TrainConfig) -> tuple[dict[str, Any], str]:
     for name in LENGTH_FIELDS:
         if values[name] is None:
             values[name] = specs[name].default
+    for name, spec in specs.items():
+        if values[name] is None and spec.kind == "text":
+            values[name] = ""
     length_by = "epochs" if config.steps is None and config.epochs is not None else "steps"
     return values, length_by
 

@@ -81,6 +81,7 @@ class RunView:
     device: str = ""
     model_family: str = ""
     loss_points: list[tuple[int, float]] = field(default_factory=list)
+    validation_points: list[tuple[int, float]] = field(default_factory=list)  # the held-out images' loss
     samples: list[tuple[str, str, int]] = field(default_factory=list)  # (image path, prompt, step)
     checkpoints: list[tuple[int, str]] = field(default_factory=list)  # (step, path)
     final_path: str | None = None
@@ -124,6 +125,8 @@ def add_event(view: RunView, event: dict[str, Any]) -> None:
             view.loss_points.append((event["step"], event["loss"]))
         if view.state == "preparing":
             view.state = "running"
+    elif kind == "validation":
+        view.validation_points.append((event["step"], event["loss"]))
     elif kind == "sample":
         view.samples.append((event["image_path"], event["prompt"], event["step"]))
     elif kind == "checkpoint":

@@ -18,10 +18,13 @@ from studio import runs
 SMOOTHING = 0.9  # exponential moving average of the loss, as the report draws it
 
 
-def _frame(curves: dict[str, list[tuple[int, float]]], smoothed: bool = True):
+def _frame(curves: dict[str, list[tuple[int, float]]], smoothed: bool = True,
+           validation: list[tuple[int, float]] = ()):
+    """Rows of (step, loss, line): each run's curve (raw and smoothed), and the held-out images' loss."""
     import pandas as pd
 
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = [{"step": step, "loss": loss, "line": "validation (held-out)"}
+                                  for step, loss in validation]
     for name, points in curves.items():
         average = points[0][1] if points else 0.0
         for step, loss in points:
@@ -77,8 +80,8 @@ class RunsTab:
         samples = [(item["path"], f"step {item['step']}: {item['prompt']}") for item in detail.samples
                    if Path(item["path"]).is_file()]
         data = dict(detail.__dict__)
-        return (_detail_markdown(detail), _frame({detail.id: detail.loss_points}), samples, files or None,
-                detail.report_path, data)
+        curves = _frame({detail.id: detail.loss_points}, validation=detail.validation_points)
+        return _detail_markdown(detail), curves, samples, files or None, detail.report_path, data
 
     def delete(self, run_id: str, confirm: bool) -> tuple[str, Any, list[dict[str, Any]], Any]:
         if not confirm:
