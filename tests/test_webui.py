@@ -341,6 +341,7 @@ def test_login_required_when_auth_is_on(tmp_path, monkeypatch):
 
 def test_safe_launch_defaults_and_a_warning_when_exposed(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv("LORA_STUDIO_AUTH", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)  # each xdist worker sets its own port range
     args = webui.parse_args(["--outputs", str(tmp_path / "out")])
     assert (args.host, args.port, args.share, args.auth) == ("127.0.0.1", 7860, False, None)
     assert webui.exposure_warning(args) is None
