@@ -168,6 +168,9 @@ def test_the_page_and_runs_view_plot_a_second_line_and_tensorboard_gets_a_scalar
 # training (one run with validation, one without)
 
 
+pytestmark = pytest.mark.xdist_group("test_validation_loss")  # its tests share trained runs: one xdist worker
+
+
 @pytest.fixture(scope="module")
 def held_out_folder(tmp_path_factory) -> Path:
     """Two images that are not in the training set: demo pictures turned a quarter, with captions."""
