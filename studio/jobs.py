@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -87,7 +88,17 @@ class RunView:
     message: str = ""  # the error or interruption, in words
     error_field: str | None = None
     stderr_tail: list[str] = field(default_factory=list)  # the job's last stderr lines, for a failed run
+    resumed_at: list[int] = field(default_factory=list)  # the step each resume continued from
+    starts: int = 0  # `started` events seen: 0 for a job that failed before it started training
     n_events: int = 0
+
+    @property
+    def saved_so_far(self) -> str | None:
+        """The LoRA to offer for download: the final one, else (a stopped or failed run) the newest
+        checkpoint still on disk."""
+        if self.final_path:
+            return self.final_path
+        return next((path for _, path in reversed(self.checkpoints) if Path(path).is_file()), None)
 
     @property
     def active(self) -> bool:
@@ -112,6 +123,9 @@ def add_event(view: RunView, event: dict[str, Any]) -> None:
     kind = event.get("type")
     view.n_events += 1
     if kind == "started":
+        view.starts += 1
+        if event.get("resumed_from_step"):
+            view.resumed_at.append(int(event["resumed_from_step"]))
         view.total_steps = event["total_steps"]
         view.device, view.model_family = event["device"], event["model_family"]
         view.output_path = event.get("output_path", view.output_path)
@@ -236,6 +250,11 @@ class Studio:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         return self.outputs_root / UPLOADS / f"{stamp}-{uuid.uuid4().hex[:8]}"
 
+    def next_folder(self, run_name: str) -> Path:
+        """The folder a new run of this name would write to now (a suffix when the name's folder is taken)."""
+        with self._lock:
+            return self._fresh(self.run_folder(run_name))
+
     def _fresh(self, folder: Path) -> Path:
         """`folder`, or `folder-2`, `-3`... when an earlier run already wrote there."""
         candidate, number = folder, 1
@@ -340,11 +359,15 @@ class Studio:
             config = queued.train_config()
             process = JobProcess.start(folder, config, queued.processes, resume=queued.resume, devices=devices,
                                        record={"job_id": queued.job_id})
-        except (OSError, ConfigError) as error:  # the run shows why it never started
+        except (OSError, ConfigError) as error:  # the job's view says why it never started
             log.warning("job %s could not start: %s", queued.job_id, error)
-            event_log = EventLog(folder / EVENTS_FILE)
-            event_log(Error(message=f"the job could not start: {error}", field=getattr(error, "field", None)))
-            event_log.close()
+            message, where = f"the job could not start: {error}", getattr(error, "field", None)
+            if queued.resume:  # the run exists: its own record says the resume failed
+                event_log = EventLog(folder / EVENTS_FILE)
+                event_log(Error(message=message, field=where))
+                event_log.close()
+            else:  # a new run that never started leaves no folder behind, only this view in memory
+                tail.view.state, tail.view.message, tail.view.error_field = "error", message, where
             self._tails[queued.job_id] = tail
             return
         self._track(ActiveJob(queued.job_id, process, tail, config))
@@ -454,8 +477,19 @@ class Studio:
                 except OSError as error:
                     log.warning("could not record how job %s ended: %s", job_id, error)
                 job.tail.update()
+            if not job.tail.view.starts and not job.process.record.get("resume"):
+                self._forget_folder(job)
             del self._active[job_id]
             self._wake.notify_all()
+
+    def _forget_folder(self, job: ActiveJob) -> None:
+        """A new run whose process failed before training started: its view keeps the error and the stderr
+        tail, and its folder (job.json, stderr.log, events.jsonl, nothing else of use) is removed."""
+        view = job.tail.view
+        view.stderr_tail = view.stderr_tail or stderr_tail(job.tail.folder)
+        folder = job.process.folder
+        if folder.resolve().is_relative_to(self.outputs_root) and folder.resolve() != self.outputs_root:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _adopt_running_jobs(self) -> None:
         """Jobs of an earlier server process: those still running are followed again, those that died
