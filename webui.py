@@ -322,11 +322,14 @@ class StudioPage:
                     self._parameters_section()
                 with gr.Column(scale=2):
                     self._train_section()
-            self.runs_tab = RunsTab(self.studio.outputs_root)  # every job has a job.json: the OS says what runs
+            self.runs_tab = RunsTab(self.studio.outputs_root, studio=self.studio)  # the OS says what runs
             self.runs_tab.build()
             self.form = {key: self.fields[key] for key in FORM_KEYS}
             self._wire(demo)
             self.runs_tab.wire(demo)
+            self.runs_tab.clone_button.click(self.clone, self.runs_tab.pick, list(self.form.values()),
+                                             api_name="clone").then(
+                self.folder_note_text, self.fields["run_name"], self.folder_note, api_name=False)
         return demo
 
     def _dataset_section(self) -> None:
@@ -527,6 +530,20 @@ class StudioPage:
             return f"**Cannot use this dataset:** {error}", []
         gallery = preview.thumbnails(report, self.studio.outputs_root / ".thumbnails")
         return dataset_markdown(report, upload_report), gallery
+
+    def clone(self, run_id: str) -> list[Any]:
+        """A run's settings into the form (its dataset too), under a new run name: the form's fields in
+        order (as `export_config` lists them)."""
+        from lora_core.errors import UserError
+
+        try:
+            config = self.runs_tab.run_config(run_id)
+        except UserError as error:
+            raise gr.Error(f"Not cloned: {error}") from None
+        values = default_form(config)
+        values["run_name"] = self.studio.next_folder(Path(config.output_path).name).name
+        gr.Info(f"The settings of {run_id} are in the Train form, as run {values['run_name']}.")
+        return [values[key] for key in FORM_KEYS]
 
     def restore_form(self) -> list[Any]:
         """A page opened while (or after) this server trained shows that job's settings and dataset."""

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_core.config import ConfigError, TrainConfig
+from lora_core.errors import UserError
 from lora_core.events import Error, EventLog
 from lora_core.launcher import EVENTS_FILE, JOB_FILE, JobProcess, record_lost, stderr_tail
 from studio.queue import JobQueue, QueuedJob
@@ -43,6 +44,8 @@ MAX_CURVE_POINTS = 400  # the loss curve shown is averaged down to this many poi
 UPLOADS = "uploads"
 RUN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 TICK_S = 0.5  # how often the registry looks at its running jobs
+TOOLS = ("grid", "sweep")  # job kinds besides training: drawn from a run's saved LoRAs
+TOOL_JOBS = ".jobs"  # under a run folder: one folder per grid or sweep job
 
 
 class BusyError(RuntimeError):
@@ -151,6 +154,12 @@ def add_event(view: RunView, event: dict[str, Any]) -> None:
             view.checkpoints.append((event["step"], event["checkpoint_path"]))
     elif kind == "error":
         view.state, view.message, view.error_field = "error", event["message"], event.get("field")
+    elif kind == "grid_progress":  # a grid or sweep job: cells drawn read as steps
+        view.step, view.total_steps = event["done"], event["total"]
+        view.percent = round(100.0 * view.step / max(1, view.total_steps), 2)
+        view.state = "running"
+    elif kind == "grid_complete":
+        view.state, view.final_path, view.percent = "complete", event["path"], 100.0
 
 
 class RunTail:
@@ -204,6 +213,7 @@ class ActiveJob:
     tail: RunTail
     config: TrainConfig | None = None
     stop_requested: bool = False
+    kind: str = "train"  # or grid | sweep
 
     @property
     def devices(self) -> list[int]:
@@ -318,6 +328,25 @@ class Studio:
             position = self._queue.position(job_id)
             return Submitted(job_id, "queued" if position else "running", position or 0, str(output))
 
+    def submit_tool(self, kind: str, run_folder: Path, args: list[str]) -> Submitted:
+        """Queue a grid or sweep (`python -m lora_core KIND RUN_FOLDER ARGS`) of a run: it waits for a device
+        like training does, and its job folder is `RUN_FOLDER/.jobs/<job id>` (its events, stderr and
+        job.json; the PNG goes into the run folder). Refused while the run itself trains or waits."""
+        if kind not in TOOLS:
+            raise ValueError(f"unknown job kind {kind!r}; one of {', '.join(TOOLS)}")
+        with self._lock:
+            folder = Path(run_folder).resolve()
+            if not folder.is_relative_to(self.outputs_root) or folder == self.outputs_root:
+                raise ValueError(f"run folder {folder} is outside {self.outputs_root}")
+            if folder in self._busy_folders():
+                raise BusyError(f"{folder.name} is training or waiting to; draw its {kind} once it has ended")
+            job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{kind}-{uuid.uuid4().hex[:6]}"
+            job_folder = folder / TOOL_JOBS / job_id
+            self._queue.add(QueuedJob(job_id, str(job_folder), {}, kind=kind, args=[str(folder), *args]))
+            self._dispatch()
+            position = self._queue.position(job_id)
+            return Submitted(job_id, "queued" if position else "running", position or 0, str(job_folder))
+
     def start(self, config: TrainConfig, resume: bool = False) -> str:
         """`submit`, answering only the job id."""
         return self.submit(config, resume).job_id
@@ -353,6 +382,9 @@ class Studio:
             self._launch(head, devices)
 
     def _launch(self, queued: QueuedJob, devices: list[int]) -> None:
+        if queued.kind != "train":
+            self._launch_tool(queued, devices)
+            return
         folder = Path(queued.output_path)
         tail = RunTail(folder, queued.job_id)
         try:
@@ -373,6 +405,22 @@ class Studio:
         self._track(ActiveJob(queued.job_id, process, tail, config))
         self._wake.notify_all()
 
+    def _launch_tool(self, queued: QueuedJob, devices: list[int]) -> None:
+        from lora_core.grid import read_run
+
+        folder = Path(queued.output_path)
+        tail = RunTail(folder, queued.job_id)
+        self._tails[queued.job_id] = tail
+        try:
+            _, config = read_run(queued.args[0])
+            process = JobProcess.start_tool(folder, [queued.kind, *queued.args], config, devices=devices,
+                                            record={"job_id": queued.job_id, "kind": queued.kind})
+        except (OSError, UserError) as error:
+            tail.view.state, tail.view.message = "error", f"the {queued.kind} could not start: {error}"
+            return
+        self._track(ActiveJob(queued.job_id, process, tail, kind=queued.kind))
+        self._wake.notify_all()
+
     def _track(self, job: ActiveJob) -> None:
         view = job.tail.update()
         if view.finished:  # a resumed run: the earlier part's end is not this job's
@@ -381,7 +429,8 @@ class Studio:
         self._tails[job.job_id] = job.tail
         if job.config is not None:
             self._configs[job.job_id] = job.config
-        self._current = job.job_id
+        if job.kind == "train":  # the Train panel shows training; a grid is followed from its run
+            self._current = job.job_id
 
     def stop(self, job_id: str | None = None) -> bool:
         """Ask a running job (by default every one) to stop after its current step; it saves a checkpoint.
@@ -477,7 +526,7 @@ class Studio:
                 except OSError as error:
                     log.warning("could not record how job %s ended: %s", job_id, error)
                 job.tail.update()
-            if not job.tail.view.starts and not job.process.record.get("resume"):
+            if job.kind == "train" and not job.tail.view.starts and not job.process.record.get("resume"):
                 self._forget_folder(job)
             del self._active[job_id]
             self._wake.notify_all()

@@ -5,6 +5,7 @@ history; the Advanced section is grouped and no label needs an emoji font."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import ValidationError
-from helpers import DEMO_DATASET
+from helpers import DEMO_DATASET, make_dataset
 
 import webui
 from studio.formspec import ADVANCED_TABS, advanced_tabs, field_specs
@@ -23,16 +24,6 @@ TINY = dict(base_model="builtin:tiny-sd", trigger_words="shapestyle", resolution
             validation_steps=1000)
 TERMINAL = ("complete", "error", "interrupted")
 EMOJI = re.compile("[\u2600-\u27bf\U0001f000-\U0001ffff\ufe0f]")
-
-
-def make_dataset(folder: Path, count: int = 4) -> Path:
-    """A small dataset of our own (the demo's content may change): copies of the demo's first images."""
-    folder.mkdir(parents=True, exist_ok=True)
-    images = sorted(path for path in DEMO_DATASET.iterdir() if path.suffix in (".png", ".jpg"))[:count]
-    for index, image in enumerate(images):
-        (folder / f"image_{index}{image.suffix}").write_bytes(image.read_bytes())
-        (folder / f"image_{index}.txt").write_text(f"a shape number {index}")
-    return folder
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,3 +197,47 @@ def test_no_label_or_button_needs_an_emoji_font_and_the_estimate_sits_by_start(p
     tabs = [component["props"].get("label") for component in config["components"]
             if (component.get("props", {}).get("elem_id") or "").startswith("advanced-")]
     assert tabs[:6] == list(ADVANCED_TABS)
+
+
+@pytest.mark.e2e
+def test_every_named_endpoint_is_in_the_readmes_api_list(page):
+    client = page[0]
+    names = {name.lstrip("/") for name in client.view_api(return_format="dict", print_info=False)["named_endpoints"]}
+    assert {"grid", "sweep", "run_folder", "start", "runs", "compare"} <= names
+    readme = (webui.ROOT / "README.md").read_text(encoding="utf-8")
+    listed = readme[readme.index("Every action has a"):readme.index("docs/webui.md#api-gradio_client")]
+    internal = {"model_family", "save_preset", "export_config"}  # the form's helpers, listed in docs/webui.md
+    assert [name for name in sorted(names - internal) if f"`{name}`" not in listed] == []
+
+
+@pytest.mark.e2e
+def test_an_opened_run_is_cloned_into_the_form_and_resumed_through_the_queue(page, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    client, studio, root = page
+    form = dict(dataset_path=str(make_dataset(tmp_path / "data", count=2)), run_name="to-clone", steps=5000,
+                **{**TINY, "learning_rate": 3e-4})
+    job = client.predict(**form, api_name="/start")
+    wait_for(client, job["job_id"], lambda s: s["state"] == "running" and s["step"] >= 1)
+    client.predict(api_name="/stop")
+    stopped = wait_for(client, job["job_id"], lambda s: s["state"] in TERMINAL)
+    run_id = Path(job["output_path"]).name
+
+    values = dict(zip(webui.FORM_KEYS, client.predict(run_id, api_name="/clone"), strict=True))
+    assert values["run_name"] == f"{run_id}-2"  # a new name: the clone never writes into the run it came from
+    assert values["learning_rate"] == 3e-4 and values["steps"] == 5000
+    assert values["dataset_path"] == form["dataset_path"] and values["trigger_words"] == "shapestyle"
+
+    resumed = client.predict(run_id, api_name="/resume_run")
+    assert resumed["state"] == "running" and resumed["output_path"] == job["output_path"]
+    state = wait_for(client, resumed["job_id"], lambda s: s["state"] == "running" and s["step"] > stopped["step"])
+    assert state["resumed_at"] == [stopped["step"]]
+    client.predict(api_name="/stop")
+    wait_for(client, resumed["job_id"], lambda s: s["state"] in TERMINAL)
+    finished = root / "outputs" / "finished-elsewhere"  # a complete run, as the CLI leaves one
+    finished.mkdir()
+    events = [{"type": "started", "timestamp": "2026-01-01T00:00:00", "total_steps": 2},
+              {"type": "complete", "timestamp": "2026-01-01T00:01:00", "final_path": str(finished / "x"), "step": 2}]
+    (finished / "events.jsonl").write_text("".join(json.dumps(event) + "\n" for event in events))
+    with pytest.raises(AppError, match="is complete; only a stopped run can be resumed"):
+        client.predict(finished.name, api_name="/resume_run")
