@@ -150,7 +150,8 @@ class RunsTab:
             raise gr.Error(str(error)) from None
         table = [[key, *(str(values[run_id]) for run_id in result["runs"])]
                  for key, values in result["differing"].items()]
-        return _frame(result["curves"], smoothed=False), table, result
+        shown = gr.Dataframe(value=table, headers=["field", *result["runs"]])  # a column per run, named
+        return _frame(result["curves"], smoothed=False), shown, result
 
     def sheet_form(self, run_id: str) -> tuple[Any, ...]:
         """The grid and sweep choices for the opened run: its saved LoRAs (the grid's default: all, capped),
@@ -162,9 +163,11 @@ class RunsTab:
         choices = sheets.saved_choices(folder)
         prompts = "\n".join(sheets.run_prompts(runs.flat_config(runs._read_json(folder / runs.CONFIG_FILE))))
         newest = sheets.newest_sheet(folder)
-        shown = str(newest) if newest else None
+        def shown() -> dict[str, Any]:  # one update per component: Gradio consumes the dict it is given
+            return gr.update(value=str(newest) if newest else None, visible=bool(newest))
+
         return (gr.update(choices=choices, value=sheets.default_steps(folder)), prompts,
-                gr.update(choices=choices, value=choices[-1][1] if choices else None), shown, shown)
+                gr.update(choices=choices, value=choices[-1][1] if choices else None), shown(), shown())
 
     def grid(self, run_id: str, steps: list[str] | None, prompts: str | None) -> dict[str, Any]:
         """Queue a checkpoint x prompt grid of a run: {job_id, state, position, output_path}."""
@@ -197,9 +200,11 @@ class RunsTab:
                 break
             yield sheet_status(view, kind), gr.skip(), gr.skip()
             time.sleep(FOLLOW_TICK_S)
-        done = view.state == "complete" and view.final_path
-        yield sheet_status(view, kind), (view.final_path if done else gr.skip()), (view.final_path if done
-                                                                                   else gr.skip())
+        if view.state == "complete" and view.final_path:
+            yield (sheet_status(view, kind), gr.update(value=view.final_path, visible=True),
+                   gr.update(value=view.final_path, visible=True))
+        else:
+            yield sheet_status(view, kind), gr.skip(), gr.skip()
 
     # --- layout ---
     def build(self) -> None:
@@ -260,8 +265,9 @@ class RunsTab:
             self.sheet_job = gr.JSON(visible=False)
             self.sheet_state = gr.HTML(elem_id="sheet-progress")
             self.sheet_image = gr.Image(label="Grid or sweep", type="filepath", interactive=False,
-                                        elem_id="sheet-image")
-            self.sheet_file = gr.File(label="Download the PNG", interactive=False, elem_id="sheet-file")
+                                        elem_id="sheet-image", visible=False)  # shown once there is one
+            self.sheet_file = gr.File(label="Download the PNG", interactive=False, elem_id="sheet-file",
+                                      visible=False)
 
     def wire(self, demo: gr.Blocks) -> None:
         listed = [self.table, self.data, self.pick]

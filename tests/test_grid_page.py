@@ -136,7 +136,9 @@ def test_the_opened_run_offers_its_checkpoints_and_prompts_and_the_page_follows_
     assert 'data-state="complete"' in states[-1]
     assert any("drawing cell" in status or "loading" in status or "waiting" in status for status in states[:-1])
     image, download = shown[-1][1:]
-    assert image == download and Path(image).parent == run and Path(image).name.startswith("grid_")
+    assert image == download and image["visible"] is True
+    assert Path(image["value"]).parent == run and Path(image["value"]).name.startswith("grid_")
+    assert Path(tab.sheet_form(run.name)[3]["value"]) == sheets.newest_sheet(run)  # shown again when reopened
 
 
 def test_the_options_become_the_command_line_of_the_job(tmp_path):
