@@ -141,3 +141,31 @@ def config_file_dict(config: TrainConfig) -> dict[str, Any]:
     """The config file form, which `train_lora.py --config` accepts unchanged (a length not given is left
     out, so the file means the same run)."""
     return config_to_file_dict(config)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the Advanced section, grouped
+
+ADVANCED_TABS: dict[str, tuple[str, ...]] = {
+    "Optimizer": ("optimizer", "lr_scheduler", "lr_scheduler_num_cycles", "lr_warmup_steps", "adam_weight_decay",
+                  "max_grad_norm", "gradient_accumulation_steps", "min_snr_gamma", "noise_offset",
+                  "zero_terminal_snr", "seed"),
+    "LoRA": ("network_type", "lokr_factor", "lora_target", "lora_dropout", "use_dora", "train_text_encoder",
+             "text_encoder_lr"),
+    "Data": ("min_bucket_resolution", "max_bucket_resolution", "bucket_no_upscale", "crop", "flip_horizontal",
+             "latent_cache"),
+    "Captions": ("trigger_placement", "shuffle_tags", "keep_tokens", "caption_dropout"),
+    "Precision and memory": ("device", "mixed_precision", "gradient_checkpointing", "compile_unet", "cuda_graphs"),
+    "Checkpoints and logs": ("keep_checkpoints", "max_nonfinite_steps", "progress_steps", "log_with"),
+}
+OTHER_TAB = "Other"  # a field added to the config later shows here until it is given a tab
+
+
+def advanced_tabs(specs: list[FieldSpec]) -> dict[str, list[FieldSpec]]:
+    """The advanced fields by tab, in the tabs' order; every advanced field is in exactly one tab."""
+    tab_of = {name: tab for tab, names in ADVANCED_TABS.items() for name in names}
+    tabs: dict[str, list[FieldSpec]] = {tab: [] for tab in [*ADVANCED_TABS, OTHER_TAB]}
+    for spec in specs:
+        if spec.group == "advanced":
+            tabs[tab_of.get(spec.name, OTHER_TAB)].append(spec)
+    return {tab: items for tab, items in tabs.items() if items}

@@ -232,8 +232,8 @@ def _queued_rows(root: Path) -> list[RunRow]:
     items = _read_json(root / QUEUE_FILE)
     rows = []
     for item in items if isinstance(items, list) else []:
-        if not isinstance(item, dict) or not item.get("output_path"):
-            continue
+        if not isinstance(item, dict) or not item.get("output_path") or item.get("kind", "train") != "train":
+            continue  # a grid or sweep waiting is no run of its own
         folder = Path(str(item["output_path"]))
         config = flat_config(item.get("config"))
         rows.append(RunRow(id=folder.name, name=folder.name, state="queued", folder=str(folder),

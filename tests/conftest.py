@@ -14,7 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from helpers import DEMO_DATASET, ROOT, tiny_config  # noqa: E402, F401  (re-exported for branches not yet ported)
 
-
 # Under pytest-xdist (the default, see pyproject.toml) each worker is a process of its own: one torch thread each,
 # so two workers on two cores do not oversubscribe them (OpenMP threads that wait on a busy core spin and slow
 # everything down many times over), and a port range of its own for the gradio servers the tests start, so two
