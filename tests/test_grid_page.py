@@ -38,6 +38,9 @@ def wait_for(client: Client, job_id: str, done, timeout: float = 180.0) -> dict:
     raise AssertionError(f"timed out; last state {state}")
 
 
+pytestmark = pytest.mark.xdist_group("test_grid_page")  # its tests share one trained run: one xdist worker
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, model_cache):
     """A launched app and one trained run (a checkpoint at step 2, the final LoRA at 4), shared by the tests
