@@ -34,6 +34,7 @@ from studio import auth
 from studio.formspec import (
     LENGTH_CHOICES,
     FieldSpec,
+    advanced_tabs,
     config_file_dict,
     config_to_form,
     field_specs,
@@ -55,6 +56,7 @@ OUTPUTS_ENV, AUTH_ENV, DATASETS_ENV = "LORA_STUDIO_OUTPUTS", "LORA_STUDIO_AUTH",
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".txt", ".zip"]
 ACTIVE_TICK_S, IDLE_TICK_S = 1.0, 3.0
+FINAL_LABEL = "Download LoRA (.safetensors)"
 # The form: the page's own widgets, then one per optional config field. Handlers get these as keywords.
 PAGE_KEYS = ["dataset_path", "trigger_words", "base_model", "run_name", "length_by"]
 SPECS = field_specs()
@@ -147,6 +149,36 @@ def validation(form: dict[str, Any], studio: Studio, settings: PageSettings) -> 
     return [gr.validate(key not in messages, "; ".join(messages.get(key, []))) for key in FORM_KEYS]
 
 
+def dataset_problem(form: dict[str, Any], studio: Studio, settings: PageSettings) -> str | None:
+    """Why the form's dataset cannot be trained on (the scan's message), or None. A form whose config is
+    invalid is left to `validation`."""
+    from lora_core import dataset
+
+    try:
+        config = build_config(form, studio, settings)
+    except ConfigError:
+        return None
+    try:
+        dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement)
+    except dataset.DatasetError as error:
+        return f"{error} (nothing was queued)"
+    return None
+
+
+def words_to_clear(previous_dataset: str, trigger_words: str, sample_prompts: str) -> str:
+    """What an upload clears, in words ("" for nothing): the trigger words and sample prompts in the form
+    when it already had a dataset, since they were that dataset's. With no dataset before, the user typed
+    them for this upload, and they stay."""
+    if not (previous_dataset or "").strip():
+        return ""
+    parts = []
+    if (trigger_words or "").strip():
+        parts.append(f"the trigger words {_code(trigger_words.strip())}")
+    if prompts := split_list("sample_prompts", sample_prompts or ""):
+        parts.append(f"{len(prompts)} sample prompt{'s' if len(prompts) > 1 else ''}")
+    return " and ".join(parts)
+
+
 def preset_names(studio: Studio | None = None) -> list[str]:
     """The shipped presets and the user's own (under the outputs folder)."""
     folders = [PRESETS] + ([studio.outputs_root / USER_PRESETS] if studio is not None else [])
@@ -198,7 +230,15 @@ STATE_WORDS = {"idle": "No training yet", "queued": "Queued: waiting for the dev
                "complete": "Done", "interrupted": "Stopped", "error": "Failed"}
 
 
-def status_html(view: RunView) -> str:
+def status_html(view: RunView, earlier: bool = False) -> str:
+    """The run's state, progress and message. `earlier`: a finished run this page has moved on from (it has
+    another dataset now): shown as the last run, not as the current state."""
+    if earlier and view.finished:
+        word = {"complete": "finished", "interrupted": "was stopped", "error": "failed"}[view.state]
+        note = (f"Ready to start. The last run, {Path(view.output_path).name}, {word}; "
+                "the Runs tab has its details.")
+        return (f'<div class="ls-status ls-idle" id="run-status" data-state="idle" data-percent="0" '
+                f'data-step="0"><div class="ls-line">{html.escape(note)}</div></div>')
     parts = [STATE_WORDS[view.state]]
     if view.total_steps:
         parts.append(f"step {view.step} / {view.total_steps}")
@@ -209,6 +249,8 @@ def status_html(view: RunView) -> str:
         parts += [f"{view.it_per_s:.2f} it/s", f"ETA {_duration(view.eta_s)}"]
     if view.device:
         parts.append(f"{view.model_family} on {view.device}")
+    if view.resumed_at:
+        parts.append("resumed at step " + ", ".join(map(str, view.resumed_at)))
     message = view.message
     if view.state == "error" and view.error_field:
         message = f"Problem with {view.error_field}: {message}"
@@ -224,8 +266,9 @@ def status_html(view: RunView) -> str:
 def loss_frame(view: RunView):
     import pandas as pd
 
-    points = view.curve()
-    return pd.DataFrame({"step": [p[0] for p in points], "loss": [p[1] for p in points]})
+    rows = [(step, loss, "training") for step, loss in view.curve()]
+    rows += [(step, loss, "validation (held-out)") for step, loss in view.validation_points]
+    return pd.DataFrame(rows, columns=["step", "loss", "line"])
 
 
 def run_summary(view: RunView) -> dict[str, Any]:
@@ -233,7 +276,8 @@ def run_summary(view: RunView) -> dict[str, Any]:
             "percent": view.percent, "loss": view.loss, "output_path": view.output_path,
             "final_path": view.final_path, "checkpoints": [path for _, path in view.checkpoints],
             "samples": [path for path, _, _ in view.samples], "message": view.message,
-            "error_field": view.error_field, "stderr_tail": view.stderr_tail}
+            "error_field": view.error_field, "stderr_tail": view.stderr_tail, "resumed_at": view.resumed_at,
+            "saved_so_far": view.saved_so_far}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -277,14 +321,16 @@ class StudioPage:
                     self._dataset_section()
                     self._model_section()
                     self._parameters_section()
-                    self._estimate_section()
                 with gr.Column(scale=2):
                     self._train_section()
-            self.runs_tab = RunsTab(self.studio.outputs_root)  # every job has a job.json: the OS says what runs
+            self.runs_tab = RunsTab(self.studio.outputs_root, studio=self.studio)  # the OS says what runs
             self.runs_tab.build()
             self.form = {key: self.fields[key] for key in FORM_KEYS}
             self._wire(demo)
             self.runs_tab.wire(demo)
+            self.runs_tab.clone_button.click(self.clone, self.runs_tab.pick, list(self.form.values()),
+                                             api_name="clone").then(
+                self.folder_note_text, self.fields["run_name"], self.folder_note, api_name=False)
         return demo
 
     def _dataset_section(self) -> None:
@@ -326,18 +372,28 @@ class StudioPage:
             with gr.Row():
                 self.preset = gr.Dropdown(choices=preset_names(self.studio), value=None, label="Preset", scale=3,
                                           elem_id="preset")
-                self.fields["run_name"] = gr.Textbox(value=initial["run_name"], label="Run name", scale=3,
-                                                     info="The output folder's name.", elem_id="field-run_name")
+                with gr.Column(scale=3):
+                    self.fields["run_name"] = gr.Textbox(value=initial["run_name"], label="Run name",
+                                                         info="The output folder's name.", elem_id="field-run_name")
+                    self.folder_note = gr.Markdown(self.folder_note_text(initial["run_name"]),
+                                                   elem_id="run-folder")
             self.fields["length_by"] = gr.Radio(list(LENGTH_CHOICES), value=initial["length_by"],
                                                 label="Run length set by", elem_id="field-length_by")
             for row in range(0, len(groups["basic"]), 3):
                 with gr.Row():
                     for spec in groups["basic"][row:row + 3]:
                         self.fields[spec.name] = _widget(spec, initial[spec.name])
-            for title, group in (("Samples", "sampling"), ("Advanced", "advanced")):
-                with gr.Accordion(title, open=False, elem_id=f"group-{group}"):
-                    for spec in groups[group]:
-                        self.fields[spec.name] = _widget(spec, initial[spec.name])
+            with gr.Accordion("Samples", open=False, elem_id="group-sampling"):
+                for spec in groups["sampling"]:
+                    self.fields[spec.name] = _widget(spec, initial[spec.name])
+            with gr.Accordion("Advanced", open=False, elem_id="group-advanced"), gr.Tabs():
+                for title, specs in advanced_tabs(SPECS).items():
+                    slug = title.lower().replace(" ", "-")
+                    with gr.Tab(title, elem_id=f"advanced-{slug}"):
+                        for row in range(0, len(specs), 2):  # two columns: a tab is as tall as half its fields
+                            with gr.Row():
+                                for spec in specs[row:row + 2]:
+                                    self.fields[spec.name] = _widget(spec, initial[spec.name])
             with gr.Row():
                 self.preset_name = gr.Textbox(label="Save as preset named", scale=3, elem_id="preset-name")
                 self.save_preset_button = gr.Button("Save preset", scale=1)
@@ -345,26 +401,22 @@ class StudioPage:
             self.config_file = gr.File(label="Config file for train_lora.py --config", visible=False,
                                        interactive=False, elem_id="config-file")
 
-    def _estimate_section(self) -> None:
-        with gr.Group():
-            gr.Markdown("### 4 · Estimate")
-            self.estimate_button = gr.Button("Check device and memory")
-            self.estimate_report = gr.Markdown("", elem_id="estimate")
-
     def _train_section(self) -> None:
-        gr.Markdown("### 5 · Train")
+        gr.Markdown("### 4 · Train")
         with gr.Row():
             self.start_button = gr.Button("Start training", variant="primary", elem_id="start")
+            self.estimate_button = gr.Button("Check device and memory", elem_id="estimate-button")
+        with gr.Row():
             self.stop_button = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
             self.resume_button = gr.Button("Resume last run", interactive=False, elem_id="resume")
+        self.estimate_report = gr.Markdown("", elem_id="estimate")
         self.status = gr.HTML(status_html(self.studio.view()), elem_id="status")
-        self.plot = gr.LinePlot(x="step", y="loss", title="Loss", height=240, elem_id="loss-plot",
+        self.plot = gr.LinePlot(x="step", y="loss", color="line", title="Loss", height=240, elem_id="loss-plot",
                                 x_title="step", y_title="loss (mean since the last point)")
         self.samples = gr.Gallery(label="Samples", columns=3, height=260, object_fit="contain", elem_id="samples")
         self.checkpoints = gr.File(label="Checkpoints", file_count="multiple", interactive=False,
                                    elem_id="checkpoints")
-        self.final = gr.DownloadButton("Download LoRA (.safetensors)", visible=False, variant="primary",
-                                       elem_id="download-final")
+        self.final = gr.DownloadButton(FINAL_LABEL, visible=False, variant="primary", elem_id="download-final")
         with gr.Accordion("Queue", open=True, elem_id="queue"):
             self.queue_table = gr.Dataframe(headers=["#", "job", "run folder", "queued at"], value=[],
                                             interactive=False, elem_id="queue-table")
@@ -384,8 +436,14 @@ class StudioPage:
                 self.stop_button, self.resume_button, self.run_state, self.timer, self.seen, self.queue_table,
                 self.queue_pick]
         dataset_in = [fields["dataset_path"], fields["trigger_words"]]
-        self.uploads.upload(self.upload, [self.uploads, fields["trigger_words"]],
-                            [fields["dataset_path"], self.dataset_report, self.thumbs], api_name="upload")
+        words = [fields["trigger_words"], fields["sample_prompts"]]
+        self.uploads.upload(self.upload, [self.uploads, fields["trigger_words"], fields["dataset_path"],
+                                          fields["sample_prompts"], self.seen],
+                            [fields["dataset_path"], self.dataset_report, self.thumbs, *words, self.seen],
+                            api_name="upload").then(self.refresh, self.seen, live, api_name=False,
+                                                    show_progress="hidden")
+        fields["run_name"].change(self.folder_note_text, fields["run_name"], self.folder_note, api_name="run_folder",
+                                  show_progress="hidden")
         gr.on([self.scan_button.click, fields["dataset_path"].submit], self.scan, dataset_in,
               [self.dataset_report, self.thumbs], api_name="scan")
         fields["base_model"].change(self.describe_model, fields["base_model"], self.model_family,
@@ -404,7 +462,7 @@ class StudioPage:
         # polls another: however many pages poll, Start and Stop are answered (demo.queue has no max_size).
         control = dict(concurrency_id="control", concurrency_limit=None)
         for event in (self.start_button.click(self.start, inputs_kwargs=form, outputs=self.job_info,
-                                              validator=self.validate, api_name="start", **control),
+                                              validator=self.validate_start, api_name="start", **control),
                       self.stop_button.click(self.stop, outputs=self.job_info, api_name="stop", **control),
                       self.resume_button.click(self.resume, inputs_kwargs=form, outputs=self.job_info,
                                                validator=self.validate, api_name="resume", **control),
@@ -412,7 +470,8 @@ class StudioPage:
                                                **control),
                       self.move_up_button.click(self.move_up, self.queue_pick, self.job_info, api_name=False,
                                                 **control)):
-            event.then(self.refresh, None, live, api_name=False, show_progress="hidden")
+            event.then(self.refresh, None, live, api_name=False, show_progress="hidden").then(
+                self.folder_note_text, fields["run_name"], self.folder_note, api_name=False, show_progress="hidden")
         gr.api(self.queue_list, api_name="queue", **control)
         gr.api(self.run, api_name="run", concurrency_id="poll", concurrency_limit=None)
         gr.api(self.cancel, api_name="cancel", **control)
@@ -425,17 +484,40 @@ class StudioPage:
         opened.then(self.describe_model, fields["base_model"], self.model_family, api_name=False)
 
     # --- dataset and model ---
-    def upload(self, files: list[str] | None, trigger_words: str):
+    def upload(self, files: list[str] | None, trigger_words: str, previous_dataset: str = "",
+               sample_prompts: str = "", seen: dict[str, Any] | None = None):
+        """Take an upload as the dataset: (folder, report, thumbnails, trigger words, sample prompts, seen).
+
+        Trigger words and sample prompts that came with the previous dataset (the demo's, a preset's, the
+        last run's) are cleared, and the report says so: they describe other pictures."""
         if not files:
-            return gr.skip(), gr.skip(), gr.skip()
+            return (gr.skip(),) * 6
         folder = self.studio.new_upload_folder()
         remove_unused(folder.parent, self.studio.outputs_root)  # uploads no run used, after UNUSED_UPLOAD_DAYS
         try:
             report = ingest(files, folder, self.settings.upload_limits)
         except UploadError as error:
             raise gr.Error(f"Upload refused: {error}") from None
+        cleared = words_to_clear(previous_dataset, trigger_words, sample_prompts)
+        if cleared:
+            trigger_words, sample_prompts = "", ""
         markdown, gallery = self.scan(report.folder, trigger_words, report)
-        return report.folder, markdown, gallery
+        if cleared:
+            markdown += f"\n\n**Cleared {cleared} of the previous dataset:** enter this dataset's own."
+        view = self.studio.view()
+        seen = {**(seen or {}), "moved_on": view.job_id if view.finished else None}  # see status_html
+        return report.folder, markdown, gallery, trigger_words, sample_prompts, seen
+
+    def folder_note_text(self, run_name: str) -> str:
+        """Which folder Start will use: a run name whose folder already holds a run gets a suffix, said."""
+        try:
+            folder = self.studio.next_folder(run_name or "")
+        except ValueError as error:
+            return f"**Run name:** {error}"
+        taken = folder.name != Path(self.studio.run_folder(run_name)).name
+        wanted = self.studio.run_folder(run_name).name
+        note = f" ({_code(wanted)} already holds a run)" if taken else ""
+        return f"Writes to {_code(folder)}{note}"
 
     def scan(self, folder: str, trigger_words: str, upload_report=None):
         from lora_core import dataset
@@ -449,6 +531,20 @@ class StudioPage:
             return f"**Cannot use this dataset:** {error}", []
         gallery = preview.thumbnails(report, self.studio.outputs_root / ".thumbnails")
         return dataset_markdown(report, upload_report), gallery
+
+    def clone(self, run_id: str) -> list[Any]:
+        """A run's settings into the form (its dataset too), under a new run name: the form's fields in
+        order (as `export_config` lists them)."""
+        from lora_core.errors import UserError
+
+        try:
+            config = self.runs_tab.run_config(run_id)
+        except UserError as error:
+            raise gr.Error(f"Not cloned: {error}") from None
+        values = default_form(config)
+        values["run_name"] = self.studio.next_folder(Path(config.output_path).name).name
+        gr.Info(f"The settings of {run_id} are in the Train form, as run {values['run_name']}.")
+        return [values[key] for key in FORM_KEYS]
 
     def restore_form(self) -> list[Any]:
         """A page opened while (or after) this server trained shows that job's settings and dataset."""
@@ -480,6 +576,15 @@ class StudioPage:
     # --- presets, config files, estimate ---
     def validate(self, **values) -> list[dict]:
         return validation(values, self.studio, self.settings)
+
+    def validate_start(self, **values) -> list[dict]:
+        """The form's checks, and the dataset's: a dataset the scan calls unusable is refused before anything
+        is queued or written (the message shows at the dataset field)."""
+        checks = self.validate(**values)
+        index = FORM_KEYS.index("dataset_path")
+        if checks[index].get("is_valid", True) and (problem := dataset_problem(values, self.studio, self.settings)):
+            checks[index] = gr.validate(False, problem)
+        return checks
 
     def validate_named(self, name: str, **values) -> list[dict]:
         return [gr.validate(True, ""), *self.validate(**values)]
@@ -579,19 +684,22 @@ class StudioPage:
         poll costs nothing and sample images and checkpoints are not copied again every second."""
         view, seen = self.studio.view(), dict(seen or {})
         queued = self.studio.queued()
-        keys = {"status": (view.job_id, view.n_events, view.state), "samples": (view.job_id, len(view.samples)),
-                "checkpoints": (view.job_id, len(view.checkpoints)), "final": (view.job_id, view.final_path),
-                "queue": [job["job_id"] for job in queued]}
+        earlier = bool(view.job_id) and seen.get("moved_on") == view.job_id  # the page has a new dataset
+        saved = view.saved_so_far
+        keys = {"status": (view.job_id, view.n_events, view.state, earlier),
+                "samples": (view.job_id, len(view.samples)), "checkpoints": (view.job_id, len(view.checkpoints)),
+                "final": (view.job_id, saved), "queue": [job["job_id"] for job in queued]}
         fresh = {part: seen.get(part) != key for part, key in keys.items()}
         seen.update(keys)
         skip = gr.skip()
-        status_parts = [status_html(view), loss_frame(view)] if fresh["status"] else [skip, skip]
+        status_parts = [status_html(view, earlier), loss_frame(view)] if fresh["status"] else [skip, skip]
         resumable = not view.active and view.state != "idle"  # the engine says so when nothing can be resumed
         buttons = ([gr.Button(interactive=True), gr.Button(interactive=view.active),
                     gr.Button(interactive=resumable), run_summary(view)] if fresh["status"] else [skip] * 4)
         samples = [(path, f"step {step}: {prompt}") for path, prompt, step in view.samples]
         checkpoints = [path for _, path in view.checkpoints] or None
-        final = gr.DownloadButton(value=view.final_path, visible=bool(view.final_path))
+        label = FINAL_LABEL if saved == view.final_path else f"Download the LoRA saved so far ({Path(saved).name})"
+        final = gr.DownloadButton(label, value=saved, visible=bool(saved))  # after Stop: the newest checkpoint
         return [*status_parts, samples if fresh["samples"] else skip,
                 checkpoints if fresh["checkpoints"] else skip, final if fresh["final"] else skip,
                 *buttons, gr.Timer(ACTIVE_TICK_S if view.active else IDLE_TICK_S), seen,
@@ -639,10 +747,10 @@ def estimate_markdown(report: dict[str, Any]) -> str:
         lines.append(f"**Steps:** {report['total_steps']} on {report['dataset']['num_images']} images")
     if "model" in report:
         lines.append(f"**Model:** {report['model']['family']}")
-    lines += [f"⚠️ **Will not fit:** {warning}" for warning in report.get("warnings", [])]
-    lines += [f"❌ **{item['field']}:** {item['message']}" for item in report.get("problems", [])]
+    lines += [f"**Will not fit:** {warning}" for warning in report.get("warnings", [])]
+    lines += [f"**Problem, {item['field']}:** {item['message']}" for item in report.get("problems", [])]
     if report.get("ok") and not report.get("warnings"):
-        lines.append("✅ Ready to train.")
+        lines.append("**Ready to train.**")
     return "\n\n".join(lines)
 
 

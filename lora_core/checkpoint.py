@@ -40,7 +40,8 @@ STATE_FILES = ("lora.safetensors", "optimizer.safetensors", "rng.safetensors", "
 # What a resumed run may change: its length, how often it reports and saves, and where and how fast it runs.
 # Every other field (the model, the LoRA, the data, the optimisation) must be as the state was made, or the
 # run would continue a different one; a field added later is covered without being listed here.
-MAY_CHANGE = frozenset({"steps", "epochs", "checkpoint_steps", "validation_steps", "keep_checkpoints",
+MAY_CHANGE = frozenset({"steps", "epochs", "checkpoint_steps", "validation_steps", "validation_loss_steps",
+                        "keep_checkpoints",
                         "max_nonfinite_steps", "progress_steps", "log_with", "sample_prompts",
                         "sample_inference_steps", "sample_guidance_scale", "device", "mixed_precision",
                         "gradient_checkpointing", "compile_unet", "latent_cache", "output_path"})

@@ -8,6 +8,8 @@ widgets give numbers as floats, converts its own values (`parse_config(..., stri
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -30,6 +32,7 @@ LENGTH_FIELDS = ("steps", "epochs")
 PATH_FIELDS = ("dataset_path", "base_model", "output_path")
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 MAX_CONFIG_BYTES = 4 * 1024**2  # a config is a few kB; more is a mistake (or an attack on the parser)
+MAX_VALIDATION_IMAGES = 10_000  # held out by count; a validation pass over more would cost more than it tells
 MAX_SHOWN_CHARS = 120  # of a value quoted back in an error message
 # Text that reaches a text encoder: CLIP reads 75 tokens (about 300 characters; sd-scripts' long prompts 225).
 MAX_TRIGGER_WORDS, MAX_TRIGGER_CHARS, MAX_PROMPT_CHARS = 32, 200, 2000
@@ -199,8 +202,20 @@ class TrainConfig(BaseModel):
     # --- events and outputs ---
     checkpoint_steps: int = Field(500, ge=1, le=1_000_000, description="Save a LoRA every N steps.",
                                   json_schema_extra=_ui("basic"))
-    validation_steps: int = Field(100, ge=1, le=1_000_000, description="Make sample images every N steps.",
-                                  json_schema_extra=_ui("sampling"))
+    validation_steps: int = Field(100, ge=1, le=1_000_000, description=(
+        "Make sample images every N steps (and at the end); also the validation loss's cadence while "
+        "validation_loss_steps is 0."), json_schema_extra=_ui("sampling"))
+    validation_images: int | float | None = Field(None, description=(
+        "Hold out images of dataset_path for a validation loss; they never train. A whole number is a count "
+        "(2), a number below 1 a fraction of the images (0.1 = 10 %, at least one image). The held-out images "
+        "are picked by their file names, not the seed, so runs compare on the same ones. Empty: none."),
+        json_schema_extra=_ui("sampling", allowed=f"a count [1, {MAX_VALIDATION_IMAGES}] or a fraction (0, 1)"))
+    validation_dataset_path: str | None = Field(None, min_length=1, max_length=MAX_PATH_CHARS, description=(
+        "Instead of validation_images: a separate folder of held-out images (with optional .txt captions, "
+        "read like dataset_path's) for the validation loss."), json_schema_extra=_ui("sampling"))
+    validation_loss_steps: int = Field(0, ge=0, le=1_000_000, description=(
+        "With held-out images, compute their denoising loss (fixed noise and timesteps, the same every time) "
+        "every N steps and at the end; 0: every validation_steps."), json_schema_extra=_ui("sampling"))
     keep_checkpoints: int = Field(3, ge=1, le=1000, description=(
         "Training states (for --resume) to keep; older ones are deleted once a newer one is complete. "
         "Every checkpoint's LoRA file is kept."), json_schema_extra=_ui("advanced"))
@@ -237,9 +252,35 @@ class TrainConfig(BaseModel):
             raise ValueError("entries must not be blank")
         return value
 
-    @field_validator(*PATH_FIELDS)
+    @field_validator("validation_images", mode="before")
     @classmethod
-    def _a_path_has_no_control_characters(cls, value: str) -> str:
+    def _not_a_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # true would read as 1 image, which nobody means
+            raise ValueError("must be a number: a count of images or a fraction below 1, not true/false")
+        return value
+
+    @field_validator("validation_images")
+    @classmethod
+    def _a_count_or_a_fraction(cls, value: int | float | None) -> int | float | None:
+        if value is None:
+            return None
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError("must be a count of images (1 or more) or a fraction between 0 and 1 (0.1 = 10 %); "
+                             "leave it empty to hold out none")
+        if value < 1:
+            return float(value)
+        if value != int(value):
+            raise ValueError(f"{value:g} is neither a whole count of images nor a fraction below 1; use a count "
+                             f"such as {int(value)}, or a fraction such as 0.1")
+        if value > MAX_VALIDATION_IMAGES:
+            raise ValueError(f"at most {MAX_VALIDATION_IMAGES} images can be held out")
+        return int(value)
+
+    @field_validator(*PATH_FIELDS, "validation_dataset_path")
+    @classmethod
+    def _a_path_has_no_control_characters(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if "\x00" in value:
             raise ValueError("contains a NUL character, which no path can hold")
         if any(ord(char) < 32 for char in value):
@@ -277,6 +318,18 @@ class TrainConfig(BaseModel):
                                 f"with bucketing, resolution {self.resolution} must lie between "
                                 f"min_bucket_resolution {self.min_bucket_resolution} and max_bucket_resolution "
                                 f"{self.max_bucket_resolution}; change one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _validation_options_agree(self) -> TrainConfig:
+        if self.validation_images is not None and self.validation_dataset_path is not None:
+            raise FieldConflict(("validation_images", "validation_dataset_path"), "hold out images either from "
+                                "dataset_path (validation_images) or from a separate folder "
+                                "(validation_dataset_path), not both; clear one of them")
+        if self.validation_dataset_path is not None and os.path.normpath(self.validation_dataset_path) == \
+                os.path.normpath(self.dataset_path):
+            raise FieldConflict(("validation_dataset_path",), "is dataset_path itself, whose images all train; "
+                                "give a folder of other images, or use validation_images to hold some out")
         return self
 
     @model_validator(mode="after")

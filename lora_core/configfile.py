@@ -36,6 +36,10 @@ def _problems_from(error: ValidationError) -> list[tuple[str, str]]:
             continue
         field = ".".join(str(part) for part in item["loc"]) or "config"
         top = str(item["loc"][0]) if item["loc"] else ""
+        if len(item["loc"]) == 2 and item["loc"][1] in ("int", "float"):  # `int | float`: one problem, not two
+            if any(known_field == top for known_field, _ in problems):
+                continue
+            field, item = top, {**item, "msg": "Input should be a number"}
         if item["type"] == "extra_forbidden":
             close = difflib.get_close_matches(top, known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(known)}"
@@ -171,6 +175,7 @@ def options_table() -> str:
         default = "required" if info.is_required() else json.dumps(info.get_default(call_default_factory=True))
         allowed = allowed_range(name).removeprefix("allowed range ").removeprefix("choose one of ")
         if not allowed:
-            allowed = {"boolean": "true / false", "array": "list of strings"}.get(schema.get("type"), "text")
+            allowed = schema.get("allowed") or {"boolean": "true / false", "array": "list of strings"}.get(
+                schema.get("type"), "text")
         rows.append(f"| `{name}` | {default} | {allowed} | {info.description} |")
     return "\n".join(rows)

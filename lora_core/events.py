@@ -121,6 +121,18 @@ class Dataset(Event):
     ignored: list[str]  # files that are neither images nor captions, at most MAX_LISTED
     num_ignored: int
     warnings: list[str]  # e.g. a caption cut to the length a text encoder can use
+    num_validation_images: int = 0  # held out for the validation loss; never trained (not in num_images)
+    validation_files: list[str] = field(default_factory=list)  # their file names, at most MAX_LISTED
+
+
+@dataclass(kw_only=True)
+class ValidationLoss(Event):
+    """The denoising loss on the held-out images (validation.py): fixed noise and timesteps, the same every
+    time, so values compare across steps and runs."""
+
+    type: ClassVar[str] = "validation"
+    step: int
+    loss: float
 
 
 @dataclass(kw_only=True)
@@ -136,11 +148,18 @@ class RunWarning(Event):
 MAX_LISTED = 100
 
 
-def dataset_event(report) -> Dataset:
-    """The `dataset` event of a dataset.DatasetReport (long lists cut to MAX_LISTED; the counts are whole)."""
+def dataset_event(report, held_out=None) -> Dataset:
+    """The `dataset` event of a dataset.DatasetReport and the held-out one, if any (long lists cut to
+    MAX_LISTED; the counts are whole). A separate validation folder's refused files are warnings."""
+    warnings = list(report.warnings)
+    held = held_out.images if held_out is not None else []
+    if held_out is not None and held_out.folder != report.folder:
+        warnings += [f"validation_dataset_path: {item['file']} refused ({item['reason']})"
+                     for item in held_out.refused] + [f"validation_dataset_path: {w}" for w in held_out.warnings]
     return Dataset(num_images=len(report.images), num_captioned=report.captioned, refused=report.refused[:MAX_LISTED],
                    num_refused=len(report.refused), ignored=report.ignored[:MAX_LISTED],
-                   num_ignored=len(report.ignored), warnings=report.warnings[:MAX_LISTED])
+                   num_ignored=len(report.ignored), warnings=warnings[:MAX_LISTED], num_validation_images=len(held),
+                   validation_files=[Path(record.path).name for record in held[:MAX_LISTED]])
 
 
 class EventLog:
@@ -279,7 +298,7 @@ def _open_for_append(path: Path) -> int:
 
 
 EVENT_TYPES: dict[str, type[Event]] = {cls.type: cls for cls in (Started, Dataset, Progress, Checkpoint,
-                                                                  Sample, RunWarning, Complete, Error,
+                                                                  Sample, ValidationLoss, RunWarning, Complete, Error,
                                                                   Interrupted, ValidationReport, GridProgress,
                                                                   GridComplete)}
 

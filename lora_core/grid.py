@@ -289,8 +289,10 @@ def _save(folder: Path, kind: str, cells: list[list[Any]], row_labels: list[str]
     from PIL.PngImagePlugin import PngInfo
 
     sheet, layout = compose(cells, row_labels, column_labels, title)
+    boxes = [[list(layout.box(row, column)) for column in range(layout.columns)] for row in range(layout.rows)]
     info = PngInfo()
-    info.add_text("lora_studio", json.dumps(details))  # what was drawn, for the page's list of grids
+    # what was drawn, for the page's list of grids; each cell's box as (left, top, right, bottom)
+    info.add_text("lora_studio", json.dumps({**details, "boxes": boxes}))
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     path, count = folder / f"{kind}_{stamp}.png", 1
     while path.exists():  # two in one second

@@ -120,7 +120,7 @@ def make_latent_source(config: TrainConfig, layout: Layout, vae, device: torch.d
     return source
 
 
-def _variants(layout: Layout, image: int) -> list[torch.Tensor]:
+def cached_variants(layout: Layout, image: int) -> list[torch.Tensor]:
     """The uint8 pixels of each cached variant of one image: centre crop, and its mirror with flips on."""
     bucket = layout.bucket(image)
     top, left = layout.crop_origin(image, None)
@@ -129,7 +129,7 @@ def _variants(layout: Layout, image: int) -> list[torch.Tensor]:
     return [crop, crop.flip(-1)][:layout.variants]
 
 
-def _encode_each(vae, pixels: list[torch.Tensor], seeds: list[int], device: torch.device) -> torch.Tensor:
+def encode_each(vae, pixels: list[torch.Tensor], seeds: list[int], device: torch.device) -> torch.Tensor:
     """fp32 latents of same-sized uint8 images, one image per VAE call: a convolution's rounding depends on
     the batch it runs in, so batching would make a latent depend on its neighbours (memory and disk caches, or
     a resumed run, would then differ); one at a time also bounds the pass's memory on small cards. Each
@@ -150,10 +150,10 @@ def _encode_in_memory(config: TrainConfig, layout: Layout, vae, device: torch.de
         pixels, seeds = [], []
         for image in members:
             digest = file_digest(layout.records[image].path)
-            for flip, variant in enumerate(_variants(layout, image)):
+            for flip, variant in enumerate(cached_variants(layout, image)):
                 pixels.append(variant)
                 seeds.append(seed_of(config.seed, digest, flip))
-        tables.append(_encode_each(vae, pixels, seeds, device).to(dtype))
+        tables.append(encode_each(vae, pixels, seeds, device).to(dtype))
     return tables
 
 
@@ -170,8 +170,8 @@ def _encode_to_disk(config: TrainConfig, layout: Layout, vae, device: torch.devi
         paths = [folder / f"{key}.safetensors" for key in keys]
         missing = [flip for flip, path in enumerate(paths) if not path.is_file()]
         if missing:
-            variants = _variants(layout, image)
-            latents = _encode_each(vae, [variants[f] for f in missing],
+            variants = cached_variants(layout, image)
+            latents = encode_each(vae, [variants[f] for f in missing],
                                    [seed_of(config.seed, digest, f) for f in missing], device)
             for flip, latent in zip(missing, latents, strict=True):
                 tensor = latent.cpu().contiguous()

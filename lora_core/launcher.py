@@ -106,15 +106,31 @@ class JobProcess:
         atomic_write_text(folder / CONFIG_FILE, json.dumps(config_to_file_dict(config), indent=2) + "\n")
         command = launch_command(folder / CONFIG_FILE, num_processes, extra_args=["--resume"] if resume else ())
         environment = job_environment(config, num_processes, devices, env)
-        with open(folder / STDERR_FILE, "ab") as log:
+        return cls._spawn(folder, command, environment, None, {**(record or {}), "num_processes": num_processes,
+                                                               "devices": list(devices or []), "resume": resume})
+
+    @classmethod
+    def start_tool(cls, folder: str | Path, argv: Sequence[str], config: TrainConfig, *,
+                   devices: Sequence[int] | None = None, record: Mapping[str, Any] | None = None) -> JobProcess:
+        """Run `python -m lora_core ARGV` (grid, sweep: tools that print JSON-lines events on stdout) as a
+        job of `folder`: its stdout becomes `folder/events.jsonl`, so it is followed like a training job.
+        `config`: the run's, for its device."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "lora_core", *argv]
+        return cls._spawn(folder, command, job_environment(config, 1, devices), folder / EVENTS_FILE,
+                          {**(record or {}), "num_processes": 1, "devices": list(devices or []), "resume": False})
+
+    @classmethod
+    def _spawn(cls, folder: Path, command: list[str], environment: dict[str, str], stdout_path: Path | None,
+               record: dict[str, Any]) -> JobProcess:
+        with open(folder / STDERR_FILE, "ab") as log, open(stdout_path or os.devnull, "ab") as stdout:
             log.write(f"--- {_now()} {' '.join(command)}\n".encode())
             log.flush()
             popen = subprocess.Popen(command, cwd=PACKAGE_ROOT, env=environment, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+                                     stdout=stdout, stderr=log, start_new_session=True)
         start_time = process_start_time(popen.pid) or time.time()
-        data = {**(record or {}), "pid": popen.pid, "start_time": start_time, "started_at": _now(),
-                "command": command, "num_processes": num_processes, "devices": list(devices or []),
-                "resume": resume}
+        data = {**record, "pid": popen.pid, "start_time": start_time, "started_at": _now(), "command": command}
         job = cls(folder, popen.pid, start_time, data, popen)
         job.save()
         return job

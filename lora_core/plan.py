@@ -23,7 +23,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from lora_core import buckets, checkpoint, dataset, distributed, families, hardware, models, tracking
+from lora_core import buckets, checkpoint, dataset, distributed, families, hardware, models, tracking, validation
 from lora_core.config import DEFAULT_STEPS, TrainConfig
 from lora_core.errors import UserError
 
@@ -81,6 +81,7 @@ class RunPlan:
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # for the LoRA's metadata
     clock_start: float = field(default_factory=time.perf_counter)  # the run's total_time counts from here
     skipped_states: list[str] = field(default_factory=list)  # damaged states resume passed over, in words
+    held_out: dataset.DatasetReport | None = None  # the validation loss's images (validation.split); never trained
     _sizes: models.ModelSizes | None = field(default=None, repr=False)
 
     @property
@@ -140,8 +141,10 @@ def tracker(config: TrainConfig) -> None:
         raise tracking.TrackerUnavailable(reason)
 
 
-def scan_dataset(config: TrainConfig) -> dataset.DatasetReport:
-    return dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement)
+def scan_dataset(config: TrainConfig) -> tuple[dataset.DatasetReport, dataset.DatasetReport | None]:
+    """The training images, and the held-out ones for the validation loss (None when none are asked for)."""
+    report = dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement)
+    return report, validation.split(report, config)
 
 
 def base_model(config: TrainConfig, configs_only: bool = False) -> tuple[models.ModelSource, models.ModelInfo]:
@@ -203,7 +206,7 @@ def make_plan(config: TrainConfig, num_processes: int = 1, *, resume: bool = Fal
     else:
         checkpoint.refuse_other_runs_states(output)
     tracker(config)
-    report = scan_dataset(config)
+    report, held_out = scan_dataset(config)
     source, info = base_model(config, configs_only)
     check_resolution(config, info)
     assigned = dataset.assign_buckets(report, config, info.pixel_multiple)
@@ -211,7 +214,8 @@ def make_plan(config: TrainConfig, num_processes: int = 1, *, resume: bool = Fal
     device, precision = device_and_precision(config)
     plan = RunPlan(config, num_processes, resume, report, assigned, source, info, per_epoch,
                    run_length(config, per_epoch), device, precision, gradient_checkpointing=False,
-                   started_at=started_at, clock_start=clock_start, skipped_states=skipped_states)
+                   started_at=started_at, clock_start=clock_start, skipped_states=skipped_states,
+                   held_out=held_out)
     plan.gradient_checkpointing = checkpointing(config, device, precision, plan.sizes)
     return plan
 
@@ -243,9 +247,10 @@ def plan_report(config: TrainConfig, num_processes: int | None = None) -> dict[s
     report: dict[str, Any] = {"ok": True, "problems": [], "warnings": []}
     scanned = source = info = None
     with _Check(report, "dataset_path"):
-        scanned = scan_dataset(config)
+        scanned, held_out = scan_dataset(config)
         report["dataset"] = {"num_images": len(scanned.images), "num_captioned": scanned.captioned,
-                             "refused": scanned.refused, "ignored": scanned.ignored}
+                             "refused": scanned.refused, "ignored": scanned.ignored,
+                             "num_validation_images": len(held_out.images) if held_out else 0}
         per_epoch = unbucketed_batches_per_epoch(config, len(scanned.images), processes)
         report["total_steps"] = run_length(config, per_epoch).steps
     with _Check(report, "base_model"):

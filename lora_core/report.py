@@ -1,11 +1,12 @@
 """`training_report.html`: one file to look at a run without the web page, built from events.jsonl.
 
-The events are the source of truth: the loss and learning-rate curves come from `progress` events, the
-samples from `sample` events, the outcome from the terminal event; the settings come from the config.json
-the run wrote. The page is self-contained (inline SVG charts, inline CSS, the sample images embedded as base64,
-newest first up to EMBED_LIMIT bytes; older ones beyond that are named, never linked), so a report that is
-moved or mailed keeps its images; the LoRA files are named by their path relative to the output folder.
-A resumed run appends to events.jsonl: each `started` after the first is marked on the charts.
+The events are the source of truth: the loss and learning-rate curves come from `progress` events (and the
+held-out images' loss, drawn on the loss chart, from `validation` events), the samples from `sample` events,
+the outcome from the terminal event; the settings come from the config.json the run wrote. The page is
+self-contained (inline SVG charts, inline CSS, the sample images embedded as base64, newest first up to EMBED_LIMIT
+bytes; older ones beyond that are named, never linked), so a report that is moved or mailed keeps its images;
+the LoRA files are named by their path relative to the output folder. A resumed run appends to events.jsonl:
+each `started` after the first is marked on the charts.
 
     python -m lora_core report OUTPUT_FOLDER   (re)writes OUTPUT_FOLDER/training_report.html
 """
@@ -41,6 +42,7 @@ class RunSummary:
     progress: list[Event] = field(default_factory=list)
     samples: list[Event] = field(default_factory=list)
     checkpoints: list[Event] = field(default_factory=list)
+    validations: list[Event] = field(default_factory=list)
     terminal: Event | None = None
 
     @classmethod
@@ -48,15 +50,16 @@ class RunSummary:
         summary = cls(events)
         for event in events:
             {"started": summary.starts, "progress": summary.progress, "sample": summary.samples,
-             "checkpoint": summary.checkpoints}.get(event.type, []).append(event)
+             "checkpoint": summary.checkpoints, "validation": summary.validations}.get(event.type, []).append(event)
             if event.terminal:
                 summary.terminal = event
         return summary
 
-    def curve(self, name: str) -> list[tuple[float, float]]:
-        """(step, value) for `loss` or `lr`; a step done twice (a resumed run) keeps its last value."""
+    def curve(self, name: str, kind: str = "progress") -> list[tuple[float, float]]:
+        """(step, value) for `loss` or `lr` (of `progress`, or `loss` of `validation` events); a step done
+        twice (a resumed run) keeps its last value."""
         points: dict[int, float] = {}
-        for event in self.progress:
+        for event in self.validations if kind == "validation" else self.progress:
             value = getattr(event, name)
             if value is not None and math.isfinite(value):
                 points[event.step] = value
@@ -97,8 +100,9 @@ def render(summary: RunSummary, config: dict[str, Any], output: Path) -> str:
         f"<h1>{_e(title)}</h1>",
         _outcome(summary, output),
         "<h2>Loss</h2>",
-        svg_chart(summary.curve("loss"), "loss", marks=resumed) if summary.curve("loss") else
-        "<p>No progress was recorded.</p>",
+        svg_chart(summary.curve("loss"), "loss", marks=resumed,
+                  second=("validation loss (held-out images)", summary.curve("loss", "validation")))
+        if summary.curve("loss") else "<p>No progress was recorded.</p>",
         "<h2>Learning rate</h2>",
         svg_chart(summary.curve("lr"), "learning rate", marks=resumed, height=160) if summary.curve("lr") else "",
         "<h2>Samples</h2>",
@@ -129,6 +133,9 @@ def _outcome(summary: RunSummary, output: Path) -> str:
     rows += [
         ("steps", f"{last.step if last else 0} of {start.total_steps}"),
         ("final loss", f"{last.loss:.5g}" if last and last.loss is not None else "–"),
+        *([("validation loss", f"{summary.validations[0].loss:.5g} at step {summary.validations[0].step} → "
+                               f"{summary.validations[-1].loss:.5g} at step {summary.validations[-1].step}")]
+          if summary.validations else []),
         ("speed", f"{last.it_per_s:.3g} steps/s" if last and last.it_per_s else "–"),
         ("images", str(start.num_images)),
         ("model", _e(start.model_family)),
@@ -201,11 +208,13 @@ def _config_table(config: dict[str, Any]) -> str:
 
 
 def svg_chart(points: list[tuple[float, float]], label: str, marks: Sequence[int] = (), width: int = 720,
-              height: int = 260) -> str:
+              height: int = 260, second: tuple[str, list[tuple[float, float]]] | None = None) -> str:
     """A line chart of (step, value) as inline SVG: axes with ticks, the raw values and, when there are
-    enough of them, a smoothed line (exponential moving average) over them."""
+    enough of them, a smoothed line (exponential moving average) over them; `second` (label, points) is
+    another series on the same axes, drawn with its points marked and a legend."""
     left, right, top, bottom = 64, 16, 12, 36
-    xs, ys = [x for x, _ in points], [y for _, y in points]
+    others = second[1] if second else []
+    xs, ys = [x for x, _ in points + others], [y for _, y in points + others]
     x_low, x_high = min(xs), max(xs)
     y_low, y_high = min(ys), max(ys)
     if x_high == x_low:
@@ -240,10 +249,21 @@ def svg_chart(points: list[tuple[float, float]], label: str, marks: Sequence[int
             smooth.append(f"{sx(x):.1f},{sy(average):.1f}")
         parts.append(f'<polyline points="{" ".join(smooth)}" class="smooth"><title>{_e(label)}, smoothed'
                      f'</title></polyline>')
+    if others:
+        parts.append(_second_series(second[0], [(sx(x), sy(y)) for x, y in others], width - right, top))
     parts.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{height - bottom}" class="axis"/>'
                  f'<line x1="{left}" x2="{width - right}" y1="{height - bottom}" y2="{height - bottom}" '
                  f'class="axis"/></svg>')
     return "".join(parts)
+
+
+def _second_series(label: str, points: list[tuple[float, float]], right: float, top: float) -> str:
+    """The second series in chart coordinates: a line through dots, and its legend at the top right."""
+    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+    dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" class="second-dot"/>' for x, y in points)
+    return (f'<polyline points="{line}" class="second"><title>{_e(label)}</title></polyline>{dots}'
+            f'<text x="{right - 4}" y="{top + 12}" text-anchor="end" class="legend">'
+            f'<tspan class="first-key">━</tspan> training loss <tspan class="second-key">━</tspan> {_e(label)}</text>')
 
 
 def _ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -310,6 +330,8 @@ svg .grid {{ stroke: #eee; }} svg .axis {{ stroke: #888; }}
 svg .raw {{ fill: none; stroke: #9ab8e8; stroke-width: 1.2; }}
 svg .smooth {{ fill: none; stroke: #1f5fbf; stroke-width: 2; }}
 svg .resume {{ stroke: #d9822b; stroke-dasharray: 4 3; }}
+svg .second {{ fill: none; stroke: #c0392b; stroke-width: 2; }} svg .second-dot {{ fill: #c0392b; }}
+svg .second-key {{ fill: #c0392b; }} svg .first-key {{ fill: #1f5fbf; }}
 .samples {{ display: flex; flex-wrap: wrap; gap: 0.75rem; align-items: flex-start; }}
 .samples h3 {{ width: 100%; margin: 0.5rem 0 0; font-size: 1rem; }}
 figure {{ margin: 0; max-width: 256px; }} figure img {{ width: 100%; image-rendering: auto; }}

@@ -30,6 +30,7 @@ from lora_core import (
     objective,
     optim,
     samples,
+    validation,
 )
 from lora_core.compile import compile_for_run
 from lora_core.config import TrainConfig
@@ -74,6 +75,7 @@ class Run:
     nonfinite_in_a_row: int = 0
     stop_checkpoint: Path | None = None  # the LoRA saved when stopped on request
     lora_params: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # by name, for the saved state
+    held_out: validation.ValidationSet | None = None  # the validation loss's images, on the main process only
 
     @property
     def config(self) -> TrainConfig:
@@ -106,9 +108,10 @@ def setup(plan: RunPlan) -> Run:
     pipeline, info = load_frozen_models(plan)
     params = prepare_unet(pipeline.unet, config, device, dtype, plan.gradient_checkpointing, family)
     layout = batches.Layout(config, plan.dataset, plan.assigned)
-    sample_inputs, cached = encode_text_once(plan, pipeline, device, dtype)
+    sample_inputs, cached, held_out_text = encode_text_once(plan, pipeline, device, dtype)
     vae_dtype = torch.float32 if family.vae_fp16_overflows and dtype == torch.float16 else dtype
     latent_source = latents.make_latent_source(config, layout, pipeline.vae, device, dtype, vae_dtype)
+    held_out = held_out_set(plan, pipeline, device, dtype, held_out_text) if accelerator.is_main_process else None
     if device.type == "cuda":
         torch.cuda.empty_cache()  # hand back the one-off encoding pass's blocks (the VAE in fp32) to other programs
     trained_encoders, text_params = add_text_encoder_adapters(plan, pipeline)
@@ -128,6 +131,7 @@ def setup(plan: RunPlan) -> Run:
               distributed.StopVote(accelerator.num_processes), sample_inputs,
               lora_metadata(plan, info, accelerator.is_main_process))
     run.lora_params = named_lora_params(run)
+    run.held_out = held_out
     if plan.resume:
         restore(run)
     return run
@@ -183,23 +187,39 @@ def prepare_unet(unet, config: TrainConfig, device: torch.device, dtype: torch.d
 
 @torch.no_grad()
 def encode_text_once(plan: RunPlan, pipeline, device: torch.device, dtype: torch.dtype
-                     ) -> tuple[list[tuple[str, dict[str, Any]]], conditioning.CachedConditioning | None]:
-    """With the text encoders on the device: the sample prompts, and (when captions are fixed and the encoders
-    frozen) every caption, after which the encoders go back to the CPU. Otherwise they stay for per-step
-    encoding, and the conditioning source is built after the accelerator wraps them."""
+                     ) -> tuple[list[tuple[str, dict[str, Any]]], conditioning.CachedConditioning | None,
+                                dict[str, torch.Tensor] | None]:
+    """With the text encoders on the device: the sample prompts, the held-out captions (unless a text encoder
+    trains), and (when captions are fixed and the encoders frozen) every caption, after which the encoders go
+    back to the CPU. Otherwise they stay for per-step encoding, and the conditioning source is built after the
+    accelerator wraps them. The held-out captions are encoded on their own, so the training captions' rows
+    are the same with validation on or off."""
     config, family = plan.config, plan.family
     encoders = models.text_encoders(pipeline)
     for encoder in encoders:
         encoder.to(device, dtype=dtype)
     inputs = samples.prompt_inputs(family, pipeline, samples.prompts_of(config), device,
                                          encode=not config.train_text_encoder)
+    held_out = None
+    if plan.held_out is not None and not config.train_text_encoder:
+        held_out = conditioning.frozen_encoder(family, pipeline, device, dtype)(
+            [record.caption for record in plan.held_out.images])
     if config.shuffle_tags or config.train_text_encoder:
-        return inputs, None
+        return inputs, None, held_out
     cached = conditioning.cache_captions(family, conditioning.frozen_encoder(family, pipeline, device, dtype),
                                          [record.caption for record in plan.dataset.images], config.caption_dropout > 0)
     for encoder in encoders:
         encoder.to("cpu")
-    return inputs, cached
+    return inputs, cached, held_out
+
+
+def held_out_set(plan: RunPlan, pipeline, device: torch.device, dtype: torch.dtype,
+                 text: dict[str, torch.Tensor] | None) -> validation.ValidationSet | None:
+    if plan.held_out is None:
+        return None
+    return validation.ValidationSet.build(plan.config, plan.family, plan.held_out, plan.info.pixel_multiple,
+                                          pipeline.vae, device, dtype,
+                                          pipeline.scheduler.config.num_train_timesteps, text)
 
 
 def add_text_encoder_adapters(plan: RunPlan, pipeline) -> tuple[list[torch.nn.Module], list[torch.nn.Parameter]]:

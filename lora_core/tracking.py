@@ -1,8 +1,9 @@
 """Experiment logs people already use: TensorBoard scalars and images, fed from the event stream.
 
 A tracker is an event listener like `EventLog`: `progress` becomes the loss, learning-rate and speed scalars,
-`sample` becomes an image, each at the event's step. It is fed where the events are (the main process), so
-it adds nothing to the training step, and a failing tracker only logs a warning: it never stops training.
+`validation` the held-out loss (`validation/loss`), `sample` becomes an image, each at the event's step. It is
+fed where the events are (the main process), so it adds nothing to the training step, and a failing tracker
+only logs a warning: it never stops training.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class TensorBoardTracker:
             self.writer.add_scalar("train/learning_rate", event.lr, event.step)
             if event.it_per_s > 0:
                 self.writer.add_scalar("train/steps_per_second", event.it_per_s, event.step)
+        elif event.type == "validation":
+            self.writer.add_scalar("validation/loss", event.loss, event.step)
         elif event.type == "sample":
             import numpy as np
             from PIL import Image

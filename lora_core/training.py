@@ -3,8 +3,8 @@
 `train(config, emit, should_stop)` runs one job on the calling thread and reports through `emit` (events.py):
 `plan.make_plan` decides everything that needs no weights, `setup(plan)` (setup.py) builds the `Run`,
 `fit(run, emit, should_stop)` loops over the batches calling `training_step` and then each periodic action
-(`maybe_report`, `maybe_checkpoint`, `maybe_sample`), and `finish` exports the LoRA. A new periodic action
-is one more `maybe_...` call in `fit`.
+(`maybe_report`, `maybe_checkpoint`, `maybe_sample`, `maybe_validate`), and `finish` exports the LoRA. A new
+periodic action is one more `maybe_...` call in `fit`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from lora_core.events import (
     RunWarning,
     Sample,
     Started,
+    ValidationLoss,
     dataset_event,
 )
 from lora_core.lora import save_lora, training_metadata
@@ -76,7 +77,7 @@ def emit_started(run: Run, emit: Callable[[Event], None]) -> None:
                      num_processes=run.accelerator.num_processes, resumed_from_step=run.step if plan.resume else None,
                      gradient_checkpointing=plan.gradient_checkpointing, compile_unet=run.forward.scope,
                      cuda_graphs=run.forward.cuda_graphs, compile_reason=run.forward.reason))
-        emit(dataset_event(plan.dataset))  # images used, captioned, refused (file and reason), ignored
+        emit(dataset_event(plan.dataset, plan.held_out))  # images used, held out, captioned, refused, ignored
         dataset.warn_about(plan.dataset)
         for note in plan.skipped_states:
             emit(RunWarning(message=note, field="resume"))
@@ -141,6 +142,7 @@ def fit(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], bool]
                 return True
             maybe_checkpoint(run, emit)
             maybe_sample(run, emit)
+            maybe_validate(run, emit)
             if run.step >= run.plan.total_steps:
                 break
         else:  # the epoch ran out (not a break at the last step)
@@ -222,6 +224,21 @@ def maybe_sample(run: Run, emit: Callable[[Event], None]) -> None:
         emit(Sample(step=run.step, image_path=str(image_path), prompt=prompt))
     for module in (run.unet, *run.text_encoders):
         module.train()
+
+
+def maybe_validate(run: Run, emit: Callable[[Event], None]) -> None:
+    """The held-out images' loss every validation_loss_steps (0: every validation_steps) and at the end."""
+    every = run.config.validation_loss_steps or run.config.validation_steps
+    if run.held_out is None or (run.step % every and run.step != run.plan.total_steps):
+        return
+    loss = run.held_out.loss(run)
+    for module in (run.unet, *run.text_encoders):
+        module.train()
+    if math.isfinite(loss):
+        emit(ValidationLoss(step=run.step, loss=loss))
+    else:
+        emit(RunWarning(message=f"the validation loss of step {run.step} is not finite ({loss}); training goes on",
+                        step=run.step))
 
 
 def stop(run: Run, emit: Callable[[Event], None]) -> None:

@@ -65,8 +65,8 @@ def _spec(name: str, schema: dict[str, Any]) -> FieldSpec:
         return FieldSpec(kind="checkbox", **common)
     if kind == "array":
         return FieldSpec(kind="lines", **common)
-    if kind not in ("integer", "number"):
-        return FieldSpec(kind="text", **common)
+    if kind not in ("integer", "number"):  # an unset optional one is an empty box (None would make the API
+        return FieldSpec(kind="text", **{**common, "default": common["default"] or ""})  # argument required)
     integer = kind == "integer"
     low, high = schema.get("minimum"), schema.get("maximum")
     step = extra.get("step") or schema.get("multipleOf") or (1 if integer else None)
@@ -91,6 +91,10 @@ def _is_list_field(name: str) -> bool:
     return typing.get_origin(TrainConfig.model_fields[name].annotation) is list
 
 
+def _is_optional(name: str) -> bool:
+    return type(None) in typing.get_args(TrainConfig.model_fields[name].annotation)
+
+
 def split_list(name: str, text: Any) -> Any:
     """Trigger words are comma-separated on the page; other lists (sample prompts) one per line."""
     if not isinstance(text, str):
@@ -110,6 +114,8 @@ def form_to_config_dict(form: dict[str, Any], length_by: str = "steps") -> dict[
     for name, value in form.items():
         if name not in TrainConfig.model_fields:
             continue
+        if isinstance(value, str) and not value.strip() and _is_optional(name):
+            value = None  # an empty text box of an optional field (validation_images) means "not set"
         data[name] = split_list(name, value) if _is_list_field(name) else value
     data.pop("epochs" if length_by == "steps" else "steps", None)
     return data
@@ -124,6 +130,9 @@ def config_to_form(config: TrainConfig) -> tuple[dict[str, Any], str]:
     for name in LENGTH_FIELDS:
         if values[name] is None:
             values[name] = specs[name].default
+    for name, spec in specs.items():
+        if values[name] is None and spec.kind == "text":
+            values[name] = ""
     length_by = "epochs" if config.steps is None and config.epochs is not None else "steps"
     return values, length_by
 
@@ -132,3 +141,31 @@ def config_file_dict(config: TrainConfig) -> dict[str, Any]:
     """The config file form, which `train_lora.py --config` accepts unchanged (a length not given is left
     out, so the file means the same run)."""
     return config_to_file_dict(config)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the Advanced section, grouped
+
+ADVANCED_TABS: dict[str, tuple[str, ...]] = {
+    "Optimizer": ("optimizer", "lr_scheduler", "lr_scheduler_num_cycles", "lr_warmup_steps", "adam_weight_decay",
+                  "max_grad_norm", "gradient_accumulation_steps", "min_snr_gamma", "noise_offset",
+                  "zero_terminal_snr", "seed"),
+    "LoRA": ("network_type", "lokr_factor", "lora_target", "lora_dropout", "use_dora", "train_text_encoder",
+             "text_encoder_lr"),
+    "Data": ("min_bucket_resolution", "max_bucket_resolution", "bucket_no_upscale", "crop", "flip_horizontal",
+             "latent_cache"),
+    "Captions": ("trigger_placement", "shuffle_tags", "keep_tokens", "caption_dropout"),
+    "Precision and memory": ("device", "mixed_precision", "gradient_checkpointing", "compile_unet", "cuda_graphs"),
+    "Checkpoints and logs": ("keep_checkpoints", "max_nonfinite_steps", "progress_steps", "log_with"),
+}
+OTHER_TAB = "Other"  # a field added to the config later shows here until it is given a tab
+
+
+def advanced_tabs(specs: list[FieldSpec]) -> dict[str, list[FieldSpec]]:
+    """The advanced fields by tab, in the tabs' order; every advanced field is in exactly one tab."""
+    tab_of = {name: tab for tab, names in ADVANCED_TABS.items() for name in names}
+    tabs: dict[str, list[FieldSpec]] = {tab: [] for tab in [*ADVANCED_TABS, OTHER_TAB]}
+    for spec in specs:
+        if spec.group == "advanced":
+            tabs[tab_of.get(spec.name, OTHER_TAB)].append(spec)
+    return {tab: items for tab, items in tabs.items() if items}

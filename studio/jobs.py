@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_core.config import ConfigError, TrainConfig
+from lora_core.errors import UserError
 from lora_core.events import Error, EventLog
 from lora_core.launcher import EVENTS_FILE, JOB_FILE, JobProcess, record_lost, stderr_tail
 from studio.queue import JobQueue, QueuedJob
@@ -42,6 +44,8 @@ MAX_CURVE_POINTS = 400  # the loss curve shown is averaged down to this many poi
 UPLOADS = "uploads"
 RUN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 TICK_S = 0.5  # how often the registry looks at its running jobs
+TOOLS = ("grid", "sweep")  # job kinds besides training: drawn from a run's saved LoRAs
+TOOL_JOBS = ".jobs"  # under a run folder: one folder per grid or sweep job
 
 
 class BusyError(RuntimeError):
@@ -81,13 +85,24 @@ class RunView:
     device: str = ""
     model_family: str = ""
     loss_points: list[tuple[int, float]] = field(default_factory=list)
+    validation_points: list[tuple[int, float]] = field(default_factory=list)  # the held-out images' loss
     samples: list[tuple[str, str, int]] = field(default_factory=list)  # (image path, prompt, step)
     checkpoints: list[tuple[int, str]] = field(default_factory=list)  # (step, path)
     final_path: str | None = None
     message: str = ""  # the error or interruption, in words
     error_field: str | None = None
     stderr_tail: list[str] = field(default_factory=list)  # the job's last stderr lines, for a failed run
+    resumed_at: list[int] = field(default_factory=list)  # the step each resume continued from
+    starts: int = 0  # `started` events seen: 0 for a job that failed before it started training
     n_events: int = 0
+
+    @property
+    def saved_so_far(self) -> str | None:
+        """The LoRA to offer for download: the final one, else (a stopped or failed run) the newest
+        checkpoint still on disk."""
+        if self.final_path:
+            return self.final_path
+        return next((path for _, path in reversed(self.checkpoints) if Path(path).is_file()), None)
 
     @property
     def active(self) -> bool:
@@ -112,6 +127,9 @@ def add_event(view: RunView, event: dict[str, Any]) -> None:
     kind = event.get("type")
     view.n_events += 1
     if kind == "started":
+        view.starts += 1
+        if event.get("resumed_from_step"):
+            view.resumed_at.append(int(event["resumed_from_step"]))
         view.total_steps = event["total_steps"]
         view.device, view.model_family = event["device"], event["model_family"]
         view.output_path = event.get("output_path", view.output_path)
@@ -124,6 +142,8 @@ def add_event(view: RunView, event: dict[str, Any]) -> None:
             view.loss_points.append((event["step"], event["loss"]))
         if view.state == "preparing":
             view.state = "running"
+    elif kind == "validation":
+        view.validation_points.append((event["step"], event["loss"]))
     elif kind == "sample":
         view.samples.append((event["image_path"], event["prompt"], event["step"]))
     elif kind == "checkpoint":
@@ -137,6 +157,12 @@ def add_event(view: RunView, event: dict[str, Any]) -> None:
             view.checkpoints.append((event["step"], event["checkpoint_path"]))
     elif kind == "error":
         view.state, view.message, view.error_field = "error", event["message"], event.get("field")
+    elif kind == "grid_progress":  # a grid or sweep job: cells drawn read as steps
+        view.step, view.total_steps = event["done"], event["total"]
+        view.percent = round(100.0 * view.step / max(1, view.total_steps), 2)
+        view.state = "running"
+    elif kind == "grid_complete":
+        view.state, view.final_path, view.percent = "complete", event["path"], 100.0
 
 
 class RunTail:
@@ -190,6 +216,7 @@ class ActiveJob:
     tail: RunTail
     config: TrainConfig | None = None
     stop_requested: bool = False
+    kind: str = "train"  # or grid | sweep
 
     @property
     def devices(self) -> list[int]:
@@ -235,6 +262,11 @@ class Studio:
         """A fresh folder for one upload: the client's names never choose it."""
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         return self.outputs_root / UPLOADS / f"{stamp}-{uuid.uuid4().hex[:8]}"
+
+    def next_folder(self, run_name: str) -> Path:
+        """The folder a new run of this name would write to now (a suffix when the name's folder is taken)."""
+        with self._lock:
+            return self._fresh(self.run_folder(run_name))
 
     def _fresh(self, folder: Path) -> Path:
         """`folder`, or `folder-2`, `-3`... when an earlier run already wrote there."""
@@ -299,6 +331,25 @@ class Studio:
             position = self._queue.position(job_id)
             return Submitted(job_id, "queued" if position else "running", position or 0, str(output))
 
+    def submit_tool(self, kind: str, run_folder: Path, args: list[str]) -> Submitted:
+        """Queue a grid or sweep (`python -m lora_core KIND RUN_FOLDER ARGS`) of a run: it waits for a device
+        like training does, and its job folder is `RUN_FOLDER/.jobs/<job id>` (its events, stderr and
+        job.json; the PNG goes into the run folder). Refused while the run itself trains or waits."""
+        if kind not in TOOLS:
+            raise ValueError(f"unknown job kind {kind!r}; one of {', '.join(TOOLS)}")
+        with self._lock:
+            folder = Path(run_folder).resolve()
+            if not folder.is_relative_to(self.outputs_root) or folder == self.outputs_root:
+                raise ValueError(f"run folder {folder} is outside {self.outputs_root}")
+            if folder in self._busy_folders():
+                raise BusyError(f"{folder.name} is training or waiting to; draw its {kind} once it has ended")
+            job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{kind}-{uuid.uuid4().hex[:6]}"
+            job_folder = folder / TOOL_JOBS / job_id
+            self._queue.add(QueuedJob(job_id, str(job_folder), {}, kind=kind, args=[str(folder), *args]))
+            self._dispatch()
+            position = self._queue.position(job_id)
+            return Submitted(job_id, "queued" if position else "running", position or 0, str(job_folder))
+
     def start(self, config: TrainConfig, resume: bool = False) -> str:
         """`submit`, answering only the job id."""
         return self.submit(config, resume).job_id
@@ -334,20 +385,43 @@ class Studio:
             self._launch(head, devices)
 
     def _launch(self, queued: QueuedJob, devices: list[int]) -> None:
+        if queued.kind != "train":
+            self._launch_tool(queued, devices)
+            return
         folder = Path(queued.output_path)
         tail = RunTail(folder, queued.job_id)
         try:
             config = queued.train_config()
             process = JobProcess.start(folder, config, queued.processes, resume=queued.resume, devices=devices,
                                        record={"job_id": queued.job_id})
-        except (OSError, ConfigError) as error:  # the run shows why it never started
+        except (OSError, ConfigError) as error:  # the job's view says why it never started
             log.warning("job %s could not start: %s", queued.job_id, error)
-            event_log = EventLog(folder / EVENTS_FILE)
-            event_log(Error(message=f"the job could not start: {error}", field=getattr(error, "field", None)))
-            event_log.close()
+            message, where = f"the job could not start: {error}", getattr(error, "field", None)
+            if queued.resume:  # the run exists: its own record says the resume failed
+                event_log = EventLog(folder / EVENTS_FILE)
+                event_log(Error(message=message, field=where))
+                event_log.close()
+            else:  # a new run that never started leaves no folder behind, only this view in memory
+                tail.view.state, tail.view.message, tail.view.error_field = "error", message, where
             self._tails[queued.job_id] = tail
             return
         self._track(ActiveJob(queued.job_id, process, tail, config))
+        self._wake.notify_all()
+
+    def _launch_tool(self, queued: QueuedJob, devices: list[int]) -> None:
+        from lora_core.grid import read_run
+
+        folder = Path(queued.output_path)
+        tail = RunTail(folder, queued.job_id)
+        self._tails[queued.job_id] = tail
+        try:
+            _, config = read_run(queued.args[0])
+            process = JobProcess.start_tool(folder, [queued.kind, *queued.args], config, devices=devices,
+                                            record={"job_id": queued.job_id, "kind": queued.kind})
+        except (OSError, UserError) as error:
+            tail.view.state, tail.view.message = "error", f"the {queued.kind} could not start: {error}"
+            return
+        self._track(ActiveJob(queued.job_id, process, tail, kind=queued.kind))
         self._wake.notify_all()
 
     def _track(self, job: ActiveJob) -> None:
@@ -358,7 +432,8 @@ class Studio:
         self._tails[job.job_id] = job.tail
         if job.config is not None:
             self._configs[job.job_id] = job.config
-        self._current = job.job_id
+        if job.kind == "train":  # the Train panel shows training; a grid is followed from its run
+            self._current = job.job_id
 
     def stop(self, job_id: str | None = None) -> bool:
         """Ask a running job (by default every one) to stop after its current step; it saves a checkpoint.
@@ -454,8 +529,19 @@ class Studio:
                 except OSError as error:
                     log.warning("could not record how job %s ended: %s", job_id, error)
                 job.tail.update()
+            if job.kind == "train" and not job.tail.view.starts and not job.process.record.get("resume"):
+                self._forget_folder(job)
             del self._active[job_id]
             self._wake.notify_all()
+
+    def _forget_folder(self, job: ActiveJob) -> None:
+        """A new run whose process failed before training started: its view keeps the error and the stderr
+        tail, and its folder (job.json, stderr.log, events.jsonl, nothing else of use) is removed."""
+        view = job.tail.view
+        view.stderr_tail = view.stderr_tail or stderr_tail(job.tail.folder)
+        folder = job.process.folder
+        if folder.resolve().is_relative_to(self.outputs_root) and folder.resolve() != self.outputs_root:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _adopt_running_jobs(self) -> None:
         """Jobs of an earlier server process: those still running are followed again, those that died

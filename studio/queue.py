@@ -31,6 +31,8 @@ class QueuedJob:
     resume: bool = False
     processes: int = 1
     queued_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    kind: str = "train"  # train, or a tool drawn from a run: grid | sweep
+    args: list[str] = field(default_factory=list)  # a tool's command line after its name (the run folder first)
 
     def train_config(self) -> TrainConfig:
         return parse_config(self.config)
@@ -59,7 +61,8 @@ class JobQueue:
         kept = []
         for job in jobs:  # a config that no longer validates (the model changed) is dropped, and said
             try:
-                job.train_config()
+                if job.kind == "train":
+                    job.train_config()
                 kept.append(job)
             except ConfigError as error:
                 log.warning("dropping queued job %s: its config is no longer valid: %s", job.job_id, error)

@@ -59,6 +59,7 @@ class RunDetail(RunRow):
     """Everything about one run: what the live view shows, for any run."""
 
     loss_points: list[tuple[int, float]] = field(default_factory=list)  # every recorded step, across resumes
+    validation_points: list[tuple[int, float]] = field(default_factory=list)  # the held-out images' loss
     resumed_at: list[int] = field(default_factory=list)  # first step recorded after each resume
     samples: list[dict[str, Any]] = field(default_factory=list)  # {step, prompt, path}
     checkpoints: list[dict[str, Any]] = field(default_factory=list)  # {step, path, exists}
@@ -174,6 +175,7 @@ def _fold(detail: RunDetail, events: list[dict[str, Any]]) -> None:
     """Fold the events into `detail`. A resume appends to the same events.jsonl: the loss history before it
     is kept (a step recorded twice keeps its newest value) and the first step after it is marked."""
     points: dict[int, float] = {}
+    held_out: dict[int, float] = {}
     starts, awaiting_resume = 0, False
     checkpoints: dict[str, dict[str, Any]] = {}
     for event in events:
@@ -194,6 +196,8 @@ def _fold(detail: RunDetail, events: list[dict[str, Any]]) -> None:
                 if awaiting_resume:
                     detail.resumed_at.append(detail.step)
                     awaiting_resume = False
+            elif kind == "validation":
+                held_out[int(event["step"])] = float(event["loss"])
             elif kind == "sample":
                 detail.samples.append({"step": int(event["step"]), "prompt": str(event.get("prompt", "")),
                                        "path": str(event["image_path"])})
@@ -216,6 +220,7 @@ def _fold(detail: RunDetail, events: list[dict[str, Any]]) -> None:
     if events and detail.started:
         detail.duration_s = _seconds_between(detail.started, str(events[-1].get("timestamp", "")))
     detail.loss_points = sorted(points.items())
+    detail.validation_points = sorted(held_out.items())
     detail.checkpoints = sorted(checkpoints.values(), key=lambda item: item["step"])
 
 
@@ -227,8 +232,8 @@ def _queued_rows(root: Path) -> list[RunRow]:
     items = _read_json(root / QUEUE_FILE)
     rows = []
     for item in items if isinstance(items, list) else []:
-        if not isinstance(item, dict) or not item.get("output_path"):
-            continue
+        if not isinstance(item, dict) or not item.get("output_path") or item.get("kind", "train") != "train":
+            continue  # a grid or sweep waiting is no run of its own
         folder = Path(str(item["output_path"]))
         config = flat_config(item.get("config"))
         rows.append(RunRow(id=folder.name, name=folder.name, state="queued", folder=str(folder),

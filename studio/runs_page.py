@@ -1,27 +1,39 @@
-"""The page's Runs tab: every run in the outputs folder, one run opened, Delete and Compare.
+"""The page's Runs tab: every run in the outputs folder, one run opened, Delete and Compare, and for the opened
+run a checkpoint x prompt grid and a strength sweep, drawn as jobs through the Studio's queue.
 
 Built from studio/runs.py (each run's own files), so it shows CLI runs and runs of earlier servers too.
-Its named API endpoints: `runs`, `open_run` (by run id; the jobs API's `run` takes a job id), `delete_run`, `compare`.
+Its named API endpoints: `runs`, `open_run` (by run id; the jobs API's `run` takes a job id), `delete_run`,
+`compare`, `grid` and `sweep` (each answers the queued job: follow it with `run`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import html
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
 from lora_core.errors import UserError
-from studio import runs
+from studio import runs, sheets
+
+if TYPE_CHECKING:
+    from studio.jobs import RunView, Studio
+
+FOLLOW_TICK_S = 0.5
 
 SMOOTHING = 0.9  # exponential moving average of the loss, as the report draws it
 
 
-def _frame(curves: dict[str, list[tuple[int, float]]], smoothed: bool = True):
+def _frame(curves: dict[str, list[tuple[int, float]]], smoothed: bool = True,
+           validation: list[tuple[int, float]] = ()):
+    """Rows of (step, loss, line): each run's curve (raw and smoothed), and the held-out images' loss."""
     import pandas as pd
 
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = [{"step": step, "loss": loss, "line": "validation (held-out)"}
+                                  for step, loss in validation]
     for name, points in curves.items():
         average = points[0][1] if points else 0.0
         for step, loss in points:
@@ -48,12 +60,28 @@ def _detail_markdown(detail: runs.RunDetail) -> str:
     return "\n".join(lines)
 
 
-class RunsTab:
-    """The Runs tab. `running`: ids of the runs this server is training now (None: ask the OS)."""
+def sheet_status(view: RunView, kind: str) -> str:
+    """A grid or sweep job's state in words, with its cells drawn."""
+    words = {"queued": "waiting for the device", "preparing": "loading the base model",
+             "running": f"drawing cell {view.step} of {view.total_steps}", "finishing": "saving the image",
+             "complete": "done", "interrupted": "stopped", "error": "failed", "idle": "unknown job"}
+    text = f"{kind.capitalize()}: {words.get(view.state, view.state)}"
+    if view.message and view.state != "complete":
+        text += f". {view.message}"
+    return (f'<div class="ls-status ls-{view.state}" id="sheet-status" data-state="{view.state}">'
+            f'<div class="ls-bar"><div class="ls-fill" style="width:{min(view.percent, 100):.2f}%"></div></div>'
+            f'<div class="ls-line">{html.escape(text)}</div></div>')
 
-    def __init__(self, outputs_root: Path, running: Callable[[], set[str]] | None = None):
+
+class RunsTab:
+    """The Runs tab. `running`: ids of the runs this server is training now (None: ask the OS). `studio`:
+    the server's job registry, which draws grids and sweeps (None: the tab only reads runs)."""
+
+    def __init__(self, outputs_root: Path, running: Callable[[], set[str]] | None = None,
+                 studio: Studio | None = None):
         self.root = Path(outputs_root)
         self._running = running
+        self.studio = studio
 
     def running(self) -> set[str] | None:
         return None if self._running is None else self._running()
@@ -77,8 +105,36 @@ class RunsTab:
         samples = [(item["path"], f"step {item['step']}: {item['prompt']}") for item in detail.samples
                    if Path(item["path"]).is_file()]
         data = dict(detail.__dict__)
-        return (_detail_markdown(detail), _frame({detail.id: detail.loss_points}), samples, files or None,
-                detail.report_path, data)
+        curves = _frame({detail.id: detail.loss_points}, validation=detail.validation_points)
+        return _detail_markdown(detail), curves, samples, files or None, detail.report_path, data
+
+    def run_config(self, run_id: str):
+        """The config a run was started with (job_config.json, as the page started it; else the engine's
+        resolved config.json, which a CLI run has), with its own folder as output_path."""
+        from lora_core.configfile import load_config
+
+        folder = runs.resolve_run(self.root, run_id)
+        for name in ("job_config.json", runs.CONFIG_FILE):
+            if (folder / name).is_file():
+                return load_config(folder / name).model_copy(update={"output_path": str(folder)})
+        raise runs.RunError(f"run {run_id!r} has no config file (job_config.json or config.json) to use")
+
+    def resume(self, run_id: str) -> dict[str, Any]:
+        """Resume a stopped run from its newest complete checkpoint, through the queue, with its own
+        settings: {job_id, state, position, output_path}."""
+        from studio.jobs import BusyError
+
+        if self.studio is None:
+            raise gr.Error("this page cannot start jobs (no job registry)")
+        try:
+            live = self.running()
+            detail = runs.run_detail(self.root, run_id, None if live is None else run_id in live)
+            if detail.state != "stopped":
+                raise runs.RunError(f"run {run_id!r} is {detail.state}; only a stopped run can be resumed")
+            submitted = self.studio.submit(self.run_config(run_id), resume=True)
+        except (UserError, BusyError, ValueError) as error:
+            raise gr.Error(f"Not resumed: {error}") from None
+        return submitted.to_dict()
 
     def delete(self, run_id: str, confirm: bool) -> tuple[str, Any, list[dict[str, Any]], Any]:
         if not confirm:
@@ -97,7 +153,61 @@ class RunsTab:
             raise gr.Error(str(error)) from None
         table = [[key, *(str(values[run_id]) for run_id in result["runs"])]
                  for key, values in result["differing"].items()]
-        return _frame(result["curves"], smoothed=False), table, result
+        shown = gr.Dataframe(value=table, headers=["field", *result["runs"]])  # a column per run, named
+        return _frame(result["curves"], smoothed=False), shown, result
+
+    def sheet_form(self, run_id: str) -> tuple[Any, ...]:
+        """The grid and sweep choices for the opened run: its saved LoRAs (the grid's default: all, capped),
+        its sample prompts, the newest LoRA for the sweep, and its newest grid or sweep, if any."""
+        try:
+            folder = runs.resolve_run(self.root, run_id)
+        except UserError:
+            return (gr.skip(),) * 5
+        choices = sheets.saved_choices(folder)
+        prompts = "\n".join(sheets.run_prompts(runs.flat_config(runs._read_json(folder / runs.CONFIG_FILE))))
+        newest = sheets.newest_sheet(folder)
+        def shown() -> dict[str, Any]:  # one update per component: Gradio consumes the dict it is given
+            return gr.update(value=str(newest) if newest else None, visible=bool(newest))
+
+        return (gr.update(choices=choices, value=sheets.default_steps(folder)), prompts,
+                gr.update(choices=choices, value=choices[-1][1] if choices else None), shown(), shown())
+
+    def grid(self, run_id: str, steps: list[str] | None, prompts: str | None) -> dict[str, Any]:
+        """Queue a checkpoint x prompt grid of a run: {job_id, state, position, output_path}."""
+        return self._submit("grid", run_id, lambda folder: sheets.grid_args(folder, steps, prompts))
+
+    def sweep(self, run_id: str, step: str | None, prompts: str | None, scales: str | None) -> dict[str, Any]:
+        """Queue a strength sweep of one of a run's LoRAs (default the newest): {job_id, state, ...}."""
+        return self._submit("sweep", run_id, lambda folder: sheets.sweep_args(folder, step, prompts, scales))
+
+    def _submit(self, kind: str, run_id: str, make_args: Callable[[Path], list[str]]) -> dict[str, Any]:
+        from studio.jobs import BusyError
+
+        if self.studio is None:
+            raise gr.Error("this page cannot draw grids (no job registry)")
+        try:
+            folder = runs.resolve_run(self.root, run_id)
+            submitted = self.studio.submit_tool(kind, folder, make_args(folder))
+        except (UserError, BusyError, ValueError) as error:
+            raise gr.Error(f"No {kind} queued: {error}") from None
+        return submitted.to_dict()
+
+    def follow(self, submitted: dict[str, Any] | None) -> Iterator[tuple[Any, ...]]:
+        """The grid or sweep job's progress while it waits and draws, then its PNG (shown and downloadable)."""
+        if not submitted or self.studio is None:
+            return
+        kind = "sweep" if "-sweep-" in submitted["job_id"] else "grid"
+        while True:
+            view = self.studio.view(submitted["job_id"])
+            if not (view.active or view.state == "queued"):
+                break
+            yield sheet_status(view, kind), gr.skip(), gr.skip()
+            time.sleep(FOLLOW_TICK_S)
+        if view.state == "complete" and view.final_path:
+            yield (sheet_status(view, kind), gr.update(value=view.final_path, visible=True),
+                   gr.update(value=view.final_path, visible=True))
+        else:
+            yield sheet_status(view, kind), gr.skip(), gr.skip()
 
     # --- layout ---
     def build(self) -> None:
@@ -122,7 +232,12 @@ class RunsTab:
                 self.confirm = gr.Checkbox(label="yes, delete this run's folder", value=False,
                                            elem_id="runs-confirm")
                 self.delete_button = gr.Button("Delete run", variant="stop", elem_id="runs-delete")
+            with gr.Row():
+                self.clone_button = gr.Button("Clone into the Train form", elem_id="runs-clone")
+                self.resume_button = gr.Button("Resume this run", elem_id="runs-resume")
+            self.resumed = gr.JSON(visible=False)
             self.deleted = gr.Markdown()
+            self._sheet_section()
             gr.Markdown("#### Compare")
             with gr.Row():
                 self.compare_pick = gr.Dropdown(label="Runs to compare", choices=[], multiselect=True, scale=3,
@@ -134,12 +249,49 @@ class RunsTab:
                                               elem_id="compare-table")
             self.compare_data = gr.JSON(visible=False)
 
+    def _sheet_section(self) -> None:
+        with gr.Group(elem_id="pick-best"):
+            gr.Markdown("#### Pick the best LoRA\nEach cell is the base model with a saved LoRA loaded as "
+                        "diffusers loads it, every cell with the same seed. The PNG is kept in the run folder.")
+            with gr.Row():
+                self.grid_steps = gr.Dropdown(label="Checkpoints (rows)", choices=[], multiselect=True, scale=3,
+                                              allow_custom_value=True, elem_id="grid-steps")  # sheets checks
+                self.grid_prompts = gr.Textbox(label="Prompts (columns), one per line", lines=2, scale=3,
+                                               elem_id="grid-prompts")
+                self.grid_button = gr.Button("Make grid", scale=1, elem_id="grid-make")
+            with gr.Row():
+                self.sweep_step = gr.Dropdown(label="Sweep of", choices=[], scale=2, elem_id="sweep-step",
+                                          allow_custom_value=True)
+                self.sweep_scales = gr.Textbox(sheets.DEFAULT_SCALES, label="LoRA scales (0 = the base model)",
+                                               scale=2, elem_id="sweep-scales")
+                self.sweep_button = gr.Button("Make sweep", scale=1, elem_id="sweep-make")
+            self.sheet_job = gr.JSON(visible=False)
+            self.sheet_state = gr.HTML(elem_id="sheet-progress")
+            self.sheet_image = gr.Image(label="Grid or sweep", type="filepath", interactive=False,
+                                        elem_id="sheet-image", visible=False)  # shown once there is one
+            self.sheet_file = gr.File(label="Download the PNG", interactive=False, elem_id="sheet-file",
+                                      visible=False)
+
     def wire(self, demo: gr.Blocks) -> None:
         listed = [self.table, self.data, self.pick]
         self.refresh_button.click(self.list, None, listed, api_name="runs")
         demo.load(self.list, None, listed, api_name=False)
-        self.open_button.click(self.open, self.pick, [self.summary, self.plot, self.samples, self.files,
-                                                      self.report, self.detail], api_name="open_run")
+        opened = self.open_button.click(self.open, self.pick, [self.summary, self.plot, self.samples, self.files,
+                                                               self.report, self.detail], api_name="open_run")
+        opened.then(self.sheet_form, self.pick, [self.grid_steps, self.grid_prompts, self.sweep_step,
+                                                 self.sheet_image, self.sheet_file], api_name=False)
+        control = dict(concurrency_id="control", concurrency_limit=None)  # as Start: never behind the polls
+        shown = [self.sheet_state, self.sheet_image, self.sheet_file]
+        for event in (self.grid_button.click(self.grid, [self.pick, self.grid_steps, self.grid_prompts],
+                                             self.sheet_job, api_name="grid", **control),
+                      self.sweep_button.click(self.sweep, [self.pick, self.sweep_step, self.grid_prompts,
+                                                           self.sweep_scales], self.sheet_job, api_name="sweep",
+                                              **control)):
+            event.then(self.follow, self.sheet_job, shown, api_name=False, concurrency_id="follow",
+                       concurrency_limit=None, show_progress="hidden")
+        self.resume_button.click(self.resume, self.pick, self.resumed, api_name="resume_run",
+                                 concurrency_id="control", concurrency_limit=None).then(
+            self.list, None, listed, api_name=False)
         self.delete_button.click(self.delete, [self.pick, self.confirm], [self.deleted, *listed],
                                  api_name="delete_run")
         self.data.change(lambda data: gr.update(choices=[row["id"] for row in data or []

@@ -95,3 +95,14 @@ def run_job_here(config, resume: bool = False, stop_after_step: int | None = Non
 
     terminal = run_job(config, events.append, should_stop, resume=resume)
     return terminal, events
+
+
+def make_dataset(folder: Path, count: int = 4) -> Path:
+    """A small dataset of a test's own (the demo's content may change): copies of the demo's first images,
+    each with a caption of its own."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = sorted(path for path in SHAPES_DATASET.iterdir() if path.suffix in (".png", ".jpg"))[:count]
+    for index, image in enumerate(images):
+        (folder / f"image_{index}{image.suffix}").write_bytes(image.read_bytes())
+        (folder / f"image_{index}.txt").write_text(f"a shape number {index}")
+    return folder

@@ -17,7 +17,8 @@ from helpers import ROOT, SHAPES_DATASET, tiny_config
 from PIL import Image
 from safetensors import safe_open
 
-pytestmark = pytest.mark.e2e  # every test here trains or serves end to end
+# every test here trains or serves end to end; the module shares a trained run, so one xdist worker runs it
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("test_cli")]
 
 EVENT_FIELDS = {
     "started": {"total_steps", "num_images", "device"},

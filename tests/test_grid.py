@@ -111,6 +111,9 @@ def test_bad_folders_and_options_are_errors_naming_the_field(tmp_path):
 # final LoRA at step 4, high learning rates so that the two differ visibly
 
 
+pytestmark = pytest.mark.xdist_group("test_grid")  # its tests share trained runs: one xdist worker
+
+
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory) -> Path:
     from lora_core.configfile import parse_config

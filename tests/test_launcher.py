@@ -28,6 +28,7 @@ from lora_core.events import (
     RunWarning,
     Sample,
     Started,
+    ValidationLoss,
     ValidationReport,
     parse_event,
     read_events,
@@ -72,6 +73,7 @@ def test_every_event_reads_back_from_its_json_line():
               RunWarning(message="m", step=2, field="output_path"),
               GridProgress(kind="grid", done=1, total=4, row="step 2", column="p"),
               GridComplete(kind="sweep", path="sweep.png", width=64, height=32, total_time=1.0),
+              ValidationLoss(step=4, loss=0.25),
               ValidationReport(ok=False, problems=[{"field": "seed", "message": "m"}], details={"total_steps": 5})]
     assert {event.type for event in events} == set(EVENT_TYPES)
     assert [parse_event(event.to_json()) for event in events] == events

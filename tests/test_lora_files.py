@@ -67,6 +67,9 @@ def assert_same(got: list[torch.Tensor], wanted: list[torch.Tensor]) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+pytestmark = pytest.mark.xdist_group("test_lora_files")  # its tests share trained runs: one xdist worker
+
+
 @pytest.fixture(scope="module")
 def sdxl_locon(tmp_path_factory):
     """A tiny-SDXL LoCon with both text encoders (alpha != rank), written as the trainer writes it."""

@@ -36,6 +36,7 @@ def test_an_invalid_model_index_is_a_base_model_error(model_folder, content):
         models.inspect(models.resolve(str(model_folder)))
 
 
+@pytest.mark.e2e  # a CLI process of its own
 def test_validate_only_names_base_model_without_a_traceback(model_folder, tmp_path):
     (model_folder / "unet" / "config.json").unlink()
     (model_folder / "vae" / "config.json").write_text("{}", encoding="utf-8")

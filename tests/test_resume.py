@@ -17,7 +17,8 @@ from lora_core import checkpoint
 from lora_core.configfile import parse_config
 from lora_core.training import train
 
-pytestmark = pytest.mark.e2e  # every test here trains or serves end to end
+# every test here trains or serves end to end; the module shares a trained run, so one xdist worker runs it
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("test_resume")]
 
 STEPS = 8
 OPTIONS = dict(steps=STEPS, checkpoint_steps=2, validation_steps=1000, lora_dropout=0.1, lr_scheduler="cosine",

@@ -98,7 +98,8 @@ def wait_for(client: Client, done, job_id: str | None = None, timeout: float = 6
 
 def upload_demo(client: Client) -> str:
     files = [handle_file(str(path)) for path in sorted(DEMO.iterdir())]
-    folder, report, gallery = client.predict(files, "shapestyle", api_name="/upload")
+    folder, report, gallery, words, _ = client.predict(files, "shapestyle", "", "", api_name="/upload")
+    assert words == "shapestyle"  # typed for this upload (the form had no dataset before): kept
     assert "**6 images**, 5 with a caption file" in report
     assert len(gallery) == 6
     return folder
@@ -341,6 +342,7 @@ def test_login_required_when_auth_is_on(tmp_path, monkeypatch):
 
 def test_safe_launch_defaults_and_a_warning_when_exposed(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv("LORA_STUDIO_AUTH", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)  # each xdist worker sets its own port range
     args = webui.parse_args(["--outputs", str(tmp_path / "out")])
     assert (args.host, args.port, args.share, args.auth) == ("127.0.0.1", 7860, False, None)
     assert webui.exposure_warning(args) is None
@@ -355,13 +357,11 @@ def test_safe_launch_defaults_and_a_warning_when_exposed(tmp_path, monkeypatch, 
 
 @pytest.mark.e2e
 def test_a_failed_run_is_shown_plainly_with_its_field(client, tmp_path):
-    empty = tmp_path / "no-images"
-    empty.mkdir()
-    (empty / "notes.txt").write_text("no images here")
-    job = start(client, dataset_path=str(empty), run_name="fails", steps=2, **TINY)
+    job = start(client, dataset_path=str(DEMO), run_name="fails", steps=2,
+                **{**TINY, "base_model": str(tmp_path / "no-such-model")})  # an unusable dataset is refused at Start
     state = wait_for(client, lambda s: s["state"] in TERMINAL, job)
-    assert state["state"] == "error" and state["error_field"] == "dataset_path"
-    assert "no usable image" in state["message"]
+    assert state["state"] == "error" and state["error_field"] == "base_model", state
+    assert "no-such-model" in state["message"]
     assert run_state(client.predict(api_name="/refresh"))["state"] == "error"  # the page shows it
     assert run_state(client.predict(api_name="/refresh")) is None  # unchanged since: nothing is sent again
 

@@ -66,6 +66,12 @@ def test_upload_train_watch_download_then_stop_a_second_job(page_url, browser, t
     expect(page.locator("#dataset-report")).to_contain_text("uploads", timeout=30_000)
     expect(page.locator("#dataset-report")).to_contain_text("18 images")
     expect(page.locator("#dataset-gallery img")).to_have_count(18)
+    # the --demo form had the demo's dataset: its trigger words go, said in the report, and are asked for again
+    expect(page.locator("#dataset-report")).to_contain_text("Cleared the trigger words")
+    words = page.locator("#field-trigger_words textarea, #field-trigger_words input").first
+    expect(words).to_have_value("")
+    words.fill("zwx")
+    words.press("Tab")
 
     set_number(page, "steps", 12)  # the demo preset with a shorter run, to keep the test quick
     set_number(page, "checkpoint_steps", 6)

@@ -1,0 +1,153 @@
+"""Validation loss on held-out images: a curve that says whether the LoRA generalises or only memorises.
+
+- `split(report, config)`: the held-out images, which never train: `validation_images` of the scanned
+  dataset (picked by a hash of their file names, so neither the seed nor the order of the folder decides),
+  or the images of `validation_dataset_path`.
+- `ValidationSet.build(...)` (once, in setup): each held-out image's latent (centre crop, no flip, the VAE
+  posterior's noise from a fixed seed), its caption's conditioning when no text encoder trains, and
+  DRAWS_PER_IMAGE (noise, timestep) pairs from a generator of its own, seeded by the image's content alone.
+  The training RNG (global, the noise stream, the data order) is never drawn on, so turning validation on
+  does not change the training; every evaluation, in every run whatever its seed, sees the same draws.
+- `ValidationSet.loss(run)`: the training objective (target, min-SNR weighting; no noise offset) in eval mode
+  under no_grad, the mean over images and draws, so the value is comparable across steps and runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_core import batches, conditioning, dataset, hardware, latents, objective
+from lora_core.config import TrainConfig
+from lora_core.errors import UserError
+from lora_core.families import Family
+from lora_core.families.base import tokenizers
+
+DRAWS_PER_IMAGE = 4  # (noise, timestep) pairs per image; the timesteps are spread over four equal strata
+SEED_TAG = "lora-studio validation"  # the draws depend on this and the image, never on the run's seed
+
+
+class HeldOutError(UserError):
+    """The held-out images cannot be had as asked; `field` is the option at fault."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
+def held_out_count(option: int | float, num_images: int) -> int:
+    """Images to hold out: a count as given, a fraction of `num_images` rounded (at least one)."""
+    return option if isinstance(option, int) else max(1, round(option * num_images))
+
+
+def split(report: dataset.DatasetReport, config: TrainConfig) -> dataset.DatasetReport | None:
+    """The held-out images as a report of their own (None when none are asked for). With validation_images
+    they are taken out of `report.images`, which keeps the rest in order."""
+    if config.validation_dataset_path is not None:
+        return _scan_folder(config)
+    if config.validation_images is None:
+        return None
+    images = report.images
+    count = held_out_count(config.validation_images, len(images))
+    if count >= len(images):
+        raise HeldOutError("validation_images", f"holding out {count} of the {len(images)} usable images in "
+                           f"{report.folder} leaves none to train on; hold out fewer (a count below "
+                           f"{len(images)} or a smaller fraction), or give validation_dataset_path instead")
+    order = sorted(range(len(images)), key=lambda i: hashlib.sha256(Path(images[i].path).name.encode()).digest())
+    chosen = set(order[:count])
+    report.images = [record for i, record in enumerate(images) if i not in chosen]
+    return dataset.DatasetReport(folder=report.folder, images=[images[i] for i in sorted(chosen)])
+
+
+def _scan_folder(config: TrainConfig) -> dataset.DatasetReport:
+    folder = Path(str(config.validation_dataset_path))
+    if not folder.is_dir():
+        raise HeldOutError("validation_dataset_path", f"validation_dataset_path {folder} is not a folder; point it "
+                           "at a folder of held-out images with optional .txt captions")
+    try:
+        return dataset.scan(folder, config.trigger_words, config.trigger_placement)
+    except dataset.DatasetError as error:
+        raise HeldOutError("validation_dataset_path", str(error)) from None
+
+
+@dataclass
+class HeldOutImage:
+    latent: torch.Tensor  # (C, h, w) on the device, in the weights' dtype
+    caption: str  # as training would see it: the trigger words in place, never dropped or shuffled
+    time_ids: torch.Tensor  # (DRAWS_PER_IMAGE, 6) size/crop ids (SDXL)
+    noise: torch.Tensor  # (DRAWS_PER_IMAGE, C, h, w)
+    timesteps: torch.Tensor  # (DRAWS_PER_IMAGE,) integer timesteps
+
+
+class ValidationSet:
+    """The held-out images, ready to be evaluated; `text` is their cached conditioning (frozen encoders),
+    None when a text encoder trains (the captions are then encoded with its current LoRA each time)."""
+
+    def __init__(self, family: Family, images: list[HeldOutImage], text: dict[str, torch.Tensor] | None):
+        self.family, self.images, self.text = family, images, text
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, config: TrainConfig, family: Family, report: dataset.DatasetReport, pixel_multiple: int, vae,
+              device: torch.device, dtype: torch.dtype, num_timesteps: int,
+              text: dict[str, torch.Tensor] | None) -> ValidationSet:
+        """Encode the held-out images with the VAE (in fp32, then put back where it was) and draw their noise."""
+        layout = batches.Layout(config, report, dataset.assign_buckets(report, config, pixel_multiple))
+        vae_device, vae_dtype = vae.device, vae.dtype
+        vae.to(device, dtype=torch.float32)
+        images = []
+        for index, record in enumerate(layout.records):
+            digest = latents.file_digest(record.path)
+            pixels = latents.cached_variants(layout, index)[0]  # the centre crop, unflipped
+            latent = latents.encode_each(vae, [pixels], [batches.seed_of(SEED_TAG, digest, "vae")], device)[0]
+            generator = torch.Generator().manual_seed(batches.seed_of(SEED_TAG, digest, "draws"))
+            noise = torch.randn((DRAWS_PER_IMAGE, *latent.shape), generator=generator)
+            strata = torch.arange(DRAWS_PER_IMAGE) + torch.rand(DRAWS_PER_IMAGE, generator=generator)
+            timesteps = (strata * num_timesteps / DRAWS_PER_IMAGE).long().clamp(0, num_timesteps - 1)
+            bucket, (top, left) = layout.bucket(index), layout.crop_origin(index, None)
+            ids = torch.tensor([[record.height, record.width, top, left, bucket.height, bucket.width]],
+                               dtype=torch.float32).expand(DRAWS_PER_IMAGE, -1)
+            images.append(HeldOutImage(latent.to(dtype), record.caption, ids.to(device), noise.to(device, dtype),
+                                       timesteps.to(device)))
+        vae.to(vae_device, dtype=vae_dtype)
+        return cls(family, images, text)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @torch.no_grad()
+    def loss(self, run: Any) -> float:  # a setup.Run (not imported: setup imports this module)
+        """The mean held-out loss with the run's current LoRA (the UNet and text encoders left in eval mode;
+        the caller puts them back to train)."""
+        unet, scheduler, prediction_type = run.bare_unet, run.noise_scheduler, run.info.prediction_type
+        for module in (unet, *run.text_encoders):
+            module.eval()
+        encode = self._encoder(run)
+        total = torch.zeros((), device=run.device)
+        for index, image in enumerate(self.images):
+            text = encode(index, image.caption)
+            latent = image.latent.unsqueeze(0).expand(DRAWS_PER_IMAGE, *image.latent.shape)
+            noisy = scheduler.add_noise(latent, image.noise, image.timesteps)
+            target = objective.target_for(scheduler, latent, image.noise, image.timesteps, prediction_type)
+            with run.accelerator.autocast():
+                prediction = unet(noisy, image.timesteps, **self.family.unet_inputs(text, image.time_ids)).sample
+            total += objective.diffusion_loss(prediction, target, scheduler, image.timesteps, prediction_type,
+                                              run.config.min_snr_gamma)
+        return float(total.item()) / len(self.images)
+
+    def _encoder(self, run: Any):
+        """(image index, caption) -> the text conditioning for its DRAWS_PER_IMAGE rows."""
+
+        def rows(text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {name: t.expand(DRAWS_PER_IMAGE, *t.shape[1:]) for name, t in text.items()}
+
+        if self.text is not None:
+            return lambda index, caption: rows({name: t[index:index + 1] for name, t in self.text.items()})
+        # the plain modules, not the accelerator's wrappers: only the main process evaluates
+        encode = conditioning.trained_encoder(self.family, tokenizers(run.pipeline), run.text_encoders, run.device,
+                                              hardware.weight_dtype(run.plan.precision))
+        return lambda index, caption: rows(encode([caption]))

@@ -1,0 +1,132 @@
+"""The studio in a real browser (Playwright, Debian's Chromium): queue two jobs, watch the first complete and the
+second start, open the Runs view, compare the two runs, make a grid. Screenshots go to test-artifacts/; with
+LORA_STUDIO_DOCS_SHOTS=1 also to docs/runs.png and docs/grid.png (the README shows them)."""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import make_dataset
+
+import webui
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
+                 "--no-first-run"]
+WHOLE_TEST_S = 900  # the test's own timeout: a hang dumps every thread's stack and ends the run
+
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                 "(apt-get install -y chromium)")]
+
+
+@pytest.fixture
+def studio_page(tmp_path, model_cache, monkeypatch):
+    from playwright.sync_api import sync_playwright
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    demo, studio, settings = webui.make_app(webui.parse_args(["--demo", "--outputs", str(tmp_path / "outputs")]))
+    settings.pop("server_port")
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **settings)
+    faulthandler.dump_traceback_later(WHOLE_TEST_S, exit=True)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            yield page, studio
+            browser.close()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        studio.shutdown(timeout=30)
+        demo.close()
+
+
+def fill(page, field: str, value) -> None:
+    box = page.locator(f"#field-{field} input[type=number], #field-{field} textarea, "
+                       f"#field-{field} input[type=text]").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def choose(page, elem_id: str, value: str) -> None:
+    """Type a value into a Gradio dropdown (custom values allowed) and take it."""
+    box = page.locator(f"#{elem_id} input").first
+    box.click()
+    box.fill(value)
+    box.press("Enter")
+
+
+def keep(page, name: str, locator=None) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    (locator or page).screenshot(path=str(ARTIFACTS / name))
+    if os.environ.get("LORA_STUDIO_DOCS_SHOTS") == "1":
+        shutil.copyfile(ARTIFACTS / name, ROOT / "docs" / name)
+
+
+def test_queue_two_jobs_then_open_compare_and_grid_them_in_the_browser(studio_page, tmp_path):
+    from playwright.sync_api import expect
+
+    page, studio = studio_page
+    fill(page, "dataset_path", make_dataset(tmp_path / "data", count=2))
+    page.locator("#field-dataset_path textarea, #field-dataset_path input").first.press("Enter")  # scan it
+    expect(page.locator("#dataset-report")).to_contain_text("2 images")
+    for name, value in (("steps", 4), ("checkpoint_steps", 2), ("batch_size", 1), ("resolution", 256)):
+        fill(page, name, value)
+    page.locator("#group-sampling").get_by_text("Samples").first.click()
+    fill(page, "validation_steps", 4)
+    fill(page, "sample_inference_steps", 2)
+    fill(page, "sample_prompts", "a red square")
+
+    fill(page, "run_name", "first")
+    expect(page.locator("#run-folder")).to_contain_text("first")
+    page.click("#start")
+    status = page.locator("#run-status")
+    expect(status).to_have_attribute("data-state", re.compile("preparing|running"))
+    fill(page, "run_name", "second")
+    fill(page, "learning_rate", 0.0005)
+    page.click("#start")
+    queue = page.locator("#queue-table")
+    expect(queue).to_contain_text("second")  # one device: the second waits, with its position
+    expect(queue).not_to_contain_text("second", timeout=300_000)  # the first ended, the second started
+    runs = studio.outputs_root
+    assert "complete" in (runs / "first" / "events.jsonl").read_text()
+    expect(status).to_contain_text("second")  # the Train panel follows the job now training...
+    expect(status).to_have_attribute("data-state", "complete", timeout=300_000)  # ...to its end
+
+    page.get_by_role("tab", name="Runs").click()
+    page.click("#runs-refresh")
+    table = page.locator("#runs-table")
+    expect(table).to_contain_text("first")
+    expect(table).to_contain_text("second")
+    choose(page, "runs-pick", "first")
+    page.click("#runs-open")
+    expect(page.locator("#run-summary")).to_contain_text("first: complete")
+    expect(page.locator("#run-loss canvas, #run-loss svg").first).to_be_visible()
+    choose(page, "compare-pick", "first")
+    choose(page, "compare-pick", "second")
+    page.click("#compare")
+    expect(page.locator("#compare-table")).to_contain_text("learning_rate")
+    expect(page.locator("#compare-table")).to_contain_text("second")  # a column per run
+    keep(page, "runs.png", page.locator("#tab-runs").first)
+
+    expect(page.locator("#grid-steps")).to_contain_text("step 2")  # the opened run's checkpoints, all chosen
+    page.click("#grid-make")
+    progress = page.locator("#sheet-status")
+    expect(progress).to_have_attribute("data-state", "complete", timeout=300_000)
+    image = page.locator("#sheet-image img").first
+    expect(image).to_be_visible()
+    assert image.evaluate("img => img.complete && img.naturalWidth") > 256  # one prompt: one column
+    assert image.evaluate("img => img.naturalHeight") > 2 * 256  # two checkpoints: two rows
+    grids = list((runs / "first").glob("grid_*.png"))
+    assert len(grids) == 1  # kept in the run folder, and offered for download
+    expect(page.locator(f"#sheet-file a[href$='{grids[0].name}']")).to_have_count(1)
+    keep(page, "grid.png", page.locator("#pick-best").first)

@@ -1,0 +1,243 @@
+"""Issue 13's rough edges on the page: an upload clears the previous dataset's words, Start refuses an unusable
+dataset before queueing, a job that never started leaves no folder, the run folder is said before Start, a new
+dataset moves the Train panel on from an old failure, Stop offers the LoRA saved so far, Resume keeps the
+history; the Advanced section is grouped and no label needs an emoji font."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import ValidationError
+from helpers import SHAPES_DATASET, make_dataset
+
+import webui
+from studio.formspec import ADVANCED_TABS, advanced_tabs, field_specs
+from studio.jobs import RunView
+
+TINY = dict(base_model="builtin:tiny-sd", trigger_words="shapestyle", resolution=256, batch_size=2, lora_rank=4,
+            lora_alpha=8, learning_rate=1e-3, sample_inference_steps=2, seed=7, checkpoint_steps=1000,
+            validation_steps=1000)
+TERMINAL = ("complete", "error", "interrupted")
+EMOJI = re.compile("[\u2600-\u27bf\U0001f000-\U0001ffff\ufe0f]")
+
+
+# ----------------------------------------------------------------------------------------------------
+# without a server
+
+
+def test_an_upload_clears_the_words_of_a_previous_dataset_only():
+    cleared = webui.words_to_clear("/data/demo", "shapestyle, sks", "a red square\na blue circle")
+    assert cleared == "the trigger words `shapestyle, sks` and 2 sample prompts"
+    assert webui.words_to_clear("", "mine", "typed for this upload") == ""  # no dataset before: kept
+    assert webui.words_to_clear("/data/demo", "", "") == ""
+
+
+def test_the_advanced_section_is_grouped_into_tabs_that_hold_every_advanced_field_once():
+    specs = field_specs()
+    tabs = advanced_tabs(specs)
+    assert list(tabs)[:6] == list(ADVANCED_TABS)  # optimizer, LoRA, data, captions, precision, checkpoints
+    placed = [spec.name for items in tabs.values() for spec in items]
+    assert sorted(placed) == sorted(spec.name for spec in specs if spec.group == "advanced")
+    assert len(placed) == len(set(placed))
+    assert max(len(items) for items in tabs.values()) <= 12  # about 40 fields, none of the tabs a long column
+
+
+def test_a_finished_run_the_page_moved_on_from_is_not_shown_as_the_current_state():
+    failed = RunView(job_id="j1", state="error", output_path="/out/old-run", message="the model is missing")
+    assert 'data-state="error"' in webui.status_html(failed)
+    moved_on = webui.status_html(failed, earlier=True)
+    assert 'data-state="idle"' in moved_on and "ls-error" not in moved_on
+    assert "old-run, failed" in moved_on and "the model is missing" not in moved_on
+    running = RunView(job_id="j2", state="running", output_path="/out/new", total_steps=10, step=3)
+    assert 'data-state="running"' in webui.status_html(running, earlier=True)  # a running job is always shown
+
+
+# ----------------------------------------------------------------------------------------------------
+# through gradio_client
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory, model_cache):
+    """One launched app: (client, studio, root)."""
+    root = tmp_path_factory.mktemp("page")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADIO_TEMP_DIR", str(root / "gradio"))
+        demo, studio, settings = webui.make_app(webui.parse_args(["--outputs", str(root / "outputs")]))
+        settings.pop("server_port")
+        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **settings)
+        client = Client(url, verbose=False, download_files=str(root / "downloads"))
+        yield client, studio, root
+        client.close()
+        studio.shutdown(timeout=30)
+        demo.close()
+
+
+def wait_for(client: Client, job_id: str, done, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = client.predict(job_id, api_name="/run")
+        if done(state):
+            return state
+        time.sleep(0.2)
+    raise AssertionError(f"timed out; last state {state}")
+
+
+def live_status(client: Client) -> str:
+    """The status HTML of a page's refresh (its first part)."""
+    return client.predict(api_name="/refresh")[0]
+
+
+@pytest.mark.e2e
+def test_upload_clears_the_previous_datasets_words_and_says_so(page, tmp_path):
+    client = page[0]
+    files = [handle_file(str(path)) for path in sorted(make_dataset(tmp_path / "mine").iterdir())]
+    folder, report, gallery, words, prompts = client.predict(files, "shapestyle", str(SHAPES_DATASET),
+                                                             "a demo prompt", api_name="/upload")
+    assert "/uploads/" in folder and len(gallery) == 4
+    assert words == "" and prompts == ""
+    assert "Cleared the trigger words `shapestyle` and 1 sample prompt of the previous dataset" in report
+    _, report, _, words, prompts = client.predict(files, "mine", "", "", api_name="/upload")
+    assert words == "mine" and "Cleared" not in report  # typed for this upload: kept
+
+
+@pytest.mark.e2e
+def test_start_refuses_an_unusable_dataset_before_queueing_and_leaves_no_folder(page, tmp_path):
+    client, studio, root = page
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    with pytest.raises(ValidationError, match="no usable image"):
+        client.predict(dataset_path=str(empty), run_name="unusable", steps=2, **TINY, api_name="/start")
+    assert client.predict(api_name="/queue") == []
+    assert not (root / "outputs" / "unusable").exists()
+
+
+@pytest.mark.e2e
+def test_a_job_that_fails_before_training_leaves_no_folder_and_a_new_dataset_moves_the_panel_on(page, tmp_path):
+    client, studio, root = page
+    dataset = make_dataset(tmp_path / "data")
+    answer = client.predict(dataset_path=str(dataset), run_name="never-started", steps=2,
+                            **{**TINY, "base_model": str(tmp_path / "no-such-model")}, api_name="/start")
+    state = wait_for(client, answer["job_id"], lambda s: s["state"] in TERMINAL)
+    assert state["state"] == "error" and "no-such-model" in state["message"]
+    assert not Path(answer["output_path"]).exists()  # nothing left behind: no folder with only events.jsonl
+    assert not any(path.name.startswith("never-started") for path in (root / "outputs").iterdir())
+
+    fresh = Client(client.src, verbose=False, download_files=str(tmp_path / "downloads"))  # a new page
+    try:
+        assert 'data-state="error"' in live_status(fresh)  # the failure is the current state...
+        files = [handle_file(str(path)) for path in sorted(dataset.iterdir())]
+        fresh.predict(files, "shapestyle", "", "", api_name="/upload")
+        status = live_status(fresh)  # ...until the page has a new dataset
+        assert 'data-state="idle"' in status and "never-started, failed" in status
+        assert 'data-state="error"' in live_status(client)  # another page still shows it
+    finally:
+        fresh.close()
+
+
+@pytest.mark.e2e
+def test_the_run_folder_is_said_before_start_when_the_name_is_taken(page):
+    client, studio, root = page
+    assert client.predict("fresh-name", api_name="/run_folder") == f"Writes to `{root / 'outputs' / 'fresh-name'}`"
+    taken = root / "outputs" / "taken"
+    taken.mkdir(parents=True)
+    (taken / "events.jsonl").write_text("")
+    note = client.predict("taken", api_name="/run_folder")
+    assert note == f"Writes to `{root / 'outputs' / 'taken-2'}` (`taken` already holds a run)"
+    assert "cannot be used" in client.predict("///", api_name="/run_folder")
+
+
+@pytest.mark.e2e
+def test_stop_offers_the_lora_saved_so_far_and_resume_keeps_the_history(page, tmp_path):
+    client, studio, root = page
+    form = dict(dataset_path=str(make_dataset(tmp_path / "data")), run_name="stop-resume", steps=5000, **TINY)
+    job = client.predict(**form, api_name="/start")["job_id"]
+    wait_for(client, job, lambda s: s["state"] == "running" and s["step"] >= 2)
+    assert client.predict(api_name="/stop")["stopped"] is True
+    stopped = wait_for(client, job, lambda s: s["state"] in TERMINAL)
+    assert stopped["state"] == "interrupted" and stopped["final_path"] is None
+    saved = Path(stopped["saved_so_far"])
+    assert saved.name == f"lora_step_{stopped['step']}.safetensors" and saved.is_file()
+    final = client.predict(api_name="/refresh")[4]  # the Train panel's download button
+    assert final["visible"] is True and Path(final["value"]).read_bytes() == saved.read_bytes()
+    assert "saved so far" in final["label"]
+
+    step = stopped["step"]
+    resumed = client.predict(**{**form, "steps": step + 2}, api_name="/resume")
+    done = wait_for(client, resumed["job_id"], lambda s: s["state"] in TERMINAL)
+    assert done["state"] == "complete" and done["resumed_at"] == [step]
+    assert done["checkpoints"][0] == str(saved)  # the checkpoint from before the resume stays listed
+    view = studio.view(resumed["job_id"])
+    steps = [point[0] for point in view.loss_points]
+    assert steps[0] == 1 and steps[-1] == step + 2 and step in steps  # the history before the resume is kept
+    status = live_status(client)
+    assert f"resumed at step {step}" in status
+
+
+@pytest.mark.e2e
+def test_no_label_or_button_needs_an_emoji_font_and_the_estimate_sits_by_start(page):
+    client, studio, root = page
+    config = client.config
+    texts = []
+    for component in config["components"]:
+        props = component.get("props", {})
+        texts += [str(props.get(key) or "") for key in ("label", "value", "info")
+                  if isinstance(props.get(key), str)]
+    assert texts and not [text for text in texts if EMOJI.search(text)]
+    estimate = client.predict(dataset_path=str(SHAPES_DATASET), run_name="estimate", steps=4, **TINY,
+                              api_name="/estimate")
+    assert "Ready to train" in estimate and not EMOJI.search(estimate)
+    ids = [component.get("props", {}).get("elem_id") for component in config["components"]]
+    assert ids.index("estimate-button") == ids.index("start") + 1  # next to Start, in the Train column
+    tabs = [component["props"].get("label") for component in config["components"]
+            if (component.get("props", {}).get("elem_id") or "").startswith("advanced-")]
+    assert tabs[:6] == list(ADVANCED_TABS)
+
+
+@pytest.mark.e2e
+def test_every_named_endpoint_is_in_the_readmes_api_list(page):
+    client = page[0]
+    names = {name.lstrip("/") for name in client.view_api(return_format="dict", print_info=False)["named_endpoints"]}
+    assert {"grid", "sweep", "run_folder", "start", "runs", "compare"} <= names
+    readme = (webui.ROOT / "README.md").read_text(encoding="utf-8")
+    listed = readme[readme.index("Every action has a"):readme.index("docs/webui.md#api-gradio_client")]
+    internal = {"model_family", "save_preset", "export_config"}  # the form's helpers, listed in docs/webui.md
+    assert [name for name in sorted(names - internal) if f"`{name}`" not in listed] == []
+
+
+@pytest.mark.e2e
+def test_an_opened_run_is_cloned_into_the_form_and_resumed_through_the_queue(page, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    client, studio, root = page
+    form = dict(dataset_path=str(make_dataset(tmp_path / "data", count=2)), run_name="to-clone", steps=5000,
+                **{**TINY, "learning_rate": 3e-4})
+    job = client.predict(**form, api_name="/start")
+    wait_for(client, job["job_id"], lambda s: s["state"] == "running" and s["step"] >= 1)
+    client.predict(api_name="/stop")
+    stopped = wait_for(client, job["job_id"], lambda s: s["state"] in TERMINAL)
+    run_id = Path(job["output_path"]).name
+
+    values = dict(zip(webui.FORM_KEYS, client.predict(run_id, api_name="/clone"), strict=True))
+    assert values["run_name"] == f"{run_id}-2"  # a new name: the clone never writes into the run it came from
+    assert values["learning_rate"] == 3e-4 and values["steps"] == 5000
+    assert values["dataset_path"] == form["dataset_path"] and values["trigger_words"] == "shapestyle"
+
+    resumed = client.predict(run_id, api_name="/resume_run")
+    assert resumed["state"] == "running" and resumed["output_path"] == job["output_path"]
+    state = wait_for(client, resumed["job_id"], lambda s: s["state"] == "running" and s["step"] > stopped["step"])
+    assert state["resumed_at"] == [stopped["step"]]
+    client.predict(api_name="/stop")
+    wait_for(client, resumed["job_id"], lambda s: s["state"] in TERMINAL)
+    finished = root / "outputs" / "finished-elsewhere"  # a complete run, as the CLI leaves one
+    finished.mkdir()
+    events = [{"type": "started", "timestamp": "2026-01-01T00:00:00", "total_steps": 2},
+              {"type": "complete", "timestamp": "2026-01-01T00:01:00", "final_path": str(finished / "x"), "step": 2}]
+    (finished / "events.jsonl").write_text("".join(json.dumps(event) + "\n" for event in events))
+    with pytest.raises(AppError, match="is complete; only a stopped run can be resumed"):
+        client.predict(finished.name, api_name="/resume_run")
