@@ -49,8 +49,8 @@ log = logging.getLogger("webui")
 
 ROOT = Path(__file__).resolve().parent
 PRESETS = ROOT / "presets"
-DEMO_PRESET = PRESETS / "demo-tiny-cpu.json"
-SHIPPED_PRESETS = {"demo-tiny-cpu", "sd15-character", "sd15-style", "sdxl-character"}
+DEMO_PRESET = PRESETS / "demo-toy-cpu.json"
+SHIPPED_PRESETS = {"demo-toy-cpu", "sd15-character", "sd15-style", "sdxl-character"}
 USER_PRESETS = ".presets"  # under the outputs folder, so a read-only install can save presets; no run is named so
 OUTPUTS_ENV, AUTH_ENV, DATASETS_ENV = "LORA_STUDIO_OUTPUTS", "LORA_STUDIO_AUTH", "LORA_STUDIO_DATASETS"
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -721,7 +721,7 @@ def build_app(studio: Studio, settings: PageSettings) -> gr.Blocks:
 def _builtin_names() -> list[str]:
     from lora_core import builtin
 
-    return [name for name in builtin.names() if name.startswith("builtin:tiny")]
+    return [name for name in builtin.names() if name.startswith(("builtin:toy", "builtin:tiny"))]
 
 
 def estimate_markdown(report: dict[str, Any]) -> str:
@@ -767,7 +767,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     parser.add_argument("--auth", default=os.environ.get(AUTH_ENV),
                         help=f"require a login, user:password (several: comma-separated); or set {AUTH_ENV}")
-    parser.add_argument("--demo", action="store_true", help="pre-fill the tiny CPU demo (presets/demo-tiny-cpu.json)")
+    parser.add_argument("--demo", action="store_true",
+                        help="pre-fill the CPU demo (presets/demo-toy-cpu.json: teaches builtin:toy-sd a new colour)")
     parser.add_argument("--outputs", default=os.environ.get(OUTPUTS_ENV, "outputs"),
                         help=f"folder for runs and uploads (default ./outputs, or {OUTPUTS_ENV})")
     parser.add_argument("--gpus", default=os.environ.get("LORA_STUDIO_GPUS", "1"),

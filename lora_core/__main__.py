@@ -9,6 +9,7 @@
     python -m lora_core grid RUN ...    checkpoints x prompts image grid (see lora_core/grid.py, or grid -h)
     python -m lora_core sweep RUN ...   one LoRA at several strengths (see lora_core/grid.py, or sweep -h)
     python -m lora_core inspect | resize | merge | bake ...   the LoRA tools (lora_core/loratools.py; --help)
+    python -m lora_core export-builtin NAME DIR   write a built-in model (e.g. toy-sd) as a diffusers folder
 """
 
 import sys
@@ -49,6 +50,15 @@ if __name__ == "__main__":
         if written is None:
             sys.exit(f"no training run recorded in {sys.argv[2]}/events.jsonl")
         print(written)
+    elif command == "export-builtin" and len(sys.argv) == 4:
+        from lora_core import builtin
+
+        try:
+            print(builtin.export(sys.argv[2], Path(sys.argv[3]).resolve()))
+        except KeyError:
+            sys.exit(f"unknown built-in model '{sys.argv[2]}'; choose one of {', '.join(builtin.names())}")
+        except (FileExistsError, FileNotFoundError) as error:
+            sys.exit(str(error))
     elif command in ("grid", "sweep"):
         from lora_core.grid import main
 

@@ -1,8 +1,10 @@
-"""Built-in models: real diffusers pipelines with random weights, built from configs with a fixed seed.
+"""Built-in models: real diffusers pipelines that need no download.
 
-They need no download. `tiny-*` are for tests, CI and the first-run demo; `small-*` keep the layout of
-SD 1.5 / SDXL at 1/8 of the channel widths (for CPU benchmarks); `sd15-arch` / `sdxl-arch` are the real
-architectures at full size with random weights (for GPU speed and memory measurements).
+`toy-sd` is the one that has learned something: a 64x64 SD 1.x pretrained by the project on a world of
+coloured shapes (lora_core/toy), its weights committed and checked by SHA-256; the first-run demo teaches it
+a colour it has never seen. The others have random weights, built from configs with a fixed seed: `tiny-*`
+are for tests and CI (fast); `small-*` keep the layout of SD 1.5 / SDXL at 1/8 of the channel widths (for CPU
+benchmarks); `sd15-arch` / `sdxl-arch` are the real architectures at full size (for GPU speed and memory).
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ class BuiltinSpec:
     text_heads: int
     transformer_layers: tuple[int, ...] = (1,)
     cacheable: bool = True  # saved to the cache folder; the full-size ones are rebuilt in memory
+    trained: bool = False  # shipped weights (lora_core/toy/weights) rather than seeded random ones
 
 
 BUILTINS: dict[str, BuiltinSpec] = {
+    "toy-sd": BuiltinSpec("sd1", (32, 64), 1, 64, 4, (16, 32, 32, 32), (64,), 3, 4, trained=True),
     "tiny-sd": BuiltinSpec("sd1", (32, 64), 2, 32, 8, (8, 16, 32, 32), (32,), 5, 4),
     "tiny-sdxl": BuiltinSpec("sdxl", (32, 64), 2, 64, 8, (8, 16, 32, 32), (32, 32), 5, 4, (1, 2)),
     "small-sd": BuiltinSpec("sd1", (40, 80, 160, 160), 2, 96, 8, (16, 32, 64, 64), (96,), 12, 4),
@@ -140,10 +144,13 @@ def _scheduler() -> DDPMScheduler:
 
 
 def build_pipeline(name: str, tokenizer_folder: Path):
-    """Build the named builtin as a diffusers pipeline in memory, with seeded random weights."""
+    """The named builtin as a diffusers pipeline in memory: seeded random weights, or the shipped ones."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     spec = BUILTINS[name]
+    if spec.trained:
+        return StableDiffusionPipeline.from_pretrained(builtin_folder(name), safety_checker=None,
+                                                       requires_safety_checker=False)
     tokenizer = write_tokenizer(tokenizer_folder)
     vocab_size = len(tokenizer)
     torch.manual_seed(SEED)
@@ -165,6 +172,10 @@ def builtin_folder(name: str) -> Path:
     """The builtin saved as a diffusers folder in the cache, created on first use (atomically)."""
     if name not in BUILTINS:
         raise KeyError(name)
+    if BUILTINS[name].trained:
+        from lora_core.toy import shipped
+
+        return shipped.verified_folder()
     folder = cache_root() / name
     if (folder / "model_index.json").exists():
         return folder
@@ -181,3 +192,23 @@ def builtin_folder(name: str) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def export(name: str, target: Path) -> Path:
+    """Write the named builtin as a diffusers folder at `target` (which must not exist yet), to open it in
+    other tools."""
+    name = name.removeprefix(PREFIX)
+    if name not in BUILTINS:
+        raise KeyError(name)
+    if target.exists():
+        raise FileExistsError(f"{target} already exists; name a new folder")
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        if BUILTINS[name].trained or BUILTINS[name].cacheable:
+            shutil.copytree(builtin_folder(name), staging / "model", ignore=shutil.ignore_patterns("SHA256SUMS"))
+        else:
+            build_pipeline(name, staging / "_tokenizer").save_pretrained(staging / "model", safe_serialization=True)
+        os.replace(staging / "model", target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

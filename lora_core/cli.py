@@ -19,7 +19,7 @@ from lora_core.events import Event
 DESCRIPTION = "Train a Stable Diffusion LoRA from a JSON config; stdout carries JSON-lines events and nothing else."
 PROG = "python -m lora_core train"
 EXAMPLES = """examples:
-  {prog} --config presets/demo-tiny-cpu.json
+  {prog} --config presets/demo-toy-cpu.json
   {prog} --config my_run.json --validate-only
   {prog} --config my_run.json --resume      # after a stop or crash, or with more steps
   {prog} --config my_run.json --debug 2> train.log | jq -c 'select(.type=="progress")'

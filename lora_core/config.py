@@ -143,8 +143,9 @@ class TrainConfig(BaseModel):
         "learning_rate."), json_schema_extra=_ui("advanced", step=1e-6))
 
     # --- data ---
-    resolution: int = Field(512, ge=256, le=2048, multiple_of=8, description=(
-        "Training size in pixels (square); must also be a multiple of what the model needs, 64 for SD."),
+    resolution: int = Field(512, ge=64, le=2048, multiple_of=8, description=(
+        "Training size in pixels (square); must also be a multiple of the model's pixel step (64 for SD, 16 "
+        "for builtin:toy-sd, whose own size is 64)."),
         json_schema_extra=_ui("basic", step=64))
     bucketing: bool = Field(True, description=(
         "Aspect-ratio bucketing: train each image at about resolution² pixels in the shape (bucket) nearest its "

@@ -32,6 +32,9 @@ class OutputFolderError(UserError, OSError):
     field = "output_path"
 
 
+MIN_RESOLUTION = 64  # below this a latent is a few pixels across; no model here is made for it
+
+
 class ResolutionError(UserError):
     field = "resolution"
 
@@ -150,11 +153,18 @@ def base_model(config: TrainConfig, configs_only: bool = False) -> tuple[models.
 
 
 def check_resolution(config: TrainConfig, info: models.ModelInfo) -> None:
+    """The lower bound and the step come from the model: multiples of its pixel step, from 64 (or the step)."""
     multiple = info.pixel_multiple
+    smallest = max(MIN_RESOLUTION, multiple)
+    sizes = f"this {info.description} model takes multiples of {multiple} from {smallest}"
+    if config.resolution < smallest:
+        raise ResolutionError(f"resolution {config.resolution} is below {smallest}, the smallest size {sizes}; "
+                              f"use {smallest} or more")
     if config.resolution % multiple:
+        below = config.resolution // multiple * multiple
         raise ResolutionError(f"resolution {config.resolution} is not a multiple of {multiple}, which this "
-                              f"{info.description} model needs; use {config.resolution // multiple * multiple} "
-                              f"or {(config.resolution // multiple + 1) * multiple}")
+                              f"{info.description} model needs; use {below if below >= smallest else ''}"
+                              f"{' or ' if below >= smallest else ''}{below + multiple} ({sizes})")
 
 
 def device_and_precision(config: TrainConfig) -> tuple[torch.device, str]:

@@ -54,6 +54,8 @@ def describe_model(base_model: str) -> tuple[str, str | None]:
         return "", str(error)
     kind = {"builtin": "built-in model with random weights, for tests and the demo", "hub": "Hugging Face hub",
             "folder": "diffusers folder", "single_file": "single-file checkpoint"}.get(source.kind, source.kind)
+    if base_model == "builtin:toy-sd":
+        kind = "built-in model pretrained on coloured shapes, drawn at 64 px; the demo teaches it a new colour"
     if source.kind == "folder" and not Path(base_model).expanduser().exists():
         kind = "Hugging Face hub; the weights download when training starts"
     return f"{info.description} · {kind} · sides a multiple of {info.pixel_multiple} px", None

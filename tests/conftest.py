@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from helpers import DEMO_DATASET, ROOT, tiny_config  # noqa: E402, F401  (re-exported for branches not yet ported)
+from helpers import ROOT, SHAPES_DATASET, tiny_config  # noqa: E402, F401  (re-exported for branches not yet ported)
 
 # Under pytest-xdist (the default, see pyproject.toml) each worker is a process of its own: one torch thread each,
 # so two workers on two cores do not oversubscribe them (OpenMP threads that wait on a busy core spin and slow
@@ -40,5 +40,5 @@ def model_cache(tmp_path_factory) -> Path:
 def dataset_dir(tmp_path) -> Path:
     """A copy of the demo dataset that a test may modify."""
     target = tmp_path / "dataset"
-    shutil.copytree(DEMO_DATASET, target)
+    shutil.copytree(SHAPES_DATASET, target)
     return target

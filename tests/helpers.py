@@ -6,7 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_DATASET = ROOT / "demo" / "dataset"
+SHAPES_DATASET = ROOT / "tests" / "data" / "shapes"  # the tiny random models' pictures (the demo's were these)
 
 
 def tiny_config(dataset: Path, output: Path, **overrides) -> dict:
@@ -101,7 +101,7 @@ def make_dataset(folder: Path, count: int = 4) -> Path:
     """A small dataset of a test's own (the demo's content may change): copies of the demo's first images,
     each with a caption of its own."""
     folder.mkdir(parents=True, exist_ok=True)
-    images = sorted(path for path in DEMO_DATASET.iterdir() if path.suffix in (".png", ".jpg"))[:count]
+    images = sorted(path for path in SHAPES_DATASET.iterdir() if path.suffix in (".png", ".jpg"))[:count]
     for index, image in enumerate(images):
         (folder / f"image_{index}{image.suffix}").write_bytes(image.read_bytes())
         (folder / f"image_{index}.txt").write_text(f"a shape number {index}")

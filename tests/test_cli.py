@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from helpers import DEMO_DATASET, ROOT, tiny_config
+from helpers import ROOT, SHAPES_DATASET, tiny_config
 from PIL import Image
 from safetensors import safe_open
 
@@ -68,7 +68,7 @@ def parse_events(stdout: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli-run")
-    config = write_config(folder, tiny_config(DEMO_DATASET, folder / "out", sample_prompts=["shapestyle, a circle"]))
+    config = write_config(folder, tiny_config(SHAPES_DATASET, folder / "out", sample_prompts=["shapestyle, a circle"]))
     result = run_cli("--config", str(config))
     return result, folder / "out"
 
@@ -132,7 +132,7 @@ def test_final_lora_has_kohya_keys_metadata_and_changes_the_pipeline(finished_ru
 
 
 def test_config_error_is_one_error_event_naming_the_field(tmp_path):
-    config = tiny_config(DEMO_DATASET, tmp_path / "out", batch_size=500)
+    config = tiny_config(SHAPES_DATASET, tmp_path / "out", batch_size=500)
     result = run_cli("--config", str(write_config(tmp_path, config)))
     assert result.returncode == 1
     events = parse_events(result.stdout)
@@ -153,7 +153,7 @@ def test_dataset_error_is_an_error_event(tmp_path):
 
 @pytest.mark.parametrize("command", [None, ENGINE], ids=["train_lora.py", "python -m lora_core train"])
 def test_validate_only_good_config_reports_device_and_memory_and_trains_nothing(tmp_path, command):
-    result = run_cli("--config", str(write_config(tmp_path, tiny_config(DEMO_DATASET, tmp_path / "out"))),
+    result = run_cli("--config", str(write_config(tmp_path, tiny_config(SHAPES_DATASET, tmp_path / "out"))),
                      "--validate-only", command=command)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     report = validation_report(result.stdout)
@@ -170,7 +170,7 @@ def test_validate_only_good_config_reports_device_and_memory_and_trains_nothing(
     ({"dataset_path": "/nowhere"}, "dataset_path"),
 ])
 def test_validate_only_bad_config_exits_one_naming_the_field(tmp_path, change, field):
-    config = {**tiny_config(DEMO_DATASET, tmp_path / "out"), **change}
+    config = {**tiny_config(SHAPES_DATASET, tmp_path / "out"), **change}
     result = run_cli("--config", str(write_config(tmp_path, config)), "--validate-only")
     assert result.returncode == 1
     report = validation_report(result.stdout)
@@ -178,7 +178,7 @@ def test_validate_only_bad_config_exits_one_naming_the_field(tmp_path, change, f
 
 
 def test_validate_only_with_a_config_error(tmp_path):
-    config = tiny_config(DEMO_DATASET, tmp_path / "out", lora_rank=0)
+    config = tiny_config(SHAPES_DATASET, tmp_path / "out", lora_rank=0)
     result = run_cli("--config", str(write_config(tmp_path, config)), "--validate-only")
     assert result.returncode == 1
     assert validation_report(result.stdout)["problems"][0]["field"] == "lora_rank"
@@ -186,7 +186,7 @@ def test_validate_only_with_a_config_error(tmp_path):
 
 def test_sigterm_mid_run_saves_a_checkpoint_and_exits_143(tmp_path):
     """The engine's entry point trains on its main thread; SIGTERM sets the flag the loop reads after a step."""
-    config = tiny_config(DEMO_DATASET, tmp_path / "out", steps=400, checkpoint_steps=1000, validation_steps=1000)
+    config = tiny_config(SHAPES_DATASET, tmp_path / "out", steps=400, checkpoint_steps=1000, validation_steps=1000)
     process = subprocess.Popen([*ENGINE, "--config", str(write_config(tmp_path, config))], stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
     lines = []
@@ -219,7 +219,7 @@ def test_help_shows_examples_and_train_lora_is_a_shim_over_the_engine():
 
 
 def test_an_unreachable_hub_model_is_a_clear_error_not_a_hang(tmp_path):
-    config = {**tiny_config(DEMO_DATASET, tmp_path / "out"), "base_model": "stabilityai/stable-diffusion-2-1"}
+    config = {**tiny_config(SHAPES_DATASET, tmp_path / "out"), "base_model": "stabilityai/stable-diffusion-2-1"}
     env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
     env["HF_HOME"] = str(tmp_path / "empty-hf-home")  # nothing cached: the hub must be asked
     result = subprocess.run([sys.executable, str(ROOT / "train_lora.py"), "--config",

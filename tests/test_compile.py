@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import DEMO_DATASET, ROOT, tiny_config
+from helpers import ROOT, SHAPES_DATASET, tiny_config
 from safetensors.torch import load_file
 
 from lora_core import compile as unet_compile
@@ -77,10 +77,10 @@ def tiny_sd_params() -> int:
 
 def test_the_demo_preset_and_the_test_configs_come_out_off():
     params = tiny_sd_params()
-    demo = json.loads((ROOT / "presets" / "demo-tiny-cpu.json").read_text())
-    configs = {"demo preset": demo, "tiny test config": tiny_config(DEMO_DATASET, ROOT / "unused"),
+    demo = json.loads((ROOT / "presets" / "demo-toy-cpu.json").read_text())
+    configs = {"demo preset": demo, "tiny test config": tiny_config(SHAPES_DATASET, ROOT / "unused"),
                # the longest test run: the browser test starts 5000 steps, then stops it
-               "5000 steps": tiny_config(DEMO_DATASET, ROOT / "unused", steps=5000)}
+               "5000 steps": tiny_config(SHAPES_DATASET, ROOT / "unused", steps=5000)}
     for name, data in configs.items():
         config = parse_config(data)
         assert config.compile_unet == "auto", name
@@ -179,7 +179,7 @@ def run(folder, resume=False, stop_at=None, **options):
     def should_stop() -> bool:
         return stop_at is not None and any(e.type == "progress" and e.step >= stop_at for e in events)
 
-    config = parse_config(tiny_config(DEMO_DATASET, folder, **{**OPTIONS, **options}))
+    config = parse_config(tiny_config(SHAPES_DATASET, folder, **{**OPTIONS, **options}))
     result = train(config, events.append, should_stop, resume=resume)
     return result, events
 

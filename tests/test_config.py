@@ -57,7 +57,7 @@ def test_wrong_type_names_the_field():
     ("batch_size", 65, "allowed range [1, 64]"),
     ("batch_size", 0, "allowed range [1, 64]"),
     ("lora_rank", 512, "allowed range [1, 256]"),
-    ("resolution", 128, "allowed range [256, 2048], a multiple of 8"),
+    ("resolution", 32, "allowed range [64, 2048], a multiple of 8"),
     ("resolution", 513, "a multiple of 8"),
     ("learning_rate", 0, "allowed range (0, 1.0]"),
     ("mixed_precision", "fp8", "choose one of 'auto', 'no', 'fp16', 'bf16'"),

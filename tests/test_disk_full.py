@@ -168,7 +168,7 @@ def test_stale_temporaries_are_removed(tmp_path):
 def test_a_run_refused_for_its_output_folder_leaves_nothing_there(tmp_path, monkeypatch):
     from collections import namedtuple
 
-    from helpers import DEMO_DATASET, run_job_here, tiny_config
+    from helpers import SHAPES_DATASET, run_job_here, tiny_config
 
     from lora_core import plan, preflight
     from lora_core.configfile import parse_config
@@ -176,7 +176,7 @@ def test_a_run_refused_for_its_output_folder_leaves_nothing_there(tmp_path, monk
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(plan.shutil, "disk_usage", lambda _folder: usage(10**9, 10**9 - 10**6, 10**6))
     output = tmp_path / "new" / "run"
-    terminal, _ = run_job_here(parse_config(tiny_config(DEMO_DATASET, output)))
+    terminal, _ = run_job_here(parse_config(tiny_config(SHAPES_DATASET, output)))
     assert terminal.type == "error" and terminal.field == "output_path" and "256 MB" in terminal.message
     assert not (tmp_path / "new").exists(), "no folder, no events.jsonl, no report where the run was refused"
     assert preflight.check_output_folder(str(output), keep=False) is not None and not (tmp_path / "new").exists()

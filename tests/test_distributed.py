@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import DEMO_DATASET, ROOT, tiny_config
+from helpers import ROOT, SHAPES_DATASET, tiny_config
 from safetensors.torch import load_file
 
 from lora_core.events import parse_event, read_events
@@ -39,7 +39,7 @@ WEIGHT_TOLERANCE = 0.1 * LEARNING_RATE
 def eight_image_dataset(tmp_path: Path) -> Path:
     """8 images, so the global batch of 4 divides an epoch and no process pads its last batch."""
     folder = tmp_path / "dataset"
-    shutil.copytree(DEMO_DATASET, folder)
+    shutil.copytree(SHAPES_DATASET, folder)
     images = sorted(p for p in folder.iterdir() if p.suffix != ".txt")
     for index, image in enumerate(images[:8 - len(images)]):
         shutil.copy(image, folder / f"copy_{index}{image.suffix}")

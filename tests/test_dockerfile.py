@@ -55,12 +55,28 @@ def exec_form(args: str) -> list[str]:
 
 
 def dockerignored(path: str) -> bool:
+    """Docker's rule: the last pattern that matches the path (or a folder above it) decides; `!` re-includes."""
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     parts = Path(path).parts
     prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    return any(fnmatch.fnmatch(prefix, pattern.removeprefix("**/")) or fnmatch.fnmatch(prefix, pattern)
-               for pattern in patterns for prefix in prefixes)
+    ignored = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        pattern = pattern.removeprefix("!")
+        if any(fnmatch.fnmatch(prefix, pattern.removeprefix("**/")) or fnmatch.fnmatch(prefix, pattern)
+               for prefix in prefixes):
+            ignored = not negated
+    return ignored
+
+
+def test_the_image_keeps_the_toy_models_weights_and_the_demo_but_not_other_weights():
+    weights = [p.relative_to(ROOT).as_posix() for p in (ROOT / "lora_core" / "toy" / "weights").rglob("*")
+               if p.is_file()]
+    assert any(name.endswith(".safetensors") for name in weights)
+    assert not [name for name in weights if dockerignored(name)]
+    assert not dockerignored("demo/dataset/zwx_01.png") and not dockerignored("presets/demo-toy-cpu.json")
+    assert dockerignored("outputs/demo/lora_final.safetensors") and dockerignored("model.safetensors")
 
 
 def in_repo(container_path: str) -> Path:

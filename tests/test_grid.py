@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import DEMO_DATASET, ROOT, tiny_config
+from helpers import ROOT, SHAPES_DATASET, tiny_config
 from PIL import Image
 
 from lora_core.events import Error, GridComplete, GridProgress, Interrupted, parse_event
@@ -120,7 +120,7 @@ def run_folder(tmp_path_factory) -> Path:
     from lora_core.training import train
 
     output = tmp_path_factory.mktemp("grid") / "run"
-    config = tiny_config(DEMO_DATASET, output, steps=4, checkpoint_steps=2, validation_steps=1000,
+    config = tiny_config(SHAPES_DATASET, output, steps=4, checkpoint_steps=2, validation_steps=1000,
                          learning_rate=1e-2, train_text_encoder=True, text_encoder_lr=5e-2, batch_size=1,
                          sample_inference_steps=3, sample_prompts=PROMPTS)
     events = []
@@ -234,7 +234,7 @@ def test_an_sdxl_lora_renders_in_a_sweep(tmp_path):
     from lora_core.configfile import parse_config
     from lora_core.training import train
 
-    config = tiny_config(DEMO_DATASET, tmp_path / "run", steps=2, validation_steps=1000, learning_rate=1e-2,
+    config = tiny_config(SHAPES_DATASET, tmp_path / "run", steps=2, validation_steps=1000, learning_rate=1e-2,
                          batch_size=1, sample_inference_steps=2)
     config["base_model"] = "builtin:tiny-sdxl"
     events = []
@@ -276,7 +276,7 @@ def test_a_loha_lora_is_applied_to_the_weights_and_taken_off_exactly(renderer, t
     from lora_core.configfile import parse_config
     from lora_core.training import train
 
-    config = tiny_config(DEMO_DATASET, tmp_path / "run", steps=2, validation_steps=1000, learning_rate=5e-2,
+    config = tiny_config(SHAPES_DATASET, tmp_path / "run", steps=2, validation_steps=1000, learning_rate=5e-2,
                          batch_size=1, sample_inference_steps=3, network_type="loha", lora_target="locon")
     events = []
     train(parse_config(config), events.append, lambda: False)

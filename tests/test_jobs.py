@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import DEMO_DATASET, tiny_config
+from helpers import SHAPES_DATASET, tiny_config
 
 from lora_core import launcher
 from lora_core.configfile import parse_config
@@ -34,7 +34,7 @@ def studios(monkeypatch):
 
 
 def config(outputs: Path, name: str):
-    return parse_config(tiny_config(DEMO_DATASET, outputs / name))
+    return parse_config(tiny_config(SHAPES_DATASET, outputs / name))
 
 
 def devices_of(studio: Studio, job_id: str) -> list[int]:

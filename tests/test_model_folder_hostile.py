@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import DEMO_DATASET, ROOT, tiny_config
+from helpers import ROOT, SHAPES_DATASET, tiny_config
 
 from lora_core import builtin, models
 from lora_core.models import ModelError
@@ -40,7 +40,7 @@ def test_an_invalid_model_index_is_a_base_model_error(model_folder, content):
 def test_validate_only_names_base_model_without_a_traceback(model_folder, tmp_path):
     (model_folder / "unet" / "config.json").unlink()
     (model_folder / "vae" / "config.json").write_text("{}", encoding="utf-8")
-    config = tiny_config(DEMO_DATASET, tmp_path / "out")
+    config = tiny_config(SHAPES_DATASET, tmp_path / "out")
     config["base_model"] = str(model_folder)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config), encoding="utf-8")

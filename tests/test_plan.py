@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEMO_DATASET, tiny_config
+from helpers import SHAPES_DATASET, tiny_config
 
 from lora_core import families, plan
 from lora_core.configfile import parse_config
@@ -13,7 +13,7 @@ from lora_core.errors import UserError
 
 
 def test_the_plan_holds_what_training_starts_from(tmp_path):
-    config = parse_config(tiny_config(DEMO_DATASET, tmp_path / "out", steps=None, epochs=2, batch_size=4))
+    config = parse_config(tiny_config(SHAPES_DATASET, tmp_path / "out", steps=None, epochs=2, batch_size=4))
     made = plan.make_plan(config, num_processes=1)
     assert len(made.dataset.images) == 6 and len(made.assigned) == 6
     assert made.batches_per_epoch == 2 and made.length == (4, "epochs")  # 6 images, batch 4: 2 batches an epoch
@@ -24,7 +24,7 @@ def test_the_plan_holds_what_training_starts_from(tmp_path):
 
 
 def test_the_report_and_the_plan_agree(tmp_path):
-    config = parse_config(tiny_config(DEMO_DATASET, tmp_path / "out"))
+    config = parse_config(tiny_config(SHAPES_DATASET, tmp_path / "out"))
     report = plan.plan_report(config, num_processes=1)
     made = plan.make_plan(config, num_processes=1)
     assert report["ok"] and report["total_steps"] == made.total_steps == 6
@@ -34,7 +34,7 @@ def test_the_report_and_the_plan_agree(tmp_path):
 
 
 def test_a_resolution_the_model_cannot_take_is_a_user_error_under_resolution(tmp_path):
-    config = parse_config(tiny_config(DEMO_DATASET, tmp_path / "out", resolution=264))  # tiny-sd needs 16
+    config = parse_config(tiny_config(SHAPES_DATASET, tmp_path / "out", resolution=264))  # tiny-sd needs 16
     with pytest.raises(plan.ResolutionError) as caught:
         plan.make_plan(config)
     assert isinstance(caught.value, UserError) and caught.value.field == "resolution"
@@ -56,7 +56,7 @@ def test_every_problem_is_reported_under_its_field_not_only_the_first(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
 def test_asking_for_cuda_without_a_gpu_is_a_user_error_under_device(tmp_path):
-    config = parse_config(tiny_config(DEMO_DATASET, tmp_path / "out", device="cuda"))
+    config = parse_config(tiny_config(SHAPES_DATASET, tmp_path / "out", device="cuda"))
     with pytest.raises(plan.DeviceError) as caught:
         plan.make_plan(config)
     assert caught.value.field == "device" and "no CUDA GPU" in str(caught.value)

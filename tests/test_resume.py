@@ -48,7 +48,7 @@ def assert_identical(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("uninterrupted")
-    dataset = ROOT / "demo" / "dataset"
+    dataset = ROOT / "tests" / "data" / "shapes"
     result, _ = run(tiny_config(dataset, folder / "out", **OPTIONS))
     return lora_of(result.final_path)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import ValidationError
-from helpers import DEMO_DATASET, make_dataset
+from helpers import SHAPES_DATASET, make_dataset
 
 import webui
 from studio.formspec import ADVANCED_TABS, advanced_tabs, field_specs
@@ -96,7 +96,7 @@ def live_status(client: Client) -> str:
 def test_upload_clears_the_previous_datasets_words_and_says_so(page, tmp_path):
     client = page[0]
     files = [handle_file(str(path)) for path in sorted(make_dataset(tmp_path / "mine").iterdir())]
-    folder, report, gallery, words, prompts = client.predict(files, "shapestyle", str(DEMO_DATASET),
+    folder, report, gallery, words, prompts = client.predict(files, "shapestyle", str(SHAPES_DATASET),
                                                              "a demo prompt", api_name="/upload")
     assert "/uploads/" in folder and len(gallery) == 4
     assert words == "" and prompts == ""
@@ -189,7 +189,7 @@ def test_no_label_or_button_needs_an_emoji_font_and_the_estimate_sits_by_start(p
         texts += [str(props.get(key) or "") for key in ("label", "value", "info")
                   if isinstance(props.get(key), str)]
     assert texts and not [text for text in texts if EMOJI.search(text)]
-    estimate = client.predict(dataset_path=str(DEMO_DATASET), run_name="estimate", steps=4, **TINY,
+    estimate = client.predict(dataset_path=str(SHAPES_DATASET), run_name="estimate", steps=4, **TINY,
                               api_name="/estimate")
     assert "Ready to train" in estimate and not EMOJI.search(estimate)
     ids = [component.get("props", {}).get("elem_id") for component in config["components"]]

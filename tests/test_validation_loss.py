@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEMO_DATASET, tiny_config, train_tapped
+from helpers import SHAPES_DATASET, tiny_config, train_tapped
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -33,7 +33,7 @@ OPTIONS = dict(steps=STEPS, checkpoint_steps=1000, validation_steps=1000, valida
 
 def problems_of(**options) -> dict[str, str]:
     with pytest.raises(ConfigError) as caught:
-        parse_config(tiny_config(DEMO_DATASET, "/tmp/unused", **options))
+        parse_config(tiny_config(SHAPES_DATASET, "/tmp/unused", **options))
     return dict(caught.value.problems)
 
 
@@ -49,22 +49,22 @@ def test_a_bad_validation_images_value_is_an_error_naming_the_field(value, words
 
 
 def test_counts_fractions_and_conflicting_options():
-    assert parse_config(tiny_config(DEMO_DATASET, "/tmp/o", validation_images=2)).validation_images == 2
-    assert parse_config(tiny_config(DEMO_DATASET, "/tmp/o", validation_images=3.0)).validation_images == 3
-    assert parse_config(tiny_config(DEMO_DATASET, "/tmp/o", validation_images=0.25)).validation_images == 0.25
+    assert parse_config(tiny_config(SHAPES_DATASET, "/tmp/o", validation_images=2)).validation_images == 2
+    assert parse_config(tiny_config(SHAPES_DATASET, "/tmp/o", validation_images=3.0)).validation_images == 3
+    assert parse_config(tiny_config(SHAPES_DATASET, "/tmp/o", validation_images=0.25)).validation_images == 0.25
     both = problems_of(validation_images=1, validation_dataset_path="/tmp/held")
     assert set(both) == {"validation_images", "validation_dataset_path"} and "not both" in both["validation_images"]
-    same = problems_of(validation_dataset_path=str(DEMO_DATASET) + "/")
+    same = problems_of(validation_dataset_path=str(SHAPES_DATASET) + "/")
     assert "dataset_path itself" in same["validation_dataset_path"]
     assert "validation_loss_steps" in problems_of(validation_loss_steps=-1)
 
 
 def scanned() -> dataset.DatasetReport:
-    return dataset.scan(DEMO_DATASET, ["shapestyle"])
+    return dataset.scan(SHAPES_DATASET, ["shapestyle"])
 
 
 def test_the_held_out_images_leave_the_training_set_and_depend_on_names_not_the_seed():
-    config = parse_config(tiny_config(DEMO_DATASET, "/tmp/o", validation_images=2))
+    config = parse_config(tiny_config(SHAPES_DATASET, "/tmp/o", validation_images=2))
     train_part = scanned()
     held = validation.split(train_part, config)
     names = [Path(r.path).name for r in held.images]
@@ -81,7 +81,7 @@ def test_the_held_out_images_leave_the_training_set_and_depend_on_names_not_the_
 
 
 def test_holding_out_every_image_or_a_missing_folder_is_an_error_naming_the_field(tmp_path):
-    config = parse_config(tiny_config(DEMO_DATASET, "/tmp/o", validation_images=6))
+    config = parse_config(tiny_config(SHAPES_DATASET, "/tmp/o", validation_images=6))
     with pytest.raises(validation.HeldOutError) as caught:
         validation.split(scanned(), config)
     assert caught.value.field == "validation_images" and "leaves none to train on" in str(caught.value)
@@ -97,7 +97,7 @@ def test_holding_out_every_image_or_a_missing_folder_is_an_error_naming_the_fiel
 
 
 def test_the_plan_trains_without_the_held_out_images_and_the_dataset_event_counts_them(tmp_path):
-    plan = make_plan(parse_config(tiny_config(DEMO_DATASET, tmp_path / "out", validation_images=2)))
+    plan = make_plan(parse_config(tiny_config(SHAPES_DATASET, tmp_path / "out", validation_images=2)))
     event = dataset_event(plan.dataset, plan.held_out)
     assert event.num_images == 4 and event.num_validation_images == 2 and len(event.validation_files) == 2
     assert not set(event.validation_files) & {Path(r.path).name for r in plan.dataset.images}
@@ -176,15 +176,15 @@ def held_out_folder(tmp_path_factory) -> Path:
     """Two images that are not in the training set: demo pictures turned a quarter, with captions."""
     folder = tmp_path_factory.mktemp("held-out")
     for name in ("shape_01.png", "shape_04.jpg"):
-        Image.open(DEMO_DATASET / name).rotate(90).save(folder / f"turned_{Path(name).stem}.png")
-        shutil.copy(DEMO_DATASET / f"{Path(name).stem}.txt", folder / f"turned_{Path(name).stem}.txt")
+        Image.open(SHAPES_DATASET / name).rotate(90).save(folder / f"turned_{Path(name).stem}.png")
+        shutil.copy(SHAPES_DATASET / f"{Path(name).stem}.txt", folder / f"turned_{Path(name).stem}.txt")
     return folder
 
 
 @pytest.fixture(scope="module")
 def with_validation(tmp_path_factory, held_out_folder):
     out = tmp_path_factory.mktemp("with") / "out"
-    config = parse_config(tiny_config(DEMO_DATASET, out, validation_dataset_path=str(held_out_folder), **OPTIONS))
+    config = parse_config(tiny_config(SHAPES_DATASET, out, validation_dataset_path=str(held_out_folder), **OPTIONS))
     events, kept = [], {}
     result = train_tapped(config, lambda run: kept.setdefault("run", run), emit=events.append)
     return config, kept["run"], events, result
@@ -194,7 +194,7 @@ def with_validation(tmp_path_factory, held_out_folder):
 def without_validation(tmp_path_factory):
     out = tmp_path_factory.mktemp("without") / "out"
     events: list = []
-    result = train(parse_config(tiny_config(DEMO_DATASET, out, **OPTIONS)), events.append, lambda: False)
+    result = train(parse_config(tiny_config(SHAPES_DATASET, out, **OPTIONS)), events.append, lambda: False)
     return events, result
 
 
@@ -254,7 +254,7 @@ def untrained_values(held_out_folder, tmp_path_factory) -> dict[str, float]:
     """The held-out value of each base model before any step, with the default latent cache (memory)."""
     values = {}
     for model in ("builtin:tiny-sd", "builtin:tiny-sdxl"):
-        data = tiny_config(DEMO_DATASET, tmp_path_factory.mktemp("untrained") / "out",
+        data = tiny_config(SHAPES_DATASET, tmp_path_factory.mktemp("untrained") / "out",
                            validation_dataset_path=str(held_out_folder), **OPTIONS)
         data["base_model"] = model
         run = setup(make_plan(parse_config(data)))
@@ -271,7 +271,7 @@ def test_every_latent_source_a_text_encoder_lora_and_sdxl_give_the_untrained_mod
         tmp_path, held_out_folder, untrained_values, options):
     """Before any step the LoRA is zero, so the value is the base model's: the same whatever the latent source
     or whether the captions go through a (zero) text-encoder LoRA; SDXL's size/crop conditioning works."""
-    data = tiny_config(DEMO_DATASET, tmp_path / "out", validation_dataset_path=str(held_out_folder), **OPTIONS)
+    data = tiny_config(SHAPES_DATASET, tmp_path / "out", validation_dataset_path=str(held_out_folder), **OPTIONS)
     data["base_model"] = options.get("base_model", "builtin:tiny-sd")
     data["training_params"].update({k: v for k, v in options.items() if k != "base_model"})
     run = setup(make_plan(parse_config(data)))

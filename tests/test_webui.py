@@ -26,7 +26,7 @@ from lora_core.configfile import load_config, parse_config
 from studio.jobs import Studio, read_run
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "demo" / "dataset"
+DEMO = ROOT / "tests" / "data" / "shapes"
 TERMINAL = ("complete", "error", "interrupted")
 TINY = dict(base_model="builtin:tiny-sd", trigger_words="shapestyle", resolution=256, batch_size=2, lora_rank=4,
             lora_alpha=8, learning_rate=1e-3, sample_inference_steps=2, seed=7)
@@ -287,7 +287,7 @@ def test_three_starts_give_one_running_and_two_queued_that_run_in_order(client):
 
 def test_presets_fill_the_form_and_the_config_file_works_with_the_cli(client, tmp_path):
     names = webui.preset_names()
-    assert {"demo-tiny-cpu", "sd15-character", "sd15-style", "sdxl-character"} <= set(names)
+    assert {"demo-toy-cpu", "sd15-character", "sd15-style", "sdxl-character"} <= set(names)
     api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     keys = [param["parameter_name"] for param in api["/export_config"]["parameters"]]
     assert keys == webui.FORM_KEYS
@@ -312,7 +312,7 @@ def test_file_routes_serve_only_the_outputs(served, tmp_path):
     inside.write_text("mine")
     with httpx.Client(base_url=url) as http:
         assert http.get(f"/gradio_api/file={inside}").text == "mine"  # the job's outputs are served
-        for path in ("/etc/passwd", str(ROOT / "webui.py"), str(ROOT / "presets" / "demo-tiny-cpu.json"),
+        for path in ("/etc/passwd", str(ROOT / "webui.py"), str(ROOT / "presets" / "demo-toy-cpu.json"),
                      f"{studio.outputs_root}/../../../../etc/passwd", f"{studio.outputs_root}/%2e%2e/x"):
             assert http.get(f"/gradio_api/file={path}").status_code in (403, 404), path
         monitoring = http.get("/monitoring")
@@ -393,13 +393,13 @@ def test_save_preset_writes_a_config_file_and_never_overwrites_a_shipped_one(cli
 @pytest.mark.e2e
 def test_the_studio_trains_on_several_devices_through_the_launcher(tmp_path):
     """`--gpus 2`: the job runs as two data-parallel processes in a child (here two CPU processes, gloo)."""
-    from helpers import DEMO_DATASET, tiny_config
+    from helpers import SHAPES_DATASET, tiny_config
 
     from webui import estimate_markdown
 
     studio = Studio(tmp_path / "outputs", processes=2)
     assert studio.num_processes() == 2 and Studio(tmp_path / "o2", processes="all").num_processes() >= 1
-    config = parse_config(tiny_config(DEMO_DATASET, tmp_path / "outputs" / "run", steps=2, batch_size=1,
+    config = parse_config(tiny_config(SHAPES_DATASET, tmp_path / "outputs" / "run", steps=2, batch_size=1,
                                       validation_steps=100, device="cpu"))
     view = studio.wait(studio.start(config), timeout=180)
     studio.shutdown()

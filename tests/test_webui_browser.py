@@ -17,7 +17,7 @@ import webui
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-DEMO = ROOT / "demo" / "dataset"
+DEMO = ROOT / "demo" / "dataset"  # the --demo page: builtin:toy-sd at 64 px
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
                  "--no-first-run"]
 
@@ -64,13 +64,13 @@ def test_upload_train_watch_download_then_stop_a_second_job(page_url, browser, t
 
     page.set_input_files("#upload input[type=file]", [str(path) for path in sorted(DEMO.iterdir())])
     expect(page.locator("#dataset-report")).to_contain_text("uploads", timeout=30_000)
-    expect(page.locator("#dataset-report")).to_contain_text("6 images")
-    expect(page.locator("#dataset-gallery img")).to_have_count(6)
+    expect(page.locator("#dataset-report")).to_contain_text("18 images")
+    expect(page.locator("#dataset-gallery img")).to_have_count(18)
     # the --demo form had the demo's dataset: its trigger words go, said in the report, and are asked for again
     expect(page.locator("#dataset-report")).to_contain_text("Cleared the trigger words")
     words = page.locator("#field-trigger_words textarea, #field-trigger_words input").first
     expect(words).to_have_value("")
-    words.fill("shapestyle")
+    words.fill("zwx")
     words.press("Tab")
 
     set_number(page, "steps", 12)  # the demo preset with a shorter run, to keep the test quick
@@ -85,7 +85,7 @@ def test_upload_train_watch_download_then_stop_a_second_job(page_url, browser, t
     expect(page.locator("#loss-plot canvas, #loss-plot svg").first).to_be_visible()
     first_sample = page.locator("#samples img").first
     expect(first_sample).to_be_visible()
-    assert first_sample.evaluate("img => img.complete && img.naturalWidth") == 256
+    assert first_sample.evaluate("img => img.complete && img.naturalWidth") == 64  # the toy model's size
     expect(page.locator("#checkpoints a[href$='/lora_step_6.safetensors']")).to_have_count(1)
     page.screenshot(path=str(ARTIFACTS / "webui-finished.png"))
     page.screenshot(path=str(ARTIFACTS / "webui-finished-full.png"), full_page=True)
