@@ -121,6 +121,8 @@ def fit(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], bool]
     """Train up to the plan's total steps. True when stopped on request: a checkpoint is then saved, and its
     LoRA file is `run.stop_checkpoint`."""
     window, clock = LossWindow(run.device), StepClock(run.plan.total_steps)
+    if run.step == 0:
+        maybe_validate(run, emit)  # the untrained model's held-out loss: where the curve starts
     while run.step < run.plan.total_steps:
         for batch in epoch_batches(run):
             loss, outcome = micro_step(run, batch)
@@ -227,7 +229,8 @@ def maybe_sample(run: Run, emit: Callable[[Event], None]) -> None:
 
 
 def maybe_validate(run: Run, emit: Callable[[Event], None]) -> None:
-    """The held-out images' loss every validation_loss_steps (0: every validation_steps) and at the end."""
+    """The held-out images' loss before the first step, every validation_loss_steps (0: every validation_steps)
+    and at the end."""
     every = run.config.validation_loss_steps or run.config.validation_steps
     if run.held_out is None or (run.step % every and run.step != run.plan.total_steps):
         return

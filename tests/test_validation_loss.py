@@ -206,7 +206,7 @@ def losses(events: list, kind: str = "progress") -> list[tuple[int, float]]:
 def test_the_validation_event_comes_at_its_cadence_and_at_the_end(with_validation):
     _, run, events, _ = with_validation
     values = losses(events, "validation")
-    assert [step for step, _ in values] == [2, 4]
+    assert [step for step, _ in values] == [0, 2, 4]  # before the first step, every 2 and at the end
     assert all(math.isfinite(loss) and loss > 0 for _, loss in values)
     dataset_events = [e for e in events if e.type == "dataset"]
     assert dataset_events[0].num_images == 6 and dataset_events[0].num_validation_images == 2
