@@ -149,19 +149,22 @@ def validation(form: dict[str, Any], studio: Studio, settings: PageSettings) -> 
     return [gr.validate(key not in messages, "; ".join(messages.get(key, []))) for key in FORM_KEYS]
 
 
-def dataset_problem(form: dict[str, Any], studio: Studio, settings: PageSettings) -> str | None:
-    """Why the form's dataset cannot be trained on (the scan's message), or None. A form whose config is
-    invalid is left to `validation`."""
-    from lora_core import dataset
+def dataset_problem(form: dict[str, Any], studio: Studio, settings: PageSettings) -> tuple[str, str] | None:
+    """(field, why) when the form's dataset cannot be trained on: the scan's message, or the hold-out's for
+    the validation loss (holding out every image, a missing validation folder); None when it can. A form whose
+    config is invalid is left to `validation`."""
+    from lora_core import dataset, holdout
 
     try:
         config = build_config(form, studio, settings)
     except ConfigError:
         return None
     try:
-        dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement)
+        holdout.split(dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement), config)
     except dataset.DatasetError as error:
-        return f"{error} (nothing was queued)"
+        return "dataset_path", f"{error} (nothing was queued)"
+    except holdout.HeldOutError as error:
+        return error.field, f"{error} (nothing was queued)"
     return None
 
 
@@ -581,9 +584,10 @@ class StudioPage:
         """The form's checks, and the dataset's: a dataset the scan calls unusable is refused before anything
         is queued or written (the message shows at the dataset field)."""
         checks = self.validate(**values)
-        index = FORM_KEYS.index("dataset_path")
-        if checks[index].get("is_valid", True) and (problem := dataset_problem(values, self.studio, self.settings)):
-            checks[index] = gr.validate(False, problem)
+        if checks[FORM_KEYS.index("dataset_path")].get("is_valid", True) and (
+                problem := dataset_problem(values, self.studio, self.settings)):
+            field, message = problem
+            checks[FORM_KEYS.index(field if field in FORM_KEYS else "dataset_path")] = gr.validate(False, message)
         return checks
 
     def validate_named(self, name: str, **values) -> list[dict]:

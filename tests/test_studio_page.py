@@ -118,6 +118,18 @@ def test_start_refuses_an_unusable_dataset_before_queueing_and_leaves_no_folder(
 
 
 @pytest.mark.e2e
+def test_start_refuses_holding_out_every_image_at_its_field_before_queueing(page, tmp_path):
+    """--demo pre-fills the demo's validation_images (3); a dataset of 2 images would keep none to train on."""
+    client, studio, root = page
+    dataset = make_dataset(tmp_path / "data", count=2)
+    with pytest.raises(ValidationError, match="leaves none to train on"):
+        client.predict(dataset_path=str(dataset), run_name="all-held-out", steps=2, validation_images="3", **TINY,
+                       api_name="/start")
+    assert client.predict(api_name="/queue") == []
+    assert not (root / "outputs" / "all-held-out").exists()
+
+
+@pytest.mark.e2e
 def test_a_job_that_fails_before_training_leaves_no_folder_and_a_new_dataset_moves_the_panel_on(page, tmp_path):
     client, studio, root = page
     dataset = make_dataset(tmp_path / "data")
