@@ -42,7 +42,7 @@ from studio.formspec import (
     split_list,
 )
 from studio.jobs import RUN_NAME, BusyError, RunView, Studio
-from studio.runs_page import RunsTab
+from studio.runs_page import RunsTab, plot_frame
 from studio.uploads import UploadError, UploadLimits, ingest, remove_unused
 
 log = logging.getLogger("webui")
@@ -267,11 +267,10 @@ def status_html(view: RunView, earlier: bool = False) -> str:
 
 
 def loss_frame(view: RunView):
-    import pandas as pd
-
-    rows = [(step, loss, "training") for step, loss in view.curve()]
-    rows += [(step, loss, "validation (held-out)") for step, loss in view.validation_points]
-    return pd.DataFrame(rows, columns=["step", "loss", "line"])
+    """The live plot's training loss. The held-out loss is the opened run's second curve (Runs tab), the
+    report's and TensorBoard's: with a colour per series, gradio's live plot (first drawn empty, then updated
+    by the timer) drew no line at all."""
+    return plot_frame([(step, loss, "training") for step, loss in view.curve()])
 
 
 def run_summary(view: RunView) -> dict[str, Any]:
@@ -414,7 +413,9 @@ class StudioPage:
             self.resume_button = gr.Button("Resume last run", interactive=False, elem_id="resume")
         self.estimate_report = gr.Markdown("", elem_id="estimate")
         self.status = gr.HTML(status_html(self.studio.view()), elem_id="status")
-        self.plot = gr.LinePlot(x="step", y="loss", color="line", title="Loss", height=240, elem_id="loss-plot",
+        # the series are named up front: a plot first drawn from an empty frame (before the first step) drew
+        # no line for series it had not seen then
+        self.plot = gr.LinePlot(x="step", y="loss", title="Loss", height=240, elem_id="loss-plot",
                                 x_title="step", y_title="loss (mean since the last point)")
         self.samples = gr.Gallery(label="Samples", columns=3, height=260, object_fit="contain", elem_id="samples")
         self.checkpoints = gr.File(label="Checkpoints", file_count="multiple", interactive=False,

@@ -30,7 +30,6 @@ SMOOTHING = 0.9  # exponential moving average of the loss, as the report draws i
 def _frame(curves: dict[str, list[tuple[int, float]]], smoothed: bool = True,
            validation: list[tuple[int, float]] = ()):
     """Rows of (step, loss, line): each run's curve (raw and smoothed), and the held-out images' loss."""
-    import pandas as pd
 
     rows: list[dict[str, Any]] = [{"step": step, "loss": loss, "line": "validation (held-out)"}
                                   for step, loss in validation]
@@ -41,7 +40,18 @@ def _frame(curves: dict[str, list[tuple[int, float]]], smoothed: bool = True,
             if smoothed:
                 average = SMOOTHING * average + (1 - SMOOTHING) * loss
                 rows.append({"step": step, "loss": average, "line": f"{name} smoothed"})
-    return pd.DataFrame(rows, columns=["step", "loss", "line"])
+    return plot_frame([(row["step"], row["loss"], row["line"]) for row in rows])
+
+
+def plot_frame(rows: list[tuple[int, float, str]]):
+    """(step, loss, line) rows as the loss plots' frame, typed even when empty: gr.LinePlot reads an untyped
+    (object) column as categories, and a plot first drawn from an empty frame kept category axes with a tick
+    per step after the points came."""
+    import pandas as pd
+
+    return pd.DataFrame({"step": pd.Series([row[0] for row in rows], dtype="int64"),
+                         "loss": pd.Series([row[1] for row in rows], dtype="float64"),
+                         "line": pd.Series([row[2] for row in rows], dtype=object)})
 
 
 def _detail_markdown(detail: runs.RunDetail) -> str:

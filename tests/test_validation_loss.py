@@ -140,9 +140,8 @@ def test_the_page_and_runs_view_plot_a_second_line_and_tensorboard_gets_a_scalar
     view = jobs.RunView()
     for event in curve_events():
         jobs.add_event(view, event.to_dict())
-    frame = webui.loss_frame(view)
-    assert set(frame["line"]) == {"training", "validation (held-out)"}
-    assert frame[frame["line"] == "validation (held-out)"]["loss"].tolist() == [0.7, 0.5]
+    assert [loss for _, loss in view.validation_points] == [0.7, 0.5]
+    assert set(webui.loss_frame(view)["line"]) == {"training"}  # the live plot: one series (see loss_frame)
     folder = tmp_path / "outputs" / "run1"
     log = EventLog(folder / "events.jsonl")
     for event in curve_events():

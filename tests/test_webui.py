@@ -23,7 +23,7 @@ from gradio_client.exceptions import AppError, ValidationError
 import webui
 from lora_core.config import TrainConfig, non_null_schema
 from lora_core.configfile import load_config, parse_config
-from studio.jobs import Studio, read_run
+from studio.jobs import RunView, Studio, read_run
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "tests" / "data" / "shapes"
@@ -545,3 +545,20 @@ def test_the_runs_tab_of_the_full_app_lists_a_run_made_outside_the_server(client
     (folder / "events.jsonl").write_text(json.dumps(started) + "\n" + json.dumps(done) + "\n")
     rows = {row["id"]: row for row in client.predict(api_name="/runs")[1]}
     assert rows["made-by-the-cli"]["state"] == "complete" and rows["made-by-the-cli"]["duration_s"] == 5.0
+
+
+def test_the_loss_plots_axes_are_numbers_even_before_the_first_point():
+    """An untyped empty frame made gr.LinePlot draw category axes (a tick per step) for the rest of the run."""
+    import gradio as gr
+
+    from studio.runs_page import _frame
+
+    plot = gr.LinePlot(x="step", y="loss", color="line")
+    frames = {"empty live view": webui.loss_frame(RunView(job_id="j", state="preparing", output_path="/o")),
+              "live view": webui.loss_frame(RunView(job_id="j", state="running", output_path="/o",
+                                                    loss_points=[(1, 0.5)], validation_points=[(0, 0.7)])),
+              "empty Runs view": _frame({}), "Runs view": _frame({"a": [(1, 0.5), (2, 0.4)]}, validation=[(0, 0.6)])}
+    for name, frame in frames.items():
+        datatypes = plot.postprocess(frame).datatypes
+        assert (datatypes["step"], datatypes["loss"], datatypes["line"]) == ("quantitative", "quantitative",
+                                                                             "nominal"), name
