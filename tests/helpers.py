@@ -106,3 +106,17 @@ def make_dataset(folder: Path, count: int = 4) -> Path:
         (folder / f"image_{index}{image.suffix}").write_bytes(image.read_bytes())
         (folder / f"image_{index}.txt").write_text(f"a shape number {index}")
     return folder
+
+
+def wait_for_job(client, job_id: str, done, timeout: float = 180.0) -> dict:
+    """Poll the page's `run` endpoint for one job until `done(state)`; fail with the last state on timeout."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    state: dict = {}
+    while time.monotonic() < deadline:
+        state = client.predict(job_id, api_name="/run")
+        if done(state):
+            return state
+        time.sleep(0.2)
+    raise AssertionError(f"timed out; last state {state}")

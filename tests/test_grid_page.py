@@ -6,14 +6,13 @@ scale 1 the fused LoRA) are the engine's, proven in tests/test_grid.py; here: th
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
-from helpers import make_dataset
+from helpers import make_dataset, wait_for_job
 from PIL import Image
 
 import webui
@@ -28,14 +27,7 @@ TERMINAL = ("complete", "error", "interrupted")
 
 
 def wait_for(client: Client, job_id: str, done, timeout: float = 180.0) -> dict:
-    deadline = time.monotonic() + timeout
-    state: dict = {}
-    while time.monotonic() < deadline:
-        state = client.predict(job_id, api_name="/run")
-        if done(state):
-            return state
-        time.sleep(0.2)
-    raise AssertionError(f"timed out; last state {state}")
+    return wait_for_job(client, job_id, done, timeout)
 
 
 pytestmark = pytest.mark.xdist_group("test_grid_page")  # its tests share one trained run: one xdist worker

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import ValidationError
-from helpers import SHAPES_DATASET, make_dataset
+from helpers import SHAPES_DATASET, make_dataset, wait_for_job
 
 import webui
 from studio.formspec import ADVANCED_TABS, advanced_tabs, field_specs
@@ -78,13 +77,7 @@ def page(tmp_path_factory, model_cache):
 
 
 def wait_for(client: Client, job_id: str, done, timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = client.predict(job_id, api_name="/run")
-        if done(state):
-            return state
-        time.sleep(0.2)
-    raise AssertionError(f"timed out; last state {state}")
+    return wait_for_job(client, job_id, done, timeout)
 
 
 def live_status(client: Client) -> str:
