@@ -23,7 +23,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from lora_core import buckets, checkpoint, dataset, distributed, families, hardware, models, tracking, validation
+from lora_core import buckets, checkpoint, dataset, distributed, families, hardware, holdout, models, tracking
 from lora_core.config import DEFAULT_STEPS, TrainConfig
 from lora_core.errors import UserError
 
@@ -81,7 +81,7 @@ class RunPlan:
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))  # for the LoRA's metadata
     clock_start: float = field(default_factory=time.perf_counter)  # the run's total_time counts from here
     skipped_states: list[str] = field(default_factory=list)  # damaged states resume passed over, in words
-    held_out: dataset.DatasetReport | None = None  # the validation loss's images (validation.split); never trained
+    held_out: dataset.DatasetReport | None = None  # the validation loss's images (holdout.split); never trained
     _sizes: models.ModelSizes | None = field(default=None, repr=False)
 
     @property
@@ -144,7 +144,7 @@ def tracker(config: TrainConfig) -> None:
 def scan_dataset(config: TrainConfig) -> tuple[dataset.DatasetReport, dataset.DatasetReport | None]:
     """The training images, and the held-out ones for the validation loss (None when none are asked for)."""
     report = dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement)
-    return report, validation.split(report, config)
+    return report, holdout.split(report, config)
 
 
 def base_model(config: TrainConfig, configs_only: bool = False) -> tuple[models.ModelSource, models.ModelInfo]:

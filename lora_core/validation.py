@@ -1,6 +1,7 @@
 """Validation loss on held-out images: a curve that says whether the LoRA generalises or only memorises.
 
-- `split(report, config)`: the held-out images, which never train: `validation_images` of the scanned
+- `holdout.split(report, config)` (holdout.py, apart so that the page can check it): the held-out images,
+  which never train: `validation_images` of the scanned
   dataset (picked by a hash of their file names, so neither the seed nor the order of the folder decides),
   or the images of `validation_dataset_path`.
 - `ValidationSet.build(...)` (once, in setup): each held-out image's latent (centre crop, no flip, the VAE
@@ -23,7 +24,6 @@ from lora_core import batches, conditioning, dataset, hardware, latents, objecti
 from lora_core.config import TrainConfig
 from lora_core.families import Family
 from lora_core.families.base import tokenizers
-from lora_core.holdout import HeldOutError, held_out_count, split  # noqa: F401  (their home is holdout.py)
 
 DRAWS_PER_IMAGE = 4  # (noise, timestep) pairs per image; the timesteps are spread over four equal strata
 SEED_TAG = "lora-studio validation"  # the draws depend on this and the image, never on the run's seed

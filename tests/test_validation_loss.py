@@ -15,7 +15,7 @@ from helpers import SHAPES_DATASET, tiny_config, train_tapped
 from PIL import Image
 from safetensors.torch import load_file
 
-from lora_core import dataset, report, validation
+from lora_core import dataset, holdout, report
 from lora_core.config import ConfigError
 from lora_core.configfile import parse_config
 from lora_core.events import EventLog, ValidationLoss, dataset_event, read_events
@@ -66,33 +66,33 @@ def scanned() -> dataset.DatasetReport:
 def test_the_held_out_images_leave_the_training_set_and_depend_on_names_not_the_seed():
     config = parse_config(tiny_config(SHAPES_DATASET, "/tmp/o", validation_images=2))
     train_part = scanned()
-    held = validation.split(train_part, config)
+    held = holdout.split(train_part, config)
     names = [Path(r.path).name for r in held.images]
     assert len(names) == 2 and len(train_part.images) == 4
     assert not set(names) & {Path(r.path).name for r in train_part.images}
     again = scanned()
     again.images.reverse()  # another order, another seed: the same images
-    other = validation.split(again, config.model_copy(update={"seed": 123}))
+    other = holdout.split(again, config.model_copy(update={"seed": 123}))
     assert sorted(Path(r.path).name for r in other.images) == sorted(names)
-    fraction = validation.split(scanned(), config.model_copy(update={"validation_images": 0.5}))
+    fraction = holdout.split(scanned(), config.model_copy(update={"validation_images": 0.5}))
     assert len(fraction.images) == 3
-    tiny_fraction = validation.split(scanned(), config.model_copy(update={"validation_images": 0.01}))
+    tiny_fraction = holdout.split(scanned(), config.model_copy(update={"validation_images": 0.01}))
     assert len(tiny_fraction.images) == 1  # at least one
 
 
 def test_holding_out_every_image_or_a_missing_folder_is_an_error_naming_the_field(tmp_path):
     config = parse_config(tiny_config(SHAPES_DATASET, "/tmp/o", validation_images=6))
-    with pytest.raises(validation.HeldOutError) as caught:
-        validation.split(scanned(), config)
+    with pytest.raises(holdout.HeldOutError) as caught:
+        holdout.split(scanned(), config)
     assert caught.value.field == "validation_images" and "leaves none to train on" in str(caught.value)
     missing = config.model_copy(update={"validation_images": None, "validation_dataset_path": str(tmp_path / "no")})
-    with pytest.raises(validation.HeldOutError) as caught:
-        validation.split(scanned(), missing)
+    with pytest.raises(holdout.HeldOutError) as caught:
+        holdout.split(scanned(), missing)
     assert caught.value.field == "validation_dataset_path" and "not a folder" in str(caught.value)
     (tmp_path / "empty").mkdir()
     empty = missing.model_copy(update={"validation_dataset_path": str(tmp_path / "empty")})
-    with pytest.raises(validation.HeldOutError) as caught:
-        validation.split(scanned(), empty)
+    with pytest.raises(holdout.HeldOutError) as caught:
+        holdout.split(scanned(), empty)
     assert caught.value.field == "validation_dataset_path" and "no usable image" in str(caught.value)
 
 
