@@ -27,6 +27,19 @@ def write_readme_options(path: Path) -> None:
     _, _, tail = rest.partition(END)
     atomic_write_text(path, f"{head}{START}\n{options_table()}\n{END}{tail}")
 
+
+def export_builtin(name: str, target: str) -> None:
+    """`export-builtin NAME DIR`: print the folder written, or exit with why nothing was."""
+    from lora_core import builtin
+
+    try:
+        print(builtin.export(name, Path(target).resolve()))
+    except KeyError:
+        sys.exit(f"unknown built-in model '{name}'; choose one of {', '.join(builtin.names())}")
+    except (FileExistsError, FileNotFoundError) as error:
+        sys.exit(str(error))
+
+
 if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     if command == "train":
@@ -51,14 +64,7 @@ if __name__ == "__main__":
             sys.exit(f"no training run recorded in {sys.argv[2]}/events.jsonl")
         print(written)
     elif command == "export-builtin" and len(sys.argv) == 4:
-        from lora_core import builtin
-
-        try:
-            print(builtin.export(sys.argv[2], Path(sys.argv[3]).resolve()))
-        except KeyError:
-            sys.exit(f"unknown built-in model '{sys.argv[2]}'; choose one of {', '.join(builtin.names())}")
-        except (FileExistsError, FileNotFoundError) as error:
-            sys.exit(str(error))
+        export_builtin(sys.argv[2], sys.argv[3])
     elif command in ("grid", "sweep"):
         from lora_core.grid import main
 

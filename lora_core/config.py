@@ -8,6 +8,7 @@ widgets give numbers as floats, converts its own values (`parse_config(..., stri
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -358,12 +359,19 @@ class ConfigError(UserError):
         return self.problems[0][0]
 
 
+@functools.cache
+def _field_schemas() -> dict[str, Any]:
+    """Each field's JSON schema, built once: pydantic builds the whole schema anew on every call (9 ms), and a
+    document with many bad fields asks once per field."""
+    return TrainConfig.model_json_schema()["properties"]
+
+
 def allowed_range(name: str) -> str:
     """The range or choices of a field, from the model itself, for error messages."""
     info = TrainConfig.model_fields.get(name)
     if info is None:
         return ""
-    schema = non_null_schema(TrainConfig.model_json_schema()["properties"].get(name, {}))
+    schema = non_null_schema(_field_schemas().get(name, {}))
     if "enum" in schema:
         return "choose one of " + ", ".join(repr(choice) for choice in schema["enum"])
     text = range_text(schema)
