@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import textwrap
 import time
 from pathlib import Path
 
-import pytest
 from helpers import tiny_config
-from test_distributed import eight_image_dataset
 
 from lora_core import launcher
 from lora_core.configfile import parse_config
@@ -34,7 +31,6 @@ from lora_core.events import (
     read_events,
 )
 from lora_core.launcher import JobProcess, final_event, launch_command, record_lost, stderr_tail
-from lora_core.preflight import preflight
 
 
 def wait_until(done, timeout: float = 60.0, what: str = "the condition") -> None:
@@ -128,29 +124,3 @@ def test_a_killed_job_is_told_by_its_signal_and_a_later_process_finds_it_by_pid_
     error = record_lost(job)
     assert "killed by signal 9 (SIGKILL)" in error.message and "loading the model" in error.message
     assert "exit status is unknown" in found.describe_exit()  # not its child: how it ended is not known
-
-
-@pytest.mark.e2e
-def test_two_processes_through_accelerate_launch_stop_together_when_asked(tmp_path):
-    config = parse_config(tiny_config(eight_image_dataset(tmp_path), tmp_path / "out", steps=500,
-                                      checkpoint_steps=1000, validation_steps=1000))
-    assert preflight(config, num_processes=2)["devices"]["global_batch_size"] == 4  # the estimate knows
-    job = JobProcess.start(tmp_path / "out", config, 2, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    events_file = tmp_path / "out" / "events.jsonl"
-    try:
-        wait_until(lambda: events_file.is_file() and any(
-            e.type == "progress" and e.step >= 2 for e in read_events(events_file)), timeout=180,
-            what=f"step 2 ({stderr_tail(job.folder)})")
-        job.terminate()  # SIGTERM to accelerate's launcher, which passes it to both processes
-        wait_until(lambda: not job.alive(), timeout=90, what="the stop")
-    finally:
-        job.kill()
-    events = read_events(events_file)
-    terminal = events[-1]
-    assert terminal.type == "interrupted", stderr_tail(job.folder)
-    assert events[0].type == "started" and events[0].num_processes == 2
-    assert [e.type for e in events].count("started") == 1 and [e.terminal for e in events].count(True) == 1
-    assert 2 <= terminal.step < 10 and (tmp_path / "out" / "checkpoints" / f"lora_step_{terminal.step}.safetensors"
-                                        ).is_file()
-    assert not (tmp_path / "out" / "logs").exists()  # TensorBoard is off by default
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["training_params"]["batch_size"] == 2

@@ -390,27 +390,37 @@ def test_save_preset_writes_a_config_file_and_never_overwrites_a_shipped_one(cli
 
 
 @pytest.mark.e2e
-@pytest.mark.e2e
-def test_the_studio_trains_on_several_devices_through_the_launcher(tmp_path):
-    """`--gpus 2`: the job runs as two data-parallel processes in a child (here two CPU processes, gloo)."""
+def test_the_studio_trains_on_several_devices_through_the_launcher_and_stop_ends_them_together(tmp_path):
+    """`--gpus 2`: the job runs as two data-parallel processes under `accelerate launch` in a child (here two CPU
+    processes, gloo); Stop (SIGTERM to the launcher, which passes it on) ends both after the same step, with one
+    final event and a checkpoint."""
     from helpers import SHAPES_DATASET, tiny_config
 
+    from lora_core.events import read_events
+    from lora_core.preflight import preflight
     from webui import estimate_markdown
 
     studio = Studio(tmp_path / "outputs", processes=2)
     assert studio.num_processes() == 2 and Studio(tmp_path / "o2", processes="all").num_processes() >= 1
-    config = parse_config(tiny_config(SHAPES_DATASET, tmp_path / "outputs" / "run", steps=2, batch_size=1,
-                                      validation_steps=100, device="cpu"))
-    view = studio.wait(studio.start(config), timeout=180)
-    studio.shutdown()
-    assert view.state == "complete", view.message
-    started = json.loads((tmp_path / "outputs" / "run" / "events.jsonl").read_text().splitlines()[0])
-    assert started["type"] == "started" and started["num_processes"] == 2
-
-    from lora_core.preflight import preflight
-
+    run = tmp_path / "outputs" / "run"
+    config = parse_config(tiny_config(SHAPES_DATASET, run, steps=500, batch_size=1, checkpoint_steps=1000,
+                                      validation_steps=1000, device="cpu"))
     markdown = estimate_markdown(preflight(config, num_processes=studio.num_processes()))
     assert "**Devices:** 2 training process(es)" in markdown and "global batch 2" in markdown
+    job = studio.start(config)
+    deadline = time.monotonic() + 180
+    while studio.view(job).step < 2 and studio.view(job).state not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert studio.stop(job)
+    view = studio.wait(job, timeout=90)
+    studio.shutdown()
+    events = read_events(run / "events.jsonl")
+    assert view.state == "interrupted" and events[-1].type == "interrupted", view.message
+    assert events[0].type == "started" and events[0].num_processes == 2
+    assert [e.type for e in events].count("started") == 1 and [e.terminal for e in events].count(True) == 1
+    assert 2 <= events[-1].step < 500 and Path(events[-1].checkpoint_path).is_file()
+    assert json.loads((run / "config.json").read_text())["training_params"]["batch_size"] == 1
+    assert not (run / "logs").exists()  # TensorBoard is off by default
 
 
 LONG = dict(dataset_path=str(DEMO), steps=5000, checkpoint_steps=5000, validation_steps=5000, **TINY)
