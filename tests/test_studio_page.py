@@ -80,6 +80,11 @@ def wait_for(client: Client, job_id: str, done, timeout: float = 120.0) -> dict:
     return wait_for_job(client, job_id, done, timeout)
 
 
+def run_summary(refresh: tuple) -> dict | None:
+    """The hidden run summary among a refresh's parts (None when the page skipped an unchanged view)."""
+    return next((part for part in refresh if isinstance(part, dict) and "job_id" in part), None)
+
+
 def live_status(client: Client) -> str:
     """The status HTML of a page's refresh (its first part)."""
     return client.predict(api_name="/refresh")[0]
@@ -129,13 +134,17 @@ def test_a_job_that_fails_before_training_leaves_no_folder_and_a_new_dataset_mov
     answer = client.predict(dataset_path=str(dataset), run_name="never-started", steps=2,
                             **{**TINY, "base_model": str(tmp_path / "no-such-model")}, api_name="/start")
     state = wait_for(client, answer["job_id"], lambda s: s["state"] in TERMINAL)
-    assert state["state"] == "error" and "no-such-model" in state["message"]
+    assert state["state"] == "error" and state["error_field"] == "base_model", state  # shown at its field
+    assert "no-such-model" in state["message"]
     assert not Path(answer["output_path"]).exists()  # nothing left behind: no folder with only events.jsonl
     assert not any(path.name.startswith("never-started") for path in (root / "outputs").iterdir())
 
     fresh = Client(client.src, verbose=False, download_files=str(tmp_path / "downloads"))  # a new page
     try:
-        assert 'data-state="error"' in live_status(fresh)  # the failure is the current state...
+        shown = fresh.predict(api_name="/refresh")
+        assert 'data-state="error"' in shown[0]  # the failure is the current state...
+        assert run_summary(shown)["state"] == "error"
+        assert run_summary(fresh.predict(api_name="/refresh")) is None  # unchanged since: nothing is sent again
         files = [handle_file(str(path)) for path in sorted(dataset.iterdir())]
         fresh.predict(files, "shapestyle", "", "", api_name="/upload")
         status = live_status(fresh)  # ...until the page has a new dataset

@@ -355,17 +355,6 @@ def test_safe_launch_defaults_and_a_warning_when_exposed(tmp_path, monkeypatch, 
     assert webui.exposure_warning(webui.parse_args(["--host", "0.0.0.0", "--auth", "a:b"])) is None
 
 
-@pytest.mark.e2e
-def test_a_failed_run_is_shown_plainly_with_its_field(client, tmp_path):
-    job = start(client, dataset_path=str(DEMO), run_name="fails", steps=2,
-                **{**TINY, "base_model": str(tmp_path / "no-such-model")})  # an unusable dataset is refused at Start
-    state = wait_for(client, lambda s: s["state"] in TERMINAL, job)
-    assert state["state"] == "error" and state["error_field"] == "base_model", state
-    assert "no-such-model" in state["message"]
-    assert run_state(client.predict(api_name="/refresh"))["state"] == "error"  # the page shows it
-    assert run_state(client.predict(api_name="/refresh")) is None  # unchanged since: nothing is sent again
-
-
 def test_estimate_shows_device_memory_and_a_warning_when_it_will_not_fit(client):
     fits = client.predict(dataset_path=str(DEMO), run_name="estimate", steps=4, **TINY, api_name="/estimate")
     assert "**Device:** CPU" in fits and "**Memory estimate:** about" in fits and "Ready to train" in fits
