@@ -167,33 +167,6 @@ def test_the_run_folder_is_said_before_start_when_the_name_is_taken(page):
 
 
 @pytest.mark.e2e
-def test_stop_offers_the_lora_saved_so_far_and_resume_keeps_the_history(page, tmp_path):
-    client, studio, root = page
-    form = dict(dataset_path=str(make_dataset(tmp_path / "data")), run_name="stop-resume", steps=5000, **TINY)
-    job = client.predict(**form, api_name="/start")["job_id"]
-    wait_for(client, job, lambda s: s["state"] == "running" and s["step"] >= 2)
-    assert client.predict(api_name="/stop")["stopped"] is True
-    stopped = wait_for(client, job, lambda s: s["state"] in TERMINAL)
-    assert stopped["state"] == "interrupted" and stopped["final_path"] is None
-    saved = Path(stopped["saved_so_far"])
-    assert saved.name == f"lora_step_{stopped['step']}.safetensors" and saved.is_file()
-    final = client.predict(api_name="/refresh")[4]  # the Train panel's download button
-    assert final["visible"] is True and Path(final["value"]).read_bytes() == saved.read_bytes()
-    assert "saved so far" in final["label"]
-
-    step = stopped["step"]
-    resumed = client.predict(**{**form, "steps": step + 2}, api_name="/resume")
-    done = wait_for(client, resumed["job_id"], lambda s: s["state"] in TERMINAL)
-    assert done["state"] == "complete" and done["resumed_at"] == [step]
-    assert done["checkpoints"][0] == str(saved)  # the checkpoint from before the resume stays listed
-    view = studio.view(resumed["job_id"])
-    steps = [point[0] for point in view.loss_points]
-    assert steps[0] == 1 and steps[-1] == step + 2 and step in steps  # the history before the resume is kept
-    status = live_status(client)
-    assert f"resumed at step {step}" in status
-
-
-@pytest.mark.e2e
 def test_no_label_or_button_needs_an_emoji_font_and_the_estimate_sits_by_start(page):
     client, studio, root = page
     config = client.config
@@ -225,16 +198,22 @@ def test_every_named_endpoint_is_in_the_readmes_api_list(page):
 
 
 @pytest.mark.e2e
-def test_an_opened_run_is_cloned_into_the_form_and_resumed_through_the_queue(page, tmp_path):
+def test_stop_offers_the_lora_so_far_and_the_opened_run_is_cloned_and_resumed_with_its_history(page, tmp_path):
     from gradio_client.exceptions import AppError
 
     client, studio, root = page
     form = dict(dataset_path=str(make_dataset(tmp_path / "data", count=2)), run_name="to-clone", steps=5000,
                 **{**TINY, "learning_rate": 3e-4})
     job = client.predict(**form, api_name="/start")
-    wait_for(client, job["job_id"], lambda s: s["state"] == "running" and s["step"] >= 1)
-    client.predict(api_name="/stop")
+    wait_for(client, job["job_id"], lambda s: s["state"] == "running" and s["step"] >= 2)
+    assert client.predict(api_name="/stop")["stopped"] is True
     stopped = wait_for(client, job["job_id"], lambda s: s["state"] in TERMINAL)
+    assert stopped["state"] == "interrupted" and stopped["final_path"] is None
+    saved = Path(stopped["saved_so_far"])
+    assert saved.name == f"lora_step_{stopped['step']}.safetensors" and saved.is_file()
+    final = client.predict(api_name="/refresh")[4]  # the Train panel's download button
+    assert final["visible"] is True and Path(final["value"]).read_bytes() == saved.read_bytes()
+    assert "saved so far" in final["label"]
     run_id = Path(job["output_path"]).name
 
     values = dict(zip(webui.FORM_KEYS, client.predict(run_id, api_name="/clone"), strict=True))
@@ -242,12 +221,18 @@ def test_an_opened_run_is_cloned_into_the_form_and_resumed_through_the_queue(pag
     assert values["learning_rate"] == 3e-4 and values["steps"] == 5000
     assert values["dataset_path"] == form["dataset_path"] and values["trigger_words"] == "shapestyle"
 
+    step = stopped["step"]
     resumed = client.predict(run_id, api_name="/resume_run")
     assert resumed["state"] == "running" and resumed["output_path"] == job["output_path"]
-    state = wait_for(client, resumed["job_id"], lambda s: s["state"] == "running" and s["step"] > stopped["step"])
-    assert state["resumed_at"] == [stopped["step"]]
+    state = wait_for(client, resumed["job_id"], lambda s: s["state"] == "running" and s["step"] >= step + 2)
+    assert state["resumed_at"] == [step]
+    assert f"resumed at step {step}" in live_status(client)
     client.predict(api_name="/stop")
-    wait_for(client, resumed["job_id"], lambda s: s["state"] in TERMINAL)
+    done = wait_for(client, resumed["job_id"], lambda s: s["state"] in TERMINAL)
+    assert done["checkpoints"][0] == str(saved)  # the checkpoint from before the resume stays listed
+    steps = [point[0] for point in studio.view(resumed["job_id"]).loss_points]
+    assert steps[0] == 1 and step in steps and steps[-1] > step  # the history before the resume is kept
+
     finished = root / "outputs" / "finished-elsewhere"  # a complete run, as the CLI leaves one
     finished.mkdir()
     events = [{"type": "started", "timestamp": "2026-01-01T00:00:00", "total_steps": 2},
