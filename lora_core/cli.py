@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import TextIO
 
-from lora_core.events import Event
+from lora_core.events import Event, ValidationReport
 
 DESCRIPTION = "Train a Stable Diffusion LoRA from a JSON config; stdout carries JSON-lines events and nothing else."
 PROG = "python -m lora_core train"
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     from lora_core.config import ConfigError
     from lora_core.configfile import load_config
     from lora_core.distributed import is_main_process
-    from lora_core.events import Error, ValidationReport
+    from lora_core.events import Error
 
     speaks = is_main_process()  # under accelerate/torchrun only the main process writes the JSON stream
     bar = ProgressBar(sys.stderr)
@@ -114,27 +114,36 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         if event.type == "error":
             log.error("%s%s", f"{event.field}: " if event.field else "", event.message)
 
+    if args.validate_only:
+        report = validate(args.config)
+        send(report)
+        return 0 if report.ok else 1
     try:
         config = load_config(args.config)
     except ConfigError as error:
-        if args.validate_only:
-            problems = [{"field": field, "message": message} for field, message in error.problems]
-            send(ValidationReport(ok=False, problems=problems))
-        else:
-            send(Error(message=str(error), field=error.field))
+        send(Error(message=str(error), field=error.field))
         return 1
-
-    if args.validate_only:
-        from lora_core.preflight import preflight
-
-        report = ValidationReport.from_report(preflight(config))
-        send(report)
-        return 0 if report.ok else 1
 
     from lora_core.job import run_job
 
     terminal = run_job(config, send, stop, resume=args.resume)
     return exit_code(terminal, stop.signals)
+
+
+def validate(config_path: str) -> ValidationReport:
+    """--validate-only's answer for a config file: the config's problems, or the run plan's report (which
+    checks dataset, model, device, memory and output folder as training would)."""
+    from lora_core.config import ConfigError
+    from lora_core.configfile import load_config
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as error:
+        return ValidationReport(ok=False, problems=[{"field": field, "message": message}
+                                                    for field, message in error.problems])
+    from lora_core.preflight import preflight  # torch: only once the config itself is sound
+
+    return ValidationReport.from_report(preflight(config))
 
 
 def exit_code(terminal: Event, signals: list[int]) -> int:
