@@ -7,6 +7,9 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES_DATASET = ROOT / "tests" / "data" / "shapes"  # the tiny random models' pictures (the demo's were these)
+# Between two polls of a page's endpoint: one poll through gradio costs about 85 ms of CPU (client and server,
+# both in the test's process), so polling every 0.2 s took a third of a core from the job being waited for.
+POLL_S = 0.5
 
 
 def tiny_config(dataset: Path, output: Path, **overrides) -> dict:
@@ -118,5 +121,5 @@ def wait_for_job(client, job_id: str, done, timeout: float = 180.0) -> dict:
         state = client.predict(job_id, api_name="/run")
         if done(state):
             return state
-        time.sleep(0.2)
+        time.sleep(POLL_S)
     raise AssertionError(f"timed out; last state {state}")

@@ -19,6 +19,7 @@ import psutil
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError, ValidationError
+from helpers import POLL_S
 
 import webui
 from lora_core.config import TrainConfig, non_null_schema
@@ -92,7 +93,7 @@ def wait_for(client: Client, done, job_id: str | None = None, timeout: float = 6
         LAST_SEEN[id(client)] = state
         if state and (job_id is None or state["job_id"] == job_id) and done(state):
             return state
-        time.sleep(0.2)
+        time.sleep(POLL_S)
     raise AssertionError(f"timed out; last state {LAST_SEEN.get(id(client))}")
 
 
