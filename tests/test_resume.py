@@ -77,6 +77,11 @@ def _cli(config_path, *extra, env=None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
+def resume_here(config_path) -> tuple:
+    """`train_lora.py --config F --resume`, through the same `run_job`, in this process: (final event, events)."""
+    return run_job_here(parse_config(json.loads(config_path.read_text(encoding="utf-8"))), resume=True)
+
+
 def test_sigkill_inside_a_state_save_resumes_from_the_last_complete_one(dataset_dir, tmp_path, uninterrupted):
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(tiny_config(dataset_dir, tmp_path / "out", **OPTIONS)), encoding="utf-8")
@@ -87,10 +92,8 @@ def test_sigkill_inside_a_state_save_resumes_from_the_last_complete_one(dataset_
     assert list(checkpoints.glob(".state_step_6.partial-*")), "the kill really landed inside the save"
     assert not (checkpoints / "state_step_6").exists()
 
-    resumed = _cli(config_path, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    events = [json.loads(line) for line in resumed.stdout.splitlines()]
-    assert events[0]["resumed_from_step"] == 4 and events[-1]["type"] == "complete"
+    terminal, events = resume_here(config_path)  # what `--resume` runs: the kill was the process's own
+    assert events[0].resumed_from_step == 4 and terminal.type == "complete"
     assert not list(checkpoints.glob(".state_step_*.partial-*")), "leftovers of the killed save are cleaned"
     assert_identical(lora_of(tmp_path / "out" / "lora_final.safetensors"), uninterrupted)
 
@@ -105,9 +108,8 @@ def test_sigkill_at_a_random_moment_then_resume(dataset_dir, tmp_path, uninterru
             process.kill()
             break
     process.wait(timeout=60)
-    resumed = _cli(config_path, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert json.loads(resumed.stdout.splitlines()[0])["resumed_from_step"] == 4
+    terminal, events = resume_here(config_path)
+    assert terminal.type == "complete" and events[0].resumed_from_step == 4
     assert_identical(lora_of(tmp_path / "out" / "lora_final.safetensors"), uninterrupted)
 
 
