@@ -19,9 +19,10 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import ROOT, SHAPES_DATASET, tiny_config
+from helpers import ROOT, SHAPES_DATASET, run_job_here, tiny_config
 from safetensors.torch import load_file
 
+from lora_core.configfile import parse_config
 from lora_core.events import parse_event, read_events
 
 LEARNING_RATE = 1e-3
@@ -65,11 +66,6 @@ def torchrun(config: Path, *extra: str, script: str = "train_lora.py") -> subpro
                             text=True)
 
 
-def single(config: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train_lora.py", "--config", str(config)], cwd=ROOT,
-                            env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, list, str]:
     stdout, stderr = process.communicate(timeout=timeout)
     events = [parse_event(line) for line in stdout.splitlines()]  # raises on anything that is not an event
@@ -89,10 +85,12 @@ def test_two_processes_with_batch_b_train_the_lora_of_one_process_with_batch_2b(
     dataset = eight_image_dataset(tmp_path)
     # 4 steps over 8 images with a global batch of 4: two epochs, so the reshuffle is covered too
     two = torchrun(write_config(tmp_path, "two", dataset, steps=4, batch_size=2))
-    one = single(write_config(tmp_path, "one", dataset, steps=4, batch_size=4))
-    (rc_two, events_two, log_two), (rc_one, events_one, log_one) = finish(two), finish(one)
+    # the one-process reference trains here (through run_job, as the CLI does) while the two processes run
+    one_config = json.loads(write_config(tmp_path, "one", dataset, steps=4, batch_size=4).read_text())
+    terminal_one, events_one = run_job_here(parse_config(one_config))
+    rc_two, events_two, log_two = finish(two)
     assert rc_two == 0, log_two[-3000:]
-    assert rc_one == 0, log_one[-3000:]
+    assert terminal_one.type == "complete", terminal_one
 
     # one voice: the main process's stream only, identical to its events.jsonl, shaped like a one-process run
     assert types(events_two) == types(events_one)
