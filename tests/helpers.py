@@ -111,6 +111,11 @@ def make_dataset(folder: Path, count: int = 4) -> Path:
     return folder
 
 
+def run_summary(refresh: tuple) -> dict | None:
+    """The hidden run summary among a page refresh's parts (None when the page skipped an unchanged view)."""
+    return next((part for part in refresh if isinstance(part, dict) and "job_id" in part), None)
+
+
 def wait_for_job(client, job_id: str, done, timeout: float = 180.0) -> dict:
     """Poll the page's `run` endpoint for one job until `done(state)`; fail with the last state on timeout."""
     import time

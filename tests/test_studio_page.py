@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import ValidationError
-from helpers import SHAPES_DATASET, make_dataset, wait_for_job
+from helpers import SHAPES_DATASET, make_dataset, run_summary, wait_for_job
 
 import webui
 from studio.formspec import ADVANCED_TABS, advanced_tabs, field_specs
@@ -78,11 +78,6 @@ def page(tmp_path_factory, model_cache):
 
 def wait_for(client: Client, job_id: str, done, timeout: float = 120.0) -> dict:
     return wait_for_job(client, job_id, done, timeout)
-
-
-def run_summary(refresh: tuple) -> dict | None:
-    """The hidden run summary among a refresh's parts (None when the page skipped an unchanged view)."""
-    return next((part for part in refresh if isinstance(part, dict) and "job_id" in part), None)
 
 
 def live_status(client: Client) -> str:
