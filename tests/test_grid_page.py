@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
-from helpers import make_dataset, wait_for_job
+from helpers import launch_page, make_dataset, wait_for_job
 from PIL import Image
 
-import webui
 from studio import sheets
 from studio.runs_page import RunsTab
 
@@ -41,9 +40,7 @@ def trained(tmp_path_factory, model_cache):
     dataset = make_dataset(root / "data", count=2)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_TEMP_DIR", str(root / "gradio"))
-        demo, studio, settings = webui.make_app(webui.parse_args(["--outputs", str(root / "outputs")]))
-        settings.pop("server_port")
-        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **settings)
+        demo, studio, url = launch_page("--outputs", str(root / "outputs"))
         client = Client(url, verbose=False, download_files=str(root / "downloads"))
         job = client.predict(dataset_path=str(dataset), run_name="drawn", steps=4, checkpoint_steps=2, **TINY,
                              api_name="/start")

@@ -11,9 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import make_dataset
-
-import webui
+from helpers import launch_page, make_dataset
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,9 +30,7 @@ def studio_page(tmp_path, model_cache, monkeypatch):
     from playwright.sync_api import sync_playwright
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    demo, studio, settings = webui.make_app(webui.parse_args(["--demo", "--outputs", str(tmp_path / "outputs")]))
-    settings.pop("server_port")
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **settings)
+    demo, studio, url = launch_page("--demo", "--outputs", str(tmp_path / "outputs"))
     faulthandler.dump_traceback_later(WHOLE_TEST_S, exit=True)
     try:
         with sync_playwright() as playwright:

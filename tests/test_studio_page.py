@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import ValidationError
-from helpers import SHAPES_DATASET, make_dataset, run_summary, wait_for_job
+from helpers import SHAPES_DATASET, launch_page, make_dataset, run_summary, wait_for_job
 
 import webui
 from studio.formspec import ADVANCED_TABS, advanced_tabs, field_specs
@@ -66,9 +66,7 @@ def page(tmp_path_factory, model_cache):
     root = tmp_path_factory.mktemp("page")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_TEMP_DIR", str(root / "gradio"))
-        demo, studio, settings = webui.make_app(webui.parse_args(["--outputs", str(root / "outputs")]))
-        settings.pop("server_port")
-        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **settings)
+        demo, studio, url = launch_page("--outputs", str(root / "outputs"))
         client = Client(url, verbose=False, download_files=str(root / "downloads"))
         yield client, studio, root
         client.close()

@@ -19,7 +19,7 @@ import psutil
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError, ValidationError
-from helpers import POLL_S, run_summary
+from helpers import POLL_S, launch_page, run_summary, wait_for_job
 
 import webui
 from lora_core.config import TrainConfig, non_null_schema
@@ -35,10 +35,7 @@ TINY = dict(base_model="builtin:tiny-sd", trigger_words="shapestyle", resolution
 
 def launch_app(outputs: Path) -> tuple:
     """A page server in this process on a free port: (demo, studio, url)."""
-    demo, studio, settings = webui.make_app(webui.parse_args(["--outputs", str(outputs)]))
-    settings.pop("server_port")
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **settings)
-    return demo, studio, url.rstrip("/")
+    return launch_page("--outputs", str(outputs))
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +76,13 @@ def submit(client: Client, **form) -> dict:
 def wait_for(client: Client, done, job_id: str | None = None, timeout: float = 60.0) -> dict:
     """Poll until `done(state)`: one job's `run` endpoint, or without a job id the page's own refresh
     endpoint, as the browser's timer does (it shows the current job)."""
+    if job_id is not None:
+        return wait_for_job(client, job_id, done, timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if job_id is not None:
-            state = client.predict(job_id, api_name="/run")
-        else:
-            state = run_summary(client.predict(api_name="/refresh")) or LAST_SEEN.get(id(client), {})
+        state = run_summary(client.predict(api_name="/refresh")) or LAST_SEEN.get(id(client), {})
         LAST_SEEN[id(client)] = state
-        if state and (job_id is None or state["job_id"] == job_id) and done(state):
+        if state and done(state):
             return state
         time.sleep(POLL_S)
     raise AssertionError(f"timed out; last state {LAST_SEEN.get(id(client))}")
@@ -317,10 +313,7 @@ def test_file_routes_serve_only_the_outputs(served, tmp_path):
 @pytest.mark.e2e
 def test_login_required_when_auth_is_on(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_STUDIO_AUTH", "ada:lovelace")
-    args = webui.parse_args(["--outputs", str(tmp_path / "outputs")])
-    demo, _, settings = webui.make_app(args)
-    settings.pop("server_port")
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **settings)
+    demo, _, url = launch_page("--outputs", str(tmp_path / "outputs"))
     try:
         with httpx.Client(base_url=url) as http:
             assert http.get("/config").status_code == 401

@@ -11,8 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
-
-import webui
+from helpers import launch_page
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,9 +30,7 @@ def page_url(tmp_path_factory, model_cache):
     root = tmp_path_factory.mktemp("browser")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_TEMP_DIR", str(root / "gradio"))
-        demo, studio, settings = webui.make_app(webui.parse_args(["--demo", "--outputs", str(root / "outputs")]))
-        settings.pop("server_port")
-        _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **settings)
+        demo, studio, url = launch_page("--demo", "--outputs", str(root / "outputs"))
         yield url, studio
         demo.close()
 
