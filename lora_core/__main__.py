@@ -40,34 +40,40 @@ def export_builtin(name: str, target: str) -> None:
         sys.exit(str(error))
 
 
-if __name__ == "__main__":
-    command = sys.argv[1] if len(sys.argv) > 1 else ""
+def main(argv: list[str]) -> int | str | None:
+    """Run the command `argv` (what follows `python -m lora_core`); what `sys.exit` takes."""
+    command = argv[0] if argv else ""
     if command == "train":
-        from lora_core.cli import main
+        from lora_core.cli import main as train
 
-        sys.exit(main(sys.argv[2:]))
+        return train(argv[1:])
     if command in ("inspect", "resize", "merge", "bake"):
-        from lora_core.loratools import main
+        from lora_core.loratools import main as tool
 
-        sys.exit(main(sys.argv[1:]))
+        return tool(argv)
+    if command in ("grid", "sweep"):
+        from lora_core.grid import main as draw
+
+        return draw(argv)
     if command == "schema":
-        write_schema(sys.argv[2] if len(sys.argv) > 2 else "config_schema.json")
+        write_schema(argv[1] if len(argv) > 1 else "config_schema.json")
     elif command == "options":
         print(options_table())
     elif command == "readme":
-        write_readme_options(Path(sys.argv[2] if len(sys.argv) > 2 else "README.md"))
-    elif command == "report" and len(sys.argv) == 3:
+        write_readme_options(Path(argv[1] if len(argv) > 1 else "README.md"))
+    elif command == "report" and len(argv) == 2:
         from lora_core.report import write_report
 
-        written = write_report(sys.argv[2])
+        written = write_report(argv[1])
         if written is None:
-            sys.exit(f"no training run recorded in {sys.argv[2]}/events.jsonl")
+            return f"no training run recorded in {argv[1]}/events.jsonl"
         print(written)
-    elif command == "export-builtin" and len(sys.argv) == 4:
-        export_builtin(sys.argv[2], sys.argv[3])
-    elif command in ("grid", "sweep"):
-        from lora_core.grid import main
-
-        sys.exit(main(sys.argv[1:]))
+    elif command == "export-builtin" and len(argv) == 3:
+        export_builtin(argv[1], argv[2])
     else:
-        sys.exit(__doc__)
+        return __doc__
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
