@@ -4,7 +4,9 @@
 `accelerate launch` for several devices) in its own session, so the job outlives whoever started it, with
 its stderr in `folder/stderr.log` and its pid and start time in `folder/job.json`. Its events are what
 `run_job` appends to `folder/events.jsonl`: any reader, this process or a later one, follows that file.
-`JobProcess.attach(folder)` finds a job again from job.json (the start time guards against a reused pid).
+Given the page's `Starter`, a one-process job is forked from it (lora_core/starter.py: no new import of
+torch) and its pid reaches job.json when the starter answers. `JobProcess.attach(folder)` finds a job
+again from job.json (the start time guards against a reused pid).
 A job that dies without a final event (SIGKILL, the out-of-memory killer, a native crash) gets one from
 `record_lost`: an `error` with its exit status or signal and the last lines of its stderr.
 
@@ -33,6 +35,7 @@ from lora_core.config import TrainConfig
 from lora_core.configfile import config_to_file_dict
 from lora_core.events import Error, Event, EventLog, read_events
 from lora_core.files import atomic_write_text
+from lora_core.starter import StartedJob, Starter
 
 JOB_FILE, CONFIG_FILE, STDERR_FILE, EVENTS_FILE = "job.json", "job_config.json", "stderr.log", "events.jsonl"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where `-m lora_core` is importable from
@@ -94,24 +97,27 @@ class JobProcess:
     pid: int
     start_time: float  # with the pid, names the process: a pid reused by another process has another start
     record: dict[str, Any] = field(default_factory=dict)  # job.json as written
-    popen: subprocess.Popen | None = None  # set when this process started the job (then its exit code is known)
+    popen: subprocess.Popen | StartedJob | None = None  # set when this process started the job (its exit is known)
 
     @classmethod
     def start(cls, folder: str | Path, config: TrainConfig, num_processes: int = 1, *, resume: bool = False,
               devices: Sequence[int] | None = None, env: Mapping[str, str] | None = None,
-              record: Mapping[str, Any] | None = None) -> JobProcess:
-        """Write the config and start the job in its own session; `record` goes into job.json too."""
+              record: Mapping[str, Any] | None = None, starter: Starter | None = None) -> JobProcess:
+        """Write the config and start the job in its own session; `record` goes into job.json too. With a
+        `starter`, a one-process job is forked from it (lora_core/starter.py) instead of spawned."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / CONFIG_FILE, json.dumps(config_to_file_dict(config), indent=2) + "\n")
         command = launch_command(folder / CONFIG_FILE, num_processes, extra_args=["--resume"] if resume else ())
         environment = job_environment(config, num_processes, devices, env)
         return cls._spawn(folder, command, environment, None, {**(record or {}), "num_processes": num_processes,
-                                                               "devices": list(devices or []), "resume": resume})
+                                                               "devices": list(devices or []), "resume": resume},
+                          starter)
 
     @classmethod
     def start_tool(cls, folder: str | Path, argv: Sequence[str], config: TrainConfig, *,
-                   devices: Sequence[int] | None = None, record: Mapping[str, Any] | None = None) -> JobProcess:
+                   devices: Sequence[int] | None = None, record: Mapping[str, Any] | None = None,
+                   starter: Starter | None = None) -> JobProcess:
         """Run `python -m lora_core ARGV` (grid, sweep: tools that print JSON-lines events on stdout) as a
         job of `folder`: its stdout becomes `folder/events.jsonl`, so it is followed like a training job.
         `config`: the run's, for its device."""
@@ -119,21 +125,35 @@ class JobProcess:
         folder.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "lora_core", *argv]
         return cls._spawn(folder, command, job_environment(config, 1, devices), folder / EVENTS_FILE,
-                          {**(record or {}), "num_processes": 1, "devices": list(devices or []), "resume": False})
+                          {**(record or {}), "num_processes": 1, "devices": list(devices or []), "resume": False},
+                          starter)
 
     @classmethod
     def _spawn(cls, folder: Path, command: list[str], environment: dict[str, str], stdout_path: Path | None,
-               record: dict[str, Any]) -> JobProcess:
-        with open(folder / STDERR_FILE, "ab") as log, open(stdout_path or os.devnull, "ab") as stdout:
+               record: dict[str, Any], starter: Starter | None = None) -> JobProcess:
+        stderr_path, stdout_path = folder / STDERR_FILE, stdout_path or Path(os.devnull)
+        with open(stderr_path, "ab") as log:
             log.write(f"--- {_now()} {' '.join(command)}\n".encode())
-            log.flush()
-            popen = subprocess.Popen(command, cwd=PACKAGE_ROOT, env=environment, stdin=subprocess.DEVNULL,
-                                     stdout=stdout, stderr=log, start_new_session=True)
-        start_time = process_start_time(popen.pid) or time.time()
-        data = {**record, "pid": popen.pid, "start_time": start_time, "started_at": _now(), "command": command}
-        job = cls(folder, popen.pid, start_time, data, popen)
-        job.save()
+
+        def spawn() -> subprocess.Popen:
+            with open(stderr_path, "ab") as log, open(stdout_path, "ab") as stdout:
+                return subprocess.Popen(command, cwd=PACKAGE_ROOT, env=environment, stdin=subprocess.DEVNULL,
+                                        stdout=stdout, stderr=log, start_new_session=True)
+
+        job = cls(folder, 0, 0.0, {**record, "started_at": _now(), "command": command})
+        if starter is not None and command[1:3] == ["-m", "lora_core"]:
+            job.save()  # without its pid until the starter answers (a job.json without one is never adopted)
+            job.popen = starter.start(command[3:], environment, stdout_path, stderr_path, spawn, job._started)
+        if job.popen is None:
+            job.popen = spawn()
+            job._started(job.popen.pid)
         return job
+
+    def _started(self, pid: int) -> None:
+        """The job's process exists: its pid and start time go into job.json."""
+        self.pid, self.start_time = pid, process_start_time(pid) or time.time()
+        self.record.update(pid=pid, start_time=self.start_time)
+        self.save()
 
     @classmethod
     def attach(cls, folder: str | Path) -> JobProcess | None:
@@ -145,10 +165,11 @@ class JobProcess:
             return None
 
     def save(self) -> None:
-        atomic_write_text(self.folder / JOB_FILE, json.dumps(self.record, indent=2) + "\n")
+        record = dict(self.record)  # a copy: the starter's thread may add the pid meanwhile
+        atomic_write_text(self.folder / JOB_FILE, json.dumps(record, indent=2) + "\n")
 
     def alive(self) -> bool:
-        if self.popen is not None:
+        if self.popen is not None and not getattr(self.popen, "lost", False):
             return self.popen.poll() is None
         import psutil
 
@@ -162,8 +183,9 @@ class JobProcess:
         """How the process ended, in words (only known to the process that started it)."""
         code = None if self.popen is None else self.popen.poll()
         if code is None:
+            started_by = "the job starter, which ended first" if self.popen else "an earlier server process"
             return (f"the training process (pid {self.pid}) ended without a final event; its exit status is "
-                    "unknown (it was started by an earlier server process)")
+                    f"unknown (it was started by {started_by})")
         if code < 0:
             name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
             hint = " (the kernel's out-of-memory killer sends this too)" if -code == signal.SIGKILL else ""
@@ -180,6 +202,9 @@ class JobProcess:
 
         if not self.alive():
             return
+        if not self.pid:  # still starting: the starter's answer brings the signal
+            self.popen.send_signal(signal.SIGKILL)
+            return
         try:
             processes = [*psutil.Process(self.pid).children(recursive=True), psutil.Process(self.pid)]
         except psutil.Error:
@@ -189,9 +214,13 @@ class JobProcess:
                 process.kill()
 
     def _signal(self, signum: int) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signum)
+        if not self.alive():
+            return
+        if self.popen is not None:
+            self.popen.send_signal(signum)  # a starting job's waits for its pid
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signum)
 
 
 def final_event(folder: str | Path) -> Event | None:

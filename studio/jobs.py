@@ -36,6 +36,7 @@ from lora_core.config import ConfigError, TrainConfig
 from lora_core.errors import UserError
 from lora_core.events import Error, EventLog
 from lora_core.launcher import EVENTS_FILE, JOB_FILE, JobProcess, record_lost, stderr_tail
+from lora_core.starter import Starter
 from studio.queue import JobQueue, QueuedJob
 
 log = logging.getLogger("studio.jobs")
@@ -241,6 +242,7 @@ class Studio:
         self._configs: dict[str, TrainConfig] = {}
         self._current = ""  # the job a page shows when it asks for none
         self._closed = self._closing = False
+        self._starter = Starter()  # forks one-process jobs from a process that has imported the engine once
         with self._lock:
             self._adopt_running_jobs()
             self._previous = self._latest_run_on_disk() if not self._current else None
@@ -393,7 +395,7 @@ class Studio:
         try:
             config = queued.train_config()
             process = JobProcess.start(folder, config, queued.processes, resume=queued.resume, devices=devices,
-                                       record={"job_id": queued.job_id})
+                                       record={"job_id": queued.job_id}, starter=self._starter)
         except (OSError, ConfigError) as error:  # the job's view says why it never started
             log.warning("job %s could not start: %s", queued.job_id, error)
             message, where = f"the job could not start: {error}", getattr(error, "field", None)
@@ -417,7 +419,8 @@ class Studio:
         try:
             _, config = read_run(queued.args[0])
             process = JobProcess.start_tool(folder, [queued.kind, *queued.args], config, devices=devices,
-                                            record={"job_id": queued.job_id, "kind": queued.kind})
+                                            record={"job_id": queued.job_id, "kind": queued.kind},
+                                            starter=self._starter)
         except (OSError, UserError) as error:
             tail.view.state, tail.view.message = "error", f"the {queued.kind} could not start: {error}"
             return
@@ -509,6 +512,7 @@ class Studio:
         with self._lock:
             self._closed = True
             self._wake.notify_all()
+        self._starter.close()  # the jobs it started run on
 
     # --- the supervisor thread ---
     def _supervise(self) -> None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import SHAPES_DATASET, tiny_config
+from helpers import SHAPES_DATASET, tiny_config, wait_until
 
 from lora_core import launcher
 from lora_core.configfile import parse_config
@@ -41,13 +40,6 @@ def devices_of(studio: Studio, job_id: str) -> list[int]:
     return json.loads((Path(studio.view(job_id).output_path) / "job.json").read_text())["devices"]
 
 
-def wait_until(done, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_one_job_per_gpu_and_the_next_starts_on_the_gpu_that_frees(studios, tmp_path):
     studio = studios(tmp_path, devices=2)
     answers = [studio.submit(config(tmp_path, f"run{i}")) for i in range(3)]
@@ -55,7 +47,7 @@ def test_one_job_per_gpu_and_the_next_starts_on_the_gpu_that_frees(studios, tmp_
     assert devices_of(studio, answers[0].job_id) == [0] and devices_of(studio, answers[1].job_id) == [1]
     assert studio.free_devices() is None and studio.view(answers[2].job_id).state == "queued"
     assert studio.stop(answers[1].job_id)
-    wait_until(lambda: answers[2].job_id in studio.running())  # started by itself on the freed GPU
+    wait_until(lambda: answers[2].job_id in studio.running(), timeout=30)  # started by itself on the freed GPU
     assert devices_of(studio, answers[2].job_id) == [1]
     stopped = studio.view(answers[1].job_id)  # the stand-in ignores the stop's meaning: it dies of SIGTERM
     assert stopped.state == "error" and "signal 15 (SIGTERM)" in stopped.message
@@ -67,7 +59,7 @@ def test_a_job_of_several_gpus_waits_until_they_are_all_free(studios, tmp_path):
     assert first.state == "running" and devices_of(studio, first.job_id) == [0, 1]
     assert second.state == "queued" and studio.free_devices() == [2]  # one GPU free is not enough
     studio.stop(first.job_id)
-    wait_until(lambda: second.job_id in studio.running())
+    wait_until(lambda: second.job_id in studio.running(), timeout=30)
     assert devices_of(studio, second.job_id) == [0, 1]
 
 

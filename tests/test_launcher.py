@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
-import time
 from pathlib import Path
 
-from helpers import tiny_config
+from helpers import tiny_config, wait_until
 
 from lora_core import launcher
 from lora_core.configfile import parse_config
@@ -31,13 +30,6 @@ from lora_core.events import (
     read_events,
 )
 from lora_core.launcher import JobProcess, final_event, launch_command, record_lost, stderr_tail
-
-
-def wait_until(done, timeout: float = 60.0, what: str = "the condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_one_device_runs_the_engine_and_several_go_through_accelerate_launch():

@@ -1,0 +1,83 @@
+"""The job starter (lora_core/starter.py): one-process jobs forked from a process that imported the engine once,
+each what a spawned job is (its session, files and exit status), and spawned instead when it cannot fork them."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import psutil
+import pytest
+from helpers import SHAPES_DATASET, tiny_config, wait_until
+
+from lora_core.configfile import parse_config
+from lora_core.launcher import JobProcess, final_event, job_environment
+from lora_core.starter import Starter, cuda_driver_loaded
+
+
+def config(folder, **overrides):
+    return parse_config(tiny_config(SHAPES_DATASET, folder, checkpoint_steps=1000, validation_steps=1000,
+                                    **overrides))
+
+
+@pytest.mark.e2e
+def test_jobs_are_forked_from_one_starter_and_keep_their_files_signals_and_exit_status(tmp_path):
+    starter = Starter()
+    try:
+        first = JobProcess.start(tmp_path / "first", config(tmp_path / "first", steps=2), starter=starter)
+        killed = JobProcess.start(tmp_path / "killed", config(tmp_path / "killed", steps=5000), starter=starter)
+        assert killed.pid == 0 and killed.alive()  # asked of the starter, which is still importing
+        killed.kill()  # kept until the starter answers with the pid
+        wait_until(lambda: not first.alive() and not killed.alive(), 120, what="both jobs to end")
+        assert first.popen.poll() == 0 and final_event(first.folder).type == "complete"
+        assert (first.folder / "stderr.log").read_text().startswith("--- ")  # the job's stderr, in its folder
+        assert killed.popen.poll() == -signal.SIGKILL and "signal 9 (SIGKILL)" in killed.describe_exit()
+        assert final_event(killed.folder) is None  # no final event: the page records it as lost
+
+        long = JobProcess.start(tmp_path / "long", config(tmp_path / "long", steps=5000), starter=starter)
+        wait_until(lambda: long.pid, 120, what="the pid")
+        process = psutil.Process(long.pid)
+        assert process.ppid() == starter._process.pid  # forked, not spawned: no new import
+        assert os.getsid(long.pid) == long.pid  # a session of its own, as a spawned job has
+        assert JobProcess.attach(long.folder).pid == long.pid  # job.json has the pid a later server finds
+    finally:
+        starter.close()
+    assert long.alive(), "a job outlives the starter (and the server) that started it"
+    wait_until(lambda: any(event.type == "progress" for event in read(long.folder)), 120, what="a training step")
+    long.terminate()  # the page's Stop, with the starter gone: the job saves a checkpoint
+    wait_until(lambda: not long.alive(), 120, what="the stop")
+    assert final_event(long.folder).type == "interrupted"
+    assert "unknown (it was started by the job starter" in long.describe_exit()
+
+
+def read(folder):
+    from lora_core.events import read_events
+
+    path = folder / "events.jsonl"
+    return read_events(path) if path.is_file() else []
+
+
+@pytest.mark.e2e
+def test_a_job_the_starter_never_answered_is_spawned_instead(tmp_path):
+    starter = Starter()
+    try:
+        job = JobProcess.start(tmp_path / "run", config(tmp_path / "run", steps=1), starter=starter)
+        starter._process.kill()  # ends before it has imported the engine, let alone forked the job
+        wait_until(lambda: job.pid, 120, what="the spawned job's pid")
+        assert psutil.Process(job.pid).ppid() == os.getpid()  # spawned by this process after all
+        wait_until(lambda: not job.alive(), 120, what="the job to end")
+        assert job.popen.poll() == 0 and final_event(job.folder).type == "complete"
+        later = JobProcess.start(tmp_path / "later", config(tmp_path / "later", steps=1), starter=starter)
+        assert later.pid and psutil.Process(later.pid).ppid() == os.getpid()  # spawned at once from now on
+        wait_until(lambda: not later.alive(), 120, what="the later job to end")
+    finally:
+        starter.close()
+
+
+def test_a_job_with_another_environment_is_not_forked_from_the_starter(tmp_path):
+    environment = job_environment(config(tmp_path / "out"), 1, None, base={"HF_HUB_OFFLINE": "1"})
+    starter = Starter()
+    starter.environment = dict(environment)
+    assert starter.accepts({**environment, "CUDA_VISIBLE_DEVICES": "1"})  # read when CUDA starts: per job
+    assert not starter.accepts({**environment, "HF_HUB_OFFLINE": "0"})  # read when huggingface_hub is imported
+    assert not cuda_driver_loaded()  # this machine has no CUDA: the starter forks
