@@ -231,7 +231,10 @@ class Starter:
 
     def _read(self, process: subprocess.Popen) -> None:
         for line in process.stdout:
-            message = json.loads(line)
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
             with self._lock:
                 if "exited" in message:
                     job = self._jobs.pop(message["exited"], None)
@@ -267,6 +270,9 @@ def shared_environment(environment: Mapping[str, str]) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    job_request = serve(sys.stdin.fileno(), sys.stdout)
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout = sys.stderr  # whatever an import prints must not reach the server as an answer
+    job_request = serve(sys.stdin.fileno(), answers)
     if job_request is not None:
+        answers.close()  # the job holds nothing of the starter's pipes to the server
         sys.exit(become_job(job_request))
