@@ -116,15 +116,15 @@ class JobProcess:
 
     @classmethod
     def start_tool(cls, folder: str | Path, argv: Sequence[str], config: TrainConfig, *,
-                   devices: Sequence[int] | None = None, record: Mapping[str, Any] | None = None,
-                   starter: Starter | None = None) -> JobProcess:
+                   devices: Sequence[int] | None = None, env: Mapping[str, str] | None = None,
+                   record: Mapping[str, Any] | None = None, starter: Starter | None = None) -> JobProcess:
         """Run `python -m lora_core ARGV` (grid, sweep: tools that print JSON-lines events on stdout) as a
         job of `folder`: its stdout becomes `folder/events.jsonl`, so it is followed like a training job.
         `config`: the run's, for its device."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "lora_core", *argv]
-        return cls._spawn(folder, command, job_environment(config, 1, devices), folder / EVENTS_FILE,
+        return cls._spawn(folder, command, job_environment(config, 1, devices, env), folder / EVENTS_FILE,
                           {**(record or {}), "num_processes": 1, "devices": list(devices or []), "resume": False},
                           starter)
 

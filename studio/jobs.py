@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import threading
@@ -243,6 +244,9 @@ class Studio:
         self._current = ""  # the job a page shows when it asks for none
         self._closed = self._closing = False
         self._starter = Starter()  # forks one-process jobs from a process that has imported the engine once
+        # Jobs run in the environment the server started with: a later change to this process's (a test's
+        # PYTEST_CURRENT_TEST, a library's setting) would differ from the starter's and make every job spawn.
+        self._environment = dict(os.environ)
         with self._lock:
             self._adopt_running_jobs()
             self._previous = self._latest_run_on_disk() if not self._current else None
@@ -395,7 +399,8 @@ class Studio:
         try:
             config = queued.train_config()
             process = JobProcess.start(folder, config, queued.processes, resume=queued.resume, devices=devices,
-                                       record={"job_id": queued.job_id}, starter=self._starter)
+                                       env=self._environment, record={"job_id": queued.job_id},
+                                       starter=self._starter)
         except (OSError, ConfigError) as error:  # the job's view says why it never started
             log.warning("job %s could not start: %s", queued.job_id, error)
             message, where = f"the job could not start: {error}", getattr(error, "field", None)
@@ -419,8 +424,8 @@ class Studio:
         try:
             _, config = read_run(queued.args[0])
             process = JobProcess.start_tool(folder, [queued.kind, *queued.args], config, devices=devices,
-                                            record={"job_id": queued.job_id, "kind": queued.kind},
-                                            starter=self._starter)
+                                            env=self._environment, starter=self._starter,
+                                            record={"job_id": queued.job_id, "kind": queued.kind})
         except (OSError, UserError) as error:
             tail.view.state, tail.view.message = "error", f"the {queued.kind} could not start: {error}"
             return
