@@ -270,8 +270,8 @@ def shared_environment(environment: Mapping[str, str]) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-    sys.stdout = sys.stderr  # whatever an import prints must not reach the server as an answer
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # whatever an import prints (Python or a native library) goes to stderr, not to the server
     job_request = serve(sys.stdin.fileno(), answers)
     if job_request is not None:
         answers.close()  # the job holds nothing of the starter's pipes to the server

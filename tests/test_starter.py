@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import psutil
 import pytest
@@ -12,7 +14,7 @@ from helpers import SHAPES_DATASET, tiny_config, wait_until
 
 from lora_core.configfile import parse_config
 from lora_core.launcher import JobProcess, final_event, job_environment
-from lora_core.starter import Starter, cuda_driver_loaded
+from lora_core.starter import PACKAGE_ROOT, Starter, cuda_driver_loaded
 
 
 def config(folder, **overrides):
@@ -81,3 +83,26 @@ def test_a_job_with_another_environment_is_not_forked_from_the_starter(tmp_path)
     assert starter.accepts({**environment, "CUDA_VISIBLE_DEVICES": "1"})  # read when CUDA starts: per job
     assert not starter.accepts({**environment, "HF_HUB_OFFLINE": "0"})  # read when huggingface_hub is imported
     assert not cuda_driver_loaded()  # this machine has no CUDA: the starter forks
+
+
+NOISY_STARTER = r'''
+import builtins, os, runpy, sys
+real_import = builtins.__import__
+def noisy_import(name, *args, **kwargs):
+    if name == "lora_core.cli":  # one of the modules the starter imports before it answers
+        os.write(1, b"native noise\n")  # as a C library writes to the descriptor, under Python's sys.stdout
+        print("python noise", flush=True)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = noisy_import
+sys.argv = ["starter"]
+runpy.run_module("lora_core.starter", run_name="__main__")
+'''
+
+
+@pytest.mark.e2e
+def test_what_the_starters_imports_print_goes_to_stderr_not_into_its_answers():
+    run = subprocess.run([sys.executable, "-c", NOISY_STARTER], cwd=PACKAGE_ROOT, input="", capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.splitlines() == ['{"ready": true}']
+    assert "native noise" in run.stderr and "python noise" in run.stderr
