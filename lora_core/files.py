@@ -12,7 +12,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +27,9 @@ def _umask() -> int:
 
 FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file (0644 under the usual umask)
 TMP_SUFFIX = ".tmp"
+# A run folder's record of its job (pid, start time, a stop request), written by the process that started
+# the job (launcher.JobProcess) while the job runs: the job's own sweep of leftovers spares its temporaries.
+JOB_FILE = "job.json"
 # How libraries that do not raise OSError (safetensors' Rust writer) spell a full disk.
 DISK_FULL_WORDS = ("No space left on device", "StorageFull", "code: 28,", "Disk quota exceeded")
 
@@ -112,14 +115,17 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data), needed=len(data))
 
 
-def remove_stale_temporaries(folder: Path, recursive: bool = False) -> list[Path]:
-    """Delete `.*.tmp` files that killed atomic writes left in `folder`; the removed paths."""
+def remove_stale_temporaries(folder: Path, recursive: bool = False, spare: Collection[str] = ()) -> list[Path]:
+    """Delete `.*.tmp` files that killed atomic writes left in `folder`; the removed paths. The temporaries
+    of the files named in `spare` are left alone: another process writes those, and may be doing so now."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     pattern = f"**/.*{TMP_SUFFIX}" if recursive else f".*{TMP_SUFFIX}"
     removed = []
     for leftover in folder.glob(pattern):
+        if any(leftover.name.startswith(f".{name}.") for name in spare):
+            continue
         try:
             if leftover.is_file() and not leftover.is_symlink():
                 leftover.unlink()

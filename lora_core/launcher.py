@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -34,12 +35,14 @@ from typing import Any
 from lora_core.config import TrainConfig
 from lora_core.configfile import config_to_file_dict
 from lora_core.events import Error, Event, EventLog, read_events
-from lora_core.files import atomic_write_text
+from lora_core.files import JOB_FILE, atomic_write_text
 from lora_core.starter import StartedJob, Starter
 
-JOB_FILE, CONFIG_FILE, STDERR_FILE, EVENTS_FILE = "job.json", "job_config.json", "stderr.log", "events.jsonl"
+CONFIG_FILE, STDERR_FILE, EVENTS_FILE = "job_config.json", "stderr.log", "events.jsonl"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where `-m lora_core` is importable from
 STDERR_TAIL_LINES = 20
+
+log = logging.getLogger("lora_core.launcher")
 
 
 def device_count() -> int:
@@ -150,10 +153,14 @@ class JobProcess:
         return job
 
     def _started(self, pid: int) -> None:
-        """The job's process exists: its pid and start time go into job.json."""
+        """The job's process exists: its pid and start time go into job.json (if that cannot be written, the
+        job runs on, followed by this process; a later server will not find it)."""
         self.pid, self.start_time = pid, process_start_time(pid) or time.time()
         self.record.update(pid=pid, start_time=self.start_time)
-        self.save()
+        try:
+            self.save()
+        except OSError as error:
+            log.warning("could not record job %s's pid in %s: %s", pid, self.folder / JOB_FILE, error)
 
     @classmethod
     def attach(cls, folder: str | Path) -> JobProcess | None:
@@ -253,9 +260,9 @@ def record_lost(job: JobProcess) -> Error:
     tail = stderr_tail(job.folder, 5)
     message = job.describe_exit() + (". Last lines of stderr.log:\n" + "\n".join(tail) if tail else "")
     event = Error(message=message, step=steps[-1] if steps else None)
-    log = EventLog(job.folder / EVENTS_FILE)
-    log(event)
-    log.close()
+    event_log = EventLog(job.folder / EVENTS_FILE)
+    event_log(event)
+    event_log.close()
     return event
 
 

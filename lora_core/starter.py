@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import select
 import signal
@@ -36,6 +37,8 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where `-m lora_core` is
 PER_JOB = frozenset({"CUDA_VISIBLE_DEVICES", "ACCELERATE_USE_CPU"})  # read when CUDA or accelerate starts
 PRELOAD = ("lora_core.cli", "lora_core.job", "lora_core.training", "lora_core.grid")
 REAP_S = 0.2  # how often the starter looks for ended jobs
+
+log = logging.getLogger("lora_core.starter")
 
 
 # --- the starter process ---
@@ -144,10 +147,12 @@ class StartedJob:
     def _started(self, pid: int) -> None:
         with self._lock:
             self.pid = pid
-            self._on_pid(pid)
             pending, self._signals = self._signals, []
-        for signum in pending:
-            self.send_signal(signum)
+        try:
+            self._on_pid(pid)
+        finally:  # a Stop or Kill asked while the job was starting reaches it whatever on_pid did
+            for signum in pending:
+                self.send_signal(signum)
 
     def _spawned_instead(self) -> None:
         try:
@@ -246,21 +251,26 @@ class Starter:
                     continue
             if job is None:
                 continue
-            if "exited" in message:
-                job._ended(message["status"])
-            elif "pid" in message:
-                job._started(message["pid"])
-            else:  # refused (CUDA was used here): this job and every later one is spawned
-                self._closed = True
-                job._spawned_instead()
+            try:
+                if "exited" in message:
+                    job._ended(message["status"])
+                elif "pid" in message:
+                    job._started(message["pid"])
+                else:  # refused (CUDA was used here): this job and every later one is spawned
+                    self._closed = True
+                    job._spawned_instead()
+            except Exception:  # one job's failure is that job's: this thread follows every job
+                log.exception("the job starter's answer %s could not be handled", message)
         with self._lock:  # the starter has ended: jobs not yet forked are spawned, the others are on their own
             self._closed = True
             left, self._jobs = self._jobs, {}
         for key, job in left.items():
+            job.lost = key > 0
             if key < 0:
-                job._spawned_instead()
-            else:
-                job.lost = True
+                try:
+                    job._spawned_instead()
+                except Exception:
+                    log.exception("a job the starter had not forked could not be spawned")
         process.wait()
 
 

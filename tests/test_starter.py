@@ -3,6 +3,7 @@ each what a spawned job is (its session, files and exit status), and spawned ins
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from helpers import SHAPES_DATASET, tiny_config, wait_until
 
 from lora_core.configfile import parse_config
 from lora_core.launcher import JobProcess, final_event, job_environment
-from lora_core.starter import PACKAGE_ROOT, Starter, cuda_driver_loaded
+from lora_core.starter import PACKAGE_ROOT, StartedJob, Starter, cuda_driver_loaded
 
 
 def config(folder, **overrides):
@@ -83,6 +84,32 @@ def test_a_job_with_another_environment_is_not_forked_from_the_starter(tmp_path)
     assert starter.accepts({**environment, "CUDA_VISIBLE_DEVICES": "1"})  # read when CUDA starts: per job
     assert not starter.accepts({**environment, "HF_HUB_OFFLINE": "0"})  # read when huggingface_hub is imported
     assert not cuda_driver_loaded()  # this machine has no CUDA: the starter forks
+
+
+class AnswersOf:
+    """A stand-in for the starter's process: its answers, already written, and a wait that returns."""
+
+    def __init__(self, *answers):
+        self.stdout = [json.dumps(answer) + "\n" for answer in answers]
+
+    def wait(self):
+        return 0
+
+
+def test_a_job_whose_pid_cannot_be_recorded_does_not_stop_the_server_following_the_others():
+    """CI saw this: the first job's folder went while its pid was being written, and with the thread that
+    reads the starter's answers gone every later job stayed 'starting' for good."""
+    starter, seen = Starter(), []
+
+    def folder_gone(pid):
+        raise FileNotFoundError(f"no run folder for {pid}")
+
+    broken, followed = StartedJob(None, folder_gone), StartedJob(None, seen.append)
+    starter._jobs = {-1: broken, -2: followed}
+    starter._read(AnswersOf({"id": 1, "pid": 101}, {"id": 2, "pid": 102}, {"exited": 101, "status": 1},
+                            {"exited": 102, "status": 0}))
+    assert broken.pid == 101 and broken.poll() == 1
+    assert seen == [102] and followed.poll() == 0
 
 
 NOISY_STARTER = r'''
