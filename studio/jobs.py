@@ -329,6 +329,8 @@ class Studio:
                 raise ValueError(f"output folder {output} is outside {self.outputs_root}")
             if output.resolve() in self._busy_folders():
                 raise BusyError(f"{output} already has a queued or running job; stop or cancel it first")
+            if output.resolve() in self._runs_with_tools():  # it reads the run's files, which training rewrites
+                raise BusyError(f"{output} has a grid or sweep queued or drawing; resume it once that has ended")
             config = config.model_copy(update={"output_path": str(output)})
             job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
             self._queue.add(QueuedJob.of(job_id, config, resume, self.num_processes()))
@@ -379,6 +381,10 @@ class Studio:
 
     def _busy_folders(self) -> set[Path]:
         return self._queue.folders() | {job.process.folder.resolve() for job in self._active.values()}
+
+    def _runs_with_tools(self) -> set[Path]:
+        """Run folders with a grid or sweep queued or running (their job folders are RUN/.jobs/<id>)."""
+        return {folder.parent.parent for folder in self._busy_folders() if folder.parent.name == TOOL_JOBS}
 
     def _dispatch(self) -> None:
         """Start queued jobs, in order, while the head of the queue finds enough free devices."""

@@ -78,6 +78,17 @@ def test_on_the_cpu_one_job_runs_and_the_queue_can_be_cancelled_and_reordered(st
         studio.submit(config(tmp_path, "same-3"), resume=True)
 
 
+def test_a_run_is_not_resumed_while_a_grid_of_it_waits_to_read_its_files(studios, tmp_path):
+    studio = studios(tmp_path, devices=0)
+    studio.submit(config(tmp_path, "other"))  # holds the one device: the grid waits
+    (tmp_path / "drawn").mkdir()  # a run that has ended
+    (tmp_path / "drawn" / "events.jsonl").write_text("")
+    assert studio.submit_tool("grid", tmp_path / "drawn", ["final"]).state == "queued"
+    with pytest.raises(BusyError, match="grid or sweep queued or drawing"):
+        studio.submit(config(tmp_path, "drawn"), resume=True)
+    assert studio.submit(config(tmp_path, "drawn")).output_path.endswith("drawn-2")  # a new run may start
+
+
 def test_the_queue_is_kept_in_the_outputs_folder_and_survives_a_restart(studios, tmp_path):
     first = studios(tmp_path, devices=0)
     running = first.submit(config(tmp_path, "a"))
