@@ -225,6 +225,11 @@ class ActiveJob:
         return list(self.process.record.get("devices", []))
 
 
+def runs_with_tools(busy_folders: set[Path]) -> set[Path]:
+    """The run folders of the grid and sweep jobs among `busy_folders` (a tool's job folder is RUN/.jobs/<id>)."""
+    return {folder.parent.parent for folder in busy_folders if folder.parent.name == TOOL_JOBS}
+
+
 class Studio:
     """One per server process: the outputs folder, its running jobs and the devices they hold."""
 
@@ -327,9 +332,10 @@ class Studio:
             output = Path(config.output_path) if resume else self._fresh(Path(config.output_path))
             if not output.resolve().is_relative_to(self.outputs_root):
                 raise ValueError(f"output folder {output} is outside {self.outputs_root}")
-            if output.resolve() in self._busy_folders():
+            busy = self._busy_folders()
+            if output.resolve() in busy:
                 raise BusyError(f"{output} already has a queued or running job; stop or cancel it first")
-            if output.resolve() in self._runs_with_tools():  # it reads the run's files, which training rewrites
+            if output.resolve() in runs_with_tools(busy):  # a grid reads the run's files, which training rewrites
                 raise BusyError(f"{output} has a grid or sweep queued or drawing; resume it once that has ended")
             config = config.model_copy(update={"output_path": str(output)})
             job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
@@ -381,10 +387,6 @@ class Studio:
 
     def _busy_folders(self) -> set[Path]:
         return self._queue.folders() | {job.process.folder.resolve() for job in self._active.values()}
-
-    def _runs_with_tools(self) -> set[Path]:
-        """Run folders with a grid or sweep queued or running (their job folders are RUN/.jobs/<id>)."""
-        return {folder.parent.parent for folder in self._busy_folders() if folder.parent.name == TOOL_JOBS}
 
     def _dispatch(self) -> None:
         """Start queued jobs, in order, while the head of the queue finds enough free devices."""
