@@ -212,3 +212,11 @@ def export(name: str, target: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def model_info(name: str):
+    """A built-in's ModelInfo, as models.inspect reads it from a folder's configs."""
+    from lora_core.models import ModelInfo
+
+    spec = BUILTINS[name]
+    return ModelInfo(spec.family, "epsilon", 2 ** (len(spec.vae_channels) - 1), 2 ** (len(spec.unet_channels) - 1))

@@ -1,4 +1,4 @@
-"""Conditioning sources: how a batch's captions become the UNet's conditioning keyword arguments.
+"""Conditioning sources: how a batch's captions become the denoiser's conditioning keyword arguments.
 
 - `CachedConditioning`: fixed captions (no `shuffle_tags`) and frozen text encoders: every caption encoded
   once before training, one row per image, plus the empty caption's for `caption_dropout`;
@@ -6,7 +6,7 @@
   every step by the function it is built with: the frozen encoders', or the trained ones' through the
   accelerator's wrappers (so that their gradients are averaged across processes).
 
-The family turns the text conditioning and the batch's size/crop ids into the UNet's inputs.
+The family turns the text conditioning and the batch's size/crop ids into the denoiser's inputs.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class CachedConditioning:
                 drops = batch.drops.to(table.device).view(-1, *[1] * (rows.dim() - 1))
                 rows = torch.where(drops, self.empty[name], rows)
             text[name] = rows
-        return self.family.unet_inputs(text, batch.time_ids)
+        return self.family.denoiser_inputs(text, batch.time_ids)
 
 
 class EncodedConditioning:
@@ -44,7 +44,7 @@ class EncodedConditioning:
     def __call__(self, batch: Batch) -> dict[str, Any]:
         with torch.set_grad_enabled(self.trains and torch.is_grad_enabled()):
             text = self.encode(batch.captions)
-        return self.family.unet_inputs(text, batch.time_ids)
+        return self.family.denoiser_inputs(text, batch.time_ids)
 
 
 ConditioningSource = CachedConditioning | EncodedConditioning
@@ -60,8 +60,8 @@ def frozen_encoder(family: Family, pipeline, device: torch.device, dtype: torch.
     return lambda texts: family.encode_captions(pipeline, texts, device, dtype)
 
 
-def trained_encoder(family: Family, tokenizers: list, encoders: list, device: torch.device,
-                    dtype: torch.dtype) -> Encode:
-    """captions -> text conditioning through `encoders` (the pipeline's, in its order, as the accelerator
-    wrapped them). It computes what `pipeline.encode_prompt` does, which cannot call a wrapped module."""
-    return lambda texts: family.encode_with(tokenizers, encoders, texts, device, dtype)
+def trained_encoder(family: Family, pipeline, encoders: list, device: torch.device, dtype: torch.dtype) -> Encode:
+    """captions -> text conditioning through `encoders` (the family's trainable ones, in the pipeline's order,
+    as the accelerator wrapped them; any frozen one, such as T5, from `pipeline`). It computes what
+    `pipeline.encode_prompt` does, which cannot call a wrapped module."""
+    return lambda texts: family.encode_with(pipeline, encoders, texts, device, dtype)

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from lora_core.compile_rules import cuda_graphs_conflict
+from lora_core.config_flow import FlowMatchingOptions
 from lora_core.errors import UserError
 
 REQUIRED_FIELDS = ("dataset_path", "base_model", "output_path", "trigger_words")
@@ -54,8 +55,8 @@ def _ui(group: str, **extra: Any) -> dict[str, Any]:
     return {"group": group, **extra}
 
 
-class TrainConfig(BaseModel):
-    """Everything one LoRA training run needs. Units: steps are optimizer steps, sizes are pixels."""
+class CoreOptions(BaseModel):
+    """The options every family has (TrainConfig adds the flow-matching families' own, config_flow.py)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -307,7 +308,7 @@ class TrainConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _data_fields_agree(self) -> TrainConfig:
+    def _data_fields_agree(self) -> CoreOptions:
         if self.crop == "random" and self.latent_cache != "off":
             raise FieldConflict(("crop", "latent_cache"), f"crop 'random' cuts a new crop every step, which "
                                 f"latents cached once (latent_cache {self.latent_cache!r}) cannot follow; set "
@@ -322,7 +323,7 @@ class TrainConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _validation_options_agree(self) -> TrainConfig:
+    def _validation_options_agree(self) -> CoreOptions:
         if self.validation_images is not None and self.validation_dataset_path is not None:
             raise FieldConflict(("validation_images", "validation_dataset_path"), "hold out images either from "
                                 "dataset_path (validation_images) or from a separate folder "
@@ -334,7 +335,7 @@ class TrainConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _network_options_agree(self) -> TrainConfig:
+    def _network_options_agree(self) -> CoreOptions:
         if self.use_dora and self.network_type != "lora":
             raise FieldConflict(("use_dora", "network_type"), f"DoRA is a LoRA variant; network_type "
                                 f"{self.network_type!r} cannot use it: turn use_dora off or use network_type 'lora'")
@@ -342,6 +343,9 @@ class TrainConfig(BaseModel):
             raise FieldConflict(("lokr_factor",), "must be -1 (automatic) or a factor of at least 1")
         return self
 
+
+class TrainConfig(FlowMatchingOptions, CoreOptions):
+    """Everything one LoRA training run needs. Units: steps are optimizer steps, sizes are pixels."""
 
 
 class ConfigError(UserError):

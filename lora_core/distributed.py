@@ -17,6 +17,7 @@ torch is imported only where it is used, so the CLI can ask for the rank cheaply
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -99,10 +100,13 @@ class SampleNoise:
     """
 
     def __init__(self, seed: int, batch_size: int, num_processes: int = 1, process_index: int = 0,
-                 num_timesteps: int = 1000):
+                 num_timesteps: int = 1000, draw_levels: Callable | None = None):
+        """`draw_levels(count, generator, device)` draws the noise levels (the objective's); by default integer
+        DDPM timesteps below `num_timesteps`."""
         self.seed, self.batch_size = seed, batch_size
         self.num_processes, self.process_index = num_processes, process_index
         self.num_timesteps = num_timesteps
+        self.draw_levels = draw_levels or self._timesteps
         self.draws = 0
         self._generators: dict[str, torch.Generator] = {}
 
@@ -116,9 +120,15 @@ class SampleNoise:
         generator.manual_seed((self.seed << 32) + (self.draws & 0xFFFFFFFF))
         return generator
 
+    def _timesteps(self, count: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        import torch
+
+        return torch.randint(0, self.num_timesteps, (count,), generator=generator, device=device)
+
     def __call__(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(noise like `latents`, integer timesteps one per row, per-channel offset noise) for the next
-        micro-batch. The offsets (shape rows x channels x 1 x 1) are for the noise-offset option."""
+        """(noise like `latents`, noise levels one per row (integer timesteps, or the objective's sigmas),
+        per-channel offset noise) for the next micro-batch. The offsets (shape rows x channels x 1 x 1) are for
+        the noise-offset option."""
         import torch
 
         rows = latents.shape[0]
@@ -129,7 +139,7 @@ class SampleNoise:
         generator = self._generator(latents.device)
         noise = torch.randn((total, *latents.shape[1:]), generator=generator, device=latents.device,
                             dtype=latents.dtype)
-        timesteps = torch.randint(0, self.num_timesteps, (total,), generator=generator, device=latents.device)
+        timesteps = self.draw_levels(total, generator, latents.device)
         offsets = torch.randn((total, latents.shape[1], 1, 1), generator=generator, device=latents.device,
                               dtype=latents.dtype)
         self.draws += 1

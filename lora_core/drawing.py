@@ -9,9 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
 
-from lora_core import hardware, latents, models, samples
+from lora_core import families, hardware, latents, models, samples
 from lora_core.config import TrainConfig
 from lora_core.errors import UserError
 
@@ -31,13 +30,15 @@ class Renderer:
         self.dtype = hardware.weight_dtype(hardware.resolve_precision(config, self.device)) \
             if self.device.type == "cuda" else torch.float32
         source = models.resolve(config.base_model)
-        pipeline = models.load_pipeline(source, models.inspect(source))
-        for module in (pipeline.unet, *models.text_encoders(pipeline)):
+        info = models.inspect(source)
+        self.family = families.get(info.family)
+        pipeline = models.load_pipeline(source, info, config)
+        for module in (getattr(pipeline, self.family.denoiser), *models.text_encoders(pipeline)):
             # a dtype only when it changes: diffusers warns about every cast, even a no-op one
             module.to(self.device, **({} if self.dtype == torch.float32 else {"dtype": self.dtype}))
             module.eval()
         pipeline.vae.to(self.device)  # loaded in fp32 and decoded in fp32, as the trainer's samples are
-        pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+        pipeline.scheduler = self.family.sample_scheduler(pipeline.scheduler.config)  # as the trainer samples
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline
         self.loaded: Path | None = None
@@ -55,8 +56,8 @@ class Renderer:
     def sampling(self) -> str:
         """How the cells are drawn, for the sheet's title."""
         c = self.config
-        return (f"{c.sample_inference_steps} DPM-Solver steps, guidance {c.sample_guidance_scale:g}, "
-                f"{c.resolution} px")
+        return (f"{c.sample_inference_steps} {self.family.sampler_label} steps, guidance "
+                f"{c.sample_guidance_scale:g}, {c.resolution} px")
 
     def load(self, path: Path, field: str = "steps") -> None:
         """Load one LoRA file (replacing the one loaded before) at scale 1; `field`: what a bad file is blamed on.
@@ -108,8 +109,9 @@ class Renderer:
         generator = torch.Generator(device).manual_seed(seed)
         with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             drawn = self.pipeline(prompt=prompt, num_inference_steps=c.sample_inference_steps,
-                                    guidance_scale=c.sample_guidance_scale, height=c.resolution, width=c.resolution,
-                                    generator=generator, output_type="latent").images
+                                  **self.family.sampling_kwargs(c), height=c.resolution, width=c.resolution,
+                                  generator=generator, output_type="latent").images
+        drawn = self.family.spatial_latents(self.pipeline, drawn, c.resolution, c.resolution)
         return samples.to_image(latents.decode(self.pipeline.vae, drawn)[0])  # as the trainer's samples
 
 

@@ -27,10 +27,9 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save, save_file
 
-from lora_core import lycoris
+from lora_core import families, lycoris
 from lora_core.config import TrainConfig
 from lora_core.files import atomic_write
-from lora_core.ldm_names import ldm_module_names
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP's self-attention, as diffusers' scripts
@@ -44,10 +43,6 @@ TARGETS = {
 }
 OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit",
                    "prodigy": "prodigyopt.Prodigy", "adafactor": "transformers.optimization.Adafactor"}
-ARCHITECTURES = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
-                 "sd2_v": "stable-diffusion-v2-768-v/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-# sd-scripts' model spec: its SDXL LoRA names the original (Stability) code, SD 1.x/2.x LoRA diffusers
-IMPLEMENTATIONS = {"sdxl": "https://github.com/Stability-AI/generative-models"}
 MODELSPEC_VERSION = "1.0.1"
 NETWORK_MODULES = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya"}
 
@@ -88,10 +83,9 @@ def _trainable_in_fp32(model) -> list[torch.nn.Parameter]:
 
 
 def text_encoder_prefixes(family: str, count: int) -> list[str]:
-    """kohya's key prefix for each text encoder: `lora_te_` for one, `lora_te1_` / `lora_te2_` for SDXL's two."""
-    if family == "sdxl" or count > 1:
-        return [f"lora_te{index + 1}_" for index in range(count)]
-    return ["lora_te_"] * count
+    """kohya's key prefix for each of `count` trained text encoders, as the family names them (`lora_te_` for
+    SD 1.x's one, `lora_te1_` / `lora_te2_` for SDXL's two)."""
+    return families.get(family).text_encoder_prefixes(count)
 
 
 def lora_file_contents(unet, config: TrainConfig, text_encoders: list | None = None,
@@ -115,11 +109,8 @@ def kohya_state_dict(unet, config: TrainConfig, text_encoders: list | None = Non
 
 
 def unet_namer(unet_config, family: str) -> Callable[[str], str]:
-    """A UNet module path -> its name in the file: the original layout's for SDXL, diffusers' otherwise."""
-    if family != "sdxl":
-        return lambda module: "lora_unet_" + module.replace(".", "_")
-    names = ldm_module_names(unet_config)
-    return lambda module: "lora_unet_" + names[module].replace(".", "_")
+    """A denoiser module path -> its name in the file, as the family names it (SDXL: the original layout's)."""
+    return families.get(family).unet_namer(unet_config)
 
 
 def text_encoder_namer(prefix: str) -> Callable[[str], str]:
@@ -179,9 +170,7 @@ def training_metadata(config: TrainConfig, family: str, prediction_type: str, *,
     README lists each field. `base_sha256`: of the base model's single file, or of a folder's UNet weights."""
     now = datetime.now(UTC)
     v_pred = prediction_type == "v_prediction"
-    architecture = "sd2_v" if family == "sd2" and v_pred else family
-    version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family] + ("_v" if v_pred and family !=
-                                                                                    "sdxl" else "")
+    kind = families.get(family).metadata(prediction_type)  # architecture, implementation, base model version
     output_name = Path(config.output_path).name or "lora"
     return {
         "ss_network_module": "peft.dora" if config.use_dora else NETWORK_MODULES[config.network_type],
@@ -206,17 +195,17 @@ def training_metadata(config: TrainConfig, family: str, prediction_type: str, *,
         "ss_max_grad_norm": str(config.max_grad_norm),
         "ss_seed": str(config.seed),
         **base_model_fields(config.base_model, base_sha256),
-        "ss_base_model_version": version,
-        "ss_v2": str(family == "sd2"),
+        "ss_base_model_version": kind["ss_base_model_version"],
+        "ss_v2": kind["ss_v2"],
         "ss_tag_frequency": json.dumps({"dataset": tag_frequency}),
         "ss_training_started_at": str(started_at.timestamp()),
         "ss_training_finished_at": str(now.timestamp()),
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": ARCHITECTURES[architecture],
-        "modelspec.implementation": IMPLEMENTATIONS.get(family, "diffusers"),
+        "modelspec.architecture": kind["modelspec.architecture"],
+        "modelspec.implementation": kind["modelspec.implementation"],
         "modelspec.title": output_name,
         "modelspec.resolution": f"{config.resolution}x{config.resolution}",
-        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+        "modelspec.prediction_type": kind.get("modelspec.prediction_type", "v" if v_pred else "epsilon"),
         "modelspec.trigger_phrase": ", ".join(config.trigger_words),
         "modelspec.date": now.replace(microsecond=0).isoformat(),
         "lora_studio.lora_target": config.lora_target,

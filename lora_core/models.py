@@ -55,20 +55,19 @@ class ModelSizes:
 
 @dataclass
 class ModelInfo:
-    family: str  # sd1 | sd2 | sdxl
-    prediction_type: str  # epsilon | v_prediction
+    family: str  # a registered family's name: sd1 | sd2 | sdxl | sd3 | flux
+    prediction_type: str  # epsilon | v_prediction (UNet families) | flow (rectified flow)
     vae_scale_factor: int
-    unet_down_levels: int
+    latent_multiple: int  # latent sides must be a multiple of this (a UNet's down levels, a transformer's patch)
 
     @property
     def pixel_multiple(self) -> int:
-        """Image sides must be a multiple of this for the latents to pass every down block."""
-        return self.vae_scale_factor * 2 ** (self.unet_down_levels - 1)
+        """Image sides must be a multiple of this for the latents to pass every down block (or patch)."""
+        return self.vae_scale_factor * self.latent_multiple
 
     @property
     def description(self) -> str:
-        suffix = " (v-prediction)" if self.prediction_type == "v_prediction" else ""
-        return families.get(self.family).display_name + suffix
+        return families.get(self.family).description(self)
 
 
 def resolve(base_model: str, configs_only: bool = False) -> ModelSource:
@@ -142,19 +141,36 @@ def _read_json(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
 def inspect(source: ModelSource) -> ModelInfo:
     """Read the family from the model's own configs (or weights, for a single file)."""
     if source.kind == "builtin" and source.location in builtin.BUILTINS:
-        spec = builtin.BUILTINS[source.location]
-        return ModelInfo(spec.family, "epsilon", 2 ** (len(spec.vae_channels) - 1), len(spec.unet_channels))
+        return builtin.model_info(source.location)
     if source.kind == "single_file":
         return _inspect_single_file(Path(source.location))
     folder = Path(source.location)
     index = _read_json(folder / "model_index.json")
-    unet = _read_json(folder / "unet" / "config.json", ("block_out_channels",))
+    denoiser_name = "transformer" if "transformer" in index else "unet"
+    denoiser = _read_json(folder / denoiser_name / "config.json")
+    family = families.detect_folder(index, denoiser)
+    if family is None:
+        raise ModelError(unsupported_folder(folder, index, denoiser))
     vae = _read_json(folder / "vae" / "config.json")
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_file) if scheduler_file.exists() else {}
-    family = families.detect_folder(index, unet).name
-    return ModelInfo(family, scheduler.get("prediction_type", "epsilon"),
-                     2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1), len(unet["block_out_channels"]))
+    prediction = "flow" if family.flow_matching else scheduler.get("prediction_type", "epsilon")
+    try:
+        multiple = family.latent_multiple(denoiser)
+    except (KeyError, TypeError, ValueError):
+        raise ModelError(f"{folder}: the model's {denoiser_name}/config.json is not a {family.display_name} "
+                         "config (fields missing); download the model again") from None
+    return ModelInfo(family.name, prediction, 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1), multiple)
+
+
+def unsupported_folder(folder: Path, index: dict, denoiser: dict) -> str:
+    """What a folder of a family the studio cannot train is, and what it can train."""
+    found = index.get("_class_name") or "an unknown pipeline"
+    if denoiser.get("_class_name"):
+        found += f" with a {denoiser['_class_name']}"
+    known = ", ".join(families.get(name).display_name for name in families.names())
+    return (f"{folder}: this is {found}, a model family the studio cannot train yet; it trains {known}. Give a "
+            "model of one of those families")
 
 
 def _inspect_single_file(path: Path) -> ModelInfo:
@@ -168,21 +184,25 @@ def _inspect_single_file(path: Path) -> ModelInfo:
     family = families.detect_single_file(keys)
     if family is None:
         known = ", ".join(families.get(name).display_name for name in families.names())
-        raise ModelError(f"{path}: not a Stable Diffusion checkpoint (no {known} text-encoder weights found); "
-                         "is it a LoRA or a VAE?")
+        raise ModelError(f"{path}: not a checkpoint of a family the studio trains ({known}): none of their "
+                         "weights were found; is it a LoRA or a VAE?")
     # epsilon until loaded: the weights do not say (SD 2.1-768 is v-prediction, 2.1-base is not), the scheduler
     # config diffusers reads with them does (see with_loaded_prediction_type)
-    return ModelInfo(family.name, "epsilon", 8, family.single_file_down_levels)
+    return ModelInfo(family.name, "flow" if family.flow_matching else "epsilon", 8,
+                     family.single_file_latent_multiple())
 
 
 def with_loaded_prediction_type(info: ModelInfo, pipeline) -> ModelInfo:
     """The prediction type of the loaded pipeline's scheduler (what a single file gets from its family's
     configs)."""
+    if families.get(info.family).flow_matching:
+        return info
     return replace(info, prediction_type=pipeline.scheduler.config.get("prediction_type", "epsilon"))
 
 
-def load_pipeline(source: ModelSource, info: ModelInfo):
-    """Load the whole diffusers pipeline on the CPU in fp32; the trainer moves and casts parts."""
+def load_pipeline(source: ModelSource, info: ModelInfo, config: Any = None):
+    """Load the whole diffusers pipeline on the CPU in fp32; the trainer moves and casts parts. `config` (a
+    TrainConfig) lets the family leave out what the run does not use (SD 3 without T5)."""
     quiet_library_notices()
     family = families.get(info.family)
     if source.kind == "builtin" and source.location in builtin.BUILTINS:
@@ -190,7 +210,7 @@ def load_pipeline(source: ModelSource, info: ModelInfo):
 
         with tempfile.TemporaryDirectory() as folder:
             return builtin.build_pipeline(source.location, Path(folder) / "tokenizer")
-    kwargs: dict[str, Any] = {"use_safetensors": True, **family.load_kwargs()}
+    kwargs: dict[str, Any] = {"use_safetensors": True, **family.load_kwargs(config)}
     pipeline_class = family.pipeline_class()
     if source.kind == "single_file":
         try:
@@ -207,7 +227,7 @@ def load_pipeline(source: ModelSource, info: ModelInfo):
 
 
 def text_encoders(pipeline) -> list:
-    return [m for m in (getattr(pipeline, "text_encoder", None), getattr(pipeline, "text_encoder_2", None)) if m]
+    return families.base.text_encoders(pipeline)
 
 
 def model_sizes(source: ModelSource, info: ModelInfo) -> ModelSizes:
@@ -216,27 +236,29 @@ def model_sizes(source: ModelSource, info: ModelInfo) -> ModelSizes:
 
     import torch
 
-    from lora_core.lora import TARGETS, TEXT_ENCODER_TARGETS
+    from lora_core.lora import TEXT_ENCODER_TARGETS
 
+    family = families.get(info.family)
     with torch.device("meta"), tempfile.TemporaryDirectory() as scratch:
         if source.kind == "folder" or (source.kind == "builtin" and source.location not in builtin.BUILTINS):
-            pipeline = _meta_pipeline(Path(source.location))
+            pipeline = _meta_pipeline(Path(source.location), family)
         else:
             # a built-in built in memory, or a single file: the real architecture of its family
-            name = source.location if source.kind == "builtin" else families.get(info.family).single_file_builtin
+            name = source.location if source.kind == "builtin" else family.single_file_builtin
             pipeline = builtin.build_pipeline(name, Path(scratch) / "tokenizer")
-    unet, encoders = pipeline.unet, text_encoders(pipeline)
-    unet_layers = {target: _adapted(unet, names) for target, names in TARGETS.items()}
-    text_layers = [layer for encoder in encoders for layer in _adapted(encoder, TEXT_ENCODER_TARGETS)]
+    denoiser, encoders = getattr(pipeline, family.denoiser), text_encoders(pipeline)
+    layers = {target: _adapted(denoiser, names) for target, names in family.denoiser_targets().items()}
+    trainable = family.trainable_text_encoders(pipeline)
+    text_layers = [layer for encoder in trainable for layer in _adapted(encoder, TEXT_ENCODER_TARGETS)]
     return ModelSizes(
-        unet_params=sum(p.numel() for p in unet.parameters()),
+        unet_params=sum(p.numel() for p in denoiser.parameters()),
         vae_params=sum(p.numel() for p in pipeline.vae.parameters()),
         text_params=sum(p.numel() for encoder in encoders for p in encoder.parameters()),
-        lora_params_per_rank={target: sum(i + o for i, o in layers) for target, layers in unet_layers.items()},
-        lora_outputs={target: sum(o for _, o in layers) for target, layers in unet_layers.items()},
+        lora_params_per_rank={target: sum(i + o for i, o in found) for target, found in layers.items()},
+        lora_outputs={target: sum(o for _, o in found) for target, found in layers.items()},
         text_lora_params_per_rank=sum(i + o for i, o in text_layers),
         text_lora_outputs=sum(o for _, o in text_layers),
-        activation_units=activation_units(unet.config),
+        activation_units=family.activation_units(denoiser.config),
     )
 
 
@@ -257,29 +279,11 @@ def _adapted(model, targets: list[str]) -> list[tuple[int, int]]:
     return layers
 
 
-TRANSFORMER_WEIGHT = 4.5  # a transformer layer saves ~4.5x what a ResNet layer of the same width saves
-
-
-def activation_units(config) -> float:
-    """Sum over the UNet's levels of channels x layers x (1 + 4.5 x transformer layers where there is attention),
-    each level weighted by its share of the latent's pixels (1/4 per level down). The activation memory is this
-    times the latent pixels (hardware.ACTIVATION_BYTES_PER_UNIT); the weight 4.5 makes the one constant fit both
-    SD 1.5 (4 levels, 1 transformer layer) and SDXL (3 levels, 0/2/10 transformer layers)."""
-    depth = config.transformer_layers_per_block
-    levels = len(config.block_out_channels)
-    depths = list(depth) if isinstance(depth, list | tuple) else [depth] * levels
-    units = 0.0
-    for level, (channels, block) in enumerate(zip(config.block_out_channels, config.down_block_types, strict=True)):
-        transformers = depths[level] if "CrossAttn" in block else 0
-        units += channels * config.layers_per_block * (1 + TRANSFORMER_WEIGHT * transformers) / 4**level
-    return units
-
-
-def _meta_pipeline(folder: Path):
-    """Just enough of a pipeline to count parameters: UNet, VAE and text encoders from their configs."""
+def _meta_pipeline(folder: Path, family):
+    """Just enough of a pipeline to count parameters: the denoiser, VAE and text encoders from their configs."""
     from types import SimpleNamespace
 
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    import diffusers
     from transformers import AutoConfig, AutoModel
 
     def text(sub: str):
@@ -287,9 +291,12 @@ def _meta_pipeline(folder: Path):
             return None
         return AutoModel.from_config(AutoConfig.from_pretrained(folder / sub))
 
-    return SimpleNamespace(unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
-                           vae=AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
-                           text_encoder=text("text_encoder"), text_encoder_2=text("text_encoder_2"))
+    index = _read_json(folder / "model_index.json")
+    denoiser_class = getattr(diffusers, index[family.denoiser][1])  # e.g. ["diffusers", "FluxTransformer2DModel"]
+    parts = {name: text(name) for name in families.base.TEXT_ENCODER_ATTRIBUTES}
+    return SimpleNamespace(**{family.denoiser: denoiser_class.from_config(denoiser_class.load_config(
+        folder / family.denoiser))}, vae=diffusers.AutoencoderKL.from_config(
+        diffusers.AutoencoderKL.load_config(folder / "vae")), **parts)
 
 
 def weights_sha256(source: ModelSource) -> str | None:
@@ -300,7 +307,9 @@ def weights_sha256(source: ModelSource) -> str | None:
     if source.kind == "single_file":
         files = [Path(source.location)]
     elif source.kind in ("folder", "builtin") and Path(source.location).is_dir():
-        files = sorted((Path(source.location) / "unet").glob("diffusion_pytorch_model*.safetensors"))
+        folder = Path(source.location)
+        files = sorted(file for denoiser in ("unet", "transformer")
+                       for file in (folder / denoiser).glob("diffusion_pytorch_model*.safetensors"))
     else:
         return None
     if not files:

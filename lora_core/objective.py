@@ -1,13 +1,31 @@
-"""What the UNet is trained to predict, and how each sample's error is weighted.
+"""What the denoiser is trained to predict, how noise levels are drawn, and how each sample's error is weighted.
 
+A family picks its objective (`Family.objective`); the training step and the held-out validation loss both
+call the same `Objective.loss`, so the two can never drift apart. Two objectives exist:
+
+`DDPMObjective` (the SD UNet families): integer timesteps drawn uniformly from the DDPM schedule;
 - target: the noise (epsilon models) or the velocity (v-prediction, read from the model's scheduler);
 - zero-terminal-SNR: rescale the noise schedule so the last timestep is pure noise (for v-prediction models);
 - min-SNR-gamma: weight each sample by min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v), which stops
-  the low-noise timesteps from dominating (Hang et al. 2023); 0 turns it off;
-- noise offset: add a per-channel constant to the noise so the model can learn very dark or bright images.
+  the low-noise timesteps from dominating (Hang et al. 2023); 0 turns it off.
+
+`FlowObjective` (rectified flow: SD 3.x, FLUX.1), as diffusers' `train_dreambooth_lora_sd3.py` and
+`train_dreambooth_lora_flux.py` train them: `x_t = (1 - sigma) x0 + sigma noise`, target `noise - x0`.
+- sigma is drawn by `timestep_sampling`: `uniform`, `logit_normal` (sigmoid of N(logit_mean, logit_std)) and
+  `mode` (mode_scale) draw u and take sigma from the scheduler's grid at index u * 1000, as diffusers' scripts
+  do (the grid of SD 3's scheduler is already shifted by 3; FLUX's is not, its shift being for inference);
+  `sigmoid` takes sigma = sigmoid(N(0, 1) * sigmoid_scale) directly, `shift` then shifts it by
+  `discrete_flow_shift`, and `flux_shift` by the resolution-dependent shift FLUX uses at inference (kohya's);
+- `loss_weighting`: none, sigma_sqrt (sigma^-2) or cosmap (diffusers' `compute_loss_weighting_for_sd3`);
+- `precondition_outputs` (SD 3's script's default): the prediction becomes `x_t - sigma * pred`, compared with x0.
+
+Noise offset adds a per-channel constant to the noise so a model can learn very dark or bright images.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +33,8 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from lora_core.config import TrainConfig
+
+Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noisy latents, levels) -> prediction
 
 
 def noise_scheduler_for(scheduler_config, config: TrainConfig) -> DDPMScheduler:
@@ -44,3 +64,110 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, noise_schedul
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
         dim=list(range(1, prediction.ndim)))
     return (per_sample * weights).mean()
+
+
+class Objective:
+    """Noise levels and the loss of one family's training. `levels` are whatever the objective draws (integer
+    timesteps, or sigmas in [0, 1]); the family turns them into the denoiser's timestep argument."""
+
+    def draw_levels(self, count: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def levels_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        """Levels at fixed quantiles `u` in [0, 1) (the validation loss's strata), on the training grid."""
+        raise NotImplementedError
+
+    def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor
+             ) -> torch.Tensor:
+        """Noise `latents` to `levels`, predict, and return the (weighted) mean error in fp32."""
+        raise NotImplementedError
+
+
+class DDPMObjective(Objective):
+    def __init__(self, scheduler: DDPMScheduler, prediction_type: str, min_snr_gamma: float):
+        self.scheduler, self.prediction_type, self.min_snr_gamma = scheduler, prediction_type, min_snr_gamma
+        self.num_timesteps = scheduler.config.num_train_timesteps
+
+    def draw_levels(self, count: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        return torch.randint(0, self.num_timesteps, (count,), generator=generator, device=device)
+
+    def levels_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        return (u * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
+
+    def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor
+             ) -> torch.Tensor:
+        noisy = self.scheduler.add_noise(latents, noise, levels)
+        target = target_for(self.scheduler, latents, noise, levels, self.prediction_type)
+        prediction = predict(noisy, levels)
+        return diffusion_loss(prediction, target, self.scheduler, levels, self.prediction_type, self.min_snr_gamma)
+
+
+FLUX_SHIFT_TOKENS = (256, 4096)  # FLUX's inference shift: mu 0.5 at 256 image tokens, 1.15 at 4096
+FLUX_SHIFT_MU = (0.5, 1.15)
+
+
+def flux_shift_mu(image_tokens: int) -> float:
+    """The resolution-dependent shift FLUX's pipeline uses at inference (diffusers' `calculate_shift`)."""
+    (x1, x2), (y1, y2) = FLUX_SHIFT_TOKENS, FLUX_SHIFT_MU
+    return y1 + (y2 - y1) / (x2 - x1) * (image_tokens - x1)
+
+
+def shifted(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+class FlowObjective(Objective):
+    """Rectified flow (see the module's docstring). `grid` is the scheduler's sigmas for the 1000 training
+    timesteps, highest first (FlowMatchEulerDiscreteScheduler's `sigmas[:-1]`)."""
+
+    def __init__(self, config: TrainConfig, grid: torch.Tensor, precondition: bool, tokens_per_latent_pixel: float):
+        self.config, self.grid, self.precondition = config, grid.float(), precondition
+        self.tokens_per_latent_pixel = tokens_per_latent_pixel  # for flux_shift: image tokens of a latent pixel
+
+    def _from_grid(self, u: torch.Tensor) -> torch.Tensor:
+        indices = (u * len(self.grid)).long().clamp(0, len(self.grid) - 1)
+        return self.grid.to(u.device)[indices]
+
+    def draw_levels(self, count: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        c, scheme = self.config, self.config.timestep_sampling
+        if scheme == "uniform":
+            return self._from_grid(torch.rand(count, generator=generator, device=device))
+        if scheme == "logit_normal":
+            normal = torch.randn(count, generator=generator, device=device)
+            return self._from_grid(torch.sigmoid(normal * c.logit_std + c.logit_mean))
+        if scheme == "mode":
+            u = torch.rand(count, generator=generator, device=device)
+            return self._from_grid(1 - u - c.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u))
+        sigmas = torch.sigmoid(torch.randn(count, generator=generator, device=device) * c.sigmoid_scale)
+        if scheme == "shift":
+            return shifted(sigmas, c.discrete_flow_shift)
+        if scheme == "flux_shift":
+            return shifted(sigmas, math.exp(self._mu))
+        return sigmas  # sigmoid
+
+    @property
+    def _mu(self) -> float:
+        latent_side = self.config.resolution / 8  # the token count at the run's resolution, as kohya's flux_shift
+        return flux_shift_mu(int(latent_side * latent_side * self.tokens_per_latent_pixel))
+
+    def levels_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        return self._from_grid(u)
+
+    def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor
+             ) -> torch.Tensor:
+        sigmas = levels.to(latents.dtype).view(-1, *[1] * (latents.ndim - 1))
+        noisy = (1 - sigmas) * latents + sigmas * noise
+        prediction = predict(noisy, levels).float()
+        if self.precondition:
+            prediction, target = noisy.float() - sigmas.float() * prediction, latents.float()
+        else:
+            target = (noise - latents).float()
+        weights = self.weighting(levels.float()).view(-1, *[1] * (latents.ndim - 1))
+        return (weights * (prediction - target) ** 2).reshape(len(latents), -1).mean(dim=1).mean()
+
+    def weighting(self, sigmas: torch.Tensor) -> torch.Tensor:
+        if self.config.loss_weighting == "sigma_sqrt":
+            return sigmas ** -2.0  # as diffusers computes it
+        if self.config.loss_weighting == "cosmap":
+            return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas ** 2))
+        return torch.ones_like(sigmas)

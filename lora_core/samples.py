@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
 
 from lora_core import latents, models
 from lora_core.config import TrainConfig
@@ -29,25 +28,26 @@ def prompt_inputs(family: Family, pipeline, prompts: list[str], device: torch.de
 
 
 @torch.no_grad()
-def make_samples(config: TrainConfig, pipeline, unet, inputs: list[tuple[str, dict[str, Any]]], vae,
-                 device: torch.device, output: Path, step: int) -> list[tuple[Path, str]]:
-    """Render each prompt with `unet` (the trained LoRA without its dropout); written as
-    samples/step_<N>[_<index>].png."""
+def make_samples(config: TrainConfig, family: Family, pipeline, denoiser, inputs: list[tuple[str, dict[str, Any]]],
+                 vae, device: torch.device, output: Path, step: int) -> list[tuple[Path, str]]:
+    """Render each prompt with `denoiser` (the trained LoRA without its dropout) and the family's sampler;
+    written as samples/step_<N>[_<index>].png."""
     vae_device, vae_dtype = vae.device, vae.dtype
     vae.to(device, dtype=torch.float32)
-    for module in (unet, *models.text_encoders(pipeline)):
+    for module in (denoiser, *models.text_encoders(pipeline)):
         module.eval()
-    sampler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
-    pipe = type(pipeline)(**{**pipeline.components, "unet": unet, "vae": vae, "scheduler": sampler})
+    sampler = family.sample_scheduler(pipeline.scheduler.config)
+    pipe = type(pipeline)(**{**pipeline.components, family.denoiser: denoiser, "vae": vae, "scheduler": sampler})
     pipe.set_progress_bar_config(disable=True)
     results = []
     for index, (prompt, kwargs) in enumerate(inputs):
         generator = torch.Generator(device).manual_seed(config.seed + index)
-        with torch.autocast(device.type, dtype=unet.dtype, enabled=device.type == "cuda"):
-            drawn = pipe(**kwargs, num_inference_steps=config.sample_inference_steps,
-                         guidance_scale=config.sample_guidance_scale, height=config.resolution,
-                         width=config.resolution, generator=generator, output_type="latent").images
-        image = to_image(latents.decode(vae, drawn)[0])
+        with torch.autocast(device.type, dtype=denoiser.dtype, enabled=device.type == "cuda"):
+            drawn = pipe(**kwargs, **family.sampling_kwargs(config), num_inference_steps=config.sample_inference_steps,
+                         height=config.resolution, width=config.resolution, generator=generator,
+                         output_type="latent").images
+        image = to_image(latents.decode(vae, family.spatial_latents(pipe, drawn, config.resolution,
+                                                                    config.resolution))[0])
         path = output / "samples" / (f"step_{step}.png" if index == 0 else f"step_{step}_{index}.png")
         atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
         results.append((path, prompt))

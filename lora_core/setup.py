@@ -36,7 +36,7 @@ from lora_core.compile import compile_for_run
 from lora_core.config import TrainConfig
 from lora_core.configfile import config_to_file_dict
 from lora_core.families import Family
-from lora_core.families.base import tokenizers
+from lora_core.families.base import TEXT_ENCODER_ATTRIBUTES
 from lora_core.files import atomic_write_text
 from lora_core.lora import tag_frequency
 from lora_core.plan import RunPlan
@@ -44,18 +44,19 @@ from lora_core.plan import RunPlan
 
 @dataclass
 class Run:
-    """What the fit loop works with. `unet` and `wrapped_encoders` are as the accelerator wrapped them;
-    `bare_unet` and `text_encoders` are the plain modules (for samples, export and callers)."""
+    """What the fit loop works with. `unet` (the denoiser: a UNet or a transformer, as the family says) and
+    `wrapped_encoders` are as the accelerator wrapped them; `bare_unet` and `text_encoders` are the plain modules
+    (for samples, export and callers). `objective` draws the noise levels and computes the loss (objective.py)."""
 
     plan: RunPlan
     info: models.ModelInfo  # the plan's, with the loaded scheduler's prediction type
     accelerator: Accelerator
     pipeline: Any
     unet: torch.nn.Module
-    forward: Any  # the UNet the step calls: lora_core.compile.CompiledUNet (as compile_unet decides)
+    forward: Any  # the denoiser the step calls: lora_core.compile.CompiledUNet (as compile_unet decides)
     text_encoders: list[torch.nn.Module]  # the trained ones (train_text_encoder), in the pipeline's order
     wrapped_encoders: list[torch.nn.Module]
-    params: list[torch.nn.Parameter]  # the UNet's LoRA
+    params: list[torch.nn.Parameter]  # the denoiser's LoRA
     text_params: list[torch.nn.Parameter]  # the text encoders' LoRA
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
@@ -64,7 +65,7 @@ class Run:
     layout: batches.Layout
     latents: latents.LatentSource
     conditioning: conditioning.ConditioningSource
-    noise_scheduler: Any
+    objective: objective.Objective
     noise: distributed.SampleNoise
     stop_vote: distributed.StopVote
     sample_inputs: list[tuple[str, dict[str, Any]]]
@@ -106,12 +107,15 @@ def setup(plan: RunPlan) -> Run:
     if accelerator.is_main_process:
         write_resolved_config(plan)
     pipeline, info = load_frozen_models(plan)
-    params = prepare_unet(pipeline.unet, config, device, dtype, plan.gradient_checkpointing, family)
+    denoiser = getattr(pipeline, family.denoiser)
+    run_objective = family.objective(config, pipeline.scheduler.config, info)
+    params = prepare_unet(denoiser, config, device, dtype, plan.gradient_checkpointing, family)
     layout = batches.Layout(config, plan.dataset, plan.assigned)
     sample_inputs, cached, held_out_text = encode_text_once(plan, pipeline, device, dtype)
     vae_dtype = torch.float32 if family.vae_fp16_overflows and dtype == torch.float16 else dtype
     latent_source = latents.make_latent_source(config, layout, pipeline.vae, device, dtype, vae_dtype)
-    held_out = held_out_set(plan, pipeline, device, dtype, held_out_text) if accelerator.is_main_process else None
+    held_out = held_out_set(plan, pipeline, device, dtype, held_out_text, run_objective) \
+        if accelerator.is_main_process else None
     if device.type == "cuda":
         torch.cuda.empty_cache()  # hand back the one-off encoding pass's blocks (the VAE in fp32) to other programs
     trained_encoders, text_params = add_text_encoder_adapters(plan, pipeline)
@@ -121,13 +125,12 @@ def setup(plan: RunPlan) -> Run:
                                          pin_memory=device.type == "cuda",  # pinned + non_blocking: no sync
                                          generator=torch.Generator())  # else each epoch draws on the global RNG
     optimizer, lr_scheduler = make_optimizer(plan, params, text_params, device)
-    unet, *wrapped, optimizer, loader = accelerator.prepare(pipeline.unet, *trained_encoders, optimizer, loader)
-    noise_scheduler = objective.noise_scheduler_for(pipeline.scheduler.config, config)
+    unet, *wrapped, optimizer, loader = accelerator.prepare(denoiser, *trained_encoders, optimizer, loader)
     run = Run(plan, info, accelerator, pipeline, unet, compile_for_run(unet, config, plan.total_steps, plan.assigned,
                                                                    accelerator),
               trained_encoders, wrapped, params, text_params, optimizer, lr_scheduler, loader, sampler,
               layout, latent_source, cached or per_step_conditioning(plan, pipeline, wrapped, device, dtype),
-              noise_scheduler, make_noise(config, accelerator, noise_scheduler),
+              run_objective, make_noise(config, accelerator, run_objective),
               distributed.StopVote(accelerator.num_processes), sample_inputs,
               lora_metadata(plan, info, accelerator.is_main_process))
     run.lora_params = named_lora_params(run)
@@ -163,8 +166,8 @@ def write_resolved_config(plan: RunPlan) -> None:
 def load_frozen_models(plan: RunPlan) -> tuple[Any, models.ModelInfo]:
     """The pipeline with every module frozen in eval mode, and the model info with the prediction type of the
     loaded scheduler (a single file's comes with its configs)."""
-    pipeline = models.load_pipeline(plan.source, plan.info)
-    for module in (pipeline.unet, pipeline.vae, *models.text_encoders(pipeline)):
+    pipeline = models.load_pipeline(plan.source, plan.info, plan.config)
+    for module in (getattr(pipeline, plan.family.denoiser), pipeline.vae, *models.text_encoders(pipeline)):
         module.requires_grad_(False)
         module.eval()
     return pipeline, models.with_loaded_prediction_type(plan.info, pipeline)
@@ -172,11 +175,11 @@ def load_frozen_models(plan: RunPlan) -> tuple[Any, models.ModelInfo]:
 
 def prepare_unet(unet, config: TrainConfig, device: torch.device, dtype: torch.dtype, checkpointing: bool,
                  family: Family | None = None) -> list[torch.nn.Parameter]:
-    """The UNet as the fit loop wants it: frozen weights in `dtype` on the device, an fp32 LoRA (returned; the
-    family adds it, SD's by default), channels-last convolutions on CUDA, checkpointing if so decided, in train
-    mode. The benchmark's floor uses it too."""
+    """The denoiser as the fit loop wants it: frozen weights in `dtype` on the device, an fp32 LoRA (returned;
+    the family adds it, SD's by default), channels-last convolutions on CUDA, checkpointing if so decided, in
+    train mode. The benchmark's floor uses it too."""
     unet.to(device, dtype=dtype)
-    params = (family or families.get("sd1")).add_unet_adapter(unet, config)
+    params = (family or families.get("sd1")).add_denoiser_adapter(unet, config)
     if checkpointing:
         unet.enable_gradient_checkpointing()
     if device.type == "cuda":  # NHWC for cuDNN's tensor-core convolutions; on the CPU it measured 4 % slower
@@ -214,19 +217,19 @@ def encode_text_once(plan: RunPlan, pipeline, device: torch.device, dtype: torch
 
 
 def held_out_set(plan: RunPlan, pipeline, device: torch.device, dtype: torch.dtype,
-                 text: dict[str, torch.Tensor] | None) -> validation.ValidationSet | None:
+                 text: dict[str, torch.Tensor] | None, run_objective: objective.Objective
+                 ) -> validation.ValidationSet | None:
     if plan.held_out is None:
         return None
     return validation.ValidationSet.build(plan.config, plan.family, plan.held_out, plan.info.pixel_multiple,
-                                          pipeline.vae, device, dtype,
-                                          pipeline.scheduler.config.num_train_timesteps, text)
+                                          pipeline.vae, device, dtype, run_objective.levels_from_uniform, text)
 
 
 def add_text_encoder_adapters(plan: RunPlan, pipeline) -> tuple[list[torch.nn.Module], list[torch.nn.Parameter]]:
     """With train_text_encoder: a LoRA on each text encoder (kept on the device, in the weights' dtype)."""
     if not plan.config.train_text_encoder:
         return [], []
-    encoders = models.text_encoders(pipeline)
+    encoders = plan.family.trainable_text_encoders(pipeline)
     params = [p for encoder in encoders for p in plan.family.add_text_encoder_adapter(encoder, plan.config)]
     for encoder in encoders:
         encoder.train()
@@ -239,7 +242,7 @@ def per_step_conditioning(plan: RunPlan, pipeline, wrapped: list, device: torch.
     averaged across processes), else by the frozen pipeline."""
     family = plan.family
     if wrapped:
-        encode = conditioning.trained_encoder(family, tokenizers(pipeline), wrapped, device, dtype)
+        encode = conditioning.trained_encoder(family, pipeline, wrapped, device, dtype)
     else:
         encode = conditioning.frozen_encoder(family, pipeline, device, dtype)
     return conditioning.EncodedConditioning(family, encode, trains=plan.config.train_text_encoder)
@@ -254,9 +257,10 @@ def make_optimizer(plan: RunPlan, params: list, text_params: list, device: torch
     return optimizer, optim.make_lr_scheduler(config, optimizer, plan.total_steps)
 
 
-def make_noise(config: TrainConfig, accelerator: Accelerator, noise_scheduler) -> distributed.SampleNoise:
+def make_noise(config: TrainConfig, accelerator: Accelerator, run_objective: objective.Objective
+               ) -> distributed.SampleNoise:
     return distributed.SampleNoise(config.seed, config.batch_size, accelerator.num_processes,
-                                   accelerator.process_index, noise_scheduler.config.num_train_timesteps)
+                                   accelerator.process_index, draw_levels=run_objective.draw_levels)
 
 
 def lora_metadata(plan: RunPlan, info: models.ModelInfo, main: bool) -> dict[str, Any]:
@@ -268,9 +272,10 @@ def lora_metadata(plan: RunPlan, info: models.ModelInfo, main: bool) -> dict[str
 
 
 def named_lora_params(run: Run) -> dict[str, torch.nn.Parameter]:
-    """The trained parameters by name (the UNet's, then `text_encoder.` / `text_encoder_2.` ones)."""
+    """The trained parameters by name (the denoiser's, then `text_encoder.` / `text_encoder_2.` ones)."""
     named = {name: p for name, p in run.bare_unet.named_parameters() if p.requires_grad}
-    for prefix, encoder in zip(("text_encoder.", "text_encoder_2."), run.text_encoders, strict=False):
+    prefixes = [name + "." for name in TEXT_ENCODER_ATTRIBUTES]  # as many as any family trains
+    for prefix, encoder in zip(prefixes[:len(run.text_encoders)], run.text_encoders, strict=True):
         named.update({prefix + name: p for name, p in encoder.named_parameters() if p.requires_grad})
     return named
 

@@ -88,17 +88,17 @@ def emit_started(run: Run, emit: Callable[[Event], None]) -> None:
 
 
 def training_step(run: Run, batch: Batch) -> torch.Tensor:
-    """One micro-batch of the diffusion objective, forward and backward; returns the loss."""
-    config, scheduler, prediction_type = run.config, run.noise_scheduler, run.info.prediction_type
+    """One micro-batch of the family's objective, forward and backward; returns the loss."""
     latents = run.latents.latents(batch, run.device)
-    conditioning = run.conditioning(batch)
-    noise, timesteps, offsets = run.noise(latents)  # the same per sample however batches split
-    noise = objective.offset_noise(noise, offsets, config.noise_offset)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = objective.target_for(scheduler, latents, noise, timesteps, prediction_type)
-    with run.accelerator.autocast():
-        prediction = run.forward(noisy, timesteps, **conditioning).sample
-    loss = objective.diffusion_loss(prediction, target, scheduler, timesteps, prediction_type, config.min_snr_gamma)
+    inputs = run.conditioning(batch)
+    noise, levels, offsets = run.noise(latents)  # the same per sample however batches split
+    noise = objective.offset_noise(noise, offsets, run.config.noise_offset)
+
+    def predict(noisy: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        with run.accelerator.autocast():
+            return run.family.predict(run.forward, noisy, levels, inputs)
+
+    loss = run.objective.loss(predict, latents, noise, levels)  # the held-out loss calls the same function
     run.accelerator.backward(loss)
     return loss
 
@@ -216,8 +216,8 @@ def maybe_sample(run: Run, emit: Callable[[Event], None]) -> None:
     if not run.main or (run.step % run.config.validation_steps and run.step != run.plan.total_steps):
         return
     try:  # a sample that cannot be saved is not worth the run: the checkpoints decide that
-        drawn = samples.make_samples(run.config, run.pipeline, run.bare_unet, run.sample_inputs, run.pipeline.vae,
-                                     run.device, run.plan.output, run.step)
+        drawn = samples.make_samples(run.config, run.family, run.pipeline, run.bare_unet, run.sample_inputs,
+                                     run.pipeline.vae, run.device, run.plan.output, run.step)
     except OSError as error:
         drawn = []
         emit(RunWarning(message=f"the sample images of step {run.step} could not be saved: {error}", step=run.step,

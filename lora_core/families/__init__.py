@@ -1,10 +1,10 @@
-"""Model families: each family (SD 1.x, SD 2.x, SDXL) is one module here, registered by name.
+"""Model families: each family (SD 1.x, SD 2.x, SDXL, SD 3.x, FLUX.1) is one module here, registered by name.
 
 A family says how to recognise its models (from a diffusers folder's configs or a single file's keys), which
-pipeline class loads them, which modules get adapters, how captions become the UNet's conditioning, how its
-adapters are named in the exported file, and what the sample pipeline is given. The engine asks the family
-of the run (`get(plan.info.family)`) and never tests a family's name itself. See docs/families.md for how to
-add one.
+pipeline class loads them, how its denoiser (UNet or transformer) is called and trained (the objective), which
+modules get adapters, how captions become conditioning, how its adapters are named in the exported file, and
+how samples are drawn. The engine asks the family of the run (`get(plan.info.family)`) and never tests a
+family's name itself. See docs/families.md for how to add one.
 """
 
 from __future__ import annotations
@@ -38,12 +38,10 @@ def _by_priority() -> list[Family]:
     return sorted(_REGISTRY.values(), key=lambda family: family.detect_priority)
 
 
-def detect_folder(index: dict, unet: dict) -> Family:
-    """The family of a diffusers folder, from its model_index.json and unet/config.json."""
-    for family in _by_priority():
-        if family.matches_folder(index, unet):
-            return family
-    raise LookupError("no registered family matches this model")  # SD 1.x matches every folder
+def detect_folder(index: dict, denoiser_config: dict) -> Family | None:
+    """The family of a diffusers folder, from its model_index.json and its denoiser's config.json (unet/ or
+    transformer/); None when no registered family matches (a Qwen-Image or Z-Image folder, say)."""
+    return next((family for family in _by_priority() if family.matches_folder(index, denoiser_config)), None)
 
 
 def detect_single_file(keys: list[str]) -> Family | None:

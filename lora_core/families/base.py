@@ -1,4 +1,9 @@
-"""What every family provides; the Stable Diffusion UNet families share most of it (sd1.py)."""
+"""What every family provides. The Stable Diffusion UNet families share most of it (sd1.py); the flow-matching
+transformers (sd3.py, flux.py) override the denoiser's call, the objective, the encoders and the file's names.
+
+Everything that differs between model families is asked of the family: the engine never tests a family's name
+(tests/test_layout.py checks that). docs/families.md explains each part with FLUX as the worked example.
+"""
 
 from __future__ import annotations
 
@@ -8,40 +13,85 @@ if TYPE_CHECKING:  # families are read when a model is inspected, before torch i
     import torch
 
     from lora_core.config import TrainConfig
+    from lora_core.models import ModelInfo
+    from lora_core.objective import Objective
+
+TEXT_ENCODER_ATTRIBUTES = ("text_encoder", "text_encoder_2", "text_encoder_3")  # a pipeline's, in its order
+TOKENIZER_ATTRIBUTES = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
 
 class Family:
-    name: str  # the id used in ModelInfo.family and the LoRA metadata: sd1 | sd2 | sdxl
+    name: str  # the id used in ModelInfo.family and the LoRA metadata: sd1 | sd2 | sdxl | sd3 | flux
     display_name: str  # for people: "SD 1.x"
     detect_priority: int  # detection tries families in ascending order; the most specific first
     single_file_builtin: str  # the built-in architecture whose parameters stand in for a single file's
-    single_file_down_levels: int  # the UNet's levels, for a single file (whose configs come at load time)
+    denoiser: str = "unet"  # the pipeline's attribute (and folder) holding the denoiser: unet | transformer
     vae_fp16_overflows: bool = False  # its VAE must run in fp32 where the rest runs in fp16
+    flow_matching: bool = False  # trained with FlowObjective (the config's flow-matching options apply)
+    sampler_label: str = "DPM-Solver"  # how samples are drawn, for people (a grid's title)
 
     # --- recognising and loading ---
-    def matches_folder(self, index: dict, unet: dict) -> bool:
+    def matches_folder(self, index: dict, denoiser_config: dict) -> bool:
+        """A diffusers folder, from its model_index.json and its denoiser's config.json."""
         raise NotImplementedError
 
     def matches_single_file(self, keys: list[str]) -> bool:
         raise NotImplementedError
 
+    def latent_multiple(self, denoiser_config: dict) -> int:
+        """Latent sides must be a multiple of this (a UNet's down levels, a transformer's patch)."""
+        raise NotImplementedError
+
+    def single_file_latent_multiple(self) -> int:
+        """The same for a single file, whose configs come only at load time."""
+        raise NotImplementedError
+
     def pipeline_class(self) -> type:
         raise NotImplementedError
 
-    def load_kwargs(self) -> dict[str, Any]:
+    def load_kwargs(self, config: TrainConfig | None = None) -> dict[str, Any]:
         """Extra keyword arguments for the pipeline's from_pretrained / from_single_file."""
         return {}
 
+    def check_config(self, config: TrainConfig) -> list[tuple[str, str]]:
+        """(field, message) for each option this family cannot honour; the plan refuses the run with them."""
+        return []
+
+    def description(self, info: ModelInfo) -> str:
+        return self.display_name
+
+    # --- the denoiser and its objective ---
+    def objective(self, config: TrainConfig, scheduler_config: Any, info: ModelInfo) -> Objective:
+        raise NotImplementedError
+
+    def predict(self, forward, noisy: torch.Tensor, levels: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+        """The denoiser's prediction for `noisy` latents (N, C, h, w) at the objective's `levels`, called through
+        `forward` (the module, or its compiled form) with `inputs` (from `denoiser_inputs`); same shape back."""
+        raise NotImplementedError
+
     # --- adapters and export ---
-    def add_unet_adapter(self, unet, config: TrainConfig) -> list[torch.nn.Parameter]:
+    def denoiser_targets(self) -> dict[str, list[str]]:
+        """The denoiser's modules (peft suffixes) a LoRA adapts, for each `lora_target` this family accepts."""
+        raise NotImplementedError
+
+    def add_denoiser_adapter(self, denoiser, config: TrainConfig) -> list[torch.nn.Parameter]:
         raise NotImplementedError
 
     def add_text_encoder_adapter(self, encoder, config: TrainConfig) -> list[torch.nn.Parameter]:
         raise NotImplementedError
 
-    def lora_file_contents(self, unet, config: TrainConfig, text_encoders: list
+    def trainable_text_encoders(self, pipeline) -> list:
+        """The text encoders that take a LoRA with train_text_encoder (SD 3 and FLUX keep T5 frozen)."""
+        return text_encoders(pipeline)
+
+    def lora_file_contents(self, denoiser, config: TrainConfig, text_encoders: list
                            ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The exported file's tensors under this family's names, and the header entries the format needs."""
+        raise NotImplementedError
+
+    def metadata(self, prediction_type: str) -> dict[str, str]:
+        """The LoRA header's rows that name the base model's kind: `modelspec.architecture`,
+        `modelspec.implementation`, `ss_base_model_version`, `ss_v2`."""
         raise NotImplementedError
 
     # --- conditioning ---
@@ -50,25 +100,54 @@ class Family:
         """Captions -> text conditioning from the pipeline's frozen text encoders."""
         raise NotImplementedError
 
-    def encode_with(self, tokenizers: list, encoders: list, texts: list[str], device: torch.device,
+    def encode_with(self, pipeline, encoders: list, texts: list[str], device: torch.device,
                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The same through `encoders` (wrapped for training, so `pipeline.encode_prompt` cannot call them)."""
+        """The same through `encoders`, the trainable ones (`trainable_text_encoders`) wrapped for training, so
+        `pipeline.encode_prompt` cannot call them; tokenizers and any frozen encoder come from `pipeline`."""
         raise NotImplementedError
 
-    def unet_inputs(self, text: dict[str, torch.Tensor], time_ids: torch.Tensor) -> dict[str, Any]:
-        """The UNet's conditioning keyword arguments from the text conditioning and the batch's size/crop ids
-        (rows of orig h, orig w, crop top, crop left, target h, target w)."""
+    def denoiser_inputs(self, text: dict[str, torch.Tensor], time_ids: torch.Tensor) -> dict[str, Any]:
+        """The denoiser's conditioning from the text conditioning and the batch's size/crop ids (rows of
+        orig h, orig w, crop top, crop left, target h, target w)."""
+        raise NotImplementedError
+
+    # --- samples ---
+    def sample_scheduler(self, scheduler_config: Any):
+        """The scheduler samples, grids and sweeps draw with."""
         raise NotImplementedError
 
     def sample_inputs(self, pipeline, prompt: str, device: torch.device) -> dict[str, Any]:
         """The sample pipeline's keyword arguments for one prompt (with the empty negative prompt), encoded."""
         raise NotImplementedError
 
+    def spatial_latents(self, pipeline, drawn: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The latents a pipeline returns with output_type 'latent', as (N, C, h, w) for the VAE (FLUX's are
+        packed into tokens)."""
+        return drawn
 
-def tokenize(tokenizer, texts: list[str], device: torch.device) -> torch.Tensor:
-    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
+    def sampling_kwargs(self, config: TrainConfig) -> dict[str, Any]:
+        """The sample pipeline's guidance arguments."""
+        return {"guidance_scale": config.sample_guidance_scale}
+
+    # --- memory ---
+    def activation_units(self, denoiser_config: Any) -> float:
+        """What the denoiser's saved activations per latent pixel scale with (hardware.ACTIVATION_BYTES_PER_UNIT)."""
+        raise NotImplementedError
+
+
+def tokenize(tokenizer, texts: list[str], device: torch.device, max_length: int | None = None) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids.to(device)
 
 
 def tokenizers(pipeline) -> list:
-    return [t for t in (getattr(pipeline, "tokenizer", None), getattr(pipeline, "tokenizer_2", None)) if t]
+    return [t for t in (getattr(pipeline, name, None) for name in TOKENIZER_ATTRIBUTES) if t is not None]
+
+
+def text_encoders(pipeline) -> list:
+    """Every text encoder of a pipeline, in its order (SD 3 has three; a dropped T5 is None and not listed)."""
+    return [e for e in (getattr(pipeline, name, None) for name in TEXT_ENCODER_ATTRIBUTES) if e is not None]
+
+
+def denoiser_of(pipeline, family: Family):
+    return getattr(pipeline, family.denoiser)
