@@ -5,6 +5,8 @@ coloured shapes (lora_core/toy), its weights committed and checked by SHA-256; t
 a colour it has never seen. The others have random weights, built from configs with a fixed seed: `tiny-*`
 are for tests and CI (fast); `small-*` keep the layout of SD 1.5 / SDXL at 1/8 of the channel widths (for CPU
 benchmarks); `sd15-arch` / `sdxl-arch` are the real architectures at full size (for GPU speed and memory).
+The flow-matching transformer built-ins (`tiny-flux`, `tiny-flux-schnell`, `tiny-sd3`, `flux-dev-arch`,
+`sd35m-arch`) are registered here too, as builtin_flow.FlowSpec entries that builtin_flow builds.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from lora_core import builtin_flow
+from lora_core.builtin_flow import FlowSpec
 
 PREFIX = "builtin:"
 SEED = 20240601
@@ -40,7 +45,9 @@ class BuiltinSpec:
     trained: bool = False  # shipped weights (lora_core/toy/weights) rather than seeded random ones
 
 
-BUILTINS: dict[str, BuiltinSpec] = {
+# a FlowSpec has `family`, `cacheable` and `trained` too, but no UNet: code that reads a spec's UNet or VAE
+# channels must check `isinstance(spec, BuiltinSpec)` first
+BUILTINS: dict[str, BuiltinSpec | FlowSpec] = {
     "toy-sd": BuiltinSpec("sd1", (32, 64), 1, 64, 4, (16, 32, 32, 32), (64,), 3, 4, trained=True),
     "tiny-sd": BuiltinSpec("sd1", (32, 64), 2, 32, 8, (8, 16, 32, 32), (32,), 5, 4),
     "tiny-sdxl": BuiltinSpec("sdxl", (32, 64), 2, 64, 8, (8, 16, 32, 32), (32, 32), 5, 4, (1, 2)),
@@ -50,6 +57,7 @@ BUILTINS: dict[str, BuiltinSpec] = {
                              cacheable=False),
     "sdxl-arch": BuiltinSpec("sdxl", (320, 640, 1280), 2, 2048, (5, 10, 20), (128, 256, 512, 512), (768, 1280),
                              12, 12, (1, 2, 10), cacheable=False),
+    **builtin_flow.FLOW_BUILTINS,
 }
 
 
@@ -152,6 +160,8 @@ def build_pipeline(name: str, tokenizer_folder: Path):
         return StableDiffusionPipeline.from_pretrained(builtin_folder(name), safety_checker=None,
                                                        requires_safety_checker=False)
     tokenizer = write_tokenizer(tokenizer_folder)
+    if isinstance(spec, FlowSpec):
+        return builtin_flow.build_pipeline(spec, tokenizer, SEED)
     vocab_size = len(tokenizer)
     torch.manual_seed(SEED)
     if spec.family == "sdxl":
@@ -216,7 +226,12 @@ def export(name: str, target: Path) -> Path:
 
 def model_info(name: str):
     """A built-in's ModelInfo, as models.inspect reads it from a folder's configs."""
+    from lora_core import families
     from lora_core.models import ModelInfo
 
     spec = BUILTINS[name]
+    if isinstance(spec, FlowSpec):
+        family = families.get(spec.family)
+        return ModelInfo(spec.family, "flow", spec.vae_scale_factor, spec.latent_patch,
+                         family.variant(spec.transformer))
     return ModelInfo(spec.family, "epsilon", 2 ** (len(spec.vae_channels) - 1), 2 ** (len(spec.unet_channels) - 1))

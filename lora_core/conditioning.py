@@ -55,13 +55,16 @@ def cache_captions(family: Family, encode: Encode, captions: list[str], dropout:
     return CachedConditioning(family, encode(captions), encode([""]) if dropout else {})
 
 
-def frozen_encoder(family: Family, pipeline, device: torch.device, dtype: torch.dtype) -> Encode:
-    """captions -> text conditioning from the pipeline's frozen text encoders."""
-    return lambda texts: family.encode_captions(pipeline, texts, device, dtype)
+def frozen_encoder(family: Family, pipeline, device: torch.device, dtype: torch.dtype,
+                   settings: dict | None = None) -> Encode:
+    """captions -> text conditioning from the pipeline's frozen text encoders (`settings`: the family's
+    run_settings, e.g. the T5 length)."""
+    return lambda texts: family.encode_captions(pipeline, texts, device, dtype, settings)
 
 
-def trained_encoder(family: Family, pipeline, encoders: list, device: torch.device, dtype: torch.dtype) -> Encode:
+def trained_encoder(family: Family, pipeline, encoders: list, device: torch.device, dtype: torch.dtype,
+                    settings: dict | None = None) -> Encode:
     """captions -> text conditioning through `encoders` (the family's trainable ones, in the pipeline's order,
     as the accelerator wrapped them; any frozen one, such as T5, from `pipeline`). It computes what
     `pipeline.encode_prompt` does, which cannot call a wrapped module."""
-    return lambda texts: family.encode_with(pipeline, encoders, texts, device, dtype)
+    return lambda texts: family.encode_with(pipeline, encoders, texts, device, dtype, settings)

@@ -59,10 +59,11 @@ def adapter_config(config: TrainConfig, target_modules: list[str]):
     return lycoris.adapter_config(config, target_modules)
 
 
-def add_lora(unet, config: TrainConfig) -> list[torch.nn.Parameter]:
-    """Freeze the UNet, add the adapter (`network_type`), and return its (trainable, fp32) parameters."""
+def add_lora(unet, config: TrainConfig, targets: list[str] | str | None = None) -> list[torch.nn.Parameter]:
+    """Freeze the denoiser, add the adapter (`network_type`) on `targets` (the UNet's for `lora_target` unless
+    given: a family's list of suffixes or regular expression), and return its (trainable, fp32) parameters."""
     unet.requires_grad_(False)
-    unet.add_adapter(adapter_config(config, TARGETS[config.lora_target]))
+    unet.add_adapter(adapter_config(config, TARGETS[config.lora_target] if targets is None else targets))
     return _trainable_in_fp32(unet)
 
 
@@ -108,6 +109,11 @@ def kohya_state_dict(unet, config: TrainConfig, text_encoders: list | None = Non
     return state
 
 
+def text_encoder_tensors(encoder, config: TrainConfig, prefix: str) -> dict[str, torch.Tensor]:
+    """One trained text encoder's LoRA under kohya's names with `prefix` (`lora_te_`, `lora_te1_`, ...)."""
+    return _file_tensors(encoder, config, text_encoder_namer(prefix))
+
+
 def unet_namer(unet_config, family: str) -> Callable[[str], str]:
     """A denoiser module path -> its name in the file, as the family names it (SDXL: the original layout's)."""
     return families.get(family).unet_namer(unet_config)
@@ -118,6 +124,18 @@ def text_encoder_namer(prefix: str) -> Callable[[str], str]:
     names (and CLIPTextModelWithProjection) still have."""
     return lambda module: prefix + (module if module.startswith("text_model.") else "text_model." + module
                                     ).replace(".", "_")
+
+
+def adapter_tensors(model, config: TrainConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{module path: (down, up, alpha)} of a model's LoRA (fp32 on the CPU), for layouts that rename or fuse
+    modules (the flow-matching families' original layout, flow_names.py)."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in get_peft_model_state_dict(model).items():
+        module, _, kind = key.partition(".lora_")
+        if kind not in ("A.weight", "B.weight"):
+            raise ValueError(f"unexpected LoRA tensor {key}")
+        grouped.setdefault(module, {})[kind] = tensor.detach().float().cpu()
+    return {module: (t["A.weight"], t["B.weight"], float(config.lora_alpha)) for module, t in grouped.items()}
 
 
 def _file_tensors(model, config: TrainConfig, name_of: Callable[[str], str]) -> dict[str, torch.Tensor]:
@@ -165,12 +183,13 @@ def diffusers_state_dict(unet, config: TrainConfig,
 
 def training_metadata(config: TrainConfig, family: str, prediction_type: str, *, steps: int, epochs: int,
                       num_images: int, precision: str, started_at: datetime,
-                      tag_frequency: dict[str, int], base_sha256: str | None = None) -> dict[str, str]:
+                      tag_frequency: dict[str, int], base_sha256: str | None = None, variant: str = ""
+                      ) -> dict[str, str]:
     """Header metadata in sd-scripts' `ss_*` and the model spec's `modelspec.*` form (all values strings); the
     README lists each field. `base_sha256`: of the base model's single file, or of a folder's UNet weights."""
     now = datetime.now(UTC)
     v_pred = prediction_type == "v_prediction"
-    kind = families.get(family).metadata(prediction_type)  # architecture, implementation, base model version
+    kind = families.get(family).metadata(prediction_type, variant)  # architecture, implementation, version
     output_name = Path(config.output_path).name or "lora"
     return {
         "ss_network_module": "peft.dora" if config.use_dora else NETWORK_MODULES[config.network_type],

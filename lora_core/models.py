@@ -59,6 +59,7 @@ class ModelInfo:
     prediction_type: str  # epsilon | v_prediction (UNet families) | flow (rectified flow)
     vae_scale_factor: int
     latent_multiple: int  # latent sides must be a multiple of this (a UNet's down levels, a transformer's patch)
+    variant: str = ""  # which model of the family, where it matters (FLUX.1: dev or schnell)
 
     @property
     def pixel_multiple(self) -> int:
@@ -160,7 +161,8 @@ def inspect(source: ModelSource) -> ModelInfo:
     except (KeyError, TypeError, ValueError):
         raise ModelError(f"{folder}: the model's {denoiser_name}/config.json is not a {family.display_name} "
                          "config (fields missing); download the model again") from None
-    return ModelInfo(family.name, prediction, 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1), multiple)
+    return ModelInfo(family.name, prediction, 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1), multiple,
+                     family.variant(denoiser))
 
 
 def unsupported_folder(folder: Path, index: dict, denoiser: dict) -> str:
@@ -189,7 +191,7 @@ def _inspect_single_file(path: Path) -> ModelInfo:
     # epsilon until loaded: the weights do not say (SD 2.1-768 is v-prediction, 2.1-base is not), the scheduler
     # config diffusers reads with them does (see with_loaded_prediction_type)
     return ModelInfo(family.name, "flow" if family.flow_matching else "epsilon", 8,
-                     family.single_file_latent_multiple())
+                     family.single_file_latent_multiple(), family.single_file_variant(keys))
 
 
 def with_loaded_prediction_type(info: ModelInfo, pipeline) -> ModelInfo:
@@ -203,6 +205,11 @@ def with_loaded_prediction_type(info: ModelInfo, pipeline) -> ModelInfo:
 def load_pipeline(source: ModelSource, info: ModelInfo, config: Any = None):
     """Load the whole diffusers pipeline on the CPU in fp32; the trainer moves and casts parts. `config` (a
     TrainConfig) lets the family leave out what the run does not use (SD 3 without T5)."""
+    family = families.get(info.family)
+    return family.trim_pipeline(_load_pipeline(source, info, config), config)
+
+
+def _load_pipeline(source: ModelSource, info: ModelInfo, config: Any):
     quiet_library_notices()
     family = families.get(info.family)
     if source.kind == "builtin" and source.location in builtin.BUILTINS:
@@ -262,14 +269,18 @@ def model_sizes(source: ModelSource, info: ModelInfo) -> ModelSizes:
     )
 
 
-def _adapted(model, targets: list[str]) -> list[tuple[int, int]]:
-    """(inputs, outputs) of each layer a LoRA on `targets` adapts (peft's suffix match); a conv's inputs count
-    its kernel area, as its LoRA down weight does."""
+def _adapted(model, targets: list[str] | str) -> list[tuple[int, int]]:
+    """(inputs, outputs) of each layer a LoRA on `targets` adapts (peft's match: a suffix of a list, or a string
+    as one regular expression over the whole path); a conv's inputs count its kernel area, as its LoRA down
+    weight does."""
     import torch
 
     layers = []
     for name, module in model.named_modules():
-        if not any(name == t or name.endswith("." + t) for t in targets):
+        if isinstance(targets, str):
+            if not re.fullmatch(targets, name):
+                continue
+        elif not any(name == t or name.endswith("." + t) for t in targets):
             continue
         if isinstance(module, torch.nn.Linear):
             layers.append((module.in_features, module.out_features))

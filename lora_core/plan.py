@@ -24,7 +24,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from lora_core import buckets, checkpoint, dataset, distributed, families, hardware, holdout, models, tracking
-from lora_core.config import DEFAULT_STEPS, TrainConfig
+from lora_core.config import DEFAULT_STEPS, ConfigError, TrainConfig
 from lora_core.errors import UserError
 
 
@@ -87,6 +87,11 @@ class RunPlan:
     @property
     def family(self) -> families.Family:
         return families.get(self.info.family)
+
+    @property
+    def settings(self) -> dict:
+        """What the run's options decide for the family's encoders and denoiser call (Family.run_settings)."""
+        return self.family.run_settings(self.config, self.info)
 
     @property
     def total_steps(self) -> int:
@@ -167,6 +172,13 @@ def check_resolution(config: TrainConfig, info: models.ModelInfo) -> None:
                               f"{' or ' if below >= smallest else ''}{below + multiple} ({sizes})")
 
 
+def check_family_options(config: TrainConfig, info: models.ModelInfo) -> None:
+    """The options the model's family cannot honour (min-SNR on a rectified-flow model, ...), each at its field."""
+    problems = families.get(info.family).check_config(config)
+    if problems:
+        raise ConfigError(problems)
+
+
 def device_and_precision(config: TrainConfig) -> tuple[torch.device, str]:
     try:
         device = hardware.pick_device(config)
@@ -209,6 +221,7 @@ def make_plan(config: TrainConfig, num_processes: int = 1, *, resume: bool = Fal
     report, held_out = scan_dataset(config)
     source, info = base_model(config, configs_only)
     check_resolution(config, info)
+    check_family_options(config, info)
     assigned = dataset.assign_buckets(report, config, info.pixel_multiple)
     per_epoch = buckets.batches_per_epoch(assigned * config.repeats, config.batch_size * num_processes)
     device, precision = device_and_precision(config)
@@ -258,6 +271,7 @@ def plan_report(config: TrainConfig, num_processes: int | None = None) -> dict[s
         report["model"] = {"source": source.kind, "family": info.description,
                            "prediction_type": info.prediction_type}
         check_resolution(config, info)
+        check_family_options(config, info)
         if scanned is not None:  # the bucket table, and the length as the buckets make it
             assigned = dataset.assign_buckets(scanned, config, info.pixel_multiple)
             report["dataset"]["buckets"] = scanned.buckets

@@ -20,11 +20,11 @@ def prompts_of(config: TrainConfig) -> list[str]:
 
 
 def prompt_inputs(family: Family, pipeline, prompts: list[str], device: torch.device,
-                  encode: bool = True) -> list[tuple[str, dict[str, Any]]]:
+                  encode: bool = True, settings: dict | None = None) -> list[tuple[str, dict[str, Any]]]:
     """(prompt, pipeline kwargs) per prompt; without `encode` the prompt itself, which the pipeline encodes."""
     if not encode:
         return [(prompt, {"prompt": prompt}) for prompt in prompts]
-    return [(prompt, family.sample_inputs(pipeline, prompt, device)) for prompt in prompts]
+    return [(prompt, family.sample_inputs(pipeline, prompt, device, settings)) for prompt in prompts]
 
 
 @torch.no_grad()

@@ -201,15 +201,16 @@ def encode_text_once(plan: RunPlan, pipeline, device: torch.device, dtype: torch
     encoders = models.text_encoders(pipeline)
     for encoder in encoders:
         encoder.to(device, dtype=dtype)
-    inputs = samples.prompt_inputs(family, pipeline, samples.prompts_of(config), device,
+    inputs = samples.prompt_inputs(family, pipeline, samples.prompts_of(config), device, settings=plan.settings,
                                          encode=not config.train_text_encoder)
     held_out = None
     if plan.held_out is not None and not config.train_text_encoder:
-        held_out = conditioning.frozen_encoder(family, pipeline, device, dtype)(
+        held_out = conditioning.frozen_encoder(family, pipeline, device, dtype, plan.settings)(
             [record.caption for record in plan.held_out.images])
     if config.shuffle_tags or config.train_text_encoder:
         return inputs, None, held_out
-    cached = conditioning.cache_captions(family, conditioning.frozen_encoder(family, pipeline, device, dtype),
+    cached = conditioning.cache_captions(family, conditioning.frozen_encoder(family, pipeline, device, dtype,
+                                                                             plan.settings),
                                          [record.caption for record in plan.dataset.images], config.caption_dropout > 0)
     for encoder in encoders:
         encoder.to("cpu")
@@ -242,9 +243,9 @@ def per_step_conditioning(plan: RunPlan, pipeline, wrapped: list, device: torch.
     averaged across processes), else by the frozen pipeline."""
     family = plan.family
     if wrapped:
-        encode = conditioning.trained_encoder(family, pipeline, wrapped, device, dtype)
+        encode = conditioning.trained_encoder(family, pipeline, wrapped, device, dtype, plan.settings)
     else:
-        encode = conditioning.frozen_encoder(family, pipeline, device, dtype)
+        encode = conditioning.frozen_encoder(family, pipeline, device, dtype, plan.settings)
     return conditioning.EncodedConditioning(family, encode, trains=plan.config.train_text_encoder)
 
 
@@ -268,7 +269,7 @@ def lora_metadata(plan: RunPlan, info: models.ModelInfo, main: bool) -> dict[str
     return dict(family=info.family, prediction_type=info.prediction_type,
                 num_images=len(captions) * plan.config.repeats,  # as sd-scripts counts them
                 precision=plan.precision, started_at=plan.started_at, tag_frequency=tag_frequency(captions),
-                base_sha256=models.weights_sha256(plan.source) if main else None)
+                base_sha256=models.weights_sha256(plan.source) if main else None, variant=info.variant)
 
 
 def named_lora_params(run: Run) -> dict[str, torch.nn.Parameter]:

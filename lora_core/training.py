@@ -73,7 +73,8 @@ def emit_started(run: Run, emit: Callable[[Event], None]) -> None:
     if run.main:
         plan = run.plan
         emit(Started(total_steps=plan.total_steps, num_images=len(plan.dataset.images), device=str(run.device),
-                     mixed_precision=plan.precision, model_family=run.info.description, output_path=str(plan.output),
+                     mixed_precision=plan.precision,
+                     model_family=run.family.run_description(run.info, run.config), output_path=str(plan.output),
                      num_processes=run.accelerator.num_processes, resumed_from_step=run.step if plan.resume else None,
                      gradient_checkpointing=plan.gradient_checkpointing, compile_unet=run.forward.scope,
                      cuda_graphs=run.forward.cuda_graphs, compile_reason=run.forward.reason))
@@ -90,7 +91,7 @@ def emit_started(run: Run, emit: Callable[[Event], None]) -> None:
 def training_step(run: Run, batch: Batch) -> torch.Tensor:
     """One micro-batch of the family's objective, forward and backward; returns the loss."""
     latents = run.latents.latents(batch, run.device)
-    inputs = run.conditioning(batch)
+    inputs = {**run.conditioning(batch), **run.plan.settings}  # the family's call settings (FLUX's guidance)
     noise, levels, offsets = run.noise(latents)  # the same per sample however batches split
     noise = objective.offset_noise(noise, offsets, run.config.noise_offset)
 

@@ -88,7 +88,7 @@ class ValidationSet:
         for index, image in enumerate(self.images):
             text = encode(index, image.caption)
             latent = image.latent.unsqueeze(0).expand(DRAWS_PER_IMAGE, *image.latent.shape)
-            inputs = self.family.denoiser_inputs(text, image.time_ids)
+            inputs = {**self.family.denoiser_inputs(text, image.time_ids), **run.plan.settings}
 
             def predict(noisy: torch.Tensor, levels: torch.Tensor, inputs: dict = inputs) -> torch.Tensor:
                 with run.accelerator.autocast():
@@ -107,5 +107,5 @@ class ValidationSet:
             return lambda index, caption: rows({name: t[index:index + 1] for name, t in self.text.items()})
         # the plain modules, not the accelerator's wrappers: only the main process evaluates
         encode = conditioning.trained_encoder(self.family, run.pipeline, run.text_encoders, run.device,
-                                              hardware.weight_dtype(run.plan.precision))
+                                              hardware.weight_dtype(run.plan.precision), run.plan.settings)
         return lambda index, caption: rows(encode([caption]))

@@ -91,7 +91,7 @@ def test_resolution_takes_the_toy_models_own_size_and_names_its_steps(tmp_path):
                                                    r"from 64\)"):
         plan.check_resolution(parse_config(demo_config(tmp_path / "out", resolution=72)), toy)
     # a model whose step is above 64 sets the lower bound itself
-    coarse = models.ModelInfo("sd1", "epsilon", 8, 5)
+    coarse = models.ModelInfo("sd1", "epsilon", 8, 16)
     with pytest.raises(plan.ResolutionError, match="below 128, the smallest size this SD 1.x model takes"):
         plan.check_resolution(config, coarse)
     with pytest.raises(UserError, match="resolution"):

@@ -10,8 +10,10 @@ family's name itself. See docs/families.md for how to add one.
 from __future__ import annotations
 
 from lora_core.families.base import Family
+from lora_core.families.flux import Flux
 from lora_core.families.sd1 import SD1
 from lora_core.families.sd2 import SD2
+from lora_core.families.sd3 import SD3
 from lora_core.families.sdxl import SDXL
 
 __all__ = ["Family", "detect_folder", "detect_single_file", "get", "names", "register"]
@@ -49,5 +51,5 @@ def detect_single_file(keys: list[str]) -> Family | None:
     return next((family for family in _by_priority() if family.matches_single_file(keys)), None)
 
 
-for _family in (SDXL(), SD2(), SD1()):
+for _family in (Flux(), SD3(), SDXL(), SD2(), SD1()):
     register(_family)

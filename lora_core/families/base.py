@@ -53,12 +53,33 @@ class Family:
         """Extra keyword arguments for the pipeline's from_pretrained / from_single_file."""
         return {}
 
+    def trim_pipeline(self, pipeline, config: TrainConfig | None):
+        """The loaded pipeline without what the run does not use (SD 3 without T5); `load_kwargs` keeps a
+        folder's from loading at all."""
+        return pipeline
+
+    def run_description(self, info: ModelInfo, config: TrainConfig) -> str:
+        """The model as the started event names it, with what the run's options change about it."""
+        return self.description(info)
+
     def check_config(self, config: TrainConfig) -> list[tuple[str, str]]:
         """(field, message) for each option this family cannot honour; the plan refuses the run with them."""
         return []
 
     def description(self, info: ModelInfo) -> str:
         return self.display_name
+
+    def variant(self, denoiser_config: dict) -> str:
+        """Which model of the family a folder holds, where that matters (FLUX.1 dev or schnell); else ''."""
+        return ""
+
+    def single_file_variant(self, keys: list[str]) -> str:
+        return ""
+
+    def run_settings(self, config: TrainConfig, info: ModelInfo) -> dict[str, Any]:
+        """What the run's options decide for the encoders and the denoiser's call (a T5 length, FLUX's training
+        guidance): passed to `encode_*` and `sample_inputs`, and merged into `predict`'s inputs."""
+        return {}
 
     # --- the denoiser and its objective ---
     def objective(self, config: TrainConfig, scheduler_config: Any, info: ModelInfo) -> Objective:
@@ -70,8 +91,9 @@ class Family:
         raise NotImplementedError
 
     # --- adapters and export ---
-    def denoiser_targets(self) -> dict[str, list[str]]:
-        """The denoiser's modules (peft suffixes) a LoRA adapts, for each `lora_target` this family accepts."""
+    def denoiser_targets(self) -> dict[str, Any]:
+        """The denoiser's modules a LoRA adapts, for each `lora_target` this family accepts: a list of peft
+        suffixes, or one regular expression over the whole module path (as peft reads a string)."""
         raise NotImplementedError
 
     def add_denoiser_adapter(self, denoiser, config: TrainConfig) -> list[torch.nn.Parameter]:
@@ -89,19 +111,19 @@ class Family:
         """The exported file's tensors under this family's names, and the header entries the format needs."""
         raise NotImplementedError
 
-    def metadata(self, prediction_type: str) -> dict[str, str]:
+    def metadata(self, prediction_type: str, variant: str = "") -> dict[str, str]:
         """The LoRA header's rows that name the base model's kind: `modelspec.architecture`,
         `modelspec.implementation`, `ss_base_model_version`, `ss_v2`."""
         raise NotImplementedError
 
     # --- conditioning ---
-    def encode_captions(self, pipeline, texts: list[str], device: torch.device, dtype: torch.dtype
-                        ) -> dict[str, torch.Tensor]:
+    def encode_captions(self, pipeline, texts: list[str], device: torch.device, dtype: torch.dtype,
+                        settings: dict | None = None) -> dict[str, torch.Tensor]:
         """Captions -> text conditioning from the pipeline's frozen text encoders."""
         raise NotImplementedError
 
     def encode_with(self, pipeline, encoders: list, texts: list[str], device: torch.device,
-                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                    dtype: torch.dtype, settings: dict | None = None) -> dict[str, torch.Tensor]:
         """The same through `encoders`, the trainable ones (`trainable_text_encoders`) wrapped for training, so
         `pipeline.encode_prompt` cannot call them; tokenizers and any frozen encoder come from `pipeline`."""
         raise NotImplementedError
@@ -116,7 +138,8 @@ class Family:
         """The scheduler samples, grids and sweeps draw with."""
         raise NotImplementedError
 
-    def sample_inputs(self, pipeline, prompt: str, device: torch.device) -> dict[str, Any]:
+    def sample_inputs(self, pipeline, prompt: str, device: torch.device, settings: dict | None = None
+                      ) -> dict[str, Any]:
         """The sample pipeline's keyword arguments for one prompt (with the empty negative prompt), encoded."""
         raise NotImplementedError
 

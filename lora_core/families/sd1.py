@@ -60,7 +60,7 @@ class SD1(Family):
     def predict(self, forward, noisy: torch.Tensor, levels: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         return forward(noisy, levels, **inputs).sample
 
-    def denoiser_targets(self) -> dict[str, list[str]]:
+    def denoiser_targets(self) -> dict[str, Any]:
         from lora_core.lora import TARGETS
 
         return TARGETS
@@ -88,18 +88,18 @@ class SD1(Family):
 
         return lora.lora_file_contents(denoiser, config, text_encoders, self.name)
 
-    def metadata(self, prediction_type: str) -> dict[str, str]:
+    def metadata(self, prediction_type: str, variant: str = "") -> dict[str, str]:
         v = "_v" if prediction_type == "v_prediction" else ""  # sd-scripts' version of a v-model
         return {"modelspec.architecture": self.architecture, "modelspec.implementation": self.implementation,
                 "ss_base_model_version": self.base_model_version + v, "ss_v2": "False"}
 
-    def encode_captions(self, pipeline, texts: list[str], device: torch.device, dtype: torch.dtype
-                        ) -> dict[str, torch.Tensor]:
+    def encode_captions(self, pipeline, texts: list[str], device: torch.device, dtype: torch.dtype,
+                        settings: dict | None = None) -> dict[str, torch.Tensor]:
         embeds, _ = pipeline.encode_prompt(texts, device, 1, False)
         return {"encoder_hidden_states": embeds.to(dtype)}
 
     def encode_with(self, pipeline, encoders: list, texts: list[str], device: torch.device,
-                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                    dtype: torch.dtype, settings: dict | None = None) -> dict[str, torch.Tensor]:
         embeds = encoders[0](tokenize(pipeline.tokenizer, texts, device), attention_mask=None)[0]
         return {"encoder_hidden_states": embeds.to(dtype)}
 
@@ -111,7 +111,8 @@ class SD1(Family):
 
         return DPMSolverMultistepScheduler.from_config(scheduler_config)
 
-    def sample_inputs(self, pipeline, prompt: str, device: torch.device) -> dict[str, Any]:
+    def sample_inputs(self, pipeline, prompt: str, device: torch.device, settings: dict | None = None
+                      ) -> dict[str, Any]:
         positive, negative = pipeline.encode_prompt(prompt, device, 1, True, negative_prompt="")
         return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
 

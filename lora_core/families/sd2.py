@@ -18,7 +18,7 @@ class SD2(SD1):
     def matches_single_file(self, keys: list[str]) -> bool:
         return any(key.startswith("cond_stage_model.model.") for key in keys)
 
-    def metadata(self, prediction_type: str) -> dict[str, str]:
+    def metadata(self, prediction_type: str, variant: str = "") -> dict[str, str]:
         v = prediction_type == "v_prediction"  # SD 2.x-768 is a v-model: its own architecture id
         return {"modelspec.architecture": "stable-diffusion-v2-768-v/lora" if v else "stable-diffusion-v2-512/lora",
                 "modelspec.implementation": self.implementation,

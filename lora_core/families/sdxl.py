@@ -54,17 +54,17 @@ class SDXL(SD1):
     def text_encoder_prefixes(self, count: int) -> list[str]:
         return [f"lora_te{index + 1}_" for index in range(count)]
 
-    def metadata(self, prediction_type: str) -> dict[str, str]:
+    def metadata(self, prediction_type: str, variant: str = "") -> dict[str, str]:
         return {"modelspec.architecture": self.architecture, "modelspec.implementation": self.implementation,
                 "ss_base_model_version": self.base_model_version, "ss_v2": "False"}
 
-    def encode_captions(self, pipeline, texts: list[str], device: torch.device, dtype: torch.dtype
-                        ) -> dict[str, torch.Tensor]:
+    def encode_captions(self, pipeline, texts: list[str], device: torch.device, dtype: torch.dtype,
+                        settings: dict | None = None) -> dict[str, torch.Tensor]:
         embeds, _, pooled, _ = pipeline.encode_prompt(texts, device=device, do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds.to(dtype), "text_embeds": pooled.to(dtype)}
 
     def encode_with(self, pipeline, encoders: list, texts: list[str], device: torch.device,
-                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                    dtype: torch.dtype, settings: dict | None = None) -> dict[str, torch.Tensor]:
         import torch
 
         hidden, pooled = [], None
@@ -80,7 +80,8 @@ class SDXL(SD1):
                 "added_cond_kwargs": {"text_embeds": text["text_embeds"],
                                       "time_ids": time_ids.to(text["text_embeds"].dtype)}}
 
-    def sample_inputs(self, pipeline, prompt: str, device: torch.device) -> dict[str, Any]:
+    def sample_inputs(self, pipeline, prompt: str, device: torch.device, settings: dict | None = None
+                      ) -> dict[str, Any]:
         positive, negative, positive_pooled, negative_pooled = pipeline.encode_prompt(
             prompt, device=device, do_classifier_free_guidance=True)
         return {"prompt_embeds": positive, "negative_prompt_embeds": negative,
