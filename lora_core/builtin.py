@@ -223,15 +223,3 @@ def export(name: str, target: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
-
-def model_info(name: str):
-    """A built-in's ModelInfo, as models.inspect reads it from a folder's configs."""
-    from lora_core import families
-    from lora_core.models import ModelInfo
-
-    spec = BUILTINS[name]
-    if isinstance(spec, FlowSpec):
-        family = families.get(spec.family)
-        return ModelInfo(spec.family, "flow", spec.vae_scale_factor, spec.latent_patch,
-                         family.variant(spec.transformer))
-    return ModelInfo(spec.family, "epsilon", 2 ** (len(spec.vae_channels) - 1), 2 ** (len(spec.unet_channels) - 1))

@@ -63,10 +63,12 @@ class Renderer:
         """Load one LoRA file (replacing the one loaded before) at scale 1; `field`: what a bad file is blamed on.
 
         LoRA and DoRA files go through diffusers' `load_lora_weights`, as a diffusers user would load them.
-        LoHa / LoKr files, which it cannot read, are applied to the weights themselves (lorafile.apply_lora, as
-        ComfyUI and A1111 do), the touched weights kept to be put back exactly."""
+        LoHa / LoKr files, which it cannot read, and the flow-matching families' files (in the original layout's
+        names, which diffusers reads only for FLUX.1's own sizes and never for SD 3) are applied to the weights
+        themselves (lorafile.apply_lora, as ComfyUI and Forge do), the touched weights kept to be put back
+        exactly."""
         self.unload()
-        if _is_lycoris(path):
+        if _is_lycoris(path) or not self.family.diffusers_reads_lora:
             self.applied = AppliedLora(self.pipeline, path, field)
             self.applied.set_scale(1.0)
             self.loaded = path
@@ -124,12 +126,10 @@ class AppliedLora:
 
         self.pipeline, self.path, self.field = pipeline, path, field
         try:
-            layers = lorafile.read(path).layers
-        except UserError as error:
+            changes = lorafile.weight_changes(pipeline, lorafile.read(path))
+        except UserError as error:  # e.g. layers this model does not have: a file for another base model
             raise UserError(str(error), field=field) from None
-        table = lorafile.module_table(pipeline)
-        self.kept = {id(table[name]): (table[name].weight, table[name].weight.detach().clone())
-                     for name in layers if name in table}
+        self.kept = {id(weight): (weight, weight.detach().clone()) for weight, _ in changes}
 
     @torch.no_grad()
     def set_scale(self, scale: float) -> None:

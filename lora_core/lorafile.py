@@ -18,6 +18,7 @@ import torch
 
 from lora_core import lycoris
 from lora_core.errors import UserError
+from lora_core.families.base import text_encoders
 from lora_core.ldm_names import ldm_module_names
 from lora_core.lora import text_encoder_namer, text_encoder_prefixes
 
@@ -150,20 +151,21 @@ def weight_deltas(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def module_table(pipeline) -> dict[str, torch.nn.Module]:
-    """Every name a file may give each adaptable layer of `pipeline`: the UNet's in diffusers' and in the original
-    layout's names (older SDXL files used the first), the text encoders' under `lora_te*_`."""
+    """Every name a file may give each adaptable layer of `pipeline`: a UNet's in diffusers' and in the original
+    layout's names (older SDXL files used the first), the text encoders' under `lora_te*_`. (A transformer's
+    names are the original layout's, fused: `weight_changes` reads those through flow_names.)"""
     table: dict[str, torch.nn.Module] = {}
-    unet = pipeline.unet
+    unet = getattr(pipeline, "unet", None)
     try:
-        original = ldm_module_names(unet.config)
+        original = ldm_module_names(unet.config) if unet is not None else {}
     except ValueError:
         original = {}
-    for name, module in unet.named_modules():
+    for name, module in unet.named_modules() if unet is not None else ():
         if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
             table["lora_unet_" + name.replace(".", "_")] = module
             if name in original:
                 table["lora_unet_" + original[name].replace(".", "_")] = module
-    encoders = [e for e in (getattr(pipeline, "text_encoder", None), getattr(pipeline, "text_encoder_2", None)) if e]
+    encoders = text_encoders(pipeline)
     for encoder, prefix in zip(encoders, text_encoder_prefixes("sd1", len(encoders)), strict=True):
         name_of = text_encoder_namer(prefix)
         for name, module in encoder.named_modules():
@@ -172,22 +174,44 @@ def module_table(pipeline) -> dict[str, torch.nn.Module]:
     return table
 
 
+def weight_changes(pipeline, lora: LoraFile) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(weight, its change at strength 1) for every layer of `lora` in `pipeline`. A layer that names no module of
+    this pipeline is an error (a file for another base model), never silently dropped."""
+    layers = dict(lora.layers)
+    changes = []
+    transformer = getattr(pipeline, "transformer", None)
+    if transformer is not None:  # a flow-matching transformer: the original layout's fused names
+        from lora_core import flow_names
+
+        tensors = {f"{name}.{param}": tensor for name, layer in layers.items() if name.startswith("lora_unet_")
+                   for param, tensor in layer.tensors.items()}
+        try:
+            deltas = flow_names.import_original(tensors, transformer)
+        except flow_names.FlowNameError as error:
+            raise LoraFileError(f"{lora.path}: {error}") from None
+        changes += [(transformer.get_submodule(flow_names._weight_path(transformer, part)).weight, delta)
+                    for part, delta in deltas.items()]
+        layers = {name: layer for name, layer in layers.items() if not name.startswith("lora_unet_")}
+    table = module_table(pipeline)
+    missing = [name for name in layers if name not in table]
+    if missing:
+        raise LoraFileError(f"{lora.path}: {len(missing)} of its {len(lora.layers)} layers name no layer of this "
+                            f"model (e.g. {missing[0]}); is it for another base model?")
+    for name, layer in layers.items():
+        weight = table[name].weight
+        changes.append((weight, layer_delta(layer, weight.shape, weight.detach() if layer.kind == "dora" else None)))
+    return changes
+
+
 @torch.no_grad()
 def apply_lora(pipeline, path: str | Path, scale: float = 1.0) -> int:
     """Add each layer's weight change, times `scale`, to `pipeline`'s weights in place; return the layer count.
 
-    Any file this trainer writes: LoRA, LoHa, LoKr or DoRA, SDXL keys in either naming. A layer that names no
-    module of this pipeline is an error (a file for another base model), never silently dropped. Applying the
-    same file at -scale takes it off again (within float rounding)."""
+    Any file this trainer writes: LoRA, LoHa, LoKr or DoRA, SDXL keys in either naming, FLUX / SD 3 in the
+    original layout's fused names. A layer that names no module of this pipeline is an error (a file for another
+    base model), never silently dropped. Applying the same file at -scale takes it off again (within float
+    rounding)."""
     lora = read(path)
-    table = module_table(pipeline)
-    missing = [name for name in lora.layers if name not in table]
-    if missing:
-        raise LoraFileError(f"{lora.path}: {len(missing)} of its {len(lora.layers)} layers name no layer of this "
-                            f"model (e.g. {missing[0]}); is it for another base model?")
-    for name, layer in lora.layers.items():
-        weight = table[name].weight
-        base = weight.detach() if layer.kind == "dora" else None
-        delta = layer_delta(layer, weight.shape, base)
+    for weight, delta in weight_changes(pipeline, lora):
         weight.add_(delta.to(weight.dtype), alpha=scale)
     return len(lora.layers)

@@ -142,7 +142,7 @@ def _read_json(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
 def inspect(source: ModelSource) -> ModelInfo:
     """Read the family from the model's own configs (or weights, for a single file)."""
     if source.kind == "builtin" and source.location in builtin.BUILTINS:
-        return builtin.model_info(source.location)
+        return _builtin_info(builtin.BUILTINS[source.location])
     if source.kind == "single_file":
         return _inspect_single_file(Path(source.location))
     folder = Path(source.location)
@@ -163,6 +163,14 @@ def inspect(source: ModelSource) -> ModelInfo:
                          "config (fields missing); download the model again") from None
     return ModelInfo(family.name, prediction, 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1), multiple,
                      family.variant(denoiser))
+
+
+def _builtin_info(spec) -> ModelInfo:
+    """A built-in's ModelInfo, as `inspect` reads it from a folder's configs."""
+    if isinstance(spec, builtin.FlowSpec):
+        return ModelInfo(spec.family, "flow", spec.vae_scale_factor, spec.latent_patch,
+                         families.get(spec.family).variant(spec.transformer))
+    return ModelInfo(spec.family, "epsilon", 2 ** (len(spec.vae_channels) - 1), 2 ** (len(spec.unet_channels) - 1))
 
 
 def unsupported_folder(folder: Path, index: dict, denoiser: dict) -> str:

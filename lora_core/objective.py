@@ -118,7 +118,7 @@ def shifted(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
 
 class FlowObjective(Objective):
     """Rectified flow (see the module's docstring). `grid` is the scheduler's sigmas for the 1000 training
-    timesteps, highest first (FlowMatchEulerDiscreteScheduler's `sigmas[:-1]`)."""
+    timesteps, highest first (a fresh FlowMatchEulerDiscreteScheduler's `sigmas`, one per training timestep)."""
 
     def __init__(self, config: TrainConfig, grid: torch.Tensor, precondition: bool, tokens_per_latent_pixel: float):
         self.config, self.grid, self.precondition = config, grid.float(), precondition

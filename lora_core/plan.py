@@ -266,7 +266,7 @@ def plan_report(config: TrainConfig, num_processes: int | None = None) -> dict[s
                              "num_validation_images": len(held_out.images) if held_out else 0}
         per_epoch = unbucketed_batches_per_epoch(config, len(scanned.images), processes)
         report["total_steps"] = run_length(config, per_epoch).steps
-    with _Check(report, "base_model"):
+    with _Check(report, "base_model") as model_check:
         source, info = base_model(config, configs_only=True)
         report["model"] = {"source": source.kind, "family": info.description,
                            "prediction_type": info.prediction_type}
@@ -286,7 +286,7 @@ def plan_report(config: TrainConfig, num_processes: int | None = None) -> dict[s
     if device_check.failed:
         return report
     _device_report(report, config, device, precision, processes)
-    if info is not None and source is not None:
+    if info is not None and source is not None and not model_check.failed:
         _memory_report(report, config, source, info, device, precision)
     return report
 

@@ -18,6 +18,10 @@ HUB_MODELS = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "SD 1.5",
     "stabilityai/stable-diffusion-2-1": "SD 2.1 (768 px, v-prediction)",
     "stabilityai/stable-diffusion-xl-base-1.0": "SDXL 1.0 base",
+    "stabilityai/stable-diffusion-3.5-medium": "SD 3.5 Medium (gated: accept its licence on the hub)",
+    "stabilityai/stable-diffusion-3.5-large": "SD 3.5 Large (gated)",
+    "black-forest-labs/FLUX.1-dev": "FLUX.1-dev (gated; non-commercial licence)",
+    "black-forest-labs/FLUX.1-schnell": "FLUX.1-schnell (Apache 2.0)",
 }
 
 

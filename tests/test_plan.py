@@ -73,11 +73,19 @@ def test_the_run_length_says_what_decided_it():
 
 
 def test_families_are_detected_most_specific_first():
-    assert families.detect_folder({"_class_name": "StableDiffusionXLPipeline"}, {}).name == "sdxl"
-    assert families.detect_folder({}, {"addition_embed_type": "text_time", "cross_attention_dim": 1024}).name == "sdxl"
-    assert families.detect_folder({}, {"cross_attention_dim": 1024}).name == "sd2"
-    assert families.detect_folder({}, {"cross_attention_dim": 768}).name == "sd1"  # the fallback
+    unet = {"unet": ["diffusers", "UNet2DConditionModel"]}
+    assert families.detect_folder({**unet, "_class_name": "StableDiffusionXLPipeline"}, {}).name == "sdxl"
+    assert families.detect_folder(unet, {"addition_embed_type": "text_time", "cross_attention_dim": 1024}
+                                  ).name == "sdxl"
+    assert families.detect_folder(unet, {"cross_attention_dim": 1024}).name == "sd2"
+    assert families.detect_folder(unet, {"cross_attention_dim": 768}).name == "sd1"  # the UNet fallback
+    assert families.detect_folder({"_class_name": "FluxPipeline"}, {}).name == "flux"
+    assert families.detect_folder({"_class_name": "StableDiffusion3Pipeline"}, {}).name == "sd3"
+    assert families.detect_folder({"_class_name": "QwenImagePipeline", "transformer": []}, {}) is None
     assert families.detect_single_file(["cond_stage_model.model.x", "model.diffusion_model.y"]).name == "sd2"
+    assert families.detect_single_file(["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"]).name == "flux"
+    assert families.detect_single_file(["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"]
+                                       ).name == "sd3"
     assert families.detect_single_file(["lora_unet_x.lora_down.weight"]) is None
-    with pytest.raises(KeyError, match="registered: sdxl, sd2, sd1"):
-        families.get("flux")
+    with pytest.raises(KeyError, match="registered: flux, sd3, sdxl, sd2, sd1"):
+        families.get("qwen-image")

@@ -114,11 +114,10 @@ def test_resume_with_a_trained_text_encoder_is_bit_identical(dataset_dir, tmp_pa
 def test_per_step_encoding_equals_the_pipelines_encode_prompt(family):
     from lora_core import families
     from lora_core.conditioning import frozen_encoder, trained_encoder
-    from lora_core.families.base import tokenizers
     from lora_core.models import text_encoders
 
     pipeline, cpu, texts, model = load(family), torch.device("cpu"), [PROMPT, ""], families.get(family)
-    ours = trained_encoder(model, tokenizers(pipeline), text_encoders(pipeline), cpu, torch.float32)(texts)
+    ours = trained_encoder(model, pipeline, text_encoders(pipeline), cpu, torch.float32)(texts)
     theirs = frozen_encoder(model, pipeline, cpu, torch.float32)(texts)
     assert ours.keys() == theirs.keys()
     for name in ours:

@@ -29,6 +29,7 @@ class Family:
     vae_fp16_overflows: bool = False  # its VAE must run in fp32 where the rest runs in fp16
     flow_matching: bool = False  # trained with FlowObjective (the config's flow-matching options apply)
     sampler_label: str = "DPM-Solver"  # how samples are drawn, for people (a grid's title)
+    diffusers_reads_lora: bool = True  # grids load its LoRA files with diffusers' load_lora_weights
 
     # --- recognising and loading ---
     def matches_folder(self, index: dict, denoiser_config: dict) -> bool:

@@ -44,6 +44,7 @@ class Flux(Family):
     denoiser = "transformer"
     flow_matching = True
     sampler_label = "flow-matching Euler"
+    diffusers_reads_lora = False  # its file's original-layout names (diffusers: FLUX.1's own sizes only)
 
     def matches_folder(self, index: dict, denoiser_config: dict) -> bool:
         return index.get("_class_name") == "FluxPipeline" or (
@@ -88,7 +89,8 @@ class Flux(Family):
 
         from lora_core.objective import FlowObjective
 
-        grid = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config).sigmas[:-1]  # the training grid
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        grid = scheduler.sigmas[:len(scheduler.timesteps)]  # the training grid: sigma of each training timestep
         return FlowObjective(config, grid, precondition=config.precondition_outputs == "on",
                              tokens_per_latent_pixel=0.25)
 

@@ -39,6 +39,7 @@ class SD3(Family):
     denoiser = "transformer"
     flow_matching = True
     sampler_label = "flow-matching Euler"
+    diffusers_reads_lora = False  # its file's original-layout names (diffusers: FLUX.1's own sizes only)
 
     def matches_folder(self, index: dict, denoiser_config: dict) -> bool:
         return index.get("_class_name") == "StableDiffusion3Pipeline" or (
@@ -100,7 +101,8 @@ class SD3(Family):
 
         from lora_core.objective import FlowObjective
 
-        grid = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config).sigmas[:-1]  # shifted by 3
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        grid = scheduler.sigmas[:len(scheduler.timesteps)]  # shifted by 3: sigma of each training timestep
         return FlowObjective(config, grid, precondition=config.precondition_outputs != "off",
                              tokens_per_latent_pixel=0.25)
 
