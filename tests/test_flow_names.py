@@ -163,8 +163,8 @@ def test_a_module_without_an_original_name_is_refused():
 
 # ----------------------------------------------------------------------------------------------- arithmetic
 
-@pytest.mark.parametrize("cls", [FluxTransformer2DModel, SD3Transformer2DModel])
-def test_comfyui_applies_exactly_the_trained_change(cls):
+@pytest.mark.parametrize("cls", [FluxTransformer2DModel, pytest.param(SD3Transformer2DModel, marks=pytest.mark.e2e)])
+def test_comfyui_applies_exactly_the_trained_change(cls):  # SD3's: 3-6 s on a shared two-core machine
     """peft LoRA (alpha != rank, mixed ranks) on the small model, with holes in fused modules (add_k_proj and
     FLUX's proj_mlp untrained): ComfyUI's arithmetic on the exported file, read back per diffusers module by its
     own table, is each trained module's B @ A * alpha / r, and zero for the untrained parts."""
