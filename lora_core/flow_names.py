@@ -16,9 +16,11 @@ folded too). diffusers' AdaLayerNormContinuous (`norm_out`, SD3's last `norm1_co
     metadata = flow_metadata(flow_variant(transformer))  # modelspec / ss_ rows as sd-scripts writes them
 
 Loaders (checked in tests/test_flow_names.py): ComfyUI and Forge read these names for both families. diffusers'
-FLUX loader reads them too (its converter hard-codes FLUX.1's 19/38 blocks and 3072 width), but diffusers' SD3
-loader reads no kohya names at all, and Forge reads no diffusers names for SD3: no one SD3 file serves all
-three. `diffusers_layout` gives the file diffusers (and ComfyUI) read for SD3, for a second file if wanted;
+FLUX loader reads the blocks' modules (its converter hard-codes FLUX.1's 19/38 blocks and 3072 width) but drops
+those outside the blocks (img_in, txt_in, time/vector/guidance_in, final_layer) without a word, and sd-scripts
+builds only block modules when it reads a file: a FLUX LoRA every loader reads whole adapts the blocks only.
+diffusers' SD3 loader reads no kohya names at all, and Forge reads no diffusers names for SD3: no one SD3 file
+serves all three. `diffusers_layout` gives the file diffusers (and ComfyUI) read for SD3, for a second file if wanted;
 never put both layouts in one file (a loader reading both would apply the LoRA twice).
 """
 
