@@ -44,6 +44,12 @@ class BuiltinSpec:
     cacheable: bool = True  # saved to the cache folder; the full-size ones are rebuilt in memory
     trained: bool = False  # shipped weights (lora_core/toy/weights) rather than seeded random ones
 
+    @property
+    def xl(self) -> bool:
+        """SDXL's layout: two text encoders, the second's pooled output and the size/crop ids as added
+        conditioning."""
+        return len(self.text_hidden) == 2
+
 
 # a FlowSpec has `family`, `cacheable` and `trained` too, but no UNet: code that reads a spec's UNet or VAE
 # channels must check `isinstance(spec, BuiltinSpec)` first
@@ -109,13 +115,13 @@ def _text_config(spec: BuiltinSpec, hidden: int, vocab_size: int, projection: in
         hidden_size=hidden, intermediate_size=hidden * 4, num_attention_heads=heads,
         num_hidden_layers=spec.text_layers, vocab_size=vocab_size, max_position_embeddings=77,
         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-        projection_dim=projection, hidden_act="quick_gelu" if spec.family == "sd1" else "gelu",
+        projection_dim=projection, hidden_act="gelu" if spec.xl else "quick_gelu",
     )
 
 
 def _unet(spec: BuiltinSpec, pooled_dim: int) -> UNet2DConditionModel:
     levels = len(spec.unet_channels)
-    if spec.family == "sdxl":
+    if spec.xl:
         down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1)
         extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8 if spec.cacheable else 256,
                      projection_class_embeddings_input_dim=(8 if spec.cacheable else 256) * 6 + pooled_dim,
@@ -126,7 +132,7 @@ def _unet(spec: BuiltinSpec, pooled_dim: int) -> UNet2DConditionModel:
         extra = {}
     up = tuple("CrossAttnUpBlock2D" if name.startswith("CrossAttn") else "UpBlock2D" for name in reversed(down))
     heads = spec.head_dim
-    if spec.family == "sdxl" and isinstance(heads, int):
+    if spec.xl and isinstance(heads, int):
         heads = tuple(max(1, channels // 64) if channels >= 64 else 2 for channels in spec.unet_channels)
     groups = 32 if min(spec.unet_channels) % 32 == 0 else 8
     return UNet2DConditionModel(
@@ -142,7 +148,7 @@ def _vae(spec: BuiltinSpec) -> AutoencoderKL:
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=spec.vae_channels,
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
         layers_per_block=1 if spec.cacheable else 2, norm_num_groups=min(32, spec.vae_channels[0]),
-        scaling_factor=0.13025 if spec.family == "sdxl" else 0.18215, sample_size=512,
+        scaling_factor=0.13025 if spec.xl else 0.18215, sample_size=512,
     )
 
 
@@ -164,7 +170,7 @@ def build_pipeline(name: str, tokenizer_folder: Path):
         return builtin_flow.build_pipeline(spec, tokenizer, SEED)
     vocab_size = len(tokenizer)
     torch.manual_seed(SEED)
-    if spec.family == "sdxl":
+    if spec.xl:
         text_encoder = CLIPTextModel(_text_config(spec, spec.text_hidden[0], vocab_size, spec.text_hidden[0]))
         text_encoder_2 = CLIPTextModelWithProjection(
             _text_config(spec, spec.text_hidden[1], vocab_size, spec.text_hidden[1]))

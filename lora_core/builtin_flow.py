@@ -50,6 +50,23 @@ T5_MAX_LENGTH = 512  # the longest prompt FluxPipeline and StableDiffusion3Pipel
 
 
 @dataclass(frozen=True)
+class Architecture:
+    """How a family's built-in is put together: its pipeline, transformer and CLIP classes, and the latent
+    pixels per token side the pipeline packs (FLUX 2x2; 0: the transformer's own patch_size, SD3's)."""
+
+    pipeline: type
+    transformer: type
+    clip: type
+    packing: int
+
+
+ARCHITECTURES = {
+    "flux": Architecture(FluxPipeline, FluxTransformer2DModel, CLIPTextModel, packing=2),
+    "sd3": Architecture(StableDiffusion3Pipeline, SD3Transformer2DModel, CLIPTextModelWithProjection, packing=0),
+}
+
+
+@dataclass(frozen=True)
 class FlowSpec:
     """A flow-matching transformer built-in: the constructor arguments of each part.
 
@@ -76,7 +93,7 @@ class FlowSpec:
     def latent_patch(self) -> int:
         """Latent pixels per side of one transformer token: FluxPipeline packs 2x2 (its transformer's own
         patch_size is 1); SD3 patchifies by its patch_size."""
-        return 2 if self.family == "flux" else self.transformer["patch_size"]
+        return ARCHITECTURES[self.family].packing or self.transformer["patch_size"]
 
     @property
     def pixel_multiple(self) -> int:
@@ -175,7 +192,7 @@ def _vae(spec: FlowSpec) -> AutoencoderKL:
 
 def _text_encoders(spec: FlowSpec, clip_vocab: int, t5_vocab: int) -> tuple[list[torch.nn.Module], T5EncoderModel]:
     # FLUX takes CLIP-L's pooled output (CLIPTextModel); SD3 both CLIPs' projections (WithProjection)
-    model = CLIPTextModel if spec.family == "flux" else CLIPTextModelWithProjection
+    model = ARCHITECTURES[spec.family].clip
     clips = [model(CLIPTextConfig(**{"vocab_size": clip_vocab, **config})) for config in spec.clips]
     t5 = T5EncoderModel(T5Config(**{"vocab_size": t5_vocab, **spec.t5}))
     return clips, t5
@@ -190,13 +207,13 @@ def build_pipeline(spec: FlowSpec, clip_tokenizer: CLIPTokenizer,
     clips, t5 = _text_encoders(spec, len(clip_tokenizer), len(tokenizer_3))
     vae = _vae(spec)
     scheduler = FlowMatchEulerDiscreteScheduler(**spec.scheduler)
-    if spec.family == "flux":
+    if ARCHITECTURES[spec.family].pipeline is FluxPipeline:
         pipeline = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clips[0], tokenizer=clip_tokenizer,
                                 text_encoder_2=t5, tokenizer_2=tokenizer_3,
-                                transformer=FluxTransformer2DModel(**spec.transformer))
+                                transformer=ARCHITECTURES[spec.family].transformer(**spec.transformer))
     else:
         pipeline = StableDiffusion3Pipeline(
-            transformer=SD3Transformer2DModel(**spec.transformer), scheduler=scheduler, vae=vae,
+            transformer=ARCHITECTURES[spec.family].transformer(**spec.transformer), scheduler=scheduler, vae=vae,
             text_encoder=clips[0], tokenizer=clip_tokenizer, text_encoder_2=clips[1], tokenizer_2=clip_tokenizer,
             text_encoder_3=t5, tokenizer_3=tokenizer_3)
     for component in pipeline.components.values():

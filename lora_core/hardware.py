@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lora_core.config import TrainConfig
+from lora_core.families.base import ACTIVATION_BYTES_PER_UNIT
 from lora_core.models import ModelSizes
 
 GIB = 1024**3
@@ -79,11 +80,6 @@ class MemoryEstimate:
         return asdict(self)
 
 
-# Activation bytes per latent pixel per activation unit (models.activation_units), for one image at 2-byte
-# precision: 37 from the tensors autograd saves in a bf16 LoRA step with flash attention (0.87 GiB for SD 1.5 at
-# 512 px, 6.45 GiB for SDXL at 1024 px, counted on the CPU), x1.15 for the backward's transient buffers. To be
-# confirmed against torch.cuda.max_memory_allocated by bench/gpu_check.sh (see bench/RESULTS.md).
-ACTIVATION_BYTES_PER_UNIT = 42.0
 CHECKPOINTING_FACTOR = 0.35
 FIT_MARGIN = 1.1  # the estimate came out 1.5-8 % under the measured peaks on an H200 (bench/RESULTS.md)
 

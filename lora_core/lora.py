@@ -21,15 +21,19 @@ import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save, save_file
 
-from lora_core import families, lycoris
+from lora_core import lycoris
 from lora_core.config import TrainConfig
 from lora_core.files import atomic_write
+
+if TYPE_CHECKING:
+    from lora_core.families import Family
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP's self-attention, as diffusers' scripts
@@ -83,14 +87,19 @@ def _trainable_in_fp32(model) -> list[torch.nn.Parameter]:
     return params
 
 
-def text_encoder_prefixes(family: str, count: int) -> list[str]:
-    """kohya's key prefix for each of `count` trained text encoders, as the family names them (`lora_te_` for
-    SD 1.x's one, `lora_te1_` / `lora_te2_` for SDXL's two)."""
-    return families.get(family).text_encoder_prefixes(count)
+def text_encoder_prefixes(count: int) -> list[str]:
+    """kohya's key prefix for each of `count` trained text encoders: `lora_te_` for one, `lora_te1_`,
+    `lora_te2_`, ... for several (a family may name its own: Family.text_encoder_prefixes)."""
+    return ["lora_te_"] * count if count == 1 else [f"lora_te{index + 1}_" for index in range(count)]
+
+
+def diffusers_namer(unet_config=None) -> Callable[[str], str]:
+    """A UNet module path -> `lora_unet_` and diffusers' module path with `_` (sd-scripts' SD 1.x/2.x names)."""
+    return lambda module: "lora_unet_" + module.replace(".", "_")
 
 
 def lora_file_contents(unet, config: TrainConfig, text_encoders: list | None = None,
-                       family: str = "sd1") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+                       family: Family | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """What the LoRA file holds: its tensors, and the header entries the format itself needs (the training
     metadata comes on top): kohya names for a LoRA, diffusers' PEFT format for a DoRA."""
     if config.use_dora:
@@ -99,12 +108,15 @@ def lora_file_contents(unet, config: TrainConfig, text_encoders: list | None = N
 
 
 def kohya_state_dict(unet, config: TrainConfig, text_encoders: list | None = None,
-                     family: str = "sd1") -> dict[str, torch.Tensor]:
+                     family: Family | None = None) -> dict[str, torch.Tensor]:
     """The adapters' weights under kohya names, fp32 on the CPU, contiguous: the UNet's, then each trained
-    text encoder's (`text_encoders`, in the pipeline's order, with `family` choosing their prefixes)."""
-    state = _file_tensors(unet, config, unet_namer(unet.config, family))
+    text encoder's (`text_encoders`, in the pipeline's order). `family` names the modules (SDXL: the original
+    layout's); without one, SD 1.x's names (diffusers' module paths)."""
+    namer = family.unet_namer(unet.config) if family else diffusers_namer()
+    state = _file_tensors(unet, config, namer)
     encoders = text_encoders or []
-    for encoder, prefix in zip(encoders, text_encoder_prefixes(family, len(encoders)), strict=True):
+    prefixes = family.text_encoder_prefixes(len(encoders)) if family else text_encoder_prefixes(len(encoders))
+    for encoder, prefix in zip(encoders, prefixes, strict=True):
         state.update(_file_tensors(encoder, config, text_encoder_namer(prefix)))
     return state
 
@@ -112,11 +124,6 @@ def kohya_state_dict(unet, config: TrainConfig, text_encoders: list | None = Non
 def text_encoder_tensors(encoder, config: TrainConfig, prefix: str) -> dict[str, torch.Tensor]:
     """One trained text encoder's LoRA under kohya's names with `prefix` (`lora_te_`, `lora_te1_`, ...)."""
     return _file_tensors(encoder, config, text_encoder_namer(prefix))
-
-
-def unet_namer(unet_config, family: str) -> Callable[[str], str]:
-    """A denoiser module path -> its name in the file, as the family names it (SDXL: the original layout's)."""
-    return families.get(family).unet_namer(unet_config)
 
 
 def text_encoder_namer(prefix: str) -> Callable[[str], str]:
@@ -181,7 +188,7 @@ def diffusers_state_dict(unet, config: TrainConfig,
     return state, {"format": "pt", "lora_adapter_metadata": json.dumps(adapter_configs, sort_keys=True)}
 
 
-def training_metadata(config: TrainConfig, family: str, prediction_type: str, *, steps: int, epochs: int,
+def training_metadata(config: TrainConfig, family: Family, prediction_type: str, *, steps: int, epochs: int,
                       num_images: int, precision: str, started_at: datetime,
                       tag_frequency: dict[str, int], base_sha256: str | None = None, variant: str = ""
                       ) -> dict[str, str]:
@@ -189,7 +196,7 @@ def training_metadata(config: TrainConfig, family: str, prediction_type: str, *,
     README lists each field. `base_sha256`: of the base model's single file, or of a folder's UNet weights."""
     now = datetime.now(UTC)
     v_pred = prediction_type == "v_prediction"
-    kind = families.get(family).metadata(prediction_type, variant)  # architecture, implementation, version
+    kind = family.metadata(prediction_type, variant)  # architecture, implementation, base model version
     output_name = Path(config.output_path).name or "lora"
     return {
         "ss_network_module": "peft.dora" if config.use_dora else NETWORK_MODULES[config.network_type],

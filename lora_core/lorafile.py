@@ -166,7 +166,7 @@ def module_table(pipeline) -> dict[str, torch.nn.Module]:
             if name in original:
                 table["lora_unet_" + original[name].replace(".", "_")] = module
     encoders = text_encoders(pipeline)
-    for encoder, prefix in zip(encoders, text_encoder_prefixes("sd1", len(encoders)), strict=True):
+    for encoder, prefix in zip(encoders, text_encoder_prefixes(len(encoders)), strict=True):
         name_of = text_encoder_namer(prefix)
         for name, module in encoder.named_modules():
             if isinstance(module, torch.nn.Linear):
@@ -181,7 +181,7 @@ def weight_changes(pipeline, lora: LoraFile) -> list[tuple[torch.nn.Parameter, t
     changes = []
     transformer = getattr(pipeline, "transformer", None)
     if transformer is not None:  # a flow-matching transformer: the original layout's fused names
-        from lora_core import flow_names
+        from lora_core.families import flow_names
 
         tensors = {f"{name}.{param}": tensor for name, layer in layers.items() if name.startswith("lora_unet_")
                    for param, tensor in layer.tensors.items()}

@@ -266,7 +266,7 @@ def make_noise(config: TrainConfig, accelerator: Accelerator, run_objective: obj
 
 def lora_metadata(plan: RunPlan, info: models.ModelInfo, main: bool) -> dict[str, Any]:
     captions = [record.caption for record in plan.dataset.images]
-    return dict(family=info.family, prediction_type=info.prediction_type,
+    return dict(family=plan.family, prediction_type=info.prediction_type,
                 num_images=len(captions) * plan.config.repeats,  # as sd-scripts counts them
                 precision=plan.precision, started_at=plan.started_at, tag_frequency=tag_frequency(captions),
                 base_sha256=models.weights_sha256(plan.source) if main else None, variant=info.variant)

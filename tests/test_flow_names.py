@@ -1,4 +1,4 @@
-"""The FLUX.1 / SD3 export layout (lora_core/flow_names.py): every key it writes is read by ComfyUI and Forge (their
+"""The FLUX.1 / SD3 export layout (families/flow_names.py): every key it writes is read by ComfyUI and Forge (their
 key mapping replayed in flow_loaders.py on the real architectures, built on the meta device), a loader's
 arithmetic gives exactly the peft-trained change of every module, diffusers' loaders read what they can of it
 to the same output, and the header rows are sd-scripts'."""
@@ -29,7 +29,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
-from lora_core.flow_names import (
+from lora_core.families.flow_names import (
     FlowNameError,
     diffusers_layout,
     export_original,

@@ -26,11 +26,23 @@ def own_modules() -> dict[str, Path]:
     return modules
 
 
+def type_only(tree: ast.AST) -> set[ast.AST]:
+    """The nodes under `if TYPE_CHECKING:`: imports for annotations, which never run, so they make no cycle."""
+    guarded = [node for node in ast.walk(tree) if isinstance(node, ast.If) and isinstance(node.test, ast.Name)
+               and node.test.id == "TYPE_CHECKING"]
+    return {inner for node in guarded for statement in node.body for inner in ast.walk(statement)}
+
+
 def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
-    """The project's modules `path` imports anywhere in it (function-level imports included)."""
+    """The project's modules `path` imports anywhere in it (function-level imports included; those under
+    `if TYPE_CHECKING:` only where annotations need them, so not)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skipped = type_only(tree)
+    for node in ast.walk(tree):
+        if node in skipped:
+            continue
         targets = []
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
@@ -79,6 +91,13 @@ def test_the_import_graph_of_the_projects_modules_has_no_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def test_an_import_for_annotations_only_is_no_edge(tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import lora_core.models\n"
+                    "import lora_core.config\n", encoding="utf-8")
+    assert imports_of(path, "probe", {"lora_core.models", "lora_core.config"}) == {"lora_core.config"}
+
+
 def test_a_cycle_is_found():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
@@ -98,3 +117,38 @@ def test_engine_modules_and_functions_stay_small():
                     too_long.append(f"{name}:{node.lineno} {node.name}: {length} lines (at most "
                                     f"{MAX_FUNCTION_LINES})")
     assert not too_long, "split these:\n" + "\n".join(too_long)
+
+
+def family_name_tests(tree: ast.AST, names: set[str]) -> list[int]:
+    """Lines comparing something with a family's name (`family == "sdxl"`, `name in ("sd1", "sd2")`)."""
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        constants = [c for operand in operands for c in ast.walk(operand) if isinstance(c, ast.Constant)]
+        if any(isinstance(c.value, str) and c.value in names for c in constants):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_no_module_outside_the_families_tests_a_familys_name():
+    """What differs between families is asked of the family (docs/families.md): a module that tests a family's
+    name instead is one a new family would have to touch."""
+    from lora_core import families
+
+    names = set(families.names())
+    found = []
+    for name, path in own_modules().items():
+        if name.startswith("lora_core.families"):
+            continue
+        lines = family_name_tests(ast.parse(path.read_text(encoding="utf-8")), names)
+        found += [f"{path.relative_to(ROOT)}:{line}" for line in lines]
+    assert not found, f"family names tested outside lora_core/families/: {found}"
+
+
+def test_a_family_name_test_is_found():
+    names = {"sdxl", "flux"}
+    assert family_name_tests(ast.parse('if spec.family == "sdxl": pass'), names) == [1]
+    assert family_name_tests(ast.parse('x = kind in ("sd1", "flux")'), names) == [1]
+    assert family_name_tests(ast.parse('families.get("sdxl")\nif a == "sd2": pass'), names) == []

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 from test_text_encoder_lora import encode, load, unet_inputs
 
-from lora_core import builtin
+from lora_core import builtin, families
 from lora_core.configfile import parse_config
 from lora_core.ldm_names import ldm_module_names
 from lora_core.lora import (
@@ -27,7 +27,6 @@ from lora_core.lora import (
     save_lora,
     text_encoder_namer,
     training_metadata,
-    unet_namer,
 )
 from lora_core.lorafile import LoraFileError, apply_lora
 
@@ -77,9 +76,9 @@ def sdxl_locon(tmp_path_factory):
                            "lora_target": "locon"})
     pipeline, encoders = with_adapters("sdxl", config)
     folder = tmp_path_factory.mktemp("sdxl")
-    state, header = lora_file_contents(pipeline.unet, config, encoders, "sdxl")
+    state, header = lora_file_contents(pipeline.unet, config, encoders, families.get("sdxl"))
     new = save_lora(folder / "new.safetensors", state, header)
-    old = save_lora(folder / "old.safetensors", kohya_state_dict(pipeline.unet, config, encoders, family="sd1"), {})
+    old = save_lora(folder / "old.safetensors", kohya_state_dict(pipeline.unet, config, encoders), {})
     return new, old, outputs(pipeline, "sdxl"), outputs(load("sdxl"), "sdxl")
 
 
@@ -126,7 +125,7 @@ def test_apply_lora_reads_dora_files(tmp_path, family):
     config = parse_config({**BASE, "base_model": "builtin:tiny-sd", "lora_rank": 4, "lora_alpha": 6,
                            "lora_target": "locon", "use_dora": True})
     trained, encoders = with_adapters(family, config)
-    state, header = lora_file_contents(trained.unet, config, encoders, family)
+    state, header = lora_file_contents(trained.unet, config, encoders, families.get(family))
     path = save_lora(tmp_path / "dora.safetensors", state, header)
     pipeline = load(family)
     apply_lora(pipeline, path, 1.0)
@@ -173,7 +172,7 @@ def test_every_exported_key_names_a_module_of_the_original_layout(name, tmp_path
             unet = builtin._unet(spec, pooled_dim=spec.text_hidden[-1])
             add_lora(unet, config)
         modules = {n for n, m in unet.named_modules() if hasattr(m, "lora_A") and m.lora_A}
-        name_of = unet_namer(unet.config, family)
+        name_of = families.get(family).unet_namer(unet.config)
         for module in modules:
             key = name_of(module).removeprefix("lora_unet_")
             if family == "sdxl":  # written in the original layout's names
@@ -208,7 +207,8 @@ def metadata_for(tmp_path: Path, family: str = "sd1", prediction: str = "epsilon
                  **options) -> dict[str, str]:
     config = parse_config({**BASE, "base_model": options.pop("base_model", "builtin:tiny-sd"),
                            "output_path": str(tmp_path / "my_style"), **options})
-    return training_metadata(config, family, prediction, steps=10, epochs=1, num_images=6, precision="no",
+    return training_metadata(config, families.get(family), prediction, steps=10, epochs=1, num_images=6,
+                             precision="no",
                              started_at=datetime.now(UTC), tag_frequency={"t": 6},
                              base_sha256=sha)
 

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from test_lora_files import BASE, perturb
 from test_text_encoder_lora import load, unet_inputs
 
+from lora_core import families
 from lora_core.configfile import parse_config
 from lora_core.lora import add_lora, add_text_encoder_lora, lora_file_contents, save_lora, training_metadata
 from lora_core.lorafile import apply_lora, read, weight_deltas
@@ -24,10 +25,10 @@ def write_lora(path, seed: int, rank: int = 4, alpha: float = 6, target: str = "
     add_lora(pipeline.unet, config)
     add_text_encoder_lora(pipeline.text_encoder, config)
     perturb([pipeline.unet, pipeline.text_encoder], seed)
-    state, header = lora_file_contents(pipeline.unet, config, [pipeline.text_encoder], "sd1")
+    state, header = lora_file_contents(pipeline.unet, config, [pipeline.text_encoder])
     from datetime import UTC, datetime
 
-    header |= training_metadata(config, "sd1", "epsilon", steps=5, epochs=1, num_images=6, precision="no",
+    header |= training_metadata(config, families.get("sd1"), "epsilon", steps=5, epochs=1, num_images=6, precision="no",
                                 started_at=datetime.now(UTC), tag_frequency={"t": 1})
     return save_lora(path, state, header)
 

@@ -51,7 +51,8 @@ def trained_deltas(models: list, names: list) -> dict[str, tuple[torch.Tensor, t
 @pytest.mark.parametrize(("network", "family"), [("loha", "sd1"), ("lokr", "sd1"), ("lokr", "sdxl")])
 def test_lycoris_file_rebuilds_the_trained_weight_change_and_applies_exactly(dataset_dir, tmp_path, network,
                                                                               family):
-    from lora_core.lora import text_encoder_namer, text_encoder_prefixes, unet_namer
+    from lora_core import families
+    from lora_core.lora import text_encoder_namer
 
     config = tiny_config(dataset_dir, tmp_path / "out", steps=2, network_type=network, lora_target="locon",
                          lora_alpha=6, **OPTIONS)
@@ -69,9 +70,9 @@ def test_lycoris_file_rebuilds_the_trained_weight_change_and_applies_exactly(dat
         assert {("lokr_w2" in p, "lokr_w2_a" in p) for p in layers.values()} == {(True, False), (False, True)}
         assert all("lokr_w1" in p and "alpha" in p for p in layers.values())
 
-    prefixes = text_encoder_prefixes(family, len(result.text_encoders))
+    prefixes = families.get(family).text_encoder_prefixes(len(result.text_encoders))
     models = [result.unet, *result.text_encoders]
-    namers = [unet_namer(result.unet.config, family), *(text_encoder_namer(p) for p in prefixes)]
+    namers = [families.get(family).unet_namer(result.unet.config), *(text_encoder_namer(p) for p in prefixes)]
     trained = trained_deltas(models, namers)
     assert trained.keys() == layers.keys()
     for name, (delta, shape) in trained.items():

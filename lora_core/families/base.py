@@ -16,6 +16,11 @@ if TYPE_CHECKING:  # families are read when a model is inspected, before torch i
     from lora_core.models import ModelInfo
     from lora_core.objective import Objective
 
+# Activation bytes per latent pixel per activation unit (Family.activation_units), for one image at 2-byte
+# precision: 37 from the tensors autograd saves in a bf16 LoRA step with flash attention (0.87 GiB for SD 1.5 at
+# 512 px, 6.45 GiB for SDXL at 1024 px, counted on the CPU), x1.15 for the backward's transient buffers. To be
+# confirmed against torch.cuda.max_memory_allocated by bench/gpu_check.sh (see bench/RESULTS.md).
+ACTIVATION_BYTES_PER_UNIT = 42.0
 TEXT_ENCODER_ATTRIBUTES = ("text_encoder", "text_encoder_2", "text_encoder_3")  # a pipeline's, in its order
 TOKENIZER_ATTRIBUTES = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
@@ -155,7 +160,7 @@ class Family:
 
     # --- memory ---
     def activation_units(self, denoiser_config: Any) -> float:
-        """What the denoiser's saved activations per latent pixel scale with (hardware.ACTIVATION_BYTES_PER_UNIT)."""
+        """What the denoiser's saved activations per latent pixel scale with (ACTIVATION_BYTES_PER_UNIT)."""
         raise NotImplementedError
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lora_core.families.base import Family, tokenize
+from lora_core.families.base import ACTIVATION_BYTES_PER_UNIT, Family, tokenize
 
 if TYPE_CHECKING:
     import torch
@@ -132,17 +132,18 @@ class Flux(Family):
                            ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """kohya's names in the original layout, q/k/v (and the single blocks' MLP input) fused into one
         projection (flow_names.py); CLIP-L's LoRA under `lora_te1_`, as sd-scripts writes FLUX's."""
-        from lora_core import flow_names, lora
+        from lora_core import lora
+        from lora_core.families.flow_names import export_original
 
-        state = flow_names.export_original(denoiser, lora.adapter_tensors(denoiser, config))
+        state = export_original(denoiser, lora.adapter_tensors(denoiser, config))
         for encoder in text_encoders:
             state.update(lora.text_encoder_tensors(encoder, config, "lora_te1_"))
         return state, {}
 
     def metadata(self, prediction_type: str, variant: str = "") -> dict[str, str]:
-        from lora_core import flow_names
+        from lora_core.families.flow_names import flow_metadata
 
-        return {**flow_names.flow_metadata(f"flux-{variant or 'dev'}"), "ss_v2": "False",
+        return {**flow_metadata(f"flux-{variant or 'dev'}"), "ss_v2": "False",
                 "modelspec.prediction_type": "flow"}
 
     # --- conditioning ---
@@ -190,9 +191,7 @@ class Flux(Family):
     # --- memory ---
     def activation_units(self, denoiser_config: Any) -> float:
         """Per latent pixel (a quarter of a 2x2-packed token): every block saves about 30 x hidden 2-byte values
-        per token, in hardware.ACTIVATION_BYTES_PER_UNIT's units."""
-        from lora_core.hardware import ACTIVATION_BYTES_PER_UNIT
-
+        per token, in ACTIVATION_BYTES_PER_UNIT's units (base.py)."""
         c = denoiser_config
         blocks = c.num_layers + c.num_single_layers
         hidden = c.num_attention_heads * c.attention_head_dim

@@ -77,16 +77,20 @@ class SD1(Family):
 
     def unet_namer(self, unet_config):
         """A UNet module path -> its name in the file: diffusers' module path with `_` (sd-scripts' SD 1.x/2.x)."""
-        return lambda module: "lora_unet_" + module.replace(".", "_")
+        from lora_core import lora
+
+        return lora.diffusers_namer(unet_config)
 
     def text_encoder_prefixes(self, count: int) -> list[str]:
-        return ["lora_te_"] * count if count == 1 else [f"lora_te{index + 1}_" for index in range(count)]
+        from lora_core import lora
+
+        return lora.text_encoder_prefixes(count)
 
     def lora_file_contents(self, denoiser, config: TrainConfig, text_encoders: list
                            ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         from lora_core import lora
 
-        return lora.lora_file_contents(denoiser, config, text_encoders, self.name)
+        return lora.lora_file_contents(denoiser, config, text_encoders, self)
 
     def metadata(self, prediction_type: str, variant: str = "") -> dict[str, str]:
         v = "_v" if prediction_type == "v_prediction" else ""  # sd-scripts' version of a v-model

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lora_core.families.base import Family, tokenize
+from lora_core.families.base import ACTIVATION_BYTES_PER_UNIT, Family, tokenize
 from lora_core.families.flux import BLOCK_ACTIVATIONS_PER_HIDDEN, flow_family_problems
 
 if TYPE_CHECKING:
@@ -132,17 +132,18 @@ class SD3(Family):
                            ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """kohya's names in the original layout (the only SD 3 names Forge and sd-scripts read; ComfyUI reads
         them too), q/k/v fused; the CLIPs' LoRA under `lora_te1_` / `lora_te2_`."""
-        from lora_core import flow_names, lora
+        from lora_core import lora
+        from lora_core.families.flow_names import export_original
 
-        state = flow_names.export_original(denoiser, lora.adapter_tensors(denoiser, config))
+        state = export_original(denoiser, lora.adapter_tensors(denoiser, config))
         for index, encoder in enumerate(text_encoders):
             state.update(lora.text_encoder_tensors(encoder, config, f"lora_te{index + 1}_"))
         return state, {}
 
     def metadata(self, prediction_type: str, variant: str = "") -> dict[str, str]:
-        from lora_core import flow_names
+        from lora_core.families.flow_names import flow_metadata
 
-        return {**flow_names.flow_metadata(variant or "sd35-medium"), "ss_v2": "False",
+        return {**flow_metadata(variant or "sd35-medium"), "ss_v2": "False",
                 "modelspec.prediction_type": "flow"}
 
     # --- conditioning ---
@@ -195,8 +196,6 @@ class SD3(Family):
     # --- memory ---
     def activation_units(self, denoiser_config: Any) -> float:
         """As FLUX's (flux.py): per latent pixel, a quarter of a 2x2 patch's token, every joint block."""
-        from lora_core.hardware import ACTIVATION_BYTES_PER_UNIT
-
         c = denoiser_config
         hidden = c.num_attention_heads * c.attention_head_dim
         return c.num_layers * hidden * BLOCK_ACTIVATIONS_PER_HIDDEN * 2 / 4 / ACTIVATION_BYTES_PER_UNIT
