@@ -257,12 +257,18 @@ def stop(run: Run, emit: Callable[[Event], None]) -> None:
 # saving
 
 
-def export_lora(run: Run, path: Path, epochs: int | None = None) -> Path:
-    """Write the LoRA file users load (the family names its tensors), with the training metadata."""
+def export_lora(run: Run, path: Path, epochs: int | None = None, companions: bool = False) -> Path:
+    """Write the LoRA file users load (the family names its tensors), with the training metadata; with
+    `companions`, also the family's other layouts beside it (`<name>.<layout>.safetensors`: SD 3's for
+    diffusers, which reads none of the names ComfyUI and Forge read)."""
     state, format_header = run.family.lora_file_contents(run.bare_unet, run.config, run.text_encoders)
     header = training_metadata(run.config, steps=run.step, epochs=run.epoch if epochs is None else epochs,
-                               **run.metadata) | format_header
-    return save_lora(path, state, header)
+                               **run.metadata)
+    if companions:
+        for layout, (other, other_header) in run.family.companion_files(run.bare_unet, run.config,
+                                                                        run.text_encoders).items():
+            save_lora(path.with_name(f"{path.stem}.{layout}.safetensors"), other, header | other_header)
+    return save_lora(path, state, header | format_header)
 
 
 def save_checkpoint(run: Run, lora_file: bool = True) -> Path | None:
@@ -283,7 +289,8 @@ def finish(run: Run, emit: Callable[[Event], None]) -> Path | None:
         return None
     save_checkpoint(run, lora_file=False)
     with checkpoint.naming_last_good(run.plan.output):
-        final_path = export_lora(run, run.plan.output / "lora_final.safetensors", epochs=max(run.epoch, 1))
+        final_path = export_lora(run, run.plan.output / "lora_final.safetensors", epochs=max(run.epoch, 1),
+                                 companions=True)
     emit(Complete(final_path=str(final_path), total_time=round(time.perf_counter() - run.plan.clock_start, 3),
                   step=run.step))
     return final_path

@@ -149,3 +149,24 @@ def test_the_unet_families_defaults_do_not_trouble_a_flow_run(dataset_dir, tmp_p
     report = plan.plan_report(parse_config(flow_config(dataset_dir, tmp_path / "out", "flux")))
     assert report["ok"], report["problems"]
     assert report["model"]["family"] == "FLUX.1-dev" and report["memory_estimate"]["total_gib"] > 0
+
+
+@pytest.mark.e2e
+def test_sd3s_diffusers_companion_file_loads_whole_in_diffusers_at_the_trained_strength(trained):
+    """diffusers' SD 3 loader reads no kohya names (and Forge no diffusers ones): an SD 3 run also writes
+    lora_final.diffusers.safetensors, which `load_lora_weights` reads whole and which gives the trained output."""
+    family, config, result, _ = trained
+    companion = result.final_path.with_name("lora_final.diffusers.safetensors")
+    if family != "sd3":
+        assert not companion.exists()
+        return
+    from diffusers import StableDiffusion3Pipeline
+
+    keys = load_file(str(companion)).keys()
+    assert keys and all(key.startswith("transformer.") for key in keys)
+    pipeline = StableDiffusion3Pipeline.from_pretrained(builtin.builtin_folder("tiny-sd3"))
+    pipeline.load_lora_weights(str(companion))
+    pipeline.fuse_lora()
+    pipeline.unload_lora_weights()
+    torch.testing.assert_close(transformer_output(pipeline.transformer, family),
+                               transformer_output(result.unet.eval(), family), rtol=0, atol=1e-5)

@@ -117,6 +117,12 @@ class Family:
         """The exported file's tensors under this family's names, and the header entries the format needs."""
         raise NotImplementedError
 
+    def companion_files(self, denoiser, config: TrainConfig, text_encoders: list
+                        ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
+        """Other layouts of the final LoRA for loaders that cannot read `lora_file_contents`' names, by a short
+        name (`lora_final.<name>.safetensors`); none for most families."""
+        return {}
+
     def metadata(self, prediction_type: str, variant: str = "") -> dict[str, str]:
         """The LoRA header's rows that name the base model's kind: `modelspec.architecture`,
         `modelspec.implementation`, `ss_base_model_version`, `ss_v2`."""

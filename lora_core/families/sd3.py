@@ -140,6 +140,21 @@ class SD3(Family):
             state.update(lora.text_encoder_tensors(encoder, config, f"lora_te{index + 1}_"))
         return state, {}
 
+    def companion_files(self, denoiser, config: TrainConfig, text_encoders: list
+                        ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
+        """diffusers' SD 3 loader reads no kohya names and Forge no diffusers names, so no one file serves both:
+        `lora_final.diffusers.safetensors` holds the same LoRA as diffusers' `transformer.` / `text_encoder.`
+        names with alpha/rank folded into B (diffusers and ComfyUI read it at the trained strength)."""
+        from lora_core import lora
+        from lora_core.families.flow_names import diffusers_layout
+
+        state = diffusers_layout(lora.adapter_tensors(denoiser, config))
+        for name, encoder in zip(("text_encoder", "text_encoder_2"), text_encoders, strict=False):
+            for path, (down, up, alpha) in lora.adapter_tensors(encoder, config).items():
+                state[f"{name}.{path}.lora_A.weight"] = down.contiguous()
+                state[f"{name}.{path}.lora_B.weight"] = (up * (alpha / down.shape[0])).contiguous()
+        return {"diffusers": (state, {})}
+
     def metadata(self, prediction_type: str, variant: str = "") -> dict[str, str]:
         from lora_core.families.flow_names import flow_metadata
 
