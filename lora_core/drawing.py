@@ -56,8 +56,8 @@ class Renderer:
     def sampling(self) -> str:
         """How the cells are drawn, for the sheet's title."""
         c = self.config
-        return (f"{c.sample_inference_steps} {self.family.sampler_label} steps, guidance "
-                f"{c.sample_guidance_scale:g}, {c.resolution} px")
+        guidance = self.family.sampling_kwargs(c)["guidance_scale"]
+        return f"{c.sample_inference_steps} {self.family.sampler_label} steps, guidance {guidance:g}, {c.resolution} px"
 
     def load(self, path: Path, field: str = "steps") -> None:
         """Load one LoRA file (replacing the one loaded before) at scale 1; `field`: what a bad file is blamed on.

@@ -170,3 +170,27 @@ def test_sd3s_diffusers_companion_file_loads_whole_in_diffusers_at_the_trained_s
     pipeline.unload_lora_weights()
     torch.testing.assert_close(transformer_output(pipeline.transformer, family),
                                transformer_output(result.unet.eval(), family), rtol=0, atol=1e-5)
+
+
+@pytest.mark.e2e
+def test_a_sweep_draws_a_flow_run_from_its_file_and_puts_the_base_back(trained):
+    """Grids and sweeps add the file's changes to the weights themselves (diffusers reads these names only for
+    FLUX.1's own sizes, and never SD 3's): scale 0 is the base model, and unloading restores it exactly."""
+    import numpy as np
+
+    from lora_core.drawing import Renderer
+    from lora_core.grid import render_sweep
+
+    family, config, result, _ = trained
+    renderer = Renderer(config.model_copy(update={"sample_inference_steps": 2}))
+    base = np.asarray(renderer.draw("shapestyle", 5))
+    renderer.load(result.final_path)
+    renderer.set_scale(0)
+    assert np.array_equal(np.asarray(renderer.draw("shapestyle", 5)), base)
+    renderer.set_scale(1)
+    assert not np.array_equal(np.asarray(renderer.draw("shapestyle", 5)), base)
+    renderer.unload()
+    assert np.array_equal(np.asarray(renderer.draw("shapestyle", 5)), base)
+    assert "flow-matching Euler" in renderer.sampling
+    sweep = render_sweep(result.final_path.parent, {"scales": [0, 1]}, renderer=renderer)
+    assert sweep.path.exists() and sweep.path.parent == result.final_path.parent
