@@ -7,7 +7,7 @@
 #
 # Runs `python -m bench` once per configuration, each in its own process with its own time limit, so that a
 # failure or a timeout loses that configuration only: SD 1.5 architecture (random weights) at 512 px batch 1 and
-# batch 16, SDXL architecture at 1024 px batch 1, bf16, rank 16, each eager, with compile_unet on (regional
+# batch 16, SDXL, SD 3.5 Medium and FLUX.1-dev architectures at 1024 px batch 1, bf16, rank 16, each eager, with compile_unet on (regional
 # compilation of the repeated blocks) and, at batch 1, with cuda_graphs (the regionally compiled blocks under
 # torch.compile mode reduce-overhead); the trainer and, for SD 1.5, the floor. `1st win +s` in the summary is
 # what each run's first window took beyond its steps: the first compile, with the inductor cache cold for the
@@ -39,12 +39,16 @@ SCALE=1  # the dry run's tiny models compile for minutes on a 2-core CPU: its li
 if [[ $DRY == 1 ]]; then
     SD15=(--model builtin:tiny-sd --resolution 64 --device cpu --precision no --image-size 64)
     SDXL=(--model builtin:tiny-sdxl --resolution 64 --device cpu --precision no --image-size 64)
+    FLUX=(--model builtin:tiny-flux --resolution 64 --device cpu --precision no --image-size 64)
+    SD35M=(--model builtin:tiny-sd3 --resolution 64 --device cpu --precision no --image-size 64)
     BIG_BATCH=(--batch 4 --images 8)
     STEPS=(--steps 1 --windows 2)
     GRAPHS=(--device auto --cuda-graphs)  # cuda_graphs refuses device cpu; auto shows the run-time fallback
 else
     SD15=(--model builtin:sd15-arch --resolution 512 --device cuda --precision bf16)
     SDXL=(--model builtin:sdxl-arch --resolution 1024 --device cuda --precision bf16)
+    FLUX=(--model builtin:flux-dev-arch --resolution 1024 --device cuda --precision bf16)
+    SD35M=(--model builtin:sd35m-arch --resolution 1024 --device cuda --precision bf16)
     BIG_BATCH=(--batch 16 --images 32)
     STEPS=()
     GRAPHS=(--cuda-graphs)
@@ -102,6 +106,10 @@ full_check() {
         "${GRAPHS[@]}" --phases trainer
     run sd15_b16_regional    90  50  "${SD15[@]}" "${BIG_BATCH[@]}" --steps 3 --windows 4 "${STEPS[@]}" --compile on \
         --phases trainer
+    # the flow-matching transformers at full size (random weights; building FLUX.1-dev's 12B parameters on the
+    # host takes a while, hence the caps): eager, batch 1, gradient checkpointing as auto decides
+    run sd35m_b1            150  90  "${SD35M[@]}" --batch 1 --steps 3 --windows 3 "${STEPS[@]}" --phases trainer
+    run flux_dev_b1         240 150  "${FLUX[@]}" --batch 1 --steps 3 --windows 3 "${STEPS[@]}" --phases trainer
     run sd15_b1_sync         40  25  "${SD15[@]}" --batch 1 --steps 10 --windows 4 "${STEPS[@]}" --phases floor --floor-sync
     run sd15_b16_nchw        45  30  "${SD15[@]}" "${BIG_BATCH[@]}" --steps 3 --windows 4 "${STEPS[@]}" --phases floor \
         --floor-contiguous
