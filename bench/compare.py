@@ -99,9 +99,9 @@ def trees(against: str, work: Path) -> dict[str, dict]:
 
 
 class Child:
-    """One `python -m bench --interleave` process and its two pipes (bench/turns.py)."""
+    """One process (`python -m bench --interleave`) and its two pipes (bench/turns.py)."""
 
-    def __init__(self, name: str, tree: Path, argv: list[str], log: Path, threads: int | None):
+    def __init__(self, name: str, tree: Path, command: list[str], log: Path, threads: int | None = None):
         to_child, self.to_me = os.pipe()
         self.from_me, from_child = os.pipe()
         env = {**os.environ, ENV: f"{to_child},{from_child}"}
@@ -110,8 +110,8 @@ class Child:
         env.pop("PYTHONPATH", None)  # the tree's own lora_core, found in its working directory, and no other
         self.name, self.log = name, log
         with log.open("w") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "bench", *argv], cwd=tree, env=env, stdout=out,
-                                            stderr=subprocess.STDOUT, pass_fds=(to_child, from_child))
+            self.process = subprocess.Popen(command, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            pass_fds=(to_child, from_child))
         os.close(to_child)
         os.close(from_child)
         self.buffer = b""
@@ -159,7 +159,7 @@ def run_pair(index: int, argv: list[str], tree_info: dict[str, dict], work: Path
     folder = work / f"run-{index + 1}"
     folder.mkdir(parents=True)
     children = [Child(name, tree_info[name]["path"],
-                      [*argv, "--interleave", "--json", str(folder / f"{name}.json"),
+                      [sys.executable, "-m", "bench", *argv, "--interleave", "--json", str(folder / f"{name}.json"),
                        "--work-dir", str(folder / name), "--label", name],
                       folder / f"{name}.log", args.threads) for name in names]
     try:
@@ -191,27 +191,26 @@ def spread_of(values: list[float]) -> dict:
             "spread": round((max(values) - min(values)) / median, 3), "n": len(values)}
 
 
-def windows_of(run: dict, phase: str) -> list[float]:
-    return run["phases"][phase]["window_s_per_step"]
+CLOCKS = {"wall": "window_s_per_step", "cpu": "window_cpu_s_per_step"}  # the harness's per-window lists
+PHASES = ("trainer", "floor", "reference")
 
 
-def commit_figures(runs: list[dict]) -> dict:
-    """One commit's figures over all its runs. Ratios are per window pair: the trainer's window against the
-    floor's and the reference's that ran just before it, in the same turn (images/s ratios)."""
-    seconds: dict[str, list[float]] = {"trainer": [], "floor": [], "reference": []}
+def commit_figures(runs: list[dict], key: str) -> dict:
+    """One commit's figures over all its runs, by one clock. Ratios are per window pair: the trainer's window
+    against the floor's and the reference's that ran just before it, in the same turn (images/s ratios)."""
+    seconds: dict[str, list[float]] = {phase: [] for phase in PHASES}
     over_floor: list[float] = []
     over_reference: list[float] = []
     per_run: list[dict] = []
     for run in runs:
-        windows = {phase: windows_of(run, phase) for phase in seconds}
+        windows = {phase: run["phases"][phase][key] for phase in PHASES}
         for phase, values in windows.items():
             seconds[phase] += values
         over_floor += [f / t for t, f in zip(windows["trainer"], windows["floor"], strict=True)]
         over_reference += [r / t for t, r in zip(windows["trainer"], windows["reference"], strict=True)]
-        per_run.append({"trainer_over_floor": round(statistics.median(windows["floor"])
-                                                    / statistics.median(windows["trainer"]), 3),
-                        "trainer_over_reference": round(statistics.median(windows["reference"])
-                                                        / statistics.median(windows["trainer"]), 3),
+        medians = {phase: statistics.median(values) for phase, values in windows.items()}
+        per_run.append({"trainer_over_floor": round(medians["floor"] / medians["trainer"], 3),
+                        "trainer_over_reference": round(medians["reference"] / medians["trainer"], 3),
                         "load_average": run["machine"]["load_average"],
                         "load_average_end": run["machine"].get("load_average_end")})
     return {"s_per_step": {phase: spread_of(values) for phase, values in seconds.items()},
@@ -219,24 +218,31 @@ def commit_figures(runs: list[dict]) -> dict:
             "per_run": per_run}
 
 
+def change_percent(current: dict, against: dict) -> dict:
+    """How much current's medians differ from the earlier commit's, in per cent."""
+    def change(new: float, old: float) -> float:
+        return round(100 * (new / old - 1), 1)
+
+    result = {key: change(current[key]["median"], against[key]["median"])
+              for key in ("trainer_over_floor", "trainer_over_reference")}
+    result.update({f"{phase}_s_per_step": change(current["s_per_step"][phase]["median"],
+                                                 against["s_per_step"][phase]["median"]) for phase in PHASES})
+    return result
+
+
 def summarise(results: dict) -> None:
-    """Figures per commit, and the change of current against the earlier commit, added in place."""
+    """Figures per commit and clock (wall, and the process's CPU time), and the change of current against the
+    earlier commit, added in place."""
     summary: dict = {}
     for name in ("current", "against"):
-        runs = [run[name] for run in results["runs"] if run.get(name) and "error" not in run[name]["phases"].get(
-            "trainer", {"error": "missing"})]
+        runs = [run[name] for run in results["runs"]
+                if run.get(name) and all("error" not in run[name]["phases"].get(p, {"error": 1}) for p in PHASES)]
         if runs:
-            summary[name] = commit_figures(runs)
+            summary[name] = {clock: commit_figures(runs, key) for clock, key in CLOCKS.items()
+                             if all(run["phases"][p].get(key) for run in runs for p in PHASES)}
     if {"current", "against"} <= set(summary):
-        def change(key: str, phase: str | None = None) -> float:
-            pick = (lambda s: s["s_per_step"][phase]["median"]) if phase else (lambda s: s[key]["median"])
-            return round(100 * (pick(summary["current"]) / pick(summary["against"]) - 1), 1)
-
-        summary["change_percent"] = {"trainer_over_floor": change("trainer_over_floor"),
-                                     "trainer_over_reference": change("trainer_over_reference"),
-                                     "trainer_s_per_step": change("", "trainer"),
-                                     "floor_s_per_step": change("", "floor"),
-                                     "reference_s_per_step": change("", "reference")}
+        summary["change_percent"] = {clock: change_percent(summary["current"][clock], summary["against"][clock])
+                                     for clock in summary["current"] if clock in summary["against"]}
     results["summary"] = summary
 
 
@@ -246,28 +252,30 @@ def print_report(results: dict, out=sys.stdout) -> None:
           f"{len(results['runs'])} run(s) of both commits taking turns, on {results['machine']['cpu']} "
           f"({results['machine']['cpu_count']} cores), load {results['load_average']} at the start, "
           f"{results.get('load_average_end')} at the end", file=out)
-    print(f"{'commit':<22} {'trainer s/step':>16} {'floor s/step':>16} {'reference s/step':>17} "
-          f"{'trainer/floor':>22} {'trainer/reference':>22}", file=out)
+    print(f"{'commit':<22} {'clock':<5} {'trainer s/step':>15} {'floor s/step':>15} {'reference s/step':>16} "
+          f"{'trainer/floor':>20} {'trainer/reference':>20}", file=out)
     for name in ("current", "against"):
         tree = trees_[name]
         label = f"{name} {tree['commit'][:8]}{'+dirty' if tree['dirty'] else ''}"
         if name not in summary:
             print(f"{label:<22} FAILED (see the logs in {results['work_dir']})", file=out)
             continue
-        figures = summary[name]
-        times = [f"{figures['s_per_step'][p]['median']:.4f} ±{figures['s_per_step'][p]['spread']:.0%}"
-                 for p in ("trainer", "floor", "reference")]
-        ratios = [f"{figures[k]['median']:.3f} [{figures[k]['min']:.2f}-{figures[k]['max']:.2f}]"
-                  for k in ("trainer_over_floor", "trainer_over_reference")]
-        print(f"{label:<22} {times[0]:>16} {times[1]:>16} {times[2]:>17} {ratios[0]:>22} {ratios[1]:>22}", file=out)
-    if "change_percent" in summary:
-        change, earlier = summary["change_percent"], trees_["against"]["commit"][:8]
-        print(f"current against {earlier}: trainer/floor {change['trainer_over_floor']:+.1f} %, "
+        for clock, figures in summary[name].items():
+            times = [f"{figures['s_per_step'][p]['median']:.4f} ±{figures['s_per_step'][p]['spread']:.0%}"
+                     for p in PHASES]
+            ratios = [f"{figures[k]['median']:.3f} [{figures[k]['min']:.2f}-{figures[k]['max']:.2f}]"
+                      for k in ("trainer_over_floor", "trainer_over_reference")]
+            print(f"{label:<22} {clock:<5} {times[0]:>15} {times[1]:>15} {times[2]:>16} {ratios[0]:>20} "
+                  f"{ratios[1]:>20}", file=out)
+    earlier = trees_["against"]["commit"][:8]
+    for clock, change in summary.get("change_percent", {}).items():
+        print(f"current against {earlier} ({clock}): trainer/floor {change['trainer_over_floor']:+.1f} %, "
               f"trainer/reference {change['trainer_over_reference']:+.1f} %; s/step trainer "
               f"{change['trainer_s_per_step']:+.1f} %, floor {change['floor_s_per_step']:+.1f} %, reference "
               f"{change['reference_s_per_step']:+.1f} %", file=out)
-    print("(s/step: median ±spread over all timed windows; ratios: images/s, median [range] over window pairs; "
-          "trainer/floor 0.95 = 5 % slower than the floor)", file=out)
+    print("(s/step: median ±spread over all timed windows; ratios: images/s, median [range] over window pairs, "
+          "trainer/floor 0.95 = 5 % slower than the floor; cpu: the process's CPU time, which a loaded machine "
+          "inflates less than the wall clock, and which counts every thread's time)", file=out)
 
 
 def write_json(path: Path, results: dict) -> None:

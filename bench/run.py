@@ -188,11 +188,14 @@ def run_trainer(args, config, device: torch.device, records, probe: MemoryProbe,
     marks: list[float] = []  # when each window ended
     started: list[float] = []  # when the started event came (the fit loop begins)
     resumed: list[float] = []  # when the next one started
+    cpu_marks: list[float] = []  # the same two, in the process's CPU seconds
+    cpu_resumed: list[float] = []
     events: list[dict] = []
 
     def emit(event) -> None:
         if isinstance(event, Progress):
             marks.append(time.perf_counter())
+            cpu_marks.append(time.process_time())
             if len(marks) == args.warmup:  # setup and warm-up end here; the timed windows start
                 probe.mark("setup")
             elif event.step == event.total_steps:  # before the final sample images and export
@@ -200,6 +203,7 @@ def run_trainer(args, config, device: torch.device, records, probe: MemoryProbe,
             if between_windows is not None:
                 between_windows(event.step >= event.total_steps)
             resumed.append(time.perf_counter())
+            cpu_resumed.append(time.process_time())
         if event.type != "progress":
             events.append(event.to_dict())
         if event.type == "started":
@@ -210,6 +214,8 @@ def run_trainer(args, config, device: torch.device, records, probe: MemoryProbe,
     if terminal.get("type") != "complete":
         raise RuntimeError(f"the trainer ended with {terminal}")
     timing = windows_from_marks(marks, args.steps, args.warmup, args.batch, resumed, started[0] if started else None)
+    timing.window_cpu_s_per_step = windows_from_marks(cpu_marks, args.steps, args.warmup, args.batch,
+                                                      cpu_resumed).window_s_per_step
     del result
     return {"timing": timing, "started": events[0]}
 
@@ -256,6 +262,7 @@ def run_interleaved(args, config, device: torch.device, records, phases: list[st
     print(f"-- {', '.join(phases)}, interleaved ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     seconds: dict[str, list[float]] = {name: [] for name in phases if name != "trainer"}
+    cpu_seconds: dict[str, list[float]] = {name: [] for name in seconds}
     first: dict[str, float] = {}
     try:
         steps = {name: (reference_loop(config, device, records) if name == "reference"
@@ -272,13 +279,13 @@ def run_interleaved(args, config, device: torch.device, records, phases: list[st
                 if not seconds[name]:
                     warmups = [time_window(step, device, args.steps) for _ in range(args.warmup)]
                     first[name] = warmups[0] * args.steps
-                seconds[name].append(time_window(step, device, args.steps))
+                seconds[name].append(time_window(step, device, args.steps, cpu_seconds[name]))
 
         with MemoryProbe(device) as probe:
             trainer = run_trainer(args, config, device, records, probe, between_windows)
         results["memory_all_phases"] = probe.result
-        timings = {name: Timing(times[args.warmup - 1:], args.batch, first.get(name), args.steps)
-                   for name, times in seconds.items()}
+        timings = {name: Timing(times[args.warmup - 1:], args.batch, first.get(name), args.steps,
+                                cpu_seconds[name][args.warmup - 1:]) for name, times in seconds.items()}
         timings["trainer"] = trainer.pop("timing")
         results["phases"] = {name: {**timings[name].to_dict(), **(trainer if name == "trainer" else {}),
                                     "interleaved": True} for name in phases}
