@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import select
 import shutil
 import statistics
@@ -44,7 +45,8 @@ SETTINGS: dict[str, dict[str, str]] = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--against", required=True, help="the earlier commit (any name git rev-parse takes)")
+    parser.add_argument("--against", help="the earlier commit (any name git rev-parse takes)")
+    parser.add_argument("--report", type=Path, help="print the figures of an earlier comparison's JSON again")
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="small-sd-128-b4")
     parser.add_argument("--runs", type=int, default=1, help="pairs of runs; the leading commit alternates")
     parser.add_argument("--steps", type=int, help="steps per window (default: the setting's)")
@@ -214,17 +216,30 @@ def commit_figures(runs: list[dict], key: str) -> dict:
                         "load_average": run["machine"]["load_average"],
                         "load_average_end": run["machine"].get("load_average_end")})
     return {"s_per_step": {phase: spread_of(values) for phase, values in seconds.items()},
-            "trainer_over_floor": spread_of(over_floor), "trainer_over_reference": spread_of(over_reference),
+            "trainer_over_floor": {**spread_of(over_floor), "values": [round(v, 4) for v in over_floor]},
+            "trainer_over_reference": {**spread_of(over_reference), "values": [round(v, 4) for v in over_reference]},
             "per_run": per_run}
 
 
+def interval_percent(new: list[float], old: list[float], draws: int = 2000) -> list[float]:
+    """A 90 % bootstrap interval of median(new) / median(old) - 1, in per cent: the window pairs of each commit
+    resampled with replacement (a fixed seed, so the same data gives the same interval). An interval that
+    holds 0 is a change the noise could have made."""
+    rng = random.Random(0)
+    changes = sorted(statistics.median(rng.choices(new, k=len(new))) / statistics.median(rng.choices(old, k=len(old)))
+                     - 1 for _ in range(draws))
+    return [round(100 * changes[int(0.05 * draws)], 1), round(100 * changes[int(0.95 * draws) - 1], 1)]
+
+
 def change_percent(current: dict, against: dict) -> dict:
-    """How much current's medians differ from the earlier commit's, in per cent."""
+    """How much current's medians differ from the earlier commit's, in per cent, with the ratios' intervals."""
     def change(new: float, old: float) -> float:
         return round(100 * (new / old - 1), 1)
 
     result = {key: change(current[key]["median"], against[key]["median"])
               for key in ("trainer_over_floor", "trainer_over_reference")}
+    result.update({f"{key}_interval": interval_percent(current[key]["values"], against[key]["values"])
+                   for key in ("trainer_over_floor", "trainer_over_reference")})
     result.update({f"{phase}_s_per_step": change(current["s_per_step"][phase]["median"],
                                                  against["s_per_step"][phase]["median"]) for phase in PHASES})
     return result
@@ -269,8 +284,10 @@ def print_report(results: dict, out=sys.stdout) -> None:
                   f"{ratios[1]:>20}", file=out)
     earlier = trees_["against"]["commit"][:8]
     for clock, change in summary.get("change_percent", {}).items():
-        print(f"current against {earlier} ({clock}): trainer/floor {change['trainer_over_floor']:+.1f} %, "
-              f"trainer/reference {change['trainer_over_reference']:+.1f} %; s/step trainer "
+        floor, reference = change["trainer_over_floor_interval"], change["trainer_over_reference_interval"]
+        print(f"current against {earlier} ({clock}): trainer/floor {change['trainer_over_floor']:+.1f} % "
+              f"(90 % interval {floor[0]:+.1f} to {floor[1]:+.1f}), trainer/reference "
+              f"{change['trainer_over_reference']:+.1f} % ({reference[0]:+.1f} to {reference[1]:+.1f}); s/step trainer "
               f"{change['trainer_s_per_step']:+.1f} %, floor {change['floor_s_per_step']:+.1f} %, reference "
               f"{change['reference_s_per_step']:+.1f} %", file=out)
     print("(s/step: median ±spread over all timed windows; ratios: images/s, median [range] over window pairs, "
@@ -289,6 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     from bench.machine import _cpu_name
 
     args = parse_args(argv)
+    if args.report:  # the summary is made again from the runs' windows, so a newer summary applies to old data
+        results = json.loads(args.report.read_text())
+        summarise(results)
+        print_report(results)
+        return 0
+    if not args.against:
+        print("--against COMMIT is needed (or --report FILE)", file=sys.stderr)
+        return 2
     if args.runs < 1 or args.warmup < 1:
         print("--runs and --warmup must be at least 1", file=sys.stderr)
         return 2
