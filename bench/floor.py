@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bench import compat
 from lora_core import hardware, optim
-from lora_core.compile import CompileDecision, compile_unet
 from lora_core.config import TrainConfig
-from lora_core.setup import prepare_unet
 
 
 class FloorLoop:
@@ -28,6 +27,7 @@ class FloorLoop:
         precision = hardware.resolve_precision(config, device)
         self.dtype = hardware.weight_dtype(precision)
         self.device, self.autocast = device, precision != "no"
+        prepare_unet = compat.prepare_unet()
         self.params = prepare_unet(unet, config, device, self.dtype, config.gradient_checkpointing == "on")
         if contiguous:
             unet.to(memory_format=torch.contiguous_format)
@@ -36,6 +36,9 @@ class FloorLoop:
         if scope == "eager":
             self.forward = unet
         elif compile_mode in (None, "default", "reduce-overhead"):
+            # imported here: engines before regional compilation (python -m bench compare) have no such module
+            from lora_core.compile import CompileDecision, compile_unet
+
             graphs = compile_mode == "reduce-overhead"
             self.forward = compile_unet(unet, CompileDecision(True, graphs, "benchmark"), scope)
         else:  # another torch.compile mode (max-autotune, ...): the whole model, as torch.compile takes it

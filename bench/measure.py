@@ -24,6 +24,9 @@ class Timing:
     batch_size: int
     first_window_s: float | None = None  # seconds of the first (warm-up) window: compiling happens in it
     window_steps: int = 0
+    # The process's CPU seconds per step of each window (interleaved runs): on a loaded machine the wall clock
+    # also counts the time other programs had the cores, the CPU time mostly does not.
+    window_cpu_s_per_step: list[float] | None = None
 
     @property
     def s_per_step(self) -> float:
@@ -44,6 +47,9 @@ class Timing:
         result = {"s_per_step": round(self.s_per_step, 5), "images_per_s": round(self.images_per_s, 3),
                   "window_s_per_step": [round(t, 5) for t in self.window_s_per_step],
                   "spread": round((max(self.window_s_per_step) - min(self.window_s_per_step)) / self.s_per_step, 3)}
+        if self.window_cpu_s_per_step:
+            result.update(cpu_s_per_step=round(statistics.median(self.window_cpu_s_per_step), 5),
+                          window_cpu_s_per_step=[round(t, 5) for t in self.window_cpu_s_per_step])
         if self.first_window_s is not None:
             result.update(first_window_s=round(self.first_window_s, 2),
                           first_window_extra_s=round(self.first_window_extra_s, 2))
@@ -55,13 +61,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_window(step: Callable[[], object], device: torch.device, window_steps: int) -> float:
-    """Seconds per step over one window of `window_steps` steps; the device is synchronised at its edges only."""
+def time_window(step: Callable[[], object], device: torch.device, window_steps: int,
+                cpu: list[float] | None = None) -> float:
+    """Seconds per step over one window of `window_steps` steps; the device is synchronised at its edges only.
+    `cpu`: the process's CPU seconds per step are appended to it."""
     sync(device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(window_steps):
         step()
     sync(device)
+    if cpu is not None:
+        cpu.append((time.process_time() - start_cpu) / window_steps)
     return (time.perf_counter() - start) / window_steps
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from bench.machine import machine
 from bench.measure import (
-    GIB,
     MemoryProbe,
     Timing,
     release_memory,
@@ -30,11 +28,10 @@ from bench.measure import (
     time_windows,
     windows_from_marks,
 )
+from bench.turns import Turns
 
 TRIGGER = "benchstyle"
-# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for the "% of peak" figure.
-BF16_PEAK_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("GH200", 989.0),
-                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0)]
+
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,7 +109,7 @@ def make_dataset(folder: Path, count: int, size: int, seed: int = 0) -> Path:
 
 
 def trainer_config(args: argparse.Namespace, dataset_dir: Path, output: Path):
-    from lora_core.configfile import parse_config
+    from bench.compat import parse_config
 
     steps = args.steps * (args.warmup + args.windows)
     data = {"dataset_path": str(dataset_dir), "base_model": args.model, "output_path": str(output),
@@ -181,28 +178,32 @@ def run_reference(args, config, device: torch.device, records, probe: MemoryProb
 
 
 def run_trainer(args, config, device: torch.device, records, probe: MemoryProbe,
-                between_windows: Callable[[], None] | None = None) -> dict:
+                between_windows: Callable[[bool], None] | None = None) -> dict:
     """`lora_core.training.train`, as the worker behind train_lora.py calls it; timed from its progress events.
 
-    `between_windows` runs at each progress event but the last, outside the timed windows."""
+    `between_windows(last)` runs at each progress event, outside the timed windows."""
     from lora_core import training
     from lora_core.events import Progress
 
     marks: list[float] = []  # when each window ended
     started: list[float] = []  # when the started event came (the fit loop begins)
     resumed: list[float] = []  # when the next one started
+    cpu_marks: list[float] = []  # the same two, in the process's CPU seconds
+    cpu_resumed: list[float] = []
     events: list[dict] = []
 
     def emit(event) -> None:
         if isinstance(event, Progress):
             marks.append(time.perf_counter())
+            cpu_marks.append(time.process_time())
             if len(marks) == args.warmup:  # setup and warm-up end here; the timed windows start
                 probe.mark("setup")
             elif event.step == event.total_steps:  # before the final sample images and export
                 probe.mark("steps")
-            if between_windows is not None and event.step < event.total_steps:
-                between_windows()
+            if between_windows is not None:
+                between_windows(event.step >= event.total_steps)
             resumed.append(time.perf_counter())
+            cpu_resumed.append(time.process_time())
         if event.type != "progress":
             events.append(event.to_dict())
         if event.type == "started":
@@ -213,6 +214,8 @@ def run_trainer(args, config, device: torch.device, records, probe: MemoryProbe,
     if terminal.get("type") != "complete":
         raise RuntimeError(f"the trainer ended with {terminal}")
     timing = windows_from_marks(marks, args.steps, args.warmup, args.batch, resumed, started[0] if started else None)
+    timing.window_cpu_s_per_step = windows_from_marks(cpu_marks, args.steps, args.warmup, args.batch,
+                                                      cpu_resumed).window_s_per_step
     del result
     return {"timing": timing, "started": events[0]}
 
@@ -259,23 +262,30 @@ def run_interleaved(args, config, device: torch.device, records, phases: list[st
     print(f"-- {', '.join(phases)}, interleaved ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     seconds: dict[str, list[float]] = {name: [] for name in phases if name != "trainer"}
+    cpu_seconds: dict[str, list[float]] = {name: [] for name in seconds}
     first: dict[str, float] = {}
     try:
         steps = {name: (reference_loop(config, device, records) if name == "reference"
                         else floor_loop(args, config, device, name)).step for name in seconds}
 
-        def between_windows() -> None:
+        turns = Turns.from_environment()  # python -m bench compare: another process takes turns with this one
+
+        def between_windows(last: bool) -> None:
+            if turns is not None:  # the trainer's window is over: hand the turn on, and wait for it to come back
+                turns.wait()
+            if last:
+                return
             for name, step in steps.items():
                 if not seconds[name]:
                     warmups = [time_window(step, device, args.steps) for _ in range(args.warmup)]
                     first[name] = warmups[0] * args.steps
-                seconds[name].append(time_window(step, device, args.steps))
+                seconds[name].append(time_window(step, device, args.steps, cpu_seconds[name]))
 
         with MemoryProbe(device) as probe:
             trainer = run_trainer(args, config, device, records, probe, between_windows)
         results["memory_all_phases"] = probe.result
-        timings = {name: Timing(times[args.warmup - 1:], args.batch, first.get(name), args.steps)
-                   for name, times in seconds.items()}
+        timings = {name: Timing(times[args.warmup - 1:], args.batch, first.get(name), args.steps,
+                                cpu_seconds[name][args.warmup - 1:]) for name, times in seconds.items()}
         timings["trainer"] = trainer.pop("timing")
         results["phases"] = {name: {**timings[name].to_dict(), **(trainer if name == "trainer" else {}),
                                     "interleaved": True} for name in phases}
@@ -292,40 +302,6 @@ def _failure(error: Exception) -> dict:
 
 # ----------------------------------------------------------------------------------------------------
 # the machine and the report
-
-
-def machine(device: torch.device) -> dict:
-    info: dict = {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
-                  "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                  "load_average": [round(x, 2) for x in os.getloadavg()]}
-    for package in ("diffusers", "transformers", "peft", "accelerate"):
-        try:
-            info[package] = __import__(package).__version__
-        except ImportError:
-            info[package] = None
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / GIB, 1), cuda=torch.version.cuda,
-                    capability=f"{props.major}.{props.minor}")
-        try:
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True, timeout=20).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            info["driver"] = None
-        info["bf16_peak_tflops"] = next((peak for name, peak in BF16_PEAK_TFLOPS if name in props.name), None)
-    else:
-        info["cpu"] = _cpu_name()
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def summarise(results: dict) -> None:
@@ -425,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict = {
         "label": args.label, "device": device.type, "machine": machine(device),
+        "engine": str(Path(sys.modules["lora_core"].__file__).parent),  # which tree's lora_core was measured
         "settings": {"model": args.model, "resolution": args.resolution, "batch": args.batch, "rank": args.rank,
                      "precision": hardware.resolve_precision(config, device), "compile": args.compile,
                      "cuda_graphs": args.cuda_graphs, "floor_compile": floor_scope(args),

@@ -108,3 +108,54 @@ def test_the_gpu_summary_shows_first_compile_times_and_the_compile_decision():
     assert "41.5" in text and "compile_unet regional, cuda_graphs True: compile_unet is on" in text
     assert "sd15_b1_graphs trainer: s/step <= 0.09: 0.08 -> met" in text
     assert "sdxl_b1_regional trainer: s/step <= 0.3: not measured" in text
+
+
+def test_processes_in_lockstep_take_turns_and_never_run_together(tmp_path):
+    """bench.compare's turn-taking with stand-in processes: each writes its name three times per turn into one
+    file; a turn that overlapped another would mix the names."""
+    import sys
+
+    from bench.compare import ROOT, Child, lockstep
+
+    script = ("import sys, time\nfrom bench.turns import Turns\nturns = Turns.from_environment()\n"
+              "for _ in range(3):\n    turns.wait()\n    for _ in range(3):\n"
+              "        open(sys.argv[2], 'a').write(sys.argv[1]); time.sleep(0.01)\n")
+    out = tmp_path / "turns.txt"
+    children = [Child(name, ROOT, [sys.executable, "-c", script, name, str(out)], tmp_path / f"{name}.log")
+                for name in "ab"]
+    try:
+        order = lockstep(children, timeout=60)
+    finally:
+        for child in children:
+            child.process.wait(timeout=60)
+            child.close()
+    # three waits each: two turns of writing in between, one more after the last wait, then the end of file
+    assert order == ["a", "b"] * 3
+    assert out.read_text() == "aaabbb" * 3
+
+
+@pytest.mark.e2e
+def test_compare_runs_both_trees_in_turns_and_writes_the_figures(tmp_path):
+    """The command's plumbing on the tiny model, against HEAD (its own engine exported): no timing is asserted."""
+    from bench.compare import main as compare
+
+    out = tmp_path / "compare.json"
+    code = compare(["--against", "HEAD", "--setting", "tiny-sd", "--steps", "1", "--windows", "2",
+                    "--bench-args", "--batch 1 --images 2 --image-size 64", "--json", str(out),
+                    "--work-dir", str(tmp_path / "work")])
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert {"trees", "runs", "summary", "machine", "load_average", "load_average_end", "bench_args"} <= set(results)
+    assert results["trees"]["against"]["path"] != results["trees"]["current"]["path"]
+    run = results["runs"][0]
+    assert run["exit_codes"] == {"current": 0, "against": 0}
+    assert run["turns"] == 6  # 3 progress events each: both asked for a turn at every one
+    assert run["against"]["engine"].startswith(str(tmp_path / "work"))
+    for name in ("current", "against"):
+        for clock in ("wall", "cpu"):
+            figures = results["summary"][name][clock]
+            assert set(figures["s_per_step"]) == {"trainer", "floor", "reference"}
+            for key in ("trainer_over_floor", "trainer_over_reference"):
+                assert figures[key]["n"] == 2 and figures[key]["median"] > 0
+    for clock in ("wall", "cpu"):
+        assert set(results["summary"]["change_percent"][clock]) >= {"trainer_over_floor", "trainer_over_reference"}
