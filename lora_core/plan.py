@@ -23,7 +23,18 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from lora_core import buckets, checkpoint, dataset, distributed, families, hardware, holdout, models, tracking
+from lora_core import (
+    buckets,
+    checkpoint,
+    components,
+    dataset,
+    distributed,
+    families,
+    hardware,
+    holdout,
+    models,
+    tracking,
+)
 from lora_core.config import DEFAULT_STEPS, ConfigError, TrainConfig
 from lora_core.errors import UserError
 
@@ -153,8 +164,7 @@ def scan_dataset(config: TrainConfig) -> tuple[dataset.DatasetReport, dataset.Da
 
 
 def base_model(config: TrainConfig, configs_only: bool = False) -> tuple[models.ModelSource, models.ModelInfo]:
-    source = models.resolve(config.base_model, configs_only=configs_only)
-    return source, models.inspect(source)
+    return components.resolve_base_model(config, configs_only)
 
 
 def check_resolution(config: TrainConfig, info: models.ModelInfo) -> None:
