@@ -306,6 +306,9 @@ def model_sizes(source: ModelSource, info: ModelInfo) -> ModelSizes:
     with torch.device("meta"), tempfile.TemporaryDirectory() as scratch:
         if source.kind == "folder" or (source.kind == "builtin" and source.location not in builtin.BUILTINS):
             pipeline = _meta_pipeline(Path(source.location), family)
+        elif source.kind == "single_file" and source.components:
+            # the components' configs describe the file's model (an SD 3.5 Large file is counted as Large)
+            pipeline = _meta_pipeline(Path(source.components), family)
         else:
             # a built-in built in memory, or a single file: the real architecture of its family
             name = source.location if source.kind == "builtin" else family.single_file_builtin

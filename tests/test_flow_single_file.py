@@ -128,7 +128,7 @@ def test_a_transformer_that_is_not_the_configs_is_refused_with_what_differs():
     ("tiny-sd3", PREFIX, "sd3", "sd35-medium")])
 def test_a_single_file_is_detected_and_loads_exactly(tmp_path, name, prefix, family, variant):
     """Family and variant from the keys alone; loaded with the components folder, the transformer (and SD 3's
-    VAE from the file) equal the built-in's bit for bit."""
+    VAE from the file) equal the built-in's bit for bit, and the memory estimate counts that model."""
     path = write_single_file(tmp_path / "model.safetensors", name, prefix, vae="sd3" in name)
     info = models.inspect(models.resolve(str(path)))
     assert (info.family, info.variant) == (family, variant)
@@ -139,6 +139,9 @@ def test_a_single_file_is_detected_and_loads_exactly(tmp_path, name, prefix, fam
     assert type(pipeline) is type(reference)
     for part in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         assert not equal_states(getattr(pipeline, part), getattr(reference, part)), part
+    # the memory estimate counts the components' model, not the family's full-size stand-in
+    assert models.model_sizes(source, info) == models.model_sizes(models.resolve(str(builtin.builtin_folder(name))),
+                                                                   info)
 
 
 def test_the_real_files_key_sets_are_detected():
