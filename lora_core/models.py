@@ -256,8 +256,8 @@ def _load_single_file(source: ModelSource, info: ModelInfo, config: Any, kwargs:
     except Exception as error:
         if source.components:
             raise ModelError(f"{source.name}: could not load this single-file checkpoint with the parts of "
-                             f"{source.components} ({error}); pipeline_components must be the same model as the "
-                             "file (its transformer config describes the file's)") from None
+                             f"{source.components} ({error}); is the file complete, and pipeline_components the "
+                             "same model (its configs describe the file's weights)?") from None
         raise ModelError(f"{source.name}: diffusers could not load this single-file checkpoint ({error}); "
                          "it needs the model's config from the hub the first time (or set pipeline_components "
                          "to the model's diffusers folder), or use a diffusers folder") from None

@@ -201,6 +201,17 @@ def test_a_file_lacking_parts_says_which_and_how_to_supply_them(tmp_path, datase
     assert report["model"] == {"source": "single_file", "family": "FLUX.1-dev", "prediction_type": "flow"}
 
 
+def test_a_file_with_a_missing_weight_is_refused_not_loaded_with_a_hole(tmp_path):
+    """diffusers leaves a weight a file lacks unallocated (meta); the load fails with the file named instead."""
+    path = write_single_file(tmp_path / "damaged.safetensors", "tiny-sd3", PREFIX, vae=True)
+    state = load_file(str(path))
+    del state["first_stage_model.decoder.conv_out.bias"]
+    save_file(state, str(path))
+    config = config_for(path, tmp_path / "o", builtin.builtin_folder("tiny-sd3"))
+    with pytest.raises(models.ModelError, match="damaged.safetensors: could not load .* is the file complete"):
+        models.load_pipeline(*components.resolve_base_model(config), config)
+
+
 def test_components_of_another_model_or_for_a_whole_model_are_refused(tmp_path):
     dev = write_single_file(tmp_path / "dev.safetensors", "tiny-flux")
     with pytest.raises(components.ComponentsError, match="is FLUX.1-schnell, but .* is a FLUX.1-dev file"):
