@@ -280,6 +280,8 @@ def plan_report(config: TrainConfig, num_processes: int | None = None) -> dict[s
         source, info = base_model(config, configs_only=True)
         report["model"] = {"source": source.kind, "family": info.description,
                            "prediction_type": info.prediction_type}
+        if source.components:  # where a single file's missing parts come from (a hub id: its local copy)
+            report["model"]["pipeline_components"] = source.components
         check_resolution(config, info)
         check_family_options(config, info)
         if scanned is not None:  # the bucket table, and the length as the buckets make it

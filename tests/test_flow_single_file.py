@@ -144,6 +144,19 @@ def test_a_single_file_is_detected_and_loads_exactly(tmp_path, name, prefix, fam
                                                                    info)
 
 
+def test_a_bf16_or_fp8_file_loads_in_fp32_as_a_folder_does(tmp_path):
+    """BFL ships flux1-dev.safetensors in bf16 (and fp8 copies circulate): the transformer is loaded in fp32,
+    as from a folder, holding the file's values."""
+    reference = transformer_of("tiny-flux")
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        path = write_single_file(tmp_path / "model.safetensors", "tiny-flux", PREFIX)
+        save_file({key: tensor.to(dtype) for key, tensor in load_file(str(path)).items()}, str(path))
+        config = config_for(path, tmp_path / "o", builtin.builtin_folder("tiny-flux"))
+        loaded = models.load_pipeline(*components.resolve_base_model(config), config).transformer.state_dict()
+        for key, tensor in reference.state_dict().items():
+            assert loaded[key].dtype == torch.float32 and torch.equal(loaded[key], tensor.to(dtype).float()), key
+
+
 def test_the_real_files_key_sets_are_detected():
     """The published files' transformer names (the real configs, listed by hand): BFL's dev / schnell, and
     SD 3.5 Medium / Large under Stability's prefix."""
@@ -198,7 +211,8 @@ def test_a_file_lacking_parts_says_which_and_how_to_supply_them(tmp_path, datase
     assert not report["ok"] and report["problems"][0]["field"] == "pipeline_components"
     report = plan.plan_report(config_for(flux, tmp_path / "o", builtin.builtin_folder("tiny-flux"), dataset_dir))
     assert report["ok"], report["problems"]
-    assert report["model"] == {"source": "single_file", "family": "FLUX.1-dev", "prediction_type": "flow"}
+    assert report["model"] == {"source": "single_file", "family": "FLUX.1-dev", "prediction_type": "flow",
+                               "pipeline_components": str(builtin.builtin_folder("tiny-flux"))}
 
 
 def test_a_file_with_a_missing_weight_is_refused_not_loaded_with_a_hole(tmp_path):
