@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from lora_core.compile_rules import cuda_graphs_conflict
-from lora_core.config_flow import FlowMatchingOptions
+from lora_core.config_flow import MAX_PATH_CHARS, FlowMatchingOptions, path_text_problem
 from lora_core.errors import UserError
 
 REQUIRED_FIELDS = ("dataset_path", "base_model", "output_path", "trigger_words")
@@ -32,7 +32,6 @@ NESTED_KEY = "training_params"
 DEFAULT_STEPS = 1000  # the run length when a config gives neither steps nor epochs (plan.run_length)
 LENGTH_FIELDS = ("steps", "epochs")
 PATH_FIELDS = ("dataset_path", "base_model", "output_path")
-MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 MAX_CONFIG_BYTES = 4 * 1024**2  # a config is a few kB; more is a mistake (or an attack on the parser)
 MAX_VALIDATION_IMAGES = 10_000  # held out by count; a validation pass over more would cost more than it tells
 MAX_SHOWN_CHARS = 120  # of a value quoted back in an error message
@@ -281,12 +280,8 @@ class CoreOptions(BaseModel):
     @field_validator(*PATH_FIELDS, "validation_dataset_path")
     @classmethod
     def _a_path_has_no_control_characters(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if "\x00" in value:
-            raise ValueError("contains a NUL character, which no path can hold")
-        if any(ord(char) < 32 for char in value):
-            raise ValueError("contains a control character (a newline or tab?); give the path on one line")
+        if value is not None and (problem := path_text_problem(value)):
+            raise ValueError(problem)
         return value
 
     @model_validator(mode="before")

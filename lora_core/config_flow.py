@@ -9,9 +9,19 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 FLOW_FAMILIES = ["sd3", "flux"]
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux (config.py's path fields take the same)
+
+
+def path_text_problem(value: str) -> str | None:
+    """Why `value` cannot be a path (a NUL or another control character), or None; every path field asks."""
+    if "\x00" in value:
+        return "contains a NUL character, which no path can hold"
+    if any(ord(char) < 32 for char in value):
+        return "contains a control character (a newline or tab?); give the path on one line"
+    return None
 
 
 def _flow(families: list[str] | None = None) -> dict[str, Any]:
@@ -19,6 +29,14 @@ def _flow(families: list[str] | None = None) -> dict[str, Any]:
 
 
 class FlowMatchingOptions(BaseModel):
+    pipeline_components: str | None = Field(None, min_length=1, max_length=MAX_PATH_CHARS, description=(
+        "For a single-file base_model that holds only part of a model: the diffusers folder or Hugging Face hub "
+        "id the missing parts come from (text encoders, VAE, tokenizers, scheduler, and the configs), e.g. "
+        "black-forest-labs/FLUX.1-dev for the transformer-only flux1-dev.safetensors, or "
+        "stabilityai/stable-diffusion-3.5-medium for an sd3.5_medium.safetensors without its text encoders. What "
+        "the file holds is taken from the file; from a hub id only the missing parts are downloaded. Empty: the "
+        "file must hold every part (an SD 1.x / SDXL checkpoint then takes its configs from its family's hub "
+        "repository)."), json_schema_extra={"group": "basic"})
     timestep_sampling: Literal["logit_normal", "uniform", "mode", "sigmoid", "shift", "flux_shift"] = Field(
         "logit_normal", description=(
             "SD 3 / FLUX: how noise levels (sigmas) are drawn. logit_normal (sigmoid of N(logit_mean, logit_std)), "
@@ -55,3 +73,10 @@ class FlowMatchingOptions(BaseModel):
         "SD 3: off drops the T5-XXL encoder (about 9.5 GB in fp16): captions then condition through the two "
         "CLIP encoders alone, as SD 3's pipeline does without it (zeros in T5's place). FLUX needs T5."),
         json_schema_extra=_flow(["sd3"]))
+
+    @field_validator("pipeline_components")
+    @classmethod
+    def _components_path_has_no_control_characters(cls, value: str | None) -> str | None:
+        if value is not None and (problem := path_text_problem(value)):
+            raise ValueError(problem)
+        return value

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from lora_core import families, hardware, latents, models, samples
+from lora_core import components, families, hardware, latents, models, samples
 from lora_core.config import TrainConfig
 from lora_core.errors import UserError
 
@@ -29,8 +29,7 @@ class Renderer:
         # on a GPU the run's precision (an SDXL UNet in fp32 may not fit); on the CPU fp32, which is fastest there
         self.dtype = hardware.weight_dtype(hardware.resolve_precision(config, self.device)) \
             if self.device.type == "cuda" else torch.float32
-        source = models.resolve(config.base_model)
-        info = models.inspect(source)
+        source, info = components.resolve_base_model(config)
         self.family = families.get(info.family)
         pipeline = models.load_pipeline(source, info, config)
         for module in (getattr(pipeline, self.family.denoiser), *models.text_encoders(pipeline)):

@@ -35,6 +35,7 @@ class ModelSource:
     kind: str  # builtin | folder | single_file | hub
     location: str  # folder or file path after resolution, or the hub id
     name: str  # what the user wrote
+    components: str | None = None  # a single file's missing parts: a local diffusers folder (pipeline_components)
 
 
 @dataclass
@@ -99,10 +100,10 @@ def resolve(base_model: str, configs_only: bool = False) -> ModelSource:
             base_model):
         raise ModelError(f"{base_model}: no such file or folder, and not a Hugging Face hub id (owner/name)")
     patterns = CONFIG_PATTERNS if configs_only else HUB_PATTERNS
-    return ModelSource("folder", _download(base_model, patterns), base_model)
+    return ModelSource("folder", download(base_model, patterns), base_model)
 
 
-def _download(repo_id: str, patterns: list[str]) -> str:
+def download(repo_id: str, patterns: list[str]) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -119,7 +120,7 @@ def _download(repo_id: str, patterns: list[str]) -> str:
                          "and pass its local folder") from None
 
 
-def _read_json(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+def read_json(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
     """A config file of a model folder, or a ModelError (field base_model) saying what is missing or broken."""
     top = path.name == "model_index.json"
     where, folder = (path.name, path.parent) if top else (f"{path.parent.name}/{path.name}", path.parent.parent)
@@ -146,15 +147,15 @@ def inspect(source: ModelSource) -> ModelInfo:
     if source.kind == "single_file":
         return _inspect_single_file(Path(source.location))
     folder = Path(source.location)
-    index = _read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json")
     denoiser_name = "transformer" if "transformer" in index else "unet"
-    denoiser = _read_json(folder / denoiser_name / "config.json")
+    denoiser = read_json(folder / denoiser_name / "config.json")
     family = families.detect_folder(index, denoiser)
     if family is None:
         raise ModelError(unsupported_folder(folder, index, denoiser))
-    vae = _read_json(folder / "vae" / "config.json")
+    vae = read_json(folder / "vae" / "config.json")
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
-    scheduler = _read_json(scheduler_file) if scheduler_file.exists() else {}
+    scheduler = read_json(scheduler_file) if scheduler_file.exists() else {}
     prediction = "flow" if family.flow_matching else scheduler.get("prediction_type", "epsilon")
     try:
         multiple = family.latent_multiple(denoiser)
@@ -183,14 +184,19 @@ def unsupported_folder(folder: Path, index: dict, denoiser: dict) -> str:
             "model of one of those families")
 
 
-def _inspect_single_file(path: Path) -> ModelInfo:
+def single_file_keys(path: Path) -> list[str]:
+    """The tensor names of a single-file checkpoint, from its header alone."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as handle:
-            keys = list(handle.keys())
+            return list(handle.keys())
     except Exception as error:  # safetensors raises its own error types for a damaged header
         raise ModelError(f"{path}: not a readable .safetensors file ({error})") from None
+
+
+def _inspect_single_file(path: Path) -> ModelInfo:
+    keys = single_file_keys(path)
     family = families.detect_single_file(keys)
     if family is None:
         known = ", ".join(families.get(name).display_name for name in families.names())
@@ -228,17 +234,60 @@ def _load_pipeline(source: ModelSource, info: ModelInfo, config: Any):
     kwargs: dict[str, Any] = {"use_safetensors": True, **family.load_kwargs(config)}
     pipeline_class = family.pipeline_class()
     if source.kind == "single_file":
-        try:
-            return pipeline_class.from_single_file(source.location, **kwargs)
-        except Exception as error:
-            raise ModelError(f"{source.name}: diffusers could not load this single-file checkpoint ({error}); "
-                             "it needs the model's config from the hub the first time, or use a diffusers "
-                             "folder") from None
+        return _load_single_file(source, info, config, kwargs)
     try:
         return pipeline_class.from_pretrained(source.location, **kwargs)
     except OSError as error:
         raise ModelError(f"{source.name}: could not load the pipeline ({error}); only .safetensors weights are "
                          "loaded, so a model shipped as .bin pickles must be converted first") from None
+
+
+def _load_single_file(source: ModelSource, info: ModelInfo, config: Any, kwargs: dict[str, Any]):
+    """A single file through its family (FLUX, SD 3: the parts it lacks from source.components) or diffusers."""
+    family = families.get(info.family)
+    if source.components is None and (
+            missing := family.single_file_missing(single_file_keys(Path(source.location)), config)):
+        raise ModelError(missing_parts_message(source.name, family, missing, info.variant))
+    try:
+        pipeline = family.load_single_file(source.location, source.components, config)
+        if pipeline is None:
+            extra = {"config": source.components} if source.components else {}
+            pipeline = family.pipeline_class().from_single_file(source.location, **kwargs, **extra)
+    except Exception as error:
+        if source.components:
+            raise ModelError(f"{source.name}: could not load this single-file checkpoint with the parts of "
+                             f"{source.components} ({error}); is the file complete, and pipeline_components the "
+                             "same model (its configs describe the file's weights)?") from None
+        raise ModelError(f"{source.name}: diffusers could not load this single-file checkpoint ({error}); "
+                         "it needs the model's config from the hub the first time (or set pipeline_components "
+                         "to the model's diffusers folder), or use a diffusers folder") from None
+    if unloaded := [name for name, part in pipeline.components.items() if _has_meta_tensors(part)]:
+        # diffusers leaves a weight the file lacks unallocated (on the meta device) instead of failing
+        raise ModelError(f"{source.name}: the file lacks weights of its {', '.join(unloaded)}; it is damaged or "
+                         "not the model its configs describe")
+    return pipeline
+
+
+def _has_meta_tensors(part: Any) -> bool:
+    import torch
+
+    return isinstance(part, torch.nn.Module) and any(
+        tensor.is_meta for tensor in (*part.parameters(), *part.buffers()))
+
+
+def missing_parts_message(name: str, family, missing: dict[str, str], variant: str) -> str:
+    """What a single file lacks ("the text encoders CLIP-L and T5-XXL and the VAE") and how to supply it."""
+    encoders = [label for part, label in missing.items() if part.startswith("text_encoder")]
+    pieces = [f"the text encoder{'s' if len(encoders) > 1 else ''} {_and(encoders)}"] if encoders else []
+    pieces += [f"the {label}" for part, label in missing.items() if not part.startswith("text_encoder")]
+    example = family.components_examples.get(variant) or next(iter(family.components_examples.values()), "")
+    return (f"{name}: this {family.display_name} single file lacks {_and(pieces)}; set pipeline_components to "
+            f"the model's diffusers folder or Hugging Face hub id{f' (e.g. {example})' if example else ''}, and "
+            "what the file lacks is taken from there")
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def text_encoders(pipeline) -> list:
@@ -257,6 +306,9 @@ def model_sizes(source: ModelSource, info: ModelInfo) -> ModelSizes:
     with torch.device("meta"), tempfile.TemporaryDirectory() as scratch:
         if source.kind == "folder" or (source.kind == "builtin" and source.location not in builtin.BUILTINS):
             pipeline = _meta_pipeline(Path(source.location), family)
+        elif source.kind == "single_file" and source.components:
+            # the components' configs describe the file's model (an SD 3.5 Large file is counted as Large)
+            pipeline = _meta_pipeline(Path(source.components), family)
         else:
             # a built-in built in memory, or a single file: the real architecture of its family
             name = source.location if source.kind == "builtin" else family.single_file_builtin
@@ -310,7 +362,7 @@ def _meta_pipeline(folder: Path, family):
             return None
         return AutoModel.from_config(AutoConfig.from_pretrained(folder / sub))
 
-    index = _read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json")
     denoiser_class = getattr(diffusers, index[family.denoiser][1])  # e.g. ["diffusers", "FluxTransformer2DModel"]
     parts = {name: text(name) for name in families.base.TEXT_ENCODER_ATTRIBUTES}
     return SimpleNamespace(**{family.denoiser: denoiser_class.from_config(denoiser_class.load_config(

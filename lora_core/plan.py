@@ -23,7 +23,18 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from lora_core import buckets, checkpoint, dataset, distributed, families, hardware, holdout, models, tracking
+from lora_core import (
+    buckets,
+    checkpoint,
+    components,
+    dataset,
+    distributed,
+    families,
+    hardware,
+    holdout,
+    models,
+    tracking,
+)
 from lora_core.config import DEFAULT_STEPS, ConfigError, TrainConfig
 from lora_core.errors import UserError
 
@@ -153,8 +164,7 @@ def scan_dataset(config: TrainConfig) -> tuple[dataset.DatasetReport, dataset.Da
 
 
 def base_model(config: TrainConfig, configs_only: bool = False) -> tuple[models.ModelSource, models.ModelInfo]:
-    source = models.resolve(config.base_model, configs_only=configs_only)
-    return source, models.inspect(source)
+    return components.resolve_base_model(config, configs_only)
 
 
 def check_resolution(config: TrainConfig, info: models.ModelInfo) -> None:
@@ -270,6 +280,8 @@ def plan_report(config: TrainConfig, num_processes: int | None = None) -> dict[s
         source, info = base_model(config, configs_only=True)
         report["model"] = {"source": source.kind, "family": info.description,
                            "prediction_type": info.prediction_type}
+        if source.components:  # where a single file's missing parts come from (a hub id: its local copy)
+            report["model"]["pipeline_components"] = source.components
         check_resolution(config, info)
         check_family_options(config, info)
         if scanned is not None:  # the bucket table, and the length as the buckets make it

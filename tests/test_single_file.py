@@ -166,3 +166,23 @@ def test_an_sd1_single_file_trains_exactly_as_its_diffusers_folder(dataset_dir, 
     scheduler_file.write_text(json.dumps({**scheduler, "prediction_type": "v_prediction"}), encoding="utf-8")
     events = train_cli(dataset_dir, tmp_path / "v", str(single), env, steps=1)
     assert events[0]["type"] == "started" and events[0]["model_family"].endswith("(v-prediction)")
+
+
+def test_pipeline_components_gives_an_sd1_file_its_configs_without_the_hub(tmp_path, monkeypatch):
+    """With pipeline_components a folder, diffusers reads the file's configs and tokenizer from it (no hub cache
+    at all here), and the weights from the file: the same UNet, VAE and text encoder as the folder's."""
+    from lora_core import components
+    from lora_core.config import TrainConfig
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    single = write_sd1_single_file(tmp_path / "tiny-sd.safetensors")
+    folder = builtin.builtin_folder("tiny-sd")
+    config = TrainConfig(dataset_path=str(tmp_path), output_path=str(tmp_path / "out"), trigger_words=["x"],
+                         base_model=str(single), pipeline_components=str(folder))
+    source, info = components.resolve_base_model(config)
+    pipeline = models.load_pipeline(source, info, config)
+    reference = models.load_pipeline(models.resolve(str(folder)), info)
+    for part in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(pipeline, part).state_dict(), getattr(reference, part).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part

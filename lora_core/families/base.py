@@ -35,6 +35,8 @@ class Family:
     flow_matching: bool = False  # trained with FlowObjective (the config's flow-matching options apply)
     sampler_label: str = "DPM-Solver"  # how samples are drawn, for people (a grid's title)
     diffusers_reads_lora: bool = True  # grids load its LoRA files with diffusers' load_lora_weights
+    # variant -> a hub id holding the parts its single files may lack (the error message's example)
+    components_examples: dict[str, str] = {}  # read only
 
     # --- recognising and loading ---
     def matches_folder(self, index: dict, denoiser_config: dict) -> bool:
@@ -54,6 +56,17 @@ class Family:
 
     def pipeline_class(self) -> type:
         raise NotImplementedError
+
+    def single_file_missing(self, keys: list[str], config: TrainConfig | None = None) -> dict[str, str]:
+        """The pipeline's parts a single file with these tensor names lacks, {component: its name for people}:
+        they must come from `pipeline_components`. {} when a file holds the whole model (the UNet families,
+        whose configs diffusers reads from the family's hub repository)."""
+        return {}
+
+    def load_single_file(self, path: str, components: str | None, config: TrainConfig | None):
+        """The pipeline from a single file, what it lacks from the `components` diffusers folder; None where
+        the pipeline class's own `from_single_file` reads the file (the UNet families)."""
+        return None
 
     def load_kwargs(self, config: TrainConfig | None = None) -> dict[str, Any]:
         """Extra keyword arguments for the pipeline's from_pretrained / from_single_file."""

@@ -45,6 +45,8 @@ class Flux(Family):
     flow_matching = True
     sampler_label = "flow-matching Euler"
     diffusers_reads_lora = False  # its file's original-layout names (diffusers: FLUX.1's own sizes only)
+    components_examples = {"dev": "black-forest-labs/FLUX.1-dev",
+                           "schnell": "black-forest-labs/FLUX.1-schnell"}
 
     def matches_folder(self, index: dict, denoiser_config: dict) -> bool:
         return index.get("_class_name") == "FluxPipeline" or (
@@ -70,6 +72,19 @@ class Flux(Family):
         from diffusers import FluxPipeline
 
         return FluxPipeline
+
+    def single_file_missing(self, keys: list[str], config: TrainConfig | None = None) -> dict[str, str]:
+        # only the transformer is read from a file (BFL's holds nothing else; what a ComfyUI checkpoint bundles
+        # is not read): the rest always comes from pipeline_components
+        return {"text_encoder": "CLIP-L", "text_encoder_2": "T5-XXL", "vae": "VAE"}
+
+    def load_single_file(self, path: str, components: str | None, config: TrainConfig | None):
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+
+        from lora_core.families.flow_checkpoint import read_transformer
+
+        transformer = read_transformer(path, FluxTransformer2DModel, components)
+        return FluxPipeline.from_pretrained(components, transformer=transformer, use_safetensors=True)
 
     def description(self, info: ModelInfo) -> str:
         return f"{self.display_name}-{info.variant}" if info.variant else self.display_name

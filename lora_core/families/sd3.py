@@ -28,6 +28,15 @@ MLP = r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)"
 # targets of diffusers' script miss
 TARGETS = {"attention": ATTENTION, "attention_mlp": f"({ATTENTION}|{MLP})"}
 SEQUENCE_LENGTH = 256  # T5 tokens, as the pipeline and kohya read them (diffusers' training script: 77)
+# the parts an SD 3.x single file may bundle beside its transformer: component -> (name, a tensor that says so),
+# in the names diffusers' single-file loader reads (ComfyUI's `..._incl_clips_t5xxl` files; Stability's
+# sd3.5_medium.safetensors holds the VAE but no text encoder)
+FILE_PARTS = {
+    "text_encoder": ("CLIP-L", "text_encoders.clip_l.transformer.text_model.embeddings.position_embedding.weight"),
+    "text_encoder_2": ("CLIP-G", "text_encoders.clip_g.transformer.text_model.embeddings.position_embedding.weight"),
+    "text_encoder_3": ("T5-XXL", "text_encoders.t5xxl.transformer.shared.weight"),
+}
+VAE_PREFIXES = ("first_stage_model.", "vae.")
 NAMES = {"sd3-medium": "SD 3 Medium", "sd35-medium": "SD 3.5 Medium", "sd35-large": "SD 3.5 Large"}
 
 
@@ -40,6 +49,9 @@ class SD3(Family):
     flow_matching = True
     sampler_label = "flow-matching Euler"
     diffusers_reads_lora = False  # its file's original-layout names (diffusers: FLUX.1's own sizes only)
+    components_examples = {"sd35-medium": "stabilityai/stable-diffusion-3.5-medium",
+                           "sd35-large": "stabilityai/stable-diffusion-3.5-large",
+                           "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers"}
 
     def matches_folder(self, index: dict, denoiser_config: dict) -> bool:
         return index.get("_class_name") == "StableDiffusion3Pipeline" or (
@@ -69,6 +81,27 @@ class SD3(Family):
         from diffusers import StableDiffusion3Pipeline
 
         return StableDiffusion3Pipeline
+
+    def single_file_missing(self, keys: list[str], config: TrainConfig | None = None) -> dict[str, str]:
+        present = set(keys)
+        missing = {part: label for part, (label, marker) in FILE_PARTS.items() if marker not in present}
+        if config is not None and not config.use_t5_encoder:
+            missing.pop("text_encoder_3", None)
+        if not any(key.startswith(VAE_PREFIXES) for key in keys):
+            missing["vae"] = "VAE"
+        return missing
+
+    def load_single_file(self, path: str, components: str | None, config: TrainConfig | None):
+        """diffusers reads the transformer and whatever the file bundles; each missing part is loaded from the
+        components and handed over (left to diffusers, a file bundling CLIP-L but not CLIP-G would have CLIP-L's
+        weights tried on CLIP-G)."""
+        from lora_core.families.flow_checkpoint import file_keys, folder_part
+
+        kwargs: dict[str, Any] = self.load_kwargs(config)
+        for part in self.single_file_missing(file_keys(path), config):
+            kwargs.setdefault(part, folder_part(components, part))
+        return self.pipeline_class().from_single_file(path, **({"config": components} if components else {}),
+                                                      **kwargs)
 
     def load_kwargs(self, config: TrainConfig | None = None) -> dict[str, Any]:
         if config is not None and not config.use_t5_encoder:  # never load T5-XXL's 9.5 GB for nothing
