@@ -8,10 +8,8 @@ as sd-scripts writes each (ldm_names.py). A trained text encoder's keys go under
 writes the rank there, which changes the LoRA's strength). LoHa and LoKr (`network_type`) are written under the
 same names in LyCORIS's layout (lycoris.py).
 
-A DoRA is written in diffusers' PEFT format instead (`unet.<module>.lora_A.weight / .lora_B.weight /
-.lora_magnitude_vector`, the LoraConfig in the `lora_adapter_metadata` header): diffusers' SD loaders drop
-kohya's `dora_scale`, and the loaders that read it disagree on its axis (A1111 normalises per input channel,
-ComfyUI per output channel by the base weight's norm), so no kohya file would load the same everywhere.
+A DoRA is written under the same names with the magnitude as `dora_scale` in LyCORIS's output-axis layout
+(dora.py, which also says how each loader reads it).
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save, save_file
 
-from lora_core import lycoris
+from lora_core import dora, lycoris
 from lora_core.config import TrainConfig
 from lora_core.files import atomic_write
 from lora_core.ldm_names import ldm_module_names
@@ -97,20 +95,27 @@ def text_encoder_prefixes(family: str, count: int) -> list[str]:
 def lora_file_contents(unet, config: TrainConfig, text_encoders: list | None = None,
                        family: str = "sd1") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """What the LoRA file holds: its tensors, and the header entries the format itself needs (the training
-    metadata comes on top): kohya names for a LoRA, diffusers' PEFT format for a DoRA."""
+    metadata comes on top): kohya names, a DoRA's magnitude as `dora_scale` (dora.py)."""
     if config.use_dora:
-        return diffusers_state_dict(unet, config, text_encoders)
+        return dora.kohya_dora_state_dict(named_models(unet, text_encoders, family), config.lora_alpha), {}
     return kohya_state_dict(unet, config, text_encoders, family), {}
+
+
+def named_models(unet, text_encoders: list | None, family: str) -> list[tuple[torch.nn.Module, Callable]]:
+    """The UNet and each trained text encoder, with the function naming their modules in the file."""
+    encoders = text_encoders or []
+    prefixes = text_encoder_prefixes(family, len(encoders))
+    return [(unet, unet_namer(unet.config, family)),
+            *((encoder, text_encoder_namer(prefix)) for encoder, prefix in zip(encoders, prefixes, strict=True))]
 
 
 def kohya_state_dict(unet, config: TrainConfig, text_encoders: list | None = None,
                      family: str = "sd1") -> dict[str, torch.Tensor]:
     """The adapters' weights under kohya names, fp32 on the CPU, contiguous: the UNet's, then each trained
     text encoder's (`text_encoders`, in the pipeline's order, with `family` choosing their prefixes)."""
-    state = _file_tensors(unet, config, unet_namer(unet.config, family))
-    encoders = text_encoders or []
-    for encoder, prefix in zip(encoders, text_encoder_prefixes(family, len(encoders)), strict=True):
-        state.update(_file_tensors(encoder, config, text_encoder_namer(prefix)))
+    state = {}
+    for model, name_of in named_models(unet, text_encoders, family):
+        state.update(_file_tensors(model, config, name_of))
     return state
 
 
@@ -154,7 +159,8 @@ def _file_tensors(model, config: TrainConfig, name_of: Callable[[str], str]) -> 
 
 def diffusers_state_dict(unet, config: TrainConfig,
                          text_encoders: list | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The adapters under the names diffusers' `save_lora_weights` writes (`unet.`, `text_encoder.`,
+    """The format of DoRA files before they were written in the kohya layout (still read by lorafile.py): the
+    adapters under the names diffusers' `save_lora_weights` writes (`unet.`, `text_encoder.`,
     `text_encoder_2.`), and the `lora_adapter_metadata` header from which its loader rebuilds each LoraConfig
     (with it, alpha and DoRA; without it diffusers would take alpha = rank)."""
     state, adapter_configs = {}, {}
@@ -184,7 +190,7 @@ def training_metadata(config: TrainConfig, family: str, prediction_type: str, *,
                                                                                     "sdxl" else "")
     output_name = Path(config.output_path).name or "lora"
     return {
-        "ss_network_module": "peft.dora" if config.use_dora else NETWORK_MODULES[config.network_type],
+        "ss_network_module": dora.NETWORK_MODULE if config.use_dora else NETWORK_MODULES[config.network_type],
         "ss_network_dim": str(config.lora_rank),
         "ss_network_alpha": str(config.lora_alpha),
         **({"ss_network_args": json.dumps(args)} if (args := network_args(config)) else {}),
@@ -225,8 +231,11 @@ def training_metadata(config: TrainConfig, family: str, prediction_type: str, *,
 
 def network_args(config: TrainConfig) -> dict[str, str]:
     """`ss_network_args` as sd-scripts writes them (strings, as given on its command line): `conv_dim` /
-    `conv_alpha` when convolutions are adapted, LyCORIS's `algo` and its options, `dora_wd` for DoRA."""
+    `conv_alpha` when convolutions are adapted, LyCORIS's `algo` and its options, and for a DoRA the arguments
+    with which LyCORIS's `lycoris.kohya` rebuilds it (`dora_wd`, `wd_on_output`)."""
     args = {}
+    if config.use_dora:  # LyCORIS's LoCon with weight decomposition on the output axis (sd-scripts' own has none)
+        args.update(algo="locon", dora_wd="True", wd_on_output="True")
     if config.network_type != "lora":
         args["algo"] = config.network_type
         if config.network_type == "lokr":
@@ -235,8 +244,6 @@ def network_args(config: TrainConfig) -> dict[str, str]:
             args["rank_dropout"] = str(config.lora_dropout)
     if config.lora_target == "locon":
         args.update(conv_dim=str(config.lora_rank), conv_alpha=str(config.lora_alpha))
-    if config.use_dora:
-        args["dora_wd"] = "True"
     return args
 
 
