@@ -180,9 +180,12 @@ def diffusers_state_dict(unet, config: TrainConfig,
 
 def training_metadata(config: TrainConfig, family: str, prediction_type: str, *, steps: int, epochs: int,
                       num_images: int, precision: str, started_at: datetime,
-                      tag_frequency: dict[str, int], base_sha256: str | None = None) -> dict[str, str]:
+                      tag_frequency: dict[str, int], base_sha256: str | None = None,
+                      gradient_checkpointing: bool = False, num_processes: int = 1,
+                      buckets: dict[str, int] | None = None) -> dict[str, str]:
     """Header metadata in sd-scripts' `ss_*` and the model spec's `modelspec.*` form (all values strings); the
-    README lists each field. `base_sha256`: of the base model's single file, or of a folder's UNet weights."""
+    README lists each field. `base_sha256`: of the base model's single file, or of a folder's UNet weights;
+    `buckets`: images per bucket ("WxH" -> count), as the plan assigned them."""
     now = datetime.now(UTC)
     v_pred = prediction_type == "v_prediction"
     architecture = "sd2_v" if family == "sd2" and v_pred else family
@@ -226,6 +229,45 @@ def training_metadata(config: TrainConfig, family: str, prediction_type: str, *,
         "modelspec.trigger_phrase": ", ".join(config.trigger_words),
         "modelspec.date": now.replace(microsecond=0).isoformat(),
         "lora_studio.lora_target": config.lora_target,
+        **sd_scripts_fields(config, num_images, gradient_checkpointing, num_processes, buckets),
+    }
+
+
+def sd_scripts_fields(config: TrainConfig, num_images: int, gradient_checkpointing: bool, num_processes: int,
+                      buckets: dict[str, int] | None) -> dict[str, str]:
+    """The rest of what sd-scripts' train_network.py writes and A1111's metadata panel shows, in its formats:
+    `str()` of its values (`None` for an option left off, `True` / `False`), JSON for the dataset and buckets.
+    `num_images` counts repeats, as sd-scripts' bucket counts do."""
+    # sd-scripts' network_dropout is LoRA's dropout; LoHa / LoKr's is rank dropout, written in ss_network_args
+    dropout = config.lora_dropout if config.network_type == "lora" and config.lora_dropout else None
+    bucket_info = None
+    if config.bucketing and buckets:
+        repeats = config.repeats
+        bucket_info = {"buckets": {str(index): {"resolution": [int(n) for n in name.split("x")],
+                                                "count": count * repeats}
+                                   for index, (name, count) in enumerate(buckets.items())}}
+    folder = Path(config.dataset_path).name or str(config.dataset_path)
+    return {
+        "ss_min_snr_gamma": str(config.min_snr_gamma or None),
+        "ss_noise_offset": str(config.noise_offset or None),
+        "ss_network_dropout": str(dropout),
+        "ss_zero_terminal_snr": str(config.zero_terminal_snr),
+        "ss_flip_aug": str(config.flip_horizontal),
+        "ss_shuffle_caption": str(config.shuffle_tags),
+        "ss_keep_tokens": str(config.keep_tokens),
+        "ss_caption_dropout_rate": str(config.caption_dropout),
+        "ss_enable_bucket": str(config.bucketing),
+        "ss_min_bucket_reso": str(config.min_bucket_resolution),
+        "ss_max_bucket_reso": str(config.max_bucket_resolution),
+        "ss_bucket_no_upscale": str(config.bucket_no_upscale),
+        "ss_bucket_info": json.dumps(bucket_info),
+        "ss_cache_latents": str(config.latent_cache != "off"),
+        "ss_gradient_checkpointing": str(gradient_checkpointing),
+        "ss_total_batch_size": str(config.batch_size * num_processes * config.gradient_accumulation_steps),
+        "ss_dataset_dirs": json.dumps({folder: {"n_repeats": config.repeats,
+                                                "img_count": num_images // config.repeats}}),
+        # the text encoder's own last layer (SD 1.x/2.x) or penultimate (SDXL, fixed): sd-scripts' default
+        "ss_clip_skip": "None",
     }
 
 

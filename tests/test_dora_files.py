@@ -1,0 +1,202 @@
+"""DoRA files in the kohya layout, replayed with each loader's own arithmetic.
+
+A DoRA (peft, alpha != rank, with the text encoder(s)) is written as the trainer writes it; each loader's way of
+turning `lora_down` / `lora_up` / `alpha` / `dora_scale` into a weight is re-implemented below from its source
+(file and commit named in each helper), applied to a fresh base pipeline, and the UNet's and text encoders'
+outputs compared with the trained model's. Key names: a DoRA file names exactly the layers a plain LoRA file of
+the same config names, which test_lora_files checks against every loader's mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_lora_files import BASE, assert_same, outputs, with_adapters
+from test_text_encoder_lora import load
+
+from lora_core.configfile import parse_config
+from lora_core.lora import diffusers_state_dict as old_peft_format
+from lora_core.lora import kohya_state_dict, lora_file_contents, save_lora, training_metadata
+from lora_core.lorafile import apply_lora, diffusers_state_dict, module_table, read
+
+pytestmark = pytest.mark.xdist_group("test_lora_files")
+
+
+def _parts(weight: torch.Tensor, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float, torch.Tensor]:
+    up, down = t["lora_up.weight"], t["lora_down.weight"]
+    product = torch.mm(up.flatten(1), down.flatten(1)).reshape(weight.shape)
+    return product, float(t["alpha"]) / down.shape[0], t["dora_scale"]
+
+
+def comfyui(weight: torch.Tensor, t: dict[str, torch.Tensor], strength: float = 1.0) -> torch.Tensor:
+    """ComfyUI comfy/weight_adapter/lora.py (6fd406f) LoRAAdapter.calculate_weight -> comfy/weight_adapter/
+    base.py (9c0cf36) weight_decompose. Forge backend/patcher/lora.py (dfdcbab) merge_lora_to_weight ->
+    weight_decompose is the same arithmetic, line for line."""
+    lora_diff, alpha, dora_scale = _parts(weight, t)
+    weight_calc = weight + lora_diff * alpha
+    if dora_scale.shape[0] == weight_calc.shape[0]:  # wd_on_output_axis: the norm of the *base* weight
+        norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+    else:
+        norm = (weight_calc.transpose(0, 1).reshape(weight_calc.shape[1], -1).norm(dim=1, keepdim=True)
+                .reshape(weight_calc.shape[1], *[1] * (weight_calc.dim() - 1)).transpose(0, 1))
+    norm = norm + torch.finfo(weight.dtype).eps
+    weight_calc = weight_calc * (dora_scale / norm)
+    return weight + strength * (weight_calc - weight) if strength != 1.0 else weight_calc
+
+
+def a1111(weight: torch.Tensor, t: dict[str, torch.Tensor], multiplier: float = 1.0) -> torch.Tensor:
+    """A1111 (v1.9+) extensions-builtin/Lora: network_lora.py calc_updown (up @ down in the weight's shape), then
+    network.py finalize_updown: x alpha / dim, apply_weight_decompose, x multiplier (as vendored in Forge
+    dfdcbab packages_3rdparty/webui_lora_collection/network.py). Its norm is always per *input* channel."""
+    updown, scale, dora_scale = _parts(weight, t)
+    merged = updown * scale + weight
+    norm = (merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+            .reshape(merged.shape[1], *[1] * (weight.dim() - 1)).transpose(0, 1))
+    updown = merged * (dora_scale / norm) - weight
+    return weight + updown * multiplier
+
+
+def lycoris(weight: torch.Tensor, t: dict[str, torch.Tensor], multiplier: float = 1.0) -> torch.Tensor:
+    """LyCORIS lycoris/modules/locon.py (f49d30d): make_module_from_state_dict (wd_on_out=True, the default
+    since 3.0), get_merged_weight -> apply_weight_decompose: the norm of the adapted weight per output channel."""
+    diff, scale, dora_scale = _parts(weight, t)
+    adapted = weight + diff * scale
+    norm = adapted.reshape(adapted.shape[0], -1).norm(dim=1).reshape(adapted.shape[0], *[1] * (weight.dim() - 1))
+    factor = dora_scale / (norm + torch.finfo(weight.dtype).eps)
+    if multiplier != 1:
+        factor = multiplier * (factor - 1) + 1
+    return adapted * factor
+
+
+def patched(family: str, path, loader) -> object:
+    """A fresh base pipeline with every layer of the file patched by `loader`'s arithmetic."""
+    pipeline = load(family)
+    table = module_table(pipeline)
+    with torch.no_grad():
+        for name, layer in read(path).layers.items():
+            weight = table[name].weight
+            weight.copy_(loader(weight.detach().float(), layer.tensors).to(weight.dtype))
+    return pipeline
+
+
+@pytest.fixture(scope="module", params=[("sd1", "attention"), ("sd1", "locon"), ("sdxl", "attention"),
+                                        ("sdxl", "locon")], ids=lambda p: "-".join(p))
+def dora_file(request, tmp_path_factory):
+    family, target = request.param
+    config = parse_config({**BASE, "base_model": "builtin:tiny-sd", "lora_rank": 4, "lora_alpha": 6,
+                           "lora_target": target, "use_dora": True, "train_text_encoder": True})
+    trained, encoders = with_adapters(family, config)
+    state, header = lora_file_contents(trained.unet, config, encoders, family)
+    path = save_lora(tmp_path_factory.mktemp("dora") / "dora.safetensors", state, header)
+    plain_config = parse_config({**BASE, "base_model": "builtin:tiny-sd", "lora_target": target})
+    plain_pipeline, plain_encoders = with_adapters(family, plain_config)
+    plain = kohya_state_dict(plain_pipeline.unet, plain_config, plain_encoders, family)
+    return family, config, path, outputs(trained, family), outputs(load(family), family), plain
+
+
+@pytest.mark.e2e
+def test_the_file_is_kohyas_layout_with_dora_scale_on_the_output_axis(dora_file):
+    family, config, path, trained, base, plain = dora_file
+    tensors = load_file(str(path))
+    layers = {key.split(".")[0] for key in tensors}
+    assert layers == {key.split(".")[0] for key in plain}  # the plain LoRA's names, which every loader maps
+    assert {key.split(".", 1)[1] for key in tensors} == {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"}
+    for layer in layers:
+        down, up, scale = (tensors[f"{layer}.{p}"] for p in ("lora_down.weight", "lora_up.weight", "dora_scale"))
+        assert scale.shape == (up.shape[0], *[1] * (down.dim() - 1)), layer  # (out, 1) / (out, 1, 1, 1)
+        assert float(tensors[f"{layer}.alpha"]) == 6.0
+    prefixes = {"sd1": {"lora_unet", "lora_te"}, "sdxl": {"lora_unet", "lora_te1", "lora_te2"}}[family]
+    assert {layer.split("_text_model_")[0] if "_text_model_" in layer else "lora_unet" for layer in layers} == prefixes
+    assert (trained[0] - base[0]).abs().max() > 1e-2
+
+
+@pytest.mark.e2e
+def test_lycoris_and_the_studio_reproduce_the_trained_dora(dora_file):
+    family, _, path, trained, _, _ = dora_file
+    assert_same(outputs(patched(family, path, lycoris), family), trained)
+    pipeline = load(family)
+    apply_lora(pipeline, path, 1.0)
+    assert_same(outputs(pipeline, family), trained)
+
+
+@pytest.mark.e2e
+def test_comfyui_forge_and_a1111_do_not_reproduce_it(dora_file):
+    """Recorded, not wished: ComfyUI and Forge divide by the base weight's norm (ComfyUI PR #15458, open,
+    would fix it), A1111 normalises per input channel. Neither can be matched by any output-axis dora_scale
+    that also holds for LyCORIS (README, DoRA). If a loader's arithmetic changes, this test says so."""
+    family, _, path, trained, base, _ = dora_file
+    for loader in (comfyui, a1111):
+        got = outputs(patched(family, path, loader), family)
+        error = max(float((a - b).abs().max()) for a, b in zip(got, trained, strict=True))
+        effect = max(float((a - b).abs().max()) for a, b in zip(base, trained, strict=True))
+        assert error > 1e-3, loader.__name__
+        assert error < 2 * effect, loader.__name__  # the same kind of change, not noise
+
+
+def test_comfyuis_arithmetic_equals_the_trained_dora_where_the_norm_is_unchanged():
+    """The replays themselves: on a layer whose change keeps every output channel's norm (a rotation within
+    each row), ComfyUI's base-weight norm equals the adapted one and its formula, like LyCORIS's, agrees with
+    peft's; so the differences above come from the norms, not from the helpers."""
+    torch.manual_seed(0)
+    weight = torch.randn(6, 6)
+    rotation = torch.linalg.qr(torch.randn(6, 6))[0]
+    delta = weight @ rotation - weight  # rows keep their norms
+    u, s, vh = torch.linalg.svd(delta)
+    tensors = {"lora_up.weight": u * s, "lora_down.weight": vh, "alpha": torch.tensor(6.0),
+               "dora_scale": torch.rand(6, 1) + 0.5}
+    adapted = weight + delta
+    wanted = tensors["dora_scale"] * adapted / adapted.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(comfyui(weight, tensors), wanted, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lycoris(weight, tensors), wanted, rtol=0, atol=1e-5)
+
+
+@pytest.mark.e2e
+def test_diffusers_drops_dora_scale_but_loads_the_converted_file_exactly(dora_file, caplog):
+    """diffusers' SD / SDXL `lora_state_dict` filters `dora_scale` out of kohya files (with a warning), so
+    `load_lora_weights(path)` gives a plain LoRA; `lorafile.diffusers_state_dict` gives it the same file in PEFT
+    form, which loads, and fuses, to the trained model."""
+    family, _, path, trained, _, _ = dora_file
+    pipeline = load(family)
+    with caplog.at_level(logging.WARNING):
+        pipeline.load_lora_weights(str(path))
+    assert "dora_scale" in caplog.text
+    pipeline = load(family)
+    pipeline.load_lora_weights(diffusers_state_dict(path, pipeline))
+    assert_same(outputs(pipeline, family), trained)
+    pipeline.fuse_lora()
+    pipeline.unload_lora_weights()
+    assert_same(outputs(pipeline, family), trained)
+
+
+@pytest.mark.e2e
+def test_the_header_names_lycoris_dora(dora_file, tmp_path):
+    family, config, path, _, _, _ = dora_file
+
+    meta = training_metadata(config, family, "epsilon", steps=1, epochs=1, num_images=1, precision="no",
+                             started_at=datetime.now(UTC), tag_frequency={})
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    args = json.loads(meta["ss_network_args"])
+    assert args["algo"] == "locon" and args["dora_wd"] == "True" and args["wd_on_output"] == "True"
+    with safe_open(str(path), "pt") as handle:
+        assert "lora_adapter_metadata" not in (handle.metadata() or {})
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_older_peft_format_dora_files_still_apply(tmp_path, family):
+    config = parse_config({**BASE, "base_model": "builtin:tiny-sd", "lora_rank": 4, "lora_alpha": 6,
+                           "lora_target": "locon", "use_dora": True})
+    trained, encoders = with_adapters(family, config)
+    state, header = old_peft_format(trained.unet, config, encoders)
+    path = save_lora(tmp_path / "old.safetensors", state, header)
+    assert read(path).kinds == {"dora"}
+    pipeline = load(family)
+    apply_lora(pipeline, path, 1.0)
+    assert_same(outputs(pipeline, family), outputs(trained, family))
