@@ -200,3 +200,74 @@ def test_older_peft_format_dora_files_still_apply(tmp_path, family):
     pipeline = load(family)
     apply_lora(pipeline, path, 1.0)
     assert_same(outputs(pipeline, family), outputs(trained, family))
+
+
+# one module of each kind the targets adapt, at the real SD 1.5 / SDXL sizes (non-square feed-forward and
+# cross-attention layers, 1x1 and 3x3 convolutions, SD 1.5's convolutional proj_in, SDXL's linear one)
+REAL_KINDS = ("attn1.to_q", "attn2.to_k", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "conv1",
+              "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
+
+
+def real_layers(name: str) -> dict[str, torch.nn.Module]:
+    """The first module of each kind in the real architecture (built on the meta device, so no weights), as a
+    real layer of the same shape with random weights."""
+    from lora_core import builtin
+
+    spec = builtin.BUILTINS[name]
+    with torch.device("meta"):
+        unet = builtin._unet(spec, pooled_dim=spec.text_hidden[-1])
+    found: dict[str, torch.nn.Module] = {}
+    for module_name, module in unet.named_modules():
+        kind = next((k for k in REAL_KINDS if module_name.endswith(k) and k not in found), None)
+        if kind is None:
+            continue
+        if isinstance(module, torch.nn.Conv2d):
+            found[kind] = torch.nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size,
+                                          module.stride, module.padding)
+        else:
+            found[kind] = torch.nn.Linear(module.in_features, module.out_features)
+    assert set(found) == set(REAL_KINDS)
+    return found
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ["sd15-arch", "sdxl-arch"])
+def test_real_architecture_layers_through_each_loader(name):
+    """Per layer at the real sizes: peft's DoRA forward is the truth; the kohya file's tensors through LyCORIS's
+    and the studio's arithmetic give the same layer, ComfyUI's and A1111's do not."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from lora_core.dora import kohya_dora_state_dict
+    from lora_core.lorafile import Layer, layer_delta
+
+    torch.manual_seed(0)
+    for kind, layer in real_layers(name).items():
+        holder = torch.nn.Module()
+        holder.layer = layer
+        base = layer.weight.detach().clone()
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=6, use_dora=True, init_lora_weights="gaussian",
+                                           target_modules=["layer"]), holder)
+        with torch.no_grad():
+            for param in holder.parameters():
+                if param.requires_grad:
+                    param.add_(torch.randn_like(param) * 0.05)
+        holder.eval()
+        tensors = {key.split(".", 1)[1]: value
+                   for key, value in kohya_dora_state_dict([(holder, lambda m: "x")], 6.0).items()}
+        conv = isinstance(layer, torch.nn.Conv2d)
+        x = torch.randn(1, layer.in_channels, 8, 8) if conv else torch.randn(3, layer.in_features)
+
+        def forward(weight: torch.Tensor, layer=layer, x=x, conv=conv) -> torch.Tensor:
+            if conv:
+                return torch.nn.functional.conv2d(x, weight, layer.bias, layer.stride,
+                                                  layer.padding)
+            return torch.nn.functional.linear(x, weight, layer.bias)
+
+        with torch.no_grad():
+            wanted = holder.layer(x)
+            studio = base + layer_delta(Layer("dora", tensors), base.shape, base)
+            for loader, exact in ((lycoris, True), (comfyui, False), (a1111, False)):
+                got = forward(loader(base, tensors))
+                close = torch.allclose(got, wanted, rtol=1e-4, atol=1e-5)
+                assert close == exact, f"{kind}: {loader.__name__}"
+            torch.testing.assert_close(forward(studio), wanted, rtol=1e-4, atol=1e-5)
