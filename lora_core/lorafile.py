@@ -1,11 +1,14 @@
-"""Reading the files this trainer writes (LoRA, LoHa, LoKr, DoRA; SDXL keys in the original layout's names or,
-from before that, in diffusers' names): each layer's weight change, and applying it to a diffusers pipeline.
+"""Reading the files this trainer writes (LoRA, LoHa, LoKr, DoRA in the kohya layout or, from before it,
+diffusers' PEFT format; SDXL keys in the original layout's names or, from before that, in diffusers' names): each
+layer's weight change, and applying it to a diffusers pipeline.
 
-diffusers' `load_lora_weights` reads LoRA and DoRA files but not LoHa / LoKr; `apply_lora` reads them all, by
-adding each layer's weight change (times a strength) to the base weight, as ComfyUI and A1111 do.
+diffusers' `load_lora_weights` reads LoRA files, not LoHa / LoKr, and drops a kohya DoRA's `dora_scale`
+(`diffusers_state_dict` converts a DoRA file for it); `apply_lora` reads them all, by adding each layer's weight
+change (times a strength) to the base weight, as ComfyUI and A1111 do.
 
     apply_lora(pipeline, "lora.safetensors", scale=0.8)   # in place; apply_lora(..., -0.8) takes it off again
     weight_deltas("lora.safetensors")                     # {layer name: dW as (out, in x kernel)}
+    pipeline.load_lora_weights(diffusers_state_dict("dora.safetensors", pipeline))
 """
 
 from __future__ import annotations

@@ -271,3 +271,18 @@ def test_real_architecture_layers_through_each_loader(name):
                 close = torch.allclose(got, wanted, rtol=1e-4, atol=1e-5)
                 assert close == exact, f"{kind}: {loader.__name__}"
             torch.testing.assert_close(forward(studio), wanted, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (5, 3, 3, 3)])
+def test_input_axis_dora_scale_of_older_lycoris_files_reads_as_a1111_applies_it(shape):
+    """LyCORIS before `wd_on_output` wrote `dora_scale` as (1, in[, 1, 1]) and normalised per input channel,
+    which is A1111's formula: the studio reads such a file the same way."""
+    from lora_core.lorafile import Layer, layer_delta
+
+    torch.manual_seed(1)
+    weight = torch.randn(shape)
+    tensors = {"lora_down.weight": torch.randn(2, *shape[1:]), "lora_up.weight": torch.randn(shape[0], 2,
+               *[1] * (len(shape) - 2)), "alpha": torch.tensor(3.0),
+               "dora_scale": torch.rand(1, shape[1], *[1] * (len(shape) - 2)) + 0.5}
+    studio = weight + layer_delta(Layer("dora", tensors), weight.shape, weight)
+    torch.testing.assert_close(studio, a1111(weight, tensors), rtol=1e-5, atol=1e-6)

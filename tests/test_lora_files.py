@@ -121,7 +121,7 @@ def test_apply_lora_reads_new_and_old_sdxl_files_alike(sdxl_locon, which):
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_apply_lora_reads_dora_files(tmp_path, family):
-    """A DoRA (diffusers' PEFT format, alpha != rank, LoCon targets, text encoders): its weight change depends
+    """A DoRA (kohya layout with `dora_scale`, alpha != rank, LoCon targets, text encoders): its weight change depends
     on the base weight, which `apply_lora` reads from the pipeline."""
     config = parse_config({**BASE, "base_model": "builtin:tiny-sd", "lora_rank": 4, "lora_alpha": 6,
                            "lora_target": "locon", "use_dora": True})

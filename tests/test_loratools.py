@@ -61,6 +61,7 @@ def test_resize_to_full_rank_reproduces_the_file_and_lower_ranks_report_what_the
     folder, a, _ = files
     full = folder / "full.safetensors"
     assert main(["resize", str(a), "--rank", "4", "-o", str(full)]) == 0
+    assert read(full).metadata["ss_output_name"] == "full"  # its own alias, not its input's
     original, resized = weight_deltas(a), weight_deltas(full)
     assert original.keys() == resized.keys()
     for name in original:
