@@ -286,3 +286,18 @@ def test_input_axis_dora_scale_of_older_lycoris_files_reads_as_a1111_applies_it(
                "dora_scale": torch.rand(1, shape[1], *[1] * (len(shape) - 2)) + 0.5}
     studio = weight + layer_delta(Layer("dora", tensors), weight.shape, weight)
     torch.testing.assert_close(studio, a1111(weight, tensors), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.e2e
+def test_the_grid_draws_a_dora_file_as_trained(dora_file):
+    """The grid's renderer loads LoRA files through diffusers, whose own loader would drop `dora_scale` (under
+    the renderer's quieted logging, silently): it must draw with the DoRA as trained."""
+    from lora_core.drawing import Renderer
+
+    family, config, path, trained, _, _ = dora_file
+    base_model = "builtin:tiny-sdxl" if family == "sdxl" else "builtin:tiny-sd"
+    renderer = Renderer(config.model_copy(update={"base_model": base_model}), "cpu")
+    renderer.load(path)
+    assert_same(outputs(renderer.pipeline, family), trained)
+    renderer.unload()
+    assert_same(outputs(renderer.pipeline, family), outputs(load(family), family))
