@@ -65,7 +65,7 @@ def a1111(weight: torch.Tensor, t: dict[str, torch.Tensor], multiplier: float = 
 
 def lycoris(weight: torch.Tensor, t: dict[str, torch.Tensor], multiplier: float = 1.0) -> torch.Tensor:
     """LyCORIS lycoris/modules/locon.py (f49d30d): make_module_from_state_dict (wd_on_out=True, the default
-    since 3.0), get_merged_weight -> apply_weight_decompose: the norm of the adapted weight per output channel."""
+    since 3.2.0), get_merged_weight -> apply_weight_decompose: the norm of the adapted weight per output channel."""
     diff, scale, dora_scale = _parts(weight, t)
     adapted = weight + diff * scale
     norm = adapted.reshape(adapted.shape[0], -1).norm(dim=1).reshape(adapted.shape[0], *[1] * (weight.dim() - 1))
