@@ -132,8 +132,9 @@ class CoreOptions(BaseModel):
         json_schema_extra=_ui("advanced"))
     use_dora: bool = Field(False, description=(
         "DoRA: learn each adapted weight's magnitude apart from its direction (often closer to a full "
-        "fine-tune at the same rank; steps are slower). The file is then in diffusers' PEFT format, which "
-        "diffusers loads exactly; A1111 and ComfyUI read DoRA differently, so leave it off for them."),
+        "fine-tune at the same rank; steps are slower). Written in LyCORIS's kohya layout (dora_scale), which "
+        "LyCORIS and the studio apply exactly; ComfyUI, Forge and A1111 load it but compute DoRA differently "
+        "(see the README's loader table)."),
         json_schema_extra=_ui("advanced"))
     train_text_encoder: bool = Field(False, description=(
         "Also train a LoRA on the text encoder(s) (their attention projections), at text_encoder_lr. Captions are "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from lora_core import components, families, hardware, latents, models, samples
+from lora_core import components, families, hardware, latents, lorafile, models, samples
 from lora_core.config import TrainConfig
 from lora_core.errors import UserError
 
@@ -61,20 +61,24 @@ class Renderer:
     def load(self, path: Path, field: str = "steps") -> None:
         """Load one LoRA file (replacing the one loaded before) at scale 1; `field`: what a bad file is blamed on.
 
-        LoRA and DoRA files go through diffusers' `load_lora_weights`, as a diffusers user would load them.
-        LoHa / LoKr files, which it cannot read, and the flow-matching families' files (in the original layout's
-        names, which diffusers reads only for FLUX.1's own sizes and never for SD 3) are applied to the weights
-        themselves (lorafile.apply_lora, as ComfyUI and Forge do), the touched weights kept to be put back
-        exactly."""
+        LoRA and DoRA files go through diffusers' `load_lora_weights`, as a diffusers user would load them (a
+        kohya DoRA file converted first: diffusers' own loader drops its `dora_scale`, quietly under
+        _quiet_diffusers). LoHa / LoKr files, which it cannot read, and the flow-matching families' files (in the
+        original layout's names, which diffusers reads only for FLUX.1's own sizes and never for SD 3) are applied
+        to the weights themselves (lorafile.apply_lora, as ComfyUI and Forge do), the touched weights kept to be
+        put back exactly."""
         self.unload()
-        if _is_lycoris(path) or not self.family.diffusers_reads_lora:
+        keys = _keys(path)
+        if any(key.endswith(LYCORIS_KEYS) for key in keys) or not self.family.diffusers_reads_lora:
             self.applied = AppliedLora(self.pipeline, path, field)
             self.applied.set_scale(1.0)
             self.loaded = path
             return
         try:
+            source = lorafile.diffusers_state_dict(path, self.pipeline) if any(
+                key.endswith(".dora_scale") for key in keys) else str(path)
             with _quiet_diffusers():  # "no LoRA keys for CLIPTextModel", once per row, for every UNet-only LoRA
-                self.pipeline.load_lora_weights(str(path), adapter_name=ADAPTER)
+                self.pipeline.load_lora_weights(source, adapter_name=ADAPTER)
         except Exception as error:  # diffusers raises ValueError/KeyError/... for a file it cannot map
             self.pipeline.unload_lora_weights()  # whatever it injected before failing
             raise UserError(f"{path}: diffusers' load_lora_weights could not load this LoRA "
@@ -160,9 +164,8 @@ def _quiet_diffusers() -> Iterator[None]:
         logging.set_verbosity(level)
 
 
-def _is_lycoris(path: Path) -> bool:
+def _keys(path: Path) -> list[str]:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as handle:
-        keys = handle.keys()
-    return any(key.endswith(LYCORIS_KEYS) for key in keys)
+        return list(handle.keys())

@@ -8,10 +8,8 @@ as sd-scripts writes each (ldm_names.py). A trained text encoder's keys go under
 writes the rank there, which changes the LoRA's strength). LoHa and LoKr (`network_type`) are written under the
 same names in LyCORIS's layout (lycoris.py).
 
-A DoRA is written in diffusers' PEFT format instead (`unet.<module>.lora_A.weight / .lora_B.weight /
-.lora_magnitude_vector`, the LoraConfig in the `lora_adapter_metadata` header): diffusers' SD loaders drop
-kohya's `dora_scale`, and the loaders that read it disagree on its axis (A1111 normalises per input channel,
-ComfyUI per output channel by the base weight's norm), so no kohya file would load the same everywhere.
+A DoRA is written under the same names with the magnitude as `dora_scale` in LyCORIS's output-axis layout
+(dora.py, which also says how each loader reads it).
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save, save_file
 
-from lora_core import lycoris
+from lora_core import dora, lycoris
 from lora_core.config import TrainConfig
 from lora_core.files import atomic_write
 
@@ -101,10 +99,21 @@ def diffusers_namer(unet_config=None) -> Callable[[str], str]:
 def lora_file_contents(unet, config: TrainConfig, text_encoders: list | None = None,
                        family: Family | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """What the LoRA file holds: its tensors, and the header entries the format itself needs (the training
-    metadata comes on top): kohya names for a LoRA, diffusers' PEFT format for a DoRA."""
+    metadata comes on top): kohya names, a DoRA's magnitude as `dora_scale` (dora.py)."""
     if config.use_dora:
-        return diffusers_state_dict(unet, config, text_encoders)
+        return dora.kohya_dora_state_dict(named_models(unet, text_encoders, family), config.lora_alpha), {}
     return kohya_state_dict(unet, config, text_encoders, family), {}
+
+
+def named_models(unet, text_encoders: list | None, family: Family | None = None
+                 ) -> list[tuple[torch.nn.Module, Callable]]:
+    """The UNet and each trained text encoder, with the function naming their modules in the file (`family`'s
+    names; without one, SD 1.x's)."""
+    encoders = text_encoders or []
+    prefixes = family.text_encoder_prefixes(len(encoders)) if family else text_encoder_prefixes(len(encoders))
+    namer = family.unet_namer(unet.config) if family else diffusers_namer()
+    return [(unet, namer),
+            *((encoder, text_encoder_namer(prefix)) for encoder, prefix in zip(encoders, prefixes, strict=True))]
 
 
 def kohya_state_dict(unet, config: TrainConfig, text_encoders: list | None = None,
@@ -112,12 +121,9 @@ def kohya_state_dict(unet, config: TrainConfig, text_encoders: list | None = Non
     """The adapters' weights under kohya names, fp32 on the CPU, contiguous: the UNet's, then each trained
     text encoder's (`text_encoders`, in the pipeline's order). `family` names the modules (SDXL: the original
     layout's); without one, SD 1.x's names (diffusers' module paths)."""
-    namer = family.unet_namer(unet.config) if family else diffusers_namer()
-    state = _file_tensors(unet, config, namer)
-    encoders = text_encoders or []
-    prefixes = family.text_encoder_prefixes(len(encoders)) if family else text_encoder_prefixes(len(encoders))
-    for encoder, prefix in zip(encoders, prefixes, strict=True):
-        state.update(_file_tensors(encoder, config, text_encoder_namer(prefix)))
+    state = {}
+    for model, name_of in named_models(unet, text_encoders, family):
+        state.update(_file_tensors(model, config, name_of))
     return state
 
 
@@ -170,7 +176,8 @@ def _file_tensors(model, config: TrainConfig, name_of: Callable[[str], str]) -> 
 
 def diffusers_state_dict(unet, config: TrainConfig,
                          text_encoders: list | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The adapters under the names diffusers' `save_lora_weights` writes (`unet.`, `text_encoder.`,
+    """The format of DoRA files before they were written in the kohya layout (still read by lorafile.py): the
+    adapters under the names diffusers' `save_lora_weights` writes (`unet.`, `text_encoder.`,
     `text_encoder_2.`), and the `lora_adapter_metadata` header from which its loader rebuilds each LoraConfig
     (with it, alpha and DoRA; without it diffusers would take alpha = rank)."""
     state, adapter_configs = {}, {}
@@ -190,16 +197,18 @@ def diffusers_state_dict(unet, config: TrainConfig,
 
 def training_metadata(config: TrainConfig, family: Family, prediction_type: str, *, steps: int, epochs: int,
                       num_images: int, precision: str, started_at: datetime,
-                      tag_frequency: dict[str, int], base_sha256: str | None = None, variant: str = ""
-                      ) -> dict[str, str]:
+                      tag_frequency: dict[str, int], base_sha256: str | None = None, variant: str = "",
+                      gradient_checkpointing: bool = False, num_processes: int = 1,
+                      buckets: dict[str, int] | None = None) -> dict[str, str]:
     """Header metadata in sd-scripts' `ss_*` and the model spec's `modelspec.*` form (all values strings); the
-    README lists each field. `base_sha256`: of the base model's single file, or of a folder's UNet weights."""
+    README lists each field. `base_sha256`: of the base model's single file, or of a folder's UNet weights;
+    `buckets`: images per bucket ("WxH" -> count), as the plan assigned them."""
     now = datetime.now(UTC)
     v_pred = prediction_type == "v_prediction"
     kind = family.metadata(prediction_type, variant)  # architecture, implementation, base model version
     output_name = Path(config.output_path).name or "lora"
     return {
-        "ss_network_module": "peft.dora" if config.use_dora else NETWORK_MODULES[config.network_type],
+        "ss_network_module": dora.NETWORK_MODULE if config.use_dora else NETWORK_MODULES[config.network_type],
         "ss_network_dim": str(config.lora_rank),
         "ss_network_alpha": str(config.lora_alpha),
         **({"ss_network_args": json.dumps(args)} if (args := network_args(config)) else {}),
@@ -235,13 +244,55 @@ def training_metadata(config: TrainConfig, family: Family, prediction_type: str,
         "modelspec.trigger_phrase": ", ".join(config.trigger_words),
         "modelspec.date": now.replace(microsecond=0).isoformat(),
         "lora_studio.lora_target": config.lora_target,
+        **sd_scripts_fields(config, num_images, gradient_checkpointing, num_processes, buckets),
+    }
+
+
+def sd_scripts_fields(config: TrainConfig, num_images: int, gradient_checkpointing: bool, num_processes: int,
+                      buckets: dict[str, int] | None) -> dict[str, str]:
+    """The rest of what sd-scripts' train_network.py writes and A1111's metadata panel shows, in its formats:
+    `str()` of its values (`None` for an option left off, `True` / `False`), JSON for the dataset and buckets.
+    `num_images` counts repeats, as sd-scripts' bucket counts do."""
+    # sd-scripts' network_dropout is LoRA's dropout; LoHa / LoKr's is rank dropout, written in ss_network_args
+    dropout = config.lora_dropout if config.network_type == "lora" and config.lora_dropout else None
+    bucket_info = None
+    if config.bucketing and buckets:
+        repeats = config.repeats
+        bucket_info = {"buckets": {str(index): {"resolution": [int(n) for n in name.split("x")],
+                                                "count": count * repeats}
+                                   for index, (name, count) in enumerate(buckets.items())}}
+    folder = Path(config.dataset_path).name or str(config.dataset_path)
+    return {
+        "ss_min_snr_gamma": str(config.min_snr_gamma or None),
+        "ss_noise_offset": str(config.noise_offset or None),
+        "ss_network_dropout": str(dropout),
+        "ss_zero_terminal_snr": str(config.zero_terminal_snr),
+        "ss_flip_aug": str(config.flip_horizontal),
+        "ss_shuffle_caption": str(config.shuffle_tags),
+        "ss_keep_tokens": str(config.keep_tokens),
+        "ss_caption_dropout_rate": str(config.caption_dropout),
+        "ss_enable_bucket": str(config.bucketing),
+        "ss_min_bucket_reso": str(config.min_bucket_resolution),
+        "ss_max_bucket_reso": str(config.max_bucket_resolution),
+        "ss_bucket_no_upscale": str(config.bucket_no_upscale),
+        "ss_bucket_info": json.dumps(bucket_info),
+        "ss_cache_latents": str(config.latent_cache != "off"),
+        "ss_gradient_checkpointing": str(gradient_checkpointing),
+        "ss_total_batch_size": str(config.batch_size * num_processes * config.gradient_accumulation_steps),
+        "ss_dataset_dirs": json.dumps({folder: {"n_repeats": config.repeats,
+                                                "img_count": num_images // config.repeats}}),
+        # the text encoder's own last layer (SD 1.x/2.x) or penultimate (SDXL, fixed): sd-scripts' default
+        "ss_clip_skip": "None",
     }
 
 
 def network_args(config: TrainConfig) -> dict[str, str]:
     """`ss_network_args` as sd-scripts writes them (strings, as given on its command line): `conv_dim` /
-    `conv_alpha` when convolutions are adapted, LyCORIS's `algo` and its options, `dora_wd` for DoRA."""
+    `conv_alpha` when convolutions are adapted, LyCORIS's `algo` and its options, and for a DoRA the arguments
+    with which LyCORIS's `lycoris.kohya` rebuilds it (`dora_wd`, `wd_on_output`)."""
     args = {}
+    if config.use_dora:  # LyCORIS's LoCon with weight decomposition on the output axis (sd-scripts' own has none)
+        args.update(algo="locon", dora_wd="True", wd_on_output="True")
     if config.network_type != "lora":
         args["algo"] = config.network_type
         if config.network_type == "lokr":
@@ -250,8 +301,6 @@ def network_args(config: TrainConfig) -> dict[str, str]:
             args["rank_dropout"] = str(config.lora_dropout)
     if config.lora_target == "locon":
         args.update(conv_dim=str(config.lora_rank), conv_alpha=str(config.lora_alpha))
-    if config.use_dora:
-        args["dora_wd"] = "True"
     return args
 
 

@@ -1,11 +1,14 @@
-"""Reading the files this trainer writes (LoRA, LoHa, LoKr, DoRA; SDXL keys in the original layout's names or,
-from before that, in diffusers' names): each layer's weight change, and applying it to a diffusers pipeline.
+"""Reading the files this trainer writes (LoRA, LoHa, LoKr, DoRA in the kohya layout or, from before it,
+diffusers' PEFT format; SDXL keys in the original layout's names or, from before that, in diffusers' names): each
+layer's weight change, and applying it to a diffusers pipeline.
 
-diffusers' `load_lora_weights` reads LoRA and DoRA files but not LoHa / LoKr; `apply_lora` reads them all, by
-adding each layer's weight change (times a strength) to the base weight, as ComfyUI and A1111 do.
+diffusers' `load_lora_weights` reads LoRA files, not LoHa / LoKr, and drops a kohya DoRA's `dora_scale`
+(`diffusers_state_dict` converts a DoRA file for it); `apply_lora` reads them all, by adding each layer's weight
+change (times a strength) to the base weight, as ComfyUI and A1111 do.
 
     apply_lora(pipeline, "lora.safetensors", scale=0.8)   # in place; apply_lora(..., -0.8) takes it off again
     weight_deltas("lora.safetensors")                     # {layer name: dW as (out, in x kernel)}
+    pipeline.load_lora_weights(diffusers_state_dict("dora.safetensors", pipeline))
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from lora_core import lycoris
+from lora_core import dora, lycoris
 from lora_core.errors import UserError
-from lora_core.families.base import text_encoders
+from lora_core.families.base import TEXT_ENCODER_ATTRIBUTES
 from lora_core.ldm_names import ldm_module_names
 from lora_core.lora import text_encoder_namer, text_encoder_prefixes
 
@@ -91,20 +94,21 @@ def _kohya_layers(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Lay
     layers = {}
     for name, params in grouped.items():
         if "lora_down.weight" in params and "lora_up.weight" in params:
-            kind = "lora"
+            kind = "dora" if "dora_scale" in params else "lora"
         elif all(key in params for key in lycoris.LOHA_KEYS):
             kind = "loha"
         elif any(key.startswith("lokr_w1") for key in params) and any(key.startswith("lokr_w2") for key in params):
             kind = "lokr"
         else:
             raise LoraFileError(f"{path}: layer {name} has tensors {sorted(params)}, which are neither LoRA, LoHa nor "
-                                "LoKr (Tucker / DoRA-scale variants are not read)")
+                                "LoKr (Tucker variants are not read)")
         layers[name] = Layer(kind, params)
     return layers
 
 
 def _peft_layers(tensors: dict[str, torch.Tensor], adapter: dict) -> dict[str, Layer]:
-    """diffusers' PEFT format (this trainer's DoRA files), under the kohya names of the same modules."""
+    """diffusers' PEFT format (this trainer's DoRA files before they were written in the kohya layout), under
+    the kohya names of the same modules, the magnitude as a kohya `dora_scale`."""
     sdxl = any(key.startswith("text_encoder_2.") for key in tensors)
     layers: dict[str, Layer] = {}
     for key, tensor in tensors.items():
@@ -116,11 +120,15 @@ def _peft_layers(tensors: dict[str, torch.Tensor], adapter: dict) -> dict[str, L
             prefix = "lora_te1_" if component == "text_encoder" and sdxl else PEFT_PREFIXES[component]
             name = text_encoder_namer(prefix)(module)
         layer = layers.setdefault(name, Layer("lora"))
-        param = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}.get(kind, "dora_magnitude")
+        param = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}.get(kind, "dora_scale")
         layer.tensors[param] = tensor
-        if param == "dora_magnitude":
+        if param == "dora_scale":
             layer.kind = "dora"
         layer.tensors["alpha"] = torch.tensor(float(adapter[f"{component}.lora_alpha"]))
+    for layer in layers.values():
+        if layer.kind == "dora":
+            layer.tensors["dora_scale"] = dora.output_axis(layer.tensors["dora_scale"],
+                                                           layer.tensors["lora_down.weight"].dim())
     return layers
 
 
@@ -138,9 +146,7 @@ def layer_delta(layer: Layer, shape: torch.Size | None = None, base: torch.Tenso
     if layer.kind == "dora":
         if base is None:
             raise LoraFileError("a DoRA layer's weight change depends on the base weight: give the base model")
-        adapted = base.flatten(1).float() + delta
-        norm = adapted.norm(p=2, dim=1, keepdim=True)
-        delta = adapted * (t["dora_magnitude"].flatten()[:, None] / norm) - base.flatten(1).float()
+        delta = dora.dora_weight(base, delta, t["dora_scale"]) - base.flatten(1).float()
     return delta.reshape(shape) if shape is not None else delta.reshape(delta.shape[0], -1)
 
 
@@ -150,11 +156,12 @@ def weight_deltas(path: str | Path) -> dict[str, torch.Tensor]:
     return {name: layer_delta(layer) for name, layer in lora.layers.items()}
 
 
-def module_table(pipeline) -> dict[str, torch.nn.Module]:
-    """Every name a file may give each adaptable layer of `pipeline`: a UNet's in diffusers' and in the original
-    layout's names (older SDXL files used the first), the text encoders' under `lora_te*_`. (A transformer's
-    names are the original layout's, fused: `weight_changes` reads those through flow_names.)"""
-    table: dict[str, torch.nn.Module] = {}
+def module_paths(pipeline) -> dict[str, tuple[str, str]]:
+    """Every name a file may give each adaptable layer of `pipeline` -> (pipeline component, module path): a
+    UNet's in diffusers' and in the original layout's names (older SDXL files used the first), the text
+    encoders' under `lora_te*_`. (A transformer's names are the original layout's, fused: `weight_changes` reads
+    those through flow_names.)"""
+    paths: dict[str, tuple[str, str]] = {}
     unet = getattr(pipeline, "unet", None)
     try:
         original = ldm_module_names(unet.config) if unet is not None else {}
@@ -162,16 +169,38 @@ def module_table(pipeline) -> dict[str, torch.nn.Module]:
         original = {}
     for name, module in unet.named_modules() if unet is not None else ():
         if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
-            table["lora_unet_" + name.replace(".", "_")] = module
+            paths["lora_unet_" + name.replace(".", "_")] = ("unet", name)
             if name in original:
-                table["lora_unet_" + original[name].replace(".", "_")] = module
-    encoders = text_encoders(pipeline)
-    for encoder, prefix in zip(encoders, text_encoder_prefixes(len(encoders)), strict=True):
+                paths["lora_unet_" + original[name].replace(".", "_")] = ("unet", name)
+    components = [c for c in TEXT_ENCODER_ATTRIBUTES if getattr(pipeline, c, None) is not None]
+    for component, prefix in zip(components, text_encoder_prefixes(len(components)), strict=True):
         name_of = text_encoder_namer(prefix)
-        for name, module in encoder.named_modules():
+        for name, module in getattr(pipeline, component).named_modules():
             if isinstance(module, torch.nn.Linear):
-                table[name_of(name)] = module
-    return table
+                paths[name_of(name)] = (component, name)
+    return paths
+
+
+def module_table(pipeline) -> dict[str, torch.nn.Module]:
+    """module_paths' names -> the modules themselves."""
+    return {name: getattr(pipeline, component).get_submodule(path)
+            for name, (component, path) in module_paths(pipeline).items()}
+
+
+def diffusers_state_dict(path: str | Path, pipeline) -> dict[str, torch.Tensor]:
+    """A DoRA file as a state dict that `pipeline.load_lora_weights(...)` loads exactly (diffusers' SD and SDXL
+    loaders drop a kohya file's `dora_scale`): `pipeline.load_lora_weights(diffusers_state_dict(path, pipeline))`.
+    """
+    from safetensors.torch import load_file
+
+    lora = read(path)  # refuses what is not a readable .safetensors
+    if "lora_adapter_metadata" in lora.metadata:
+        raise LoraFileError(f"{lora.path} is already in diffusers' format: give it to load_lora_weights itself")
+    paths = module_paths(pipeline)
+    missing = [name for name in lora.layers if name not in paths]
+    if missing:
+        raise LoraFileError(f"{lora.path}: layer {missing[0]} names no layer of this model")
+    return dora.to_diffusers(load_file(str(lora.path)), paths)
 
 
 def weight_changes(pipeline, lora: LoraFile) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:

@@ -14,6 +14,7 @@ shapes). A DoRA's change depends on the base weights: bake it instead.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -184,6 +185,24 @@ def write_layers(path: Path, layers: dict[str, Layer], source: dict[str, str], *
     return save_lora(path, state, meta)
 
 
+def own_name(output: Path) -> dict[str, str]:
+    """A written file's own alias: A1111 calls a LoRA by `ss_output_name`, and two files sharing one (a merge or
+    resize that kept its input's) make `<lora:name:1>` ambiguous for both. As sd-scripts' merge scripts do, the
+    title is the output file's name."""
+    return {"ss_output_name": output.stem, "modelspec.title": output.stem}
+
+
+def merged_from(loras: list[LoraFile], weights: list[float]) -> str:
+    """sd-scripts' `modelspec.merged_from` lists the inputs' titles; titles repeat (every run of a config has
+    the same one), so each input is named by title, file and SHA-256 too, with its weight."""
+    parts = []
+    for lora, weight in zip(loras, weights, strict=True):
+        title = lora.metadata.get("modelspec.title") or lora.path.stem
+        digest = hashlib.sha256(lora.path.read_bytes()).hexdigest()
+        parts.append(f"{title} ({lora.path.name}, sha256 {digest}) x {weight:g}")
+    return ", ".join(parts)
+
+
 # ----------------------------------------------------------------------------------------------------
 # bake
 
@@ -254,7 +273,7 @@ def run(args: argparse.Namespace) -> str:
             raise UserError("--energy must lie in (0, 1]", field="energy")
         lora = read(args.file)
         layers, kept = resize(lora, args.rank, args.energy, args.base)
-        write_layers(args.output, layers, lora.metadata)
+        write_layers(args.output, layers, lora.metadata, **own_name(args.output))
         lines = [f"{name}  rank {layers[name].rank}  kept {100 * share:.2f} %" for name, share in kept.items()]
         return "\n".join([*lines, f"wrote {args.output}"])
     if args.command == "merge":
@@ -263,8 +282,8 @@ def run(args: argparse.Namespace) -> str:
                             "per file", field="weights")
         loras = [read(path) for path in args.files]
         layers = merge(loras, args.weights, args.rank, args.base)
-        merged_from = ", ".join(f"{path.name} x {w:g}" for path, w in zip(args.files, args.weights, strict=True))
-        write_layers(args.output, layers, loras[0].metadata, **{"modelspec.merged_from": merged_from})
+        write_layers(args.output, layers, loras[0].metadata, **own_name(args.output),
+                     **{"modelspec.merged_from": merged_from(loras, args.weights)})
         return f"wrote {args.output} ({len(layers)} layers)"
     return f"wrote {bake(args.file, args.base, args.output, args.scale)}"
 

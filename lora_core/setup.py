@@ -269,7 +269,9 @@ def lora_metadata(plan: RunPlan, info: models.ModelInfo, main: bool) -> dict[str
     return dict(family=plan.family, prediction_type=info.prediction_type,
                 num_images=len(captions) * plan.config.repeats,  # as sd-scripts counts them
                 precision=plan.precision, started_at=plan.started_at, tag_frequency=tag_frequency(captions),
-                base_sha256=models.weights_sha256(plan.source) if main else None, variant=info.variant)
+                base_sha256=models.weights_sha256(plan.source) if main else None, variant=info.variant,
+                gradient_checkpointing=plan.gradient_checkpointing, num_processes=plan.num_processes,
+                buckets=dict(plan.dataset.buckets))
 
 
 def named_lora_params(run: Run) -> dict[str, torch.nn.Parameter]:

@@ -120,7 +120,7 @@ def test_apply_lora_reads_new_and_old_sdxl_files_alike(sdxl_locon, which):
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_apply_lora_reads_dora_files(tmp_path, family):
-    """A DoRA (diffusers' PEFT format, alpha != rank, LoCon targets, text encoders): its weight change depends
+    """A DoRA (kohya layout with `dora_scale`, alpha != rank, LoCon targets, text encoders): its weight change depends
     on the base weight, which `apply_lora` reads from the pipeline."""
     config = parse_config({**BASE, "base_model": "builtin:tiny-sd", "lora_rank": 4, "lora_alpha": 6,
                            "lora_target": "locon", "use_dora": True})
@@ -267,3 +267,63 @@ def test_network_args_in_sd_scripts_form(tmp_path):
     assert json.loads(meta["ss_network_args"]) == {"algo": "lokr", "factor": "8"}
     assert meta["ss_network_module"] == "lycoris.kohya"
     assert json.loads(metadata_for(tmp_path, network_type="loha")["ss_network_args"]) == {"algo": "loha"}
+
+
+def transformers4_clip_modules(num_layers: int, projection: bool) -> set[str]:
+    """The Linear modules of transformers 4's CLIPTextModel / CLIPTextModelWithProjection, written out by hand
+    (not read from the installed transformers 5, whose CLIPTextModel dropped the `text_model.` level): what
+    A1111, Forge, sd-scripts and diffusers installs on transformers 4 look names up in."""
+    names = {f"text_model.encoder.layers.{i}.{part}" for i in range(num_layers)
+             for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                          "mlp.fc1", "mlp.fc2")}
+    return names | ({"text_projection"} if projection else set())
+
+
+@pytest.mark.parametrize(("family", "dora"), [("sd1", False), ("sdxl", False), ("sdxl", True)])
+def test_text_encoder_keys_name_transformers_4_modules(family, dora):
+    """Every exported `lora_te*` key names a module of the text encoder as transformers 4 lays it out."""
+    config = parse_config({**BASE, "base_model": "builtin:tiny-sd", "train_text_encoder": True,
+                           "use_dora": dora, "lora_rank": 2})
+    pipeline, encoders = with_adapters(family, config)
+    state, _ = lora_file_contents(pipeline.unet, config, encoders, families.get(family))
+    prefixes = ["lora_te1_", "lora_te2_"] if family == "sdxl" else ["lora_te_"]
+    expected = set()
+    for encoder, prefix in zip(encoders, prefixes, strict=True):
+        projection = type(encoder).__name__ == "CLIPTextModelWithProjection"
+        expected |= {prefix + name.replace(".", "_")
+                     for name in transformers4_clip_modules(encoder.config.num_hidden_layers, projection)}
+    te_layers = {key.split(".")[0] for key in state if key.startswith("lora_te")}
+    assert te_layers and te_layers <= expected, sorted(te_layers - expected)[:3]
+    assert len(te_layers) == 4 * sum(e.config.num_hidden_layers for e in encoders)
+
+
+def test_sd_scripts_training_fields_in_its_formats(tmp_path):
+    """The fields sd-scripts' train_network.py writes (and A1111's metadata panel shows), formatted as it
+    formats them: `str()` of the value (`None` for an option left off, `True` / `False`), JSON for dataset
+    folders and buckets."""
+    config = parse_config({**BASE, "base_model": "builtin:tiny-sd", "output_path": str(tmp_path / "style"),
+                           "dataset_path": str(tmp_path / "my_pictures"), "min_snr_gamma": 5, "noise_offset": 0.05,
+                           "zero_terminal_snr": True, "flip_horizontal": True, "shuffle_tags": True,
+                           "keep_tokens": 1, "caption_dropout": 0.1, "repeats": 3, "batch_size": 2,
+                           "gradient_accumulation_steps": 4, "lora_dropout": 0.1, "min_bucket_resolution": 320,
+                           "max_bucket_resolution": 1024, "bucket_no_upscale": True, "latent_cache": "disk"})
+    meta = training_metadata(config, families.get("sd1"), "epsilon", steps=10, epochs=1, num_images=18, precision="no",
+                             started_at=datetime.now(UTC), tag_frequency={}, gradient_checkpointing=True,
+                             num_processes=2, buckets={"512x384": 4, "512x512": 2})
+    assert {key: meta[key] for key in (
+        "ss_min_snr_gamma", "ss_noise_offset", "ss_network_dropout", "ss_zero_terminal_snr", "ss_flip_aug",
+        "ss_shuffle_caption", "ss_keep_tokens", "ss_caption_dropout_rate", "ss_enable_bucket", "ss_min_bucket_reso",
+        "ss_max_bucket_reso", "ss_bucket_no_upscale", "ss_cache_latents", "ss_gradient_checkpointing",
+        "ss_total_batch_size", "ss_clip_skip")} == {
+        "ss_min_snr_gamma": "5.0", "ss_noise_offset": "0.05", "ss_network_dropout": "0.1",
+        "ss_zero_terminal_snr": "True", "ss_flip_aug": "True", "ss_shuffle_caption": "True", "ss_keep_tokens": "1",
+        "ss_caption_dropout_rate": "0.1", "ss_enable_bucket": "True", "ss_min_bucket_reso": "320",
+        "ss_max_bucket_reso": "1024", "ss_bucket_no_upscale": "True", "ss_cache_latents": "True",
+        "ss_gradient_checkpointing": "True", "ss_total_batch_size": "16", "ss_clip_skip": "None"}
+    assert json.loads(meta["ss_dataset_dirs"]) == {"my_pictures": {"n_repeats": 3, "img_count": 6}}
+    assert json.loads(meta["ss_bucket_info"]) == {"buckets": {"0": {"resolution": [512, 384], "count": 12},
+                                                              "1": {"resolution": [512, 512], "count": 6}}}
+    off = metadata_for(tmp_path, min_snr_gamma=0, bucketing=False, latent_cache="off")
+    assert off["ss_min_snr_gamma"] == off["ss_noise_offset"] == off["ss_network_dropout"] == "None"
+    assert off["ss_enable_bucket"] == "False" and off["ss_bucket_info"] == "null" and off["ss_cache_latents"] == "False"
+    assert off["ss_gradient_checkpointing"] == "False" and off["ss_total_batch_size"] == "1"

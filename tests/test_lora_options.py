@@ -15,6 +15,7 @@ from test_text_encoder_lora import OPTIONS, encode, load, run, unet_inputs
 from lora_core import builtin, models, objective
 from lora_core.configfile import parse_config
 from lora_core.lora import add_lora, kohya_state_dict, save_lora
+from lora_core.lorafile import diffusers_state_dict
 from lora_core.training import train
 
 BASE = dict(dataset_path="d", output_path="o", base_model="builtin:tiny-sd", trigger_words=["t"])
@@ -57,7 +58,8 @@ def test_variants_export_exactly(tmp_path, target):
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_dora_loaded_by_diffusers_reproduces_the_trained_model(dataset_dir, tmp_path, family):
     """DoRA on the UNet (LoCon targets: linear and conv layers) and the text encoder(s), trained, written in
-    diffusers' PEFT format, and loaded back by `load_lora_weights` (alpha != rank)."""
+    the kohya layout (`dora_scale`), and loaded back by `load_lora_weights` through
+    `lorafile.diffusers_state_dict` (diffusers' own SD loaders drop `dora_scale`), alpha != rank."""
     config = tiny_config(dataset_dir, tmp_path / "out", steps=2, use_dora=True, lora_target="locon",
                          **dict(OPTIONS, lora_dropout=0.0))
     config["base_model"] = "builtin:tiny-sdxl" if family == "sdxl" else "builtin:tiny-sd"
@@ -66,15 +68,14 @@ def test_dora_loaded_by_diffusers_reproduces_the_trained_model(dataset_dir, tmp_
 
     with safe_open(str(result.final_path), "pt") as handle:
         header = handle.metadata()
-    adapter = json.loads(header["lora_adapter_metadata"])
-    assert adapter["unet.use_dora"] and adapter["unet.lora_alpha"] == 8 and adapter["unet.r"] == 4
-    assert header["ss_network_module"] == "peft.dora" and header["ss_network_dim"] == "4"
+    assert header["ss_network_module"] == "lycoris.kohya" and header["ss_network_dim"] == "4"
+    assert json.loads(header["ss_network_args"])["dora_wd"] == "True"
     state = load_file(str(result.final_path))
-    encoders = ["text_encoder", "text_encoder_2"][:len(result.text_encoders)]
-    for prefix in ["unet", *encoders]:
-        magnitudes = [key for key in state if key.startswith(prefix + ".") and "lora_magnitude_vector" in key]
-        assert magnitudes, f"no DoRA magnitudes for {prefix}"
-    assert any("resnets.0.conv1.lora_magnitude_vector" in key for key in state)  # conv layers have them too
+    assert {float(state[key]) for key in state if key.endswith(".alpha")} == {8.0}
+    prefixes = ["lora_unet_", *(["lora_te1_", "lora_te2_"] if family == "sdxl" else ["lora_te_"])]
+    for prefix in prefixes[:1 + len(result.text_encoders)]:
+        assert [key for key in state if key.startswith(prefix) and key.endswith(".dora_scale")], prefix
+    assert any(key.endswith("conv1.dora_scale") or key.endswith("in_layers_2.dora_scale") for key in state)
 
     base_unet = load(family).unet
     inputs = unet_inputs(family)
@@ -83,11 +84,11 @@ def test_dora_loaded_by_diffusers_reproduces_the_trained_model(dataset_dir, tmp_
         assert (expected_unet - base_unet(**inputs).sample).abs().max() > 1e-4
     trained = load(family)
     for index, encoder in enumerate(result.text_encoders):
-        setattr(trained, encoders[index], encoder.eval())
+        setattr(trained, ["text_encoder", "text_encoder_2"][index], encoder.eval())
     expected_text = encode(trained, family)
 
     pipeline = load(family)
-    pipeline.load_lora_weights(str(result.final_path))
+    pipeline.load_lora_weights(diffusers_state_dict(result.final_path, pipeline))
     with torch.no_grad():
         torch.testing.assert_close(pipeline.unet(**inputs).sample, expected_unet, rtol=0, atol=1e-5)
     for loaded, wanted in zip(encode(pipeline, family), expected_text, strict=True):
@@ -103,7 +104,7 @@ def test_dora_resumes_bit_identically(dataset_dir, tmp_path):
     second, events = run(tiny_config(dataset_dir, tmp_path / "out", **options), resume=True)
     assert events[0].resumed_from_step == 1
     expected, resumed = load_file(str(whole.final_path)), load_file(str(second.final_path))
-    assert expected.keys() == resumed.keys() and any("magnitude" in key for key in expected)
+    assert expected.keys() == resumed.keys() and any(key.endswith(".dora_scale") for key in expected)
     assert all(torch.equal(expected[key], resumed[key]) for key in expected)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -61,6 +62,7 @@ def test_resize_to_full_rank_reproduces_the_file_and_lower_ranks_report_what_the
     folder, a, _ = files
     full = folder / "full.safetensors"
     assert main(["resize", str(a), "--rank", "4", "-o", str(full)]) == 0
+    assert read(full).metadata["ss_output_name"] == "full"  # its own alias, not its input's
     original, resized = weight_deltas(a), weight_deltas(full)
     assert original.keys() == resized.keys()
     for name in original:
@@ -90,7 +92,12 @@ def test_merge_equals_applying_both(files):
     assert (unet_out(one) - unet_out(load("sd1"))).abs().max() > 1e-3
     assert {layer.rank for name, layer in read(merged).layers.items() if name.endswith("attn1_to_q")} == {6}
     with safe_open(str(merged), "pt") as handle:  # plain LoRA: diffusers reads it too
-        assert "a.safetensors x 0.7" in handle.metadata()["modelspec.merged_from"]
+        meta = handle.metadata()
+    sha = hashlib.sha256(a.read_bytes()).hexdigest()
+    assert meta["modelspec.merged_from"].startswith(f"my_style (a.safetensors, sha256 {sha}) x 0.7, my_style (")
+    # its own alias: A1111 calls a LoRA by ss_output_name, and the inputs share "my_style"
+    assert meta["ss_output_name"] == meta["modelspec.title"] == "merged"
+    assert meta["ss_output_name"] not in {read(path).metadata["ss_output_name"] for path in (a, b)}
     diffusers_loaded = load("sd1")
     diffusers_loaded.load_lora_weights(str(merged))
     torch.testing.assert_close(unet_out(diffusers_loaded), unet_out(both), rtol=0, atol=1e-5)
