@@ -53,7 +53,12 @@ def estimate_tokens(text: str, limit: EncoderLimit) -> TokenCount:
         if used + cost > limit.tokens and cut_at is None:
             cut_at = match.start()
         used += cost
-    return TokenCount(used, text[cut_at:].strip() if cut_at is not None else "", exact=False)
+    return TokenCount(used, _from_word_start(text, cut_at) if cut_at is not None else "", exact=False)
+
+
+def _from_word_start(text: str, cut_at: int) -> str:
+    """The text from the start of the word the limit falls in: what people read as the part that is lost."""
+    return text[text.rfind(" ", 0, cut_at) + 1:].strip()
 
 
 class TokenCounter:
@@ -83,7 +88,7 @@ class TokenCounter:
         if len(ids) <= limit.tokens:
             return TokenCount(len(ids), "", exact=True)
         first_cut = offsets[limit.tokens - 1][0]  # the end token takes the last place
-        return TokenCount(len(ids), text[first_cut:].strip(), exact=True)
+        return TokenCount(len(ids), _from_word_start(text, first_cut), exact=True)
 
 
 @dataclass

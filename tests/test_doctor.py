@@ -1,0 +1,177 @@
+"""The dataset doctor: each planted defect is found and names its file, a clean set gives nothing, the CLI's
+JSON, the leakage check through a config, and the one-click fixes (which never delete a user's file)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from doctor_data import TRIGGER, clean, planted, reencoded
+from helpers import ROOT
+from PIL import Image
+
+from lora_core import dataset, doctor, doctor_fixes, imagehash
+from lora_core.doctor_captions import EncoderLimit, estimate_tokens
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_STUDIO_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def planted_template(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    folder = tmp_path_factory.mktemp("planted") / "set"
+    return folder, planted(folder)
+
+
+@pytest.fixture
+def planted_set(planted_template, tmp_path) -> tuple[Path, dict[str, str]]:
+    """A fresh copy of the planted dataset (tests change it)."""
+    folder = tmp_path / "set"
+    shutil.copytree(planted_template[0], folder)
+    return folder, planted_template[1]
+
+
+def kinds_by_file(result: doctor.Result) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for finding in result.findings:
+        for name in finding.files:
+            found.setdefault(name, set()).add(finding.kind)
+    return found
+
+
+def test_each_planted_defect_is_found_naming_its_file(planted_set):
+    folder, files = planted_set
+    result = doctor.examine(folder)
+    found = kinds_by_file(result)
+    for kind, name in files.items():
+        assert kind in found.get(name, set()), f"{kind} not reported for {name}: {found.get(name)}"
+    for kind in ("converted",):  # the 16-bit and the palette image are conversions too
+        assert kind in found["deep.png"] and kind in found["indexed.png"]
+    assert "clean_0000.png" in next(f.files for f in result.findings if f.kind == "duplicate")
+    assert "clean_0001.png" in next(f.files for f in result.findings if f.kind == "near_duplicate")
+    clean_names = {f"clean_{i:04d}.png" for i in range(2, 12)}
+    assert not clean_names & set(found), {name: found[name] for name in clean_names & set(found)}
+    for finding in result.findings:
+        assert finding.message and finding.why and finding.fix and finding.severity in doctor.SEVERITIES
+
+
+def test_a_clean_dataset_has_no_findings(tmp_path):
+    clean(tmp_path / "set", 14)
+    clean(tmp_path / "set", 4, suffix=".jpg", first_seed=50)
+    result = doctor.examine(tmp_path / "set")
+    assert result.findings == [] and result.num_images == 18
+
+
+def test_the_second_look_uses_the_cache_and_finds_the_same(planted_set, monkeypatch):
+    folder, files = planted_set
+    first = doctor.examine(folder)
+    monkeypatch.setattr(imagehash, "measure", lambda *a: pytest.fail("measured again despite the cache"))
+    second = doctor.examine(folder)
+    assert [f.to_dict() for f in first.findings] == [f.to_dict() for f in second.findings]
+    assert len(first.findings) >= len(files)
+
+
+@pytest.mark.e2e  # a subprocess that imports torch: about 5 s
+def test_cli_json_and_leakage_between_training_and_held_out_images(tmp_path):
+    clean(tmp_path / "train", 8)
+    held = tmp_path / "held"
+    clean(held, 2, first_seed=40)
+    reencoded(tmp_path / "train" / "clean_0003.png", scale=0.8, quality=80).save(held / "leak.jpg")
+    config = {"dataset_path": "elsewhere", "base_model": "builtin:tiny-sd", "output_path": str(tmp_path / "out"),
+              "trigger_words": [TRIGGER], "resolution": 256, "validation_dataset_path": str(held)}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    run = subprocess.run([sys.executable, "-m", "lora_core", "doctor", str(tmp_path / "train"), "--config",
+                          str(tmp_path / "config.json"), "--json", "--no-cache"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 1, run.stderr
+    findings = json.loads(run.stdout)
+    assert [f["kind"] for f in findings] == ["leakage"]
+    assert findings[0]["files"] == ["clean_0003.png", "held/leak.jpg"] and findings[0]["severity"] == "error"
+    assert set(findings[0]) >= {"kind", "files", "message", "why", "fix", "severity"}
+
+
+def test_held_out_images_of_the_dataset_itself_are_checked_for_leakage(tmp_path):
+    clean(tmp_path / "set", 10)
+    (tmp_path / "set" / "again.png").write_bytes((tmp_path / "set" / "clean_0002.png").read_bytes())
+    config = doctor.TrainConfig(dataset_path=str(tmp_path / "set"), base_model="builtin:tiny-sd",
+                                output_path=str(tmp_path / "o"), trigger_words=[TRIGGER], validation_images=0.5)
+    target = doctor.target_from_config(config)
+    held = {path.name for path in target.held_out}
+    assert len(held) == 6
+    result = doctor.examine(tmp_path / "set", target)
+    pair = {"again.png", "clean_0002.png"}
+    kinds = {f.kind for f in result.findings if set(f.files) == pair}
+    assert kinds == ({"leakage"} if len(pair & held) == 1 else {"duplicate"})
+
+
+def test_caption_limits_come_from_the_config(tmp_path):
+    clean(tmp_path / "set", 6)
+    (tmp_path / "set" / "clean_0000.txt").write_text(" ".join(["word"] * 70))
+    config = doctor.TrainConfig(dataset_path=str(tmp_path / "set"), base_model="builtin:tiny-sd",
+                                output_path=str(tmp_path / "o"), trigger_words=["a long trigger phrase here"])
+    long = [f for f in doctor.examine(tmp_path / "set", doctor.target_from_config(config)).findings
+            if f.kind == "caption_too_long"]
+    assert [f.files for f in long] == [["clean_0000.png"]]  # 70 words fit alone, not after the trigger
+    assert "word" in long[0].message and "CLIP" in long[0].message
+    assert not [f for f in doctor.examine(tmp_path / "set").findings if f.kind == "caption_too_long"]
+
+
+def test_the_token_estimate_and_what_is_cut():
+    clip = EncoderLimit("CLIP", 77)
+    assert estimate_tokens("a photo of a dog", clip).tokens == 7
+    count = estimate_tokens(" ".join(f"w{i}" for i in range(40)), clip)  # a letter and a digit (or two) each
+    assert count.tokens > 77 and count.cut.startswith("w") and not estimate_tokens("short", clip).cut
+    assert estimate_tokens("x " * 300, EncoderLimit("T5", 512)).cut == ""
+
+
+def test_exclude_is_honoured_by_the_scan_and_undone_by_include(tmp_path):
+    folder = tmp_path / "set"
+    clean(folder, 3)
+    assert doctor_fixes.exclude(folder, ["clean_0001.png"]) == ["clean_0001.png"]
+    assert doctor_fixes.exclude(folder, ["clean_0001.png"]) == []
+    report = dataset.scan(folder, ["t"])
+    assert [Path(r.path).name for r in report.images] == ["clean_0000.png", "clean_0002.png"]
+    assert report.refused == [{"file": "clean_0001.png", "reason": dataset.EXCLUDED_REASON}]
+    assert (folder / "clean_0001.png").is_file() and doctor.examine(folder).num_images == 2
+    assert doctor_fixes.include(folder, ["clean_0001.png"]) == []
+    assert len(dataset.scan(folder, ["t"]).images) == 3
+    for bad in ("../x.png", "/etc/passwd", "", ".."):
+        with pytest.raises(doctor_fixes.FixError):
+            doctor_fixes.exclude(folder, [bad])
+
+
+def test_add_trigger_puts_it_first_where_it_is_missing(planted_set):
+    folder, files = planted_set
+    changed = doctor_fixes.add_trigger(folder, [files["trigger_missing"], files["caption_missing"],
+                                                "clean_0002.png"], TRIGGER)
+    assert changed == [files["trigger_missing"], files["caption_missing"]]
+    assert (folder / "no_trigger.txt").read_text().startswith(f"{TRIGGER}, ")
+    assert (folder / "no_caption.txt").read_text() == TRIGGER
+    kinds = {f.kind for f in doctor.examine(folder).findings}
+    assert "trigger_missing" not in kinds and "caption_missing" not in kinds
+
+
+def test_convert_writes_an_rgb_png_beside_the_original_and_excludes_it(planted_set):
+    folder, files = planted_set
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    made = [doctor_fixes.convert(folder, name) for name in ("print.jpg", "deep.png", "sideways.jpg")]
+    made.append(doctor_fixes.convert(folder, files["transparent"], background=(0, 128, 0)))
+    assert made == ["print_rgb.png", "deep_rgb.png", "sideways_rgb.png", "cutout_rgb.png"]
+    for name in made:
+        with Image.open(folder / name) as image:
+            assert image.mode == "RGB" and image.format == "PNG"
+        assert (folder / name).with_suffix(".txt").is_file()
+    with Image.open(folder / "sideways_rgb.png") as image:
+        assert image.size == (384, 448)  # the EXIF rotation baked in
+        assert image.getpixel((0, 0)) != (0, 128, 0)
+    with Image.open(folder / "cutout_rgb.png") as image:
+        assert image.getpixel((0, 0)) == (0, 128, 0)
+    assert all((folder / name).read_bytes() == data for name, data in before.items() if name != dataset.EXCLUDE_FILE)
+    found = kinds_by_file(doctor.examine(folder))
+    assert not any(name in found for name in made) and "print.jpg" not in found
