@@ -175,3 +175,27 @@ def test_convert_writes_an_rgb_png_beside_the_original_and_excludes_it(planted_s
     assert all((folder / name).read_bytes() == data for name, data in before.items() if name != dataset.EXCLUDE_FILE)
     found = kinds_by_file(doctor.examine(folder))
     assert not any(name in found for name in made) and "print.jpg" not in found
+
+
+def test_plan_findings_go_in_the_dataset_event(planted_set, tmp_path):
+    from types import SimpleNamespace
+
+    from lora_core.events import dataset_event, event_from_dict
+
+    folder, files = planted_set
+    config = doctor.TrainConfig(dataset_path=str(folder), base_model="builtin:tiny-sd", trigger_words=[TRIGGER],
+                                output_path=str(tmp_path / "out"), resolution=256)
+    report = dataset.scan(folder, config.trigger_words)
+    held = dataset.DatasetReport(folder=str(folder), images=[r for r in report.images
+                                                             if Path(r.path).name == "clean_0001.png"])
+    plan = SimpleNamespace(config=config, info=SimpleNamespace(family="sd1", pixel_multiple=64), held_out=held)
+    findings = doctor.plan_findings(plan)
+    event = event_from_dict(json.loads(dataset_event(report, held, findings=findings).to_json()))
+    # at 256 px tiny.png is not enlarged 2x; the trigger is put first by the config; clean_0001 is held out
+    expected = set(files) - {"upscaled", "trigger_missing", "near_duplicate"} | {"leakage"}
+    assert event.findings == findings and {f["kind"] for f in findings} == expected
+    assert {"kind": "leakage", "files": ["near_copy.jpg", "clean_0001.png"]}.items() <= next(
+        f for f in findings if f["kind"] == "leakage").items()
+    assert dataset_event(report).findings == []
+    broken = SimpleNamespace(config=config, info=None, held_out=None)
+    assert doctor.plan_findings(broken) == []
