@@ -47,9 +47,12 @@ class DoctorSettings(BaseModel):
     near_duplicate_bits: int = Field(10, ge=0, le=32, description=(
         "Two images are near-duplicates when both their dHash and pHash (64 bits each) differ in at most this "
         "many bits. A resize or JPEG re-encode changes 0-4; unrelated photos differ in about 32."))
-    blur_ratio: float = Field(0.2, gt=0, lt=1, description=(
-        "An image is blurry when its detail (Laplacian variance) is below this fraction of the set's median."))
-    blur_min_images: int = Field(5, ge=2, description="Judge blur only in sets of at least this many images.")
+    blur_absolute: float = Field(1.6, gt=0, description=(
+        "An image is blurry when its detail ratio (gradient energy at 512 px over that at 256 px: sharp images "
+        "2-4 or more, blurred ones about 1) is below this..."))
+    blur_relative: float = Field(0.5, gt=0, le=1, description=(
+        "... and, in a set of at least blur_min_images, below this fraction of the set's median ratio."))
+    blur_min_images: int = Field(5, ge=2, description="Compare with the set's median from this many images on.")
     max_upscale: float = Field(2.0, ge=1, description="Flag images training enlarges by more than this factor.")
     max_crop: float = Field(0.3, gt=0, lt=1, description=(
         "Flag images whose bucket (or centre square) crop cuts away more than this fraction."))
@@ -107,6 +110,15 @@ def image_files(folder: Path) -> list[Path]:
             and path.name not in excluded and (path.is_file() or path.is_symlink())]
 
 
+def _facts(path: Path, folder: Path, cache: imagehash.FactsCache) -> imagehash.ImageFacts:
+    """The facts of a file, or why training refuses it: a link out of the folder is never followed."""
+    try:
+        dataset._inside_folder(path, folder)
+    except ValueError as error:
+        return imagehash.ImageFacts("", error=str(error))
+    return imagehash.image_facts(path, cache)
+
+
 def _collector(findings: list[Finding]):
     def add(kind: str, files: list[str], message: str, why: str, fix: str, severity: str = "warning",
             actions: list[str] | None = None) -> None:
@@ -123,7 +135,7 @@ def examine(folder: str | Path, target: Target | None = None, settings: DoctorSe
     cache = imagehash.FactsCache(imagehash.cache_dir() / "doctor-facts.json" if settings.cache else None)
     files = image_files(folder)
     held_names = {path.resolve() for path in target.held_out}
-    measured = [(path, imagehash.image_facts(path, cache)) for path in files]
+    measured = [(path, _facts(path, folder, cache)) for path in files]
     held = [(path.name, facts) for path, facts in measured if path.resolve() in held_names]
     held += [(f"{path.parent.name}/{path.name}", imagehash.image_facts(path, cache))
              for path in target.held_out if path.parent.resolve() != folder.resolve()]
@@ -145,7 +157,7 @@ def _image_checks(train, held, target: Target, settings: DoctorSettings, add) ->
     doctor_images.near_duplicates(train, settings.near_duplicate_bits, exact, add)
     if held:
         doctor_images.leakage(train, held, settings.near_duplicate_bits, add)
-    doctor_images.blurry(train, settings.blur_ratio, settings.blur_min_images, add)
+    doctor_images.blurry(train, settings.blur_absolute, settings.blur_relative, settings.blur_min_images, add)
     doctor_images.sizes(train, target.shape, settings.max_upscale, settings.max_crop, add)
     doctor_images.transparency(train, settings.transparent, add)
     doctor_images.conversions(train, add)

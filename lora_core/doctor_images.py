@@ -95,17 +95,19 @@ def leakage(train: list[tuple[str, ImageFacts]], held: list[tuple[str, ImageFact
             actions=["exclude"])
 
 
-def blurry(items: list[tuple[str, ImageFacts]], ratio: float, minimum: int, add: Add) -> None:
-    """Images far less sharp than the set's median (an absolute threshold would flag every soft-focus set)."""
-    if len(items) < minimum:
-        return
-    median = statistics.median(f.sharpness for _, f in items)
+def blurry(items: list[tuple[str, ImageFacts]], absolute: float, relative: float, minimum: int, add: Add) -> None:
+    """Images whose finest detail is missing (sharpness under `absolute`) and, in a set of at least `minimum`
+    images, also far below the set's median: a set of soft paintings is not a set of blurry photos."""
+    measured = [f.sharpness for _, f in items if f.sharpness > 0]
+    median = statistics.median(measured) if len(measured) >= minimum else None
     for name, facts in items:
-        if median > 0 and facts.sharpness < ratio * median:
-            add("blurry", [name], f"far less sharp than the rest of the set (detail {facts.sharpness:.0f} against "
-                f"a median of {median:.0f})", "the LoRA learns blur as part of the subject or style, and its "
-                "images come out soft", "replace it with a sharper picture, or exclude it", "warning",
-                actions=["exclude"])
+        if not 0 < facts.sharpness < absolute or (median is not None and facts.sharpness >= relative * median):
+            continue
+        against = f" (the set's median is {median:.1f})" if median is not None else ""
+        add("blurry", [name], f"blurry: its detail ratio is {facts.sharpness:.2f}, under {absolute:g}{against}; "
+            "its finest detail is missing", "the LoRA learns blur as part of the subject or style, and its "
+            "images come out soft", "replace it with a sharper picture, or exclude it", "warning",
+            actions=["exclude"])
 
 
 def _training_size(width: int, height: int, shape: Shape) -> tuple[float, float]:

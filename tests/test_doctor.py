@@ -68,6 +68,23 @@ def test_a_clean_dataset_has_no_findings(tmp_path):
     assert result.findings == [] and result.num_images == 18
 
 
+def test_the_projects_shapes_set_has_no_image_findings_and_a_blurred_shape_is_found(tmp_path):
+    from helpers import SHAPES_DATASET
+    from PIL import ImageFilter
+
+    folder = tmp_path / "shapes"
+    shutil.copytree(SHAPES_DATASET, folder)
+    assert {f.kind for f in doctor.examine(folder).findings} == {"caption_missing"}  # shape_06 has none
+    with Image.open(folder / "shape_03.png") as image:
+        blurred = image.filter(ImageFilter.GaussianBlur(2))
+    blurred.save(folder / "shape_03.png")
+    (tmp_path / "elsewhere.png").write_bytes((folder / "shape_01.png").read_bytes())
+    (folder / "outside.png").symlink_to(tmp_path / "elsewhere.png")
+    found = kinds_by_file(doctor.examine(folder))
+    assert found["shape_03.png"] == {"blurry"} and found["outside.png"] == {"unreadable"}
+    assert set(found) == {"shape_03.png", "outside.png", "shape_06.jpg"}
+
+
 def test_the_second_look_uses_the_cache_and_finds_the_same(planted_set, monkeypatch):
     folder, files = planted_set
     first = doctor.examine(folder)
