@@ -216,3 +216,22 @@ def test_plan_findings_go_in_the_dataset_event(planted_set, tmp_path):
     assert dataset_event(report).findings == []
     broken = SimpleNamespace(config=config, info=None, held_out=None)
     assert doctor.plan_findings(broken) == []
+
+
+def test_the_report_shows_the_findings_of_the_dataset_event(tmp_path):
+    from test_report import record_run
+
+    from lora_core.events import Dataset, EventLog
+    from lora_core.report import write_report
+
+    record_run(tmp_path / "run")
+    finding = doctor.Finding("blurry", ["soft<1>.png"], "blurry: its detail ratio is 1.05", "soft LoRA",
+                             "replace it", "warning", ["exclude"])
+    log = EventLog(tmp_path / "run" / "events.jsonl")
+    log(Dataset(num_images=6, num_captioned=6, refused=[], num_refused=0, ignored=[], num_ignored=0, warnings=[],
+                findings=[finding.to_dict()]))
+    log.close()
+    page = write_report(tmp_path / "run").read_text(encoding="utf-8")
+    assert "<h2>Dataset doctor</h2>" in page and "soft&lt;1&gt;.png" in page and "detail ratio is 1.05" in page
+    record_run(tmp_path / "plain")
+    assert "Dataset doctor" not in write_report(tmp_path / "plain").read_text(encoding="utf-8")
