@@ -83,7 +83,8 @@ class TokenCounter:
     def count(self, text: str, limit: EncoderLimit) -> TokenCount:
         if self.tokenizer is None or not limit.name.upper().startswith("CLIP"):
             return estimate_tokens(text, limit)
-        encoded = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
+        encoded = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, truncation=False,
+                                 verbose=False)
         ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
         if len(ids) <= limit.tokens:
             return TokenCount(len(ids), "", exact=True)

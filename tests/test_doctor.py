@@ -235,3 +235,25 @@ def test_the_report_shows_the_findings_of_the_dataset_event(tmp_path):
     assert "<h2>Dataset doctor</h2>" in page and "soft&lt;1&gt;.png" in page and "detail ratio is 1.05" in page
     record_run(tmp_path / "plain")
     assert "Dataset doctor" not in write_report(tmp_path / "plain").read_text(encoding="utf-8")
+
+
+@pytest.mark.e2e  # loads transformers' tokenizer: about 5 s
+def test_a_local_models_own_clip_tokenizer_counts_exactly_and_a_t5_family_adds_its_limit(tmp_path):
+    from lora_core.builtin import write_tokenizer
+
+    model = tmp_path / "model"
+    write_tokenizer(model / "tokenizer")  # byte-level: a letter is a token, the last of a word with </w>
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    clean(tmp_path / "set", 5)
+    (tmp_path / "set" / "clean_0000.txt").write_text("a dog " + "x" * 80 + " lost words")
+    config = doctor.TrainConfig(dataset_path=str(tmp_path / "set"), base_model=str(model), trigger_words=[TRIGGER],
+                                output_path=str(tmp_path / "o"), trigger_placement="none")
+    target = doctor.target_from_config(config)
+    count = target.counter.count("a dog", doctor.CLIP_LIMIT)
+    assert (count.tokens, count.exact, count.cut) == (6, True, "")  # start, a, d, o, g, end
+    long = [f for f in doctor.examine(tmp_path / "set", target).findings if f.kind == "caption_too_long"]
+    assert long[0].files == ["clean_0000.png"] and "is 95 CLIP tokens" in long[0].message
+    assert "never sees: “xxx" in long[0].message and "lost words" in long[0].message
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    assert [(limit.name, limit.tokens) for limit in doctor.target_from_config(config).limits] == [
+        ("CLIP", 77), ("T5", 512)]
