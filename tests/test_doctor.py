@@ -219,22 +219,25 @@ def test_plan_findings_go_in_the_dataset_event(planted_set, tmp_path):
 
 
 def test_the_report_shows_the_findings_of_the_dataset_event(tmp_path):
-    from test_report import record_run
-
-    from lora_core.events import Dataset, EventLog
+    from lora_core.events import Complete, Dataset, EventLog, Started
     from lora_core.report import write_report
 
-    record_run(tmp_path / "run")
+    def record(output: Path, findings: list[dict]) -> str:
+        log = EventLog(output / "events.jsonl")
+        log(Started(total_steps=1, num_images=6, device="cpu", mixed_precision="no", model_family="SD 1.x",
+                    output_path=str(output), num_processes=1, gradient_checkpointing=False, compile_unet="off",
+                    cuda_graphs=False))
+        log(Dataset(num_images=6, num_captioned=6, refused=[], num_refused=0, ignored=[], num_ignored=0,
+                    warnings=[], findings=findings))
+        log(Complete(final_path=str(output / "lora_final.safetensors"), total_time=1.0, step=1))
+        log.close()
+        return write_report(output).read_text(encoding="utf-8")
+
     finding = doctor.Finding("blurry", ["soft<1>.png"], "blurry: its detail ratio is 1.05", "soft LoRA",
                              "replace it", "warning", ["exclude"])
-    log = EventLog(tmp_path / "run" / "events.jsonl")
-    log(Dataset(num_images=6, num_captioned=6, refused=[], num_refused=0, ignored=[], num_ignored=0, warnings=[],
-                findings=[finding.to_dict()]))
-    log.close()
-    page = write_report(tmp_path / "run").read_text(encoding="utf-8")
+    page = record(tmp_path / "run", [finding.to_dict()])
     assert "<h2>Dataset doctor</h2>" in page and "soft&lt;1&gt;.png" in page and "detail ratio is 1.05" in page
-    record_run(tmp_path / "plain")
-    assert "Dataset doctor" not in write_report(tmp_path / "plain").read_text(encoding="utf-8")
+    assert "Dataset doctor" not in record(tmp_path / "plain", [])
 
 
 @pytest.mark.e2e  # loads transformers' tokenizer: about 5 s
