@@ -90,3 +90,17 @@ def planted(folder: Path) -> dict[str, str]:
     exif[0x0112] = 6
     files["rotated"] = _save(folder, "sideways.jpg", scene(114), caption(114), quality=92, exif=exif.tobytes())
     return files
+
+
+def make_set(folder: Path, count: int, captions: dict[int, str | None] | None = None) -> Path:
+    """`count` tiny identical images with tag captions (`captions` overrides some; None: no caption file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buffer, format="PNG")
+    raw = buffer.getvalue()
+    for i in range(count):
+        (folder / f"img_{i:04d}.png").write_bytes(raw)
+        text = (captions or {}).get(i, f"zkdog, tag{i % 3}, shared")
+        if text is not None:
+            (folder / f"img_{i:04d}.txt").write_text(text)
+    return folder

@@ -8,27 +8,12 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from doctor_data import make_set
 from helpers import ROOT
-from PIL import Image
 
 from studio import captions_editor as ce
-
-
-def make_set(folder: Path, count: int, captions: dict[int, str] | None = None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    data = (folder / "seed.png")
-    Image.new("RGB", (8, 8), (10, 20, 30)).save(data)
-    raw = data.read_bytes()
-    data.unlink()
-    for i in range(count):
-        (folder / f"img_{i:04d}.png").write_bytes(raw)
-        text = (captions or {}).get(i, f"zkdog, tag{i % 3}, shared")
-        if text is not None:
-            (folder / f"img_{i:04d}.txt").write_text(text)
-    return folder
 
 
 def test_constants_match_the_dataset_scan():

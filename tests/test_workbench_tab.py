@@ -7,8 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from doctor_data import TRIGGER, planted
-from test_captions_editor import make_set
+from doctor_data import TRIGGER, make_set, planted
 
 from studio.workbench_tab import FIXES, WorkbenchTab, build_workbench_tab
 
