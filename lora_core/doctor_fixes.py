@@ -72,7 +72,16 @@ def _exclude_lines(folder: Path) -> list[str]:
     if not path.exists():
         return ["# files left out of training (kept on disk); written by LoRA Studio, one name a line"]
     _inside(folder, dataset.EXCLUDE_FILE)
-    return path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return _read_text(path).splitlines()
+
+
+def _read_text(path: Path) -> str:
+    """A small text file of the dataset, read as training reads captions (a FIFO or device is refused)."""
+    try:
+        with dataset.open_regular(path) as handle:
+            return handle.read(dataset.MAX_CAPTION_FILE_BYTES * 16).decode("utf-8-sig", errors="replace")
+    except ValueError as error:
+        raise FixError(f"{path.name}: {error}") from None
 
 
 def add_trigger(folder: str | Path, names: list[str], trigger: str) -> list[str]:
@@ -85,8 +94,7 @@ def add_trigger(folder: str | Path, names: list[str], trigger: str) -> list[str]
     for name in names:
         caption_path = _inside(folder, name).with_suffix(".txt")
         _inside(folder, caption_path.name)
-        text = caption_path.read_text(encoding="utf-8-sig", errors="replace") if caption_path.exists() else ""
-        text = " ".join(text.split())
+        text = " ".join(_read_text(caption_path).split()) if caption_path.exists() else ""
         if re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", text, re.IGNORECASE):
             continue
         atomic_write_text(caption_path, f"{trigger}, {text}" if text else trigger)
@@ -107,7 +115,7 @@ def convert(folder: str | Path, name: str, background: tuple[int, int, int] = (2
     atomic_write(target, lambda tmp: image.save(tmp, format="PNG"))
     caption = source.with_suffix(".txt")
     if caption.is_file() and not caption.is_symlink():
-        atomic_write_text(target.with_suffix(".txt"), caption.read_text(encoding="utf-8-sig", errors="replace"))
+        atomic_write_text(target.with_suffix(".txt"), _read_text(caption))
     exclude(folder, [name])
     return target.name
 

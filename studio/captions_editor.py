@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import os
 import re
+import stat
 import tempfile
 import threading
 from collections import Counter
@@ -59,6 +60,7 @@ class Caption:
     version: str  # sha256 of the caption file's bytes, NO_FILE when there is none
     image: str  # the image's path, for a thumbnail
     excluded: bool = False
+    problem: str = ""  # why the caption cannot be read (shown instead of failing the whole page)
 
 
 @dataclass
@@ -101,13 +103,21 @@ class CaptionStore:
         """The images of the folder, in dataset.scan's order."""
         with os.scandir(self.folder) as entries:
             return sorted(entry.name for entry in entries if not entry.name.startswith(".")
-                          and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file())
+                          and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file()
+                          and (not entry.is_symlink() or self._inside(Path(entry.path))))
+
+    def _inside(self, path: Path) -> bool:
+        """A link that leads out of the folder is not the dataset's (training refuses it too)."""
+        try:
+            return path.resolve(strict=True).is_relative_to(self.folder)
+        except (OSError, RuntimeError):
+            return False
 
     def _caption_path(self, name: str) -> Path:
         if not name or Path(name).name != name or name in (".", "..") or "\\" in name or "\x00" in name:
             raise CaptionError(f"{name!r} is not an image of this dataset")
         image = self.folder / name
-        if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES or not image.is_file():
+        if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES or not image.is_file() or not self._inside(image):
             raise CaptionError(f"{name} is not an image in {self.folder}")
         path = image.with_suffix(".txt")
         if not path.resolve().is_relative_to(self.folder):
@@ -119,9 +129,13 @@ class CaptionStore:
         path = self._caption_path(name)
         if not path.exists():
             return None
-        if not path.is_file():
-            raise CaptionError(f"{path.name} is not a regular file")
-        with open(path, "rb") as handle:
+        try:  # non-blocking open, then a check of what was opened: a FIFO named .txt never blocks a request
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as error:
+            raise CaptionError(f"{path.name} cannot be read ({error.strerror})") from None
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CaptionError(f"{path.name} is not a regular file")
             return handle.read(MAX_CAPTION_BYTES)
 
     def read(self, name: str, excluded: set[str] | None = None) -> Caption:
@@ -129,6 +143,12 @@ class CaptionStore:
         text = raw.decode("utf-8-sig", errors="replace").strip() if raw is not None else ""
         excluded = self._excluded() if excluded is None else excluded
         return Caption(name, text, _version(raw), str(self.folder / name), name in excluded)
+
+    def _listed(self, name: str, excluded: set[str]) -> Caption:
+        try:
+            return self.read(name, excluded)
+        except CaptionError as error:
+            return Caption(name, "", "unreadable", str(self.folder / name), name in excluded, str(error))
 
     def _excluded(self) -> set[str]:
         path = self.folder / EXCLUDE_FILE
@@ -142,18 +162,18 @@ class CaptionStore:
         names, query, excluded = self.names(), query.strip().lower(), self._excluded()
         if query:
             names = [name for name in names
-                     if query in name.lower() or query in self.read(name, excluded).text.lower()]
+                     if query in name.lower() or query in self._listed(name, excluded).text.lower()]
         pages = max(1, -(-len(names) // per_page))
         number = min(max(0, number), pages - 1)
         shown = names[number * per_page:(number + 1) * per_page]
-        return Page([self.read(name, excluded) for name in shown], len(names), number, pages)
+        return Page([self._listed(name, excluded) for name in shown], len(names), number, pages)
 
     def tag_counts(self) -> list[tuple[str, int]]:
         """(tag, images whose caption has it), most frequent first; tags compare case-insensitively."""
         counts: Counter[str] = Counter()
         excluded = self._excluded()
         for name in self.names():
-            counts.update({tag.lower() for tag in split_tags(self.read(name, excluded).text)})
+            counts.update({tag.lower() for tag in split_tags(self._listed(name, excluded).text)})
         return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
     # --- writing ---

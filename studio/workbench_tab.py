@@ -23,6 +23,7 @@ from lora_core.errors import UserError
 from studio import captions_editor as ce
 
 THUMBNAIL_SIZE = 160
+MAX_PIXELS = 64_000_000  # lora_core.dataset.MAX_PIXELS
 BULK_ACTIONS = {  # label -> (needs text, needs replacement)
     "Add tag at the start": (True, False), "Add tag at the end": (True, False), "Remove tag": (True, False),
     "Find and replace (plain text)": (True, True), "Trigger word first": (False, False),
@@ -39,6 +40,8 @@ def thumbnail(source: Path, root: Path) -> str:
         root.mkdir(parents=True, exist_ok=True)
         try:
             with Image.open(source) as image:
+                if image.width * image.height > MAX_PIXELS:  # training refuses it too; never decode it
+                    raise ValueError("too large")
                 image.draft("RGB", (THUMBNAIL_SIZE * 2, THUMBNAIL_SIZE * 2))
                 small = ImageOps.exif_transpose(image)
                 small.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
@@ -46,6 +49,11 @@ def thumbnail(source: Path, root: Path) -> str:
         except (OSError, ValueError, Image.DecompressionBombError):
             Image.new("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE), (128, 128, 128)).save(target, format="JPEG")
     return str(target)
+
+
+def _label(item: ce.Caption) -> str:
+    excluded = " (excluded from training)" if item.excluded else ""
+    return f"{item.name}{excluded} · {item.problem or item.text or '(no caption)'}"
 
 
 def _first_trigger(trigger_words: str) -> str:
@@ -76,9 +84,7 @@ class WorkbenchTab:
             tags = [[tag, count] for tag, count in store.tag_counts()]
         except UserError as error:
             return [], "", [], [], f"**{error}**"
-        gallery = [(thumbnail(Path(item.image), self.thumbnails_root),
-                    f"{item.name}{' (excluded)' if item.excluded else ''} · {item.text or '(no caption)'}")
-                   for item in page.items]
+        gallery = [(thumbnail(Path(item.image), self.thumbnails_root), _label(item)) for item in page.items]
         note = f"page {page.page + 1} of {page.pages} · {page.total} image(s)"
         return gallery, note, [item.name for item in page.items], tags, ""
 

@@ -135,3 +135,20 @@ def test_concurrent_saves_from_two_browsers_lose_nothing_silently(tmp_path):
     assert len(saved) == 1 and outcomes.count("refused") == 7
     assert store.read("img_0000.png").text == saved[0].removeprefix("saved ")
     assert sorted(os.listdir(tmp_path / "set")) == ["img_0000.png", "img_0000.txt"]  # no temporaries left
+
+
+def test_links_out_of_the_folder_and_fifos_are_not_followed(tmp_path):
+    folder = make_set(tmp_path / "set", 2)
+    outside = make_set(tmp_path / "outside", 1)
+    (folder / "linked.png").symlink_to(outside / "img_0000.png")
+    (folder / "img_0001.txt").unlink()
+    os.mkfifo(folder / "img_0001.txt")
+    store = ce.CaptionStore(folder)
+    assert store.names() == ["img_0000.png", "img_0001.png"]
+    with pytest.raises(ce.CaptionError, match="not a regular file"):
+        store.read("img_0001.png")  # returns at once instead of waiting for a writer
+    listed = store.page().items
+    assert listed[0].text and "not a regular file" in listed[1].problem and dict(store.tag_counts())["shared"] == 1
+    with pytest.raises(ce.CaptionError):
+        store.save("linked.png", "x", ce.NO_FILE)
+    assert not (folder / "linked.txt").exists()
