@@ -97,6 +97,7 @@ class CaptionStore:
             raise CaptionError(f"{folder} is not a folder")
         self.lock = threading.RLock()
         self._undo: tuple[str, dict[str, tuple[bytes | None, str]]] | None = None
+        self._texts: dict[str, tuple[tuple[int, int, int] | None, str]] = {}  # name -> (stat key, text)
 
     # --- reading ---
     def names(self) -> list[str]:
@@ -157,12 +158,28 @@ class CaptionStore:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
         return {name for line in lines if (name := line.split("#", 1)[0].strip())}
 
+    def text(self, name: str) -> str:
+        """The caption's text, re-read only when the file's (mtime, size, inode) changed: the tag table and the
+        filter read every caption, and 2,000 reads cost about 0.35 s at each page turn."""
+        path = self.folder / (os.path.splitext(name)[0] + ".txt")
+        try:
+            info = os.stat(path)
+            key = (info.st_mtime_ns, info.st_size, info.st_ino)
+        except OSError:
+            key = None
+        cached = self._texts.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        text = self._listed(name, set()).text
+        self._texts[name] = (key, text)
+        return text
+
     def page(self, number: int = 0, per_page: int = PER_PAGE, query: str = "") -> Page:
         """One page of images with captions; `query` keeps those whose name or caption contains it."""
         names, query, excluded = self.names(), query.strip().lower(), self._excluded()
         if query:
             names = [name for name in names
-                     if query in name.lower() or query in self._listed(name, excluded).text.lower()]
+                     if query in name.lower() or query in self.text(name).lower()]
         pages = max(1, -(-len(names) // per_page))
         number = min(max(0, number), pages - 1)
         shown = names[number * per_page:(number + 1) * per_page]
@@ -171,9 +188,8 @@ class CaptionStore:
     def tag_counts(self) -> list[tuple[str, int]]:
         """(tag, images whose caption has it), most frequent first; tags compare case-insensitively."""
         counts: Counter[str] = Counter()
-        excluded = self._excluded()
         for name in self.names():
-            counts.update({tag.lower() for tag in split_tags(self._listed(name, excluded).text)})
+            counts.update({tag.lower() for tag in split_tags(self.text(name))})
         return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
     # --- writing ---

@@ -42,6 +42,8 @@ def test_pages_of_2000_images_stay_quick(tmp_path):
     filtered = store.page(0, query="img_1999")
     assert time.perf_counter() - start < 3.0
     assert counts["shared"] == 2000 and counts["tag1"] == 667 and filtered.total == 1
+    (store.folder / "img_0007.txt").write_text("edited outside the studio")  # the table follows
+    assert dict(store.tag_counts())["shared"] == 1999 and store.page(0, query="outside").total == 1
 
 
 def test_an_edit_is_saved_atomically_and_a_stale_one_is_refused(tmp_path):
