@@ -194,7 +194,7 @@ def target_from_config(config: TrainConfig, family: str | None = None, multiple:
     shape = Shape(config.resolution, config.bucketing, config.min_bucket_resolution, config.max_bucket_resolution,
                   config.bucket_no_upscale, multiple or _default_multiple(config))
     return Target(shape, list(config.trigger_words), config.trigger_placement, limits,
-                  TokenCounter.from_folder(model_folder), _held_out_paths(config))
+                  TokenCounter.from_model(config.base_model), _held_out_paths(config))
 
 
 def _folder_family(model_folder: Path | None) -> str | None:

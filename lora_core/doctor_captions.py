@@ -2,12 +2,13 @@
 reads), a missing trigger word, missing captions, and captions so alike that the model cannot tell the
 images apart.
 
-Token counts: with a real tokenizer (`TokenCounter.from_folder`, the base model's own CLIP tokenizer when
-the config points at a local diffusers folder) they are exact. Otherwise they are estimated the way CLIP
-splits text: lower-cased, cut into letter runs, single digits and punctuation runs (CLIP's own pre-token
-pattern); a letter run costs one token per 8 letters (CLIP's 49k-word vocabulary holds most English words
-whole, rare and made-up words split), a punctuation run one per 2 characters. T5 (SentencePiece) is estimated
-at one token per 5 letters plus one per punctuation mark. An estimate is said to be one in the message.
+Token counts: with a real tokenizer (`TokenCounter.from_model`: the base model's own CLIP tokenizer, from a
+local diffusers folder or the Hugging Face cache, never downloaded) they are exact. Otherwise they are
+estimated the way CLIP splits text: lower-cased, cut into letter runs, single digits and punctuation runs
+(CLIP's own pre-token pattern); a letter run costs one token per 8 letters (CLIP's 49k-word vocabulary holds
+most English words whole, rare and made-up words split), a punctuation run one per 2 characters. T5
+(SentencePiece) is estimated at one token per 5 letters plus one per punctuation mark. The message says
+"about" for an estimate.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lora_core import captions as caption_rules
 
 CLIP_PRETOKENS = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
 CLIP_SPECIAL = 2  # the start and end tokens, inside the 77
+MIN_VOCAB = 258  # a real tokenizer has at least the 256 byte tokens and its two special ones
 
 
 @dataclass
@@ -68,17 +70,27 @@ class TokenCounter:
         self.tokenizer = tokenizer
 
     @classmethod
-    def from_folder(cls, model_folder: Path | None) -> TokenCounter:
-        """The CLIP tokenizer of a local diffusers folder, when it has one that loads offline."""
-        folder = model_folder / "tokenizer" if model_folder is not None else None
-        if folder is None or not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
+    def from_model(cls, base_model: str) -> TokenCounter:
+        """The CLIP tokenizer of a local diffusers folder, or of a hub model already in the Hugging Face cache
+        (never downloaded); the estimate when neither loads. A built-in test model's byte-level tokenizer
+        says nothing about a real model's, so it gets the estimate too."""
+        folder = Path(base_model).expanduser()
+        if folder.is_dir():
+            if not (folder / "tokenizer" / "vocab.json").is_file():
+                return cls()
+            source, options = str(folder / "tokenizer"), {}
+        elif base_model.startswith("builtin:") or base_model.count("/") != 1 or base_model.endswith(".safetensors"):
             return cls()
+        else:
+            source, options = base_model, {"subfolder": "tokenizer"}
         try:
             from transformers import CLIPTokenizerFast
 
-            return cls(CLIPTokenizerFast.from_pretrained(str(folder), local_files_only=True))
-        except Exception:  # any tokenizer that does not load: the estimate is still useful
+            tokenizer = CLIPTokenizerFast.from_pretrained(source, local_files_only=True, **options)
+        except Exception:  # any tokenizer that does not load offline: the estimate is still useful
             return cls()
+        # transformers 5 answers a model it has no files for with an empty tokenizer (2 tokens), not an error
+        return cls(tokenizer) if len(tokenizer) >= MIN_VOCAB else cls()
 
     def count(self, text: str, limit: EncoderLimit) -> TokenCount:
         if self.tokenizer is None or not limit.name.upper().startswith("CLIP"):

@@ -241,8 +241,13 @@ def test_the_report_shows_the_findings_of_the_dataset_event(tmp_path):
 
 
 @pytest.mark.e2e  # loads transformers' tokenizer: about 5 s
-def test_a_local_models_own_clip_tokenizer_counts_exactly_and_a_t5_family_adds_its_limit(tmp_path):
+def test_a_local_models_own_clip_tokenizer_counts_exactly_and_a_t5_family_adds_its_limit(tmp_path, monkeypatch):
     from lora_core.builtin import write_tokenizer
+    from lora_core.doctor_captions import TokenCounter
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # transformers 5 makes an empty tokenizer for it
+    assert TokenCounter.from_model("someone/not-in-the-cache").tokenizer is None
 
     model = tmp_path / "model"
     write_tokenizer(model / "tokenizer")  # byte-level: a letter is a token, the last of a word with </w>
