@@ -182,7 +182,8 @@ def _caption_checks(paths: list[Path], folder: Path, target: Target, settings: D
     doctor_captions.too_long(entries, target.limits, target.counter, add)
     doctor_captions.trigger_missing(entries, target.trigger_words, target.placement, settings.majority, add)
     doctor_captions.empty_captions(entries, settings.majority, add)
-    doctor_captions.similar_captions(entries, target.trigger_words, settings.caption_similarity, add)
+    triggers = target.trigger_words or doctor_captions.inferred_triggers(entries, settings.majority)
+    doctor_captions.similar_captions(entries, triggers, settings.caption_similarity, add)
 
 
 def target_from_config(config: TrainConfig, family: str | None = None, multiple: int | None = None) -> Target:

@@ -135,14 +135,9 @@ def trigger_missing(entries: list[CaptionEntry], trigger_words: list[str], place
     captioned = [entry for entry in entries if entry.raw]
     if len(captioned) < 3:
         return
-    if trigger_words:
-        if placement != "none":
-            return
-        candidates = trigger_words
-    else:
-        firsts = Counter(tags[0].lower() for entry in captioned if (tags := caption_rules.split_tags(entry.raw)))
-        candidates = [tag for tag, count in firsts.items() if count / len(captioned) >= majority]
-    for trigger in candidates:
+    if trigger_words and placement != "none":
+        return
+    for trigger in trigger_words or inferred_triggers(entries, majority):
         missing = [entry.file for entry in captioned if not _holds(entry.raw, trigger)]
         if missing and (len(captioned) - len(missing)) / len(captioned) >= majority:
             add("trigger_missing", missing, f"“{trigger}” is in {len(captioned) - len(missing)} of "
@@ -150,6 +145,13 @@ def trigger_missing(entries: list[CaptionEntry], trigger_words: list[str], place
                 "only through images whose caption has it; the others teach it without the trigger, so the "
                 "trigger controls it less", f"put “{trigger}” first in these captions (one click: add trigger)",
                 "warning")
+
+
+def inferred_triggers(entries: list[CaptionEntry], majority: float) -> list[str]:
+    """Without a config: the first tags that at least `majority` of the captions start with."""
+    captioned = [entry for entry in entries if entry.raw]
+    firsts = Counter(tags[0].lower() for entry in captioned if (tags := caption_rules.split_tags(entry.raw)))
+    return [tag for tag, count in firsts.items() if captioned and count / len(captioned) >= majority]
 
 
 def _holds(caption: str, word: str) -> bool:
@@ -193,7 +195,7 @@ def similar_captions(entries: list[CaptionEntry], trigger_words: list[str], thre
 
 
 def _words(caption: str, trigger_words: list[str]) -> frozenset[str]:
-    drop = {word.lower() for word in trigger_words}
+    drop = {word for trigger in trigger_words for word in re.findall(r"\w+", trigger.lower())}
     return frozenset(word for word in re.findall(r"\w+", caption.lower()) if word not in drop)
 
 

@@ -265,3 +265,14 @@ def test_a_local_models_own_clip_tokenizer_counts_exactly_and_a_t5_family_adds_i
     (model / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     assert [(limit.name, limit.tokens) for limit in doctor.target_from_config(config).limits] == [
         ("CLIP", 77), ("T5", 512)]
+
+
+def test_captions_that_are_only_the_trigger_are_not_near_identical_but_others_are(tmp_path):
+    clean(tmp_path / "set", 6)
+    for i in range(6):
+        (tmp_path / "set" / f"clean_{i:04d}.txt").write_text(TRIGGER)  # a common style-LoRA practice
+    assert doctor.examine(tmp_path / "set").findings == []
+    (tmp_path / "set" / "clean_0001.txt").write_text(f"{TRIGGER}, a man in a red coat walking a dog")
+    (tmp_path / "set" / "clean_0002.txt").write_text(f"{TRIGGER}, a man in a red coat, walking a dog")
+    assert [(f.kind, f.files) for f in doctor.examine(tmp_path / "set").findings] == [
+        ("similar_captions", ["clean_0001.png", "clean_0002.png"])]
