@@ -8,10 +8,8 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 from lora_core import buckets
-from lora_core.imagehash import ImageFacts, hamming_matrix
+from lora_core.imagehash import ImageFacts, close_pairs
 
 Add = Callable[..., None]
 
@@ -46,18 +44,11 @@ def exact_duplicates(items: list[tuple[str, ImageFacts]], add: Add) -> set[froze
 
 def _close_pairs(first: list[ImageFacts], second: list[ImageFacts] | None, distance: int) -> list[tuple[int, int]]:
     """Index pairs whose dHash and pHash both differ in at most `distance` bits (both must agree: either
-    alone matches some unrelated images of simple shapes)."""
-    if not first or (second is not None and not second):
-        return []
-    every = first + (second or [])
-    near = (hamming_matrix([f.dhash for f in every]) <= distance) & (hamming_matrix([f.phash for f in every])
-                                                                    <= distance)
+    alone matches some unrelated images of simple shapes). Without `second`, pairs within `first`."""
+    hashes = [(f.dhash, f.phash) for f in first]
     if second is None:
-        rows, cols = np.nonzero(np.triu(near, k=1))
-    else:
-        rows, cols = np.nonzero(near[:len(first), len(first):])
-        cols = cols + len(first)
-    return list(zip(rows.tolist(), cols.tolist(), strict=True))
+        return close_pairs(hashes, hashes, distance, same=True)
+    return close_pairs(hashes, [(f.dhash, f.phash) for f in second], distance, same=False)
 
 
 def near_duplicates(items: list[tuple[str, ImageFacts]], distance: int, exact: set[frozenset[str]],
@@ -82,9 +73,12 @@ def leakage(train: list[tuple[str, ImageFacts]], held: list[tuple[str, ImageFact
             add: Add) -> None:
     """Held-out images that are (near) copies of training images: their validation loss measures memory."""
     pairs = _close_pairs([f for _, f in train], [f for _, f in held], distance)
-    exact = [(i, j) for i, (_, tf) in enumerate(train) for j, (_, hf) in enumerate(held) if tf.sha256 == hf.sha256]
+    by_hash: dict[str, list[int]] = {}
+    for i, (_, facts) in enumerate(train):
+        by_hash.setdefault(facts.sha256, []).append(i)
+    exact = [(i, j) for j, (_, facts) in enumerate(held) for i in by_hash.get(facts.sha256, [])]
     seen = set()
-    for i, j in exact + [(i, j - len(train)) for i, j in pairs]:
+    for i, j in exact + pairs:
         if (i, j) in seen:
             continue
         seen.add((i, j))

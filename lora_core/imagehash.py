@@ -171,12 +171,29 @@ def sharpness(grey: Image.Image) -> float:
     return fine / coarse if coarse > 0 else 0.0
 
 
-def hamming_matrix(hashes: list[int]) -> np.ndarray:
-    """Pairwise Hamming distances of 64-bit hashes (n x n, uint8)."""
-    values = np.array(hashes, dtype=np.uint64)
-    xor = values[:, None] ^ values[None, :]
-    return np.unpackbits(xor.view(np.uint8).reshape(len(values), len(values), 8), axis=2).sum(axis=2,
-                                                                                               dtype=np.uint8)
+POPCOUNT = np.array([bin(value).count("1") for value in range(256)], dtype=np.uint8)
+CHUNK_ROWS = 256  # rows of the distance matrix at a time: 256 x 10,000 images x 8 bytes is 20 MB
+
+
+def close_pairs(first: list[tuple[int, int]], second: list[tuple[int, int]], distance: int,
+                same: bool) -> list[tuple[int, int]]:
+    """Index pairs (i into first, j into second) whose (dHash, pHash) both differ in at most `distance` bits;
+    with `same` (second is first) each pair once, i < j. Computed a block of rows at a time, so 10,000 images
+    need megabytes, not the gigabytes of the whole n x n x 64 bit matrix."""
+    if not first or not second:
+        return []
+    columns = [np.array([pair[k] for pair in second], dtype=np.uint64) for k in (0, 1)]
+    found = []
+    for start in range(0, len(first), CHUNK_ROWS):
+        rows = first[start:start + CHUNK_ROWS]
+        near = np.ones((len(rows), len(second)), dtype=bool)
+        for k in (0, 1):
+            xor = np.array([pair[k] for pair in rows], dtype=np.uint64)[:, None] ^ columns[k][None, :]
+            near &= POPCOUNT[xor.view(np.uint8)].reshape(len(rows), len(second), 8).sum(axis=2) <= distance
+        for i, j in zip(*np.nonzero(near), strict=True):
+            if not same or start + i < j:
+                found.append((start + int(i), int(j)))
+    return found
 
 
 def cache_dir() -> Path:
