@@ -24,6 +24,7 @@ from lora_core import captions as caption_rules
 
 CLIP_PRETOKENS = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
 CLIP_SPECIAL = 2  # the start and end tokens, inside the 77
+EPSILON = 1e-9  # 0.9 * 10 is 9.000000000000002 in floating point: a Jaccard of exactly 9/10 must count
 MIN_VOCAB = 258  # a real tokenizer has at least the 256 byte tokens and its two special ones
 
 
@@ -173,16 +174,9 @@ def similar_captions(entries: list[CaptionEntry], trigger_words: list[str], thre
     """Groups of captions whose word sets overlap by `threshold` (Jaccard) or more, trigger words aside."""
     words = [(entry.file, _words(entry.raw, trigger_words)) for entry in entries if entry.raw]
     words = [(name, bag) for name, bag in words if bag]
-    order = sorted(range(len(words)), key=lambda i: len(words[i][1]))
     parent = list(range(len(words)))
-    for position, i in enumerate(order):
-        size = len(words[i][1])
-        for j in order[position + 1:]:
-            if size < threshold * len(words[j][1]):
-                break  # sorted by size: every later set is too large to reach the threshold
-            union = len(words[i][1] | words[j][1])
-            if len(words[i][1] & words[j][1]) >= threshold * union:
-                parent[_root(parent, j)] = _root(parent, i)
+    for i, j in _similar_pairs([bag for _, bag in words], threshold):
+        parent[_root(parent, j)] = _root(parent, i)
     groups: dict[int, list[str]] = {}
     for i in range(len(words)):
         groups.setdefault(_root(parent, i), []).append(words[i][0])
@@ -192,6 +186,25 @@ def similar_captions(entries: list[CaptionEntry], trigger_words: list[str], thre
                 "the caption is how the model tells images apart: identical captions on different pictures "
                 "make it learn their differences (pose, background, clothes) as part of the trigger",
                 "describe what differs in each image (pose, setting, clothing, lighting)", "info")
+
+
+def _similar_pairs(bags: list[frozenset[str]], threshold: float) -> list[tuple[int, int]]:
+    """Pairs with Jaccard >= threshold, by prefix filtering: with each set's words ordered rarest first, two
+    sets that similar share a word among the first |set| - ceil(threshold * |set|) + 1 of either, so only
+    sets sharing such a word are compared (comparing all pairs took 6 s for 3,000 captions)."""
+    frequency = Counter(word for bag in bags for word in bag)
+    index: dict[str, list[int]] = {}
+    pairs = []
+    for i in sorted(range(len(bags)), key=lambda k: len(bags[k])):
+        ordered = sorted(bags[i], key=lambda word: (frequency[word], word))
+        prefix = ordered[:len(ordered) - math.ceil(threshold * len(ordered) - EPSILON) + 1]
+        candidates = {j for word in prefix for j in index.get(word, ())}
+        for j in candidates:  # j's set is no larger than i's (sorted by size)
+            if len(bags[i] & bags[j]) >= threshold * len(bags[i] | bags[j]) - EPSILON:
+                pairs.append((j, i))
+        for word in prefix:
+            index.setdefault(word, []).append(i)
+    return pairs
 
 
 def _words(caption: str, trigger_words: list[str]) -> frozenset[str]:

@@ -276,3 +276,20 @@ def test_captions_that_are_only_the_trigger_are_not_near_identical_but_others_ar
     (tmp_path / "set" / "clean_0002.txt").write_text(f"{TRIGGER}, a man in a red coat, walking a dog")
     assert [(f.kind, f.files) for f in doctor.examine(tmp_path / "set").findings] == [
         ("similar_captions", ["clean_0001.png", "clean_0002.png"])]
+
+
+def test_similar_caption_pairs_by_prefix_filtering_equal_all_pairs():
+    import random
+
+    from lora_core.doctor_captions import _similar_pairs
+
+    rng = random.Random(2)
+    vocab = [f"w{i}" for i in range(16)]
+    for _ in range(100):
+        bags = [frozenset(rng.sample(vocab, rng.randint(1, 12))) for _ in range(25)]
+        for threshold in (0.5, 0.8, 0.9, 1.0):
+            every = {(i, j) for i in range(25) for j in range(i + 1, 25)
+                     if len(bags[i] & bags[j]) >= threshold * len(bags[i] | bags[j]) - 1e-9}
+            assert {tuple(sorted(pair)) for pair in _similar_pairs(bags, threshold)} == every
+    nine_of_ten = [frozenset(f"w{i}" for i in range(10)), frozenset(f"w{i}" for i in range(9))]
+    assert _similar_pairs(nine_of_ten, 0.9) == [(1, 0)]  # exactly 0.9 counts, despite 0.9 * 10 > 9 in floats
