@@ -90,6 +90,7 @@ class Target:
     limits: list[EncoderLimit] = field(default_factory=lambda: [CLIP_LIMIT])
     counter: TokenCounter = field(default_factory=TokenCounter)
     held_out: list[Path] = field(default_factory=list)  # images the validation loss holds out
+    validation_images: int | float | None = None  # or: held out of the dataset itself, as training picks them
 
 
 @dataclass
@@ -135,11 +136,14 @@ def examine(folder: str | Path, target: Target | None = None, settings: DoctorSe
     target, settings = target or Target(), settings or DoctorSettings()
     cache = imagehash.FactsCache(imagehash.cache_dir() / "doctor-facts.json" if settings.cache else None)
     files = image_files(folder)
-    held_names = {path.resolve() for path in target.held_out}
     # Threads, not processes: Pillow's decoders and resizes and numpy release the GIL, and a forked process
     # in the page's server (with its threads) is unsafe; two cores nearly halve the time.
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         measured = list(zip(files, pool.map(lambda path: _facts(path, folder, cache), files), strict=True))
+    readable = [(path, facts) for path, facts in measured if not facts.error]
+    held_names = {path.resolve() for path in target.held_out}
+    if target.validation_images is not None and not target.held_out:
+        held_names = _held_out_of([path for path, _ in readable], folder, target.validation_images)
     held = [(path.name, facts) for path, facts in measured if path.resolve() in held_names]
     held += [(f"{path.parent.name}/{path.name}", imagehash.image_facts(path, cache))
              for path in target.held_out if path.parent.resolve() != folder.resolve()]
@@ -147,7 +151,6 @@ def examine(folder: str | Path, target: Target | None = None, settings: DoctorSe
     findings: list[Finding] = []
     add = _collector(findings)
     doctor_images.unreadable([(path.name, facts) for path, facts in measured], add)
-    readable = [(path, facts) for path, facts in measured if not facts.error]
     train = [(path.name, facts) for path, facts in readable if path.resolve() not in held_names]
     _image_checks(train, [item for item in held if not item[1].error], target, settings, add)
     _caption_checks([path for path, _ in readable], folder, target, settings, add)
@@ -195,7 +198,7 @@ def target_from_config(config: TrainConfig, family: str | None = None, multiple:
     shape = Shape(config.resolution, config.bucketing, config.min_bucket_resolution, config.max_bucket_resolution,
                   config.bucket_no_upscale, multiple or _default_multiple(config))
     return Target(shape, list(config.trigger_words), config.trigger_placement, limits,
-                  TokenCounter.from_model(config.base_model), _held_out_paths(config))
+                  TokenCounter.from_model(config.base_model), _held_out_paths(config), config.validation_images)
 
 
 def _folder_family(model_folder: Path | None) -> str | None:
@@ -216,22 +219,27 @@ def _default_multiple(config: TrainConfig) -> int:
 
 
 def _held_out_paths(config: TrainConfig) -> list[Path]:
-    """The held-out images by the rule holdout.split applies (by file name, without decoding them)."""
-    if config.validation_dataset_path is not None:
-        folder = Path(config.validation_dataset_path)
-        return image_files(folder) if folder.is_dir() else []
-    if config.validation_images is None:
+    """The images of validation_dataset_path (validation_images are picked in `examine`, of the readable ones)."""
+    if config.validation_dataset_path is None:
         return []
+    folder = Path(config.validation_dataset_path)
+    return image_files(folder) if folder.is_dir() else []
+
+
+def _held_out_of(paths: list[Path], folder: Path, validation_images: int | float) -> set[Path]:
+    """The images of `paths` that training holds out for validation_images, by holdout.split's own rule (it
+    picks among the images the scan accepts; the readable ones stand in for them)."""
+    from types import SimpleNamespace
+
     from lora_core import holdout
 
-    files = image_files(Path(config.dataset_path))
-    records = [dataset.ImageRecord(str(path), "", 0, 0, False) for path in files]
-    report = dataset.DatasetReport(folder=config.dataset_path, images=records)
+    records = [dataset.ImageRecord(str(path), "", 0, 0, False) for path in paths]
+    rule = SimpleNamespace(validation_dataset_path=None, validation_images=validation_images)
     try:
-        held = holdout.split(report, config)
-    except holdout.HeldOutError:
-        return []
-    return [Path(record.path) for record in held.images] if held else []
+        held = holdout.split(dataset.DatasetReport(folder=str(folder), images=records), rule)
+    except holdout.HeldOutError:  # all of them: training refuses the config, with its own message
+        return set()
+    return {Path(record.path).resolve() for record in held.images} if held else set()
 
 
 def plan_findings(plan, settings: DoctorSettings | None = None) -> list[dict[str, Any]]:

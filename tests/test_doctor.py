@@ -114,17 +114,24 @@ def test_cli_json_and_leakage_between_training_and_held_out_images(tmp_path):
 
 
 def test_held_out_images_of_the_dataset_itself_are_checked_for_leakage(tmp_path):
+    from lora_core import holdout
+
     clean(tmp_path / "set", 10)
     (tmp_path / "set" / "again.png").write_bytes((tmp_path / "set" / "clean_0002.png").read_bytes())
+    (tmp_path / "set" / "broken.png").write_bytes(b"not an image")  # training refuses it: it is not held out
     config = doctor.TrainConfig(dataset_path=str(tmp_path / "set"), base_model="builtin:tiny-sd",
                                 output_path=str(tmp_path / "o"), trigger_words=[TRIGGER], validation_images=0.5)
-    target = doctor.target_from_config(config)
-    held = {path.name for path in target.held_out}
+    report = dataset.scan(config.dataset_path, config.trigger_words)
+    held = {Path(record.path).name for record in holdout.split(report, config).images}
     assert len(held) == 6
-    result = doctor.examine(tmp_path / "set", target)
+    readable = [path for path in doctor.image_files(tmp_path / "set") if path.name != "broken.png"]
+    assert {path.name for path in doctor._held_out_of(readable, tmp_path / "set", 0.5)} == held
+    result = doctor.examine(tmp_path / "set", doctor.target_from_config(config))
     pair = {"again.png", "clean_0002.png"}
     kinds = {f.kind for f in result.findings if set(f.files) == pair}
     assert kinds == ({"leakage"} if len(pair & held) == 1 else {"duplicate"})
+    leaked = {name for f in result.findings if f.kind == "leakage" for name in f.files}
+    assert leaked <= pair and (not leaked or leaked & held)
 
 
 def test_caption_limits_come_from_the_config(tmp_path):
