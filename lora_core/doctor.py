@@ -1,7 +1,7 @@
 """The dataset doctor: what in a folder of images and captions will spoil a LoRA, each finding naming the
 file(s), what is wrong, why it matters and the fix.
 
-    python -m lora_core doctor DATASET [--config FILE] [--json]
+    python -m lora_core doctor DATASET [--config FILE] [--json] [--no-cache] [--set NAME=VALUE ...]
 
 With a config, its resolution, bucketing, trigger words, trigger placement and held-out images are the ones
 checked against, and its base model decides the text encoders' limits (CLIP 77 tokens; T5's for families
@@ -273,9 +273,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", help="a training config file (JSON/YAML/TOML) whose settings to check against")
     parser.add_argument("--json", action="store_true", help="print the findings as a JSON list")
     parser.add_argument("--no-cache", action="store_true", help="measure every image again")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help=(
+        "change a threshold (repeatable): " + ", ".join(DoctorSettings.model_fields)))
     args = parser.parse_args(argv)
+    from pydantic import ValidationError
+
     from lora_core.errors import UserError
 
+    try:
+        values = dict(item.split("=", 1) for item in args.set if "=" in item)
+        settings = DoctorSettings.model_validate({"cache": not args.no_cache, **values})
+    except ValidationError as error:
+        print(f"doctor: --set: {error}", file=sys.stderr)
+        return 2
     try:
         target = None
         if args.config:
@@ -283,7 +293,7 @@ def main(argv: list[str]) -> int:
 
             config = load_config(args.config)  # its held-out images are taken from DATASET
             target = target_from_config(config.model_copy(update={"dataset_path": args.dataset}))
-        result = examine(args.dataset, target, DoctorSettings(cache=not args.no_cache))
+        result = examine(args.dataset, target, settings)
     except (UserError, OSError) as error:
         print(f"doctor: {error}", file=sys.stderr)
         return 2

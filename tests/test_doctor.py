@@ -300,3 +300,15 @@ def test_similar_caption_pairs_by_prefix_filtering_equal_all_pairs():
             assert {tuple(sorted(pair)) for pair in _similar_pairs(bags, threshold)} == every
     nine_of_ten = [frozenset(f"w{i}" for i in range(10)), frozenset(f"w{i}" for i in range(9))]
     assert _similar_pairs(nine_of_ten, 0.9) == [(1, 0)]  # exactly 0.9 counts, despite 0.9 * 10 > 9 in floats
+
+
+def test_main_prints_text_or_json_and_takes_thresholds(planted_set, capsys):
+    folder, files = planted_set
+    assert doctor.main([str(folder), "--json", "--set", "max_upscale=5"]) == 1
+    kinds = {finding["kind"] for finding in json.loads(capsys.readouterr().out)}
+    assert kinds == set(files) - {"upscaled"}  # 160x150 is enlarged 3.4x: under 5
+    assert doctor.main([str(folder), "--set", "no_such=1"]) == 2 and "no_such" in capsys.readouterr().err
+    assert doctor.main([str(folder / "missing")]) == 2
+    clean(folder.parent / "clean", 3)
+    assert doctor.main([str(folder.parent / "clean")]) == 0
+    assert "3 images, 0 finding(s)" in capsys.readouterr().out
