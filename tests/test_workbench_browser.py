@@ -79,3 +79,33 @@ def test_edit_a_caption_and_run_a_bulk_action_in_the_browser(workbench, tmp_path
     expect(page.locator("#wb-findings")).to_contain_text("duplicate")  # make_set's images are all the same
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "workbench.png"), full_page=True)
+
+
+def test_two_browsers_editing_one_caption_do_not_lose_an_edit_silently(workbench, tmp_path):
+    from playwright.sync_api import expect
+
+    first = workbench
+    second = first.context.browser.new_page(viewport={"width": 1400, "height": 1200})
+    second.goto(first.url)
+    folder = make_set(tmp_path / "set", 2)
+    for page in (first, second):  # both open img_0000's caption
+        page.locator("#wb-folder textarea").fill(str(folder))
+        page.locator("#wb-load").click()
+        expect(page.locator("#wb-page-note")).to_contain_text("2 image(s)")
+        page.locator("#wb-gallery .thumbnail-item").first.click()
+        expect(page.locator("#wb-caption textarea")).to_have_value("zkdog, tag0, shared")
+    first.locator("#wb-caption textarea").fill("zkdog, from the first browser")
+    first.locator("#wb-save").click()
+    expect(first.locator("#wb-message")).to_contain_text("Saved img_0000.png.")
+    second.locator("#wb-caption textarea").fill("zkdog, from the second browser")
+    second.locator("#wb-save").click()
+    expect(second.locator("#wb-message")).to_contain_text("Not saved")
+    expect(second.locator("#wb-message")).to_contain_text("from the first browser")
+    assert (folder / "img_0000.txt").read_text() == "zkdog, from the first browser"
+    second.locator("#wb-gallery .thumbnail-item").first.click()  # reload it, then the edit goes through
+    expect(second.locator("#wb-caption textarea")).to_have_value("zkdog, from the first browser")
+    second.locator("#wb-caption textarea").fill("zkdog, from both browsers")
+    second.locator("#wb-save").click()
+    expect(second.locator("#wb-message")).to_contain_text("Saved img_0000.png.")
+    assert (folder / "img_0000.txt").read_text() == "zkdog, from both browsers"
+    second.close()
