@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lora_core import dataset
 
-VERSION = 2  # bump when what is measured changes: cached facts of another version are measured again
+VERSION = 3  # bump when what is measured changes: cached facts of another version are measured again
 ANALYSIS_SIDE = 512  # the shorter side sharpness is measured at: SD's training size, where blur shows
 OPAQUE = 250  # alpha at or above this counts as opaque
 ORIENTATION_TAG = 0x0112
@@ -99,8 +99,18 @@ def _small(image: Image.Image) -> Image.Image:
     image.load()
     factor = min(image.size) // ANALYSIS_SIDE
     if factor >= 2:
-        image = image.reduce(factor)
+        image = _reducible(image).reduce(factor)
     return image.transpose(TRANSPOSE[orientation]) if orientation in TRANSPOSE else image
+
+
+def _reducible(image: Image.Image) -> Image.Image:
+    """The image in a mode `reduce` takes (it refuses palette, 1-bit and 32/16-bit integer images), keeping
+    the transparency that is measured next."""
+    if image.mode in ("L", "RGB", "RGBA", "LA", "CMYK", "F"):
+        return image
+    if image.mode in ("P", "PA", "1"):
+        return image.convert("RGBA" if _has_alpha(image) else "RGB")
+    return dataset.to_rgb(image)  # 16- and 32-bit integer images, rescaled as training does
 
 
 def _pixel_facts(facts: ImageFacts, image: Image.Image) -> None:

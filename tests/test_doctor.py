@@ -312,3 +312,18 @@ def test_main_prints_text_or_json_and_takes_thresholds(planted_set, capsys):
     clean(folder.parent / "clean", 3)
     assert doctor.main([str(folder.parent / "clean")]) == 0
     assert "3 images, 0 finding(s)" in capsys.readouterr().out
+
+
+def test_large_palette_1bit_and_16bit_images_are_measured_not_called_damaged(tmp_path):
+    import numpy as np
+    from doctor_data import scene
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    size = (1100, 1050)  # the shorter side over twice 512: the decode is reduced
+    scene(1, size).quantize(64).save(folder / "palette.png")
+    scene(2, size).convert("1").save(folder / "bits.png")
+    Image.fromarray(np.asarray(scene(3, size).convert("L"), np.uint16) * 257).save(folder / "deep.png")
+    found = kinds_by_file(doctor.examine(folder))
+    assert "unreadable" not in set().union(*found.values()), found
+    assert found["palette.png"] == {"converted"} and found["deep.png"] == {"converted"}
