@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
 from PIL import Image, ImageOps
 
 from lora_core.errors import UserError
@@ -43,12 +44,21 @@ def thumbnail(source: Path, root: Path) -> str:
                 if image.width * image.height > MAX_PIXELS:  # training refuses it too; never decode it
                     raise ValueError("too large")
                 image.draft("RGB", (THUMBNAIL_SIZE * 2, THUMBNAIL_SIZE * 2))
-                small = ImageOps.exif_transpose(image)
+                small = _eight_bit(ImageOps.exif_transpose(image))
                 small.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
                 small.convert("RGBA").convert("RGB").save(target, format="JPEG", quality=80)
         except (OSError, ValueError, Image.DecompressionBombError):
             Image.new("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE), (128, 128, 128)).save(target, format="JPEG")
     return str(target)
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16- and 32-bit integer images scaled to 8 bits as training does (Pillow's convert would clip them white)."""
+    if not image.mode.startswith("I"):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    peak = 65535.0 if pixels.max() > 255 else 255.0
+    return Image.fromarray((pixels / peak * 255.0).clip(0, 255).astype(np.uint8), "L")
 
 
 def _label(item: ce.Caption) -> str:

@@ -100,3 +100,18 @@ def test_the_tab_served_by_gradio(tmp_path, monkeypatch):
         client.close()
     finally:
         demo.close()
+
+
+def test_thumbnails_of_16_bit_and_palette_images_show_the_picture(tmp_path):
+    import numpy as np
+    from doctor_data import scene
+    from PIL import Image
+
+    from studio.workbench_tab import thumbnail
+
+    picture = scene(3, (600, 500)).convert("L")
+    Image.fromarray(np.asarray(picture, np.uint16) * 257).save(tmp_path / "deep.png")
+    picture.quantize(32).save(tmp_path / "palette.png")
+    for name in ("deep.png", "palette.png"):
+        with Image.open(thumbnail(tmp_path / name, tmp_path / "thumbs")) as small:
+            assert small.size == (160, 133) and np.asarray(small).std() > 20, name  # not a grey placeholder
