@@ -189,16 +189,33 @@ def _caption_checks(paths: list[Path], folder: Path, target: Target, settings: D
     doctor_captions.similar_captions(entries, triggers, settings.caption_similarity, add)
 
 
-def target_from_config(config: TrainConfig, family: str | None = None, multiple: int | None = None) -> Target:
-    """The target a config describes. `family` and `multiple` come from the model when the caller has
-    inspected it (the run plan has); otherwise a local folder's model_index.json, else SD's."""
+def target_from_config(config: TrainConfig, family: str | None = None, multiple: int | None = None,
+                       t5_tokens: int | None = None) -> Target:
+    """The target a config describes. `family`, `multiple` and `t5_tokens` come from the model when the caller
+    has inspected it (the run plan has); otherwise a local folder's model_index.json, else SD's. T5's limit
+    applies to families that read captions through T5, unless the config drops T5 (`use_t5_encoder`)."""
     model_folder = Path(config.base_model) if os.path.isdir(config.base_model) else None
     family = family or _folder_family(model_folder)
-    limits = [CLIP_LIMIT] + ([EncoderLimit("T5", T5_TOKENS[family])] if family in T5_TOKENS else [])
+    limits = [CLIP_LIMIT]
+    if family in T5_TOKENS and getattr(config, "use_t5_encoder", True):
+        tokens = t5_tokens or getattr(config, "max_sequence_length", 0) or T5_TOKENS[family]
+        limits.append(EncoderLimit("T5", tokens))
     shape = Shape(config.resolution, config.bucketing, config.min_bucket_resolution, config.max_bucket_resolution,
                   config.bucket_no_upscale, multiple or _default_multiple(config))
     return Target(shape, list(config.trigger_words), config.trigger_placement, limits,
                   TokenCounter.from_model(config.base_model), _held_out_paths(config), config.validation_images)
+
+
+def _run_t5_tokens(plan) -> int | None:
+    """The T5 length the run's family trains with (families that have `run_settings`), if it says one."""
+    from lora_core import families
+
+    try:
+        family = families.get(plan.info.family)
+        settings = family.run_settings(plan.config, plan.info) if hasattr(family, "run_settings") else None
+    except (KeyError, AttributeError, TypeError):  # a family this engine does not know: T5_TOKENS' length
+        return None
+    return (settings or {}).get("max_sequence_length")
 
 
 def _folder_family(model_folder: Path | None) -> str | None:
@@ -248,7 +265,7 @@ def plan_findings(plan, settings: DoctorSettings | None = None) -> list[dict[str
     doctor that fails is logged and gives no findings, never a failed run. About 5 s of CPU per 1,000 images
     the first time, a second or two once their measurements are cached."""
     try:
-        target = target_from_config(plan.config, plan.info.family, plan.info.pixel_multiple)
+        target = target_from_config(plan.config, plan.info.family, plan.info.pixel_multiple, _run_t5_tokens(plan))
         target.held_out = [Path(record.path) for record in plan.held_out.images] if plan.held_out else []
         result = examine(plan.config.dataset_path, target, settings)
     except Exception as error:  # advice must never stop a run

@@ -327,3 +327,22 @@ def test_large_palette_1bit_and_16bit_images_are_measured_not_called_damaged(tmp
     found = kinds_by_file(doctor.examine(folder))
     assert "unreadable" not in set().union(*found.values()), found
     assert found["palette.png"] == {"converted"} and found["deep.png"] == {"converted"}
+
+
+def test_a_t5_family_checks_captions_against_t5s_length_too(tmp_path):
+    from types import SimpleNamespace
+
+    clean(tmp_path / "set", 5)
+    (tmp_path / "set" / "clean_0000.txt").write_text(" ".join(["photograph"] * 200) + " never read")
+    config = doctor.TrainConfig(dataset_path=str(tmp_path / "set"), base_model="builtin:tiny-sd",
+                                output_path=str(tmp_path / "o"), trigger_words=[TRIGGER], resolution=256)
+    target = doctor.target_from_config(config, family="sd3")
+    assert [(limit.name, limit.tokens) for limit in target.limits] == [("CLIP", 77), ("T5", 256)]
+    long = {f.message.split(";")[0]: f.files for f in doctor.examine(tmp_path / "set", target).findings
+            if f.kind == "caption_too_long"}
+    # the scan keeps 2,000 characters: 181 ten-letter words, each about 2 tokens for either encoder
+    assert long == {"the caption is about 368 CLIP tokens": ["clean_0000.png"],
+                    "the caption is about 367 T5 tokens": ["clean_0000.png"]}
+    plan = SimpleNamespace(config=config, info=SimpleNamespace(family="flux", pixel_multiple=16), held_out=None)
+    kinds = {(f["kind"], f["message"].split(" tokens")[0][-6:]) for f in doctor.plan_findings(plan)}
+    assert ("caption_too_long", "out 368") in kinds and ("caption_too_long", "out 367") not in kinds  # 512
