@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.e2e,
 @pytest.fixture
 def workbench(tmp_path, monkeypatch):
     import gradio as gr
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     from studio.workbench_tab import build_workbench_tab
 
@@ -36,10 +36,13 @@ def workbench(tmp_path, monkeypatch):
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1200})
             page.set_default_timeout(60_000)
+            # expect's own default is 5 s: the doctor's first run imports torch, which takes longer on a busy CPU
+            expect.set_options(timeout=60_000)
             page.goto(url)
             yield page
             browser.close()
     finally:
+        expect.set_options(timeout=5_000)  # playwright's default again, for other tests in this process
         demo.close()
 
 
