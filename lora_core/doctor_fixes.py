@@ -60,11 +60,12 @@ def include(folder: str | Path, names: list[str]) -> list[str]:
     """Take `names` off the exclude list (the undo of `exclude`); the names that were on it."""
     folder = Path(folder)
     drop = set(names)
+    listed = drop & dataset.read_excluded(folder)  # before the list is rewritten
     lines = _exclude_lines(folder)
     kept = [line for line in lines if line.split("#", 1)[0].strip() not in drop]
     if len(kept) != len(lines):
         atomic_write_text(folder / dataset.EXCLUDE_FILE, "".join(f"{line}\n" for line in kept))
-    return sorted(drop & dataset.read_excluded(folder))
+    return sorted(listed)
 
 
 def _exclude_lines(folder: Path) -> list[str]:

@@ -29,7 +29,7 @@ BULK_ACTIONS = {  # label -> (needs text, needs replacement)
     "Add tag at the start": (True, False), "Add tag at the end": (True, False), "Remove tag": (True, False),
     "Find and replace (plain text)": (True, True), "Trigger word first": (False, False),
     "Remove trigger word": (False, False)}
-FIXES = ("Exclude from training", "Put trigger word in caption", "Convert to RGB PNG")
+FIXES = ("Exclude from training", "Put trigger word in caption", "Convert to RGB PNG", "Train on it again")
 
 
 def thumbnail(source: Path, root: Path) -> str:
@@ -158,7 +158,8 @@ class WorkbenchTab:
         except UserError as error:
             return f"**{error}**", [], gr.update(choices=[])
         rows = [[f.severity, f.kind, ", ".join(f.files[:6]), f.message, f.why, f.fix] for f in result.findings]
-        files = sorted({name for f in result.findings for name in f.files if "/" not in name})
+        files = sorted({name for f in result.findings for name in f.files if "/" not in name}
+                       | ce.store_for(store.folder)._excluded())  # excluded files can be taken back
         summary = (f"{result.num_images} image(s) checked in {result.seconds:.1f} s: "
                    + (f"{len(result.findings)} finding(s)." if result.findings else "nothing found."))
         return summary, rows, gr.update(choices=files, value=None)
@@ -180,6 +181,9 @@ class WorkbenchTab:
                     f"“{trigger}” put first in the caption of {name}." if changed else f"{name} already has it.")
             if action == FIXES[2]:
                 return f"Wrote {doctor_fixes.convert(store.folder, name)}; {name} is kept and left out of training."
+            if action == FIXES[3]:
+                back = doctor_fixes.include(store.folder, [name])
+                return f"{name} trains again." if back else f"{name} was not excluded."
         except UserError as error:
             return f"**{error}**"
         return "**Choose a fix.**"

@@ -163,6 +163,7 @@ def test_exclude_is_honoured_by_the_scan_and_undone_by_include(tmp_path):
     assert [Path(r.path).name for r in report.images] == ["clean_0000.png", "clean_0002.png"]
     assert report.refused == [{"file": "clean_0001.png", "reason": dataset.EXCLUDED_REASON}]
     assert (folder / "clean_0001.png").is_file() and doctor.examine(folder).num_images == 2
+    assert doctor_fixes.include(folder, ["clean_0001.png"]) == ["clean_0001.png"]
     assert doctor_fixes.include(folder, ["clean_0001.png"]) == []
     assert len(dataset.scan(folder, ["t"]).images) == 3
     for bad in ("../x.png", "/etc/passwd", "", ".."):

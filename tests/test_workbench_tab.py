@@ -72,8 +72,12 @@ def test_the_doctor_panel_and_its_fixes(tmp_path):
     assert tab.fix(str(folder), FIXES[2], files["converted"], "") == \
         f"Wrote print_rgb.png; {files['converted']} is kept and left out of training."
     assert tab.fix(str(folder), FIXES[0], "../escape.png", "").startswith("**")
-    kinds = {row[1] for row in tab.doctor(str(folder), "")[1]}
+    summary, rows, picker = tab.doctor(str(folder), "")
+    kinds = {row[1] for row in rows}
     assert "blurry" not in kinds and "trigger_missing" not in kinds and (folder / files["blurry"]).exists()
+    assert files["blurry"] in picker["choices"]  # excluded: offered to be taken back
+    assert tab.fix(str(folder), FIXES[3], files["blurry"], "") == f"{files['blurry']} trains again."
+    assert "blurry" in {row[1] for row in tab.doctor(str(folder), "")[1]}
 
 
 @pytest.mark.e2e  # a gradio server: about 5-10 s
