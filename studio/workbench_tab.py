@@ -251,7 +251,7 @@ class WorkbenchTab:
                                                                     self.message], api_name=False)
         self.save_button.click(self.save, [self.folder, self.name, self.caption, self.version],
                                [self.message, self.version], api_name="caption_save").then(
-            self.page, paging, shown, api_name=False)
+            self._refresh, paging, shown, api_name=False)
         self.apply_button.click(self.bulk, [self.folder, self.action, self.text, self.replacement, self.triggers],
                                 self.message, api_name="caption_bulk").then(self._refresh, paging, shown,
                                                                               api_name=False)
@@ -260,11 +260,12 @@ class WorkbenchTab:
         self.doctor_button.click(self.doctor, [self.folder, self.triggers],
                                  [self.doctor_summary, self.findings, self.fix_file], api_name="doctor")
         self.fix_button.click(self.fix, [self.folder, self.fix_action, self.fix_file, self.triggers],
-                              self.fix_message, api_name="doctor_fix").then(self.page, paging, shown,
+                              self.fix_message, api_name="doctor_fix").then(self._refresh, paging, shown,
                                                                             api_name=False)
 
     def _refresh(self, folder: str, number: float | None, query: str) -> tuple[Any, ...]:
-        """The page again after a bulk action, keeping the action's message."""
+        """The page again after a save, a bulk action or a fix, keeping the message the action just showed
+        (`page` would clear it, and a browser could miss a refused save)."""
         return (*self.page(folder, number, query)[:4], gr.update())
 
 

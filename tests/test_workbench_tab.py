@@ -31,6 +31,7 @@ def test_page_select_save_and_a_stale_save(tmp_path):
     refused, kept = tab.save(str(folder), name, "zkdog, other browser", version)  # the version it read is stale
     assert refused.startswith("**Not saved:**") and kept == version
     assert (folder / "img_0049.txt").read_text() == "zkdog, tag1, edited" and new_version != version
+    assert "value" not in tab._refresh(str(folder), 2, "")[4]  # the refresh after a save keeps its message
 
 
 def test_folders_the_page_does_not_allow_are_refused(tmp_path):
