@@ -35,6 +35,10 @@ MAX_ASPECT_RATIO = 10.0
 MAX_CAPTION_CHARS = 2000
 MAX_TAGS = 256
 MAX_CAPTION_FILE_BYTES = 64 * 1024  # more is not a caption; the file is read only this far
+# Files listed here (one name a line, '#' starts a comment) are left out of training but kept on disk: the
+# dataset doctor's "exclude" writes it, and a person may edit it. Each listed image is refused with this reason.
+EXCLUDE_FILE = ".lora-studio-exclude"
+EXCLUDED_REASON = f"excluded from training in {EXCLUDE_FILE} (the file is kept; remove its line to train on it)"
 FILE_KINDS = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
               stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}
 
@@ -199,6 +203,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def read_excluded(folder: Path) -> set[str]:
+    """The file names `EXCLUDE_FILE` in `folder` lists (none when it is missing or unreadable)."""
+    path = folder / EXCLUDE_FILE
+    try:
+        with open_regular(path) as handle:
+            text = handle.read(MAX_CAPTION_FILE_BYTES * 16).decode("utf-8", errors="replace")
+    except ValueError:
+        return set()
+    return {name for line in text.splitlines() if (name := line.split("#", 1)[0].strip())}
+
+
 def scan(folder: str | Path, trigger_words: list[str], trigger_placement: str = "first") -> DatasetReport:
     """Look at every file in the folder (not recursive) and decide which images are usable."""
     folder = Path(folder)
@@ -206,6 +221,7 @@ def scan(folder: str | Path, trigger_words: list[str], trigger_placement: str = 
         raise DatasetError(f"dataset_path {folder} is not a folder; point it at a folder of images "
                            "with optional .txt captions")
     report = DatasetReport(folder=str(folder))
+    excluded = read_excluded(folder) if os.path.lexists(folder / EXCLUDE_FILE) else set()
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or (path.is_dir() and not path.is_symlink()):
             continue
@@ -214,6 +230,9 @@ def scan(folder: str | Path, trigger_words: list[str], trigger_placement: str = 
             continue
         if suffix not in IMAGE_SUFFIXES:
             report.ignored.append(path.name)
+            continue
+        if path.name in excluded:
+            report.refused.append({"file": path.name, "reason": EXCLUDED_REASON})
             continue
         try:
             _inside_folder(path, folder)

@@ -123,6 +123,9 @@ class Dataset(Event):
     warnings: list[str]  # e.g. a caption cut to the length a text encoder can use
     num_validation_images: int = 0  # held out for the validation loss; never trained (not in num_images)
     validation_files: list[str] = field(default_factory=list)  # their file names, at most MAX_LISTED
+    # The dataset doctor's findings (doctor.Finding.to_dict: kind, files, message, why, fix, severity, actions),
+    # most severe first, at most MAX_LISTED; empty when the doctor was not run.
+    findings: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -148,9 +151,10 @@ class RunWarning(Event):
 MAX_LISTED = 100
 
 
-def dataset_event(report, held_out=None) -> Dataset:
+def dataset_event(report, held_out=None, findings: list[dict[str, Any]] | None = None) -> Dataset:
     """The `dataset` event of a dataset.DatasetReport and the held-out one, if any (long lists cut to
-    MAX_LISTED; the counts are whole). A separate validation folder's refused files are warnings."""
+    MAX_LISTED; the counts are whole). A separate validation folder's refused files are warnings. `findings`:
+    the dataset doctor's (doctor.plan_findings)."""
     warnings = list(report.warnings)
     held = held_out.images if held_out is not None else []
     if held_out is not None and held_out.folder != report.folder:
@@ -159,7 +163,8 @@ def dataset_event(report, held_out=None) -> Dataset:
     return Dataset(num_images=len(report.images), num_captioned=report.captioned, refused=report.refused[:MAX_LISTED],
                    num_refused=len(report.refused), ignored=report.ignored[:MAX_LISTED],
                    num_ignored=len(report.ignored), warnings=warnings[:MAX_LISTED], num_validation_images=len(held),
-                   validation_files=[Path(record.path).name for record in held[:MAX_LISTED]])
+                   validation_files=[Path(record.path).name for record in held[:MAX_LISTED]],
+                   findings=list(findings or [])[:MAX_LISTED])
 
 
 class EventLog:

@@ -109,10 +109,24 @@ def render(summary: RunSummary, config: dict[str, Any], output: Path) -> str:
         _samples(summary, output),
         "<h2>Checkpoints</h2>",
         _checkpoints(summary, output),
+        _doctor(summary),
         "<h2>Settings</h2>",
         _config_table(config),
     ]
     return PAGE.format(title=_e(title), body="\n".join(part for part in sections if part))
+
+
+def _doctor(summary: RunSummary) -> str:
+    """The dataset doctor's findings from the last `dataset` event that has them (lora_core/doctor.py)."""
+    findings = next((e.findings for e in reversed(summary.events) if e.type == "dataset" and e.findings), [])
+    if not findings:
+        return ""
+    rows = "".join(f"<tr><td>{_e(f.get('severity'))}</td><td>{_e(f.get('kind'))}</td>"
+                   f"<td>{_e(', '.join(f.get('files', [])[:8]))}</td><td>{_e(f.get('message'))}<br><small>"
+                   f"{_e(f.get('why'))}</small></td><td>{_e(f.get('fix'))}</td></tr>" for f in findings)
+    return (f"<h2>Dataset doctor</h2><p>{len(findings)} finding(s) about the dataset when training started "
+            "(<code>python -m lora_core doctor</code> checks it again).</p><table><tr><th>severity</th>"
+            f"<th>kind</th><th>files</th><th>what and why</th><th>fix</th></tr>{rows}</table>")
 
 
 def _outcome(summary: RunSummary, output: Path) -> str:
