@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lora_core import checkpoint, dataset, distributed, objective, samples
+from lora_core import checkpoint, dataset, distributed, doctor, objective, samples
 from lora_core.batches import Batch
 from lora_core.config import TrainConfig
 from lora_core.events import (
@@ -78,7 +78,8 @@ def emit_started(run: Run, emit: Callable[[Event], None]) -> None:
                      num_processes=run.accelerator.num_processes, resumed_from_step=run.step if plan.resume else None,
                      gradient_checkpointing=plan.gradient_checkpointing, compile_unet=run.forward.scope,
                      cuda_graphs=run.forward.cuda_graphs, compile_reason=run.forward.reason))
-        emit(dataset_event(plan.dataset, plan.held_out))  # images used, held out, captioned, refused, ignored
+        # images used, held out, captioned, refused, ignored, and what the dataset doctor finds in them
+        emit(dataset_event(plan.dataset, plan.held_out, findings=doctor.plan_findings(plan)))
         dataset.warn_about(plan.dataset)
         for note in plan.skipped_states:
             emit(RunWarning(message=note, field="resume"))
