@@ -46,6 +46,7 @@ TARGETS = {
                                "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"],
 }
 OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit",
+                   "paged_adamw8bit": "bitsandbytes.optim.PagedAdamW8bit",
                    "prodigy": "prodigyopt.Prodigy", "adafactor": "transformers.optimization.Adafactor"}
 MODELSPEC_VERSION = "1.0.1"
 NETWORK_MODULES = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya"}
@@ -190,10 +191,12 @@ def diffusers_state_dict(unet, config: TrainConfig,
 
 def training_metadata(config: TrainConfig, family: Family, prediction_type: str, *, steps: int, epochs: int,
                       num_images: int, precision: str, started_at: datetime,
-                      tag_frequency: dict[str, int], base_sha256: str | None = None, variant: str = ""
-                      ) -> dict[str, str]:
+                      tag_frequency: dict[str, int], base_sha256: str | None = None, variant: str = "",
+                      base_quantization: str = "none") -> dict[str, str]:
     """Header metadata in sd-scripts' `ss_*` and the model spec's `modelspec.*` form (all values strings); the
-    README lists each field. `base_sha256`: of the base model's single file, or of a folder's UNet weights."""
+    README lists each field. `base_sha256`: of the base model's single file, or of a folder's UNet weights.
+    `base_quantization`: how the frozen base was stored while training (written when not 'none'); the LoRA is
+    the same adapter either way and is used on the ordinary base."""
     now = datetime.now(UTC)
     v_pred = prediction_type == "v_prediction"
     kind = family.metadata(prediction_type, variant)  # architecture, implementation, base model version
@@ -235,6 +238,7 @@ def training_metadata(config: TrainConfig, family: Family, prediction_type: str,
         "modelspec.trigger_phrase": ", ".join(config.trigger_words),
         "modelspec.date": now.replace(microsecond=0).isoformat(),
         "lora_studio.lora_target": config.lora_target,
+        **({"lora_studio.base_quantization": base_quantization} if base_quantization != "none" else {}),
     }
 
 

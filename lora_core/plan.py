@@ -23,7 +23,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from lora_core import buckets, checkpoint, dataset, distributed, families, hardware, holdout, models, tracking
+from lora_core import buckets, checkpoint, dataset, distributed, families, hardware, holdout, memory, models, tracking
 from lora_core.config import DEFAULT_STEPS, ConfigError, TrainConfig
 from lora_core.errors import UserError
 
@@ -82,6 +82,8 @@ class RunPlan:
     clock_start: float = field(default_factory=time.perf_counter)  # the run's total_time counts from here
     skipped_states: list[str] = field(default_factory=list)  # damaged states resume passed over, in words
     held_out: dataset.DatasetReport | None = None  # the validation loss's images (holdout.split); never trained
+    base_quantization: str = "none"  # how the frozen base is stored: the field's, or memory_mode auto's choice
+    memory_summary: str = ""  # memory_mode auto's choice in words, for the started event and the report
     _sizes: models.ModelSizes | None = field(default=None, repr=False)
 
     @property
@@ -108,7 +110,8 @@ class RunPlan:
         return self._sizes
 
     def memory_estimate(self) -> hardware.MemoryEstimate:
-        return hardware.estimate_memory(self.config, self.sizes(), self.precision, self.gradient_checkpointing)
+        return hardware.estimate_memory(self.config, self.sizes(), self.precision, self.gradient_checkpointing,
+                                        self.base_quantization)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -194,10 +197,11 @@ def process_device(device: torch.device) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
 
 
-def checkpointing(config: TrainConfig, device: torch.device, precision: str,
-                  sizes: Callable[[], models.ModelSizes]) -> bool:
-    free = hardware.free_device_memory_gib(process_device(device))
-    return hardware.use_gradient_checkpointing(config, precision, free, sizes)
+def memory_choice(config: TrainConfig, device: torch.device, precision: str,
+                  sizes: Callable[[], models.ModelSizes]) -> memory.MemoryChoice:
+    """Checkpointing and the base's storage, from the fields or (memory_mode auto) the device's free memory."""
+    device = process_device(device)
+    return memory.choose(config, precision, device, hardware.free_device_memory_gib(device), sizes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,11 +229,14 @@ def make_plan(config: TrainConfig, num_processes: int = 1, *, resume: bool = Fal
     assigned = dataset.assign_buckets(report, config, info.pixel_multiple)
     per_epoch = buckets.batches_per_epoch(assigned * config.repeats, config.batch_size * num_processes)
     device, precision = device_and_precision(config)
+    memory.check_device(config, device.type)
     plan = RunPlan(config, num_processes, resume, report, assigned, source, info, per_epoch,
                    run_length(config, per_epoch), device, precision, gradient_checkpointing=False,
                    started_at=started_at, clock_start=clock_start, skipped_states=skipped_states,
                    held_out=held_out)
-    plan.gradient_checkpointing = checkpointing(config, device, precision, plan.sizes)
+    choice = memory_choice(config, device, precision, plan.sizes)
+    plan.gradient_checkpointing, plan.base_quantization = choice.gradient_checkpointing, choice.base_quantization
+    plan.memory_summary = choice.summary
     return plan
 
 
@@ -285,6 +292,8 @@ def plan_report(config: TrainConfig, num_processes: int | None = None) -> dict[s
         device, precision = device_and_precision(config)
     if device_check.failed:
         return report
+    with _Check(report, "base_quantization"):
+        memory.check_device(config, device.type)
     _device_report(report, config, device, precision, processes)
     if info is not None and source is not None and not model_check.failed:
         _memory_report(report, config, source, info, device, precision)
@@ -305,9 +314,12 @@ def _device_report(report: dict[str, Any], config: TrainConfig, device: torch.de
 def _memory_report(report: dict[str, Any], config: TrainConfig, source: models.ModelSource,
                    info: models.ModelInfo, device: torch.device, precision: str) -> None:
     sizes = models.model_sizes(source, info)
-    on = checkpointing(config, device, precision, lambda: sizes)
-    estimate = hardware.estimate_memory(config, sizes, precision, on)
+    choice = memory_choice(config, device, precision, lambda: sizes)
+    on, estimate = choice.gradient_checkpointing, choice.estimate
     report["memory_estimate"] = estimate.to_dict()
+    if choice.summary:  # memory_mode auto: what it chose ("your GPU with 11.5 GiB free: fp8 base + ...")
+        report["memory_mode"] = {"summary": choice.summary, "base_quantization": choice.base_quantization,
+                                 "gradient_checkpointing": on, "fits": choice.fits}
     free = report["device"]["free_memory_gib"]
     if free is not None and estimate.total_gib > free:
         report["warnings"].append(f"the run needs about {estimate.total_gib} GiB but {free} GiB is free on "

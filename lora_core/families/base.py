@@ -112,6 +112,12 @@ class Family:
         """The text encoders that take a LoRA with train_text_encoder (SD 3 and FLUX keep T5 frozen)."""
         return text_encoders(pipeline)
 
+    def quantizable_text_encoders(self, pipeline) -> list:
+        """The text encoders `base_quantization` stores small while they stay on the device: those that never
+        train (FLUX's and SD 3's T5-XXL, the biggest; none of SD's)."""
+        trained = self.trainable_text_encoders(pipeline)
+        return [e for e in text_encoders(pipeline) if not any(e is t for t in trained)]
+
     def lora_file_contents(self, denoiser, config: TrainConfig, text_encoders: list
                            ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The exported file's tensors under this family's names, and the header entries the format needs."""
