@@ -82,7 +82,6 @@ class MemoryEstimate:
         return asdict(self)
 
 
-CHECKPOINTING_FACTOR = 0.35
 FIT_MARGIN = 1.1  # the estimate came out 1.5-8 % under the measured peaks on an H200 (bench/RESULTS.md)
 
 
@@ -129,7 +128,7 @@ def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str, chec
     activations = (ACTIVATION_BYTES_PER_UNIT * config.batch_size * latent * latent * sizes.activation_units
                    * bytes_per / 2)
     if checkpointing:
-        activations *= CHECKPOINTING_FACTOR
+        activations *= sizes.checkpointed_share
     return MemoryEstimate(round((frozen + lora + activations) / GIB, 3), round(frozen / GIB, 3),
                           round(lora / GIB, 3), round(activations / GIB, 3), checkpointing,
                           _covers(config, text_on_device, quantization), quantization)

@@ -15,6 +15,7 @@ from typing import Any
 
 from lora_core import builtin, families
 from lora_core.errors import UserError
+from lora_core.families.base import CHECKPOINTING_FACTOR
 from lora_core.notices import quiet_library_notices
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
@@ -54,6 +55,7 @@ class ModelSizes:
     # per base_quantization mode: the denoiser's parameters it stores small, and those of the text encoders it
     # stores small while they stay on the device (Family.quantizable_text_encoders)
     unet_quantizable: dict[str, int] = field(default_factory=dict)
+    checkpointed_share: float = CHECKPOINTING_FACTOR  # of activation_units kept with checkpointing (the family's)
     text_quantizable: dict[str, int] = field(default_factory=dict)
 
 
@@ -280,6 +282,7 @@ def model_sizes(source: ModelSource, info: ModelInfo) -> ModelSizes:
         text_lora_params_per_rank=sum(i + o for i, o in text_layers),
         text_lora_outputs=sum(o for _, o in text_layers),
         activation_units=family.activation_units(denoiser.config),
+        checkpointed_share=family.checkpointed_activation_share(denoiser.config),
         unet_quantizable={mode: quantizable(denoiser, mode) for mode in MODES},
         text_quantizable={mode: sum(quantizable(encoder, mode) for encoder in big) for mode in MODES},
     )

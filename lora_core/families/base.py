@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # families are read when a model is inspected, before torch i
 # 512 px, 6.45 GiB for SDXL at 1024 px, counted on the CPU), x1.15 for the backward's transient buffers. To be
 # confirmed against torch.cuda.max_memory_allocated by bench/gpu_check.sh (see bench/RESULTS.md).
 ACTIVATION_BYTES_PER_UNIT = 42.0
+CHECKPOINTING_FACTOR = 0.35  # the share of a UNet's activations kept with checkpointing (Family.checkpointed_...)
 TEXT_ENCODER_ATTRIBUTES = ("text_encoder", "text_encoder_2", "text_encoder_3")  # a pipeline's, in its order
 TOKENIZER_ATTRIBUTES = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
@@ -174,6 +175,11 @@ class Family:
     def activation_units(self, denoiser_config: Any) -> float:
         """What the denoiser's saved activations per latent pixel scale with (ACTIVATION_BYTES_PER_UNIT)."""
         raise NotImplementedError
+
+    def checkpointed_activation_share(self, denoiser_config: Any) -> float:
+        """The share of those activations gradient checkpointing keeps (a UNet checkpoints its ResNet and
+        attention blocks: about a third, CHECKPOINTING_FACTOR)."""
+        return CHECKPOINTING_FACTOR
 
 
 def tokenize(tokenizer, texts: list[str], device: torch.device, max_length: int | None = None) -> torch.Tensor:
