@@ -110,10 +110,13 @@ def setup(plan: RunPlan) -> Run:
     pipeline, info = load_frozen_models(plan)
     denoiser = getattr(pipeline, family.denoiser)
     run_objective = family.objective(config, pipeline.scheduler.config, info)
+    # A quantised base is for a small card: the text encoders' one-off pass (T5-XXL is 9.5 GB in bf16) runs
+    # before the denoiser reaches the device, so the two never share it. Otherwise the order is as it was.
+    encoded_first = encode_text_once(plan, pipeline, device, dtype) if plan.base_quantization != "none" else None
     params = prepare_unet(denoiser, config, device, dtype, plan.gradient_checkpointing, family,
                           plan.base_quantization)
     layout = batches.Layout(config, plan.dataset, plan.assigned)
-    sample_inputs, cached, held_out_text = encode_text_once(plan, pipeline, device, dtype)
+    sample_inputs, cached, held_out_text = encoded_first or encode_text_once(plan, pipeline, device, dtype)
     vae_dtype = torch.float32 if family.vae_fp16_overflows and dtype == torch.float16 else dtype
     latent_source = latents.make_latent_source(config, layout, pipeline.vae, device, dtype, vae_dtype)
     held_out = held_out_set(plan, pipeline, device, dtype, held_out_text, run_objective) \
