@@ -35,9 +35,10 @@ class MemoryOptions(BaseModel):
         json_schema_extra=_advanced())
     memory_mode: Literal["off", "auto"] = Field("off", description=(
         "auto: on a CUDA GPU whose free memory is known, choose the fastest combination of base_quantization and "
-        "gradient_checkpointing whose estimated peak fits it (shown by --validate-only: 'your 12 GB card: fp8 "
-        "base + checkpointing, est. 10.9 GB'); it then chooses both fields, so leave base_quantization 'none' and "
-        "gradient_checkpointing 'auto'. On the CPU it changes nothing. off: use the fields as given."),
+        "gradient_checkpointing whose estimated peak fits it (shown by --validate-only and the started event: "
+        "'your GPU with 11.5 GiB free: fp8 base + checkpointing, est. 10.9 GiB'); it then chooses both fields, "
+        "so leave base_quantization 'none' and gradient_checkpointing 'auto'. On the CPU it changes nothing. off: "
+        "use the fields as given."),
         json_schema_extra=_advanced())
 
     @model_validator(mode="after")
