@@ -2,7 +2,8 @@
 
 `make_plan(config, num_processes)` scans the dataset and assigns its buckets, resolves the base model and its
 family, checks the resolution, the output folder and the tracker, fixes the run length, the device and the
-precision, and decides gradient checkpointing from the memory estimate. Training starts from the plan
+precision, and decides gradient checkpointing and the base's storage (memory.py: the fields, or memory_mode
+auto's pick from the memory estimate). Training starts from the plan
 (`training.setup`), and `--validate-only` prints `plan_report(config)`, which runs the same checks one by one
 and reports every problem under its field instead of stopping at the first.
 """
@@ -324,4 +325,6 @@ def _memory_report(report: dict[str, Any], config: TrainConfig, source: models.M
     if free is not None and estimate.total_gib > free:
         report["warnings"].append(f"the run needs about {estimate.total_gib} GiB but {free} GiB is free on "
                                   f"{report['device']['name']}; lower batch_size or resolution"
-                                  + ("" if on else ", or set gradient_checkpointing to 'on'"))
+                                  + ("" if on else ", or set gradient_checkpointing to 'on'")
+                                  + ("" if choice.base_quantization != "none" else ", or base_quantization 'fp8' "
+                                     "(or memory_mode 'auto' to choose)"))

@@ -15,6 +15,7 @@ used on the ordinary base.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -62,7 +63,10 @@ def with_adapter(module: torch.nn.Module, mode: str, device: torch.device, dtype
     module.to(dtype=dtype)
     if mode in ("int8", "nf4"):
         quantize(module, mode, dtype)
-    params = add_adapter()
+    with warnings.catch_warnings():
+        # peft's TorchaoLoraLinear warns that merge() will not work; the studio never merges into the base
+        warnings.filterwarnings("ignore", message=".*TorchaoLoraLinear was instantiated without")
+        params = add_adapter()
     if mode == "fp8":
         quantize(module, mode, dtype)
     module.to(device)

@@ -166,6 +166,9 @@ def test_the_validate_only_report_shows_the_quantised_estimate(tmp_path):
     assert report["memory_estimate"]["base_quantization"] == "fp8"
     full = plan.plan_report(parse_config(tiny_config(SHAPES_DATASET, tmp_path / "out")))
     assert report["memory_estimate"]["frozen_weights_gib"] < full["memory_estimate"]["frozen_weights_gib"]
+    auto = plan.plan_report(parse_config(tiny_config(SHAPES_DATASET, tmp_path / "out", memory_mode="auto")))
+    assert auto["ok"] and "changes nothing" in auto["memory_mode"]["summary"]  # the CPU: said, not done
+    assert auto["memory_mode"]["base_quantization"] == "none"
 
 
 def test_nf4s_layers_take_a_lora_on_top():
