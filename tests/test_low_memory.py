@@ -159,6 +159,7 @@ def test_a_missing_library_is_named_at_the_field(tmp_path, monkeypatch):
     assert problem["field"] == "base_quantization" and "pip install torchao" in problem["message"]
 
 
+@pytest.mark.e2e
 def test_the_validate_only_report_shows_the_quantised_estimate(tmp_path):
     config = parse_config(tiny_config(SHAPES_DATASET, tmp_path / "out", base_quantization="fp8"))
     report = plan.plan_report(config)
