@@ -28,9 +28,9 @@ CPU_MODES = ("fp8", "int8")
 # (same seed, same noise, same data). fp8 e4m3 keeps 3 mantissa bits: each weight is off by up to 1/16 of itself
 # (about 1/32 on average), and a layer's output, a sum over many such weights, by a few tenths of a percent (over
 # 4 steps the tiny models measured at most 0.44 % for SD 1, 0.26 % SDXL, 0.12 % FLUX, 0.02 % SD 3); int8 with a
-# scale per row is 16 times finer (at most 0.035 %, SDXL). Step to step, these losses move by 5-40 %: a gap of 2 % (fp8) or 0.5 % (int8) is
-# far below that, while a base the LoRA did not train on top of (a broken hook, weights lost) would be off by
-# tens of percent.
+# scale per row is 16 times finer (at most 0.035 %, SDXL). Step to step these losses move by 5-40 %: a gap of 2 %
+# (fp8) or 0.5 % (int8) is far below that and 4-14 times what was measured, while a broken hook (weights lost,
+# scales dropped, the LoRA not on the path) moves the loss by far more than a rounding does.
 LOSS_TOLERANCE = {"fp8": 0.02, "int8": 0.005}
 TINY = {"sd": "builtin:tiny-sd", "flux": "builtin:tiny-flux"}
 
@@ -236,3 +236,31 @@ def test_a_quantised_base_trains_close_to_full_precision_and_its_lora_reads_on_t
         assert any("lora" in name for name, _ in pipeline.unet.named_parameters())
     else:
         assert lorafile.apply_lora(pipeline, final) > 0  # every layer names a module of the ordinary base
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("base", ["builtin:tiny-sd", "builtin:tiny-sdxl", "builtin:tiny-sd3", "builtin:tiny-flux"])
+def test_every_familys_text_encoders_leave_the_device_once_captions_are_cached(tmp_path, base):
+    """setup.encode_text_once sends each text encoder (SDXL's two, SD 3's three, FLUX's CLIP and T5) back to the
+    CPU after the one-off pass: each is moved twice, to the device and back."""
+    from lora_core import setup
+
+    config = tiny_config(SHAPES_DATASET, tmp_path / "out", resolution=64, bucketing=False)
+    config["base_model"] = base
+    run_plan = plan.make_plan(parse_config(config))
+    pipeline, _ = setup.load_frozen_models(run_plan)
+    moved: dict[int, list[str]] = {}
+    for encoder in models.text_encoders(pipeline):
+        def to(*args, _encoder=encoder, _to=encoder.to, **kwargs):
+            target = next((a for a in args if isinstance(a, str | torch.device)), kwargs.get("device"))
+            if target is not None:
+                moved.setdefault(id(_encoder), []).append(str(target))
+            return _to(*args, **kwargs)
+        encoder.to = to
+    _, cached, _ = setup.encode_text_once(run_plan, pipeline, torch.device("cpu"), torch.float32)
+    assert cached is not None
+    encoders = models.text_encoders(pipeline)
+    assert len(encoders) == {"builtin:tiny-sd": 1, "builtin:tiny-sdxl": 2, "builtin:tiny-sd3": 3,
+                             "builtin:tiny-flux": 2}[base]
+    # on the CPU the device is the CPU too: what shows the encoder left is the second move, after the pass
+    assert all(moved[id(encoder)] == ["cpu", "cpu"] for encoder in encoders), moved
