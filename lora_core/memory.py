@@ -33,10 +33,15 @@ class LowMemoryOptimizerError(UserError):
     field = "optimizer"
 
 
-def check_device(config: TrainConfig, device_type: str) -> None:
+def check_device(config: TrainConfig, device_type: str, processes: int = 1) -> None:
     """Refuse, at its field with the reason, a base_quantization or optimizer this device or install cannot run."""
     if (reason := quantize.unavailable_reason(config.base_quantization, device_type)) is not None:
         raise QuantizationError(reason)
+    if config.base_quantization != "none" and processes > 1:
+        # DDP broadcasts every parameter at the start, float8 and torchao / bitsandbytes tensors included; not
+        # tested on several GPUs, so not offered there
+        raise QuantizationError(f"base_quantization {config.base_quantization!r} is for one GPU; with "
+                                f"{processes} processes set it to 'none'")
     if config.optimizer in CUDA_ONLY_OPTIMIZERS and device_type != "cuda":
         raise LowMemoryOptimizerError(f"optimizer {config.optimizer!r} needs a CUDA GPU: "
                                       f"{CUDA_ONLY_OPTIMIZERS[config.optimizer]}")
@@ -60,7 +65,7 @@ def describe(quantization: str, checkpointing: bool) -> str:
 
 
 def choose(config: TrainConfig, precision: str, device: torch.device, free_gib: float | None,
-           sizes: Callable[[], ModelSizes]) -> MemoryChoice:
+           sizes: Callable[[], ModelSizes], processes: int = 1) -> MemoryChoice:
     """The base storage and checkpointing the run uses, with its estimate. memory_mode 'off': the fields as
     given (checkpointing 'auto' decided by the estimate); 'auto': picked for `free_gib` on CUDA."""
     if config.memory_mode == "off" or device.type != "cuda" or free_gib is None:
@@ -71,13 +76,15 @@ def choose(config: TrainConfig, precision: str, device: torch.device, free_gib: 
             "full-precision base and no checkpointing)")
         return MemoryChoice(quantization, checkpointing,
                             hardware.estimate_memory(config, sizes(), precision, checkpointing, quantization), summary)
-    return pick(config, precision, free_gib, sizes())
+    return pick(config, precision, free_gib, sizes(), processes)
 
 
-def pick(config: TrainConfig, precision: str, free_gib: float, sizes: ModelSizes) -> MemoryChoice:
+def pick(config: TrainConfig, precision: str, free_gib: float, sizes: ModelSizes,
+         processes: int = 1) -> MemoryChoice:
     """The fastest candidate this install can run whose estimate x FIT_MARGIN fits `free_gib`; when none does, the
     smallest, marked as not fitting."""
-    usable = [(mode, ckpt) for mode, ckpt in CANDIDATES if quantize.unavailable_reason(mode, "cuda") is None]
+    usable = [(mode, ckpt) for mode, ckpt in CANDIDATES if quantize.unavailable_reason(mode, "cuda") is None
+              and (mode == "none" or processes == 1)]  # a quantised base is for one GPU (check_device)
     estimate = None
     for mode, checkpointing in usable:
         estimate = hardware.estimate_memory(config, sizes, precision, checkpointing, mode)

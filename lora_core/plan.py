@@ -199,10 +199,10 @@ def process_device(device: torch.device) -> torch.device:
 
 
 def memory_choice(config: TrainConfig, device: torch.device, precision: str,
-                  sizes: Callable[[], models.ModelSizes]) -> memory.MemoryChoice:
+                  sizes: Callable[[], models.ModelSizes], processes: int = 1) -> memory.MemoryChoice:
     """Checkpointing and the base's storage, from the fields or (memory_mode auto) the device's free memory."""
     device = process_device(device)
-    return memory.choose(config, precision, device, hardware.free_device_memory_gib(device), sizes)
+    return memory.choose(config, precision, device, hardware.free_device_memory_gib(device), sizes, processes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -230,12 +230,12 @@ def make_plan(config: TrainConfig, num_processes: int = 1, *, resume: bool = Fal
     assigned = dataset.assign_buckets(report, config, info.pixel_multiple)
     per_epoch = buckets.batches_per_epoch(assigned * config.repeats, config.batch_size * num_processes)
     device, precision = device_and_precision(config)
-    memory.check_device(config, device.type)
+    memory.check_device(config, device.type, num_processes)
     plan = RunPlan(config, num_processes, resume, report, assigned, source, info, per_epoch,
                    run_length(config, per_epoch), device, precision, gradient_checkpointing=False,
                    started_at=started_at, clock_start=clock_start, skipped_states=skipped_states,
                    held_out=held_out)
-    choice = memory_choice(config, device, precision, plan.sizes)
+    choice = memory_choice(config, device, precision, plan.sizes, num_processes)
     plan.gradient_checkpointing, plan.base_quantization = choice.gradient_checkpointing, choice.base_quantization
     plan.memory_summary = choice.summary
     return plan
@@ -294,7 +294,7 @@ def plan_report(config: TrainConfig, num_processes: int | None = None) -> dict[s
     if device_check.failed:
         return report
     with _Check(report, "base_quantization"):
-        memory.check_device(config, device.type)
+        memory.check_device(config, device.type, processes)
     _device_report(report, config, device, precision, processes)
     if info is not None and source is not None and not model_check.failed:
         _memory_report(report, config, source, info, device, precision)
@@ -315,7 +315,7 @@ def _device_report(report: dict[str, Any], config: TrainConfig, device: torch.de
 def _memory_report(report: dict[str, Any], config: TrainConfig, source: models.ModelSource,
                    info: models.ModelInfo, device: torch.device, precision: str) -> None:
     sizes = models.model_sizes(source, info)
-    choice = memory_choice(config, device, precision, lambda: sizes)
+    choice = memory_choice(config, device, precision, lambda: sizes, report["devices"]["processes"])
     on, estimate = choice.gradient_checkpointing, choice.estimate
     report["memory_estimate"] = estimate.to_dict()
     if choice.summary:  # memory_mode auto: what it chose ("your GPU with 11.5 GiB free: fp8 base + ...")

@@ -264,3 +264,12 @@ def test_every_familys_text_encoders_leave_the_device_once_captions_are_cached(t
                              "builtin:tiny-flux": 2}[base]
     # on the CPU the device is the CPU too: what shows the encoder left is the second move, after the pass
     assert all(moved[id(encoder)] == ["cpu", "cpu"] for encoder in encoders), moved
+
+
+def test_a_quantised_base_is_for_one_gpu(big_sizes):
+    config = parse_config({**BASE, "base_model": "x", "base_quantization": "fp8"})
+    with pytest.raises(UserError) as caught:
+        memory.check_device(config, "cuda", processes=2)
+    assert caught.value.field == "base_quantization" and "one GPU" in str(caught.value)
+    auto = parse_config({**BASE, "base_model": "x", "resolution": 1024, "memory_mode": "auto"})
+    assert memory.pick(auto, "bf16", 8.0, big_sizes["sdxl"], processes=2).base_quantization == "none"
