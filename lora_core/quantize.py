@@ -15,6 +15,7 @@ used on the ordinary base.
 from __future__ import annotations
 
 import importlib.util
+import re
 import warnings
 from collections.abc import Callable
 
@@ -44,10 +45,34 @@ def unavailable_reason(mode: str, device_type: str) -> str | None:
 
 
 def quantizable(module: torch.nn.Module, mode: str) -> int:
-    """The parameters `mode` stores in fewer bits: the linear weights (int8, nf4), also the convolutions' (fp8)."""
-    kinds: tuple[type, ...] = (torch.nn.Linear,) if mode in ("int8", "nf4") else (torch.nn.Linear, torch.nn.Conv2d)
-    return sum(layer.weight.numel() for name, layer in module.named_modules()
-               if isinstance(layer, kinds) and not _is_adapter(name))
+    """The parameters `mode` stores in fewer bits: the linear weights (int8, nf4); for fp8 the weights and biases
+    of the linears and convolutions diffusers' layerwise casting reaches, which skips norms (FLUX's AdaLayerNorm
+    linears, about a quarter of its weights), embeddings and the model's own skip list."""
+    if mode != "fp8":
+        return sum(layer.weight.numel() for name, layer in module.named_modules()
+                   if isinstance(layer, torch.nn.Linear) and not _is_adapter(name))
+    from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
+
+    skips = _fp8_skip_patterns(module)
+    reached = {id(p): p.numel() for name, layer in module.named_modules()
+               if isinstance(layer, _GO_LC_SUPPORTED_PYTORCH_LAYERS) and not _skipped(name, skips)
+               for p in layer.parameters(recurse=False)}  # by identity: a tied weight is stored once
+    return sum(reached.values())
+
+
+def _skipped(name: str, patterns: tuple[str, ...]) -> bool:
+    """As diffusers' layerwise casting decides: a pattern searched in the module's path and in each of its
+    parents' (a skipped parent skips its subtree)."""
+    parts = name.split(".")
+    return any(re.search(pattern, ".".join(parts[:end])) for end in range(1, len(parts) + 1) for pattern in patterns)
+
+
+def _fp8_skip_patterns(module: torch.nn.Module) -> tuple[str, ...]:
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    own = (getattr(module, "_skip_layerwise_casting_patterns", None) or ())
+    keep = (getattr(module, "_keep_in_fp32_modules", None) or ())
+    return (*DEFAULT_SKIP_MODULES_PATTERN, *own, *keep, *ADAPTER_LAYER_MARKS)
 
 
 def _is_adapter(name: str) -> bool:
@@ -97,9 +122,8 @@ def _fp8(module: torch.nn.Module, compute_dtype: torch.dtype) -> None:
 
     # a transformers text encoder (T5): the same default skips, and the modules it keeps in fp32 (T5's `wo`, whose
     # forward casts its input to the weight's dtype, which would be float8)
-    keep = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
     apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
-                            skip_modules_pattern=("pos_embed", "patch_embed", "norm", *ADAPTER_LAYER_MARKS, *keep))
+                            skip_modules_pattern=_fp8_skip_patterns(module))
     # transformers' `dtype` reads the parameters (float8 now), and pipelines cast the encoder's output to it; a
     # diffusers model reports the compute dtype itself. The instance's class gets that property (it is frozen and
     # never saved, so nothing else sees the subclass).
