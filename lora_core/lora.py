@@ -238,8 +238,15 @@ def training_metadata(config: TrainConfig, family: Family, prediction_type: str,
         "modelspec.trigger_phrase": ", ".join(config.trigger_words),
         "modelspec.date": now.replace(microsecond=0).isoformat(),
         "lora_studio.lora_target": config.lora_target,
-        **({"lora_studio.base_quantization": base_quantization} if base_quantization != "none" else {}),
+        **(quantized_base_fields(base_quantization) if base_quantization != "none" else {}),
     }
+
+
+def quantized_base_fields(base_quantization: str) -> dict[str, str]:
+    """How the frozen base was stored while training, and what that means for whoever loads the file."""
+    return {"lora_studio.base_quantization": base_quantization,
+            "lora_studio.base_quantization_note": f"trained against the base stored in {base_quantization}; the "
+                                                  "file is an ordinary LoRA: use it on the ordinary base"}
 
 
 def network_args(config: TrainConfig) -> dict[str, str]:

@@ -231,6 +231,7 @@ def test_a_quantised_base_trains_close_to_full_precision_and_its_lora_reads_on_t
         assert set(names) == set(reference_file.keys())  # the same adapter: nothing of the quantised base
         assert all(file.get_slice(k).get_shape() == reference_file.get_slice(k).get_shape() for k in names)
         assert file.metadata()["lora_studio.base_quantization"] == mode
+        assert "use it on the ordinary base" in file.metadata()["lora_studio.base_quantization_note"]
         assert "lora_studio.base_quantization" not in reference_file.metadata()
     pipeline = models.load_pipeline(models.resolve(TINY[family]), models.inspect(models.resolve(TINY[family])))
     assert all(p.dtype == torch.float32 for p in pipeline.components["unet" if family == "sd" else "transformer"]
