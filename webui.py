@@ -729,6 +729,11 @@ def _builtin_names() -> list[str]:
     return [name for name in builtin.names() if name.startswith(("builtin:toy", "builtin:tiny"))]
 
 
+def quantized(estimate: dict[str, Any]) -> str:
+    storage = estimate.get("base_quantization", "none")
+    return "" if storage == "none" else f", base stored in {storage}"
+
+
 def estimate_markdown(report: dict[str, Any]) -> str:
     lines = []
     device = report.get("device")
@@ -746,8 +751,10 @@ def estimate_markdown(report: dict[str, Any]) -> str:
         lines.append(f"**Memory estimate:** about {estimate['total_gib']} GiB (weights "
                      f"{estimate['frozen_weights_gib']}, LoRA + optimizer {estimate['lora_and_optimizer_gib']}, "
                      f"activations {estimate['activations_gib']}"
-                     f"{', gradient checkpointing on' if estimate.get('gradient_checkpointing') else ''}); "
-                     f"{estimate['covers']}")
+                     f"{', gradient checkpointing on' if estimate.get('gradient_checkpointing') else ''}"
+                     f"{quantized(estimate)}); {estimate['covers']}")
+    if report.get("memory_mode"):  # memory_mode auto: what it chose for this card
+        lines.append(f"**Memory mode auto:** {report['memory_mode']['summary']}")
     if "total_steps" in report:
         lines.append(f"**Steps:** {report['total_steps']} on {report['dataset']['num_images']} images")
     if "model" in report:

@@ -25,7 +25,8 @@ from pydantic import (
 
 from lora_core.compile_rules import cuda_graphs_conflict
 from lora_core.config_flow import MAX_PATH_CHARS, FlowMatchingOptions, path_text_problem
-from lora_core.errors import UserError
+from lora_core.config_memory import MemoryOptions
+from lora_core.errors import FieldConflict, UserError
 
 REQUIRED_FIELDS = ("dataset_path", "base_model", "output_path", "trigger_words")
 NESTED_KEY = "training_params"
@@ -39,14 +40,6 @@ MAX_SHOWN_CHARS = 120  # of a value quoted back in an error message
 MAX_TRIGGER_WORDS, MAX_TRIGGER_CHARS, MAX_PROMPT_CHARS = 32, 200, 2000
 TriggerWord = Annotated[str, StringConstraints(max_length=MAX_TRIGGER_CHARS)]
 Prompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
-
-
-class FieldConflict(ValueError):
-    """A rule between fields, raised from a model validator: each field in `fields` is reported with it."""
-
-    def __init__(self, fields: tuple[str, ...], message: str):
-        self.fields = fields
-        super().__init__(message)
 
 
 def _ui(group: str, **extra: Any) -> dict[str, Any]:
@@ -88,9 +81,11 @@ class CoreOptions(BaseModel):
                             json_schema_extra=_ui("basic"))
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description=(
         "Batches whose gradients are summed before one optimizer step."), json_schema_extra=_ui("advanced"))
-    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = Field("adamw", description=(
-        "adamw (fused on CUDA and the CPU); adamw8bit needs bitsandbytes; prodigy (prodigyopt) sets its own step size: "
-        "use learning_rate 1.0 with it; adafactor."), json_schema_extra=_ui("advanced"))
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "prodigy", "adafactor"] = Field("adamw", description=(
+        "adamw (fused on CUDA and the CPU); adamw8bit keeps AdamW's moments in 8 bits (bitsandbytes); "
+        "paged_adamw8bit also pages them to host memory when the GPU runs short (bitsandbytes, CUDA only); "
+        "prodigy (prodigyopt) sets its own step size: use learning_rate 1.0 with it; adafactor."),
+        json_schema_extra=_ui("advanced"))
     lr_scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts"] = Field(
         "constant", description="Learning-rate schedule after warmup.", json_schema_extra=_ui("advanced"))
     lr_scheduler_num_cycles: int = Field(1, ge=1, le=100, description=(
@@ -340,7 +335,7 @@ class CoreOptions(BaseModel):
         return self
 
 
-class TrainConfig(FlowMatchingOptions, CoreOptions):
+class TrainConfig(MemoryOptions, FlowMatchingOptions, CoreOptions):
     """Everything one LoRA training run needs. Units: steps are optimizer steps, sizes are pixels."""
 
 

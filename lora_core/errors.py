@@ -17,3 +17,12 @@ class UserError(ValueError):
         super().__init__(message)
         if field is not None:
             self.field = field
+
+
+class FieldConflict(ValueError):
+    """A rule between fields, raised from a config model validator: each field in `fields` is reported with it.
+    (Here rather than in config.py so that the option modules config.py inherits can raise it too.)"""
+
+    def __init__(self, fields: tuple[str, ...], message: str):
+        self.fields = fields
+        super().__init__(message)

@@ -52,6 +52,8 @@ class Started(Event):
     compile_unet: str = "off"  # as decided: off, regional (the repeated blocks) or whole
     cuda_graphs: bool = False  # the compiled blocks captured as CUDA graphs
     compile_reason: str = ""  # why: the setting, or auto's estimate; a cuda_graphs fallback says why
+    base_quantization: str = "none"  # how the frozen base is stored (the field's, or memory_mode auto's choice)
+    memory_choice: str = ""  # memory_mode auto's choice in words ("your GPU with 11.5 GiB free: fp8 base + ...")
 
 
 @dataclass(kw_only=True)

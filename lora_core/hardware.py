@@ -10,6 +10,7 @@ import torch
 from lora_core.config import TrainConfig
 from lora_core.families.base import ACTIVATION_BYTES_PER_UNIT
 from lora_core.models import ModelSizes
+from lora_core.quantize import STORED_BYTES
 
 GIB = 1024**3
 
@@ -75,12 +76,12 @@ class MemoryEstimate:
     activations_gib: float
     gradient_checkpointing: bool
     covers: str
+    base_quantization: str = "none"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-CHECKPOINTING_FACTOR = 0.35
 FIT_MARGIN = 1.1  # the estimate came out 1.5-8 % under the measured peaks on an H200 (bench/RESULTS.md)
 
 
@@ -96,29 +97,52 @@ def lora_parameter_count(config: TrainConfig, sizes: ModelSizes) -> tuple[int, i
     return unet, text
 
 
-def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str, checkpointing: bool) -> MemoryEstimate:
-    """Peak memory of the training step on the device: frozen weights kept there, LoRA weights with
-    gradients and AdamW state, and UNet activations for one batch (fewer with `checkpointing`). It does not
-    cover the sample-image pass, the allocator's cache beyond that, or (on the CPU) the Python process itself."""
+# Bytes per trained parameter: fp32 weight + fp32 gradient + the optimizer's state (AdamW's two fp32 moments;
+# bitsandbytes' 8-bit AdamW keeps them in one byte each; Adafactor and Prodigy counted as AdamW, an upper bound)
+LORA_BYTES = {"adamw8bit": 4 + 4 + 2, "paged_adamw8bit": 4 + 4 + 2}
+LORA_BYTES_DEFAULT = 4 + 4 + 8
+
+
+def frozen_bytes(params: int, quantizable: dict[str, int], bytes_per: int, quantization: str) -> float:
+    """`params` frozen weights at `bytes_per`, those `quantization` stores small at its size (quantize.py)."""
+    if quantization == "none":
+        return float(params * bytes_per)
+    small = quantizable.get(quantization, 0)
+    return (params - small) * bytes_per + small * STORED_BYTES[quantization]
+
+
+def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str, checkpointing: bool,
+                    quantization: str = "none") -> MemoryEstimate:
+    """Peak memory of the training step on the device: frozen weights kept there (the denoiser's, and a big frozen
+    text encoder's, stored in `quantization` when not 'none'), LoRA weights with gradients and optimizer state,
+    and UNet activations for one batch (fewer with `checkpointing`). It does not cover the sample-image pass,
+    the allocator's cache beyond that, or (on the CPU) the Python process itself."""
     bytes_per = 4 if precision == "no" else 2
     text_on_device = config.train_text_encoder or config.shuffle_tags  # captions encoded every step
-    resident = (sizes.unet_params + (sizes.vae_params if config.latent_cache == "off" else 0)
-                + (sizes.text_params if text_on_device else 0))
-    frozen = resident * bytes_per
-    lora = sum(lora_parameter_count(config, sizes)) * 4 * 4  # weights, grads, AdamW's 2 moments, fp32
+    frozen = frozen_bytes(sizes.unet_params, sizes.unet_quantizable, bytes_per, quantization)
+    frozen += sizes.vae_params * bytes_per if config.latent_cache == "off" else 0
+    if text_on_device:
+        frozen += frozen_bytes(sizes.text_params, sizes.text_quantizable, bytes_per, quantization)
+    lora = sum(lora_parameter_count(config, sizes)) * LORA_BYTES.get(config.optimizer, LORA_BYTES_DEFAULT)
     latent = config.resolution // 8
     activations = (ACTIVATION_BYTES_PER_UNIT * config.batch_size * latent * latent * sizes.activation_units
                    * bytes_per / 2)
     if checkpointing:
-        activations *= CHECKPOINTING_FACTOR
+        activations *= sizes.checkpointed_share
+    return MemoryEstimate(round((frozen + lora + activations) / GIB, 3), round(frozen / GIB, 3),
+                          round(lora / GIB, 3), round(activations / GIB, 3), checkpointing,
+                          _covers(config, text_on_device, quantization), quantization)
+
+
+def _covers(config: TrainConfig, text_on_device: bool, quantization: str) -> str:
     kept = ["UNet"] + (["VAE"] if config.latent_cache == "off" else []) + (["text encoder"] if text_on_device else [])
     trained = "UNet and text-encoder" if config.train_text_encoder else "UNet"
-    covers = (f"frozen {', '.join(kept)} weights on the device, {trained} LoRA weights + gradients + AdamW state in "
-              "fp32, UNet activations for one batch; not " + ("the text encoders' activations (small), "
-              if text_on_device else "the text encoders (used once to cache captions, then moved off), ")
-              + "the sample-image pass or allocator slack")
-    return MemoryEstimate(round((frozen + lora + activations) / GIB, 3), round(frozen / GIB, 3),
-                          round(lora / GIB, 3), round(activations / GIB, 3), checkpointing, covers)
+    stored = "" if quantization == "none" else f" ({quantization} where quantised)"
+    state = "8-bit AdamW state" if config.optimizer in LORA_BYTES else "AdamW state"
+    return (f"frozen {', '.join(kept)} weights on the device{stored}, {trained} LoRA weights + gradients in fp32 + "
+            f"{state}, UNet activations for one batch; not " + ("the text encoders' activations (small), "
+            if text_on_device else "the text encoders (used once to cache captions, then moved off), ")
+            + "the sample-image pass, a quantised layer's transient upcast, or allocator slack")
 
 
 def free_device_memory_gib(device: torch.device) -> float | None:
@@ -132,11 +156,11 @@ def free_device_memory_gib(device: torch.device) -> float | None:
 
 
 def use_gradient_checkpointing(config: TrainConfig, precision: str, free_gib: float | None,
-                               sizes: Callable[[], ModelSizes]) -> bool:
+                               sizes: Callable[[], ModelSizes], quantization: str = "none") -> bool:
     """'on' and 'off' as given. 'auto': on when the step without it would not fit in `free_gib` (with
     FIT_MARGIN for the estimate's error); off where there is no device memory to fit in (the CPU)."""
     if config.gradient_checkpointing != "auto":
         return config.gradient_checkpointing == "on"
     if free_gib is None:
         return False
-    return estimate_memory(config, sizes(), precision, checkpointing=False).total_gib * FIT_MARGIN > free_gib
+    return estimate_memory(config, sizes(), precision, False, quantization).total_gib * FIT_MARGIN > free_gib

@@ -23,7 +23,8 @@ log = logging.getLogger("lora_core")
 
 OOM_ADVICE = ("the GPU ran out of memory; lower batch_size or resolution, set gradient_checkpointing to 'on' "
               "('auto' turns it on only when the estimate says the run would not fit), keep latent_cache on "
-              "(memory or disk), or use a smaller lora_rank")
+              "(memory or disk), use a smaller lora_rank, store the base in less memory (base_quantization 'fp8', "
+              "optimizer 'adamw8bit'), or let memory_mode 'auto' choose for this card")
 
 
 def run_job(config: TrainConfig, emit: Callable[[Event], None], should_stop: Callable[[], bool],

@@ -44,6 +44,7 @@ TARGETS = {
                                "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"],
 }
 OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit",
+                   "paged_adamw8bit": "bitsandbytes.optim.PagedAdamW8bit",
                    "prodigy": "prodigyopt.Prodigy", "adafactor": "transformers.optimization.Adafactor"}
 MODELSPEC_VERSION = "1.0.1"
 NETWORK_MODULES = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya"}
@@ -199,10 +200,12 @@ def training_metadata(config: TrainConfig, family: Family, prediction_type: str,
                       num_images: int, precision: str, started_at: datetime,
                       tag_frequency: dict[str, int], base_sha256: str | None = None, variant: str = "",
                       gradient_checkpointing: bool = False, num_processes: int = 1,
-                      buckets: dict[str, int] | None = None) -> dict[str, str]:
+                      buckets: dict[str, int] | None = None, base_quantization: str = "none") -> dict[str, str]:
     """Header metadata in sd-scripts' `ss_*` and the model spec's `modelspec.*` form (all values strings); the
     README lists each field. `base_sha256`: of the base model's single file, or of a folder's UNet weights;
-    `buckets`: images per bucket ("WxH" -> count), as the plan assigned them."""
+    `buckets`: images per bucket ("WxH" -> count), as the plan assigned them. `base_quantization`: how the frozen
+    base was stored while training (written when not 'none'); the LoRA is the same adapter either way and is
+    used on the ordinary base."""
     now = datetime.now(UTC)
     v_pred = prediction_type == "v_prediction"
     kind = family.metadata(prediction_type, variant)  # architecture, implementation, base model version
@@ -245,6 +248,7 @@ def training_metadata(config: TrainConfig, family: Family, prediction_type: str,
         "modelspec.date": now.replace(microsecond=0).isoformat(),
         "lora_studio.lora_target": config.lora_target,
         **sd_scripts_fields(config, num_images, gradient_checkpointing, num_processes, buckets),
+        **(quantized_base_fields(base_quantization) if base_quantization != "none" else {}),
     }
 
 
@@ -284,6 +288,13 @@ def sd_scripts_fields(config: TrainConfig, num_images: int, gradient_checkpointi
         # the text encoder's own last layer (SD 1.x/2.x) or penultimate (SDXL, fixed): sd-scripts' default
         "ss_clip_skip": "None",
     }
+
+
+def quantized_base_fields(base_quantization: str) -> dict[str, str]:
+    """How the frozen base was stored while training, and what that means for whoever loads the file."""
+    return {"lora_studio.base_quantization": base_quantization,
+            "lora_studio.base_quantization_note": f"trained against the base stored in {base_quantization}; the "
+                                                  "file is an ordinary LoRA: use it on the ordinary base"}
 
 
 def network_args(config: TrainConfig) -> dict[str, str]:

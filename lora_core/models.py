@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lora_core import builtin, families
 from lora_core.errors import UserError
+from lora_core.families.base import CHECKPOINTING_FACTOR
 from lora_core.notices import quiet_library_notices
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
@@ -52,6 +53,11 @@ class ModelSizes:
     text_lora_params_per_rank: int  # the same for the text encoders' attention projections
     text_lora_outputs: int
     activation_units: float  # what the UNet's saved activations scale with (see activation_units())
+    # per base_quantization mode: the denoiser's parameters it stores small, and those of the text encoders it
+    # stores small while they stay on the device (Family.quantizable_text_encoders)
+    unet_quantizable: dict[str, int] = field(default_factory=dict)
+    checkpointed_share: float = CHECKPOINTING_FACTOR  # of activation_units kept with checkpointing (the family's)
+    text_quantizable: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -301,6 +307,7 @@ def model_sizes(source: ModelSource, info: ModelInfo) -> ModelSizes:
     import torch
 
     from lora_core.lora import TEXT_ENCODER_TARGETS
+    from lora_core.quantize import MODES, quantizable
 
     family = families.get(info.family)
     with torch.device("meta"), tempfile.TemporaryDirectory() as scratch:
@@ -316,6 +323,7 @@ def model_sizes(source: ModelSource, info: ModelInfo) -> ModelSizes:
     denoiser, encoders = getattr(pipeline, family.denoiser), text_encoders(pipeline)
     layers = {target: _adapted(denoiser, names) for target, names in family.denoiser_targets().items()}
     trainable = family.trainable_text_encoders(pipeline)
+    big = family.quantizable_text_encoders(pipeline)
     text_layers = [layer for encoder in trainable for layer in _adapted(encoder, TEXT_ENCODER_TARGETS)]
     return ModelSizes(
         unet_params=sum(p.numel() for p in denoiser.parameters()),
@@ -326,6 +334,9 @@ def model_sizes(source: ModelSource, info: ModelInfo) -> ModelSizes:
         text_lora_params_per_rank=sum(i + o for i, o in text_layers),
         text_lora_outputs=sum(o for _, o in text_layers),
         activation_units=family.activation_units(denoiser.config),
+        checkpointed_share=family.checkpointed_activation_share(denoiser.config),
+        unet_quantizable={mode: quantizable(denoiser, mode) for mode in MODES},
+        text_quantizable={mode: sum(quantizable(encoder, mode) for encoder in big) for mode in MODES},
     )
 
 

@@ -49,6 +49,30 @@ class OnceFilter(logging.Filter):
 _FILTER = OnceFilter()
 
 
+class ImportNoiseFilter(logging.Filter):
+    """Drops what torchao and bitsandbytes log when diffusers and peft import them (base_quantization's
+    libraries): kernels for other GPUs or torch builds that a CPU or CUDA install without them never uses."""
+
+    FRAGMENTS = ("Failed to load", "kernels-community", "is an Enum subclass and is now natively supported",
+                 "Unable to import `torchao` Tensor objects")  # diffusers: for checkpoints saved by torchao
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(fragment in record.getMessage() for fragment in self.FRAGMENTS)
+
+
+# exact logger names: a logger's filter does not see its children's records
+IMPORT_NOISE_LOGGERS = ("torchao", "bitsandbytes.backends.cpu.ops", "torch.utils._pytree",
+                        "diffusers.quantizers.torchao.torchao_quantizer")
+
+
+def quiet_optional_library_imports() -> None:
+    """Install ImportNoiseFilter before anything imports torchao or bitsandbytes (lora_core's __init__)."""
+    for name in IMPORT_NOISE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, ImportNoiseFilter) for f in logger.filters):
+            logger.addFilter(ImportNoiseFilter())
+
+
 def quiet_library_notices() -> None:
     """Install the filter on the libraries' loggers (idempotent; cheap enough to call before every load)."""
     for name in LIBRARY_LOGGERS:

@@ -2,8 +2,8 @@
 
 AdamW is torch's fused kernel on CUDA and on the CPU (one pass over all parameters instead of a dozen small
 operations per tensor: 1.5 ms per step instead of 7 for small-sd's 256 LoRA tensors on the CPU). AdamW 8-bit
-needs `bitsandbytes`, Prodigy needs `prodigyopt`; asking for one that is not installed is an error naming the
-package. Adafactor is transformers'.
+(and its paged form, CUDA only: the plan refuses it on the CPU) needs `bitsandbytes`, Prodigy needs
+`prodigyopt`; asking for one that is not installed is an error naming the package. Adafactor is transformers'.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ def make_optimizer(config: TrainConfig, groups: list[dict], device: torch.device
     decay = config.adam_weight_decay
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, weight_decay=decay, fused=device.type in FUSED_ADAMW_DEVICES)
-    if config.optimizer == "adamw8bit":
+    if config.optimizer in ("adamw8bit", "paged_adamw8bit"):
         try:
             import bitsandbytes
         except ImportError:
-            raise OptimizerError("optimizer 'adamw8bit' needs the bitsandbytes package: pip install bitsandbytes "
-                                 "(CUDA only); or choose optimizer 'adamw'") from None
-        return bitsandbytes.optim.AdamW8bit(groups, weight_decay=decay)
+            raise OptimizerError(f"optimizer {config.optimizer!r} needs the bitsandbytes package: pip install "
+                                 "bitsandbytes; or choose optimizer 'adamw'") from None
+        kind = bitsandbytes.optim.AdamW8bit if config.optimizer == "adamw8bit" else bitsandbytes.optim.PagedAdamW8bit
+        return kind(groups, weight_decay=decay)
     if config.optimizer == "prodigy":
         try:
             from prodigyopt import Prodigy

@@ -2,7 +2,8 @@
 
 `make_plan(config, num_processes)` scans the dataset and assigns its buckets, resolves the base model and its
 family, checks the resolution, the output folder and the tracker, fixes the run length, the device and the
-precision, and decides gradient checkpointing from the memory estimate. Training starts from the plan
+precision, and decides gradient checkpointing and the base's storage (memory.py: the fields, or memory_mode
+auto's pick from the memory estimate). Training starts from the plan
 (`training.setup`), and `--validate-only` prints `plan_report(config)`, which runs the same checks one by one
 and reports every problem under its field instead of stopping at the first.
 """
@@ -32,6 +33,7 @@ from lora_core import (
     families,
     hardware,
     holdout,
+    memory,
     models,
     tracking,
 )
@@ -93,6 +95,8 @@ class RunPlan:
     clock_start: float = field(default_factory=time.perf_counter)  # the run's total_time counts from here
     skipped_states: list[str] = field(default_factory=list)  # damaged states resume passed over, in words
     held_out: dataset.DatasetReport | None = None  # the validation loss's images (holdout.split); never trained
+    base_quantization: str = "none"  # how the frozen base is stored: the field's, or memory_mode auto's choice
+    memory_summary: str = ""  # memory_mode auto's choice in words, for the started event and the report
     _sizes: models.ModelSizes | None = field(default=None, repr=False)
 
     @property
@@ -119,7 +123,8 @@ class RunPlan:
         return self._sizes
 
     def memory_estimate(self) -> hardware.MemoryEstimate:
-        return hardware.estimate_memory(self.config, self.sizes(), self.precision, self.gradient_checkpointing)
+        return hardware.estimate_memory(self.config, self.sizes(), self.precision, self.gradient_checkpointing,
+                                        self.base_quantization)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -204,10 +209,11 @@ def process_device(device: torch.device) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
 
 
-def checkpointing(config: TrainConfig, device: torch.device, precision: str,
-                  sizes: Callable[[], models.ModelSizes]) -> bool:
-    free = hardware.free_device_memory_gib(process_device(device))
-    return hardware.use_gradient_checkpointing(config, precision, free, sizes)
+def memory_choice(config: TrainConfig, device: torch.device, precision: str,
+                  sizes: Callable[[], models.ModelSizes], processes: int = 1) -> memory.MemoryChoice:
+    """Checkpointing and the base's storage, from the fields or (memory_mode auto) the device's free memory."""
+    device = process_device(device)
+    return memory.choose(config, precision, device, hardware.free_device_memory_gib(device), sizes, processes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,11 +241,14 @@ def make_plan(config: TrainConfig, num_processes: int = 1, *, resume: bool = Fal
     assigned = dataset.assign_buckets(report, config, info.pixel_multiple)
     per_epoch = buckets.batches_per_epoch(assigned * config.repeats, config.batch_size * num_processes)
     device, precision = device_and_precision(config)
+    memory.check_device(config, device.type, num_processes)
     plan = RunPlan(config, num_processes, resume, report, assigned, source, info, per_epoch,
                    run_length(config, per_epoch), device, precision, gradient_checkpointing=False,
                    started_at=started_at, clock_start=clock_start, skipped_states=skipped_states,
                    held_out=held_out)
-    plan.gradient_checkpointing = checkpointing(config, device, precision, plan.sizes)
+    choice = memory_choice(config, device, precision, plan.sizes, num_processes)
+    plan.gradient_checkpointing, plan.base_quantization = choice.gradient_checkpointing, choice.base_quantization
+    plan.memory_summary = choice.summary
     return plan
 
 
@@ -297,6 +306,8 @@ def plan_report(config: TrainConfig, num_processes: int | None = None) -> dict[s
         device, precision = device_and_precision(config)
     if device_check.failed:
         return report
+    with _Check(report, "base_quantization"):
+        memory.check_device(config, device.type, processes)
     _device_report(report, config, device, precision, processes)
     if info is not None and source is not None and not model_check.failed:
         _memory_report(report, config, source, info, device, precision)
@@ -317,11 +328,16 @@ def _device_report(report: dict[str, Any], config: TrainConfig, device: torch.de
 def _memory_report(report: dict[str, Any], config: TrainConfig, source: models.ModelSource,
                    info: models.ModelInfo, device: torch.device, precision: str) -> None:
     sizes = models.model_sizes(source, info)
-    on = checkpointing(config, device, precision, lambda: sizes)
-    estimate = hardware.estimate_memory(config, sizes, precision, on)
+    choice = memory_choice(config, device, precision, lambda: sizes, report["devices"]["processes"])
+    on, estimate = choice.gradient_checkpointing, choice.estimate
     report["memory_estimate"] = estimate.to_dict()
+    if choice.summary:  # memory_mode auto: what it chose ("your GPU with 11.5 GiB free: fp8 base + ...")
+        report["memory_mode"] = {"summary": choice.summary, "base_quantization": choice.base_quantization,
+                                 "gradient_checkpointing": on, "fits": choice.fits}
     free = report["device"]["free_memory_gib"]
     if free is not None and estimate.total_gib > free:
         report["warnings"].append(f"the run needs about {estimate.total_gib} GiB but {free} GiB is free on "
                                   f"{report['device']['name']}; lower batch_size or resolution"
-                                  + ("" if on else ", or set gradient_checkpointing to 'on'"))
+                                  + ("" if on else ", or set gradient_checkpointing to 'on'")
+                                  + ("" if choice.base_quantization != "none" else ", or base_quantization 'fp8' "
+                                     "(or memory_mode 'auto' to choose)"))

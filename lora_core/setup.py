@@ -29,6 +29,7 @@ from lora_core import (
     models,
     objective,
     optim,
+    quantize,
     samples,
     validation,
 )
@@ -109,9 +110,13 @@ def setup(plan: RunPlan) -> Run:
     pipeline, info = load_frozen_models(plan)
     denoiser = getattr(pipeline, family.denoiser)
     run_objective = family.objective(config, pipeline.scheduler.config, info)
-    params = prepare_unet(denoiser, config, device, dtype, plan.gradient_checkpointing, family)
+    # A quantised base is for a small card: the text encoders' one-off pass (T5-XXL is 9.5 GB in bf16) runs
+    # before the denoiser reaches the device, so the two never share it. Otherwise the order is as it was.
+    encoded_first = encode_text_once(plan, pipeline, device, dtype) if plan.base_quantization != "none" else None
+    params = prepare_unet(denoiser, config, device, dtype, plan.gradient_checkpointing, family,
+                          plan.base_quantization)
     layout = batches.Layout(config, plan.dataset, plan.assigned)
-    sample_inputs, cached, held_out_text = encode_text_once(plan, pipeline, device, dtype)
+    sample_inputs, cached, held_out_text = encoded_first or encode_text_once(plan, pipeline, device, dtype)
     vae_dtype = torch.float32 if family.vae_fp16_overflows and dtype == torch.float16 else dtype
     latent_source = latents.make_latent_source(config, layout, pipeline.vae, device, dtype, vae_dtype)
     held_out = held_out_set(plan, pipeline, device, dtype, held_out_text, run_objective) \
@@ -174,12 +179,18 @@ def load_frozen_models(plan: RunPlan) -> tuple[Any, models.ModelInfo]:
 
 
 def prepare_unet(unet, config: TrainConfig, device: torch.device, dtype: torch.dtype, checkpointing: bool,
-                 family: Family | None = None) -> list[torch.nn.Parameter]:
-    """The denoiser as the fit loop wants it: frozen weights in `dtype` on the device, an fp32 LoRA (returned;
-    the family adds it, SD's by default), channels-last convolutions on CUDA, checkpointing if so decided, in
-    train mode. The benchmark's floor uses it too."""
-    unet.to(device, dtype=dtype)
-    params = (family or families.get("sd1")).add_denoiser_adapter(unet, config)
+                 family: Family | None = None, quantization: str = "none") -> list[torch.nn.Parameter]:
+    """The denoiser as the fit loop wants it: frozen weights in `dtype` (or stored in `quantization`,
+    quantize.py) on the device, an fp32 LoRA (returned; the family adds it, SD's by default), channels-last
+    convolutions on CUDA, checkpointing if so decided, in train mode. The benchmark's floor uses it too."""
+    def add_adapter() -> list[torch.nn.Parameter]:
+        return (family or families.get("sd1")).add_denoiser_adapter(unet, config)
+
+    if quantization == "none":
+        unet.to(device, dtype=dtype)
+        params = add_adapter()
+    else:
+        params = quantize.with_adapter(unet, quantization, device, dtype, add_adapter)
     if checkpointing:
         unet.enable_gradient_checkpointing()
     if device.type == "cuda":  # NHWC for cuDNN's tensor-core convolutions; on the CPU it measured 4 % slower
@@ -199,8 +210,14 @@ def encode_text_once(plan: RunPlan, pipeline, device: torch.device, dtype: torch
     are the same with validation on or off."""
     config, family = plan.config, plan.family
     encoders = models.text_encoders(pipeline)
+    stays = config.shuffle_tags or config.train_text_encoder  # encoded every step: the encoders stay on the device
+    quantized = family.quantizable_text_encoders(pipeline) if stays and plan.base_quantization != "none" else []
     for encoder in encoders:
-        encoder.to(device, dtype=dtype)
+        if any(encoder is big for big in quantized):  # stored small on the CPU first, as the denoiser is
+            quantize.quantize(encoder.to(dtype=dtype), plan.base_quantization, dtype)
+            encoder.to(device)
+        else:
+            encoder.to(device, dtype=dtype)
     inputs = samples.prompt_inputs(family, pipeline, samples.prompts_of(config), device, settings=plan.settings,
                                          encode=not config.train_text_encoder)
     held_out = None
@@ -271,7 +288,7 @@ def lora_metadata(plan: RunPlan, info: models.ModelInfo, main: bool) -> dict[str
                 precision=plan.precision, started_at=plan.started_at, tag_frequency=tag_frequency(captions),
                 base_sha256=models.weights_sha256(plan.source) if main else None, variant=info.variant,
                 gradient_checkpointing=plan.gradient_checkpointing, num_processes=plan.num_processes,
-                buckets=dict(plan.dataset.buckets))
+                buckets=dict(plan.dataset.buckets), base_quantization=plan.base_quantization)
 
 
 def named_lora_params(run: Run) -> dict[str, torch.nn.Parameter]:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # families are read when a model is inspected, before torch i
 # 512 px, 6.45 GiB for SDXL at 1024 px, counted on the CPU), x1.15 for the backward's transient buffers. To be
 # confirmed against torch.cuda.max_memory_allocated by bench/gpu_check.sh (see bench/RESULTS.md).
 ACTIVATION_BYTES_PER_UNIT = 42.0
+CHECKPOINTING_FACTOR = 0.35  # the share of a UNet's activations kept with checkpointing (Family.checkpointed_...)
 TEXT_ENCODER_ATTRIBUTES = ("text_encoder", "text_encoder_2", "text_encoder_3")  # a pipeline's, in its order
 TOKENIZER_ATTRIBUTES = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
@@ -125,6 +126,12 @@ class Family:
         """The text encoders that take a LoRA with train_text_encoder (SD 3 and FLUX keep T5 frozen)."""
         return text_encoders(pipeline)
 
+    def quantizable_text_encoders(self, pipeline) -> list:
+        """The text encoders `base_quantization` stores small while they stay on the device: those that never
+        train (FLUX's and SD 3's T5-XXL, the biggest; none of SD's)."""
+        trained = self.trainable_text_encoders(pipeline)
+        return [e for e in text_encoders(pipeline) if not any(e is t for t in trained)]
+
     def lora_file_contents(self, denoiser, config: TrainConfig, text_encoders: list
                            ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The exported file's tensors under this family's names, and the header entries the format needs."""
@@ -181,6 +188,11 @@ class Family:
     def activation_units(self, denoiser_config: Any) -> float:
         """What the denoiser's saved activations per latent pixel scale with (ACTIVATION_BYTES_PER_UNIT)."""
         raise NotImplementedError
+
+    def checkpointed_activation_share(self, denoiser_config: Any) -> float:
+        """The share of those activations gradient checkpointing keeps (a UNet checkpoints its ResNet and
+        attention blocks: about a third, CHECKPOINTING_FACTOR)."""
+        return CHECKPOINTING_FACTOR
 
 
 def tokenize(tokenizer, texts: list[str], device: torch.device, max_length: int | None = None) -> torch.Tensor:

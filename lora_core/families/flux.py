@@ -212,6 +212,17 @@ class Flux(Family):
         hidden = c.num_attention_heads * c.attention_head_dim
         return blocks * hidden * BLOCK_ACTIVATIONS_PER_HIDDEN * 2 / 4 / ACTIVATION_BYTES_PER_UNIT
 
+    def checkpointed_activation_share(self, denoiser_config: Any) -> float:
+        c = denoiser_config
+        return block_checkpointing_share(c.num_layers + c.num_single_layers)
+
+
+def block_checkpointing_share(blocks: int) -> float:
+    """diffusers checkpoints a transformer at every block: each keeps its input (one hidden-wide value per token
+    of the BLOCK_ACTIVATIONS_PER_HIDDEN it would save), and one block at a time is recomputed whole in the
+    backward. From the structure, not yet measured on a GPU (bench/gpu_check.sh)."""
+    return 1 / BLOCK_ACTIVATIONS_PER_HIDDEN + 1 / blocks
+
 
 def flow_family_problems(family: Family, config: TrainConfig, targets: dict) -> list[tuple[str, str]]:
     """The options a flow-matching family cannot honour (the UNet families' own, and what its export lacks)."""

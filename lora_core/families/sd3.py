@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lora_core.families.base import ACTIVATION_BYTES_PER_UNIT, Family, tokenize
-from lora_core.families.flux import BLOCK_ACTIVATIONS_PER_HIDDEN, flow_family_problems
+from lora_core.families.flux import BLOCK_ACTIVATIONS_PER_HIDDEN, block_checkpointing_share, flow_family_problems
 
 if TYPE_CHECKING:
     import torch
@@ -247,3 +247,6 @@ class SD3(Family):
         c = denoiser_config
         hidden = c.num_attention_heads * c.attention_head_dim
         return c.num_layers * hidden * BLOCK_ACTIVATIONS_PER_HIDDEN * 2 / 4 / ACTIVATION_BYTES_PER_UNIT
+
+    def checkpointed_activation_share(self, denoiser_config: Any) -> float:
+        return block_checkpointing_share(denoiser_config.num_layers)
