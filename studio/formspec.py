@@ -155,7 +155,11 @@ ADVANCED_TABS: dict[str, tuple[str, ...]] = {
     "Data": ("min_bucket_resolution", "max_bucket_resolution", "bucket_no_upscale", "crop", "flip_horizontal",
              "latent_cache"),
     "Captions": ("trigger_placement", "shuffle_tags", "keep_tokens", "caption_dropout"),
-    "Precision and memory": ("device", "mixed_precision", "gradient_checkpointing", "compile_unet", "cuda_graphs"),
+    "Precision and memory": ("device", "mixed_precision", "gradient_checkpointing", "compile_unet", "cuda_graphs",
+                             "base_quantization", "memory_mode"),
+    "Flow matching": ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale",
+                      "discrete_flow_shift", "loss_weighting", "precondition_outputs", "flux_guidance",
+                      "max_sequence_length", "use_t5_encoder"),
     "Checkpoints and logs": ("keep_checkpoints", "max_nonfinite_steps", "progress_steps", "log_with"),
 }
 OTHER_TAB = "Other"  # a field added to the config later shows here until it is given a tab
