@@ -66,9 +66,9 @@ CSS = """
 .ls-status {padding: 10px 12px; border-radius: 8px; border: 1px solid var(--border-color-primary);}
 .ls-bar {height: 14px; border-radius: 7px; background: var(--background-fill-secondary); overflow: hidden;}
 .ls-fill {height: 100%; background: var(--color-accent); transition: width .4s;}
-.ls-complete .ls-fill {background: #16a34a;} .ls-error .ls-fill, .ls-interrupted .ls-fill {background: #d97706;}
+.ls-complete .ls-fill {background: #16a34a;} .ls-failed .ls-fill, .ls-stopped .ls-fill {background: #d97706;}
 .ls-line {margin-top: 6px; font-variant-numeric: tabular-nums;}
-.ls-message {margin-top: 6px; white-space: pre-wrap;} .ls-error .ls-message {color: #b91c1c;}
+.ls-message {margin-top: 6px; white-space: pre-wrap;} .ls-failed .ls-message {color: #b91c1c;}
 """
 
 
@@ -227,22 +227,22 @@ def _duration(seconds: float) -> str:
 
 
 STATE_WORDS = {"idle": "No training yet", "queued": "Queued: waiting for the device",
-               "preparing": "Preparing: loading the model and caching the dataset",
+               "starting": "Starting: loading the model and caching the dataset",
                "running": "Training", "stopping": "Stopping after this step (a checkpoint is saved)",
-               "finishing": "Finishing: writing the report and releasing the device",
-               "complete": "Done", "interrupted": "Stopped", "error": "Failed"}
+               "complete": "Done", "stopped": "Stopped", "failed": "Failed"}
+FINISHING = "Finishing: writing the report and releasing the device"  # stopping, once the final event is written
 
 
 def status_html(view: RunView, earlier: bool = False) -> str:
     """The run's state, progress and message. `earlier`: a finished run this page has moved on from (it has
     another dataset now): shown as the last run, not as the current state."""
-    if earlier and view.finished:
-        word = {"complete": "finished", "interrupted": "was stopped", "error": "failed"}[view.state]
+    if earlier and view.ended:
+        word = {"complete": "finished", "stopped": "was stopped", "failed": "failed"}[view.state]
         note = (f"Ready to start. The last run, {Path(view.output_path).name}, {word}; "
                 "the Runs tab has its details.")
         return (f'<div class="ls-status ls-idle" id="run-status" data-state="idle" data-percent="0" '
                 f'data-step="0"><div class="ls-line">{html.escape(note)}</div></div>')
-    parts = [STATE_WORDS[view.state]]
+    parts = [FINISHING if view.state == "stopping" and view.terminal is not None else STATE_WORDS[view.state]]
     if view.total_steps:
         parts.append(f"step {view.step} / {view.total_steps}")
         parts.append(f"{view.percent:g} %")
@@ -255,7 +255,7 @@ def status_html(view: RunView, earlier: bool = False) -> str:
     if view.resumed_at:
         parts.append("resumed at step " + ", ".join(map(str, view.resumed_at)))
     message = view.message
-    if view.state == "error" and view.error_field:
+    if view.state == "failed" and view.error_field:
         message = f"Problem with {view.error_field}: {message}"
     if view.output_path and view.state != "idle":
         message = (message + "\n" if message else "") + f"Output folder: {view.output_path}"
@@ -509,7 +509,7 @@ class StudioPage:
         if cleared:
             markdown += f"\n\n**Cleared {cleared} of the previous dataset:** enter this dataset's own."
         view = self.studio.view()
-        seen = {**(seen or {}), "moved_on": view.job_id if view.finished else None}  # see status_html
+        seen = {**(seen or {}), "moved_on": view.job_id if view.ended else None}  # see status_html
         return report.folder, markdown, gallery, trigger_words, sample_prompts, seen
 
     def folder_note_text(self, run_name: str) -> str:

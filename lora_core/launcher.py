@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,13 +33,12 @@ from typing import Any
 
 from lora_core.config import TrainConfig
 from lora_core.configfile import config_to_file_dict
-from lora_core.events import Error, Event, EventLog, read_events
+from lora_core.events import Error, EventLog, read_events
 from lora_core.files import JOB_FILE, atomic_write_text
+from lora_core.runrecord import EVENTS_FILE, JOB_CONFIG_FILE, STDERR_FILE, RunFiles, process_alive
 from lora_core.starter import StartedJob, Starter
 
-CONFIG_FILE, STDERR_FILE, EVENTS_FILE = "job_config.json", "stderr.log", "events.jsonl"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where `-m lora_core` is importable from
-STDERR_TAIL_LINES = 20
 
 log = logging.getLogger("lora_core.launcher")
 
@@ -110,8 +108,8 @@ class JobProcess:
         `starter`, a one-process job is forked from it (lora_core/starter.py) instead of spawned."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / CONFIG_FILE, json.dumps(config_to_file_dict(config), indent=2) + "\n")
-        command = launch_command(folder / CONFIG_FILE, num_processes, extra_args=["--resume"] if resume else ())
+        atomic_write_text(folder / JOB_CONFIG_FILE, json.dumps(config_to_file_dict(config), indent=2) + "\n")
+        command = launch_command(folder / JOB_CONFIG_FILE, num_processes, extra_args=["--resume"] if resume else ())
         environment = job_environment(config, num_processes, devices, env)
         return cls._spawn(folder, command, environment, None, {**(record or {}), "num_processes": num_processes,
                                                                "devices": list(devices or []), "resume": resume},
@@ -178,13 +176,7 @@ class JobProcess:
     def alive(self) -> bool:
         if self.popen is not None and not getattr(self.popen, "lost", False):
             return self.popen.poll() is None
-        import psutil
-
-        try:
-            process = psutil.Process(self.pid)
-            return abs(process.create_time() - self.start_time) < 1.0 and process.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
+        return bool(process_alive({"pid": self.pid, "start_time": self.start_time}))
 
     def describe_exit(self) -> str:
         """How the process ended, in words (only known to the process that started it)."""
@@ -230,45 +222,19 @@ class JobProcess:
             os.kill(self.pid, signum)
 
 
-def final_event(folder: str | Path) -> Event | None:
-    """The final event of the run in `folder` (complete, error or interrupted), or None while it has none."""
-    path = Path(folder) / EVENTS_FILE
-    if not path.is_file():
-        return None
-    return next((event for event in reversed(read_events(path)) if event.terminal), None)
-
-
-def stderr_tail(folder: str | Path, lines: int = STDERR_TAIL_LINES) -> list[str]:
-    """The last non-empty lines of the job's stderr.log."""
-    path = Path(folder) / STDERR_FILE
-    if not path.is_file():
-        return []
-    with open(path, "rb") as handle:
-        handle.seek(max(0, path.stat().st_size - 64 * 1024))
-        text = handle.read().decode("utf-8", errors="replace")
-    kept: deque[str] = deque(maxlen=lines)
-    for line in text.splitlines():
-        if line.strip():
-            kept.append(line.rstrip())
-    return list(kept)
-
-
 def record_lost(job: JobProcess) -> Error:
     """End a run whose process died without a final event: one `error` in events.jsonl, with how the
     process ended and the last lines of its stderr, so every reader sees the run as failed."""
-    steps = [event.step for event in _events(job.folder) if event.type == "progress"]
-    tail = stderr_tail(job.folder, 5)
+    files = RunFiles(job.folder)
+    steps = [event.step for event in read_events(files.events) if event.type == "progress"] \
+        if files.events.is_file() else []
+    tail = files.stderr_tail(5)
     message = job.describe_exit() + (". Last lines of stderr.log:\n" + "\n".join(tail) if tail else "")
     event = Error(message=message, step=steps[-1] if steps else None)
-    event_log = EventLog(job.folder / EVENTS_FILE)
+    event_log = EventLog(files.events)
     event_log(event)
     event_log.close()
     return event
-
-
-def _events(folder: Path) -> list[Event]:
-    path = folder / EVENTS_FILE
-    return read_events(path) if path.is_file() else []
 
 
 def _now() -> str:

@@ -24,11 +24,12 @@ from helpers import POLL_S, launch_page, run_summary, wait_for_job
 import webui
 from lora_core.config import TrainConfig, non_null_schema
 from lora_core.configfile import load_config, parse_config
-from studio.jobs import RunView, Studio, read_run
+from studio.jobs import RunView, Studio
+from studio.runs import read_detail
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "tests" / "data" / "shapes"
-TERMINAL = ("complete", "error", "interrupted")
+TERMINAL = ("complete", "failed", "stopped")
 TINY = dict(base_model="builtin:tiny-sd", trigger_words="shapestyle", resolution=256, batch_size=2, lora_rank=4,
             lora_alpha=8, learning_rate=1e-3, sample_inference_steps=2, seed=7)
 
@@ -250,11 +251,11 @@ def test_starts_queue_in_order_stop_is_answered_under_a_flood_of_polls_and_keeps
             thread.join(60)
     state = wait_for(client, lambda s: s["state"] in TERMINAL, running["job_id"])
     assert not any("Queue is full" in failure for failure in failures), failures[:3]
-    assert state["state"] == "interrupted" and 2 <= state["step"] < 5000
+    assert state["state"] == "stopped" and 2 <= state["step"] < 5000
     checkpoint = Path(state["checkpoints"][-1])
     assert checkpoint.name == f"lora_step_{state['step']}.safetensors" and checkpoint.is_file()
-    reopened = read_run(Path(state["output_path"]))  # what a restarted server reads back
-    assert reopened.state == "interrupted" and reopened.checkpoints[-1][1] == str(checkpoint)
+    reopened = read_detail(Path(state["output_path"]))  # what a restarted server reads back
+    assert reopened.state == "stopped" and reopened.checkpoints[-1]["path"] == str(checkpoint)
 
     target = state["step"] + 2  # Resume continues the stopped run (through the queue), here with a shorter total
     resumed_job = client.predict(**{**long_run, "steps": target}, api_name="/resume")
@@ -386,7 +387,7 @@ def test_the_studio_trains_on_several_devices_through_the_launcher_and_stop_ends
     assert estimate["devices"]["global_batch_size"] == 2
     markdown = estimate_markdown(estimate)
     assert "**Devices:** 2 training process(es)" in markdown and "global batch 2" in markdown
-    job = studio.start(config)
+    job = studio.submit(config).job_id
     deadline = time.monotonic() + 180
     while studio.view(job).step < 2 and studio.view(job).state not in TERMINAL and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -545,7 +546,7 @@ def test_the_loss_plots_axes_are_numbers_even_before_the_first_point():
     from studio.runs_page import _frame
 
     plot = gr.LinePlot(x="step", y="loss", color="line")
-    frames = {"empty live view": webui.loss_frame(RunView(job_id="j", state="preparing", output_path="/o")),
+    frames = {"empty live view": webui.loss_frame(RunView(job_id="j", state="starting", output_path="/o")),
               "live view": webui.loss_frame(RunView(job_id="j", state="running", output_path="/o",
                                                     loss_points=[(1, 0.5)], validation_points=[(0, 0.7)])),
               "empty Runs view": _frame({}), "Runs view": _frame({"a": [(1, 0.5), (2, 0.4)]}, validation=[(0, 0.6)])}
