@@ -1,20 +1,15 @@
-"""The studio's job registry: every job is a process with its own run folder; what a page shows of it.
+"""The studio's job registry: every job is a process working for a run folder; what a page shows of it.
 
-A web page never owns a job (its handlers stop when the browser goes away); it asks the `Studio`, which
-lives as long as the server, to start or stop one, and polls `Studio.view()` for a `RunView`: a summary
-of a run's `events.jsonl` that any number of browsers can read at once. Each job runs as a child process
-in its own session (lora_core/launcher.py), so it outlives the server: a restarted server finds the jobs
-still running in the outputs folder (their `job.json`) and follows them again, and a job that died
+A web page never owns a job (its handlers stop when the browser goes away); it asks the `Studio`, which lives
+as long as the server, to `submit`, `stop`, `cancel` or `move_up` one, and polls `view()` for a RunView
+(studio/jobview.py): the run's record (lora_core/runrecord.py, the one the Runs list reads) settled with what
+this server knows of the job's process. A job runs in its own session (lora_core/launcher.py), so it outlives
+the server: a restarted server follows the jobs still running again (their `job.json`), and a job that died
 without a final event is recorded as failed with its exit status and the tail of its stderr.
 
-Start puts a job in the queue (studio/queue.py, kept in `outputs/queue.json`), which starts it at once
-when a device is free, or later, in order, when one is: one job per GPU (a job of N processes waits for N
-free GPUs), one at a time on the CPU. `Studio.free_devices()` is the one place that decides whether a
-device is taken. Nothing here imports torch.
-
-The API a page (or a later view of all runs) uses: `submit`/`start`, `stop`, `cancel`, `move_up`,
-`queued`, `running`, `view` (one run, by job id). A run's state is its record (lora_core/runrecord.py), the
-same the Runs list (studio/runs.py) reads, settled with what this server knows of the job's process.
+Start puts a job in the queue (studio/queue.py, `outputs/queue.json`); it starts when a device is free: one
+job per GPU (a job of N processes waits for N free GPUs), one at a time on the CPU. `free_devices()` is the
+one place that decides whether a device is taken. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -28,7 +23,7 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -38,62 +33,23 @@ from lora_core.errors import UserError
 from lora_core.events import Error, EventLog
 from lora_core.files import JOB_FILE
 from lora_core.launcher import JobProcess, record_lost
-from lora_core.runrecord import EVENTS_FILE, FAILED, QUEUED, STARTING, RecordTail, RunFiles, RunRecord, settle
+from lora_core.runrecord import EVENTS_FILE, FAILED, QUEUED, RecordTail, RunFiles, settle
 from lora_core.starter import Starter
 from studio import runs
+from studio.jobview import RunView, Submitted, folder_view, job_tail
 from studio.queue import JobQueue, QueuedJob
 
 log = logging.getLogger("studio.jobs")
 
-MAX_CURVE_POINTS = 400  # the loss curve shown is averaged down to this many points
 UPLOADS = "uploads"
 RUN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 TICK_S = 0.5  # how often the registry looks at its running jobs
 TOOLS = ("grid", "sweep")  # job kinds besides training: drawn from a run's saved LoRAs
 TOOL_JOBS = ".jobs"  # under a run folder: one folder per grid or sweep job
-IDLE = "idle"  # the page's view when there is no run at all (not a run's state)
 
 
 class BusyError(RuntimeError):
     """The run folder already has a queued or running job."""
-
-
-@dataclass
-class Submitted:
-    """What Start answers: the new job's id, whether it runs now or waits, and where it writes."""
-
-    job_id: str
-    state: str  # running | queued
-    position: int  # 1-based place in the queue; 0 when it runs
-    output_path: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "state": self.state, "position": self.position,
-                "output_path": self.output_path}
-
-
-@dataclass
-class RunView(RunRecord):
-    """What a page shows of one job's run: the run's record (lora_core/runrecord.py), settled with what this
-    server knows of the job's process, and the job's id. `state` is "idle" only for no run at all."""
-
-    state: str = IDLE
-    job_id: str = ""  # "" : no run
-    stderr_tail: list[str] = field(default_factory=list)  # the job's last stderr lines, for a failed run
-
-    def curve(self, max_points: int = MAX_CURVE_POINTS) -> list[tuple[int, float]]:
-        """The loss curve, averaged over equal windows of steps when it has more points than a plot needs."""
-        points = self.loss_points
-        if len(points) <= max_points:
-            return list(points)
-        size = -(-len(points) // max_points)
-        return [(window[-1][0], sum(loss for _, loss in window) / len(window))
-                for window in (points[i:i + size] for i in range(0, len(points), size))]
-
-
-def job_tail(folder: Path, job_id: str) -> RecordTail:
-    """Follows a job's run folder into a RunView."""
-    return RecordTail(folder, RunView(job_id=job_id, state=STARTING, output_path=str(folder)))
 
 
 @dataclass
@@ -227,8 +183,7 @@ class Studio:
             self._queue.add(QueuedJob.of(job_id, config, resume, self.num_processes()))
             self._configs[job_id] = config
             self._dispatch()
-            position = self._queue.position(job_id)
-            return Submitted(job_id, "queued" if position else "running", position or 0, str(output))
+            return Submitted.of(job_id, self._queue.position(job_id), str(output))
 
     def submit_tool(self, kind: str, run_folder: Path, args: list[str]) -> Submitted:
         """Queue a grid or sweep (`python -m lora_core KIND RUN_FOLDER ARGS`) of a run: it waits for a device
@@ -246,8 +201,7 @@ class Studio:
             job_folder = folder / TOOL_JOBS / job_id
             self._queue.add(QueuedJob(job_id, str(job_folder), {}, kind=kind, args=[str(folder), *args]))
             self._dispatch()
-            position = self._queue.position(job_id)
-            return Submitted(job_id, "queued" if position else "running", position or 0, str(job_folder))
+            return Submitted.of(job_id, self._queue.position(job_id), str(job_folder))
 
     def cancel(self, job_id: str) -> bool:
         """Take a queued job out of the queue (nothing of it was written); False when it is not queued."""
@@ -461,12 +415,6 @@ class Studio:
 
     def _latest_run_on_disk(self) -> RunView | None:
         folders = runs.run_folders(self.outputs_root)
-        if not folders:
-            return None
-        folder = max(folders, key=lambda folder: RunFiles(folder).events.stat().st_mtime
+        newest = max(folders, default=None, key=lambda folder: RunFiles(folder).events.stat().st_mtime
                      if RunFiles(folder).events.is_file() else 0.0)
-        job_id = str(RunFiles(folder).job_record().get("job_id", ""))
-        view = runs.read_record(folder, into=RunView(job_id=job_id, state=STARTING, output_path=str(folder)))
-        if isinstance(view, RunView) and view.state == FAILED:
-            view = replace(view, stderr_tail=RunFiles(folder).stderr_tail())
-        return view if isinstance(view, RunView) else None
+        return None if newest is None else folder_view(newest)

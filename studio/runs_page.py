@@ -19,9 +19,11 @@ import gradio as gr
 from lora_core.errors import UserError
 from lora_core.runrecord import RunFiles
 from studio import runs, sheets
+from studio.render import plot_frame
 
 if TYPE_CHECKING:
-    from studio.jobs import RunView, Studio
+    from studio.jobs import Studio
+    from studio.jobview import RunView
 
 FOLLOW_TICK_S = 0.5
 
@@ -42,17 +44,6 @@ def _frame(curves: dict[str, list[tuple[int, float]]], smoothed: bool = True,
                 average = SMOOTHING * average + (1 - SMOOTHING) * loss
                 rows.append({"step": step, "loss": average, "line": f"{name} smoothed"})
     return plot_frame([(row["step"], row["loss"], row["line"]) for row in rows])
-
-
-def plot_frame(rows: list[tuple[int, float, str]]):
-    """(step, loss, line) rows as the loss plots' frame, typed even when empty: gr.LinePlot reads an untyped
-    (object) column as categories, and a plot first drawn from an empty frame kept category axes with a tick
-    per step after the points came."""
-    import pandas as pd
-
-    return pd.DataFrame({"step": pd.Series([row[0] for row in rows], dtype="int64"),
-                         "loss": pd.Series([row[1] for row in rows], dtype="float64"),
-                         "line": pd.Series([row[2] for row in rows], dtype=object)})
 
 
 def _detail_markdown(detail: runs.RunDetail) -> str:

@@ -14,9 +14,9 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import ValidationError
 from helpers import SHAPES_DATASET, launch_page, make_dataset, run_summary, wait_for_job
 
-import webui
+from studio import render, train_form
 from studio.formspec import ADVANCED_TABS, advanced_tabs, field_specs
-from studio.jobs import RunView
+from studio.jobview import RunView
 
 TINY = dict(base_model="builtin:tiny-sd", trigger_words="shapestyle", resolution=256, batch_size=2, lora_rank=4,
             lora_alpha=8, learning_rate=1e-3, sample_inference_steps=2, seed=7, checkpoint_steps=1000,
@@ -30,10 +30,10 @@ EMOJI = re.compile("[\u2600-\u27bf\U0001f000-\U0001ffff\ufe0f]")
 
 
 def test_an_upload_clears_the_words_of_a_previous_dataset_only():
-    cleared = webui.words_to_clear("/data/demo", "shapestyle, sks", "a red square\na blue circle")
+    cleared = train_form.words_to_clear("/data/demo", "shapestyle, sks", "a red square\na blue circle")
     assert cleared == "the trigger words `shapestyle, sks` and 2 sample prompts"
-    assert webui.words_to_clear("", "mine", "typed for this upload") == ""  # no dataset before: kept
-    assert webui.words_to_clear("/data/demo", "", "") == ""
+    assert train_form.words_to_clear("", "mine", "typed for this upload") == ""  # no dataset before: kept
+    assert train_form.words_to_clear("/data/demo", "", "") == ""
 
 
 def test_the_advanced_section_is_grouped_into_tabs_that_hold_every_advanced_field_once():
@@ -48,12 +48,12 @@ def test_the_advanced_section_is_grouped_into_tabs_that_hold_every_advanced_fiel
 
 def test_a_finished_run_the_page_moved_on_from_is_not_shown_as_the_current_state():
     failed = RunView(job_id="j1", state="failed", output_path="/out/old-run", message="the model is missing")
-    assert 'data-state="failed"' in webui.status_html(failed)
-    moved_on = webui.status_html(failed, earlier=True)
+    assert 'data-state="failed"' in render.status_html(failed)
+    moved_on = render.status_html(failed, earlier=True)
     assert 'data-state="idle"' in moved_on and "ls-failed" not in moved_on
     assert "old-run, failed" in moved_on and "the model is missing" not in moved_on
     running = RunView(job_id="j2", state="running", output_path="/out/new", total_steps=10, step=3)
-    assert 'data-state="running"' in webui.status_html(running, earlier=True)  # a running job is always shown
+    assert 'data-state="running"' in render.status_html(running, earlier=True)  # a running job is always shown
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def test_every_named_endpoint_is_in_the_readmes_api_list(page):
     client = page[0]
     names = {name.lstrip("/") for name in client.view_api(return_format="dict", print_info=False)["named_endpoints"]}
     assert {"grid", "sweep", "run_folder", "start", "runs", "compare"} <= names
-    readme = (webui.ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (train_form.ROOT / "README.md").read_text(encoding="utf-8")
     listed = readme[readme.index("Every action has a"):readme.index("docs/webui.md#api-gradio_client")]
     internal = {"model_family", "save_preset", "export_config"}  # the form's helpers, listed in docs/webui.md
     assert [name for name in sorted(names - internal) if f"`{name}`" not in listed] == []
@@ -209,7 +209,7 @@ def test_stop_offers_the_lora_so_far_and_the_opened_run_is_cloned_and_resumed_wi
     assert "saved so far" in final["label"]
     run_id = Path(job["output_path"]).name
 
-    values = dict(zip(webui.FORM_KEYS, client.predict(run_id, api_name="/clone"), strict=True))
+    values = dict(zip(train_form.FORM_KEYS, client.predict(run_id, api_name="/clone"), strict=True))
     assert values["run_name"] == f"{run_id}-2"  # a new name: the clone never writes into the run it came from
     assert values["learning_rate"] == 3e-4 and values["steps"] == 5000
     assert values["dataset_path"] == form["dataset_path"] and values["trigger_words"] == "shapestyle"

@@ -24,7 +24,7 @@ from lora_core.runrecord import RunRecord
 from lora_core.setup import setup
 from lora_core.tracking import TensorBoardTracker
 from lora_core.training import train
-from studio import jobs, runs
+from studio import jobview, runs
 from studio.runs_page import RunsTab
 
 STEPS, EVERY = 4, 2
@@ -136,11 +136,11 @@ def test_the_report_draws_the_validation_curve_beside_the_loss(tmp_path):
 
 
 def test_the_page_and_runs_view_plot_a_second_line_and_tensorboard_gets_a_scalar(tmp_path):
-    import webui
+    from studio.render import loss_frame
 
-    view = jobs.RunView().add_all(curve_events())
+    view = jobview.RunView().add_all(curve_events())
     assert [loss for _, loss in view.validation_points] == [0.7, 0.5]
-    assert set(webui.loss_frame(view)["line"]) == {"training"}  # the live plot: one series (see loss_frame)
+    assert set(loss_frame(view)["line"]) == {"training"}  # the live plot: one series (see loss_frame)
     folder = tmp_path / "outputs" / "run1"
     log = EventLog(folder / "events.jsonl")
     for event in curve_events():

@@ -24,7 +24,9 @@ from helpers import POLL_S, launch_page, run_summary, wait_for_job
 import webui
 from lora_core.config import TrainConfig, non_null_schema
 from lora_core.configfile import load_config, parse_config
-from studio.jobs import RunView, Studio
+from studio import render, train_form
+from studio.jobs import Studio
+from studio.jobview import RunView
 from studio.runs import read_detail
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -278,12 +280,12 @@ def test_starts_queue_in_order_stop_is_answered_under_a_flood_of_polls_and_keeps
 
 
 def test_presets_fill_the_form_and_the_config_file_works_with_the_cli(client, tmp_path):
-    names = webui.preset_names()
+    names = train_form.preset_names()
     assert {"demo-toy-cpu", "sd15-character", "sd15-style", "sdxl-character"} <= set(names)
     api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     keys = [param["parameter_name"] for param in api["/export_config"]["parameters"]]
-    assert keys == webui.FORM_KEYS
-    values = dict(zip(webui.FORM_KEYS, client.predict("sdxl-character", "", api_name="/load_preset"), strict=True))
+    assert keys == train_form.FORM_KEYS
+    values = dict(zip(train_form.FORM_KEYS, client.predict("sdxl-character", "", api_name="/load_preset"), strict=True))
     assert values["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
     assert values["resolution"] == 1024 and values["gradient_checkpointing"] == "auto"
     assert values["run_name"] == "sdxl-character" and values["length_by"] == "steps"
@@ -354,17 +356,17 @@ def test_estimate_shows_device_memory_and_a_warning_when_it_will_not_fit(client)
 
 def test_save_preset_writes_a_config_file_and_never_overwrites_a_shipped_one(client, served, tmp_path, monkeypatch):
     shipped = tmp_path / "shipped"  # the install's own presets, which may be read-only: never written
-    shutil.copytree(webui.PRESETS, shipped)
-    monkeypatch.setattr(webui, "PRESETS", shipped)
+    shutil.copytree(train_form.PRESETS, shipped)
+    monkeypatch.setattr(train_form, "PRESETS", shipped)
     form = dict(dataset_path=str(DEMO), run_name="mine", steps=7, **TINY)
     update = client.predict("my run!", **form, api_name="/save_preset")
-    saved = load_config(served[1].outputs_root / webui.USER_PRESETS / "my-run.json")
+    saved = load_config(served[1].outputs_root / train_form.USER_PRESETS / "my-run.json")
     assert update["value"] == "my-run" and saved.steps == 7 and saved.base_model == "builtin:tiny-sd"
-    assert sorted(p.name for p in shipped.iterdir()) == sorted(p.name for p in webui.ROOT.joinpath("presets").iterdir())
+    assert sorted(p.name for p in shipped.iterdir()) == sorted(p.name for p in (train_form.ROOT / "presets").iterdir())
     with pytest.raises(AppError, match="ships with the studio"):
         client.predict("sd15-character", **form, api_name="/save_preset")
     loaded = client.predict("my-run", "", api_name="/load_preset")
-    assert loaded[webui.FORM_KEYS.index("steps")] == 7
+    assert loaded[train_form.FORM_KEYS.index("steps")] == 7
 
 
 @pytest.mark.e2e
@@ -546,8 +548,8 @@ def test_the_loss_plots_axes_are_numbers_even_before_the_first_point():
     from studio.runs_page import _frame
 
     plot = gr.LinePlot(x="step", y="loss", color="line")
-    frames = {"empty live view": webui.loss_frame(RunView(job_id="j", state="starting", output_path="/o")),
-              "live view": webui.loss_frame(RunView(job_id="j", state="running", output_path="/o",
+    frames = {"empty live view": render.loss_frame(RunView(job_id="j", state="starting", output_path="/o")),
+              "live view": render.loss_frame(RunView(job_id="j", state="running", output_path="/o",
                                                     loss_points=[(1, 0.5)], validation_points=[(0, 0.7)])),
               "empty Runs view": _frame({}), "Runs view": _frame({"a": [(1, 0.5), (2, 0.4)]}, validation=[(0, 0.6)])}
     for name, frame in frames.items():
