@@ -12,18 +12,22 @@ A job that dies without a final event (SIGKILL, the out-of-memory killer, a nati
 
 Stop is SIGTERM to the job's process: the CLI, or accelerate's launcher (torch's elastic agent), which passes
 it to every training process; they agree on the step to stop after and the main one saves a checkpoint.
-Nothing here imports torch (the page's registry uses it); `device_count` imports it when called.
+Nothing here imports torch (the page's registry uses it): `device_count` and `validation_report` (the
+`--validate-only` report) ask a child process, so their caller never loads torch nor touches a device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,21 +37,38 @@ from typing import Any
 
 from lora_core.config import TrainConfig
 from lora_core.configfile import config_to_file_dict
-from lora_core.events import Error, EventLog, read_events
+from lora_core.events import Error, EventLog, ValidationReport, parse_event, read_events
 from lora_core.files import JOB_FILE, atomic_write_text
 from lora_core.runrecord import EVENTS_FILE, JOB_CONFIG_FILE, STDERR_FILE, RunFiles, process_alive
 from lora_core.starter import StartedJob, Starter
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where `-m lora_core` is importable from
+VALIDATE_TIMEOUT_S = 600.0  # a hub model's configs may have to be downloaded first
 
 log = logging.getLogger("lora_core.launcher")
 
 
 def device_count() -> int:
-    """CUDA devices this process can see (CUDA_VISIBLE_DEVICES applies); 0 without CUDA."""
-    import torch
+    """CUDA devices a job started from here sees (CUDA_VISIBLE_DEVICES applies); 0 without CUDA. Counted once,
+    by a child process: the caller (the page's server) never loads torch nor the CUDA driver."""
+    with _COUNTING:  # one child, however many threads ask at once
+        return _count_devices()
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+_COUNTING = threading.Lock()
+
+
+@functools.cache
+def _count_devices() -> int:
+    code = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE_ROOT, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=VALIDATE_TIMEOUT_S)
+    try:
+        return int(result.stdout.split()[-1])
+    except (IndexError, ValueError):
+        log.warning("could not count the GPUs (exit code %s); jobs run on the CPU: %s", result.returncode,
+                    result.stderr.strip()[-500:])
+        return 0
 
 
 def launch_command(config_path: str | Path, num_processes: int = 1, *, extra_args: Sequence[str] = (),
@@ -78,6 +99,32 @@ def job_environment(config: TrainConfig, num_processes: int, devices: Sequence[i
     elif config.device == "cpu" or num_processes > 1:
         env["ACCELERATE_USE_CPU"] = "true"  # several CPU processes: gloo instead of NCCL
     return env
+
+
+def validation_report(config: TrainConfig, num_processes: int = 1, env: Mapping[str, str] | None = None,
+                      timeout: float = VALIDATE_TIMEOUT_S) -> dict[str, Any]:
+    """`train --validate-only`'s report of `config` (ok, problems, warnings, device, devices, memory_estimate,
+    total_steps...), made by a child process. The page's server asks this way so that it never imports torch
+    nor touches a device: a CUDA context in the long-lived server would hold memory every job then lacks, and
+    a process that has used CUDA must never fork again. RuntimeError when the child gives no report."""
+    with tempfile.TemporaryDirectory(prefix="lora-validate-") as folder:
+        path = Path(folder) / "config.json"
+        path.write_text(json.dumps(config_to_file_dict(config)), encoding="utf-8")
+        environment = job_environment(config, 1, None, env)
+        if num_processes > 1:  # the plan divides the batches over this many processes (distributed.world_size)
+            environment["WORLD_SIZE"] = str(num_processes)
+        result = subprocess.run(launch_command(path, 1, extra_args=["--validate-only"]), cwd=PACKAGE_ROOT,
+                                env=environment, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                timeout=timeout)
+    for line in reversed(result.stdout.splitlines()):
+        try:
+            event = parse_event(line)
+        except ValueError:
+            continue
+        if isinstance(event, ValidationReport):
+            return event.to_dict()
+    tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+    raise RuntimeError(f"the check ended without a report (exit code {result.returncode}): {tail}")
 
 
 def process_start_time(pid: int) -> float | None:

@@ -32,7 +32,7 @@ from lora_core.config import ConfigError, TrainConfig
 from lora_core.errors import UserError
 from lora_core.events import Error, EventLog
 from lora_core.files import JOB_FILE
-from lora_core.launcher import JobProcess, record_lost
+from lora_core.launcher import JobProcess, device_count, record_lost
 from lora_core.runrecord import EVENTS_FILE, FAILED, QUEUED, RecordTail, RunFiles, settle
 from lora_core.starter import Starter
 from studio import runs
@@ -82,6 +82,8 @@ class Studio:
         self.outputs_root = Path(outputs_root).resolve()
         self.outputs_root.mkdir(parents=True, exist_ok=True)
         self._devices = devices
+        if devices is None:  # counted by a child process (launcher.device_count): ahead of the first Start
+            threading.Thread(target=device_count, name="count-devices", daemon=True).start()
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._active: dict[str, ActiveJob] = {}
@@ -139,8 +141,6 @@ class Studio:
     def device_count(self) -> int:
         """GPUs on this machine; 0 for the CPU."""
         if self._devices is None:
-            from lora_core.launcher import device_count
-
             self._devices = device_count()
         return self._devices
 

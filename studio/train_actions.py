@@ -19,6 +19,7 @@ import gradio as gr
 from lora_core.config import ConfigError, TrainConfig
 from lora_core.configfile import load_config
 from lora_core.files import atomic_write_text
+from lora_core.launcher import validation_report  # --validate-only in a child process: no torch here
 from studio.formspec import config_file_dict, split_list
 from studio.jobs import RUN_NAME, BusyError, Studio
 from studio.render import code, dataset_markdown, estimate_markdown, run_summary
@@ -189,11 +190,9 @@ class TrainActions:
         return gr.File(value=str(path), visible=True)
 
     def estimate(self, **values) -> str:
-        from lora_core.preflight import preflight
-
         config = build_config(values, self.studio, self.settings)
         try:
-            return estimate_markdown(preflight(config, num_processes=self.studio.num_processes()))
+            return estimate_markdown(validation_report(config, self.studio.num_processes()))
         except Exception as error:  # an estimate must never take the page down; say what failed
             log.exception("estimate failed")
             return f"**The estimate failed:** {type(error).__name__}: {error}"

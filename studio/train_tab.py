@@ -17,7 +17,7 @@ from studio.jobs import Studio
 from studio.render import loss_frame, queue_rows, run_summary, status_html
 from studio.runs_page import RunsTab
 from studio.train_actions import TrainActions
-from studio.train_form import FORM_KEYS, SPECS, PageSettings, preset_names, widget
+from studio.train_form import FORM_KEYS, PAGE_BUILTINS, SPECS, PageSettings, preset_names, widget
 
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".txt", ".zip"]
 ACTIVE_TICK_S, IDLE_TICK_S = 1.0, 3.0
@@ -80,7 +80,7 @@ class TrainTab(TrainActions):
         with gr.Group():
             gr.Markdown("### 2 · Model")
             self.fields["base_model"] = gr.Dropdown(
-                choices=[*_builtin_names(), *HUB_MODELS], value=self.settings.initial["base_model"],
+                choices=[*PAGE_BUILTINS, *HUB_MODELS], value=self.settings.initial["base_model"],
                 allow_custom_value=True, label="Base model", elem_id="field-base_model",
                 info="A built-in model, a Hugging Face hub id, a local diffusers folder or a .safetensors file.")
             self.model_family = gr.Markdown("", elem_id="model-family")
@@ -243,9 +243,3 @@ class TrainTab(TrainActions):
 def build_app(studio: Studio, settings: PageSettings) -> gr.Blocks:
     """The page: the Train tab and the Runs tab over one Studio."""
     return TrainTab(studio, settings).build()
-
-
-def _builtin_names() -> list[str]:
-    from lora_core import builtin
-
-    return [name for name in builtin.names() if name.startswith(("builtin:toy", "builtin:tiny"))]

@@ -36,6 +36,13 @@ def test_an_upload_clears_the_words_of_a_previous_dataset_only():
     assert train_form.words_to_clear("/data/demo", "", "") == ""
 
 
+def test_the_built_in_models_the_page_offers_are_the_engines_toy_and_tiny_ones():
+    from lora_core import builtin
+
+    assert list(train_form.PAGE_BUILTINS) == [name for name in builtin.names()
+                                              if name.startswith(("builtin:toy", "builtin:tiny"))]
+
+
 def test_the_advanced_section_is_grouped_into_tabs_that_hold_every_advanced_field_once():
     specs = field_specs()
     tabs = advanced_tabs(specs)

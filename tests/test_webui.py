@@ -111,6 +111,33 @@ def test_importing_webui_does_not_import_torch():
     assert result.stdout.strip() == "False"
 
 
+SERVER_WITHOUT_TORCH = """
+import sys, webui
+from studio.train_form import default_form
+demo, studio, _ = webui.make_app(webui.parse_args(["--outputs", sys.argv[1]]))
+estimate = next(fn for fn in demo.fns.values() if fn.api_name == "estimate").fn
+form = {**default_form(), "dataset_path": sys.argv[2], "base_model": "builtin:tiny-sd", "trigger_words": "shapestyle"}
+print(estimate(**form).replace(chr(10), " "))
+print(studio.device_count(), "torch" in sys.modules, any("libcuda" in line for line in open("/proc/self/maps")))
+studio.shutdown()
+"""
+
+
+@pytest.mark.e2e
+def test_the_server_builds_the_page_counts_devices_and_estimates_without_loading_torch(tmp_path):
+    """The estimate is `train --validate-only` in a child process, and so is the GPU count: the page's server
+    never loads torch nor the CUDA driver (a CUDA context there would hold memory every job lacks)."""
+    from helpers import SHAPES_DATASET
+
+    result = subprocess.run([sys.executable, "-c", SERVER_WITHOUT_TORCH, str(tmp_path / "out"), str(SHAPES_DATASET)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    estimate, checks = result.stdout.strip().splitlines()[-2:]
+    assert "**Device:**" in estimate and "**Memory estimate:**" in estimate, estimate
+    count, torch_loaded, cuda_mapped = checks.split()
+    assert int(count) >= 0 and (torch_loaded, cuda_mapped) == ("False", "False")
+
+
 @pytest.mark.e2e
 def test_every_slider_and_dropdown_has_the_models_range_and_choices(served):
     demo = served[0]
@@ -377,15 +404,15 @@ def test_the_studio_trains_on_several_devices_through_the_launcher_and_stop_ends
     from helpers import SHAPES_DATASET, tiny_config
 
     from lora_core.events import read_events
-    from lora_core.preflight import preflight
-    from webui import estimate_markdown
+    from lora_core.launcher import validation_report
+    from studio.render import estimate_markdown
 
     studio = Studio(tmp_path / "outputs", processes=2)
     assert studio.num_processes() == 2 and Studio(tmp_path / "o2", processes="all").num_processes() >= 1
     run = tmp_path / "outputs" / "run"
     config = parse_config(tiny_config(SHAPES_DATASET, run, steps=500, batch_size=1, checkpoint_steps=1000,
                                       validation_steps=1000, device="cpu"))
-    estimate = preflight(config, num_processes=studio.num_processes())
+    estimate = validation_report(config, studio.num_processes())  # what the page's estimate shows
     assert estimate["devices"]["global_batch_size"] == 2
     markdown = estimate_markdown(estimate)
     assert "**Devices:** 2 training process(es)" in markdown and "global batch 2" in markdown
@@ -397,7 +424,7 @@ def test_the_studio_trains_on_several_devices_through_the_launcher_and_stop_ends
     view = studio.wait(job, timeout=90)
     studio.shutdown()
     events = read_events(run / "events.jsonl")
-    assert view.state == "interrupted" and events[-1].type == "interrupted", view.message
+    assert view.state == "stopped" and events[-1].type == "interrupted", view.message
     assert events[0].type == "started" and events[0].num_processes == 2
     assert [e.type for e in events].count("started") == 1 and [e.terminal for e in events].count(True) == 1
     assert 2 <= events[-1].step < 10 and Path(events[-1].checkpoint_path).is_file()  # promptly, after the step
@@ -420,13 +447,13 @@ def test_a_job_killed_with_sigkill_shows_as_failed_with_its_signal_and_stderr(cl
     assert psutil.Process(pid).ppid() == served[1]._starter._process.pid  # forked from the page's job starter
     os.kill(pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
     state = wait_for(client, lambda s: s["state"] in TERMINAL, job)
-    assert state["state"] == "error" and "killed by signal 9 (SIGKILL)" in state["message"]
+    assert state["state"] == "failed" and "killed by signal 9 (SIGKILL)" in state["message"]
     assert "Last lines of stderr.log" in state["message"] and state["stderr_tail"]
     assert state["stderr_tail"][0].startswith("--- ")  # the job's own stderr, from its run folder
     page = Client(client.src, verbose=False)  # a page opened now shows the failure, with the signal
     status = page.predict(api_name="/refresh")[0]
     page.close()
-    assert 'data-state="error"' in status and "signal 9" in status
+    assert 'data-state="failed"' in status and "signal 9" in status
 
 
 @pytest.mark.e2e
