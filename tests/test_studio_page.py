@@ -36,6 +36,13 @@ def test_an_upload_clears_the_words_of_a_previous_dataset_only():
     assert train_form.words_to_clear("/data/demo", "", "") == ""
 
 
+def test_the_page_has_words_for_every_run_state_and_nothing_else():
+    from lora_core.runrecord import STATES
+
+    assert set(render.STATE_WORDS) == {*STATES, "idle"}  # idle: no run at all, not a run's state
+    assert set(render.ENDED_WORDS) == {"complete", "stopped", "failed"}
+
+
 def test_the_built_in_models_the_page_offers_are_the_engines_toy_and_tiny_ones():
     from lora_core import builtin
 
