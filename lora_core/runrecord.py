@@ -314,10 +314,12 @@ class RecordTail:
 def process_alive(job_record: dict[str, Any]) -> bool | None:
     """Whether the process a job.json names still runs (its start time guards against a reused pid); None
     when the record has no pid yet (a job the starter has not forked)."""
+    if job_record and "pid" not in job_record:
+        return None  # written before the starter forked the job: its process is not known yet
     try:
         pid, start_time = int(job_record["pid"]), float(job_record["start_time"])
     except (KeyError, TypeError, ValueError):
-        return None if "pid" not in job_record and job_record else False
+        return False  # no job.json (a CLI run), or one that names no process
     import psutil
 
     try:
