@@ -60,7 +60,9 @@ _COUNTING = threading.Lock()
 
 @functools.cache
 def _count_devices() -> int:
-    code = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    # niced: counted ahead of the first Start (studio/jobs.py), it must not slow the server answering pages
+    code = ("import os; hasattr(os, 'nice') and os.nice(10); import torch; "
+            "print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE_ROOT, stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=VALIDATE_TIMEOUT_S)
     try:
