@@ -12,20 +12,23 @@ A job that dies without a final event (SIGKILL, the out-of-memory killer, a nati
 
 Stop is SIGTERM to the job's process: the CLI, or accelerate's launcher (torch's elastic agent), which passes
 it to every training process; they agree on the step to stop after and the main one saves a checkpoint.
-Nothing here imports torch (the page's registry uses it); `device_count` imports it when called.
+Nothing here imports torch (the page's registry uses it): `device_count` and `validation_report` (the
+`--validate-only` report) ask a child process, so their caller never loads torch nor touches a device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,22 +37,40 @@ from typing import Any
 
 from lora_core.config import TrainConfig
 from lora_core.configfile import config_to_file_dict
-from lora_core.events import Error, Event, EventLog, read_events
+from lora_core.events import Error, EventLog, ValidationReport, parse_event, read_events
 from lora_core.files import JOB_FILE, atomic_write_text
+from lora_core.runrecord import EVENTS_FILE, JOB_CONFIG_FILE, STDERR_FILE, RunFiles, process_alive
 from lora_core.starter import StartedJob, Starter
 
-CONFIG_FILE, STDERR_FILE, EVENTS_FILE = "job_config.json", "stderr.log", "events.jsonl"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where `-m lora_core` is importable from
-STDERR_TAIL_LINES = 20
+VALIDATE_TIMEOUT_S = 600.0  # a hub model's configs may have to be downloaded first
 
 log = logging.getLogger("lora_core.launcher")
 
 
 def device_count() -> int:
-    """CUDA devices this process can see (CUDA_VISIBLE_DEVICES applies); 0 without CUDA."""
-    import torch
+    """CUDA devices a job started from here sees (CUDA_VISIBLE_DEVICES applies); 0 without CUDA. Counted once,
+    by a child process: the caller (the page's server) never loads torch nor the CUDA driver."""
+    with _COUNTING:  # one child, however many threads ask at once
+        return _count_devices()
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+_COUNTING = threading.Lock()
+
+
+@functools.cache
+def _count_devices() -> int:
+    # niced: counted ahead of the first Start (studio/jobs.py), it must not slow the server answering pages
+    code = ("import os; hasattr(os, 'nice') and os.nice(10); import torch; "
+            "print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE_ROOT, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=VALIDATE_TIMEOUT_S)
+    try:
+        return int(result.stdout.split()[-1])
+    except (IndexError, ValueError):
+        log.warning("could not count the GPUs (exit code %s); jobs run on the CPU: %s", result.returncode,
+                    result.stderr.strip()[-500:])
+        return 0
 
 
 def launch_command(config_path: str | Path, num_processes: int = 1, *, extra_args: Sequence[str] = (),
@@ -82,6 +103,32 @@ def job_environment(config: TrainConfig, num_processes: int, devices: Sequence[i
     return env
 
 
+def validation_report(config: TrainConfig, num_processes: int = 1, env: Mapping[str, str] | None = None,
+                      timeout: float = VALIDATE_TIMEOUT_S) -> dict[str, Any]:
+    """`train --validate-only`'s report of `config` (ok, problems, warnings, device, devices, memory_estimate,
+    total_steps...), made by a child process. The page's server asks this way so that it never imports torch
+    nor touches a device: a CUDA context in the long-lived server would hold memory every job then lacks, and
+    a process that has used CUDA must never fork again. RuntimeError when the child gives no report."""
+    with tempfile.TemporaryDirectory(prefix="lora-validate-") as folder:
+        path = Path(folder) / "config.json"
+        path.write_text(json.dumps(config_to_file_dict(config)), encoding="utf-8")
+        environment = job_environment(config, 1, None, env)
+        if num_processes > 1:  # the plan divides the batches over this many processes (distributed.world_size)
+            environment["WORLD_SIZE"] = str(num_processes)
+        result = subprocess.run(launch_command(path, 1, extra_args=["--validate-only"]), cwd=PACKAGE_ROOT,
+                                env=environment, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                timeout=timeout)
+    for line in reversed(result.stdout.splitlines()):
+        try:
+            event = parse_event(line)
+        except ValueError:
+            continue
+        if isinstance(event, ValidationReport):
+            return event.to_dict()
+    tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+    raise RuntimeError(f"the check ended without a report (exit code {result.returncode}): {tail}")
+
+
 def process_start_time(pid: int) -> float | None:
     """When process `pid` started (seconds since the epoch), or None when there is no such process."""
     import psutil
@@ -110,8 +157,8 @@ class JobProcess:
         `starter`, a one-process job is forked from it (lora_core/starter.py) instead of spawned."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / CONFIG_FILE, json.dumps(config_to_file_dict(config), indent=2) + "\n")
-        command = launch_command(folder / CONFIG_FILE, num_processes, extra_args=["--resume"] if resume else ())
+        atomic_write_text(folder / JOB_CONFIG_FILE, json.dumps(config_to_file_dict(config), indent=2) + "\n")
+        command = launch_command(folder / JOB_CONFIG_FILE, num_processes, extra_args=["--resume"] if resume else ())
         environment = job_environment(config, num_processes, devices, env)
         return cls._spawn(folder, command, environment, None, {**(record or {}), "num_processes": num_processes,
                                                                "devices": list(devices or []), "resume": resume},
@@ -178,13 +225,7 @@ class JobProcess:
     def alive(self) -> bool:
         if self.popen is not None and not getattr(self.popen, "lost", False):
             return self.popen.poll() is None
-        import psutil
-
-        try:
-            process = psutil.Process(self.pid)
-            return abs(process.create_time() - self.start_time) < 1.0 and process.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
+        return bool(process_alive({"pid": self.pid, "start_time": self.start_time}))
 
     def describe_exit(self) -> str:
         """How the process ended, in words (only known to the process that started it)."""
@@ -230,45 +271,19 @@ class JobProcess:
             os.kill(self.pid, signum)
 
 
-def final_event(folder: str | Path) -> Event | None:
-    """The final event of the run in `folder` (complete, error or interrupted), or None while it has none."""
-    path = Path(folder) / EVENTS_FILE
-    if not path.is_file():
-        return None
-    return next((event for event in reversed(read_events(path)) if event.terminal), None)
-
-
-def stderr_tail(folder: str | Path, lines: int = STDERR_TAIL_LINES) -> list[str]:
-    """The last non-empty lines of the job's stderr.log."""
-    path = Path(folder) / STDERR_FILE
-    if not path.is_file():
-        return []
-    with open(path, "rb") as handle:
-        handle.seek(max(0, path.stat().st_size - 64 * 1024))
-        text = handle.read().decode("utf-8", errors="replace")
-    kept: deque[str] = deque(maxlen=lines)
-    for line in text.splitlines():
-        if line.strip():
-            kept.append(line.rstrip())
-    return list(kept)
-
-
 def record_lost(job: JobProcess) -> Error:
     """End a run whose process died without a final event: one `error` in events.jsonl, with how the
     process ended and the last lines of its stderr, so every reader sees the run as failed."""
-    steps = [event.step for event in _events(job.folder) if event.type == "progress"]
-    tail = stderr_tail(job.folder, 5)
+    files = RunFiles(job.folder)
+    steps = [event.step for event in read_events(files.events) if event.type == "progress"] \
+        if files.events.is_file() else []
+    tail = files.stderr_tail(5)
     message = job.describe_exit() + (". Last lines of stderr.log:\n" + "\n".join(tail) if tail else "")
     event = Error(message=message, step=steps[-1] if steps else None)
-    event_log = EventLog(job.folder / EVENTS_FILE)
+    event_log = EventLog(files.events)
     event_log(event)
     event_log.close()
     return event
-
-
-def _events(folder: Path) -> list[Event]:
-    path = folder / EVENTS_FILE
-    return read_events(path) if path.is_file() else []
 
 
 def _now() -> str:

@@ -1,12 +1,13 @@
 """`training_report.html`: one file to look at a run without the web page, built from events.jsonl.
 
-The events are the source of truth: the loss and learning-rate curves come from `progress` events (and the
-held-out images' loss, drawn on the loss chart, from `validation` events), the samples from `sample` events,
-the outcome from the terminal event; the settings come from the config.json the run wrote. The page is
-self-contained (inline SVG charts, inline CSS, the sample images embedded as base64, newest first up to EMBED_LIMIT
-bytes; older ones beyond that are named, never linked), so a report that is moved or mailed keeps its images;
-the LoRA files are named by their path relative to the output folder. A resumed run appends to events.jsonl:
-each `started` after the first is marked on the charts.
+The events are the source of truth, folded by `runrecord.RunRecord` (the record the page reads too): the loss
+and learning-rate curves come from `progress` events (and the held-out images' loss, drawn on the loss chart,
+from `validation` events), the samples from `sample` events, the outcome from the terminal event; the settings
+come from the config.json the run wrote. The page is self-contained (inline SVG charts, inline CSS, the sample
+images embedded as base64, newest first up to EMBED_LIMIT bytes; older ones beyond that are named, never
+linked), so a report that is moved or mailed keeps its images; the LoRA files are named by their path relative
+to the output folder. A resumed run appends to events.jsonl: each resume is marked on the charts at the step
+it continued from.
 
     python -m lora_core report OUTPUT_FOLDER   (re)writes OUTPUT_FOLDER/training_report.html
 """
@@ -20,63 +21,30 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_core.events import Event, read_events
+from lora_core.events import read_events
 from lora_core.files import atomic_write_text
+from lora_core.runrecord import REPORT_FILE, RunFiles, RunRecord, SampleImage, read_json
 
 log = logging.getLogger("lora_core.report")
 
-REPORT_NAME = "training_report.html"
+REPORT_NAME = REPORT_FILE
 EMBED_LIMIT = 4 * 1024**2  # bytes of sample images embedded in the page; beyond that they are only linked
-
-
-@dataclass
-class RunSummary:
-    """What the page shows, gathered from the events."""
-
-    events: list[Event]
-    starts: list[Event] = field(default_factory=list)
-    progress: list[Event] = field(default_factory=list)
-    samples: list[Event] = field(default_factory=list)
-    checkpoints: list[Event] = field(default_factory=list)
-    validations: list[Event] = field(default_factory=list)
-    terminal: Event | None = None
-
-    @classmethod
-    def from_events(cls, events: list[Event]) -> RunSummary:
-        summary = cls(events)
-        for event in events:
-            {"started": summary.starts, "progress": summary.progress, "sample": summary.samples,
-             "checkpoint": summary.checkpoints, "validation": summary.validations}.get(event.type, []).append(event)
-            if event.terminal:
-                summary.terminal = event
-        return summary
-
-    def curve(self, name: str, kind: str = "progress") -> list[tuple[float, float]]:
-        """(step, value) for `loss` or `lr` (of `progress`, or `loss` of `validation` events); a step done
-        twice (a resumed run) keeps its last value."""
-        points: dict[int, float] = {}
-        for event in self.validations if kind == "validation" else self.progress:
-            value = getattr(event, name)
-            if value is not None and math.isfinite(value):
-                points[event.step] = value
-        return sorted(points.items())
 
 
 def write_report(output: str | Path) -> Path | None:
     """Write `training_report.html` in `output` from its events.jsonl; None when no run started there."""
     output = Path(output)
-    events_file = output / "events.jsonl"
-    if not events_file.is_file():
+    files = RunFiles(output)
+    if not files.events.is_file():
         return None
-    summary = RunSummary.from_events(read_events(events_file))
-    if not summary.starts:
+    record = RunRecord().add_all(read_events(files.events))
+    if not record.starts:
         return None
-    config = _read_json(output / "config.json")
-    return atomic_write_text(output / REPORT_NAME, render(summary, config, output))
+    config = read_json(files.config)
+    return atomic_write_text(files.report, render(record, config if isinstance(config, dict) else {}, output))
 
 
 def write_report_safely(output: str | Path) -> Path | None:
@@ -92,33 +60,33 @@ def write_report_safely(output: str | Path) -> Path | None:
 # the page
 
 
-def render(summary: RunSummary, config: dict[str, Any], output: Path) -> str:
-    start = summary.starts[-1]
-    title = f"LoRA training report: {Path(start.output_path).name or start.output_path}"
-    resumed = _resume_steps(summary)
+def render(record: RunRecord, config: dict[str, Any], output: Path) -> str:
+    assert record.start is not None
+    title = f"LoRA training report: {Path(record.start.output_path).name or record.start.output_path}"
+    losses, rates = _finite(record.loss_points), _finite(record.lr_points)
     sections = [
         f"<h1>{_e(title)}</h1>",
-        _outcome(summary, output),
+        _outcome(record, output),
         "<h2>Loss</h2>",
-        svg_chart(summary.curve("loss"), "loss", marks=resumed,
-                  second=("validation loss (held-out images)", summary.curve("loss", "validation")))
-        if summary.curve("loss") else "<p>No progress was recorded.</p>",
+        svg_chart(losses, "loss", marks=record.resumed_at,
+                  second=("validation loss (held-out images)", _finite(record.validation_points)))
+        if losses else "<p>No progress was recorded.</p>",
         "<h2>Learning rate</h2>",
-        svg_chart(summary.curve("lr"), "learning rate", marks=resumed, height=160) if summary.curve("lr") else "",
+        svg_chart(rates, "learning rate", marks=record.resumed_at, height=160) if rates else "",
         "<h2>Samples</h2>",
-        _samples(summary, output),
+        _samples(record, output),
         "<h2>Checkpoints</h2>",
-        _checkpoints(summary, output),
-        _doctor(summary),
+        _checkpoints(record, output),
+        _doctor(record),
         "<h2>Settings</h2>",
         _config_table(config),
     ]
     return PAGE.format(title=_e(title), body="\n".join(part for part in sections if part))
 
 
-def _doctor(summary: RunSummary) -> str:
-    """The dataset doctor's findings from the last `dataset` event that has them (lora_core/doctor.py)."""
-    findings = next((e.findings for e in reversed(summary.events) if e.type == "dataset" and e.findings), [])
+def _doctor(record: RunRecord) -> str:
+    """The dataset doctor's findings from the latest `dataset` event (lora_core/doctor.py)."""
+    findings = record.findings
     if not findings:
         return ""
     rows = "".join(f"<tr><td>{_e(f.get('severity'))}</td><td>{_e(f.get('kind'))}</td>"
@@ -129,8 +97,12 @@ def _doctor(summary: RunSummary) -> str:
             f"<th>kind</th><th>files</th><th>what and why</th><th>fix</th></tr>{rows}</table>")
 
 
-def _outcome(summary: RunSummary, output: Path) -> str:
-    start, terminal = summary.starts[-1], summary.terminal
+def _finite(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    return [(step, value) for step, value in points if value is not None and math.isfinite(value)]
+
+
+def _outcome(record: RunRecord, output: Path) -> str:
+    start, terminal = record.start, record.terminal
     rows: list[tuple[str, str]] = []
     if terminal is None:
         rows.append(("status", "running (or stopped without a final event)"))
@@ -143,70 +115,55 @@ def _outcome(summary: RunSummary, output: Path) -> str:
             rows.append(("saved", _link(terminal.checkpoint_path, output)))
     else:
         rows.append(("status", f"failed: {_e(terminal.message)}"))
-    last = summary.progress[-1] if summary.progress else None
+    held_out = record.validation_points
     rows += [
-        ("steps", f"{last.step if last else 0} of {start.total_steps}"),
-        ("final loss", f"{last.loss:.5g}" if last and last.loss is not None else "–"),
-        *([("validation loss", f"{summary.validations[0].loss:.5g} at step {summary.validations[0].step} → "
-                               f"{summary.validations[-1].loss:.5g} at step {summary.validations[-1].step}")]
-          if summary.validations else []),
-        ("speed", f"{last.it_per_s:.3g} steps/s" if last and last.it_per_s else "–"),
+        ("steps", f"{record.step} of {start.total_steps}"),
+        ("final loss", f"{record.loss:.5g}" if record.loss is not None else "–"),
+        *([("validation loss", f"{held_out[0][1]:.5g} at step {held_out[0][0]} → "
+                               f"{held_out[-1][1]:.5g} at step {held_out[-1][0]}")] if held_out else []),
+        ("speed", f"{record.it_per_s:.3g} steps/s" if record.it_per_s else "–"),
         ("images", str(start.num_images)),
         ("model", _e(start.model_family)),
-        ("device", f"{_e(start.device)} × {getattr(start, 'num_processes', 1)} process(es), precision "
+        ("device", f"{_e(start.device)} × {start.num_processes} process(es), precision "
                    f"{_e(start.mixed_precision)}"
-                   f"{', gradient checkpointing' if getattr(start, 'gradient_checkpointing', False) else ''}"
+                   f"{', gradient checkpointing' if start.gradient_checkpointing else ''}"
                    f"{_compiled(start)}"),
-        ("started", _e(summary.starts[0].timestamp)),
+        ("started", _e(record.started_at)),
     ]
-    if len(summary.starts) > 1:
-        rows.append(("resumed", f"{len(summary.starts) - 1} time(s)"))
+    if record.starts > 1:
+        rows.append(("resumed", f"{record.starts - 1} time(s)"))
     return _table(rows, css_class="outcome")
 
 
-def _resume_steps(summary: RunSummary) -> list[int]:
-    """The first step recorded after each `started` but the first: where a resumed run picked up."""
-    marks: list[int] = []
-    starts, waiting = 0, False
-    for event in summary.events:
-        if event.type == "started":
-            starts += 1
-            waiting = starts > 1
-        elif event.type == "progress" and waiting:
-            marks.append(event.step)
-            waiting = False
-    return marks
-
-
-def _samples(summary: RunSummary, output: Path) -> str:
-    if not summary.samples:
+def _samples(record: RunRecord, output: Path) -> str:
+    if not record.samples:
         return "<p>No sample images were made.</p>"
-    by_step: dict[int, list[Event]] = {}
-    for event in summary.samples:
-        by_step.setdefault(event.step, []).append(event)
+    by_step: dict[int, list[SampleImage]] = {}
+    for sample in record.samples:
+        by_step.setdefault(sample.step, []).append(sample)
     budget = EMBED_LIMIT
     rows = []
     for step in sorted(by_step, reverse=True):  # newest first, embedded while they fit in the budget
         cells = []
-        for event in by_step[step]:
-            path = Path(event.image_path)
+        for sample in by_step[step]:
+            path = Path(sample.path)
             size = path.stat().st_size if path.is_file() else None
             if size is not None and size <= budget:
                 budget -= size
                 source = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-                picture = f'<img src="{_e(source)}" alt="{_e(event.prompt)}">'
+                picture = f'<img src="{_e(source)}" alt="{_e(sample.prompt)}">'
             else:
                 why = "missing" if size is None else "not embedded: the report's image budget is spent"
                 picture = f'<p class="absent">{_e(_relative(path, output))} ({why})</p>'
-            cells.append(f'<figure>{picture}<figcaption>{_e(event.prompt)}</figcaption></figure>')
+            cells.append(f'<figure>{picture}<figcaption>{_e(sample.prompt)}</figcaption></figure>')
         rows.append(f'<div class="samples"><h3>step {step}</h3>{"".join(cells)}</div>')
     return "\n".join(rows)
 
 
-def _checkpoints(summary: RunSummary, output: Path) -> str:
-    if not summary.checkpoints:
+def _checkpoints(record: RunRecord, output: Path) -> str:
+    if not record.checkpoints:
         return "<p>No intermediate checkpoints.</p>"
-    return _table([(f"step {event.step}", _link(event.path, output)) for event in summary.checkpoints])
+    return _table([(f"step {saved.step}", _link(saved.path, output)) for saved in record.checkpoints])
 
 
 def _config_table(config: dict[str, Any]) -> str:
@@ -318,14 +275,6 @@ def _link(path: str, output: Path) -> str:
 def _table(rows: list[tuple[str, str]], css_class: str = "") -> str:
     body = "".join(f"<tr><th>{key}</th><td>{value}</td></tr>" for key, value in rows)
     return f'<table class="{css_class}">{body}</table>'
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 PAGE = """<!doctype html>

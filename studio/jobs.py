@@ -1,25 +1,20 @@
-"""The studio's job registry: every job is a process with its own run folder; what a page shows of it.
+"""The studio's job registry: every job is a process working for a run folder; what a page shows of it.
 
-A web page never owns a job (its handlers stop when the browser goes away); it asks the `Studio`, which
-lives as long as the server, to start or stop one, and polls `Studio.view()` for a `RunView`: a summary
-of a run's `events.jsonl` that any number of browsers can read at once. Each job runs as a child process
-in its own session (lora_core/launcher.py), so it outlives the server: a restarted server finds the jobs
-still running in the outputs folder (their `job.json`) and follows them again, and a job that died
+A web page never owns a job (its handlers stop when the browser goes away); it asks the `Studio`, which lives
+as long as the server, to `submit`, `stop`, `cancel` or `move_up` one, and polls `view()` for a RunView
+(studio/jobview.py): the run's record (lora_core/runrecord.py, the one the Runs list reads) settled with what
+this server knows of the job's process. A job runs in its own session (lora_core/launcher.py), so it outlives
+the server: a restarted server follows the jobs still running again (their `job.json`), and a job that died
 without a final event is recorded as failed with its exit status and the tail of its stderr.
 
-Start puts a job in the queue (studio/queue.py, kept in `outputs/queue.json`), which starts it at once
-when a device is free, or later, in order, when one is: one job per GPU (a job of N processes waits for N
-free GPUs), one at a time on the CPU. `Studio.free_devices()` is the one place that decides whether a
-device is taken. Nothing here imports torch.
-
-The API a page (or a later view of all runs) uses: `submit`/`start`, `stop`, `cancel`, `move_up`,
-`queued`, `running`, `view` (one run, by job id), `read_run` (any run folder, also one made by the CLI).
+Start puts a job in the queue (studio/queue.py, `outputs/queue.json`); it starts when a device is free: one
+job per GPU (a job of N processes waits for N free GPUs), one at a time on the CPU. `free_devices()` is the
+one place that decides whether a device is taken. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -28,7 +23,7 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,13 +31,16 @@ from typing import Any
 from lora_core.config import ConfigError, TrainConfig
 from lora_core.errors import UserError
 from lora_core.events import Error, EventLog
-from lora_core.launcher import EVENTS_FILE, JOB_FILE, JobProcess, record_lost, stderr_tail
+from lora_core.files import JOB_FILE
+from lora_core.launcher import JobProcess, device_count, record_lost
+from lora_core.runrecord import EVENTS_FILE, FAILED, QUEUED, RecordTail, RunFiles, settle
 from lora_core.starter import Starter
+from studio import runs
+from studio.jobview import RunView, Submitted, folder_view, job_tail
 from studio.queue import JobQueue, QueuedJob
 
 log = logging.getLogger("studio.jobs")
 
-MAX_CURVE_POINTS = 400  # the loss curve shown is averaged down to this many points
 UPLOADS = "uploads"
 RUN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 TICK_S = 0.5  # how often the registry looks at its running jobs
@@ -55,167 +53,10 @@ class BusyError(RuntimeError):
 
 
 @dataclass
-class Submitted:
-    """What Start answers: the new job's id, whether it runs now or waits, and where it writes."""
-
-    job_id: str
-    state: str  # running | queued
-    position: int  # 1-based place in the queue; 0 when it runs
-    output_path: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "state": self.state, "position": self.position,
-                "output_path": self.output_path}
-
-
-@dataclass
-class RunView:
-    """What a page shows of one run, built from its events."""
-
-    job_id: str = ""  # "" : no run
-    # idle | queued | preparing | running | stopping | finishing (final event written, process still ending) |
-    # complete | interrupted | error
-    state: str = "idle"
-    output_path: str = ""
-    step: int = 0
-    total_steps: int = 0
-    percent: float = 0.0
-    loss: float | None = None
-    it_per_s: float = 0.0
-    eta_s: float = -1.0
-    epoch: int = 0
-    device: str = ""
-    model_family: str = ""
-    loss_points: list[tuple[int, float]] = field(default_factory=list)
-    validation_points: list[tuple[int, float]] = field(default_factory=list)  # the held-out images' loss
-    samples: list[tuple[str, str, int]] = field(default_factory=list)  # (image path, prompt, step)
-    checkpoints: list[tuple[int, str]] = field(default_factory=list)  # (step, path)
-    final_path: str | None = None
-    message: str = ""  # the error or interruption, in words
-    error_field: str | None = None
-    stderr_tail: list[str] = field(default_factory=list)  # the job's last stderr lines, for a failed run
-    resumed_at: list[int] = field(default_factory=list)  # the step each resume continued from
-    starts: int = 0  # `started` events seen: 0 for a job that failed before it started training
-    n_events: int = 0
-
-    @property
-    def saved_so_far(self) -> str | None:
-        """The LoRA to offer for download: the final one, else (a stopped or failed run) the newest
-        checkpoint still on disk."""
-        if self.final_path:
-            return self.final_path
-        return next((path for _, path in reversed(self.checkpoints) if Path(path).is_file()), None)
-
-    @property
-    def active(self) -> bool:
-        return self.state in ("preparing", "running", "stopping", "finishing")
-
-    @property
-    def finished(self) -> bool:
-        return self.state in ("complete", "interrupted", "error")
-
-    def curve(self, max_points: int = MAX_CURVE_POINTS) -> list[tuple[int, float]]:
-        """The loss curve, averaged over equal windows of steps when it has more points than a plot needs."""
-        points = self.loss_points
-        if len(points) <= max_points:
-            return list(points)
-        size = -(-len(points) // max_points)
-        return [(window[-1][0], sum(loss for _, loss in window) / len(window))
-                for window in (points[i:i + size] for i in range(0, len(points), size))]
-
-
-def add_event(view: RunView, event: dict[str, Any]) -> None:
-    """Fold one event (as `Event.to_dict()` gives it, or a line of events.jsonl) into the view."""
-    kind = event.get("type")
-    view.n_events += 1
-    if kind == "started":
-        view.starts += 1
-        if event.get("resumed_from_step"):
-            view.resumed_at.append(int(event["resumed_from_step"]))
-        view.total_steps = event["total_steps"]
-        view.device, view.model_family = event["device"], event["model_family"]
-        view.output_path = event.get("output_path", view.output_path)
-        if view.finished:  # a resumed run: the earlier part ended, this one goes on
-            view.state, view.message, view.final_path = "preparing", "", None
-    elif kind == "progress":
-        for name in ("step", "total_steps", "percent", "loss", "it_per_s", "eta_s", "epoch"):
-            setattr(view, name, event[name])
-        if event["loss"] is not None:
-            view.loss_points.append((event["step"], event["loss"]))
-        if view.state == "preparing":
-            view.state = "running"
-    elif kind == "validation":
-        view.validation_points.append((event["step"], event["loss"]))
-    elif kind == "sample":
-        view.samples.append((event["image_path"], event["prompt"], event["step"]))
-    elif kind == "checkpoint":
-        view.checkpoints.append((event["step"], event["path"]))
-    elif kind == "complete":
-        view.state, view.final_path, view.step = "complete", event["final_path"], event["step"]
-        view.percent = 100.0
-    elif kind == "interrupted":
-        view.state, view.message, view.step = "interrupted", event["message"], event["step"]
-        if event.get("checkpoint_path"):
-            view.checkpoints.append((event["step"], event["checkpoint_path"]))
-    elif kind == "error":
-        view.state, view.message, view.error_field = "error", event["message"], event.get("field")
-    elif kind == "grid_progress":  # a grid or sweep job: cells drawn read as steps
-        view.step, view.total_steps = event["done"], event["total"]
-        view.percent = round(100.0 * view.step / max(1, view.total_steps), 2)
-        view.state = "running"
-    elif kind == "grid_complete":
-        view.state, view.final_path, view.percent = "complete", event["path"], 100.0
-
-
-class RunTail:
-    """Follows one run folder's events.jsonl, reading only what was appended since the last look."""
-
-    def __init__(self, folder: Path, job_id: str = ""):
-        self.folder = folder
-        self.view = RunView(job_id=job_id, state="preparing", output_path=str(folder))
-        self._offset = 0
-        self._partial = b""
-
-    def update(self) -> RunView:
-        path = self.folder / EVENTS_FILE
-        try:
-            with open(path, "rb") as handle:
-                handle.seek(self._offset)
-                data = handle.read()
-        except OSError:
-            return self.view
-        self._offset += len(data)
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()  # a line still being written (or cut short by a killed process)
-        for line in lines:
-            try:
-                add_event(self.view, json.loads(line))
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                continue
-        return self.view
-
-
-def read_run(folder: Path) -> RunView | None:
-    """The view of a run from its events.jsonl, as far as it got; None when the folder holds no run.
-
-    A run with no final event and no job process recorded (a command-line run that was killed, or one still
-    going in another program) shows as interrupted."""
-    if not (folder / EVENTS_FILE).is_file():
-        return None
-    job = JobProcess.attach(folder)
-    view = RunTail(folder, str(job.record.get("job_id", "")) if job else "").update()
-    if view.active:
-        view.state, view.message = "interrupted", "the run has no final event (it was stopped without one)"
-    if view.state == "error":
-        view.stderr_tail = stderr_tail(folder)
-    return view
-
-
-@dataclass
 class ActiveJob:
     job_id: str
     process: JobProcess
-    tail: RunTail
+    tail: RecordTail
     config: TrainConfig | None = None
     stop_requested: bool = False
     kind: str = "train"  # or grid | sweep
@@ -241,10 +82,12 @@ class Studio:
         self.outputs_root = Path(outputs_root).resolve()
         self.outputs_root.mkdir(parents=True, exist_ok=True)
         self._devices = devices
+        if devices is None:  # counted by a child process (launcher.device_count): ahead of the first Start
+            threading.Thread(target=device_count, name="count-devices", daemon=True).start()
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._active: dict[str, ActiveJob] = {}
-        self._tails: dict[str, RunTail] = {}  # job id -> its run's events, for every job seen by this server
+        self._tails: dict[str, RecordTail] = {}  # job id -> its run's events, for every job seen by this server
         self._configs: dict[str, TrainConfig] = {}
         self._current = ""  # the job a page shows when it asks for none
         self._closed = self._closing = False
@@ -298,8 +141,6 @@ class Studio:
     def device_count(self) -> int:
         """GPUs on this machine; 0 for the CPU."""
         if self._devices is None:
-            from lora_core.launcher import device_count
-
             self._devices = device_count()
         return self._devices
 
@@ -342,8 +183,7 @@ class Studio:
             self._queue.add(QueuedJob.of(job_id, config, resume, self.num_processes()))
             self._configs[job_id] = config
             self._dispatch()
-            position = self._queue.position(job_id)
-            return Submitted(job_id, "queued" if position else "running", position or 0, str(output))
+            return Submitted.of(job_id, self._queue.position(job_id), str(output))
 
     def submit_tool(self, kind: str, run_folder: Path, args: list[str]) -> Submitted:
         """Queue a grid or sweep (`python -m lora_core KIND RUN_FOLDER ARGS`) of a run: it waits for a device
@@ -361,12 +201,7 @@ class Studio:
             job_folder = folder / TOOL_JOBS / job_id
             self._queue.add(QueuedJob(job_id, str(job_folder), {}, kind=kind, args=[str(folder), *args]))
             self._dispatch()
-            position = self._queue.position(job_id)
-            return Submitted(job_id, "queued" if position else "running", position or 0, str(job_folder))
-
-    def start(self, config: TrainConfig, resume: bool = False) -> str:
-        """`submit`, answering only the job id."""
-        return self.submit(config, resume).job_id
+            return Submitted.of(job_id, self._queue.position(job_id), str(job_folder))
 
     def cancel(self, job_id: str) -> bool:
         """Take a queued job out of the queue (nothing of it was written); False when it is not queued."""
@@ -403,7 +238,7 @@ class Studio:
             self._launch_tool(queued, devices)
             return
         folder = Path(queued.output_path)
-        tail = RunTail(folder, queued.job_id)
+        tail = job_tail(folder, queued.job_id)
         try:
             config = queued.train_config()
             process = JobProcess.start(folder, config, queued.processes, resume=queued.resume, devices=devices,
@@ -417,7 +252,7 @@ class Studio:
                 event_log(Error(message=message, field=where))
                 event_log.close()
             else:  # a new run that never started leaves no folder behind, only this view in memory
-                tail.view.state, tail.view.message, tail.view.error_field = "error", message, where
+                tail.record.add(Error(message=message, field=where))
             self._tails[queued.job_id] = tail
             return
         self._track(ActiveJob(queued.job_id, process, tail, config))
@@ -427,7 +262,7 @@ class Studio:
         from lora_core.grid import read_run
 
         folder = Path(queued.output_path)
-        tail = RunTail(folder, queued.job_id)
+        tail = job_tail(folder, queued.job_id)
         self._tails[queued.job_id] = tail
         try:
             _, config = read_run(queued.args[0])
@@ -435,15 +270,14 @@ class Studio:
                                             env=self._environment, starter=self._starter,
                                             record={"job_id": queued.job_id, "kind": queued.kind})
         except (OSError, UserError) as error:
-            tail.view.state, tail.view.message = "error", f"the {queued.kind} could not start: {error}"
+            tail.record.add(Error(message=f"the {queued.kind} could not start: {error}"))
             return
         self._track(ActiveJob(queued.job_id, process, tail, kind=queued.kind))
         self._wake.notify_all()
 
     def _track(self, job: ActiveJob) -> None:
-        view = job.tail.update()
-        if view.finished:  # a resumed run: the earlier part's end is not this job's
-            view.state, view.message, view.final_path, view.error_field = "preparing", "", None, None
+        if job.tail.update().ended:  # a resumed run: the earlier part's end is not this job's
+            job.tail.record.begin_part()
         self._active[job.job_id] = job
         self._tails[job.job_id] = job.tail
         if job.config is not None:
@@ -476,20 +310,19 @@ class Studio:
             tail = self._tails.get(key)
             if tail is None and (position := self._queue.position(key)):
                 queued = self._queue.get(key)
-                return RunView(job_id=key, state="queued", output_path=queued.output_path if queued else "",
+                return RunView(job_id=key, state=QUEUED, output_path=queued.output_path if queued else "",
                                message=f"Queued: position {position} of {len(self._queue.jobs)}")
             if tail is None:
                 return (self._previous or RunView()) if job_id is None else RunView(job_id=job_id)
-            view = tail.update()
-            if key in self._active and view.finished:
-                self._reap()  # the device is free only once the process has ended
+            tail.update()
             job = self._active.get(key)
-            if job is not None and view.active and job.stop_requested:
-                view.state = "stopping"
-            if job is not None and view.finished:
-                return replace(view, state="finishing")
-            if view.state == "error" and not view.stderr_tail:
-                view.stderr_tail = stderr_tail(tail.folder)
+            if job is not None and not job.process.alive():
+                self._reap()  # records a job lost without a final event; the device is free from now on
+                tail.update()
+                job = self._active.get(key)
+            view = settle(tail.record, alive=job is not None, stop_requested=job is not None and job.stop_requested)
+            if view.state == FAILED and not view.stderr_tail:
+                view = replace(view, stderr_tail=tail.files.stderr_tail())
             return view
 
     def current_config(self) -> TrainConfig | None:
@@ -540,13 +373,13 @@ class Studio:
         for job_id, job in list(self._active.items()):
             if job.process.alive():
                 continue
-            if not job.tail.update().finished:
+            if not job.tail.update().ended:
                 try:
                     record_lost(job.process)
                 except OSError as error:
                     log.warning("could not record how job %s ended: %s", job_id, error)
                 job.tail.update()
-            if job.kind == "train" and not job.tail.view.starts and not job.process.record.get("resume"):
+            if job.kind == "train" and not job.tail.record.starts and not job.process.record.get("resume"):
                 self._forget_folder(job)
             del self._active[job_id]
             self._wake.notify_all()
@@ -554,8 +387,8 @@ class Studio:
     def _forget_folder(self, job: ActiveJob) -> None:
         """A new run whose process failed before training started: its view keeps the error and the stderr
         tail, and its folder (job.json, stderr.log, events.jsonl, nothing else of use) is removed."""
-        view = job.tail.view
-        view.stderr_tail = view.stderr_tail or stderr_tail(job.tail.folder)
+        view = job.tail.record
+        view.stderr_tail = view.stderr_tail or job.tail.files.stderr_tail()
         folder = job.process.folder
         if folder.resolve().is_relative_to(self.outputs_root) and folder.resolve() != self.outputs_root:
             shutil.rmtree(folder, ignore_errors=True)
@@ -568,10 +401,11 @@ class Studio:
             process = JobProcess.attach(record.parent)
             if process is None:
                 continue
-            tail = RunTail(record.parent, str(process.record.get("job_id") or record.parent.name))
-            if tail.update().finished:
+            tail = job_tail(record.parent, str(process.record.get("job_id") or record.parent.name))
+            if tail.update().ended:
                 continue
-            job = ActiveJob(tail.view.job_id, process, tail, stop_requested=bool(process.record.get("stop_requested")))
+            job = ActiveJob(tail.record.job_id, process, tail,
+                            stop_requested=bool(process.record.get("stop_requested")))
             found.append((process.start_time, job))
         for _, job in sorted(found, key=lambda item: item[0]):
             self._active[job.job_id] = job
@@ -580,7 +414,7 @@ class Studio:
         self._reap()
 
     def _latest_run_on_disk(self) -> RunView | None:
-        logs = [log for log in self.outputs_root.glob(f"*/{EVENTS_FILE}") if log.parent.name != UPLOADS]
-        if not logs:
-            return None
-        return read_run(max(logs, key=lambda log: log.stat().st_mtime).parent)
+        folders = runs.run_folders(self.outputs_root)
+        newest = max(folders, default=None, key=lambda folder: RunFiles(folder).events.stat().st_mtime
+                     if RunFiles(folder).events.is_file() else 0.0)
+        return None if newest is None else folder_view(newest)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lora_core import dataset
+if TYPE_CHECKING:  # lora_core.dataset imports torch (buckets), which the page's server loads only to scan
+    from lora_core.dataset import DatasetReport
 
 THUMBNAIL_SIZE = 192
 MAX_THUMBNAILS = 120
@@ -25,9 +27,10 @@ HUB_MODELS = {
 }
 
 
-def thumbnails(report: dataset.DatasetReport, folder: Path,
-               limit: int = MAX_THUMBNAILS) -> list[tuple[str, str]]:
+def thumbnails(report: DatasetReport, folder: Path, limit: int = MAX_THUMBNAILS) -> list[tuple[str, str]]:
     """(thumbnail path, caption) for the first `limit` usable images, made once per source file."""
+    from lora_core import dataset
+
     folder.mkdir(parents=True, exist_ok=True)
     results = []
     for record in report.images[:limit]:

@@ -17,10 +17,13 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from lora_core.errors import UserError
+from lora_core.runrecord import RunFiles
 from studio import runs, sheets
+from studio.render import plot_frame
 
 if TYPE_CHECKING:
-    from studio.jobs import RunView, Studio
+    from studio.jobs import Studio
+    from studio.jobview import RunView
 
 FOLLOW_TICK_S = 0.5
 
@@ -43,17 +46,6 @@ def _frame(curves: dict[str, list[tuple[int, float]]], smoothed: bool = True,
     return plot_frame([(row["step"], row["loss"], row["line"]) for row in rows])
 
 
-def plot_frame(rows: list[tuple[int, float, str]]):
-    """(step, loss, line) rows as the loss plots' frame, typed even when empty: gr.LinePlot reads an untyped
-    (object) column as categories, and a plot first drawn from an empty frame kept category axes with a tick
-    per step after the points came."""
-    import pandas as pd
-
-    return pd.DataFrame({"step": pd.Series([row[0] for row in rows], dtype="int64"),
-                         "loss": pd.Series([row[1] for row in rows], dtype="float64"),
-                         "line": pd.Series([row[2] for row in rows], dtype=object)})
-
-
 def _detail_markdown(detail: runs.RunDetail) -> str:
     lines = [f"### {detail.id}: {detail.state}",
              f"- base model: `{detail.base_model}`", f"- steps: {detail.step} / {detail.total_steps}",
@@ -66,16 +58,18 @@ def _detail_markdown(detail: runs.RunDetail) -> str:
         where = f" (field `{detail.error_field}`)" if detail.error_field else ""
         lines.append(f"- {'error' if detail.state == 'failed' else 'note'}{where}: {detail.message}")
     if detail.stderr_tail:
-        lines.append(f"\nLast lines of stderr.log:\n```\n{detail.stderr_tail}\n```")
+        tail = "\n".join(detail.stderr_tail)
+        lines.append(f"\nLast lines of stderr.log:\n```\n{tail}\n```")
     return "\n".join(lines)
 
 
 def sheet_status(view: RunView, kind: str) -> str:
     """A grid or sweep job's state in words, with its cells drawn."""
-    words = {"queued": "waiting for the device", "preparing": "loading the base model",
-             "running": f"drawing cell {view.step} of {view.total_steps}", "finishing": "saving the image",
-             "complete": "done", "interrupted": "stopped", "error": "failed", "idle": "unknown job"}
-    text = f"{kind.capitalize()}: {words.get(view.state, view.state)}"
+    words = {"queued": "waiting for the device", "starting": "loading the base model",
+             "running": f"drawing cell {view.step} of {view.total_steps}", "stopping": "stopping",
+             "complete": "done", "stopped": "stopped", "failed": "failed", "idle": "unknown job"}
+    word = "saving the image" if view.state == "stopping" and view.terminal is not None else words[view.state]
+    text = f"{kind.capitalize()}: {word}"
     if view.message and view.state != "complete":
         text += f". {view.message}"
     return (f'<div class="ls-status ls-{view.state}" id="sheet-status" data-state="{view.state}">'
@@ -123,10 +117,10 @@ class RunsTab:
         resolved config.json, which a CLI run has), with its own folder as output_path."""
         from lora_core.configfile import load_config
 
-        folder = runs.resolve_run(self.root, run_id)
-        for name in ("job_config.json", runs.CONFIG_FILE):
-            if (folder / name).is_file():
-                return load_config(folder / name).model_copy(update={"output_path": str(folder)})
+        files = RunFiles(runs.resolve_run(self.root, run_id))
+        for path in (files.job_config, files.config):
+            if path.is_file():
+                return load_config(path).model_copy(update={"output_path": str(files.folder)})
         raise runs.RunError(f"run {run_id!r} has no config file (job_config.json or config.json) to use")
 
     def resume(self, run_id: str) -> dict[str, Any]:
@@ -174,7 +168,7 @@ class RunsTab:
         except UserError:
             return (gr.skip(),) * 5
         choices = sheets.saved_choices(folder)
-        prompts = "\n".join(sheets.run_prompts(runs.flat_config(runs._read_json(folder / runs.CONFIG_FILE))))
+        prompts = "\n".join(sheets.run_prompts(runs.run_config(folder)))
         newest = sheets.newest_sheet(folder)
         def shown() -> dict[str, Any]:  # one update per component: Gradio consumes the dict it is given
             return gr.update(value=str(newest) if newest else None, visible=bool(newest))

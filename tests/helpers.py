@@ -151,9 +151,9 @@ def wait_for_job(client, job_id: str, done, timeout: float = 180.0) -> dict:
     deadline = time.monotonic() + timeout
     studio = PAGES_HERE.get(client.src.rstrip("/"))
     if studio is not None:
-        import webui
+        from studio.render import run_summary as summary_of
 
-        while time.monotonic() < deadline and not done(webui.run_summary(studio.view(job_id))):
+        while time.monotonic() < deadline and not done(summary_of(studio.view(job_id))):
             time.sleep(0.1)
     state: dict = {}
     while time.monotonic() < deadline:

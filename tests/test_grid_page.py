@@ -22,7 +22,7 @@ PROMPTS = ["a red square", "a blue circle"]
 TINY = dict(base_model="builtin:tiny-sd", trigger_words="shapestyle", resolution=256, batch_size=1, lora_rank=4,
             lora_alpha=8, learning_rate=1e-2, train_text_encoder=True, text_encoder_lr=5e-2,
             sample_inference_steps=2, seed=7, validation_steps=1000, sample_prompts="\n".join(PROMPTS))
-TERMINAL = ("complete", "error", "interrupted")
+TERMINAL = ("complete", "failed", "stopped")
 
 
 def wait_for(client: Client, job_id: str, done, timeout: float = 180.0) -> dict:

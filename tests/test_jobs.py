@@ -13,6 +13,7 @@ from lora_core import launcher
 from lora_core.configfile import parse_config
 from studio.jobs import BusyError, Studio
 from studio.queue import QUEUE_FILE
+from studio.runs import list_runs
 
 ENGINE_STANDIN = "import time; time.sleep(60)"  # a job that runs until it is stopped
 
@@ -30,6 +31,23 @@ def studios(monkeypatch):
     yield make
     for studio in made:
         studio.shutdown(timeout=10)
+
+
+# A job that starts training, then on SIGTERM stops as the engine does: an `interrupted` event, exit 0.
+STOPPABLE_STANDIN = """
+import signal, sys, time
+from pathlib import Path
+from lora_core.events import EventLog, Interrupted, Progress, Started
+log = EventLog(Path(sys.argv[1]) / "events.jsonl")
+def stop(*_):
+    log(Interrupted(step=1, message="stopped by the user", checkpoint_path=None))
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+log(Started(total_steps=9, num_images=1, device="cpu", mixed_precision="no", model_family="sd15",
+            output_path=sys.argv[1]))
+log(Progress(step=1, total_steps=9, loss=0.5, percent=11.0, lr=1e-4, it_per_s=1.0, eta_s=8.0, epoch=0))
+time.sleep(60)
+"""
 
 
 def config(outputs: Path, name: str):
@@ -50,7 +68,7 @@ def test_one_job_per_gpu_and_the_next_starts_on_the_gpu_that_frees(studios, tmp_
     wait_until(lambda: answers[2].job_id in studio.running(), timeout=30)  # started by itself on the freed GPU
     assert devices_of(studio, answers[2].job_id) == [1]
     stopped = studio.view(answers[1].job_id)  # the stand-in ignores the stop's meaning: it dies of SIGTERM
-    assert stopped.state == "error" and "signal 15 (SIGTERM)" in stopped.message
+    assert stopped.state == "failed" and "signal 15 (SIGTERM)" in stopped.message
 
 
 def test_a_job_of_several_gpus_waits_until_they_are_all_free(studios, tmp_path):
@@ -97,9 +115,35 @@ def test_the_queue_is_kept_in_the_outputs_folder_and_survives_a_restart(studios,
     assert [item["job_id"] for item in saved] == [waiting.job_id]
     assert saved[0]["config"]["output_path"] == waiting.output_path
     first.shutdown(timeout=10)  # stops the running job; the queued one stays on disk
-    assert first.view(running.job_id).finished and not (tmp_path / "b").exists()
+    assert first.view(running.job_id).ended and not (tmp_path / "b").exists()
 
     second = studios(tmp_path, devices=0)
-    assert second.view(waiting.job_id).state in ("preparing", "running")  # the device was free: it started
+    assert second.view(waiting.job_id).state in ("starting", "running")  # the device was free: it started
     assert second.running() == [waiting.job_id] and second.queued() == []
     assert json.loads((tmp_path / QUEUE_FILE).read_text()) == []
+
+
+def test_a_job_is_in_the_runs_list_from_the_moment_start_accepts_it(studios, tmp_path):
+    studio = studios(tmp_path, devices=0)
+    running, waiting = studio.submit(config(tmp_path, "first")), studio.submit(config(tmp_path, "second"))
+    rows = {row.id: row.state for row in list_runs(tmp_path)}  # the stand-in has written no event yet
+    assert rows == {"first": "starting", "second": "queued"}
+    assert studio.view(running.job_id).state == "starting" and studio.view(waiting.job_id).state == "queued"
+
+
+def test_a_stopped_run_has_the_same_state_word_in_the_live_view_and_the_runs_list(monkeypatch, tmp_path):
+    monkeypatch.setattr(launcher, "launch_command", lambda config_path, *args, **kwargs: [
+        sys.executable, "-c", STOPPABLE_STANDIN, str(Path(config_path).parent)])
+    studio = Studio(tmp_path, devices=0)
+    try:
+        job = studio.submit(config(tmp_path, "halted"))
+        wait_until(lambda: studio.view(job.job_id).state == "running", timeout=30, what="the first step")
+        assert {row.id: row.state for row in list_runs(tmp_path)} == {"halted": "running"}
+        assert studio.stop(job.job_id)
+        wait_until(lambda: job.job_id not in studio.running(), timeout=30, what="the job's end")
+        live = studio.view(job.job_id)
+        listed = {row.id: row for row in list_runs(tmp_path)}["halted"]
+        assert live.state == listed.state == "stopped" and live.message == "stopped by the user"
+        assert live.step == listed.step == 1
+    finally:
+        studio.shutdown(timeout=10)

@@ -29,7 +29,8 @@ from lora_core.events import (
     parse_event,
     read_events,
 )
-from lora_core.launcher import JobProcess, final_event, launch_command, record_lost, stderr_tail
+from lora_core.launcher import JobProcess, launch_command, record_lost
+from lora_core.runrecord import RecordTail, RunFiles
 
 
 def test_one_device_runs_the_engine_and_several_go_through_accelerate_launch():
@@ -90,11 +91,12 @@ def test_a_process_that_exits_without_a_result_ends_in_one_error_with_its_stderr
     assert recorded["pid"] == job.pid and recorded["job_id"] == "j1" and recorded["start_time"] > 0
     assert (tmp_path / "run" / "job_config.json").is_file()
     wait_until(lambda: not job.alive(), what="the process to exit")
-    assert final_event(job.folder) is None
+    assert RecordTail(job.folder).update().terminal is None
     error = record_lost(job)
     assert "exited with code 3" in error.message and "illegal memory access" in error.message
     assert [event.type for event in read_events(job.folder / "events.jsonl")] == ["started", "error"]
-    assert final_event(job.folder) == error  # every later reader sees the run as failed
+    record = RecordTail(job.folder).update()
+    assert record.terminal == error and record.state == "failed"  # every later reader sees the run as failed
 
 
 def test_a_killed_job_is_told_by_its_signal_and_a_later_process_finds_it_by_pid_and_start_time(tmp_path,
@@ -104,7 +106,7 @@ def test_a_killed_job_is_told_by_its_signal_and_a_later_process_finds_it_by_pid_
         print("loading the model", file=sys.stderr, flush=True)
         time.sleep(120)
     """)
-    wait_until(lambda: "loading the model" in "".join(stderr_tail(job.folder)), what="the child's stderr")
+    wait_until(lambda: "loading the model" in "".join(RunFiles(job.folder).stderr_tail()), what="the child's stderr")
     found = JobProcess.attach(job.folder)  # what a restarted server sees
     assert found is not None and found.popen is None and found.alive()
     assert found.start_time == job.start_time

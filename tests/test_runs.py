@@ -96,7 +96,7 @@ def test_a_run_whose_process_lives_shows_as_running(outputs: Path) -> None:
 def test_resumed_run_keeps_its_history_checkpoints_and_marks_the_resume(outputs: Path) -> None:
     detail = run_detail(outputs, "resumed")
     assert detail.loss_points == [(2, 0.9), (4, 0.8), (6, 0.7)]
-    assert detail.resumed_at == [6]
+    assert detail.resumed_at == [4]  # the step the resume continued from (the stop's checkpoint)
     assert [(item["step"], item["exists"]) for item in detail.checkpoints] == [(4, True)]
     assert detail.saved_so_far == str(outputs / "resumed/checkpoint-4.safetensors")  # Stop offers a download
 
@@ -106,7 +106,7 @@ def test_failed_run_shows_the_error_its_field_and_the_stderr_tail(outputs: Path)
     assert detail.message == "dataset has no images" and detail.error_field == "dataset_path"
     assert "Traceback: boom" in detail.stderr_tail
     done = run_detail(outputs, "done")
-    assert done.final_path == done.saved_so_far and done.stderr_tail == ""
+    assert done.final_path == done.saved_so_far and done.stderr_tail == []
 
 
 def test_compare_returns_the_curves_and_only_the_differing_fields(outputs: Path) -> None:
@@ -175,7 +175,7 @@ def test_the_run_endpoint_opens_a_run_and_delete_needs_the_confirmation(runs_pag
 
     client, root = runs_page
     summary, _, _, files, _, detail = client.predict("resumed", api_name="/open_run")
-    assert detail["state"] == "stopped" and detail["resumed_at"] == [6] and "resumed at step(s): 6" in summary
+    assert detail["state"] == "stopped" and detail["resumed_at"] == [4] and "resumed at step(s): 4" in summary
     assert [Path(item).name for item in files] == ["checkpoint-4.safetensors"]
     with pytest.raises(AppError, match="tick"):
         client.predict("broken", False, api_name="/delete_run")

@@ -14,8 +14,14 @@ import pytest
 from helpers import SHAPES_DATASET, tiny_config, wait_until
 
 from lora_core.configfile import parse_config
-from lora_core.launcher import JobProcess, final_event, job_environment
+from lora_core.launcher import JobProcess, job_environment
+from lora_core.runrecord import RecordTail
 from lora_core.starter import PACKAGE_ROOT, StartedJob, Starter, cuda_driver_loaded
+
+
+def final_event(folder):
+    """The final event of the run in `folder`, or None while it has none."""
+    return RecordTail(folder).update().terminal
 
 
 def config(folder, **overrides):

@@ -87,7 +87,7 @@ def test_queue_two_jobs_then_open_compare_and_grid_them_in_the_browser(studio_pa
     expect(page.locator("#run-folder")).to_contain_text("first")
     page.click("#start")
     status = page.locator("#run-status")
-    expect(status).to_have_attribute("data-state", re.compile("preparing|running"))
+    expect(status).to_have_attribute("data-state", re.compile("starting|running"))
     fill(page, "run_name", "second")
     fill(page, "learning_rate", 0.0005)
     page.click("#start")

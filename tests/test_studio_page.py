@@ -14,14 +14,14 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import ValidationError
 from helpers import SHAPES_DATASET, launch_page, make_dataset, run_summary, wait_for_job
 
-import webui
+from studio import render, train_form
 from studio.formspec import ADVANCED_TABS, advanced_tabs, field_specs
-from studio.jobs import RunView
+from studio.jobview import RunView
 
 TINY = dict(base_model="builtin:tiny-sd", trigger_words="shapestyle", resolution=256, batch_size=2, lora_rank=4,
             lora_alpha=8, learning_rate=1e-3, sample_inference_steps=2, seed=7, checkpoint_steps=1000,
             validation_steps=1000)
-TERMINAL = ("complete", "error", "interrupted")
+TERMINAL = ("complete", "failed", "stopped")
 EMOJI = re.compile("[\u2600-\u27bf\U0001f000-\U0001ffff\ufe0f]")
 
 
@@ -30,10 +30,24 @@ EMOJI = re.compile("[\u2600-\u27bf\U0001f000-\U0001ffff\ufe0f]")
 
 
 def test_an_upload_clears_the_words_of_a_previous_dataset_only():
-    cleared = webui.words_to_clear("/data/demo", "shapestyle, sks", "a red square\na blue circle")
+    cleared = train_form.words_to_clear("/data/demo", "shapestyle, sks", "a red square\na blue circle")
     assert cleared == "the trigger words `shapestyle, sks` and 2 sample prompts"
-    assert webui.words_to_clear("", "mine", "typed for this upload") == ""  # no dataset before: kept
-    assert webui.words_to_clear("/data/demo", "", "") == ""
+    assert train_form.words_to_clear("", "mine", "typed for this upload") == ""  # no dataset before: kept
+    assert train_form.words_to_clear("/data/demo", "", "") == ""
+
+
+def test_the_page_has_words_for_every_run_state_and_nothing_else():
+    from lora_core.runrecord import STATES
+
+    assert set(render.STATE_WORDS) == {*STATES, "idle"}  # idle: no run at all, not a run's state
+    assert set(render.ENDED_WORDS) == {"complete", "stopped", "failed"}
+
+
+def test_the_built_in_models_the_page_offers_are_the_engines_toy_and_tiny_ones():
+    from lora_core import builtin
+
+    assert list(train_form.PAGE_BUILTINS) == [name for name in builtin.names()
+                                              if name.startswith(("builtin:toy", "builtin:tiny"))]
 
 
 def test_the_advanced_section_is_grouped_into_tabs_that_hold_every_advanced_field_once():
@@ -47,13 +61,13 @@ def test_the_advanced_section_is_grouped_into_tabs_that_hold_every_advanced_fiel
 
 
 def test_a_finished_run_the_page_moved_on_from_is_not_shown_as_the_current_state():
-    failed = RunView(job_id="j1", state="error", output_path="/out/old-run", message="the model is missing")
-    assert 'data-state="error"' in webui.status_html(failed)
-    moved_on = webui.status_html(failed, earlier=True)
-    assert 'data-state="idle"' in moved_on and "ls-error" not in moved_on
+    failed = RunView(job_id="j1", state="failed", output_path="/out/old-run", message="the model is missing")
+    assert 'data-state="failed"' in render.status_html(failed)
+    moved_on = render.status_html(failed, earlier=True)
+    assert 'data-state="idle"' in moved_on and "ls-failed" not in moved_on
     assert "old-run, failed" in moved_on and "the model is missing" not in moved_on
     running = RunView(job_id="j2", state="running", output_path="/out/new", total_steps=10, step=3)
-    assert 'data-state="running"' in webui.status_html(running, earlier=True)  # a running job is always shown
+    assert 'data-state="running"' in render.status_html(running, earlier=True)  # a running job is always shown
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,7 +141,7 @@ def test_a_job_that_fails_before_training_leaves_no_folder_and_a_new_dataset_mov
     answer = client.predict(dataset_path=str(dataset), run_name="never-started", steps=2,
                             **{**TINY, "base_model": str(tmp_path / "no-such-model")}, api_name="/start")
     state = wait_for(client, answer["job_id"], lambda s: s["state"] in TERMINAL)
-    assert state["state"] == "error" and state["error_field"] == "base_model", state  # shown at its field
+    assert state["state"] == "failed" and state["error_field"] == "base_model", state  # shown at its field
     assert "no-such-model" in state["message"]
     assert not Path(answer["output_path"]).exists()  # nothing left behind: no folder with only events.jsonl
     assert not any(path.name.startswith("never-started") for path in (root / "outputs").iterdir())
@@ -135,14 +149,14 @@ def test_a_job_that_fails_before_training_leaves_no_folder_and_a_new_dataset_mov
     fresh = Client(client.src, verbose=False, download_files=str(tmp_path / "downloads"))  # a new page
     try:
         shown = fresh.predict(api_name="/refresh")
-        assert 'data-state="error"' in shown[0]  # the failure is the current state...
-        assert run_summary(shown)["state"] == "error"
+        assert 'data-state="failed"' in shown[0]  # the failure is the current state...
+        assert run_summary(shown)["state"] == "failed"
         assert run_summary(fresh.predict(api_name="/refresh")) is None  # unchanged since: nothing is sent again
         files = [handle_file(str(path)) for path in sorted(dataset.iterdir())]
         fresh.predict(files, "shapestyle", "", "", api_name="/upload")
         status = live_status(fresh)  # ...until the page has a new dataset
         assert 'data-state="idle"' in status and "never-started, failed" in status
-        assert 'data-state="error"' in live_status(client)  # another page still shows it
+        assert 'data-state="failed"' in live_status(client)  # another page still shows it
     finally:
         fresh.close()
 
@@ -184,7 +198,7 @@ def test_every_named_endpoint_is_in_the_readmes_api_list(page):
     client = page[0]
     names = {name.lstrip("/") for name in client.view_api(return_format="dict", print_info=False)["named_endpoints"]}
     assert {"grid", "sweep", "run_folder", "start", "runs", "compare"} <= names
-    readme = (webui.ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (train_form.ROOT / "README.md").read_text(encoding="utf-8")
     listed = readme[readme.index("Every action has a"):readme.index("docs/webui.md#api-gradio_client")]
     internal = {"model_family", "save_preset", "export_config"}  # the form's helpers, listed in docs/webui.md
     assert [name for name in sorted(names - internal) if f"`{name}`" not in listed] == []
@@ -201,7 +215,7 @@ def test_stop_offers_the_lora_so_far_and_the_opened_run_is_cloned_and_resumed_wi
     wait_for(client, job["job_id"], lambda s: s["state"] == "running" and s["step"] >= 2)
     assert client.predict(api_name="/stop")["stopped"] is True
     stopped = wait_for(client, job["job_id"], lambda s: s["state"] in TERMINAL)
-    assert stopped["state"] == "interrupted" and stopped["final_path"] is None
+    assert stopped["state"] == "stopped" and stopped["final_path"] is None
     saved = Path(stopped["saved_so_far"])
     assert saved.name == f"lora_step_{stopped['step']}.safetensors" and saved.is_file()
     final = client.predict(api_name="/refresh")[4]  # the Train panel's download button
@@ -209,7 +223,7 @@ def test_stop_offers_the_lora_so_far_and_the_opened_run_is_cloned_and_resumed_wi
     assert "saved so far" in final["label"]
     run_id = Path(job["output_path"]).name
 
-    values = dict(zip(webui.FORM_KEYS, client.predict(run_id, api_name="/clone"), strict=True))
+    values = dict(zip(train_form.FORM_KEYS, client.predict(run_id, api_name="/clone"), strict=True))
     assert values["run_name"] == f"{run_id}-2"  # a new name: the clone never writes into the run it came from
     assert values["learning_rate"] == 3e-4 and values["steps"] == 5000
     assert values["dataset_path"] == form["dataset_path"] and values["trigger_words"] == "shapestyle"
@@ -228,8 +242,10 @@ def test_stop_offers_the_lora_so_far_and_the_opened_run_is_cloned_and_resumed_wi
 
     finished = root / "outputs" / "finished-elsewhere"  # a complete run, as the CLI leaves one
     finished.mkdir()
-    events = [{"type": "started", "timestamp": "2026-01-01T00:00:00", "total_steps": 2},
-              {"type": "complete", "timestamp": "2026-01-01T00:01:00", "final_path": str(finished / "x"), "step": 2}]
+    events = [{"type": "started", "timestamp": "2026-01-01T00:00:00", "total_steps": 2, "num_images": 1,
+               "device": "cpu", "mixed_precision": "no", "model_family": "sd15", "output_path": str(finished)},
+              {"type": "complete", "timestamp": "2026-01-01T00:01:00", "final_path": str(finished / "x"), "step": 2,
+               "total_time": 60.0}]
     (finished / "events.jsonl").write_text("".join(json.dumps(event) + "\n" for event in events))
     with pytest.raises(AppError, match="is complete; only a stopped run can be resumed"):
         client.predict(finished.name, api_name="/resume_run")

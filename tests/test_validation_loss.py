@@ -20,10 +20,11 @@ from lora_core.config import ConfigError
 from lora_core.configfile import parse_config
 from lora_core.events import EventLog, ValidationLoss, dataset_event, read_events
 from lora_core.plan import make_plan
+from lora_core.runrecord import RunRecord
 from lora_core.setup import setup
 from lora_core.tracking import TensorBoardTracker
 from lora_core.training import train
-from studio import jobs, runs
+from studio import jobview, runs
 from studio.runs_page import RunsTab
 
 STEPS, EVERY = 4, 2
@@ -130,18 +131,16 @@ def test_the_report_draws_the_validation_curve_beside_the_loss(tmp_path):
     page = report.write_report(tmp_path).read_text()
     assert page.count('class="second-dot"') == 2 and "validation loss (held-out images)" in page
     assert "0.7 at step 2 → 0.5 at step 4" in page
-    summary = report.RunSummary.from_events(curve_events())
-    assert summary.curve("loss", "validation") == [(2, 0.7), (4, 0.5)]
+    record = RunRecord().add_all(curve_events())
+    assert record.validation_points == [(2, 0.7), (4, 0.5)]
 
 
 def test_the_page_and_runs_view_plot_a_second_line_and_tensorboard_gets_a_scalar(tmp_path):
-    import webui
+    from studio.render import loss_frame
 
-    view = jobs.RunView()
-    for event in curve_events():
-        jobs.add_event(view, event.to_dict())
+    view = jobview.RunView().add_all(curve_events())
     assert [loss for _, loss in view.validation_points] == [0.7, 0.5]
-    assert set(webui.loss_frame(view)["line"]) == {"training"}  # the live plot: one series (see loss_frame)
+    assert set(loss_frame(view)["line"]) == {"training"}  # the live plot: one series (see loss_frame)
     folder = tmp_path / "outputs" / "run1"
     log = EventLog(folder / "events.jsonl")
     for event in curve_events():

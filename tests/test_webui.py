@@ -24,11 +24,14 @@ from helpers import POLL_S, launch_page, run_summary, wait_for_job
 import webui
 from lora_core.config import TrainConfig, non_null_schema
 from lora_core.configfile import load_config, parse_config
-from studio.jobs import RunView, Studio, read_run
+from studio import render, train_form
+from studio.jobs import Studio
+from studio.jobview import RunView
+from studio.runs import read_detail
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "tests" / "data" / "shapes"
-TERMINAL = ("complete", "error", "interrupted")
+TERMINAL = ("complete", "failed", "stopped")
 TINY = dict(base_model="builtin:tiny-sd", trigger_words="shapestyle", resolution=256, batch_size=2, lora_rank=4,
             lora_alpha=8, learning_rate=1e-3, sample_inference_steps=2, seed=7)
 
@@ -106,6 +109,33 @@ def test_importing_webui_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+SERVER_WITHOUT_TORCH = """
+import sys, webui
+from studio.train_form import default_form
+demo, studio, _ = webui.make_app(webui.parse_args(["--outputs", sys.argv[1]]))
+estimate = next(fn for fn in demo.fns.values() if fn.api_name == "estimate").fn
+form = {**default_form(), "dataset_path": sys.argv[2], "base_model": "builtin:tiny-sd", "trigger_words": "shapestyle"}
+print(estimate(**form).replace(chr(10), " "))
+print(studio.device_count(), "torch" in sys.modules, any("libcuda" in line for line in open("/proc/self/maps")))
+studio.shutdown()
+"""
+
+
+@pytest.mark.e2e
+def test_the_server_builds_the_page_counts_devices_and_estimates_without_loading_torch(tmp_path):
+    """The estimate is `train --validate-only` in a child process, and so is the GPU count: the page's server
+    never loads torch nor the CUDA driver (a CUDA context there would hold memory every job lacks)."""
+    from helpers import SHAPES_DATASET
+
+    result = subprocess.run([sys.executable, "-c", SERVER_WITHOUT_TORCH, str(tmp_path / "out"), str(SHAPES_DATASET)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    estimate, checks = result.stdout.strip().splitlines()[-2:]
+    assert "**Device:**" in estimate and "**Memory estimate:**" in estimate, estimate
+    count, torch_loaded, cuda_mapped = checks.split()
+    assert int(count) >= 0 and (torch_loaded, cuda_mapped) == ("False", "False")
 
 
 @pytest.mark.e2e
@@ -250,11 +280,11 @@ def test_starts_queue_in_order_stop_is_answered_under_a_flood_of_polls_and_keeps
             thread.join(60)
     state = wait_for(client, lambda s: s["state"] in TERMINAL, running["job_id"])
     assert not any("Queue is full" in failure for failure in failures), failures[:3]
-    assert state["state"] == "interrupted" and 2 <= state["step"] < 5000
+    assert state["state"] == "stopped" and 2 <= state["step"] < 5000
     checkpoint = Path(state["checkpoints"][-1])
     assert checkpoint.name == f"lora_step_{state['step']}.safetensors" and checkpoint.is_file()
-    reopened = read_run(Path(state["output_path"]))  # what a restarted server reads back
-    assert reopened.state == "interrupted" and reopened.checkpoints[-1][1] == str(checkpoint)
+    reopened = read_detail(Path(state["output_path"]))  # what a restarted server reads back
+    assert reopened.state == "stopped" and reopened.checkpoints[-1]["path"] == str(checkpoint)
 
     target = state["step"] + 2  # Resume continues the stopped run (through the queue), here with a shorter total
     resumed_job = client.predict(**{**long_run, "steps": target}, api_name="/resume")
@@ -277,12 +307,12 @@ def test_starts_queue_in_order_stop_is_answered_under_a_flood_of_polls_and_keeps
 
 
 def test_presets_fill_the_form_and_the_config_file_works_with_the_cli(client, tmp_path):
-    names = webui.preset_names()
+    names = train_form.preset_names()
     assert {"demo-toy-cpu", "sd15-character", "sd15-style", "sdxl-character"} <= set(names)
     api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     keys = [param["parameter_name"] for param in api["/export_config"]["parameters"]]
-    assert keys == webui.FORM_KEYS
-    values = dict(zip(webui.FORM_KEYS, client.predict("sdxl-character", "", api_name="/load_preset"), strict=True))
+    assert keys == train_form.FORM_KEYS
+    values = dict(zip(train_form.FORM_KEYS, client.predict("sdxl-character", "", api_name="/load_preset"), strict=True))
     assert values["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
     assert values["resolution"] == 1024 and values["gradient_checkpointing"] == "auto"
     assert values["run_name"] == "sdxl-character" and values["length_by"] == "steps"
@@ -353,17 +383,17 @@ def test_estimate_shows_device_memory_and_a_warning_when_it_will_not_fit(client)
 
 def test_save_preset_writes_a_config_file_and_never_overwrites_a_shipped_one(client, served, tmp_path, monkeypatch):
     shipped = tmp_path / "shipped"  # the install's own presets, which may be read-only: never written
-    shutil.copytree(webui.PRESETS, shipped)
-    monkeypatch.setattr(webui, "PRESETS", shipped)
+    shutil.copytree(train_form.PRESETS, shipped)
+    monkeypatch.setattr(train_form, "PRESETS", shipped)
     form = dict(dataset_path=str(DEMO), run_name="mine", steps=7, **TINY)
     update = client.predict("my run!", **form, api_name="/save_preset")
-    saved = load_config(served[1].outputs_root / webui.USER_PRESETS / "my-run.json")
+    saved = load_config(served[1].outputs_root / train_form.USER_PRESETS / "my-run.json")
     assert update["value"] == "my-run" and saved.steps == 7 and saved.base_model == "builtin:tiny-sd"
-    assert sorted(p.name for p in shipped.iterdir()) == sorted(p.name for p in webui.ROOT.joinpath("presets").iterdir())
+    assert sorted(p.name for p in shipped.iterdir()) == sorted(p.name for p in (train_form.ROOT / "presets").iterdir())
     with pytest.raises(AppError, match="ships with the studio"):
         client.predict("sd15-character", **form, api_name="/save_preset")
     loaded = client.predict("my-run", "", api_name="/load_preset")
-    assert loaded[webui.FORM_KEYS.index("steps")] == 7
+    assert loaded[train_form.FORM_KEYS.index("steps")] == 7
 
 
 @pytest.mark.e2e
@@ -374,19 +404,19 @@ def test_the_studio_trains_on_several_devices_through_the_launcher_and_stop_ends
     from helpers import SHAPES_DATASET, tiny_config
 
     from lora_core.events import read_events
-    from lora_core.preflight import preflight
-    from webui import estimate_markdown
+    from lora_core.launcher import validation_report
+    from studio.render import estimate_markdown
 
     studio = Studio(tmp_path / "outputs", processes=2)
     assert studio.num_processes() == 2 and Studio(tmp_path / "o2", processes="all").num_processes() >= 1
     run = tmp_path / "outputs" / "run"
     config = parse_config(tiny_config(SHAPES_DATASET, run, steps=500, batch_size=1, checkpoint_steps=1000,
                                       validation_steps=1000, device="cpu"))
-    estimate = preflight(config, num_processes=studio.num_processes())
+    estimate = validation_report(config, studio.num_processes())  # what the page's estimate shows
     assert estimate["devices"]["global_batch_size"] == 2
     markdown = estimate_markdown(estimate)
     assert "**Devices:** 2 training process(es)" in markdown and "global batch 2" in markdown
-    job = studio.start(config)
+    job = studio.submit(config).job_id
     deadline = time.monotonic() + 180
     while studio.view(job).step < 2 and studio.view(job).state not in TERMINAL and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -394,7 +424,7 @@ def test_the_studio_trains_on_several_devices_through_the_launcher_and_stop_ends
     view = studio.wait(job, timeout=90)
     studio.shutdown()
     events = read_events(run / "events.jsonl")
-    assert view.state == "interrupted" and events[-1].type == "interrupted", view.message
+    assert view.state == "stopped" and events[-1].type == "interrupted", view.message
     assert events[0].type == "started" and events[0].num_processes == 2
     assert [e.type for e in events].count("started") == 1 and [e.terminal for e in events].count(True) == 1
     assert 2 <= events[-1].step < 10 and Path(events[-1].checkpoint_path).is_file()  # promptly, after the step
@@ -417,13 +447,13 @@ def test_a_job_killed_with_sigkill_shows_as_failed_with_its_signal_and_stderr(cl
     assert psutil.Process(pid).ppid() == served[1]._starter._process.pid  # forked from the page's job starter
     os.kill(pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
     state = wait_for(client, lambda s: s["state"] in TERMINAL, job)
-    assert state["state"] == "error" and "killed by signal 9 (SIGKILL)" in state["message"]
+    assert state["state"] == "failed" and "killed by signal 9 (SIGKILL)" in state["message"]
     assert "Last lines of stderr.log" in state["message"] and state["stderr_tail"]
     assert state["stderr_tail"][0].startswith("--- ")  # the job's own stderr, from its run folder
     page = Client(client.src, verbose=False)  # a page opened now shows the failure, with the signal
     status = page.predict(api_name="/refresh")[0]
     page.close()
-    assert 'data-state="error"' in status and "signal 9" in status
+    assert 'data-state="failed"' in status and "signal 9" in status
 
 
 @pytest.mark.e2e
@@ -545,8 +575,8 @@ def test_the_loss_plots_axes_are_numbers_even_before_the_first_point():
     from studio.runs_page import _frame
 
     plot = gr.LinePlot(x="step", y="loss", color="line")
-    frames = {"empty live view": webui.loss_frame(RunView(job_id="j", state="preparing", output_path="/o")),
-              "live view": webui.loss_frame(RunView(job_id="j", state="running", output_path="/o",
+    frames = {"empty live view": render.loss_frame(RunView(job_id="j", state="starting", output_path="/o")),
+              "live view": render.loss_frame(RunView(job_id="j", state="running", output_path="/o",
                                                     loss_points=[(1, 0.5)], validation_points=[(0, 0.7)])),
               "empty Runs view": _frame({}), "Runs view": _frame({"a": [(1, 0.5), (2, 0.4)]}, validation=[(0, 0.6)])}
     for name, frame in frames.items():

@@ -106,7 +106,7 @@ def test_upload_train_watch_download_then_stop_a_second_job(page_url, browser, t
     expect(status).to_have_attribute("data-state", "running", timeout=60_000)
     expect(status).to_contain_text(re.compile(r"step ([3-9]|\d\d+) / 5000"), timeout=60_000)
     page.click("#stop")
-    expect(status).to_have_attribute("data-state", "interrupted", timeout=60_000)
+    expect(status).to_have_attribute("data-state", "stopped", timeout=60_000)
     step = int(status.get_attribute("data-step"))
     assert 0 < step < 5000
     expect(page.locator(f"#checkpoints a[href$='/lora_step_{step}.safetensors']")).to_have_count(1)

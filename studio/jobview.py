@@ -1,0 +1,67 @@
+"""What a page shows of one job: its run's record with what the server knows of the job (`RunView`), and what
+Start answers (`Submitted`). The registry that makes them is studio/jobs.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from lora_core.runrecord import FAILED, STARTING, RecordTail, RunFiles, RunRecord
+from studio.runs import read_record
+
+MAX_CURVE_POINTS = 400  # the loss curve shown is averaged down to this many points
+IDLE = "idle"  # the page's view when there is no run at all (not a run's state)
+
+
+@dataclass
+class Submitted:
+    """What Start answers: the new job's id, whether it runs now or waits, and where it writes."""
+
+    job_id: str
+    state: str  # running | queued
+    position: int  # 1-based place in the queue; 0 when it runs
+    output_path: str
+
+    @classmethod
+    def of(cls, job_id: str, position: int | None, output_path: str) -> Submitted:
+        """A job that runs now (no queue position) or waits at `position`."""
+        return cls(job_id, "queued" if position else "running", position or 0, output_path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "state": self.state, "position": self.position,
+                "output_path": self.output_path}
+
+
+@dataclass
+class RunView(RunRecord):
+    """What a page shows of one job's run: the run's record (lora_core/runrecord.py), settled with what this
+    server knows of the job's process, and the job's id. `state` is "idle" only for no run at all."""
+
+    state: str = IDLE
+    job_id: str = ""  # "" : no run
+    stderr_tail: list[str] = field(default_factory=list)  # the job's last stderr lines, for a failed run
+
+    def curve(self, max_points: int = MAX_CURVE_POINTS) -> list[tuple[int, float]]:
+        """The loss curve, averaged over equal windows of steps when it has more points than a plot needs."""
+        points = self.loss_points
+        if len(points) <= max_points:
+            return list(points)
+        size = -(-len(points) // max_points)
+        return [(window[-1][0], sum(loss for _, loss in window) / len(window))
+                for window in (points[i:i + size] for i in range(0, len(points), size))]
+
+
+def job_tail(folder: Path, job_id: str) -> RecordTail:
+    """Follows a job's run folder into a RunView."""
+    return RecordTail(folder, RunView(job_id=job_id, state=STARTING, output_path=str(folder)))
+
+
+def folder_view(folder: Path) -> RunView | None:
+    """The view of a run folder on disk, for no job of this server (a page opened after a restart)."""
+    job_id = str(RunFiles(folder).job_record().get("job_id", ""))
+    view = read_record(folder, into=RunView(job_id=job_id, state=STARTING, output_path=str(folder)))
+    if not isinstance(view, RunView):
+        return None
+    return replace(view, stderr_tail=RunFiles(folder).stderr_tail()) if view.state == FAILED else view
