@@ -34,6 +34,12 @@ class FieldSpec:
     step: float | None = None
     choices: tuple[str, ...] | None = None
     range_text: str = ""  # the model's range in words, exclusive bounds included
+    families: tuple[str, ...] | None = None  # the model families it applies to (the config's hint); None: all
+
+    def applies_to(self, family: str | None) -> bool:
+        """Whether the form shows it for a model of `family` (None: no model known yet, so only the fields of
+        every family)."""
+        return self.families is None or family in self.families
 
 
 def _label(name: str) -> str:
@@ -56,8 +62,9 @@ def _spec(name: str, schema: dict[str, Any]) -> FieldSpec:
     info = TrainConfig.model_fields[name]
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
     default = extra.get("form_default", info.get_default(call_default_factory=True))  # steps/epochs: not None
+    families = tuple(extra["families"]) if extra.get("families") else None
     common = dict(name=name, label=_label(name), description=info.description or "", group=str(extra.get("group",
-                  "advanced")), default=default, range_text=_range_text(schema))
+                  "advanced")), default=default, range_text=_range_text(schema), families=families)
     if "enum" in schema:
         return FieldSpec(kind="dropdown", choices=tuple(schema["enum"]), **common)
     kind = schema.get("type")

@@ -25,6 +25,11 @@ HUB_MODELS = {
     "black-forest-labs/FLUX.1-dev": "FLUX.1-dev (gated; non-commercial licence)",
     "black-forest-labs/FLUX.1-schnell": "FLUX.1-schnell (Apache 2.0)",
 }
+# their families, for the form while the hub cannot be reached (the model's own configs decide otherwise)
+HUB_FAMILIES = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd1", "stabilityai/stable-diffusion-2-1": "sd2",
+                "stabilityai/stable-diffusion-xl-base-1.0": "sdxl", "stabilityai/stable-diffusion-3.5-medium": "sd3",
+                "stabilityai/stable-diffusion-3.5-large": "sd3", "black-forest-labs/FLUX.1-dev": "flux",
+                "black-forest-labs/FLUX.1-schnell": "flux"}
 
 
 def thumbnails(report: DatasetReport, folder: Path, limit: int = MAX_THUMBNAILS) -> list[tuple[str, str]]:
@@ -46,23 +51,23 @@ def thumbnails(report: DatasetReport, folder: Path, limit: int = MAX_THUMBNAILS)
     return results
 
 
-def describe_model(base_model: str) -> tuple[str, str | None]:
-    """(family in words, None) or ("", the problem). Reads the model's configs: a hub model's configs are
-    downloaded (a few kB); a built-in one is built the first time (about a second)."""
+def describe_model(base_model: str) -> tuple[str, str | None, str | None]:
+    """(family in words, None, the family's id) or ("", the problem, None). Reads the model's configs: a hub
+    model's configs are downloaded (a few kB); a built-in one is built the first time (about a second)."""
     from lora_core import models
 
     base_model = base_model.strip()
     if not base_model:
-        return "", "choose a base model"
+        return "", "choose a base model", None
     try:
         source = models.resolve(base_model, configs_only=True)
         info = models.inspect(source)
     except models.ModelError as error:
-        return "", str(error)
+        return "", str(error), None
     kind = {"builtin": "built-in model with random weights, for tests and the demo", "hub": "Hugging Face hub",
             "folder": "diffusers folder", "single_file": "single-file checkpoint"}.get(source.kind, source.kind)
     if base_model == "builtin:toy-sd":
         kind = "built-in model pretrained on coloured shapes, drawn at 64 px; the demo teaches it a new colour"
     if source.kind == "folder" and not Path(base_model).expanduser().exists():
         kind = "Hugging Face hub; the weights download when training starts"
-    return f"{info.description} · {kind} · sides a multiple of {info.pixel_multiple} px", None
+    return f"{info.description} · {kind} · sides a multiple of {info.pixel_multiple} px", None, info.family

@@ -26,6 +26,7 @@ from studio.render import code, dataset_markdown, estimate_markdown, run_summary
 from studio.train_form import (
     FORM_KEYS,
     SHIPPED_PRESETS,
+    SPECS,
     USER_PRESETS,
     PageSettings,
     build_config,
@@ -129,15 +130,21 @@ class TrainActions:
         initial = self.settings.initial
         return self.scan(initial["dataset_path"], initial["trigger_words"]) if initial["dataset_path"] else ("", [])
 
-    def describe_model(self, base_model: str | None) -> str:
+    def describe_model(self, base_model: str | None) -> dict:
+        """The model's family in words, and the form's family-specific fields (the flow-matching options of
+        SD 3 / FLUX) shown only for a model of their families, as the config model's hints say."""
         from studio import preview
 
-        family, problem = preview.describe_model(base_model or "")
+        words, problem, family = preview.describe_model(base_model or "")
         if problem is None:
-            return f"Detected: **{family}**"
-        if expected := preview.HUB_MODELS.get((base_model or "").strip()):
-            return f"Expected: **{expected}** (not verified: {problem})"
-        return f"**Cannot use this model:** {problem}"
+            text = f"Detected: **{words}**"
+        elif expected := preview.HUB_MODELS.get((base_model or "").strip()):
+            text = f"Expected: **{expected}** (not verified: {problem})"
+            family = preview.HUB_FAMILIES.get((base_model or "").strip())
+        else:
+            text = f"**Cannot use this model:** {problem}"
+        return {self.model_family: text, **{self.fields[spec.name]: gr.update(visible=spec.applies_to(family))
+                                            for spec in SPECS if spec.families}}
 
     @staticmethod
     def length_fields(length_by: str):

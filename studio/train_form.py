@@ -27,7 +27,8 @@ USER_PRESETS = ".presets"  # under the outputs folder, so a read-only install ca
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # The built-in models the page offers (those a CPU trains in minutes). lora_core.builtin, which lists them all,
 # imports torch, which the page's server never loads; a test checks these are its toy and tiny ones.
-PAGE_BUILTINS = ("builtin:toy-sd", "builtin:tiny-sd", "builtin:tiny-sdxl")
+PAGE_BUILTINS = ("builtin:toy-sd", "builtin:tiny-sd", "builtin:tiny-sdxl", "builtin:tiny-flux",
+                 "builtin:tiny-flux-schnell", "builtin:tiny-sd3")
 # The form: the page's own widgets, then one per optional config field. Handlers get these as keywords.
 PAGE_KEYS = ["dataset_path", "trigger_words", "base_model", "run_name", "length_by"]
 SPECS = field_specs()

@@ -17,7 +17,16 @@ from studio.jobs import Studio
 from studio.render import loss_frame, queue_rows, run_summary, status_html
 from studio.runs_page import RunsTab
 from studio.train_actions import TrainActions
-from studio.train_form import FORM_KEYS, PAGE_BUILTINS, SPECS, PageSettings, preset_names, widget
+from studio.train_form import (
+    FORM_KEYS,
+    PAGE_BUILTINS,
+    SPECS,
+    PageSettings,
+    dataset_folder_problem,
+    preset_names,
+    widget,
+)
+from studio.workbench_tab import build_workbench_tab
 
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".txt", ".zip"]
 ACTIVE_TICK_S, IDLE_TICK_S = 1.0, 3.0
@@ -46,9 +55,16 @@ class TrainTab(TrainActions):
                     self._train_section()
             self.runs_tab = RunsTab(self.studio.outputs_root, studio=self.studio)  # the OS says what runs
             self.runs_tab.build()
+            # the caption editor and dataset doctor, on the Train tab's dataset folder; the same folders as
+            # training may use (LORA_STUDIO_DATASETS, uploads)
+            self.workbench = build_workbench_tab(
+                self.studio.outputs_root / ".thumbnails",
+                folder_problem=lambda folder: dataset_folder_problem(folder, self.studio, self.settings),
+                dataset_path=self.fields["dataset_path"], trigger_words=self.fields["trigger_words"])
             self.form = {key: self.fields[key] for key in FORM_KEYS}
             self._wire(demo)
             self.runs_tab.wire(demo)
+            self.workbench.wire(demo)
             self.runs_tab.clone_button.click(self.clone, self.runs_tab.pick, list(self.form.values()),
                                              api_name="clone").then(
                 self.folder_note_text, self.fields["run_name"], self.folder_note, api_name=False)
@@ -169,7 +185,8 @@ class TrainTab(TrainActions):
                                   show_progress="hidden")
         gr.on([self.scan_button.click, fields["dataset_path"].submit], self.scan, dataset_in,
               [self.dataset_report, self.thumbs], api_name="scan")
-        fields["base_model"].change(self.describe_model, fields["base_model"], self.model_family,
+        family_fields = [self.model_family, *(fields[spec.name] for spec in SPECS if spec.families)]
+        fields["base_model"].change(self.describe_model, fields["base_model"], family_fields,
                                     api_name="model_family")
         fields["length_by"].change(self.length_fields, fields["length_by"], [fields["steps"], fields["epochs"]],
                                    api_name=False)
@@ -204,7 +221,8 @@ class TrainTab(TrainActions):
         demo.load(self.refresh, None, live, api_name=False, show_progress="hidden")
         opened = demo.load(self.restore_form, None, [*form.values(), self.dataset_report, self.thumbs],
                            api_name=False)
-        opened.then(self.describe_model, fields["base_model"], self.model_family, api_name=False)
+        opened.then(self.describe_model, fields["base_model"],
+                    [self.model_family, *(fields[spec.name] for spec in SPECS if spec.families)], api_name=False)
 
     def refresh(self, seen: dict[str, Any] | None = None) -> dict[gr.components.Component, Any]:
         """The live view, by component. Each part is sent only when it changed since this page last saw it, so

@@ -249,3 +249,28 @@ def test_stop_offers_the_lora_so_far_and_the_opened_run_is_cloned_and_resumed_wi
     (finished / "events.jsonl").write_text("".join(json.dumps(event) + "\n" for event in events))
     with pytest.raises(AppError, match="is complete; only a stopped run can be resumed"):
         client.predict(finished.name, api_name="/resume_run")
+
+
+@pytest.mark.e2e
+def test_a_flux_and_an_sd3_run_train_from_the_page_whose_form_shows_their_options(page, tmp_path):
+    """The flow-matching families through the page: the model picker's detection shows the Flow matching
+    options for them (and hides them for SD), and a Start on each tiny built-in trains to its LoRA."""
+    client, studio, root = page
+    flow_only = [spec.name for spec in field_specs() if spec.families]
+    assert "timestep_sampling" in flow_only and "flux_guidance" in flow_only
+    detected = client.predict("builtin:tiny-flux", api_name="/model_family")
+    assert "FLUX.1-dev" in detected[0]
+    shown = dict(zip(flow_only, detected[1:], strict=True))
+    assert all(update.get("visible") for update in shown.values()), shown
+    hidden = dict(zip(flow_only, client.predict("builtin:tiny-sd", api_name="/model_family")[1:], strict=True))
+    assert not any(update.get("visible") for update in hidden.values()), hidden
+    sd3 = dict(zip(flow_only, client.predict("builtin:tiny-sd3", api_name="/model_family")[1:], strict=True))
+    assert sd3["use_t5_encoder"]["visible"] and not sd3["flux_guidance"]["visible"]  # SD 3 only, FLUX only
+    dataset = make_dataset(tmp_path / "data", count=2)
+    for model in ("builtin:tiny-flux", "builtin:tiny-sd3"):
+        flow = {**TINY, "base_model": model, "resolution": 64, "bucketing": False, "lora_alpha": 4}
+        answer = client.predict(dataset_path=str(dataset), run_name=model.split(":")[1], steps=2, **flow,
+                                api_name="/start")
+        state = wait_for(client, answer["job_id"], lambda s: s["state"] in TERMINAL, timeout=240)
+        assert state["state"] == "complete", state
+        assert (Path(answer["output_path"]) / "lora_final.safetensors").is_file()
