@@ -28,6 +28,7 @@ from lora_core.config_flow import MAX_PATH_CHARS, FlowMatchingOptions, path_text
 from lora_core.config_memory import MemoryOptions
 from lora_core.errors import FieldConflict, UserError
 
+UNET_FAMILIES = ["sd1", "sd2", "sdxl"]  # the form hint of the DDPM objective's options (flow families refuse them)
 REQUIRED_FIELDS = ("dataset_path", "base_model", "output_path", "trigger_words")
 NESTED_KEY = "training_params"
 DEFAULT_STEPS = 1000  # the run length when a config gives neither steps nor epochs (plan.run_length)
@@ -95,13 +96,14 @@ class CoreOptions(BaseModel):
     adam_weight_decay: float = Field(1e-2, ge=0, le=1.0, description="AdamW weight decay.",
                                      json_schema_extra=_ui("advanced"))
     min_snr_gamma: float = Field(5.0, ge=0, le=20, description=(
-        "Min-SNR loss weighting gamma (5 is the usual choice); 0 turns it off."), json_schema_extra=_ui("advanced"))
+        "Min-SNR loss weighting gamma (5 is the usual choice); 0 turns it off. SD 1.x/2.x/SDXL (DDPM) only."),
+        json_schema_extra=_ui("advanced", families=UNET_FAMILIES))
     noise_offset: float = Field(0.0, ge=0, le=1.0, description=(
         "Add this much per-channel offset noise (about 0.05) so very dark or bright images can be learned."),
-        json_schema_extra=_ui("advanced"))
+        json_schema_extra=_ui("advanced", families=UNET_FAMILIES))
     zero_terminal_snr: bool = Field(False, description=(
         "Rescale the noise schedule so the last timestep is pure noise; for v-prediction models."),
-        json_schema_extra=_ui("advanced"))
+        json_schema_extra=_ui("advanced", families=UNET_FAMILIES))
     max_grad_norm: float = Field(1.0, ge=0, le=1000, description="Gradient clipping norm; 0 turns clipping off.",
                                  json_schema_extra=_ui("advanced"))
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for noise, timesteps, data order and LoRA init.",
@@ -337,6 +339,13 @@ class CoreOptions(BaseModel):
 
 class TrainConfig(MemoryOptions, FlowMatchingOptions, CoreOptions):
     """Everything one LoRA training run needs. Units: steps are optimizer steps, sizes are pixels."""
+
+
+def changed(config: TrainConfig, name: str) -> bool:
+    """Whether a field differs from its default. A family refuses an option it cannot honour only when it is
+    changed: the page sends every field (at its default unless the user changed it), and a default means the
+    same whether a file gives it or not."""
+    return getattr(config, name) != TrainConfig.model_fields[name].get_default(call_default_factory=True)
 
 
 class ConfigError(UserError):

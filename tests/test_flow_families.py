@@ -127,7 +127,7 @@ def test_a_folder_of_a_family_the_studio_cannot_train_is_named_with_what_it_can(
 
 
 @pytest.mark.parametrize("family, overrides, field", [
-    ("flux", {"min_snr_gamma": 5.0}, "min_snr_gamma"),
+    ("flux", {"min_snr_gamma": 3.0}, "min_snr_gamma"),
     ("flux", {"lora_target": "locon"}, "lora_target"),
     ("flux", {"use_t5_encoder": False}, "use_t5_encoder"),
     ("sd3", {"flux_guidance": 3.5}, "flux_guidance"),

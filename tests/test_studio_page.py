@@ -256,21 +256,21 @@ def test_a_flux_and_an_sd3_run_train_from_the_page_whose_form_shows_their_option
     """The flow-matching families through the page: the model picker's detection shows the Flow matching
     options for them (and hides them for SD), and a Start on each tiny built-in trains to its LoRA."""
     client, studio, root = page
-    flow_only = [spec.name for spec in field_specs() if spec.families]
-    assert "timestep_sampling" in flow_only and "flux_guidance" in flow_only
-    detected = client.predict("builtin:tiny-flux", api_name="/model_family")
-    assert "FLUX.1-dev" in detected[0]
-    shown = dict(zip(flow_only, detected[1:], strict=True))
-    assert all(update.get("visible") for update in shown.values()), shown
-    hidden = dict(zip(flow_only, client.predict("builtin:tiny-sd", api_name="/model_family")[1:], strict=True))
-    assert not any(update.get("visible") for update in hidden.values()), hidden
-    sd3 = dict(zip(flow_only, client.predict("builtin:tiny-sd3", api_name="/model_family")[1:], strict=True))
-    assert sd3["use_t5_encoder"]["visible"] and not sd3["flux_guidance"]["visible"]  # SD 3 only, FLUX only
+    specific = [spec for spec in field_specs() if spec.families]  # the fields of some families only
+    names = [spec.name for spec in specific]
+    assert {"timestep_sampling", "flux_guidance", "use_t5_encoder", "min_snr_gamma"} <= set(names)
+    for model, family, words in (("builtin:tiny-flux", "flux", "FLUX.1-dev"), ("builtin:tiny-sd3", "sd3", "SD 3.5"),
+                                 ("builtin:tiny-sd", "sd1", "SD 1.x")):
+        detected = client.predict(model, api_name="/model_family")
+        assert words in detected[0]
+        shown = {name: update["visible"] for name, update in zip(names, detected[1:], strict=True)}
+        assert shown == {spec.name: spec.applies_to(family) for spec in specific}
+    assert shown["min_snr_gamma"] and not shown["timestep_sampling"]  # SD: the DDPM options, not the flow ones
     dataset = make_dataset(tmp_path / "data", count=2)
     for model in ("builtin:tiny-flux", "builtin:tiny-sd3"):
         flow = {**TINY, "base_model": model, "resolution": 64, "bucketing": False, "lora_alpha": 4}
         answer = client.predict(dataset_path=str(dataset), run_name=model.split(":")[1], steps=2, **flow,
                                 api_name="/start")
         state = wait_for(client, answer["job_id"], lambda s: s["state"] in TERMINAL, timeout=240)
-        assert state["state"] == "complete", state
+        assert state["state"] == "complete", (state.get("message"), state.get("error_field"), state.get("stderr_tail"))
         assert (Path(answer["output_path"]) / "lora_final.safetensors").is_file()

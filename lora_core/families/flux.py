@@ -195,10 +195,12 @@ class Flux(Family):
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "max_sequence_length": length}
 
     def sampling_kwargs(self, config: TrainConfig) -> dict[str, Any]:
-        """FLUX.1-dev draws with its distilled guidance (3.5 unless sample_guidance_scale is set; schnell has
-        none and ignores it), not classifier-free guidance."""
-        chosen = "sample_guidance_scale" in config.model_fields_set
-        return {"guidance_scale": config.sample_guidance_scale if chosen else SAMPLE_GUIDANCE}
+        """FLUX.1-dev draws with its distilled guidance (3.5 unless sample_guidance_scale is changed from its SD
+        default; schnell has none and ignores it), not classifier-free guidance."""
+        from lora_core.config import changed
+
+        return {"guidance_scale": config.sample_guidance_scale if changed(config, "sample_guidance_scale")
+                else SAMPLE_GUIDANCE}
 
     def spatial_latents(self, pipeline, drawn: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return pipeline._unpack_latents(drawn, height, width, pipeline.vae_scale_factor)
@@ -228,10 +230,11 @@ def flow_family_problems(family: Family, config: TrainConfig, targets: dict) -> 
     """The options a flow-matching family cannot honour (the UNet families' own, and what its export lacks)."""
     problems = []
     name = family.display_name
-    chosen = config.model_fields_set
+    from lora_core.config import changed
+
     if config.lora_target not in targets:
         problems.append(("lora_target", f"{name} has no convolutions to adapt; choose one of {', '.join(targets)}"))
-    if "min_snr_gamma" in chosen and config.min_snr_gamma:
+    if changed(config, "min_snr_gamma") and config.min_snr_gamma:
         problems.append(("min_snr_gamma", f"min-SNR weighting is for the DDPM objective; {name} trains by "
                          "rectified flow: use loss_weighting instead, or set it to 0"))
     for option, why in (("zero_terminal_snr", "a DDPM schedule's"), ("noise_offset", "the UNet families'")):

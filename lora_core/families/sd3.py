@@ -121,8 +121,10 @@ class SD3(Family):
 
     def check_config(self, config: TrainConfig) -> list[tuple[str, str]]:
         problems = flow_family_problems(self, config, TARGETS)
-        if "flux_guidance" in config.model_fields_set:
-            problems.append(("flux_guidance", "SD 3 has no guidance embedding (FLUX.1-dev's); leave it unset"))
+        from lora_core.config import changed
+
+        if changed(config, "flux_guidance"):
+            problems.append(("flux_guidance", "SD 3 has no guidance embedding (FLUX.1-dev's); leave it at 1.0"))
         return problems
 
     def run_settings(self, config: TrainConfig, info: ModelInfo) -> dict[str, Any]:
