@@ -1,0 +1,205 @@
+"""Captioning a dataset by a real model (lora_core/captioner.py), offline: a tiny random Florence-2 built from
+its config (a DaViT vision tower and a BART of a few thousand weights) with a byte-level BART tokenizer and a
+CLIP image processor built in code, saved with save_pretrained and loaded by the captioner's own
+from_pretrained path. Its captions are nonsense; the loading, preprocessing, batching, generation, decoding
+and atomic writing are the real ones."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lora_core.captioner import Captioner, plan_folder, run_job, with_prefix
+from lora_core.events import CaptionComplete, CaptionProgress, CaptionStarted, Error, Event, Interrupted, parse_event
+
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+
+
+def build_tiny_florence2(folder: Path) -> Path:
+    """A random Florence-2 and its processor, saved as a hub checkpoint would be."""
+    import torch
+    from transformers import (
+        BartConfig,
+        BartTokenizer,
+        CLIPImageProcessorPil,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+        Florence2VisionConfig,
+    )
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for char in bytes_to_unicode().values():  # byte-level: every text encodes, one token a byte (no merges)
+        vocab.setdefault(char, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    tokenizer = BartTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                              extra_special_tokens={"image_token": "<image>"})
+    # 64 px through strides 4*2*2*2 gives 2x2 image features plus the pooled one: 5 image tokens
+    image_processor = CLIPImageProcessorPil(size={"height": 64, "width": 64}, do_center_crop=False,
+                                            image_seq_length=5)
+    image_processor.image_seq_length = 5
+    processor = Florence2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    text = BartConfig(vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1,
+                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                      max_position_embeddings=128, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                      decoder_start_token_id=2, forced_eos_token_id=2)
+    vision = Florence2VisionConfig(depths=[1, 1, 1, 1], embed_dim=[8, 8, 16, 16], num_heads=[1, 1, 2, 2],
+                                   num_groups=[1, 1, 2, 2], window_size=2, projection_dim=16, drop_path_rate=0.0,
+                                   max_position_embeddings=8, max_temporal_embeddings=4)
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(Florence2Config(text_config=text, vision_config=vision,
+                                                              image_token_id=tokenizer.image_token_id)).eval()
+    # A random model may end at once or say only special tokens: make it say a few printable ones.
+    model.generation_config.min_new_tokens = 3
+    model.generation_config.suppress_tokens = [0, 1, 3, tokenizer.image_token_id]
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    return build_tiny_florence2(tmp_path_factory.mktemp("florence2") / "tiny-florence2")
+
+
+@pytest.fixture(scope="module")
+def captioner(model_folder) -> Captioner:
+    return Captioner(str(model_folder), "cpu")
+
+
+def make_dataset(folder: Path, count: int = 3) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        Image.new("RGB", (48 + 8 * index, 40), COLOURS[index % len(COLOURS)]).save(folder / f"img{index}.png")
+    return folder
+
+
+def run(folder: Path, options: dict, captioner: Captioner | None = None, should_stop=None) -> list[Event]:
+    events: list[Event] = []
+    run_job(folder, options, events.append, should_stop, captioner)
+    assert sum(event.terminal for event in events) == 1 and events[-1].terminal, events
+    return events
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if name.endswith(".tmp"))
+
+
+def test_every_image_gets_a_caption_with_the_prefix_first(tmp_path, model_folder):
+    folder = make_dataset(tmp_path / "data")
+    events = run(folder, {"model": str(model_folder), "prefix": "  sks   dog ", "batch_size": 2,
+                          "max_new_tokens": 6, "device": "cpu"})  # the real from_pretrained path
+    started, *progress, complete = events
+    assert isinstance(started, CaptionStarted) and started.total == 3 and started.device == "cpu"
+    assert [(p.done, p.total, p.file, p.status) for p in progress] == [
+        (1, 3, "img0.png", "written"), (2, 3, "img1.png", "written"), (3, 3, "img2.png", "written")]
+    assert isinstance(complete, CaptionComplete)
+    assert (complete.written, complete.kept, complete.num_refused) == (3, 0, 0)
+    for index, event in enumerate(progress):
+        text = (folder / f"img{index}.txt").read_text(encoding="utf-8")
+        assert text == event.caption and text.startswith("sks dog, ") and len(text) > len("sks dog, ")
+    assert not leftovers(folder)
+
+
+def test_only_images_without_a_caption_are_captioned_unless_overwrite(tmp_path, captioner):
+    folder = make_dataset(tmp_path / "data")
+    (folder / "img0.txt").write_bytes(b"my own words, kept\n")
+    (folder / "img1.txt").write_text("  \n", encoding="utf-8")  # empty: captioned like a missing one
+    events = run(folder, {"max_new_tokens": 4, "num_beams": 1}, captioner)
+    assert [e.file for e in events if isinstance(e, CaptionProgress)] == ["img1.png", "img2.png"]
+    assert (events[0].kept, events[-1].kept, events[-1].written) == (1, 1, 2)
+    assert (folder / "img0.txt").read_bytes() == b"my own words, kept\n"
+    assert (folder / "img1.txt").read_text(encoding="utf-8").strip()
+
+    events = run(folder, {"max_new_tokens": 4, "num_beams": 1, "overwrite": True, "prefix": "zzq"}, captioner)
+    assert events[-1].written == 3 and events[-1].kept == 0
+    assert (folder / "img0.txt").read_text(encoding="utf-8").startswith("zzq, ")
+
+
+def test_stop_after_the_first_batch_ends_interrupted_with_whole_captions(tmp_path, captioner):
+    folder = make_dataset(tmp_path / "data")
+    events: list[Event] = []  # Stop is pressed once the first image is reported
+    run_job(folder, {"batch_size": 2, "max_new_tokens": 4, "num_beams": 1}, events.append,
+            lambda: any(isinstance(event, CaptionProgress) for event in events), captioner)
+    assert sum(event.terminal for event in events) == 1
+    assert isinstance(events[-1], Interrupted) and events[-1].step == 2 and events[-1].checkpoint_path is None
+    assert sorted(path.name for path in folder.glob("*.txt")) == ["img0.txt", "img1.txt"]
+    assert not leftovers(folder)
+
+
+def test_stop_during_generation_drops_the_batch(tmp_path, captioner):
+    folder = make_dataset(tmp_path / "data", 2)
+    calls = []
+
+    def should_stop() -> bool:  # no at the batch's start, yes from inside generate on
+        calls.append(1)
+        return len(calls) > 1
+
+    events = run(folder, {"batch_size": 2, "max_new_tokens": 20, "num_beams": 1}, captioner, should_stop)
+    assert isinstance(events[-1], Interrupted) and events[-1].step == 0
+    assert not list(folder.glob("*.txt")) and not leftovers(folder)
+
+
+def test_a_link_out_of_the_folder_is_never_written_through(tmp_path, captioner):
+    folder = make_dataset(tmp_path / "data", 1)
+    outside = make_dataset(tmp_path / "outside", 2)
+    (folder / "linked.png").symlink_to(outside / "img0.png")  # an image that lives elsewhere
+    (outside / "secret.txt").write_text("not yours", encoding="utf-8")
+    Image.new("RGB", (40, 40)).save(folder / "pic.png")
+    (folder / "pic.txt").symlink_to(outside / "secret.txt")  # a caption that leads out
+    events = run(folder, {"max_new_tokens": 4, "num_beams": 1, "overwrite": True}, captioner)
+    complete = events[-1]
+    assert isinstance(complete, CaptionComplete) and complete.written == 1
+    reasons = {item["file"]: item["reason"] for item in complete.refused}
+    assert set(reasons) == {"linked.png", "pic.png"} and "outside the dataset folder" in reasons["linked.png"]
+    assert "symbolic link" in reasons["pic.png"]
+    assert not (outside / "img0.txt").exists() and (outside / "secret.txt").read_text(encoding="utf-8") == "not yours"
+    assert (folder / "pic.txt").is_symlink()
+
+
+def test_an_unreadable_image_is_refused_with_its_reason_and_the_rest_captioned(tmp_path, captioner):
+    folder = make_dataset(tmp_path / "data", 2)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    events = run(folder, {"max_new_tokens": 4, "num_beams": 1, "batch_size": 4}, captioner)
+    refused = [e for e in events if isinstance(e, CaptionProgress) and e.status == "refused"]
+    assert [e.file for e in refused] == ["broken.jpg"] and "not a readable image" in refused[0].caption
+    assert events[-1].written == 2 and events[-1].num_refused == 1 and not (folder / "broken.txt").exists()
+
+
+def test_a_folder_that_is_no_model_is_one_error_naming_the_model(tmp_path):
+    folder = make_dataset(tmp_path / "data", 1)
+    (tmp_path / "empty-model").mkdir()
+    events = run(folder, {"model": str(tmp_path / "empty-model"), "device": "cpu"})
+    assert isinstance(events[-1], Error) and events[-1].field == "model" and "empty-model" in events[-1].message
+    assert not list(folder.glob("*.txt"))
+    assert isinstance(run(tmp_path / "nowhere", {})[-1], Error)
+
+
+def test_the_command_streams_json_events_and_exits_0(tmp_path, model_folder, capfd):
+    from lora_core.__main__ import main
+
+    folder = make_dataset(tmp_path / "data", 2)
+    code = main(["caption", str(folder), "--model", str(model_folder), "--prefix", "sks", "--batch-size", "1",
+                 "--max-new-tokens", "5", "--num-beams", "2", "--device", "cpu"])
+    out = capfd.readouterr().out
+    events = [parse_event(line) for line in out.splitlines()]
+    assert code == 0 and [e.type for e in events] == ["caption_started", "caption_progress", "caption_progress",
+                                                      "caption_complete"]
+    assert all((folder / f"img{i}.txt").read_text(encoding="utf-8").startswith("sks, ") for i in range(2))
+
+
+def test_the_plan_and_the_prefix_need_no_model(tmp_path):
+    folder = make_dataset(tmp_path / "data", 2)
+    (folder / "img0.txt").write_text("kept", encoding="utf-8")
+    (folder / ".lora-studio-exclude").write_text("img1.png\n", encoding="utf-8")
+    plan = plan_folder(folder)
+    assert (plan.todo, plan.kept) == ([], ["img0.png"])
+    assert with_prefix("sks dog", "sks dog, a dog on grass") == "sks dog, a dog on grass"
+    assert with_prefix("sks", "  a   photo ") == "sks, a photo" and with_prefix("", "a photo") == "a photo"
