@@ -19,6 +19,19 @@ from lora_core.events import CaptionComplete, CaptionProgress, CaptionStarted, E
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
 
 
+def byte_level_vocab(folder: Path, first: dict[str, int]) -> tuple[str, str]:
+    """vocab.json and merges.txt of a byte-level BPE without merges: every text encodes, one token a byte."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = dict(first)
+    for char in bytes_to_unicode().values():
+        vocab.setdefault(char, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return str(folder / "vocab.json"), str(folder / "merges.txt")
+
+
 def build_tiny_florence2(folder: Path) -> Path:
     """A random Florence-2 and its processor, saved as a hub checkpoint would be."""
     import torch
@@ -31,15 +44,8 @@ def build_tiny_florence2(folder: Path) -> Path:
         Florence2Processor,
         Florence2VisionConfig,
     )
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for char in bytes_to_unicode().values():  # byte-level: every text encodes, one token a byte (no merges)
-        vocab.setdefault(char, len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    tokenizer = BartTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+    tokenizer = BartTokenizer(*byte_level_vocab(folder, {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}),
                               extra_special_tokens={"image_token": "<image>"})
     # 64 px through strides 4*2*2*2 gives 2x2 image features plus the pooled one: 5 image tokens
     image_processor = CLIPImageProcessorPil(size={"height": 64, "width": 64}, do_center_crop=False,
@@ -59,6 +65,81 @@ def build_tiny_florence2(folder: Path) -> Path:
     # A random model may end at once or say only special tokens: make it say a few printable ones.
     model.generation_config.min_new_tokens = 3
     model.generation_config.suppress_tokens = [0, 1, 3, tokenizer.image_token_id]
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_blip(folder: Path) -> Path:
+    """A random BLIP captioner (ViT + BERT decoder) with a WordPiece tokenizer of a few words."""
+    import torch
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+        BlipTextConfig,
+        BlipVisionConfig,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "dog", "photo", "of", "red", "on", "grass"]
+    (folder / "vocab.txt").write_text("\n".join(words + list("bcdefghijklmnopqrstuvwxyz")) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]")
+    processor = BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "sep_token_id": tokenizer.sep_token_id,
+           "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.sep_token_id}
+    text = BlipTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, encoder_hidden_size=16, max_position_embeddings=64, **ids)
+    vision = BlipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=16)
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                                    projection_dim=16)).eval()
+    model.generation_config.min_new_tokens = 3
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+CHAT_TEMPLATE = ("<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:{% for content in "
+                 "message['content'] %}{% if content['type'] == 'image' %}<image>{% elif content['type'] == 'text' %}"
+                 "{{ content['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+                 "{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+def build_tiny_idefics3(folder: Path) -> Path:
+    """A random Idefics3 (the architecture of SmolVLM): a chat model, asked through its chat template."""
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, Qwen2Tokenizer
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
+                "<global-img>"]
+    tokenizer = Qwen2Tokenizer(*byte_level_vocab(folder, {}), unk_token=None, bos_token=None,
+                               eos_token="<end_of_utterance>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in specials}
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 32},
+                                                max_image_size={"longest_edge": 32})
+    # 32 px in patches of 8 is 4x4, pixel-shuffled by 2: 4 image tokens
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                  chat_template=CHAT_TEMPLATE)
+    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<end_of_utterance>"],
+                pad_token_id=ids["<|endoftext|>"])
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(0)
+    model = Idefics3ForConditionalGeneration(Idefics3Config(text_config=text, vision_config=vision, scale_factor=2,
+                                                            image_token_id=ids["<image>"],
+                                                            pad_token_id=ids["<|endoftext|>"])).eval()
+    model.generation_config.min_new_tokens = 3
+    model.generation_config.suppress_tokens = [ids[t] for t in specials if t != "<end_of_utterance>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
@@ -203,3 +284,26 @@ def test_the_plan_and_the_prefix_need_no_model(tmp_path):
     assert (plan.todo, plan.kept) == ([], ["img0.png"])
     assert with_prefix("sks dog", "sks dog, a dog on grass") == "sks dog, a dog on grass"
     assert with_prefix("sks", "  a   photo ") == "sks, a photo" and with_prefix("", "a photo") == "a photo"
+
+
+def test_blip_captions_without_a_prompt_or_starting_with_it(tmp_path):
+    model = build_tiny_blip(tmp_path / "tiny-blip")
+    folder = make_dataset(tmp_path / "data", 2)
+    events = run(folder, {"model": str(model), "num_beams": 1, "max_new_tokens": 5, "device": "cpu"})
+    assert events[-1].written == 2 and all((folder / f"img{i}.txt").read_text(encoding="utf-8") for i in range(2))
+    events = run(folder, {"model": str(model), "num_beams": 1, "max_new_tokens": 5, "overwrite": True,
+                          "prompt": "a photo of"})
+    assert all(e.caption.startswith("a photo of ") for e in events if isinstance(e, CaptionProgress))
+
+
+def test_a_chat_model_is_asked_through_its_template_and_only_its_answer_is_kept(tmp_path):
+    model = build_tiny_idefics3(tmp_path / "tiny-idefics3")
+    folder = make_dataset(tmp_path / "data", 3)
+    captioner = Captioner(str(model), "cpu", prompt="Say what you see")
+    assert captioner.chat and captioner.processor.tokenizer.padding_side == "left"
+    events = run(folder, {"num_beams": 1, "max_new_tokens": 3, "batch_size": 3, "prefix": "sks"}, captioner)
+    captions = [e.caption for e in events if isinstance(e, CaptionProgress)]
+    assert len(captions) == 3 and events[-1].written == 3
+    for caption in captions:  # three new tokens of one byte each after the prefix: no prompt, no role names
+        assert caption.startswith("sks, ") and len(caption.encode("utf-8")) <= len("sks, ") + 3 * 3
+        assert "Say what" not in caption and "Assistant" not in caption
