@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lora_core import dataset
 from lora_core.errors import UserError
 from lora_core.events import MAX_LISTED, CaptionComplete, CaptionProgress, CaptionStarted, Error, Event, Interrupted
-from lora_core.files import atomic_write_text
+from lora_core.files import DiskFullError, atomic_write_text
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -85,6 +85,17 @@ class FolderPlan:
     todo: list[Path] = field(default_factory=list)  # images to caption, in the dataset scan's order
     kept: list[str] = field(default_factory=list)  # images whose caption stays (no --overwrite)
     refused: list[dict[str, str]] = field(default_factory=list)  # {"file", "reason"}
+
+
+def parse_options(options: CaptionOptions | dict | None) -> CaptionOptions:
+    if isinstance(options, CaptionOptions):
+        return options
+    try:
+        return CaptionOptions.model_validate(options or {})
+    except ValidationError as error:
+        first = error.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "options"
+        raise CaptionError(f"{name}: {first['msg']}", field=name) from None
 
 
 def plan_folder(folder: str | Path, overwrite: bool = False) -> FolderPlan:
@@ -171,14 +182,32 @@ class Captioner:
 
     def caption(self, images: list[Image.Image], max_new_tokens: int, num_beams: int = 1,
                 should_stop: Callable[[], bool] | None = None) -> list[str]:
-        """One caption per image (batched); [] when `should_stop` ended the generation early."""
+        """One caption per image (batched); [] when `should_stop` ended the generation early. A batch the GPU
+        has no memory for is split in halves (a folder of large images need not be started again)."""
+        import torch
+
+        try:
+            return self._generate(images, max_new_tokens, num_beams, should_stop)
+        except torch.OutOfMemoryError:
+            if len(images) == 1:
+                raise CaptionError(f"out of {self.device.type.upper()} memory captioning one image with "
+                                   f"{self.name}; choose a smaller model, fewer --num-beams or --max-new-tokens",
+                                   field="model") from None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(images) // 2
+        first = self.caption(images[:half], max_new_tokens, num_beams, should_stop)
+        rest = self.caption(images[half:], max_new_tokens, num_beams, should_stop) if first else []
+        return first + rest if rest else []
+
+    def _generate(self, images: list[Image.Image], max_new_tokens: int, num_beams: int,
+                  should_stop: Callable[[], bool] | None) -> list[str]:
         import torch
 
         inputs = self._inputs(images).to(self.device, dtype=self.dtype)
-        stopping = _stopping(should_stop)
         with torch.inference_mode():
             ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                                      stopping_criteria=stopping)
+                                      stopping_criteria=_stopping(should_stop))
         if should_stop is not None and should_stop():
             return []
         prompt = inputs.get("input_ids")
@@ -242,11 +271,11 @@ def caption_folder(folder: str | Path, options: CaptionOptions | dict | None = N
                    emit: Callable[[Event], None] | None = None, should_stop: Callable[[], bool] | None = None,
                    captioner: Captioner | None = None) -> CaptionResult:
     """Caption the images of `folder` as `options` say; `captioner`: a loaded model to reuse."""
-    from lora_core.grid import parse_options
-
-    options = parse_options(CaptionOptions, options)
+    options = parse_options(options)
     emit = emit or (lambda event: None)
     plan = plan_folder(folder, options.overwrite)
+    if not (plan.todo or plan.kept or plan.refused):
+        raise CaptionError(f"no image in {folder} (supported: {', '.join(sorted(dataset.IMAGE_SUFFIXES))})")
     device = str(_pick_device(options.device)) if captioner is None else str(captioner.device)
     emit(CaptionStarted(folder=str(plan.folder), model=options.model, device=device, total=len(plan.todo),
                         kept=len(plan.kept), num_refused=len(plan.refused)))
@@ -313,6 +342,9 @@ def run_job(folder: str | Path, options: CaptionOptions | dict | None, emit: Cal
                                        total_time=round(time.perf_counter() - started, 3))
     except CaptionStopped as stopped:
         event = Interrupted(step=stopped.done, message=str(stopped), checkpoint_path=None)
+    except DiskFullError as error:
+        event = Error(message=f"the disk is full: writing {error.path.name} in {error.path.parent} failed; free "
+                      "space on that disk and caption again (the captions written are kept)", field="dataset_path")
     except UserError as error:
         event = Error(message=str(error), field=error.field)
     except Exception as error:  # a fault of the program, the model or the machine: reported, never a dead job
@@ -338,7 +370,9 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, Any]]:
     parser.add_argument("--prompt", help="the task or instruction (default: the model's own, see above)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: the GPU when there is one")
     args = parser.parse_args(argv)
-    options = {key: value for key, value in vars(args).items() if key != "dataset" and value not in (None, False)}
+    # (`is`, not `in`: 0 == False, and --batch-size 0 must reach the validation that refuses it)
+    options = {key: value for key, value in vars(args).items()
+               if key != "dataset" and value is not None and value is not False}
     return args.dataset, options
 
 

@@ -261,6 +261,8 @@ def test_a_folder_that_is_no_model_is_one_error_naming_the_model(tmp_path):
     assert isinstance(events[-1], Error) and events[-1].field == "model" and "empty-model" in events[-1].message
     assert not list(folder.glob("*.txt"))
     assert isinstance(run(tmp_path / "nowhere", {})[-1], Error)
+    (tmp_path / "no-images").mkdir()
+    assert "no image" in run(tmp_path / "no-images", {})[-1].message
 
 
 def test_the_command_streams_json_events_and_exits_0(tmp_path, model_folder, capfd):
@@ -307,3 +309,48 @@ def test_a_chat_model_is_asked_through_its_template_and_only_its_answer_is_kept(
     for caption in captions:  # three new tokens of one byte each after the prefix: no prompt, no role names
         assert caption.startswith("sks, ") and len(caption.encode("utf-8")) <= len("sks, ") + 3 * 3
         assert "Say what" not in caption and "Assistant" not in caption
+
+
+def test_a_batch_the_gpu_has_no_memory_for_is_split_in_halves(tmp_path, captioner, monkeypatch):
+    import torch
+
+    folder = make_dataset(tmp_path / "data", 3)
+    generate, sizes = captioner.model.generate, []
+
+    def short_of_memory(**inputs):  # the real generation, for batches of one image only
+        sizes.append(len(inputs["pixel_values"]))
+        if sizes[-1] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return generate(**inputs)
+
+    monkeypatch.setattr(captioner.model, "generate", short_of_memory)
+    events = run(folder, {"batch_size": 3, "max_new_tokens": 4, "num_beams": 1}, captioner)
+    assert sizes == [3, 1, 2, 1, 1] and events[-1].written == 3
+
+
+def test_a_full_disk_is_one_error_naming_the_dataset_and_the_captions_written_stay(tmp_path, captioner,
+                                                                                    monkeypatch):
+    from lora_core import captioner as module
+    from lora_core.files import DiskFullError
+
+    folder = make_dataset(tmp_path / "data", 2)
+    write = module.atomic_write_text
+
+    def fill_up(path, text):
+        if path.name == "img1.txt":
+            raise DiskFullError(path)
+        return write(path, text)
+
+    monkeypatch.setattr(module, "atomic_write_text", fill_up)
+    events = run(folder, {"max_new_tokens": 4, "num_beams": 1}, captioner)
+    assert isinstance(events[-1], Error) and events[-1].field == "dataset_path" and "disk is full" in events[-1].message
+    assert (folder / "img0.txt").read_text(encoding="utf-8") and not (folder / "img1.txt").exists()
+
+
+def test_an_option_out_of_range_is_an_error_naming_it(tmp_path, capfd):
+    from lora_core.captioner import main
+
+    folder = make_dataset(tmp_path / "data", 1)
+    assert main([str(folder), "--batch-size", "0"]) == 1
+    (event,) = [parse_event(line) for line in capfd.readouterr().out.splitlines()]
+    assert isinstance(event, Error) and event.field == "batch_size"
