@@ -376,6 +376,17 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, Any]]:
     return args.dataset, options
 
 
+def command_line(folder: str | Path, options: CaptionOptions | dict | None = None) -> list[str]:
+    """`caption DATASET --option ...` for `options` (those that differ from the defaults): what a job runs,
+    e.g. launcher.JobProcess.start_tool(job_folder, command_line(folder, options), None)."""
+    options = parse_options(options)
+    argv = ["caption", str(folder)]
+    for name, value in options.model_dump(exclude_defaults=True).items():
+        flag = "--" + name.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
 def main(argv: list[str]) -> int:
     """`python -m lora_core caption DATASET ...`: events on stdout; 0 when every image was captioned or kept,
     1 on an error or when some images were refused, 130/143 when stopped by SIGINT/SIGTERM."""

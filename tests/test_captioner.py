@@ -354,3 +354,47 @@ def test_an_option_out_of_range_is_an_error_naming_it(tmp_path, capfd):
     assert main([str(folder), "--batch-size", "0"]) == 1
     (event,) = [parse_event(line) for line in capfd.readouterr().out.splitlines()]
     assert isinstance(event, Error) and event.field == "batch_size"
+
+
+def test_the_command_line_of_options_parses_back_to_them():
+    from lora_core.captioner import CaptionOptions, command_line, parse_args
+
+    options = CaptionOptions(model="/models/florence", overwrite=True, prefix="sks dog", max_new_tokens=77,
+                             batch_size=2, num_beams=1, prompt="<CAPTION>", device="cpu")
+    argv = command_line("/data/dog", options)
+    assert argv[:2] == ["caption", "/data/dog"]
+    assert parse_args(argv[1:]) == ("/data/dog", options.model_dump())
+    assert command_line("/data/dog") == ["caption", "/data/dog"]
+
+
+@pytest.mark.e2e
+def test_a_caption_job_stopped_by_sigterm_ends_interrupted_with_whole_captions(tmp_path, model_folder):
+    """The page's path: the command as a job process (launcher.JobProcess), stopped by SIGTERM."""
+    import shutil
+    import time
+
+    from lora_core.captioner import command_line
+    from lora_core.launcher import JobProcess, final_event, read_events
+
+    slow = tmp_path / "slow-model"  # the same model, made to say 60 tokens an image
+    shutil.copytree(model_folder, slow)
+    generation = json.loads((slow / "generation_config.json").read_text(encoding="utf-8"))
+    (slow / "generation_config.json").write_text(json.dumps({**generation, "min_new_tokens": 60}), encoding="utf-8")
+    folder = make_dataset(tmp_path / "data", 3)
+    for index in range(3, 24):
+        shutil.copy(folder / "img0.png", folder / f"img{index}.png")
+    job = JobProcess.start_tool(tmp_path / "job", command_line(folder, {"model": str(slow), "batch_size": 1,
+                                                                        "num_beams": 1, "max_new_tokens": 60}), None)
+    events_file = tmp_path / "job" / "events.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (events_file.is_file() and "caption_progress" in events_file.read_text()):
+        time.sleep(0.05)
+    job.terminate()
+    assert job.popen.wait(60) == 143
+    events = read_events(events_file)
+    final = final_event(tmp_path / "job")
+    assert isinstance(final, Interrupted) and sum(event.terminal for event in events) == 1
+    written = [event.file for event in events if isinstance(event, CaptionProgress)]
+    assert 1 <= final.step < 24 and len(written) == final.step
+    assert sorted(path.stem for path in folder.glob("*.txt")) == sorted(Path(name).stem for name in written)
+    assert not leftovers(folder)
