@@ -106,7 +106,8 @@ def plan_folder(folder: str | Path, overwrite: bool = False) -> FolderPlan:
     plan = FolderPlan(folder.resolve())
     excluded = dataset.read_excluded(folder)
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() not in dataset.IMAGE_SUFFIXES or path.name in excluded:
+        if (path.name.startswith(".") or path.suffix.lower() not in dataset.IMAGE_SUFFIXES or path.name in excluded
+                or path.is_dir()):  # as training's scan: hidden, excluded and folders are not the dataset's
             continue
         problem = _unsafe(path, plan.folder)
         if problem:
@@ -122,10 +123,8 @@ def _unsafe(image: Path, folder: Path) -> str | None:
     """Why the caption of `image` must not be written, or None."""
     try:
         dataset._inside_folder(image, folder)
-    except ValueError as error:
-        return f"the image is a {error}"
-    if image.is_dir():
-        return "a folder, not an image"
+    except ValueError as error:  # "a symbolic link loop", "symbolic link that points outside ..."
+        return f"the image is a {str(error).removeprefix('a ')}"
     caption = image.with_suffix(".txt")
     if caption.is_symlink():  # replacing a user's link, or writing through it, is never what they meant
         return "its caption file is a symbolic link; replace it with a plain .txt file"
@@ -169,7 +168,7 @@ class Captioner:
         try:
             self.processor = AutoProcessor.from_pretrained(source)
             self.model = AutoModelForImageTextToText.from_pretrained(source, dtype=self.dtype)
-        except (OSError, ValueError, KeyError) as error:
+        except Exception as error:  # no such id, no internet, not an image-to-text model, a missing package
             raise CaptionError(f"cannot load the captioning model {model!r}: {_first_line(error)}. Give a hub id "
                                "(downloaded once; needs the internet the first time) or a local folder holding the "
                                "model and its processor", field="model") from None
@@ -323,6 +322,11 @@ def _caption_batch(captioner: Captioner, batch: list[Path], options: CaptionOpti
             reason = "the model gave an empty caption; nothing was written"
             result.refused.append({"file": path.name, "reason": reason})
             yield path, "refused", reason
+            continue
+        if not options.overwrite and (own := _caption_text(path.with_suffix(".txt"))):
+            # written while the model worked (the caption editor, another program): a person's words win
+            result.kept.append(path.name)
+            yield path, "kept", own
             continue
         text = with_prefix(options.prefix, caption)
         atomic_write_text(path.with_suffix(".txt"), text)

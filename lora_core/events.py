@@ -302,8 +302,8 @@ class CaptionProgress(Event):
     done: int
     total: int
     file: str  # the image's file name
-    status: str  # written | refused
-    caption: str  # what was written (at most 500 characters), or why the image was refused
+    status: str  # written | refused | kept (a caption appeared while the model worked, and stays)
+    caption: str  # what was written or kept (at most 500 characters), or why the image was refused
 
 
 @dataclass(kw_only=True)

@@ -398,3 +398,18 @@ def test_a_caption_job_stopped_by_sigterm_ends_interrupted_with_whole_captions(t
     assert 1 <= final.step < 24 and len(written) == final.step
     assert sorted(path.stem for path in folder.glob("*.txt")) == sorted(Path(name).stem for name in written)
     assert not leftovers(folder)
+
+
+def test_a_caption_written_while_the_model_works_is_kept(tmp_path, captioner):
+    folder = make_dataset(tmp_path / "data", 2)
+
+    def editor_saves_meanwhile() -> bool:  # called from inside generation: the caption editor saves img1's
+        if not (folder / "img1.txt").exists():
+            (folder / "img1.txt").write_text("typed by a person", encoding="utf-8")
+        return False
+
+    events = run(folder, {"batch_size": 2, "max_new_tokens": 4, "num_beams": 1}, captioner, editor_saves_meanwhile)
+    progress = {e.file: (e.status, e.caption) for e in events if isinstance(e, CaptionProgress)}
+    assert progress["img1.png"] == ("kept", "typed by a person") and progress["img0.png"][0] == "written"
+    assert (folder / "img1.txt").read_text(encoding="utf-8") == "typed by a person"
+    assert (events[-1].written, events[-1].kept) == (1, 1)
