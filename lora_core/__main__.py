@@ -11,7 +11,7 @@
     python -m lora_core inspect | resize | merge | bake ...   the LoRA tools (lora_core/loratools.py; --help)
     python -m lora_core doctor DATASET [--config F] [--json]   what in a dataset spoils a LoRA (lora_core/doctor.py)
     python -m lora_core caption DATASET [--model ID] [--overwrite] [--prefix T] ...   caption the images with a
-                                        vision-language model (lora_core/captioner.py, or caption -h)
+                                        vision-language model (lora_core/captioner.py, caption_model.py; caption -h)
     python -m lora_core export-builtin NAME DIR   write a built-in model (e.g. toy-sd) as a diffusers folder
 """
 

@@ -3,15 +3,9 @@
     python -m lora_core caption DATASET [--model ID|FOLDER] [--overwrite] [--prefix TEXT] [--max-new-tokens N]
                                         [--batch-size N] [--num-beams N] [--prompt TEXT] [--device auto|cpu|cuda]
 
-The model is any image-to-text model `AutoModelForImageTextToText` loads, from a hub id (downloaded once, then
-cached) or a local folder; never with `trust_remote_code`. What it is asked depends on its kind:
-
-- Florence-2 (the default, `florence-community/Florence-2-large`, the transformers-native port): a task token,
-  `<MORE_DETAILED_CAPTION>` unless `--prompt` names another (`<CAPTION>`, `<DETAILED_CAPTION>`).
-- BLIP (`Salesforce/blip-image-captioning-large`): no prompt (unconditional captioning), or `--prompt` as the
-  start of the caption.
-- A chat model (its processor has a chat template: Qwen2.5-VL, SmolVLM, ...): an instruction (`--prompt`), the
-  image in a user turn; only the answer is kept.
+The model (lora_core/caption_model.py) is any image-to-text model `AutoModelForImageTextToText` loads, from a hub
+id (downloaded once, then cached) or a local folder: Florence-2 by default (`florence-community/Florence-2-large`,
+asked `<MORE_DETAILED_CAPTION>`), BLIP, or a chat model through its chat template.
 
 Each caption goes into `<image stem>.txt` beside its image, written atomically (lora_core.files), after the prefix
 (the trigger words). Without `--overwrite`, images that have a non-empty caption keep it. Nothing is written
@@ -30,30 +24,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lora_core import dataset
+from lora_core.caption_model import DEFAULT_MODEL, Captioner, CaptionError, pick_device
 from lora_core.errors import UserError
 from lora_core.events import MAX_LISTED, CaptionComplete, CaptionProgress, CaptionStarted, Error, Event, Interrupted
 from lora_core.files import DiskFullError, atomic_write_text
 
-if TYPE_CHECKING:
-    from PIL import Image
-
-DEFAULT_MODEL = "florence-community/Florence-2-large"
-# By the model's `config.model_type`: what to ask when --prompt is not given (None: ask nothing).
-DEFAULT_PROMPTS: dict[str, str | None] = {"florence2": "<MORE_DETAILED_CAPTION>", "blip": None}
-CHAT_PROMPT = ("Describe this image in one detailed paragraph, as a caption for training an image model: the "
-               "subject, its appearance, the setting, the lighting and the style. Answer with the caption only.")
 # Processors resize to far less (Florence-2: 768 px); a smaller copy keeps a batch of 40 Mpx photos out of memory.
 MAX_SIDE = 1536
 SHOWN_CAPTION = 500  # characters of a caption a progress event carries
-
-
-class CaptionError(UserError):
-    field = "dataset_path"
 
 
 class CaptionStopped(Exception):
@@ -152,108 +135,6 @@ def with_prefix(prefix: str, caption: str) -> str:
     return dataset.limit_caption(text)[0]
 
 
-class Captioner:
-    """A loaded captioning model and its processor, on one device."""
-
-    def __init__(self, model: str, device: str = "auto", prompt: str | None = None):
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        self.name = model
-        self.device = _pick_device(device)
-        self.dtype = torch.float32
-        if self.device.type == "cuda":
-            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        source = str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model
-        try:
-            self.processor = AutoProcessor.from_pretrained(source)
-            self.model = AutoModelForImageTextToText.from_pretrained(source, dtype=self.dtype)
-        except Exception as error:  # no such id, no internet, not an image-to-text model, a missing package
-            raise CaptionError(f"cannot load the captioning model {model!r}: {_first_line(error)}. Give a hub id "
-                               "(downloaded once; needs the internet the first time) or a local folder holding the "
-                               "model and its processor", field="model") from None
-        self.model.to(self.device).eval()
-        self.chat = bool(getattr(self.processor, "chat_template", None))
-        kind = getattr(self.model.config, "model_type", "")
-        self.prompt = prompt if prompt is not None else (CHAT_PROMPT if self.chat else DEFAULT_PROMPTS.get(kind))
-        if self.chat:  # a decoder-only batch is padded on the left, so that every answer starts at the same place
-            self.processor.tokenizer.padding_side = "left"
-
-    def caption(self, images: list[Image.Image], max_new_tokens: int, num_beams: int = 1,
-                should_stop: Callable[[], bool] | None = None) -> list[str]:
-        """One caption per image (batched); [] when `should_stop` ended the generation early. A batch the GPU
-        has no memory for is split in halves (a folder of large images need not be started again)."""
-        import torch
-
-        try:
-            return self._generate(images, max_new_tokens, num_beams, should_stop)
-        except torch.OutOfMemoryError:
-            if len(images) == 1:
-                raise CaptionError(f"out of {self.device.type.upper()} memory captioning one image with "
-                                   f"{self.name}; choose a smaller model, fewer --num-beams or --max-new-tokens",
-                                   field="model") from None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        half = len(images) // 2
-        first = self.caption(images[:half], max_new_tokens, num_beams, should_stop)
-        rest = self.caption(images[half:], max_new_tokens, num_beams, should_stop) if first else []
-        return first + rest if rest else []
-
-    def _generate(self, images: list[Image.Image], max_new_tokens: int, num_beams: int,
-                  should_stop: Callable[[], bool] | None) -> list[str]:
-        import torch
-
-        inputs = self._inputs(images).to(self.device, dtype=self.dtype)
-        with torch.inference_mode():
-            ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                                      stopping_criteria=_stopping(should_stop))
-        if should_stop is not None and should_stop():
-            return []
-        prompt = inputs.get("input_ids")
-        if prompt is not None and ids.shape[1] >= prompt.shape[1] and torch.equal(ids[:, :prompt.shape[1]], prompt):
-            ids = ids[:, prompt.shape[1]:]  # a decoder-only model repeats its input before the answer
-        return [" ".join(text.split()) for text in self.processor.batch_decode(ids, skip_special_tokens=True)]
-
-    def _inputs(self, images: list[Image.Image]):
-        if self.chat:
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
-            text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-            return self.processor(text=[text] * len(images), images=[[image] for image in images], padding=True,
-                                  return_tensors="pt")
-        if self.prompt is None:
-            return self.processor(images=images, return_tensors="pt")
-        return self.processor(text=[self.prompt] * len(images), images=images, padding=True, return_tensors="pt")
-
-
-def _pick_device(device: str):
-    """Like training's hardware.pick_device: the GPU when there is one, unless told otherwise."""
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CaptionError("device is 'cuda' but PyTorch sees no CUDA GPU; use 'auto' or 'cpu'", field="device")
-    return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
-
-
-def _stopping(should_stop: Callable[[], bool] | None):
-    """A stopping criterion that ends generation at the next token once Stop is asked (big models on a CPU can
-    take minutes a batch)."""
-    if should_stop is None:
-        return None
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class _Stop(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), bool(should_stop()), dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([_Stop()])
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
-
-
 class _BatchDropped(Exception):
     """Stop came during a batch's generation: none of its captions is written."""
 
@@ -275,7 +156,7 @@ def caption_folder(folder: str | Path, options: CaptionOptions | dict | None = N
     plan = plan_folder(folder, options.overwrite)
     if not (plan.todo or plan.kept or plan.refused):
         raise CaptionError(f"no image in {folder} (supported: {', '.join(sorted(dataset.IMAGE_SUFFIXES))})")
-    device = str(_pick_device(options.device)) if captioner is None else str(captioner.device)
+    device = str(pick_device(options.device)) if captioner is None else str(captioner.device)
     emit(CaptionStarted(folder=str(plan.folder), model=options.model, device=device, total=len(plan.todo),
                         kept=len(plan.kept), num_refused=len(plan.refused)))
     result = CaptionResult([], plan.kept, list(plan.refused), device)
