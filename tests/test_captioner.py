@@ -354,6 +354,12 @@ def test_an_option_out_of_range_is_an_error_naming_it(tmp_path, capfd):
     assert main([str(folder), "--batch-size", "0"]) == 1
     (event,) = [parse_event(line) for line in capfd.readouterr().out.splitlines()]
     assert isinstance(event, Error) and event.field == "batch_size"
+    assert run(folder, {"colour": "red"})[-1].field == "colour"
+    import torch
+
+    if not torch.cuda.is_available():
+        error = run(folder, {"device": "cuda"})[-1]
+        assert isinstance(error, Error) and error.field == "device" and not list(folder.glob("*.txt"))
 
 
 def test_the_command_line_of_options_parses_back_to_them():
