@@ -268,7 +268,7 @@ def command_line(folder: str | Path, options: CaptionOptions | dict | None = Non
     argv = ["caption", str(folder)]
     for name, value in options.model_dump(exclude_defaults=True).items():
         flag = "--" + name.replace("_", "-")
-        argv += [flag] if value is True else [flag, str(value)]
+        argv.append(flag if value is True else f"{flag}={value}")  # `=`: a prefix may start with "-"
     return argv
 
 

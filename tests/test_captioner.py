@@ -365,7 +365,7 @@ def test_an_option_out_of_range_is_an_error_naming_it(tmp_path, capfd):
 def test_the_command_line_of_options_parses_back_to_them():
     from lora_core.captioner import CaptionOptions, command_line, parse_args
 
-    options = CaptionOptions(model="/models/florence", overwrite=True, prefix="sks dog", max_new_tokens=77,
+    options = CaptionOptions(model="/models/florence", overwrite=True, prefix="-sks dog", max_new_tokens=77,
                              batch_size=2, num_beams=1, prompt="<CAPTION>", device="cpu")
     argv = command_line("/data/dog", options)
     assert argv[:2] == ["caption", "/data/dog"]
