@@ -1,8 +1,9 @@
-"""Captioning a dataset by a real model (lora_core/captioner.py), offline: a tiny random Florence-2 built from
-its config (a DaViT vision tower and a BART of a few thousand weights) with a byte-level BART tokenizer and a
-CLIP image processor built in code, saved with save_pretrained and loaded by the captioner's own
-from_pretrained path. Its captions are nonsense; the loading, preprocessing, batching, generation, decoding
-and atomic writing are the real ones."""
+"""Captioning a dataset by a real model (lora_core/captioner.py, caption_model.py), offline: tiny random models
+built from their configs (Florence-2: a DaViT and a BART; BLIP: a ViT and a BERT decoder; Idefics3, SmolVLM's
+architecture: a SigLIP-like tower and a Llama, asked through a chat template), their tokenizers and image
+processors built in code, saved with save_pretrained and loaded by the captioner's own from_pretrained path.
+Their captions are nonsense; the loading, preprocessing, batching, generation, decoding and atomic writing are
+the real ones."""
 
 from __future__ import annotations
 
