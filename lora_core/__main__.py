@@ -10,6 +10,8 @@
     python -m lora_core sweep RUN ...   one LoRA at several strengths (see lora_core/grid.py, or sweep -h)
     python -m lora_core inspect | resize | merge | bake ...   the LoRA tools (lora_core/loratools.py; --help)
     python -m lora_core doctor DATASET [--config F] [--json]   what in a dataset spoils a LoRA (lora_core/doctor.py)
+    python -m lora_core caption DATASET [--model ID] [--overwrite] [--prefix T] ...   caption the images with a
+                                        vision-language model (lora_core/captioner.py, caption_model.py; caption -h)
     python -m lora_core export-builtin NAME DIR   write a built-in model (e.g. toy-sd) as a diffusers folder
 """
 
@@ -60,6 +62,10 @@ def main(argv: list[str]) -> int | str | None:
         from lora_core.doctor import main as doctor
 
         return doctor(argv[1:])
+    if command == "caption":
+        from lora_core.captioner import main as caption
+
+        return caption(argv[1:])
     if command == "schema":
         write_schema(argv[1] if len(argv) > 1 else "config_schema.json")
     elif command == "options":

@@ -2,7 +2,8 @@
 
 Each event serialises to one JSON object with `type` and an ISO-8601 `timestamp`.
 `complete`, `error` and `interrupted` are terminal: exactly one of them ends every run; a grid or sweep
-(grid.py) ends with `grid_complete`, `error` or `interrupted`.
+(grid.py) ends with `grid_complete`, `error` or `interrupted`; captioning a dataset (captioner.py) ends with
+`caption_complete`, `error` or `interrupted`.
 """
 
 from __future__ import annotations
@@ -282,6 +283,44 @@ class GridComplete(Event):
     total_time: float
 
 
+@dataclass(kw_only=True)
+class CaptionStarted(Event):
+    """Captioning a dataset folder begins (captioner.py): what will be captioned, before the model loads."""
+
+    type: ClassVar[str] = "caption_started"
+    folder: str
+    model: str  # hub id or local folder
+    device: str
+    total: int  # images to caption
+    kept: int  # images whose existing caption stays (no overwrite)
+    num_refused: int  # images refused before loading the model (links out of the folder)
+
+
+@dataclass(kw_only=True)
+class CaptionProgress(Event):
+    """One image of a captioning job is done: its caption written, or the image refused with the reason."""
+
+    type: ClassVar[str] = "caption_progress"
+    done: int
+    total: int
+    file: str  # the image's file name
+    status: str  # written | refused | kept (a caption appeared while the model worked, and stays)
+    caption: str  # what was written or kept (at most 500 characters), or why the image was refused
+
+
+@dataclass(kw_only=True)
+class CaptionComplete(Event):
+    type: ClassVar[str] = "caption_complete"
+    terminal: ClassVar[bool] = True
+    folder: str
+    written: int
+    kept: int
+    refused: list[dict[str, str]]  # {"file", "reason"}, at most MAX_LISTED
+    num_refused: int
+    device: str
+    total_time: float
+
+
 def _open_for_append(path: Path) -> int:
     """Open events.jsonl to append, first cutting off a last line without its newline (a killed writer's)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
@@ -307,7 +346,8 @@ def _open_for_append(path: Path) -> int:
 EVENT_TYPES: dict[str, type[Event]] = {cls.type: cls for cls in (Started, Dataset, Progress, Checkpoint,
                                                                   Sample, ValidationLoss, RunWarning, Complete, Error,
                                                                   Interrupted, ValidationReport, GridProgress,
-                                                                  GridComplete)}
+                                                                  GridComplete, CaptionStarted, CaptionProgress,
+                                                                  CaptionComplete)}
 
 
 def event_from_dict(data: dict[str, Any]) -> Event:

@@ -90,7 +90,7 @@ def launch_command(config_path: str | Path, num_processes: int = 1, *, extra_arg
             *train]
 
 
-def job_environment(config: TrainConfig, num_processes: int, devices: Sequence[int] | None = None,
+def job_environment(config: TrainConfig | None, num_processes: int, devices: Sequence[int] | None = None,
                     base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The child's environment: unbuffered, gloo for several CPU processes, and only its own GPUs visible."""
     env = {**(os.environ if base is None else base), "PYTHONUNBUFFERED": "1"}
@@ -98,7 +98,7 @@ def job_environment(config: TrainConfig, num_processes: int, devices: Sequence[i
     if devices:  # indices into what this process sees, which may itself be a CUDA_VISIBLE_DEVICES subset
         visible = [item for item in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if item.strip()]
         env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] if i < len(visible) else str(i) for i in devices)
-    elif config.device == "cpu" or num_processes > 1:
+    elif (config is not None and config.device == "cpu") or num_processes > 1:
         env["ACCELERATE_USE_CPU"] = "true"  # several CPU processes: gloo instead of NCCL
     return env
 
@@ -165,12 +165,13 @@ class JobProcess:
                           starter)
 
     @classmethod
-    def start_tool(cls, folder: str | Path, argv: Sequence[str], config: TrainConfig, *,
+    def start_tool(cls, folder: str | Path, argv: Sequence[str], config: TrainConfig | None, *,
                    devices: Sequence[int] | None = None, env: Mapping[str, str] | None = None,
                    record: Mapping[str, Any] | None = None, starter: Starter | None = None) -> JobProcess:
-        """Run `python -m lora_core ARGV` (grid, sweep: tools that print JSON-lines events on stdout) as a
+        """Run `python -m lora_core ARGV` (grid, sweep, caption: tools that print JSON-lines events on stdout) as a
         job of `folder`: its stdout becomes `folder/events.jsonl`, so it is followed like a training job.
-        `config`: the run's, for its device."""
+        `config`: the run's, for its device (None for a job of no run: `caption DATASET ...`, whose own
+        `--device` decides)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "lora_core", *argv]

@@ -13,6 +13,9 @@ from lora_core import launcher
 from lora_core.configfile import parse_config
 from lora_core.events import (
     EVENT_TYPES,
+    CaptionComplete,
+    CaptionProgress,
+    CaptionStarted,
     Checkpoint,
     Complete,
     Dataset,
@@ -63,6 +66,10 @@ def test_every_event_reads_back_from_its_json_line():
               GridProgress(kind="grid", done=1, total=4, row="step 2", column="p"),
               GridComplete(kind="sweep", path="sweep.png", width=64, height=32, total_time=1.0),
               ValidationLoss(step=4, loss=0.25),
+              CaptionStarted(folder="d", model="m", device="cpu", total=3, kept=1, num_refused=0),
+              CaptionProgress(done=1, total=3, file="a.png", status="written", caption="sks, a dog"),
+              CaptionComplete(folder="d", written=2, kept=1, refused=[{"file": "b.png", "reason": "r"}],
+                              num_refused=1, device="cpu", total_time=1.0),
               ValidationReport(ok=False, problems=[{"field": "seed", "message": "m"}], details={"total_steps": 5})]
     assert {event.type for event in events} == set(EVENT_TYPES)
     assert [parse_event(event.to_json()) for event in events] == events
