@@ -381,7 +381,7 @@ def test_a_caption_job_stopped_by_sigterm_ends_interrupted_with_whole_captions(t
     import time
 
     from lora_core.captioner import command_line
-    from lora_core.launcher import JobProcess, final_event, read_events
+    from lora_core.launcher import JobProcess, read_events
 
     slow = tmp_path / "slow-model"  # the same model, made to say 60 tokens an image
     shutil.copytree(model_folder, slow)
@@ -399,7 +399,7 @@ def test_a_caption_job_stopped_by_sigterm_ends_interrupted_with_whole_captions(t
     job.terminate()
     assert job.popen.wait(60) == 143
     events = read_events(events_file)
-    final = final_event(tmp_path / "job")
+    final = next(event for event in reversed(events) if event.terminal)
     assert isinstance(final, Interrupted) and sum(event.terminal for event in events) == 1
     written = [event.file for event in events if isinstance(event, CaptionProgress)]
     assert 1 <= final.step < 24 and len(written) == final.step
