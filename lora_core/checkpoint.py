@@ -251,20 +251,31 @@ def load_state(folder: Path, config: TrainConfig, params: dict[str, torch.Tensor
     return TrainerState(**body)
 
 
+NESTED = "/"  # `index.name/part`: a state entry that is itself a dict (bitsandbytes' 8-bit quantisation state)
+
+
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
     tensors = {}
     for index, values in state_dict["state"].items():
         for name, value in values.items():
-            tensor = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"{index}.{name}"] = tensor.detach().cpu().contiguous()
+            parts = value.items() if isinstance(value, dict) else [(None, value)]
+            for part, item in parts:
+                tensor = item if torch.is_tensor(item) else torch.tensor(item)
+                key = f"{index}.{name}" if part is None else f"{index}.{name}{NESTED}{part}"
+                tensors[key] = tensor.detach().cpu().contiguous()
     return tensors, state_dict["param_groups"]
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
-    state: dict[int, dict[str, torch.Tensor]] = {}
+    state: dict[int, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = tensor
+        entry = state.setdefault(int(index), {})
+        if NESTED in name:
+            name, part = name.split(NESTED, 1)
+            entry.setdefault(name, {})[part] = tensor
+        else:
+            entry[name] = tensor
     for group in groups:
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
