@@ -4,9 +4,10 @@ refusals of low-memory settings the device or the installed libraries cannot hon
 `memory_mode: auto` on a CUDA device with a known free memory tries the combinations fastest first and takes the
 first whose estimate (hardware.estimate_memory, with FIT_MARGIN for its error) fits: keeping every weight in the
 compute dtype beats storing it in fp8 (one cast per layer and step), which beats recomputing activations
-(checkpointing costs about a third more compute), and int8 / nf4 (dequantised per layer and step) come next.
-For FLUX.1 and SD 3.x it then tries an fp8, then an int8 base with checkpointing and the fewest offloaded blocks
-that fit (`offload_blocks`: each one crosses the PCIe bus twice a step, but the math is unchanged).
+(checkpointing costs about a third more compute), and int8 (dequantised per layer and step) comes next. For
+FLUX.1 and SD 3.x it then tries an fp8, then an int8 base with checkpointing and the fewest offloaded blocks that
+fit (`offload_blocks`: each one crosses the PCIe bus twice a step, but the math is unchanged); nf4, the lossiest,
+comes last.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lora_core.models import ModelSizes
 # (base_quantization, gradient_checkpointing), fastest first
 CANDIDATES = (("none", False), ("fp8", False), ("none", True), ("fp8", True), ("int8", True), ("nf4", True))
 OFFLOAD_MODES = ("fp8", "int8")  # then, with checkpointing, offloading blocks (nf4's Linear4bit is not offloaded)
+LAST_RESORT = ("nf4",)  # after offloading (candidates)
 OFFLOAD_DEVICES = frozenset({"cuda"})  # where offload_blocks applies: on the CPU the weights are in host memory
 CUDA_ONLY_OPTIMIZERS = {"paged_adamw8bit": "paging moves the optimizer state to host memory when the GPU runs "
                                            "short, which means nothing on the CPU; use optimizer 'adamw8bit'"}
@@ -102,27 +104,30 @@ def choose(config: TrainConfig, precision: str, device: torch.device, free_gib: 
     return pick(config, precision, free_gib, sizes(), processes)
 
 
+def candidates(sizes: ModelSizes, processes: int = 1) -> list[tuple[str, bool, int]]:
+    """What memory_mode auto may choose, fastest first, as (base_quantization, checkpointing, offloaded blocks):
+    CANDIDATES this install can run, then (one GPU, a family with blocks to offload) an fp8 or int8 base with
+    checkpointing and 1, 2, ... blocks offloaded, and nf4 last: offloading costs time but nothing in quality,
+    while nf4 is the lossiest storage."""
+    usable = [(mode, ckpt, 0) for mode, ckpt in CANDIDATES if quantize.unavailable_reason(mode, "cuda") is None
+              and (mode == "none" or processes == 1)]  # a quantised base is for one GPU (check_device)
+    offloading = [(mode, True, blocks) for mode in OFFLOAD_MODES if processes == 1  # offloading is for one GPU too
+                  and quantize.unavailable_reason(mode, "cuda") is None
+                  for blocks in range(1, len(sizes.block_params) + 1)]  # the fewest first: each costs transfers
+    return ([c for c in usable if c[0] not in LAST_RESORT] + offloading
+            + [c for c in usable if c[0] in LAST_RESORT])
+
+
 def pick(config: TrainConfig, precision: str, free_gib: float, sizes: ModelSizes,
          processes: int = 1) -> MemoryChoice:
-    """The fastest candidate this install can run whose estimate x FIT_MARGIN fits `free_gib`; when none does, the
-    smallest, marked as not fitting."""
-    usable = [(mode, ckpt) for mode, ckpt in CANDIDATES if quantize.unavailable_reason(mode, "cuda") is None
-              and (mode == "none" or processes == 1)]  # a quantised base is for one GPU (check_device)
+    """The first of `candidates` whose estimate x FIT_MARGIN fits `free_gib`; when none does, the smallest,
+    marked as not fitting."""
     tried = []
-    for mode, checkpointing in usable:
-        estimate = hardware.estimate_memory(config, sizes, precision, checkpointing, mode)
-        tried.append((estimate, mode, checkpointing, 0))
+    for mode, checkpointing, blocks in candidates(sizes, processes):
+        estimate = hardware.estimate_memory(config, sizes, precision, checkpointing, mode, blocks)
         if estimate.total_gib * hardware.FIT_MARGIN <= free_gib:
-            return _chosen(free_gib, mode, checkpointing, 0, estimate)
-    for mode in OFFLOAD_MODES if processes == 1 else ():  # offloading is for one GPU too
-        if quantize.unavailable_reason(mode, "cuda") is not None:
-            continue
-        for blocks in range(1, len(sizes.block_params) + 1):  # the fewest that fit: each costs transfer time
-            estimate = hardware.estimate_memory(config, sizes, precision, True, mode, blocks)
-            if estimate.total_gib * hardware.FIT_MARGIN <= free_gib:
-                return _chosen(free_gib, mode, True, blocks, estimate)
-        if sizes.block_params:
-            tried.append((estimate, mode, True, len(sizes.block_params)))
+            return _chosen(free_gib, mode, checkpointing, blocks, estimate)
+        tried.append((estimate, mode, checkpointing, blocks))
     estimate, mode, checkpointing, blocks = min(tried, key=lambda t: t[0].total_gib)
     return MemoryChoice(mode, checkpointing, estimate, f"your GPU with {free_gib:g} GiB free: nothing fits; the "
                         f"smallest is {describe(mode, checkpointing, blocks)}, est. {estimate.total_gib:.1f} GiB: "
