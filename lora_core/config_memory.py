@@ -45,7 +45,7 @@ class MemoryOptions(BaseModel):
         "auto: on a CUDA GPU whose free memory is known, choose the fastest combination of base_quantization and "
         "gradient_checkpointing (then, for FLUX.1 and SD 3.x, offload_blocks) whose estimated peak fits it "
         "(shown by --validate-only and the started event: 'your GPU with 11.5 GiB free: fp8 base + checkpointing "
-        "+ 8 blocks offloaded, est. 10.9 GiB'); it then chooses those fields, so leave base_quantization 'none', "
+        "+ 17 blocks offloaded, est. 10.2 GiB'); it then chooses those fields, so leave base_quantization 'none', "
         "gradient_checkpointing 'auto' and offload_blocks 0. On the CPU it changes nothing. off: "
         "use the fields as given."),
         json_schema_extra=_advanced())
