@@ -133,6 +133,17 @@ def test_the_weights_are_gone_between_uses_and_the_backward_brings_them_back(tra
                frozen_sizes(block))
 
 
+def test_without_checkpointing_autograd_keeps_the_weights_so_offloading_would_free_nothing():
+    """Why offload_blocks needs checkpointing: a plain forward's graph holds each layer's weight until the
+    backward, so taking the weight off the layer after its forward frees nothing (and the backward still works)."""
+    layer = torch.nn.Linear(8, 8).requires_grad_(False)
+    inputs = torch.randn(2, 3, 8, requires_grad=True)
+    output = layer(inputs)
+    layer._parameters["weight"] = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    output.sum().backward()
+    assert inputs.grad is not None
+
+
 def test_offloading_needs_checkpointing(transformers):
     model = copy.deepcopy(transformers["sd3"])
     with pytest.raises(ValueError, match="checkpointing"):
