@@ -44,10 +44,10 @@ class BlockOffloader:
     Install it while the model is still on the CPU, after its adapter and any quantisation, and before the move
     to the device: the frozen weights then never reach the device whole."""
 
-    denoiser: torch.nn.Module
-    blocks: list[torch.nn.Module]
+    denoiser: torch.nn.Module = field(repr=False)
+    blocks: list[torch.nn.Module] = field(repr=False)
     device: torch.device
-    stored: list[list[tuple[torch.nn.Module, str, torch.Tensor]]] = field(default_factory=list)
+    stored: list[list[tuple[torch.nn.Module, str, torch.Tensor]]] = field(default_factory=list, repr=False)
     loaded: dict[int, _Copy] = field(default_factory=dict)
     backward: bool = False  # the step's phase: the last block hook seen came from the backward pass
     most_loaded: int = 0  # the largest number of offloaded blocks on the device at once (tests read it)
