@@ -64,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--floor-contiguous", action="store_true",
                         help="the floor's UNet without the channels-last layout the trainer gives it on CUDA")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--base-quantization", default=None, help="the trainer's base_quantization (fp8, int8, nf4)")
+    parser.add_argument("--offload-blocks", type=int, default=0,
+                        help="the trainer's offload_blocks (FLUX.1 / SD 3.x; needs --gradient-checkpointing)")
+    parser.add_argument("--optimizer", default=None, help="the trainer's optimizer (e.g. adamw8bit)")
     parser.add_argument("--interleave", action="store_true",
                         help="run the phases window by window in turn instead of one after another, so that a "
                              "machine whose speed drifts slows them alike (memory is then for the whole run)")
@@ -92,6 +96,10 @@ def trainer_config(args: argparse.Namespace, dataset_dir: Path, output: Path):
             "checkpoint_steps": 1_000_000, "validation_steps": 1_000_000, "sample_inference_steps": 1,
             "gradient_checkpointing": args.gradient_checkpointing, "compile_unet": args.compile,
             "cuda_graphs": args.cuda_graphs, "seed": 42}
+    # the low-memory options only when asked, so that an older engine without them still runs the rest
+    data.update({key: value for key, value in (("base_quantization", args.base_quantization),
+                                               ("offload_blocks", args.offload_blocks),
+                                               ("optimizer", args.optimizer)) if value})
     config = parse_config(data)
     if args.resolution < 256:
         # The config refuses sides under 256 (a guard for users); the engine itself takes any multiple of the

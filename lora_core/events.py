@@ -54,6 +54,7 @@ class Started(Event):
     cuda_graphs: bool = False  # the compiled blocks captured as CUDA graphs
     compile_reason: str = ""  # why: the setting, or auto's estimate; a cuda_graphs fallback says why
     base_quantization: str = "none"  # how the frozen base is stored (the field's, or memory_mode auto's choice)
+    offload_blocks: int = 0  # transformer blocks kept on the CPU during the step (as decided; 0 on the CPU)
     memory_choice: str = ""  # memory_mode auto's choice in words ("your GPU with 11.5 GiB free: fp8 base + ...")
 
 

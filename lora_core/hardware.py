@@ -10,6 +10,7 @@ import torch
 from lora_core.config import TrainConfig
 from lora_core.families.base import ACTIVATION_BYTES_PER_UNIT
 from lora_core.models import ModelSizes
+from lora_core.offload import IN_FLIGHT
 from lora_core.quantize import STORED_BYTES
 
 GIB = 1024**3
@@ -77,6 +78,7 @@ class MemoryEstimate:
     gradient_checkpointing: bool
     covers: str
     base_quantization: str = "none"
+    offload_blocks: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,15 +113,26 @@ def frozen_bytes(params: int, quantizable: dict[str, int], bytes_per: int, quant
     return (params - small) * bytes_per + small * STORED_BYTES[quantization]
 
 
+def offloaded_bytes(sizes: ModelSizes, bytes_per: int, quantization: str, blocks: int) -> float:
+    """What offloading the first `blocks` blocks takes off the device: their frozen weights as stored, less the
+    IN_FLIGHT largest of them, which are on the device at once while the step runs (offload.py)."""
+    stored = [frozen_bytes(params, quantizable, bytes_per, quantization)
+              for params, quantizable in zip(sizes.block_params[:blocks], sizes.block_quantizable[:blocks],
+                                             strict=True)]
+    return sum(stored) - sum(sorted(stored, reverse=True)[:IN_FLIGHT])
+
+
 def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str, checkpointing: bool,
-                    quantization: str = "none") -> MemoryEstimate:
+                    quantization: str = "none", offloaded: int = 0) -> MemoryEstimate:
     """Peak memory of the training step on the device: frozen weights kept there (the denoiser's, and a big frozen
-    text encoder's, stored in `quantization` when not 'none'), LoRA weights with gradients and optimizer state,
-    and UNet activations for one batch (fewer with `checkpointing`). It does not cover the sample-image pass,
-    the allocator's cache beyond that, or (on the CPU) the Python process itself."""
+    text encoder's, stored in `quantization` when not 'none'; less the `offloaded` blocks' but two in flight),
+    LoRA weights with gradients and optimizer state, and UNet activations for one batch (fewer with
+    `checkpointing`). It does not cover the sample-image pass, the allocator's cache beyond that, or (on the CPU)
+    the Python process itself."""
     bytes_per = 4 if precision == "no" else 2
     text_on_device = config.train_text_encoder or config.shuffle_tags  # captions encoded every step
     frozen = frozen_bytes(sizes.unet_params, sizes.unet_quantizable, bytes_per, quantization)
+    frozen -= offloaded_bytes(sizes, bytes_per, quantization, offloaded) if offloaded else 0
     frozen += sizes.vae_params * bytes_per if config.latent_cache == "off" else 0
     if text_on_device:
         frozen += frozen_bytes(sizes.text_params, sizes.text_quantizable, bytes_per, quantization)
@@ -131,13 +144,14 @@ def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str, chec
         activations *= sizes.checkpointed_share
     return MemoryEstimate(round((frozen + lora + activations) / GIB, 3), round(frozen / GIB, 3),
                           round(lora / GIB, 3), round(activations / GIB, 3), checkpointing,
-                          _covers(config, text_on_device, quantization), quantization)
+                          _covers(config, text_on_device, quantization, offloaded), quantization, offloaded)
 
 
-def _covers(config: TrainConfig, text_on_device: bool, quantization: str) -> str:
+def _covers(config: TrainConfig, text_on_device: bool, quantization: str, offloaded: int = 0) -> str:
     kept = ["UNet"] + (["VAE"] if config.latent_cache == "off" else []) + (["text encoder"] if text_on_device else [])
     trained = "UNet and text-encoder" if config.train_text_encoder else "UNet"
     stored = "" if quantization == "none" else f" ({quantization} where quantised)"
+    stored += f" but {offloaded} offloaded blocks' (two of them in flight)" if offloaded else ""
     state = "8-bit AdamW state" if config.optimizer in LORA_BYTES else "AdamW state"
     return (f"frozen {', '.join(kept)} weights on the device{stored}, {trained} LoRA weights + gradients in fp32 + "
             f"{state}, UNet activations for one batch; not " + ("the text encoders' activations (small), "

@@ -58,6 +58,10 @@ class ModelSizes:
     unet_quantizable: dict[str, int] = field(default_factory=dict)
     checkpointed_share: float = CHECKPOINTING_FACTOR  # of activation_units kept with checkpointing (the family's)
     text_quantizable: dict[str, int] = field(default_factory=dict)
+    # the blocks offload_blocks may offload (Family.offloadable_blocks), in execution order: each one's frozen
+    # parameters, and of those the ones each base_quantization mode stores small
+    block_params: list[int] = field(default_factory=list)
+    block_quantizable: list[dict[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -325,6 +329,8 @@ def model_sizes(source: ModelSource, info: ModelInfo) -> ModelSizes:
     trainable = family.trainable_text_encoders(pipeline)
     big = family.quantizable_text_encoders(pipeline)
     text_layers = [layer for encoder in trainable for layer in _adapted(encoder, TEXT_ENCODER_TARGETS)]
+    paths = {id(module): name for name, module in denoiser.named_modules()}
+    blocks = [paths[id(block)] for block in family.offloadable_blocks(denoiser)]
     return ModelSizes(
         unet_params=sum(p.numel() for p in denoiser.parameters()),
         vae_params=sum(p.numel() for p in pipeline.vae.parameters()),
@@ -337,6 +343,8 @@ def model_sizes(source: ModelSource, info: ModelInfo) -> ModelSizes:
         checkpointed_share=family.checkpointed_activation_share(denoiser.config),
         unet_quantizable={mode: quantizable(denoiser, mode) for mode in MODES},
         text_quantizable={mode: sum(quantizable(encoder, mode) for encoder in big) for mode in MODES},
+        block_params=[sum(p.numel() for p in denoiser.get_submodule(block).parameters()) for block in blocks],
+        block_quantizable=[{mode: quantizable(denoiser, mode, block) for mode in MODES} for block in blocks],
     )
 
 

@@ -96,6 +96,7 @@ class RunPlan:
     skipped_states: list[str] = field(default_factory=list)  # damaged states resume passed over, in words
     held_out: dataset.DatasetReport | None = None  # the validation loss's images (holdout.split); never trained
     base_quantization: str = "none"  # how the frozen base is stored: the field's, or memory_mode auto's choice
+    offload_blocks: int = 0  # transformer blocks kept on the CPU during the step (0 where it changes nothing)
     memory_summary: str = ""  # memory_mode auto's choice in words, for the started event and the report
     _sizes: models.ModelSizes | None = field(default=None, repr=False)
 
@@ -124,7 +125,7 @@ class RunPlan:
 
     def memory_estimate(self) -> hardware.MemoryEstimate:
         return hardware.estimate_memory(self.config, self.sizes(), self.precision, self.gradient_checkpointing,
-                                        self.base_quantization)
+                                        self.base_quantization, self.offload_blocks)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ def make_plan(config: TrainConfig, num_processes: int = 1, *, resume: bool = Fal
                    held_out=held_out)
     choice = memory_choice(config, device, precision, plan.sizes, num_processes)
     plan.gradient_checkpointing, plan.base_quantization = choice.gradient_checkpointing, choice.base_quantization
-    plan.memory_summary = choice.summary
+    plan.offload_blocks, plan.memory_summary = choice.offload_blocks, choice.summary
     return plan
 
 
@@ -310,7 +311,8 @@ def plan_report(config: TrainConfig, num_processes: int | None = None) -> dict[s
         memory.check_device(config, device.type, processes)
     _device_report(report, config, device, precision, processes)
     if info is not None and source is not None and not model_check.failed:
-        _memory_report(report, config, source, info, device, precision)
+        with _Check(report, "offload_blocks"):
+            _memory_report(report, config, source, info, device, precision)
     return report
 
 
@@ -333,7 +335,8 @@ def _memory_report(report: dict[str, Any], config: TrainConfig, source: models.M
     report["memory_estimate"] = estimate.to_dict()
     if choice.summary:  # memory_mode auto: what it chose ("your GPU with 11.5 GiB free: fp8 base + ...")
         report["memory_mode"] = {"summary": choice.summary, "base_quantization": choice.base_quantization,
-                                 "gradient_checkpointing": on, "fits": choice.fits}
+                                 "gradient_checkpointing": on, "offload_blocks": choice.offload_blocks,
+                                 "fits": choice.fits}
     free = report["device"]["free_memory_gib"]
     if free is not None and estimate.total_gib > free:
         report["warnings"].append(f"the run needs about {estimate.total_gib} GiB but {free} GiB is free on "

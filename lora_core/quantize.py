@@ -44,18 +44,20 @@ def unavailable_reason(mode: str, device_type: str) -> str | None:
     return None
 
 
-def quantizable(module: torch.nn.Module, mode: str) -> int:
+def quantizable(module: torch.nn.Module, mode: str, within: str = "") -> int:
     """The parameters `mode` stores in fewer bits: the linear weights (int8, nf4); for fp8 the weights and biases
     of the linears and convolutions diffusers' layerwise casting reaches, which skips norms (FLUX's AdaLayerNorm
-    linears, about a quarter of its weights), embeddings and the model's own skip list."""
+    linears, about a quarter of its weights), embeddings and the model's own skip list. `within`: only those
+    under that submodule path (a block), judged as in the whole model."""
+    inside = (lambda name: name.startswith(within + ".")) if within else (lambda name: True)
     if mode != "fp8":
         return sum(layer.weight.numel() for name, layer in module.named_modules()
-                   if isinstance(layer, torch.nn.Linear) and not _is_adapter(name))
+                   if isinstance(layer, torch.nn.Linear) and not _is_adapter(name) and inside(name))
     from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
 
     skips = _fp8_skip_patterns(module)
     reached = {id(p): p.numel() for name, layer in module.named_modules()
-               if isinstance(layer, _GO_LC_SUPPORTED_PYTORCH_LAYERS) and not _skipped(name, skips)
+               if isinstance(layer, _GO_LC_SUPPORTED_PYTORCH_LAYERS) and not _skipped(name, skips) and inside(name)
                for p in layer.parameters(recurse=False)}  # by identity: a tied weight is stored once
     return sum(reached.values())
 
@@ -80,11 +82,13 @@ def _is_adapter(name: str) -> bool:
 
 
 def with_adapter(module: torch.nn.Module, mode: str, device: torch.device, dtype: torch.dtype,
-                 add_adapter: Callable[[], list[torch.nn.Parameter]]) -> list[torch.nn.Parameter]:
-    """The frozen `module` quantised in `mode` with its adapter (`add_adapter`, which returns the fp32 LoRA), then
-    moved to `device`. It is quantised on the CPU where it loaded, so the full-precision weights never reach the
-    device (a 12 GB card could not hold FLUX's in bf16). int8 and nf4 come first so that peft attaches its layer
-    for that backend; fp8 comes after, as diffusers' layerwise casting skips peft's layers."""
+                 add_adapter: Callable[[], list[torch.nn.Parameter]],
+                 before_move: Callable[[], object] | None = None) -> list[torch.nn.Parameter]:
+    """The frozen `module` quantised in `mode` ('none': not quantised) with its adapter (`add_adapter`, which
+    returns the fp32 LoRA), then moved to `device`. It is quantised on the CPU where it loaded, so the
+    full-precision weights never reach the device (a 12 GB card could not hold FLUX's in bf16). int8 and nf4 come
+    first so that peft attaches its layer for that backend; fp8 comes after, as diffusers' layerwise casting
+    skips peft's layers. `before_move` runs last on the CPU (block offloading takes its weights there)."""
     module.to(dtype=dtype)
     if mode in ("int8", "nf4"):
         quantize(module, mode, dtype)
@@ -94,6 +98,8 @@ def with_adapter(module: torch.nn.Module, mode: str, device: torch.device, dtype
         params = add_adapter()
     if mode == "fp8":
         quantize(module, mode, dtype)
+    if before_move is not None:
+        before_move()
     module.to(device)
     return params
 

@@ -28,6 +28,7 @@ from lora_core import (
     latents,
     models,
     objective,
+    offload,
     optim,
     quantize,
     samples,
@@ -114,7 +115,7 @@ def setup(plan: RunPlan) -> Run:
     # before the denoiser reaches the device, so the two never share it. Otherwise the order is as it was.
     encoded_first = encode_text_once(plan, pipeline, device, dtype) if plan.base_quantization != "none" else None
     params = prepare_unet(denoiser, config, device, dtype, plan.gradient_checkpointing, family,
-                          plan.base_quantization)
+                          plan.base_quantization, plan.offload_blocks)
     layout = batches.Layout(config, plan.dataset, plan.assigned)
     sample_inputs, cached, held_out_text = encoded_first or encode_text_once(plan, pipeline, device, dtype)
     vae_dtype = torch.float32 if family.vae_fp16_overflows and dtype == torch.float16 else dtype
@@ -131,8 +132,11 @@ def setup(plan: RunPlan) -> Run:
                                          generator=torch.Generator())  # else each epoch draws on the global RNG
     optimizer, lr_scheduler = make_optimizer(plan, params, text_params, device)
     unet, *wrapped, optimizer, loader = accelerator.prepare(denoiser, *trained_encoders, optimizer, loader)
-    run = Run(plan, info, accelerator, pipeline, unet, compile_for_run(unet, config, plan.total_steps, plan.assigned,
-                                                                   accelerator),
+    # offloaded blocks swap their weights at every call, which a compiled block would recompile for
+    compiled = (config.model_copy(update={"compile_unet": "off", "cuda_graphs": False}) if plan.offload_blocks
+                else config)
+    run = Run(plan, info, accelerator, pipeline, unet, compile_for_run(unet, compiled, plan.total_steps,
+                                                                   plan.assigned, accelerator),
               trained_encoders, wrapped, params, text_params, optimizer, lr_scheduler, loader, sampler,
               layout, latent_source, cached or per_step_conditioning(plan, pipeline, wrapped, device, dtype),
               run_objective, make_noise(config, accelerator, run_objective),
@@ -179,20 +183,25 @@ def load_frozen_models(plan: RunPlan) -> tuple[Any, models.ModelInfo]:
 
 
 def prepare_unet(unet, config: TrainConfig, device: torch.device, dtype: torch.dtype, checkpointing: bool,
-                 family: Family | None = None, quantization: str = "none") -> list[torch.nn.Parameter]:
+                 family: Family | None = None, quantization: str = "none",
+                 offloaded: int = 0) -> list[torch.nn.Parameter]:
     """The denoiser as the fit loop wants it: frozen weights in `dtype` (or stored in `quantization`,
-    quantize.py) on the device, an fp32 LoRA (returned; the family adds it, SD's by default), channels-last
-    convolutions on CUDA, checkpointing if so decided, in train mode. The benchmark's floor uses it too."""
-    def add_adapter() -> list[torch.nn.Parameter]:
-        return (family or families.get("sd1")).add_denoiser_adapter(unet, config)
+    quantize.py) on the device, but for the first `offloaded` blocks', kept on the CPU between uses (offload.py),
+    an fp32 LoRA (returned; the family adds it, SD's by default), channels-last convolutions on CUDA,
+    checkpointing if so decided, in train mode. The benchmark's floor uses it too."""
+    family = family or families.get("sd1")
 
-    if quantization == "none":
+    def add_adapter() -> list[torch.nn.Parameter]:
+        return family.add_denoiser_adapter(unet, config)
+
+    if checkpointing:  # before offloading, which needs it
+        unet.enable_gradient_checkpointing()
+    if quantization == "none" and not offloaded:
         unet.to(device, dtype=dtype)
         params = add_adapter()
-    else:
-        params = quantize.with_adapter(unet, quantization, device, dtype, add_adapter)
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
+    else:  # the weights are prepared on the CPU where they loaded: what is offloaded never reaches the device
+        params = quantize.with_adapter(unet, quantization, device, dtype, add_adapter, lambda: offload.offload(
+            unet, family.offloadable_blocks(unet), offloaded, device))
     if device.type == "cuda":  # NHWC for cuDNN's tensor-core convolutions; on the CPU it measured 4 % slower
         unet.to(memory_format=torch.channels_last)
     unet.train()

@@ -78,7 +78,8 @@ def emit_started(run: Run, emit: Callable[[Event], None]) -> None:
                      num_processes=run.accelerator.num_processes, resumed_from_step=run.step if plan.resume else None,
                      gradient_checkpointing=plan.gradient_checkpointing, compile_unet=run.forward.scope,
                      cuda_graphs=run.forward.cuda_graphs, compile_reason=run.forward.reason,
-                     base_quantization=plan.base_quantization, memory_choice=plan.memory_summary))
+                     base_quantization=plan.base_quantization, offload_blocks=plan.offload_blocks,
+                     memory_choice=plan.memory_summary))
         # images used, held out, captioned, refused, ignored, and what the dataset doctor finds in them
         emit(dataset_event(plan.dataset, plan.held_out, findings=doctor.plan_findings(plan)))
         dataset.warn_about(plan.dataset)

@@ -163,7 +163,7 @@ ADVANCED_TABS: dict[str, tuple[str, ...]] = {
              "latent_cache"),
     "Captions": ("trigger_placement", "shuffle_tags", "keep_tokens", "caption_dropout"),
     "Precision and memory": ("device", "mixed_precision", "gradient_checkpointing", "compile_unet", "cuda_graphs",
-                             "base_quantization", "memory_mode"),
+                             "base_quantization", "memory_mode", "offload_blocks"),
     "Flow matching": ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale",
                       "discrete_flow_shift", "loss_weighting", "precondition_outputs", "flux_guidance",
                       "max_sequence_length", "use_t5_encoder"),

@@ -129,8 +129,9 @@ def queue_rows(queued: list[dict[str, Any]]) -> list[list[Any]]:
 
 
 def quantized(estimate: dict[str, Any]) -> str:
-    storage = estimate.get("base_quantization", "none")
-    return "" if storage == "none" else f", base stored in {storage}"
+    storage, blocks = estimate.get("base_quantization", "none"), estimate.get("offload_blocks", 0)
+    return ("" if storage == "none" else f", base stored in {storage}") + (
+        f", {blocks} block{'s' if blocks != 1 else ''} offloaded to the CPU" if blocks else "")
 
 
 def estimate_markdown(report: dict[str, Any]) -> str:

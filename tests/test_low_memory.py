@@ -93,14 +93,14 @@ def test_t5_is_counted_small_only_while_it_stays_on_the_device(big_sizes):
 def test_auto_picks_the_fastest_combination_that_fits(big_sizes, arch):
     config = parse_config({**BASE, "base_model": "x", "resolution": 1024, "memory_mode": "auto"})
     sizes = big_sizes[arch]
-    candidates = [c for c in memory.CANDIDATES if usable(c[0])]
-    needed = {c: hardware.estimate_memory(config, sizes, "bf16", c[1], c[0]).total_gib * hardware.FIT_MARGIN
+    candidates = memory.candidates(sizes)
+    needed = {c: hardware.estimate_memory(config, sizes, "bf16", c[1], c[0], c[2]).total_gib * hardware.FIT_MARGIN
               for c in candidates}
-    for free in (6.0, 8.0, 10.0, 12.0, 16.0, 24.0, 32.0, 48.0, 80.0):
+    for free in (3.0, 6.0, 8.0, 10.0, 12.0, 16.0, 24.0, 32.0, 48.0, 80.0):
         choice = memory.pick(config, "bf16", free, sizes)
-        chosen = (choice.base_quantization, choice.gradient_checkpointing)
+        chosen = (choice.base_quantization, choice.gradient_checkpointing, choice.offload_blocks)
         fitting = [c for c in candidates if needed[c] <= free]
-        assert chosen == (fitting[0] if fitting else candidates[-1]), free
+        assert chosen == (fitting[0] if fitting else min(candidates, key=needed.get)), free
         assert choice.fits is bool(fitting)
         assert choice.summary.startswith(f"your GPU with {free:g} GiB free: ")
         assert f"est. {choice.estimate.total_gib:.1f} GiB" in choice.summary

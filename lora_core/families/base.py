@@ -36,6 +36,7 @@ class Family:
     flow_matching: bool = False  # trained with FlowObjective (the config's flow-matching options apply)
     sampler_label: str = "DPM-Solver"  # how samples are drawn, for people (a grid's title)
     diffusers_reads_lora: bool = True  # grids load its LoRA files with diffusers' load_lora_weights
+    offloads_blocks: bool = False  # its denoiser is a chain of transformer blocks `offload_blocks` can offload
     # variant -> a hub id holding the parts its single files may lack (the error message's example)
     components_examples: dict[str, str] = {}  # read only
 
@@ -84,6 +85,10 @@ class Family:
 
     def check_config(self, config: TrainConfig) -> list[tuple[str, str]]:
         """(field, message) for each option this family cannot honour; the plan refuses the run with them."""
+        if getattr(config, "offload_blocks", 0) and not self.offloads_blocks:
+            return [("offload_blocks", f"offload_blocks moves a transformer's blocks to the CPU; {self.display_name}'s "
+                     "UNet has no such chain of equal blocks (and fits a small card with base_quantization and "
+                     "gradient checkpointing): set it to 0")]
         return []
 
     def description(self, info: ModelInfo) -> str:
@@ -188,6 +193,11 @@ class Family:
     def activation_units(self, denoiser_config: Any) -> float:
         """What the denoiser's saved activations per latent pixel scale with (ACTIVATION_BYTES_PER_UNIT)."""
         raise NotImplementedError
+
+    def offloadable_blocks(self, denoiser) -> list:
+        """The denoiser's blocks `offload_blocks` may keep on the CPU, in the order the forward runs them (the
+        first N are offloaded); none for a UNet."""
+        return []
 
     def checkpointed_activation_share(self, denoiser_config: Any) -> float:
         """The share of those activations gradient checkpointing keeps (a UNet checkpoints its ResNet and

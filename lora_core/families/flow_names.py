@@ -134,7 +134,10 @@ def original_layout(transformer: torch.nn.Module) -> dict[str, Original]:
         name, slot = _original_name(family, path)
         if name is None:
             continue
-        slots.setdefault(name, {})[slot or 0] = (path, module.weight.shape[0])
+        # the layer's declared width, not its weight's shape: an offloaded weight is an empty placeholder between
+        # uses, and a 4-bit one is packed
+        rows = module.out_features if isinstance(module, torch.nn.Linear) else module.out_channels
+        slots.setdefault(name, {})[slot or 0] = (path, rows)
         parent = transformer.get_submodule(path.rpartition(".")[0]) if "." in path else None
         if type(parent).__name__ == "AdaLayerNormContinuous":  # its chunk(2) is (scale, shift)
             swapped.add(name)

@@ -45,6 +45,7 @@ class Flux(Family):
     flow_matching = True
     sampler_label = "flow-matching Euler"
     diffusers_reads_lora = False  # its file's original-layout names (diffusers: FLUX.1's own sizes only)
+    offloads_blocks = True
     components_examples = {"dev": "black-forest-labs/FLUX.1-dev",
                            "schnell": "black-forest-labs/FLUX.1-schnell"}
 
@@ -213,6 +214,10 @@ class Flux(Family):
         blocks = c.num_layers + c.num_single_layers
         hidden = c.num_attention_heads * c.attention_head_dim
         return blocks * hidden * BLOCK_ACTIVATIONS_PER_HIDDEN * 2 / 4 / ACTIVATION_BYTES_PER_UNIT
+
+    def offloadable_blocks(self, denoiser) -> list:
+        # the order its forward runs them: the double-stream blocks, then the single-stream ones
+        return list(denoiser.transformer_blocks) + list(denoiser.single_transformer_blocks)
 
     def checkpointed_activation_share(self, denoiser_config: Any) -> float:
         c = denoiser_config

@@ -49,6 +49,7 @@ class SD3(Family):
     flow_matching = True
     sampler_label = "flow-matching Euler"
     diffusers_reads_lora = False  # its file's original-layout names (diffusers: FLUX.1's own sizes only)
+    offloads_blocks = True
     components_examples = {"sd35-medium": "stabilityai/stable-diffusion-3.5-medium",
                            "sd35-large": "stabilityai/stable-diffusion-3.5-large",
                            "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers"}
@@ -249,6 +250,9 @@ class SD3(Family):
         c = denoiser_config
         hidden = c.num_attention_heads * c.attention_head_dim
         return c.num_layers * hidden * BLOCK_ACTIVATIONS_PER_HIDDEN * 2 / 4 / ACTIVATION_BYTES_PER_UNIT
+
+    def offloadable_blocks(self, denoiser) -> list:
+        return list(denoiser.transformer_blocks)  # in the order its forward runs them
 
     def checkpointed_activation_share(self, denoiser_config: Any) -> float:
         return block_checkpointing_share(denoiser_config.num_layers)
