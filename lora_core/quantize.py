@@ -44,10 +44,16 @@ def unavailable_reason(mode: str, device_type: str) -> str | None:
     return None
 
 
+# Convolutions stay in the compute dtype under fp8: a convolution's backward reads the weight tensor it saved,
+# which layerwise casting has cast back to float8 by then ("expected scalar type Float but found
+# Float8_e4m3fn"); a linear's saves a transposed view of the upcast copy and is unaffected.
+FP8_KEEPS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
 def quantizable(module: torch.nn.Module, mode: str, within: str = "") -> int:
     """The parameters `mode` stores in fewer bits: the linear weights (int8, nf4); for fp8 the weights and biases
-    of the linears and convolutions diffusers' layerwise casting reaches, which skips norms (FLUX's AdaLayerNorm
-    linears, about a quarter of its weights), embeddings and the model's own skip list. `within`: only those
+    of the linears diffusers' layerwise casting reaches (not the convolutions: FP8_KEEPS), which skips norms
+    (FLUX's AdaLayerNorm linears, about a quarter of its weights), embeddings and the model's own skip list. `within`: only those
     under that submodule path (a block), judged as in the whole model."""
     inside = (lambda name: name.startswith(within + ".")) if within else (lambda name: True)
     if mode != "fp8":
@@ -57,7 +63,8 @@ def quantizable(module: torch.nn.Module, mode: str, within: str = "") -> int:
 
     skips = _fp8_skip_patterns(module)
     reached = {id(p): p.numel() for name, layer in module.named_modules()
-               if isinstance(layer, _GO_LC_SUPPORTED_PYTORCH_LAYERS) and not _skipped(name, skips) and inside(name)
+               if isinstance(layer, _GO_LC_SUPPORTED_PYTORCH_LAYERS) and not isinstance(layer, FP8_KEEPS)
+               and not _skipped(name, skips) and inside(name)
                for p in layer.parameters(recurse=False)}  # by identity: a tied weight is stored once
     return sum(reached.values())
 
@@ -122,14 +129,14 @@ def quantize(module: torch.nn.Module, mode: str, compute_dtype: torch.dtype) -> 
 def _fp8(module: torch.nn.Module, compute_dtype: torch.dtype) -> None:
     enable = getattr(module, "enable_layerwise_casting", None)
     if enable is not None:  # a diffusers model: its own skip list (norms, patch embedding) and peft's layers
-        enable(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+        enable(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype, skip_modules_classes=FP8_KEEPS)
         return
     from diffusers.hooks import apply_layerwise_casting
 
     # a transformers text encoder (T5): the same default skips, and the modules it keeps in fp32 (T5's `wo`, whose
     # forward casts its input to the weight's dtype, which would be float8)
     apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
-                            skip_modules_pattern=_fp8_skip_patterns(module))
+                            skip_modules_pattern=_fp8_skip_patterns(module), skip_modules_classes=FP8_KEEPS)
     # transformers' `dtype` reads the parameters (float8 now), and pipelines cast the encoder's output to it; a
     # diffusers model reports the compute dtype itself. The instance's class gets that property (it is frozen and
     # never saved, so nothing else sees the subclass).

@@ -63,8 +63,9 @@ def test_the_estimate_counts_each_saving(big_sizes, arch):
     nf4 = hardware.estimate_memory(config, sizes, "bf16", False, "nf4")
     checkpointed = hardware.estimate_memory(config, sizes, "bf16", True)
     # nearly every weight of a UNet or a transformer sits in a linear or a convolution
-    # fp8 leaves what diffusers' layerwise casting skips: norms, and FLUX's AdaLayerNorm linears (a quarter of it)
-    assert 0.5 < fp8.frozen_weights_gib / full.frozen_weights_gib < (0.56 if arch == "sdxl" else 0.66)
+    # fp8 leaves what diffusers' layerwise casting skips: norms, and FLUX's AdaLayerNorm linears (a quarter of
+    # it); and the convolutions, whose backward would read a float8 weight (quantize.FP8_KEEPS: SDXL's ResNets)
+    assert 0.5 < fp8.frozen_weights_gib / full.frozen_weights_gib < (0.6 if arch == "sdxl" else 0.66)
     assert 0.28 < nf4.frozen_weights_gib / full.frozen_weights_gib < 0.4  # nf4 leaves the convolutions
     assert checkpointed.activations_gib < 0.4 * full.activations_gib
     eight_bit = hardware.estimate_memory(parse_config({**BASE, "base_model": "x", "resolution": 1024,
