@@ -29,7 +29,9 @@ class MemoryOptions(BaseModel):
     base_quantization: Literal["none", "fp8", "int8", "nf4"] = Field("none", description=(
         "Store the frozen denoiser (and FLUX / SD 3's T5 encoder when it stays on the device) in less memory; the "
         "LoRA's weights, gradients and optimizer state stay fp32. fp8: weights stored in float8 and upcast layer "
-        "by layer for compute (diffusers' layerwise casting; about half of bf16, CUDA and CPU); int8: torchao's "
+        "by layer for compute (diffusers' layerwise casting; about half of bf16, convolutions kept; it saves memory "
+        "only with gradient_checkpointing, as each layer's upcast copy otherwise lives until the backward); int8: "
+        "torchao's "
         "int8 weight-only linears (needs torchao; CUDA and CPU); nf4: bitsandbytes' 4-bit NormalFloat linears "
         "(needs bitsandbytes and a CUDA GPU; the smallest, the slowest). " + QUANTIZED_BASE_NOTE),
         json_schema_extra=_advanced())

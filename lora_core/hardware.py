@@ -132,6 +132,10 @@ def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str, chec
     bytes_per = 4 if precision == "no" else 2
     text_on_device = config.train_text_encoder or config.shuffle_tags  # captions encoded every step
     frozen = frozen_bytes(sizes.unet_params, sizes.unet_quantizable, bytes_per, quantization)
+    if quantization == "fp8" and not checkpointing:
+        # each layer's upcast copy is what its backward saved (a view of it), so without recomputation every
+        # copy lives until the backward: fp8 storage saves nothing at the peak then, it adds
+        frozen += sizes.unet_quantizable.get("fp8", 0) * bytes_per
     frozen -= offloaded_bytes(sizes, bytes_per, quantization, offloaded) if offloaded else 0
     frozen += sizes.vae_params * bytes_per if config.latent_cache == "off" else 0
     if text_on_device:

@@ -23,7 +23,9 @@ from lora_core.errors import UserError
 from lora_core.models import ModelSizes
 
 # (base_quantization, gradient_checkpointing), fastest first
-CANDIDATES = (("none", False), ("fp8", False), ("none", True), ("fp8", True), ("int8", True), ("nf4", True))
+# fp8 only with checkpointing: without recomputation each layer's upcast copy lives until the backward
+# (hardware.estimate_memory), so it would not save memory at the peak
+CANDIDATES = (("none", False), ("none", True), ("fp8", True), ("int8", True), ("nf4", True))
 OFFLOAD_MODES = ("fp8", "int8")  # then, with checkpointing, offloading blocks (nf4's Linear4bit is not offloaded)
 LAST_RESORT = ("nf4",)  # after offloading (candidates)
 OFFLOAD_DEVICES = frozenset({"cuda"})  # where offload_blocks applies: on the CPU the weights are in host memory

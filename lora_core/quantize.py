@@ -53,8 +53,8 @@ FP8_KEEPS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 def quantizable(module: torch.nn.Module, mode: str, within: str = "") -> int:
     """The parameters `mode` stores in fewer bits: the linear weights (int8, nf4); for fp8 the weights and biases
     of the linears diffusers' layerwise casting reaches (not the convolutions: FP8_KEEPS), which skips norms
-    (FLUX's AdaLayerNorm linears, about a quarter of its weights), embeddings and the model's own skip list. `within`: only those
-    under that submodule path (a block), judged as in the whole model."""
+    (FLUX's AdaLayerNorm linears, about a quarter of its weights), embeddings and the model's own skip list.
+    `within`: only those under that submodule path (a block), judged as in the whole model."""
     inside = (lambda name: name.startswith(within + ".")) if within else (lambda name: True)
     if mode != "fp8":
         return sum(layer.weight.numel() for name, layer in module.named_modules()
