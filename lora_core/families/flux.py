@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lora_core.families.base import ACTIVATION_BYTES_PER_UNIT, Family, tokenize
+from lora_core.families.base import tokenize
+from lora_core.families.flow import FlowFamily
 
 if TYPE_CHECKING:
     import torch
 
     from lora_core.config import TrainConfig
     from lora_core.models import ModelInfo
-    from lora_core.objective import Objective
 
 DOUBLE_ATTENTION = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
 DOUBLE_MLP = r"(ff|ff_context)\.net\.(0\.proj|2)"
@@ -31,21 +31,14 @@ TARGETS = {
 }
 SEQUENCE_LENGTHS = {"dev": 512, "schnell": 256}
 SAMPLE_GUIDANCE = 3.5  # FLUX.1-dev's distilled guidance when sample_guidance_scale is left at its SD default
-# Saved activations per image token per block and hidden unit, in 2-byte units (q, k, v, attention output,
-# the MLP's 4x expansion, norms and modulations): an estimate until bench/gpu_check.sh measures it
-BLOCK_ACTIVATIONS_PER_HIDDEN = 30
 
 
-class Flux(Family):
+class Flux(FlowFamily):
     name = "flux"
     display_name = "FLUX.1"
     detect_priority = 5
     single_file_builtin = "flux-dev-arch"
-    denoiser = "transformer"
-    flow_matching = True
-    sampler_label = "flow-matching Euler"
-    diffusers_reads_lora = False  # its file's original-layout names (diffusers: FLUX.1's own sizes only)
-    offloads_blocks = True
+    targets = TARGETS
     components_examples = {"dev": "black-forest-labs/FLUX.1-dev",
                            "schnell": "black-forest-labs/FLUX.1-schnell"}
 
@@ -90,8 +83,14 @@ class Flux(Family):
     def description(self, info: ModelInfo) -> str:
         return f"{self.display_name}-{info.variant}" if info.variant else self.display_name
 
+    def block_count(self, denoiser_config: Any) -> int:
+        return denoiser_config.num_layers + denoiser_config.num_single_layers
+
+    def file_variant(self, variant: str) -> str:
+        return f"flux-{variant or 'dev'}"
+
     def check_config(self, config: TrainConfig) -> list[tuple[str, str]]:
-        return flow_family_problems(self, config, TARGETS) + (
+        return super().check_config(config) + (
             [] if config.use_t5_encoder else [("use_t5_encoder", "FLUX.1 reads its captions through T5 alone (CLIP "
                                                "gives only a pooled vector); it cannot drop it")])
 
@@ -100,16 +99,6 @@ class Flux(Family):
                 "guidance": config.flux_guidance if info.variant == "dev" else None}
 
     # --- the denoiser and its objective ---
-    def objective(self, config: TrainConfig, scheduler_config: Any, info: ModelInfo) -> Objective:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from lora_core.objective import FlowObjective
-
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-        grid = scheduler.sigmas[:len(scheduler.timesteps)]  # the training grid: sigma of each training timestep
-        return FlowObjective(config, grid, precondition=config.precondition_outputs == "on",
-                             tokens_per_latent_pixel=0.25)
-
     def predict(self, forward, noisy: torch.Tensor, levels: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         import torch
 
@@ -128,39 +117,8 @@ class Flux(Family):
         return output.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
     # --- adapters and export ---
-    def denoiser_targets(self) -> dict[str, Any]:
-        return TARGETS
-
-    def add_denoiser_adapter(self, denoiser, config: TrainConfig) -> list[torch.nn.Parameter]:
-        from lora_core import lora
-
-        return lora.add_lora(denoiser, config, TARGETS[config.lora_target])
-
-    def add_text_encoder_adapter(self, encoder, config: TrainConfig) -> list[torch.nn.Parameter]:
-        from lora_core import lora
-
-        return lora.add_text_encoder_lora(encoder, config)
-
     def trainable_text_encoders(self, pipeline) -> list:
         return [pipeline.text_encoder]  # CLIP-L, as kohya's `lora_te1_`; T5-XXL stays frozen
-
-    def lora_file_contents(self, denoiser, config: TrainConfig, text_encoders: list
-                           ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """kohya's names in the original layout, q/k/v (and the single blocks' MLP input) fused into one
-        projection (flow_names.py); CLIP-L's LoRA under `lora_te1_`, as sd-scripts writes FLUX's."""
-        from lora_core import lora
-        from lora_core.families.flow_names import export_original
-
-        state = export_original(denoiser, lora.adapter_tensors(denoiser, config))
-        for encoder in text_encoders:
-            state.update(lora.text_encoder_tensors(encoder, config, "lora_te1_"))
-        return state, {}
-
-    def metadata(self, prediction_type: str, variant: str = "") -> dict[str, str]:
-        from lora_core.families.flow_names import flow_metadata
-
-        return {**flow_metadata(f"flux-{variant or 'dev'}"), "ss_v2": "False",
-                "modelspec.prediction_type": "flow"}
 
     # --- conditioning ---
     def encode_captions(self, pipeline, texts: list[str], device: torch.device, dtype: torch.dtype,
@@ -179,16 +137,7 @@ class Flux(Family):
             embeds = pipeline.text_encoder_2(tokenize(pipeline.tokenizer_2, texts, device, length))[0]
         return {"encoder_hidden_states": embeds.to(dtype), "pooled_projections": pooled.to(dtype)}
 
-    def denoiser_inputs(self, text: dict[str, torch.Tensor], time_ids: torch.Tensor) -> dict[str, Any]:
-        return {"encoder_hidden_states": text["encoder_hidden_states"],
-                "pooled_projections": text["pooled_projections"]}
-
     # --- samples ---
-    def sample_scheduler(self, scheduler_config: Any):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-
     def sample_inputs(self, pipeline, prompt: str, device: torch.device, settings: dict | None = None
                       ) -> dict[str, Any]:
         length = (settings or {}).get("max_sequence_length", 512)
@@ -207,46 +156,8 @@ class Flux(Family):
         return pipeline._unpack_latents(drawn, height, width, pipeline.vae_scale_factor)
 
     # --- memory ---
-    def activation_units(self, denoiser_config: Any) -> float:
-        """Per latent pixel (a quarter of a 2x2-packed token): every block saves about 30 x hidden 2-byte values
-        per token, in ACTIVATION_BYTES_PER_UNIT's units (base.py)."""
-        c = denoiser_config
-        blocks = c.num_layers + c.num_single_layers
-        hidden = c.num_attention_heads * c.attention_head_dim
-        return blocks * hidden * BLOCK_ACTIVATIONS_PER_HIDDEN * 2 / 4 / ACTIVATION_BYTES_PER_UNIT
-
     def offloadable_blocks(self, denoiser) -> list:
         # the order its forward runs them: the double-stream blocks, then the single-stream ones
         return list(denoiser.transformer_blocks) + list(denoiser.single_transformer_blocks)
 
-    def checkpointed_activation_share(self, denoiser_config: Any) -> float:
-        c = denoiser_config
-        return block_checkpointing_share(c.num_layers + c.num_single_layers)
 
-
-def block_checkpointing_share(blocks: int) -> float:
-    """diffusers checkpoints a transformer at every block: each keeps its input (one hidden-wide value per token
-    of the BLOCK_ACTIVATIONS_PER_HIDDEN it would save), and one block at a time is recomputed whole in the
-    backward. From the structure, not yet measured on a GPU (bench/gpu_check.sh)."""
-    return 1 / BLOCK_ACTIVATIONS_PER_HIDDEN + 1 / blocks
-
-
-def flow_family_problems(family: Family, config: TrainConfig, targets: dict) -> list[tuple[str, str]]:
-    """The options a flow-matching family cannot honour (the UNet families' own, and what its export lacks)."""
-    problems = []
-    name = family.display_name
-    from lora_core.config import changed
-
-    if config.lora_target not in targets:
-        problems.append(("lora_target", f"{name} has no convolutions to adapt; choose one of {', '.join(targets)}"))
-    if changed(config, "min_snr_gamma") and config.min_snr_gamma:
-        problems.append(("min_snr_gamma", f"min-SNR weighting is for the DDPM objective; {name} trains by "
-                         "rectified flow: use loss_weighting instead, or set it to 0"))
-    for option, why in (("zero_terminal_snr", "a DDPM schedule's"), ("noise_offset", "the UNet families'")):
-        if getattr(config, option):
-            problems.append((option, f"{option} is {why} option; {name} trains by rectified flow: turn it off"))
-    if config.network_type != "lora" or config.use_dora:
-        field = "use_dora" if config.use_dora else "network_type"
-        problems.append((field, f"{name} LoRAs are written as plain LoRA (kohya's layout, fused q/k/v); LoHa, "
-                         "LoKr and DoRA files for it are not written yet: use network_type 'lora' without DoRA"))
-    return problems

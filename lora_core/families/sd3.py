@@ -11,15 +11,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lora_core.families.base import ACTIVATION_BYTES_PER_UNIT, Family, tokenize
-from lora_core.families.flux import BLOCK_ACTIVATIONS_PER_HIDDEN, block_checkpointing_share, flow_family_problems
+from lora_core.families.base import tokenize
+from lora_core.families.flow import FlowFamily
 
 if TYPE_CHECKING:
     import torch
 
     from lora_core.config import TrainConfig
     from lora_core.models import ModelInfo
-    from lora_core.objective import Objective
 
 ATTENTION = (r"transformer_blocks\.\d+\.(attn|attn2)\."
              r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)")
@@ -40,16 +39,13 @@ VAE_PREFIXES = ("first_stage_model.", "vae.")
 NAMES = {"sd3-medium": "SD 3 Medium", "sd35-medium": "SD 3.5 Medium", "sd35-large": "SD 3.5 Large"}
 
 
-class SD3(Family):
+class SD3(FlowFamily):
     name = "sd3"
     display_name = "SD 3.x"
     detect_priority = 6
     single_file_builtin = "sd35m-arch"
-    denoiser = "transformer"
-    flow_matching = True
-    sampler_label = "flow-matching Euler"
-    diffusers_reads_lora = False  # its file's original-layout names (diffusers: FLUX.1's own sizes only)
-    offloads_blocks = True
+    targets = TARGETS
+    precondition_by_default = True  # as diffusers' train_dreambooth_lora_sd3.py
     components_examples = {"sd35-medium": "stabilityai/stable-diffusion-3.5-medium",
                            "sd35-large": "stabilityai/stable-diffusion-3.5-large",
                            "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers"}
@@ -120,8 +116,14 @@ class SD3(Family):
     def run_description(self, info: ModelInfo, config: TrainConfig) -> str:
         return self.description(info) + ("" if config.use_t5_encoder else " without T5 (zeros in its place)")
 
+    def block_count(self, denoiser_config: Any) -> int:
+        return denoiser_config.num_layers
+
+    def file_variant(self, variant: str) -> str:
+        return variant or "sd35-medium"
+
     def check_config(self, config: TrainConfig) -> list[tuple[str, str]]:
-        problems = flow_family_problems(self, config, TARGETS)
+        problems = super().check_config(config)
         from lora_core.config import changed
 
         if changed(config, "flux_guidance"):
@@ -132,49 +134,14 @@ class SD3(Family):
         return {"max_sequence_length": config.max_sequence_length or SEQUENCE_LENGTH}
 
     # --- the denoiser and its objective ---
-    def objective(self, config: TrainConfig, scheduler_config: Any, info: ModelInfo) -> Objective:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from lora_core.objective import FlowObjective
-
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-        grid = scheduler.sigmas[:len(scheduler.timesteps)]  # shifted by 3: sigma of each training timestep
-        return FlowObjective(config, grid, precondition=config.precondition_outputs != "off",
-                             tokens_per_latent_pixel=0.25)
-
     def predict(self, forward, noisy: torch.Tensor, levels: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         return forward(hidden_states=noisy, timestep=levels.to(noisy.dtype) * 1000,
                        encoder_hidden_states=inputs["encoder_hidden_states"],
                        pooled_projections=inputs["pooled_projections"], return_dict=False)[0]
 
     # --- adapters and export ---
-    def denoiser_targets(self) -> dict[str, Any]:
-        return TARGETS
-
-    def add_denoiser_adapter(self, denoiser, config: TrainConfig) -> list[torch.nn.Parameter]:
-        from lora_core import lora
-
-        return lora.add_lora(denoiser, config, TARGETS[config.lora_target])
-
-    def add_text_encoder_adapter(self, encoder, config: TrainConfig) -> list[torch.nn.Parameter]:
-        from lora_core import lora
-
-        return lora.add_text_encoder_lora(encoder, config)
-
     def trainable_text_encoders(self, pipeline) -> list:
         return [pipeline.text_encoder, pipeline.text_encoder_2]  # the CLIPs; T5-XXL stays frozen
-
-    def lora_file_contents(self, denoiser, config: TrainConfig, text_encoders: list
-                           ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """kohya's names in the original layout (the only SD 3 names Forge and sd-scripts read; ComfyUI reads
-        them too), q/k/v fused; the CLIPs' LoRA under `lora_te1_` / `lora_te2_`."""
-        from lora_core import lora
-        from lora_core.families.flow_names import export_original
-
-        state = export_original(denoiser, lora.adapter_tensors(denoiser, config))
-        for index, encoder in enumerate(text_encoders):
-            state.update(lora.text_encoder_tensors(encoder, config, f"lora_te{index + 1}_"))
-        return state, {}
 
     def companion_files(self, denoiser, config: TrainConfig, text_encoders: list
                         ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
@@ -190,12 +157,6 @@ class SD3(Family):
                 state[f"{name}.{path}.lora_A.weight"] = down.contiguous()
                 state[f"{name}.{path}.lora_B.weight"] = (up * (alpha / down.shape[0])).contiguous()
         return {"diffusers": (state, {})}
-
-    def metadata(self, prediction_type: str, variant: str = "") -> dict[str, str]:
-        from lora_core.families.flow_names import flow_metadata
-
-        return {**flow_metadata(variant or "sd35-medium"), "ss_v2": "False",
-                "modelspec.prediction_type": "flow"}
 
     # --- conditioning ---
     def encode_captions(self, pipeline, texts: list[str], device: torch.device, dtype: torch.dtype,
@@ -224,16 +185,7 @@ class SD3(Family):
         return {"encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], dim=-2).to(dtype),
                 "pooled_projections": torch.cat(pooled, dim=-1).to(dtype)}
 
-    def denoiser_inputs(self, text: dict[str, torch.Tensor], time_ids: torch.Tensor) -> dict[str, Any]:
-        return {"encoder_hidden_states": text["encoder_hidden_states"],
-                "pooled_projections": text["pooled_projections"]}
-
     # --- samples ---
-    def sample_scheduler(self, scheduler_config: Any):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-
     def sample_inputs(self, pipeline, prompt: str, device: torch.device, settings: dict | None = None
                       ) -> dict[str, Any]:
         length = (settings or {}).get("max_sequence_length", SEQUENCE_LENGTH)
@@ -245,14 +197,5 @@ class SD3(Family):
                 "max_sequence_length": length}
 
     # --- memory ---
-    def activation_units(self, denoiser_config: Any) -> float:
-        """As FLUX's (flux.py): per latent pixel, a quarter of a 2x2 patch's token, every joint block."""
-        c = denoiser_config
-        hidden = c.num_attention_heads * c.attention_head_dim
-        return c.num_layers * hidden * BLOCK_ACTIVATIONS_PER_HIDDEN * 2 / 4 / ACTIVATION_BYTES_PER_UNIT
-
     def offloadable_blocks(self, denoiser) -> list:
         return list(denoiser.transformer_blocks)  # in the order its forward runs them
-
-    def checkpointed_activation_share(self, denoiser_config: Any) -> float:
-        return block_checkpointing_share(denoiser_config.num_layers)
