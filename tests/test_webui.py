@@ -461,7 +461,8 @@ def test_a_restarted_server_shows_a_running_job_again_then_complete_and_keeps_th
     outputs = tmp_path / "outputs"
     demo, studio, url = launch_app(outputs)
     first = Client(url, verbose=False)
-    job = start(first, **{**LONG, "steps": 30}, run_name="outlives")
+    # long enough to outlive the restart on an idle machine too (building the page takes seconds)
+    job = start(first, **{**LONG, "steps": 150}, run_name="outlives")
     waiting = submit(first, **{**LONG, "steps": 1}, run_name="waits")
     assert waiting["state"] == "queued"
     before = wait_for(first, lambda s: s["state"] == "running", job, timeout=120)
@@ -478,7 +479,7 @@ def test_a_restarted_server_shows_a_running_job_again_then_complete_and_keeps_th
         assert again["state"] == "running" and again["step"] >= before["step"], again  # followed live again
         assert [queued["job_id"] for queued in second.predict(api_name="/queue")] == [waiting["job_id"]]
         done = wait_for(second, lambda s: s["state"] in TERMINAL, job, timeout=180)
-        assert done["state"] == "complete" and done["step"] == 30 and Path(done["final_path"]).is_file()
+        assert done["state"] == "complete" and done["step"] == 150 and Path(done["final_path"]).is_file()
         after = wait_for(second, lambda s: s["state"] in TERMINAL, waiting["job_id"], timeout=180)
         assert after["state"] == "complete"  # the queue survived the restart and went on by itself
     finally:
