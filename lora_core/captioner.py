@@ -275,26 +275,16 @@ def command_line(folder: str | Path, options: CaptionOptions | dict | None = Non
 def main(argv: list[str]) -> int:
     """`python -m lora_core caption DATASET ...`: events on stdout; 0 when every image was captioned or kept,
     1 on an error or when some images were refused, 130/143 when stopped by SIGINT/SIGTERM."""
-    import signal
     import sys
+
+    from lora_core.job import stream_tool_job
 
     folder, options = parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    stop: list[int] = []
-    handlers = {number: signal.signal(number, lambda signum, frame: stop.append(signum))
-                for number in (signal.SIGINT, signal.SIGTERM)}
-    stdout = sys.stdout
-    with os.fdopen(os.dup(1), "w", buffering=1) as events_out:
-        sys.stdout = sys.stderr  # whatever a library prints must not corrupt the JSON stream
-        try:
-            event = run_job(folder, options, lambda e: events_out.write(e.to_json() + "\n"), lambda: bool(stop))
-        finally:
-            sys.stdout = stdout
-            for number, handler in handlers.items():
-                signal.signal(number, handler)
+    event, stopped = stream_tool_job(lambda emit, should_stop: run_job(folder, options, emit, should_stop))
     if isinstance(event, CaptionComplete):
         return 1 if event.num_refused else 0
     if isinstance(event, Interrupted):
-        return 130 if stop and stop[0] == signal.SIGINT else 143
+        return stopped or 143
     print(f"error: {event.message}", file=sys.stderr)
     return 1

@@ -381,28 +381,18 @@ def parse_args(argv: list[str]):
 def main(argv: list[str]) -> int:
     """`python -m lora_core grid|sweep ...`: events on stdout; 0 when the image was written."""
     import os
-    import signal
     import sys
+
+    from lora_core.job import stream_tool_job
 
     kind, run, options = parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    stop: list[int] = []
-    handlers = {number: signal.signal(number, lambda signum, frame: stop.append(signum))
-                for number in (signal.SIGINT, signal.SIGTERM)}
-    stdout = sys.stdout
-    with os.fdopen(os.dup(1), "w", buffering=1) as events_out:
-        sys.stdout = sys.stderr  # whatever a library prints must not corrupt the JSON stream
-        try:
-            event = run_job(kind, run, options, lambda e: events_out.write(e.to_json() + "\n"), lambda: bool(stop))
-        finally:
-            sys.stdout = stdout
-            for number, handler in handlers.items():
-                signal.signal(number, handler)
+    event, stopped = stream_tool_job(lambda emit, should_stop: run_job(kind, run, options, emit, should_stop))
     if isinstance(event, GridComplete):
         print(event.path, file=sys.stderr)
         return 0
     if isinstance(event, Interrupted):
-        return 130 if stop[0] == signal.SIGINT else 143
+        return stopped or 143
     print(f"error: {event.message}", file=sys.stderr)
     return 1

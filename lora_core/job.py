@@ -107,3 +107,26 @@ def release_device() -> None:
             torch.cuda.empty_cache()
     except Exception:  # releasing memory must never mask the real outcome
         pass
+
+
+def stream_tool_job(work: Callable[[Callable[[Event], None], Callable[[], bool]], Event]) -> tuple[Event, int]:
+    """Run a tool's job (`work(emit, should_stop)`, returning its final event) as a command: events as JSON lines
+    on stdout and nothing else (what a library prints goes to stderr), SIGINT / SIGTERM asking it to stop.
+    Returns the final event and the exit status a stop means (130 for SIGINT, 143 for SIGTERM; 0 if none)."""
+    import os
+    import signal
+    import sys
+
+    stop: list[int] = []
+    handlers = {number: signal.signal(number, lambda signum, frame: stop.append(signum))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    stdout = sys.stdout
+    with os.fdopen(os.dup(1), "w", buffering=1) as events_out:
+        sys.stdout = sys.stderr  # whatever a library prints must not corrupt the JSON stream
+        try:
+            event = work(lambda e: events_out.write(e.to_json() + "\n"), lambda: bool(stop))
+        finally:
+            sys.stdout = stdout
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
+    return event, (130 if stop[0] == signal.SIGINT else 143) if stop else 0
