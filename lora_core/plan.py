@@ -11,6 +11,7 @@ and reports every problem under its field instead of stopping at the first.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -104,9 +105,10 @@ class RunPlan:
     def family(self) -> families.Family:
         return families.get(self.info.family)
 
-    @property
+    @functools.cached_property
     def settings(self) -> dict:
-        """What the run's options decide for the family's encoders and denoiser call (Family.run_settings)."""
+        """What the run's options decide for the family's encoders and denoiser call (Family.run_settings); asked
+        every step, decided once."""
         return self.family.run_settings(self.config, self.info)
 
     @property
