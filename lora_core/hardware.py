@@ -148,17 +148,19 @@ def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str, chec
         activations *= sizes.checkpointed_share
     return MemoryEstimate(round((frozen + lora + activations) / GIB, 3), round(frozen / GIB, 3),
                           round(lora / GIB, 3), round(activations / GIB, 3), checkpointing,
-                          _covers(config, text_on_device, quantization, offloaded), quantization, offloaded)
+                          _covers(config, text_on_device, quantization, offloaded, sizes.denoiser_label),
+                          quantization, offloaded)
 
 
-def _covers(config: TrainConfig, text_on_device: bool, quantization: str, offloaded: int = 0) -> str:
-    kept = ["UNet"] + (["VAE"] if config.latent_cache == "off" else []) + (["text encoder"] if text_on_device else [])
-    trained = "UNet and text-encoder" if config.train_text_encoder else "UNet"
+def _covers(config: TrainConfig, text_on_device: bool, quantization: str, offloaded: int = 0,
+            denoiser: str = "UNet") -> str:
+    kept = [denoiser] + (["VAE"] if config.latent_cache == "off" else []) + (["text encoder"] if text_on_device else [])
+    trained = f"{denoiser} and text-encoder" if config.train_text_encoder else denoiser
     stored = "" if quantization == "none" else f" ({quantization} where quantised)"
     stored += f" but {offloaded} offloaded blocks' (two of them in flight)" if offloaded else ""
     state = "8-bit AdamW state" if config.optimizer in LORA_BYTES else "AdamW state"
     return (f"frozen {', '.join(kept)} weights on the device{stored}, {trained} LoRA weights + gradients in fp32 + "
-            f"{state}, UNet activations for one batch; not " + ("the text encoders' activations (small), "
+            f"{state}, {denoiser} activations for one batch; not " + ("the text encoders' activations (small), "
             if text_on_device else "the text encoders (used once to cache captions, then moved off), ")
             + "the sample-image pass, a quantised layer's transient upcast, or allocator slack")
 

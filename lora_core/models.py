@@ -62,6 +62,7 @@ class ModelSizes:
     # parameters, and of those the ones each base_quantization mode stores small
     block_params: list[int] = field(default_factory=list)
     block_quantizable: list[dict[str, int]] = field(default_factory=list)
+    denoiser_label: str = "UNet"  # what the estimate's text calls the denoiser ("UNet", "transformer")
 
 
 @dataclass
@@ -345,6 +346,7 @@ def model_sizes(source: ModelSource, info: ModelInfo) -> ModelSizes:
         text_quantizable={mode: sum(quantizable(encoder, mode) for encoder in big) for mode in MODES},
         block_params=[sum(p.numel() for p in denoiser.get_submodule(block).parameters()) for block in blocks],
         block_quantizable=[{mode: quantizable(denoiser, mode, block) for mode in MODES} for block in blocks],
+        denoiser_label="UNet" if family.denoiser == "unet" else family.denoiser,
     )
 
 

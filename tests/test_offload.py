@@ -168,6 +168,7 @@ def test_the_estimate_takes_the_offloaded_blocks_off_but_two_in_flight(flux_size
         saving = full.frozen_weights_gib - eight.frozen_weights_gib
         assert saving == pytest.approx(6 * per_block / GIB, abs=2e-3)
         assert eight.offload_blocks == 8 and "8 offloaded blocks" in eight.covers
+        assert "transformer activations" in eight.covers and "UNet" not in eight.covers  # the family's word
         assert eight.activations_gib == full.activations_gib and eight.lora_and_optimizer_gib == \
             full.lora_and_optimizer_gib
     everything = hardware.estimate_memory(config, flux_sizes, "bf16", True, "none", 57)
