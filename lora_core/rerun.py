@@ -117,6 +117,23 @@ def prepare(run_folder: str | Path, output: str | Path, force: bool = False) -> 
     return config, said + found["notes"]
 
 
+def page_config(run_folder: str | Path) -> Any:
+    """The config the page's Rerun submits (its output folder is the run's; the queue picks a fresh one beside
+    it), after the torch-free checks: the dataset files and packages against the manifest. RerunRefused names what
+    differs (the base model is checked by the command line, which may load torch)."""
+    from lora_core.configfile import parse_config
+
+    recorded = manifest.read(run_folder)
+    now = {"datasets": {field: manifest.folder_hashes(entry.get("folder", ""))
+                        for field, entry in recorded.get("datasets", {}).items()},
+           "packages": manifest.package_versions(), "base_model": recorded.get("base_model")}
+    found = differences(recorded, now)
+    if blocking(found):
+        raise RerunRefused("; ".join(describe(found)) + ". Restore them, or train again from the command line "
+                           "with `python -m lora_core rerun RUN OUT --force`")
+    return parse_config({**recorded["config"], "output_path": str(run_folder)})
+
+
 def main(argv: list[str]) -> int:
     """`rerun RUN OUT [--force]`: the rerun's events on stdout, as `train`'s; exit 1 when refused."""
     parser = argparse.ArgumentParser(prog="python -m lora_core rerun", description=(

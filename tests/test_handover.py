@@ -218,3 +218,21 @@ def test_a_rerun_is_refused_naming_changed_missing_and_new_files_unless_forced(t
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["type"] == "error"
     config, said = rerun.prepare(moved, tmp_path / "again", force=True)
     assert Path(config.output_path) == tmp_path / "again" and any("image_1.txt" in line for line in said)
+
+
+@pytest.mark.e2e
+def test_the_runs_tab_offers_the_workflow_and_manifest_and_its_rerun_checks_the_dataset(trained, tmp_path):
+    from studio.runs_page import RunsTab
+
+    run, data = trained
+    *_, files, _, _ = RunsTab(run.parent).open(run.name)
+    assert {Path(f).name for f in files} >= {comfyui.WORKFLOW_FILE, manifest.MANIFEST_FILE}
+    config = rerun.page_config(run)  # the queue puts it in a fresh folder beside the run
+    assert (config.seed, config.steps, Path(config.output_path)) == (7, 3, run)
+    moved = tmp_path / "run"
+    recorded = manifest.read(run)
+    recorded["datasets"]["dataset_path"]["folder"] = str(shutil.copytree(data, tmp_path / "dataset"))
+    manifest.write(moved, recorded)
+    (tmp_path / "dataset" / "image_0.txt").write_text("changed")
+    with pytest.raises(rerun.RerunRefused, match="changed image_0.txt"):
+        rerun.page_config(moved)
