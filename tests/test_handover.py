@@ -99,6 +99,17 @@ def test_every_family_workflow_uses_comfyui_core_nodes_with_their_inputs_and_lin
         assert {s["cfg"] for s in samplers} == {3.5}
 
 
+def test_flux_shift_is_the_mu_diffusers_used():
+    from lora_core.families.comfy import flux_shifts
+
+    assert flux_shifts(settings(scheduler=FLUX_FLOW)) == (0.5, 1.15)
+    static = flux_shifts(settings(scheduler={**FLUX_FLOW, "use_dynamic_shifting": False, "shift": 3.0}))
+    assert static[0] == static[1] == pytest.approx(1.0986, abs=1e-4)  # ln 3: shift*t/(1+(shift-1)t)
+    other = {**FLUX_FLOW, "base_image_seq_len": 64, "max_image_seq_len": 1024}
+    tokens = 512 * 768 / 256
+    assert flux_shifts(settings(scheduler=other))[0] == pytest.approx(0.5 + 0.65 * (tokens - 64) / 960)
+
+
 def test_the_checker_finds_a_broken_link_a_missing_input_and_a_wrong_type():
     graph = families.get("sd1").comfyui_graph(settings())
     sampler = next(n for n in graph.values() if n["class_type"] == "KSampler")

@@ -11,6 +11,7 @@ Torch-free: the page and the CLI call it without loading a model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,9 +138,9 @@ def flux_graph(s: ComfySettings) -> dict[str, dict[str, Any]]:
                          clip_name2=s.text_encoders.get("t5xxl", "t5xxl_fp16.safetensors"), type="flux"))
     vae = out(graph.add("VAELoader", "VAE", vae_name=s.text_encoders.get("vae", "ae.safetensors")))
     model, clip = _lora(graph, s, model, clip)
-    model = out(graph.add("ModelSamplingFlux", "Shift", model=model,
-                          max_shift=float(s.scheduler.get("max_shift", 1.15)),
-                          base_shift=float(s.scheduler.get("base_shift", 0.5)), width=s.width, height=s.height))
+    base, top = flux_shifts(s)
+    model = out(graph.add("ModelSamplingFlux", "Shift", model=model, max_shift=top, base_shift=base, width=s.width,
+                          height=s.height))
     latent = out(graph.add("EmptySD3LatentImage", "Size", width=s.width, height=s.height, batch_size=1))
 
     def guided(positive: list, index: int) -> list:
@@ -147,6 +148,24 @@ def flux_graph(s: ComfySettings) -> dict[str, dict[str, Any]]:
 
     _draw(graph, s, model, clip, vae, latent, 1.0, guided if s.variant != "schnell" else None)
     return graph.nodes
+
+
+def flux_shifts(s: ComfySettings) -> tuple[float, float]:
+    """ModelSamplingFlux's (base_shift, max_shift) giving the mu diffusers' FluxPipeline used. Both shift time the
+    same way (sigma = e^mu / (e^mu + 1/t - 1)) and interpolate mu linearly in the image's tokens, ComfyUI always
+    between 256 and 4096 tokens: a scheduler with those ends keeps its base/max (the workflow then shifts right
+    at any size); other ends give this size's mu as both; a static shift s (no dynamic shifting) is mu = ln s."""
+    c = s.scheduler
+    if not c.get("use_dynamic_shifting", True):
+        mu = math.log(float(c.get("shift", 1.0)))
+        return mu, mu
+    base, top = float(c.get("base_shift", 0.5)), float(c.get("max_shift", 1.15))
+    low, high = int(c.get("base_image_seq_len", 256)), int(c.get("max_image_seq_len", 4096))
+    if (low, high) == (256, 4096):
+        return base, top
+    tokens = s.width * s.height / (8 * 8 * 2 * 2)  # as ComfyUI counts them: an 8x VAE, 2x2 patches
+    mu = base + (top - base) * (tokens - low) / (high - low)
+    return mu, mu
 
 
 def sd3_graph(s: ComfySettings) -> dict[str, dict[str, Any]]:
