@@ -123,11 +123,12 @@ def test_the_checker_finds_a_broken_link_a_missing_input_and_a_wrong_type():
 def test_scheduler_names_map_to_comfyui_and_say_what_is_not_exact():
     from lora_core.families.comfy import sampler_names
 
-    assert sampler_names(DPM)[:2] == ("dpmpp_2m", "normal")
-    assert sampler_names({**DPM, "use_karras_sigmas": True})[:2] == ("dpmpp_2m", "karras")
-    assert sampler_names({**DPM, "algorithm_type": "sde-dpmsolver++"})[:2] == ("dpmpp_2m_sde", "normal")
-    assert sampler_names(FLOW)[:2] == ("euler", "simple")
+    assert sampler_names(DPM)[:2] == ("dpmpp_2m", "ddim_uniform")  # leading spacing: the nearest
     assert "leading" in sampler_names(DPM)[2]
+    assert sampler_names({**DPM, "timestep_spacing": "trailing"})[:2] == ("dpmpp_2m", "sgm_uniform")
+    assert sampler_names({**DPM, "use_karras_sigmas": True})[:2] == ("dpmpp_2m", "karras")
+    assert sampler_names({**DPM, "algorithm_type": "sde-dpmsolver++"})[:2] == ("dpmpp_2m_sde", "ddim_uniform")
+    assert sampler_names(FLOW)[:2] == ("euler", "simple")
 
 
 def test_model_placeholders_and_the_recommendation(tmp_path):

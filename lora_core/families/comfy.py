@@ -58,21 +58,28 @@ def out(node: str, index: int = 0) -> list:
 def sampler_names(scheduler: dict[str, Any]) -> tuple[str, str, str]:
     """ComfyUI's (sampler_name, scheduler) for a diffusers scheduler config, and what is not exact in words.
 
-    DPM-Solver++ multistep (2nd order) is ComfyUI's `dpmpp_2m` (the SDE variant `dpmpp_2m_sde`); its sigma
-    spacing is `karras` or `exponential` when the config asks for those, else `normal` (ComfyUI spaces the
-    model's own timesteps evenly; diffusers' `leading`/`trailing` spacing starts and ends a step apart).
-    Flow-match Euler is `euler` with the `simple` schedule over the shifted sigmas (the shift itself comes from
-    ModelSamplingSD3 / ModelSamplingFlux); diffusers spaces sigmas linearly from 1 to 1/steps before shifting,
-    ComfyUI takes every n-th of the model's 1000 shifted sigmas, so the steps land close but not on the same
-    values."""
+    DPM-Solver++ multistep (2nd order) is ComfyUI's `dpmpp_2m` (the SDE variant `dpmpp_2m_sde`). Its timesteps:
+    `karras` / `exponential` sigmas when the config asks for those; diffusers' `linspace` and `trailing` spacing
+    (999 down to about 1000/steps) is ComfyUI's `sgm_uniform` (the same points, unrounded); its `leading` spacing
+    (SD 1.5's config: steps of 1000 // (steps + 1), starting below 999) has no twin, and `ddim_uniform` (steps of
+    1000 // steps from 1 up) is the nearest. Flow-match Euler is `euler` with the `simple` schedule over the
+    shifted sigmas (the shift itself comes from ModelSamplingSD3 / ModelSamplingFlux); diffusers spaces sigmas
+    linearly from 1 to 1/steps before shifting, ComfyUI takes every n-th of its 1000 shifted sigmas, so the steps
+    land close but not on the same values."""
     kind = scheduler.get("_class_name", "")
-    spacing = scheduler.get("timestep_spacing", "leading")
+    spacing = scheduler.get("timestep_spacing", "linspace")
     if kind == "DPMSolverMultistepScheduler":
         name = "dpmpp_2m_sde" if "sde" in scheduler.get("algorithm_type", "dpmsolver++") else "dpmpp_2m"
-        schedule = "karras" if scheduler.get("use_karras_sigmas") else (
-            "exponential" if scheduler.get("use_exponential_sigmas") else "normal")
-        note = (f"DPM-Solver++ 2M as {name}/{schedule}; diffusers spaced the {spacing} timesteps, ComfyUI "
-                f"spaces them evenly (order {scheduler.get('solver_order', 2)} in diffusers)")
+        if scheduler.get("use_karras_sigmas") or scheduler.get("use_exponential_sigmas"):
+            schedule = "karras" if scheduler.get("use_karras_sigmas") else "exponential"
+            note = f"DPM-Solver++ 2M with {schedule} sigmas as {name}/{schedule}"
+        elif spacing == "leading":
+            schedule = "ddim_uniform"
+            note = (f"DPM-Solver++ 2M as {name}/ddim_uniform; diffusers' leading spacing steps by 1000 // (steps + 1) "
+                    "and ComfyUI's ddim_uniform by 1000 // steps, so the timesteps sit a little apart")
+        else:
+            schedule = "sgm_uniform"
+            note = f"DPM-Solver++ 2M as {name}/sgm_uniform: the {spacing} timesteps, not rounded to integers"
         return name, schedule, note
     if kind == "FlowMatchEulerDiscreteScheduler":
         return "euler", "simple", ("flow-match Euler as euler/simple; diffusers spaces sigmas linearly before the "
