@@ -13,6 +13,7 @@ On the same machine, with the same packages and data, the rerun's LoRA is bit-id
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -157,7 +158,28 @@ def main(argv: list[str]) -> int:
         print(RunWarning(message=message, field="run").to_json(), flush=True)
         log.warning("%s", message)
         print(message, file=sys.stderr)
-    return _train(config)
+    code = _train(config)
+    if code == 0:
+        _compare_result(Path(args.run), Path(config.output_path))
+    return code
+
+
+def _compare_result(run_folder: Path, output: Path) -> bool | None:
+    """Record in the rerun's manifest what it reran (`rerun_of`) and whether its final LoRA's tensors are the
+    original's (their SHA-256), and say so on stderr; None when either hash is unknown."""
+    try:
+        before = manifest.read(run_folder).get("final_lora", {}).get("tensors_sha256")
+        recorded = manifest.read(output)
+    except manifest.ManifestError:
+        return None
+    after = recorded.get("final_lora", {}).get("tensors_sha256")
+    same = None if not (before and after) else before == after
+    recorded["rerun_of"] = {"run": str(run_folder.resolve()), "identical_lora": same}
+    with contextlib.suppress(OSError):  # the rerun's result stands without this note
+        manifest.write(output, recorded)
+    said = {True: "bit-identical to", False: "DIFFERENT from", None: "not comparable with"}[same]
+    print(f"the rerun's LoRA is {said} the original's (tensor SHA-256 {after} vs {before})", file=sys.stderr)
+    return same
 
 
 def _train(config: Any) -> int:

@@ -205,8 +205,8 @@ def test_a_rerun_on_the_same_machine_gives_a_bit_identical_lora(trained, tmp_pat
     assert terminal.type == "complete"
     first, second = load_file(run / "lora_final.safetensors"), load_file(tmp_path / "again" / "lora_final.safetensors")
     assert first.keys() == second.keys() and all((first[k] == second[k]).all() for k in first)
-    assert manifest.read(tmp_path / "again")["final_lora"]["tensors_sha256"] == \
-        manifest.read(run)["final_lora"]["tensors_sha256"]
+    assert rerun._compare_result(run, tmp_path / "again") is True  # what the command says after training
+    assert manifest.read(tmp_path / "again")["rerun_of"] == {"run": str(run.resolve()), "identical_lora": True}
 
 
 @pytest.mark.e2e
