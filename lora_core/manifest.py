@@ -29,7 +29,9 @@ FORMAT = 1
 PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "huggingface-hub",
             "tokenizers", "numpy", "pillow", "pydantic", "bitsandbytes", "torchao", "lion-pytorch", "schedulefree",
             "came-pytorch", "lycoris-lora")
-NOT_DATASETS = ("output_path",)  # path fields that are no dataset: the run's own folder
+# a field naming a folder of images, or a list of them (and a concept's `path`)
+DATASET_SUFFIXES = ("_path", "_folder", "_dir", "_paths", "_folders", "_dirs")
+NOT_DATASETS = ("output", "cache", "log", "model", "component")  # path fields that hold no training data
 QUICK_BYTES = 1 << 20  # a large weight file is identified by its size and its first and last MiB
 
 
@@ -39,8 +41,9 @@ class ManifestError(ValueError):
 
 def dataset_folders(config: Any) -> dict[str, str]:
     """Every dataset folder the config names, by its field (`dataset_path`, `validation_dataset_path`, and any
-    other field, also nested in a list of concepts, whose name ends in `_path`, `_folder` or `_dir`): the one
-    place that knows which of the config's paths hold training data."""
+    other field, also nested in a list of concepts, whose name ends in `_path`, `_folder` or `_dir` or is `path`,
+    except the run's own output, caches, logs and models): the one place that knows which of the config's paths
+    hold training data."""
     found: dict[str, str] = {}
 
     def walk(value: Any, where: str) -> None:
@@ -51,8 +54,8 @@ def dataset_folders(config: Any) -> dict[str, str]:
             for index, inner in enumerate(value):
                 walk(inner, f"{where}[{index}]")
         elif isinstance(value, str) and value:
-            name = where.rpartition(".")[2]
-            if name.endswith(("_path", "_folder", "_dir")) and name not in NOT_DATASETS:
+            name = where.rpartition(".")[2].partition("[")[0]
+            if (name.endswith(DATASET_SUFFIXES) or name == "path") and not any(w in name for w in NOT_DATASETS):
                 found[where] = value
 
     walk(config.model_dump(mode="json"), "")

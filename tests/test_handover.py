@@ -153,6 +153,14 @@ def test_dataset_folders_come_from_the_configs_path_fields(tmp_path):
     assert manifest.dataset_folders(config) == {"dataset_path": str(tmp_path / "train"),
                                                 "validation_dataset_path": str(tmp_path / "v")}
 
+    class Later:  # fields other helpers add (concept and regularisation folders), as the config dumps them
+        def model_dump(self, mode: str) -> dict:
+            return {**config.model_dump(mode=mode), "concepts": [{"path": "c1", "repeats": 2}, {"path": "c2"}],
+                    "reg_data_dirs": ["r1"], "cache_dir": "cache"}
+
+    assert set(manifest.dataset_folders(Later())) == {"dataset_path", "validation_dataset_path", "concepts[0].path",
+                                                      "concepts[1].path", "reg_data_dirs[0]"}
+
 
 # ----------------------------------------------------------------------------------------------------
 # a trained run, its manifest and workflow, and a rerun
