@@ -197,7 +197,9 @@ def test_a_run_leaves_a_complete_manifest_and_a_workflow_that_draws_its_samples(
     # a recommendation from the scoring rewrites it
     (run / comfyui.SCORES_FILE).write_text(json.dumps({"recommended": {"lora": "lora_final.safetensors",
                                                                        "strength": 0.6}}))
-    comfyui.write_workflow(run)
+    from lora_core.__main__ import main
+
+    assert main(["comfyui", str(run)]) is None  # python -m lora_core comfyui RUN
     graph = json.loads((run / comfyui.WORKFLOW_FILE).read_text(encoding="utf-8"))
     assert next(n["inputs"] for n in graph.values() if n["class_type"] == "LoraLoader")["strength_model"] == 0.6
 
