@@ -28,18 +28,22 @@ DEFAULT_STRENGTH = 1.0
 
 def recommendation(run_folder: str | Path) -> tuple[str, float]:
     """The LoRA file (relative to the run folder) and strength to use: what the run's scores.json recommends
-    (`{"recommended": {"lora": "<file>", "strength": x}}`, written by the scoring), else the final LoRA at 1.0.
-    A recommendation naming a file the run does not have is ignored."""
+    (`{"recommended": {"lora": "<file>", "strength": x}}`, written by the scoring; the file relative to the run
+    folder, absolute, or a checkpoint's file name), else the final LoRA at 1.0. A recommendation naming a file
+    the run does not have is ignored."""
     folder = Path(run_folder)
     try:
         recommended = json.loads((folder / SCORES_FILE).read_text(encoding="utf-8"))["recommended"]
         lora, strength = str(recommended["lora"]), float(recommended["strength"])
     except (OSError, ValueError, KeyError, TypeError):
         return FINAL_LORA, DEFAULT_STRENGTH
-    path = (folder / lora).resolve()
-    if not path.is_file() or folder.resolve() not in path.parents:
-        return FINAL_LORA, DEFAULT_STRENGTH
-    return path.relative_to(folder.resolve()).as_posix(), strength
+    root = folder.resolve()
+    # the file relative to the run folder (or absolute), or a checkpoint named by its file name alone
+    for candidate in (folder / lora, folder / "checkpoints" / Path(lora).name):
+        path = candidate.resolve()
+        if path.is_file() and root in path.parents:
+            return path.relative_to(root).as_posix(), strength
+    return FINAL_LORA, DEFAULT_STRENGTH
 
 
 def placeholder_name(base_model: str) -> str:

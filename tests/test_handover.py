@@ -141,6 +141,8 @@ def test_model_placeholders_and_the_recommendation(tmp_path):
     scores = tmp_path / comfyui.SCORES_FILE
     scores.write_text(json.dumps({"recommended": {"lora": "checkpoints/lora_step_500.safetensors", "strength": 0.7}}))
     assert comfyui.recommendation(tmp_path) == ("checkpoints/lora_step_500.safetensors", 0.7)
+    scores.write_text(json.dumps({"recommended": {"lora": "lora_step_500.safetensors", "strength": 0.5}}))
+    assert comfyui.recommendation(tmp_path) == ("checkpoints/lora_step_500.safetensors", 0.5)
     scores.write_text(json.dumps({"recommended": {"lora": "../elsewhere.safetensors", "strength": 0.7}}))
     assert comfyui.recommendation(tmp_path) == ("lora_final.safetensors", 1.0)
 
