@@ -13,6 +13,9 @@
     python -m lora_core caption DATASET [--model ID] [--overwrite] [--prefix T] ...   caption the images with a
                                         vision-language model (lora_core/captioner.py, caption_model.py; caption -h)
     python -m lora_core export-builtin NAME DIR   write a built-in model (e.g. toy-sd) as a diffusers folder
+    python -m lora_core rerun RUN OUT [--force]   train a run again from its manifest.json into OUT; refused,
+                                        naming them, when its dataset, packages or base model differ (rerun.py)
+    python -m lora_core comfyui RUN     (re)write RUN/comfyui_workflow.json for its recommended LoRA (comfyui.py)
 """
 
 import sys
@@ -66,6 +69,19 @@ def main(argv: list[str]) -> int | str | None:
         from lora_core.captioner import main as caption
 
         return caption(argv[1:])
+    if command == "rerun":
+        from lora_core.rerun import main as rerun
+
+        return rerun(argv[1:])
+    if command == "comfyui" and len(argv) == 2:
+        from lora_core.comfyui import write_workflow
+        from lora_core.manifest import ManifestError
+
+        try:
+            print(write_workflow(argv[1]))
+        except ManifestError as error:
+            return str(error)
+        return None
     if command == "schema":
         write_schema(argv[1] if len(argv) > 1 else "config_schema.json")
     elif command == "options":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lora_core import checkpoint, dataset, distributed, doctor, objective, samples
+from lora_core import checkpoint, dataset, distributed, doctor, handover, objective, samples
 from lora_core.batches import Batch
 from lora_core.config import TrainConfig
 from lora_core.events import (
@@ -63,6 +63,8 @@ def train(config: TrainConfig, emit: Callable[[Event], None], should_stop: Calla
 def train_run(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], bool]) -> TrainResult:
     """A set-up run to its end: started, fit, then the final LoRA (or the checkpoint of a stop)."""
     emit_started(run, emit)
+    if run.main:  # the reproducibility manifest, before the first step
+        handover.run_started(run, emit)
     stopped = fit(run, emit, should_stop)
     path = run.stop_checkpoint if stopped else finish(run, emit)
     return TrainResult(path, run.step, time.perf_counter() - run.plan.clock_start, stopped, run.bare_unet,
@@ -294,6 +296,7 @@ def finish(run: Run, emit: Callable[[Event], None]) -> Path | None:
     with checkpoint.naming_last_good(run.plan.output):
         final_path = export_lora(run, run.plan.output / "lora_final.safetensors", epochs=max(run.epoch, 1),
                                  companions=True)
+    handover.run_finished(run, final_path, emit)  # the manifest completed, the ComfyUI workflow
     emit(Complete(final_path=str(final_path), total_time=round(time.perf_counter() - run.plan.clock_start, 3),
                   step=run.step))
     return final_path

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
+from lora_core import comfyui, manifest
 from lora_core.errors import UserError
 from lora_core.runrecord import RunFiles
 from studio import runs, sheets
@@ -106,6 +107,9 @@ class RunsTab:
         files = [item["path"] for item in detail.checkpoints if item["exists"]]
         if detail.final_path and Path(detail.final_path).is_file():
             files.append(detail.final_path)
+        # the hand-over: the LoRA in a ComfyUI workflow, and what the run was made of
+        files.extend(str(path) for path in (Path(detail.folder) / comfyui.WORKFLOW_FILE,
+                                            Path(detail.folder) / manifest.MANIFEST_FILE) if path.is_file())
         samples = [(item["path"], f"step {item['step']}: {item['prompt']}") for item in detail.samples
                    if Path(item["path"]).is_file()]
         data = dict(detail.__dict__)
@@ -138,6 +142,20 @@ class RunsTab:
             submitted = self.studio.submit(self.run_config(run_id), resume=True)
         except (UserError, BusyError, ValueError) as error:
             raise gr.Error(f"Not resumed: {error}") from None
+        return submitted.to_dict()
+
+    def rerun(self, run_id: str) -> dict[str, Any]:
+        """Train a run again into a new folder with the config its manifest recorded, through the queue as Start
+        does; refused, naming them, when its dataset files or packages are no longer what they were."""
+        from lora_core.rerun import RerunRefused, page_config
+        from studio.jobs import BusyError
+
+        if self.studio is None:
+            raise gr.Error("this page cannot start jobs (no job registry)")
+        try:
+            submitted = self.studio.submit(page_config(runs.resolve_run(self.root, run_id)))
+        except (UserError, BusyError, ValueError, RerunRefused) as error:
+            raise gr.Error(f"Not rerun: {error}") from None
         return submitted.to_dict()
 
     def delete(self, run_id: str, confirm: bool) -> tuple[str, Any, list[dict[str, Any]], Any]:
@@ -228,8 +246,8 @@ class RunsTab:
             self.plot = gr.LinePlot(x="step", y="loss", color="line", title="Loss", height=260,
                                     elem_id="run-loss")
             self.samples = gr.Gallery(label="Samples by step", columns=4, height=240, elem_id="run-samples")
-            self.files = gr.File(label="Checkpoints and final LoRA", file_count="multiple", interactive=False,
-                                 elem_id="run-files")
+            self.files = gr.File(label="Checkpoints, final LoRA, ComfyUI workflow, manifest", file_count="multiple",
+                                 interactive=False, elem_id="run-files")
             self.report = gr.File(label="HTML report", interactive=False, elem_id="run-report")
             self.detail = gr.JSON(label="Run details", visible=False)
             with gr.Row():
@@ -239,6 +257,7 @@ class RunsTab:
             with gr.Row():
                 self.clone_button = gr.Button("Clone into the Train form", elem_id="runs-clone")
                 self.resume_button = gr.Button("Resume this run", elem_id="runs-resume")
+                self.rerun_button = gr.Button("Rerun into a new folder", elem_id="runs-rerun")
             self.resumed = gr.JSON(visible=False)
             self.deleted = gr.Markdown()
             self._sheet_section()
@@ -295,6 +314,9 @@ class RunsTab:
                        concurrency_limit=None, show_progress="hidden")
         self.resume_button.click(self.resume, self.pick, self.resumed, api_name="resume_run",
                                  concurrency_id="control", concurrency_limit=None).then(
+            self.list, None, listed, api_name=False)
+        self.rerun_button.click(self.rerun, self.pick, self.resumed, api_name="rerun_run",
+                                concurrency_id="control", concurrency_limit=None).then(
             self.list, None, listed, api_name=False)
         self.delete_button.click(self.delete, [self.pick, self.confirm], [self.deleted, *listed],
                                  api_name="delete_run")

@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # families are read when a model is inspected, before torch i
     import torch
 
     from lora_core.config import TrainConfig
+    from lora_core.families.comfy import ComfySettings
     from lora_core.models import ModelInfo
     from lora_core.objective import Objective
 
@@ -188,6 +189,12 @@ class Family:
     def sampling_kwargs(self, config: TrainConfig) -> dict[str, Any]:
         """The sample pipeline's guidance arguments."""
         return {"guidance_scale": config.sample_guidance_scale}
+
+    def comfyui_graph(self, settings: ComfySettings) -> dict[str, Any]:
+        """The ComfyUI workflow (API format) that draws as the run's samples do (families/comfy.py)."""
+        from lora_core.families.comfy import checkpoint_graph
+
+        return checkpoint_graph(settings)
 
     # --- memory ---
     def activation_units(self, denoiser_config: Any) -> float:

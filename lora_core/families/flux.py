@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from lora_core.config import TrainConfig
+    from lora_core.families.comfy import ComfySettings
     from lora_core.models import ModelInfo
 
 DOUBLE_ATTENTION = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
@@ -154,6 +155,11 @@ class Flux(FlowFamily):
 
     def spatial_latents(self, pipeline, drawn: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return pipeline._unpack_latents(drawn, height, width, pipeline.vae_scale_factor)
+
+    def comfyui_graph(self, settings: ComfySettings) -> dict[str, Any]:
+        from lora_core.families.comfy import flux_graph
+
+        return flux_graph(settings)
 
     # --- memory ---
     def offloadable_blocks(self, denoiser) -> list:

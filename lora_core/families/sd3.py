@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
 
     from lora_core.config import TrainConfig
+    from lora_core.families.comfy import ComfySettings
     from lora_core.models import ModelInfo
 
 ATTENTION = (r"transformer_blocks\.\d+\.(attn|attn2)\."
@@ -195,6 +196,11 @@ class SD3(FlowFamily):
         return {"prompt_embeds": positive, "negative_prompt_embeds": negative,
                 "pooled_prompt_embeds": positive_pooled, "negative_pooled_prompt_embeds": negative_pooled,
                 "max_sequence_length": length}
+
+    def comfyui_graph(self, settings: ComfySettings) -> dict[str, Any]:
+        from lora_core.families.comfy import sd3_graph
+
+        return sd3_graph(settings)
 
     # --- memory ---
     def offloadable_blocks(self, denoiser) -> list:
