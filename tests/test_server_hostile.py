@@ -122,3 +122,25 @@ def test_the_login_middleware_answers_429_without_checking_the_password_while_a_
     assert [r.status_code for r in responses] == [400, 400, 429, 200, 400]
     assert responses[2].headers["retry-after"] == "5" and "try again" in responses[2].json()["detail"]
     assert len(checked) == 4  # the blocked try never reached the password check
+
+
+def test_concurrent_wrong_passwords_are_counted_before_they_are_checked():
+    checked = []
+
+    async def slow_login_route(scope, receive, send):
+        checked.append(scope["path"])
+        await asyncio.sleep(0.05)  # the password check takes a while: every try arrives before the first answer
+        await send({"type": "http.response.start", "status": 400, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    app = auth.ThrottledLogin(slow_login_route, auth.LoginThrottle(free=3, first_delay=1.0))
+
+    async def attempts() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app, client=("10.2.2.2", 5000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://studio") as http:
+            return await asyncio.gather(*(http.post("/login", data={"password": f"guess{index}"})
+                                          for index in range(200)))
+
+    codes = [response.status_code for response in asyncio.run(attempts())]
+    assert len(checked) == 4 and codes.count(400) == 4  # the 3 free tries and one more; the rest wait
+    assert codes.count(429) == 196
