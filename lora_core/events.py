@@ -359,10 +359,34 @@ def event_from_dict(data: dict[str, Any]) -> Event:
     if cls is ValidationReport:
         return ValidationReport.from_report(data)
     names = {item.name for item in fields(cls)}
+    values = {key: value for key, value in data.items() if key in names}
+    wrong = _mistyped(cls, values)
+    if wrong:
+        raise ValueError(f"a {cls.type} event whose {wrong} is not of its type: {data!r:.200}")
     try:
-        return cls(**{key: value for key, value in data.items() if key in names})
+        return cls(**values)
     except TypeError as error:
         raise ValueError(f"a {cls.type} event without its fields ({error}): {data!r:.200}") from None
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+                                       "list": (list,), "dict": (dict,), "None": (type(None),)}
+
+
+def _mistyped(cls: type, values: dict[str, Any]) -> str | None:
+    """The first field of `values` whose value is not of the type `cls` declares (a file is data: an
+    `Infinity` or a text step must not reach the code that folds steps), else None."""
+    for item in fields(cls):
+        if item.name not in values:
+            continue
+        kinds = [kind.split("[")[0].strip() for kind in str(item.type).split("|")]
+        allowed = tuple(kind for name in kinds for kind in _TYPES.get(name, (object,)))
+        value = values[item.name]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            return item.name
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
+            return item.name
+    return None
 
 
 def parse_event(line: str) -> Event:
