@@ -211,7 +211,7 @@ def render_grid(run_folder: str | Path, options: GridOptions | dict | None = Non
     try:
         for saved in rows:
             renderer.load(saved.path)
-            cells.append([counter.cell(renderer.draw(prompt, seed), saved.label, _shown(prompt))
+            cells.append([counter.cell(counter.draw(renderer, prompt, seed), saved.label, _shown(prompt))
                           for prompt in prompts])
     finally:
         renderer.unload()
@@ -239,7 +239,8 @@ def render_sweep(run_folder: str | Path, options: SweepOptions | dict | None = N
         renderer.load(lora.path, field="step")
         for scale, label in zip(options.scales, labels, strict=True):
             renderer.set_scale(scale)
-            columns.append([counter.cell(renderer.draw(prompt, seed), _shown(prompt), label) for prompt in prompts])
+            columns.append([counter.cell(counter.draw(renderer, prompt, seed), _shown(prompt), label)
+                            for prompt in prompts])
     finally:
         renderer.unload()
     cells = [list(row) for row in zip(*columns, strict=True)]
@@ -274,6 +275,15 @@ class _Counter:
                  should_stop: Callable[[], bool] | None):
         self.kind, self.total, self.done = kind, total, 0
         self.emit, self.should_stop = emit, should_stop
+
+    def draw(self, renderer: Renderer, prompt: str, seed: int):
+        """One cell's image; a stop asked between its denoising steps ends the job there (GridStopped)."""
+        from lora_core.samples import DrawingStopped
+
+        try:
+            return renderer.draw(prompt, seed, self.should_stop)
+        except DrawingStopped:
+            raise GridStopped(self.done, self.total) from None
 
     def cell(self, image, row: str, column: str):
         self.done += 1
