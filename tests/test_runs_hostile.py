@@ -11,7 +11,7 @@ import pytest
 from test_runs import _event, _progress, _started, make_run
 from timeouts import within
 
-MAX_POINTS = 1000  # lora_core.runrecord.MAX_POINTS
+from lora_core.runrecord import MAX_POINTS
 from studio import runs
 from studio.jobview import folder_view
 from studio.runs import RunError, delete_run, list_runs, run_detail

@@ -3,6 +3,8 @@ and no training step starts after it."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,15 @@ def test_a_stop_while_drawing_is_answered_within_a_denoising_step(tmp_path: Path
     config = parse_config(tiny_config(SHAPES_DATASET, tmp_path / "run", steps=4, validation_steps=2,
                                       checkpoint_steps=100, sample_inference_steps=150))
     events = []
-    result = within(240, train, config, events.append, should_stop)
+    umask = os.umask(0o022)  # the usual one: every output must get open()'s 0644, never mkstemp's 0600
+    try:
+        result = within(240, train, config, events.append, should_stop)
+    finally:
+        os.umask(umask)
+    modes = {path.relative_to(tmp_path).as_posix(): stat.S_IMODE(path.stat().st_mode)
+             for path in (tmp_path / "run").rglob("*")}
+    assert any(name.endswith(".safetensors") for name in modes)
+    assert {name: mode for name, mode in modes.items() if mode not in (0o644, 0o755)} == {}
     assert result.interrupted and result.step == 2 and len(checks) == 3
     assert max(event.step for event in events if event.type == "progress") == 2  # step 3 never started
     final = [event for event in events if event.type in ("complete", "interrupted", "error")]
