@@ -97,7 +97,7 @@ class TrainActions:
         if problem := dataset_folder_problem(folder, self.studio, self.settings):
             raise gr.Error(problem)
         try:
-            report = dataset.scan(folder, split_list("trigger_words", trigger_words) or ["<trigger>"])
+            report = dataset.scan(folder, split_list("trigger_words", trigger_words) or ["<trigger>"], decode=False)
         except dataset.DatasetError as error:
             return f"**Cannot use this dataset:** {error}", []
         gallery = preview.thumbnails(report, self.studio.outputs_root / ".thumbnails")

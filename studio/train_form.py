@@ -136,7 +136,8 @@ def dataset_problem(form: dict[str, Any], studio: Studio, settings: PageSettings
     except ConfigError:
         return None
     try:
-        holdout.split(dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement), config)
+        holdout.split(dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement, decode=False),
+                      config)
     except dataset.DatasetError as error:
         return "dataset_path", f"{error} (nothing was queued)"
     except holdout.HeldOutError as error:
