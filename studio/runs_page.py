@@ -19,6 +19,7 @@ import gradio as gr
 from lora_core.errors import UserError
 from lora_core.runrecord import RunFiles
 from studio import runs, sheets
+from studio.cleanup import sweep_caches
 from studio.render import plot_frame
 
 if TYPE_CHECKING:
@@ -103,6 +104,7 @@ class RunsTab:
             detail = runs.run_detail(self.root, run_id, None if live is None else run_id in live)
         except UserError as error:
             raise gr.Error(str(error)) from None
+        sweep_caches(self.root)  # Gradio copies each file it offers into its cache, each time a run is opened
         files = [item["path"] for item in detail.checkpoints if item["exists"]]
         if detail.final_path and Path(detail.final_path).is_file():
             files.append(detail.final_path)

@@ -199,3 +199,28 @@ def test_concurrent_wrong_passwords_are_counted_before_they_are_checked():
     codes = [response.status_code for response in asyncio.run(attempts())]
     assert len(checked) == 4 and codes.count(400) == 4  # the 3 free tries and one more; the rest wait
     assert codes.count(429) == 196
+
+
+def test_gradio_cache_and_config_exports_are_swept_by_age_and_size(tmp_path, monkeypatch):
+    from studio import cleanup
+
+    cache, outputs, kept_target = tmp_path / "gradio", tmp_path / "outputs", tmp_path / "precious.bin"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    kept_target.write_bytes(b"keep me")
+    now = time.time()
+    for name, age_h, size in (("old-upload", 30, 10), ("refused-upload", 25, 10), ("big-1", 2, 600), ("big-2", 1, 600),
+                              ("fresh", 0.1, 10)):
+        (cache / name).mkdir(parents=True)
+        (cache / name / "file.bin").write_bytes(b"x" * size)
+        os.utime(cache / name, (now - age_h * 3600, now - age_h * 3600))
+    (cache / "link").symlink_to(kept_target)
+    os.utime(cache / "link", (now - 48 * 3600,) * 2, follow_symlinks=False)
+    export = cleanup.export_folder(outputs)
+    (export / "run.json").write_text("{}")
+    os.utime(export, (now - 30 * 3600,) * 2)
+    removed = cleanup.sweep(cache, max_age_s=24 * 3600, max_bytes=1000, now=now)
+    assert sorted(path.name for path in removed) == ["big-1", "link", "old-upload", "refused-upload"]
+    assert sorted(path.name for path in cache.iterdir()) == ["big-2", "fresh"] and kept_target.is_file()
+    swept = cleanup.sweep_caches(outputs, now=now + 1000)
+    assert export in swept and not export.exists()
+    assert cleanup.sweep_caches(outputs, now=now + 1001) == []  # at most one sweep every SWEEP_EVERY_S
