@@ -130,3 +130,22 @@ def test_a_huge_events_file_is_read_incrementally_with_a_thinned_curve(tmp_path:
     assert 500 <= len(detail.loss_points) <= 2 * MAX_POINTS and detail.loss_points[-1][0] > 59000
     steps = [step for step, _ in detail.loss_points]
     assert len({b - a for a, b in zip(steps, steps[1:], strict=False)}) == 1  # evenly spaced
+
+
+def test_sheets_named_by_a_fifo_or_a_link_out_are_not_read_or_offered(tmp_path: Path) -> None:
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from lora_core.grid import saved_sheets
+    from studio.sheets import newest_sheet
+
+    folder = make_run(tmp_path, "run", [_started(0)])
+    info = PngInfo()
+    info.add_text("lora_studio", json.dumps({"kind": "grid"}))
+    Image.new("RGB", (8, 8)).save(folder / "grid_1.png", pnginfo=info)
+    os.mkfifo(folder / "grid_2.png")
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(outside, pnginfo=info)
+    (folder / "sweep_3.png").symlink_to(outside)
+    assert [path.name for path, _ in within(20, saved_sheets, folder)] == ["grid_1.png"]
+    assert newest_sheet(folder) == folder / "grid_1.png"
