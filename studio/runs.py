@@ -118,7 +118,7 @@ _tails_lock = threading.Lock()
 def _tail(folder: Path, into: RunRecord | None) -> tuple[RecordTail, threading.Lock]:
     """The reader kept for this run folder's events (a new one when the file was replaced or cut shorter),
     so that each call reads only what was appended since the last."""
-    key = (str(folder), type(into).__name__, getattr(into, "job_id", None))
+    key = (str(folder.parent.resolve() / folder.name), type(into).__name__, getattr(into, "job_id", None))
     try:
         info = os.stat(RunFiles(folder).events)
     except (OSError, ValueError):

@@ -53,6 +53,8 @@ def _detail_markdown(detail: runs.RunDetail) -> str:
              f"- last loss: {'' if detail.loss is None else f'{detail.loss:.4g}'}",
              f"- started: {detail.started[:19].replace('T', ' ')} (duration "
              f"{runs.format_duration(detail.duration_s)})"]
+    if detail.problem:  # events still being read (a huge file), or a file that could not be read
+        lines.append(f"- note: {detail.problem}")
     if detail.resumed_at:
         lines.append(f"- resumed at step(s): {', '.join(map(str, detail.resumed_at))}")
     if detail.message:
