@@ -9,6 +9,7 @@ Each event serialises to one JSON object with `type` and an ISO-8601 `timestamp`
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -358,9 +359,9 @@ def event_from_dict(data: dict[str, Any]) -> Event:
         raise ValueError(f"not an event: {data!r:.200}")
     if cls is ValidationReport:
         return ValidationReport.from_report(data)
-    names = {item.name for item in fields(cls)}
-    values = {key: value for key, value in data.items() if key in names}
-    wrong = _mistyped(cls, values)
+    allowed = _field_types(cls)
+    values = {key: value for key, value in data.items() if key in allowed}
+    wrong = _mistyped(allowed, values)
     if wrong:
         raise ValueError(f"a {cls.type} event whose {wrong} is not of its type: {data!r:.200}")
     try:
@@ -373,19 +374,22 @@ _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "st
                                        "list": (list,), "dict": (dict,), "None": (type(None),)}
 
 
-def _mistyped(cls: type, values: dict[str, Any]) -> str | None:
-    """The first field of `values` whose value is not of the type `cls` declares (a file is data: an
-    `Infinity` or a text step must not reach the code that folds steps), else None."""
-    for item in fields(cls):
-        if item.name not in values:
-            continue
-        kinds = [kind.split("[")[0].strip() for kind in str(item.type).split("|")]
-        allowed = tuple(kind for name in kinds for kind in _TYPES.get(name, (object,)))
-        value = values[item.name]
-        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            return item.name
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
-            return item.name
+@functools.cache
+def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """Each field of an event class and the types its value may have (from its annotation)."""
+    return {item.name: tuple(kind for name in str(item.type).split("|")
+                             for kind in _TYPES.get(name.split("[")[0].strip(), (object,))) for item in fields(cls)}
+
+
+def _mistyped(allowed: dict[str, tuple[type, ...]], values: dict[str, Any]) -> str | None:
+    """The first field of `values` whose value is not of the type its event class declares (a file is data:
+    an `Infinity` or a text step must not reach the code that folds steps), else None."""
+    for name, value in values.items():
+        kinds = allowed[name]
+        if not isinstance(value, kinds) or (value is True or value is False) and bool not in kinds:
+            return name
+        if type(value) is int and abs(value) > 2**53:
+            return name
     return None
 
 
