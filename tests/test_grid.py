@@ -237,8 +237,9 @@ def test_a_stopped_grid_ends_interrupted_and_writes_nothing(run_folder, renderer
     events = []
     terminal = run_job("grid", run_folder, {"steps": ["final"]}, events.append, should_stop=lambda: True,
                        renderer=renderer)
-    assert isinstance(terminal, Interrupted) and terminal.step == 1 and "1 of 2 cells" in terminal.message
-    assert [type(e) for e in events] == [GridProgress, Interrupted]
+    # asked before the first cell's first denoising step ended: stopped inside it, not after it
+    assert isinstance(terminal, Interrupted) and terminal.step == 0 and "0 of 2 cells" in terminal.message
+    assert [type(e) for e in events] == [Interrupted]
     assert set(run_folder.iterdir()) == before
     missing = run_job("sweep", run_folder, {"step": 3}, events.append)
     assert isinstance(missing, Error) and missing.field == "step" and "step 2" in missing.message
