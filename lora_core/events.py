@@ -393,6 +393,9 @@ def _mistyped(allowed: dict[str, tuple[type, ...]], values: dict[str, Any]) -> s
     return None
 
 
+MAX_EVENT_LINE_BYTES = 1024**2  # an event is a few hundred bytes; a dataset event with its findings a few KB
+
+
 def parse_event(line: str) -> Event:
     """One JSON line of the CLI's stdout or of events.jsonl as a typed event; ValueError if it is not one."""
     try:
@@ -403,12 +406,15 @@ def parse_event(line: str) -> Event:
 
 
 def read_events(path: Path) -> list[Event]:
-    """Every event in an events.jsonl file, in order; a line that is not a whole event (a torn one) is skipped."""
+    """Every event in an events.jsonl file, in order; a line that is not a whole event (a torn one) is skipped.
+    The file is data: read as lora_core.safefile reads (a regular file, a line at a time, over-long ones
+    passed over unread)."""
+    from lora_core.safefile import lines_of
+
     events = []
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
-        if line.strip():
-            try:
-                events.append(parse_event(line))
-            except ValueError:
-                continue
+    for line in lines_of(path, MAX_EVENT_LINE_BYTES):
+        try:
+            events.append(parse_event(line.decode("utf-8", errors="replace")))
+        except ValueError:
+            continue
     return events

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -42,6 +43,18 @@ def read_capped(path: str | Path, limit: int, offset: int = 0) -> tuple[bytes, i
         size = os.fstat(handle.fileno()).st_size
         handle.seek(offset)
         return handle.read(max(0, limit)), size
+
+
+def lines_of(path: str | Path, max_line_bytes: int) -> Iterator[bytes]:
+    """The non-blank lines of the regular file `path`, one at a time; a line longer than `max_line_bytes` (a
+    sparse file's zeros) is passed over without ever being held whole."""
+    with open_regular(path) as handle:
+        while line := handle.readline(max_line_bytes + 1):
+            if len(line) > max_line_bytes:
+                while line and not line.endswith(b"\n"):  # the rest of the over-long line
+                    line = handle.readline(max_line_bytes)
+            elif line.strip():
+                yield line
 
 
 def _no_constants(name: str) -> Any:

@@ -149,3 +149,17 @@ def test_sheets_named_by_a_fifo_or_a_link_out_are_not_read_or_offered(tmp_path: 
     (folder / "sweep_3.png").symlink_to(outside)
     assert [path.name for path, _ in within(20, saved_sheets, folder)] == ["grid_1.png"]
     assert newest_sheet(folder) == folder / "grid_1.png"
+
+
+def test_read_events_never_blocks_on_a_fifo_nor_holds_a_sparse_line(tmp_path: Path) -> None:
+    from lora_core.events import read_events
+
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    with pytest.raises(OSError, match="not a regular file"):
+        within(20, read_events, tmp_path / "fifo.jsonl")
+    with open(tmp_path / "sparse.jsonl", "wb") as handle:
+        handle.write((json.dumps(_started(0)) + "\n").encode())
+        handle.truncate(256 * 1024**2)  # zeros that take no disk: one endless line
+        handle.seek(0, os.SEEK_END)
+        handle.write(("\n" + json.dumps(_progress(1, 1, 0.5)) + "\n").encode())
+    assert [event.type for event in within(20, read_events, tmp_path / "sparse.jsonl")] == ["started", "progress"]
