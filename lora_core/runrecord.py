@@ -45,7 +45,7 @@ STDERR_TAIL_LINES = 20
 # A run's record stays small however long the run: each curve keeps at most 2 * MAX_POINTS points (evenly
 # thinned, `Curve`), the newest MAX_LISTED samples and checkpoints; one look reads at most READ_BYTES of
 # events and one line longer than MAX_LINE_BYTES (a sparse file's zeros) is skipped, never held whole.
-MAX_POINTS, MAX_LISTED = 1000, 500
+MAX_POINTS, MAX_LISTED = 500, 500
 READ_BYTES, MAX_LINE_BYTES = 1024**2, 1024**2
 
 QUEUED, STARTING, RUNNING, STOPPING = "queued", "starting", "running", "stopping"
