@@ -31,6 +31,7 @@ log = logging.getLogger("lora_core")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MAX_PIXELS = 64_000_000  # refuse before decoding: a 64 Mpx RGB image is already ~200 MB in memory
 MIN_SIDE = 8
+REDUCIBLE = {"L", "LA", "I", "F", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}  # modes Image.reduce takes
 SCAN_SLOTS = threading.BoundedSemaphore(2)  # scans at once in one process (a page server's users share it)
 # Training scales the shorter side to the resolution (up to 2048): a 10:1 image then covers at most 42 Mpx.
 # Buckets are at most 8:1 (min_bucket 256, max 2048), so anything longer is cropped away in any case.
@@ -200,7 +201,9 @@ def open_image(path: Path, max_side: int | None = None) -> Image.Image:
             image.draft("RGB", (max_side, max_side))
         image.load()
     if max_side and (factor := max(image.size) // (2 * max_side)) > 1:
-        image = image.reduce(factor)
+        size = (max(1, image.width // factor), max(1, image.height // factor))
+        # reduce averages, but not every mode has it (16-bit, palette, 1-bit): those are sampled instead
+        image = image.reduce(factor) if image.mode in REDUCIBLE else image.resize(size, Image.Resampling.NEAREST)
     return to_rgb(ImageOps.exif_transpose(image))
 
 

@@ -145,3 +145,6 @@ def test_a_page_scan_reads_sizes_from_headers_and_never_decodes_a_huge_16_bit_pn
     grown_kib, rest = int(out[0]), out[1]
     assert "(7000, 7000), (64, 48)" in rest and "cut.png" in rest  # sizes right, the damaged file refused
     assert grown_kib < 60 * 1024, f"the scan grew the process by {grown_kib // 1024} MB"  # a decode: 100s of MB
+    for mode in ("I;16", "P", "1", "RGB"):  # a thumbnail is decoded downscaled whatever the mode
+        Image.new(mode, (1200, 900)).save(tmp_path / "mode.png")
+        assert dataset.open_image(tmp_path / "mode.png", max_side=192).size == (400, 300)  # 1/3: still >= 2 x 192
