@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_core.config import TrainConfig
 from lora_core.errors import UserError
-from lora_core.files import JOB_FILE, DiskFullError, _fsync_dir, named_disk_full, remove_stale_temporaries
+from lora_core.files import JOB_FILE, DiskFullError, _fsync_dir, named_disk_full, normal_mode, remove_stale_temporaries
 
 log = logging.getLogger("lora_core")
 
@@ -128,6 +128,7 @@ def _write_state(staging: Path, step: int, state: TrainerState, params: dict[str
         save_file(rng, str(staging / "rng.safetensors"))
         (staging / "trainer_state.json").write_bytes(body)
         for path in staging.iterdir():
+            normal_mode(path)  # safetensors writes 0600; a state is data another process or user may load
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         (staging / MARKER).write_text(str(step), encoding="utf-8")

@@ -48,6 +48,18 @@ def _ui(group: str, **extra: Any) -> dict[str, Any]:
     return {"group": group, **extra}
 
 
+# Marks a field (in its json_schema_extra, e.g. `_ui("basic", **DATA_PATH)`) whose value is a path on the server
+# that a page user picks to read data from: a server holds every such field to its datasets root
+# (LORA_STUDIO_DATASETS, studio/train_form.py), by this marker alone. Mark every new path field of this kind.
+DATA_PATH: dict[str, Any] = {"data_path": True}
+
+
+def data_path_fields(model: type[BaseModel]) -> list[str]:
+    """The fields of `model` marked DATA_PATH (a str, or a list of str)."""
+    return [name for name, info in model.model_fields.items()
+            if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("data_path")]
+
+
 class CoreOptions(BaseModel):
     """The options every family has (TrainConfig adds the flow-matching families' own, config_flow.py)."""
 
@@ -55,7 +67,7 @@ class CoreOptions(BaseModel):
 
     # --- required ---
     dataset_path: str = Field(description="Folder of images with optional same-named .txt captions.",
-                              min_length=1, max_length=MAX_PATH_CHARS, json_schema_extra=_ui("basic"))
+                              min_length=1, max_length=MAX_PATH_CHARS, json_schema_extra=_ui("basic", **DATA_PATH))
     base_model: str = Field(
         description="'builtin:tiny-sd', a Hugging Face hub id, a local diffusers folder, "
         "or a single-file .safetensors checkpoint.", min_length=1, max_length=MAX_PATH_CHARS,
@@ -211,7 +223,7 @@ class CoreOptions(BaseModel):
         json_schema_extra=_ui("sampling", allowed=f"a count [1, {MAX_VALIDATION_IMAGES}] or a fraction (0, 1)"))
     validation_dataset_path: str | None = Field(None, min_length=1, max_length=MAX_PATH_CHARS, description=(
         "Instead of validation_images: a separate folder of held-out images (with optional .txt captions, "
-        "read like dataset_path's) for the validation loss."), json_schema_extra=_ui("sampling"))
+        "read like dataset_path's) for the validation loss."), json_schema_extra=_ui("sampling", **DATA_PATH))
     validation_loss_steps: int = Field(0, ge=0, le=1_000_000, description=(
         "With held-out images, compute their denoising loss (fixed noise and timesteps, the same every time) "
         "every N steps and at the end; 0: every validation_steps."), json_schema_extra=_ui("sampling"))

@@ -25,6 +25,7 @@ from lora_core.config import (
     TrainConfig,
     allowed_range,
 )
+from lora_core.safefile import open_regular
 
 
 def _problems_from(error: ValidationError) -> list[tuple[str, str]]:
@@ -108,7 +109,7 @@ def load_config(path: str | Path) -> TrainConfig:
         if info.st_size > MAX_CONFIG_BYTES:
             raise problem(f"{shown} is {info.st_size} bytes; a config is a few kB of JSON (at most "
                           f"{MAX_CONFIG_BYTES} bytes)")
-        with open(path, "rb") as handle:
+        with open_regular(path, follow_links=True) as handle:  # checked again on the open file, never blocking
             raw = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise problem(f"cannot read {shown}: {error.strerror or error}") from None

@@ -13,7 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +31,8 @@ log = logging.getLogger("lora_core")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MAX_PIXELS = 64_000_000  # refuse before decoding: a 64 Mpx RGB image is already ~200 MB in memory
 MIN_SIDE = 8
+REDUCIBLE = {"L", "LA", "I", "F", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}  # modes Image.reduce takes
+SCAN_SLOTS = threading.BoundedSemaphore(2)  # scans at once in one process (a page server's users share it)
 # Training scales the shorter side to the resolution (up to 2048): a 10:1 image then covers at most 42 Mpx.
 # Buckets are at most 8:1 (min_bucket 256, max 2048), so anything longer is cropped away in any case.
 MAX_ASPECT_RATIO = 10.0
@@ -168,28 +173,66 @@ def size_problem(width: int, height: int) -> str | None:
     return None
 
 
-def open_image(path: Path) -> Image.Image:
-    """Decode one image to 8-bit RGB, or raise ValueError with the reason."""
+@contextmanager
+def _image_errors() -> Iterator[None]:
+    """What Pillow raises for a file that is not a usable image, as ValueError with the reason."""
     try:
-        with warnings.catch_warnings(), open_regular(path) as handle:
+        with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(handle)
-            if (problem := size_problem(*image.size)) is not None:
-                raise ValueError(problem)
-            image.seek(0)  # animated GIF/WebP: the first frame
-            image.load()
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ValueError(f"over the {MAX_PIXELS // 1_000_000} Mpx limit ({error}); downscale it") from None
     except UnidentifiedImageError:
         raise ValueError("not a readable image (unknown format or not an image)") from None
     except (OSError, SyntaxError, EOFError) as error:
         raise ValueError(f"damaged or truncated image ({error})") from None
+
+
+def open_image(path: Path, max_side: int | None = None) -> Image.Image:
+    """Decode one image to 8-bit RGB, or raise ValueError with the reason. `max_side`: only a copy about this
+    big is needed (a thumbnail): a JPEG is decoded downscaled (draft), anything else reduced right after
+    decoding, before the conversion that costs several bytes a pixel."""
+    with _image_errors(), open_regular(path) as handle:
+        image = Image.open(handle)
+        if (problem := size_problem(*image.size)) is not None:
+            raise ValueError(problem)
+        image.seek(0)  # animated GIF/WebP: the first frame
+        if max_side:
+            image.draft("RGB", (max_side, max_side))
+        image.load()
+    if max_side and (factor := max(image.size) // (2 * max_side)) > 1:
+        size = (max(1, image.width // factor), max(1, image.height // factor))
+        # reduce averages, but not every mode has it (16-bit, palette, 1-bit): those are sampled instead
+        image = image.reduce(factor) if image.mode in REDUCIBLE else image.resize(size, Image.Resampling.NEAREST)
     return to_rgb(ImageOps.exif_transpose(image))
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """The size an image trains at (EXIF rotation applied), from its header, without decoding it whole; raises
+    ValueError like open_image. Damage is looked for cheaply: a JPEG is decoded at an eighth of its size,
+    other formats are checked by Pillow's verify (a PNG's chunk checksums), never decoded."""
+    with _image_errors(), open_regular(path) as handle:
+        image = Image.open(handle)
+        width, height = image.size
+        if (problem := size_problem(width, height)) is not None:
+            raise ValueError(problem)
+        if image.format == "JPEG":
+            image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            image.load()
+        else:
+            image.verify()  # only right after opening; the image cannot be used after it
+            handle.seek(0)
+            image = Image.open(handle)
+        # EXIF orientations that swap the sides. A PNG's EXIF after its pixels is found only by decoding them
+        # (Pillow's getexif loads the image): only one before them is read, as most writers put it.
+        exif = image.format != "PNG" or "exif" in image.info
+        turned = exif and image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    return (height, width) if turned else (width, height)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
+        array = np.asarray(image, dtype=np.float32)  # 4 bytes a pixel, not 8: a 64 Mpx image is 256 MB here
         peak = 65535.0 if array.max() > 255 else 255.0
         image = Image.fromarray((array / peak * 255.0).clip(0, 255).astype(np.uint8), "L")
     if image.mode == "F":
@@ -214,9 +257,17 @@ def read_excluded(folder: Path) -> set[str]:
     return {name for line in text.splitlines() if (name := line.split("#", 1)[0].strip())}
 
 
-def scan(folder: str | Path, trigger_words: list[str], trigger_placement: str = "first") -> DatasetReport:
-    """Look at every file in the folder (not recursive) and decide which images are usable."""
-    folder = Path(folder)
+def scan(folder: str | Path, trigger_words: list[str], trigger_placement: str = "first",
+         decode: bool = True) -> DatasetReport:
+    """Look at every file in the folder (not recursive) and decide which images are usable. `decode`: decode
+    each image whole (training does); False reads sizes from headers and checks cheaply (`image_size`), as a
+    page server does, where a 16-bit 8000 x 8000 PNG decoded whole would cost gigabytes. At most SCAN_SLOTS
+    scans run at once in one process; others wait."""
+    with SCAN_SLOTS:
+        return _scan(Path(folder), trigger_words, trigger_placement, decode)
+
+
+def _scan(folder: Path, trigger_words: list[str], trigger_placement: str, decode: bool) -> DatasetReport:
     if not folder.is_dir():
         raise DatasetError(f"dataset_path {folder} is not a folder; point it at a folder of images "
                            "with optional .txt captions")
@@ -236,13 +287,13 @@ def scan(folder: str | Path, trigger_words: list[str], trigger_placement: str = 
             continue
         try:
             _inside_folder(path, folder)
-            image = open_image(path)
+            width, height = open_image(path).size if decode else image_size(path)
         except ValueError as error:
             report.refused.append({"file": path.name, "reason": str(error)})
             continue
         caption, has_file = _read_caption(path, folder, report.warnings)
         report.images.append(ImageRecord(str(path), build_caption(trigger_words, caption, trigger_placement),
-                                         image.width, image.height, has_file))
+                                         width, height, has_file))
     if not report.images:
         reasons = "; ".join(f"{item['file']}: {item['reason']}" for item in report.refused[:5])
         raise DatasetError(f"no usable image in {folder} (supported: {', '.join(sorted(IMAGE_SUFFIXES))})"

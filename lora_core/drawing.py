@@ -4,7 +4,7 @@ would, images drawn the way the trainer draws its samples. Used by the grid and 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -108,14 +108,16 @@ class Renderer:
         self.loaded = None
 
     @torch.no_grad()
-    def draw(self, prompt: str, seed: int):
-        """One image (PIL), from the same initial noise for the same seed."""
+    def draw(self, prompt: str, seed: int, should_stop: Callable[[], bool] | None = None):
+        """One image (PIL), from the same initial noise for the same seed; samples.DrawingStopped when
+        `should_stop` says so between two denoising steps."""
         c, device = self.config, self.device
         generator = torch.Generator(device).manual_seed(seed)
         with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             drawn = self.pipeline(prompt=prompt, num_inference_steps=c.sample_inference_steps,
                                   **self.family.sampling_kwargs(c), height=c.resolution, width=c.resolution,
-                                  generator=generator, output_type="latent").images
+                                  generator=generator, output_type="latent",
+                                  **samples.stop_between_steps(should_stop)).images
         drawn = self.family.spatial_latents(self.pipeline, drawn, c.resolution, c.resolution)
         return samples.to_image(latents.decode(self.pipeline.vae, drawn)[0])  # as the trainer's samples
 

@@ -9,6 +9,7 @@ Each event serialises to one JSON object with `type` and an ISO-8601 `timestamp`
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -358,11 +359,41 @@ def event_from_dict(data: dict[str, Any]) -> Event:
         raise ValueError(f"not an event: {data!r:.200}")
     if cls is ValidationReport:
         return ValidationReport.from_report(data)
-    names = {item.name for item in fields(cls)}
+    allowed = _field_types(cls)
+    values = {key: value for key, value in data.items() if key in allowed}
+    wrong = _mistyped(allowed, values)
+    if wrong:
+        raise ValueError(f"a {cls.type} event whose {wrong} is not of its type: {data!r:.200}")
     try:
-        return cls(**{key: value for key, value in data.items() if key in names})
+        return cls(**values)
     except TypeError as error:
         raise ValueError(f"a {cls.type} event without its fields ({error}): {data!r:.200}") from None
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+                                       "list": (list,), "dict": (dict,), "None": (type(None),)}
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """Each field of an event class and the types its value may have (from its annotation)."""
+    return {item.name: tuple(kind for name in str(item.type).split("|")
+                             for kind in _TYPES.get(name.split("[")[0].strip(), (object,))) for item in fields(cls)}
+
+
+def _mistyped(allowed: dict[str, tuple[type, ...]], values: dict[str, Any]) -> str | None:
+    """The first field of `values` whose value is not of the type its event class declares (a file is data:
+    an `Infinity` or a text step must not reach the code that folds steps), else None."""
+    for name, value in values.items():
+        kinds = allowed[name]
+        if not isinstance(value, kinds) or (value is True or value is False) and bool not in kinds:
+            return name
+        if type(value) is int and abs(value) > 2**53:
+            return name
+    return None
+
+
+MAX_EVENT_LINE_BYTES = 1024**2  # an event is a few hundred bytes; a dataset event with its findings a few KB
 
 
 def parse_event(line: str) -> Event:
@@ -375,12 +406,15 @@ def parse_event(line: str) -> Event:
 
 
 def read_events(path: Path) -> list[Event]:
-    """Every event in an events.jsonl file, in order; a line that is not a whole event (a torn one) is skipped."""
+    """Every event in an events.jsonl file, in order; a line that is not a whole event (a torn one) is skipped.
+    The file is data: read as lora_core.safefile reads (a regular file, a line at a time, over-long ones
+    passed over unread)."""
+    from lora_core.safefile import lines_of
+
     events = []
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
-        if line.strip():
-            try:
-                events.append(parse_event(line))
-            except ValueError:
-                continue
+    for line in lines_of(path, MAX_EVENT_LINE_BYTES):
+        try:
+            events.append(parse_event(line.decode("utf-8", errors="replace")))
+        except ValueError:
+            continue
     return events

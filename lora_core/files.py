@@ -20,12 +20,26 @@ from lora_core.errors import UserError
 
 
 def _umask() -> int:
+    """The process's umask now: read from /proc where it can be (setting it to read it back, the only other
+    way, briefly changes it for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file (0644 under the usual umask)
+def file_mode() -> int:
+    """What open() gives a new file now (0644 under the usual umask 022)."""
+    return 0o666 & ~_umask()
+
+
+FILE_MODE = file_mode()  # as at import; atomic_write asks file_mode() each time, so a later umask counts
 TMP_SUFFIX = ".tmp"
 # A run folder's record of its job (pid, start time, a stop request), written by the process that started
 # the job (launcher.JobProcess) while the job runs: the job's own sweep of leftovers spares its temporaries.
@@ -82,7 +96,8 @@ def named_disk_full(path: Path, needed: int | None = None) -> Iterator[None]:
 
 def atomic_write(path: Path, write: Callable[[Path], None], needed: int | None = None) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, fsync it, then rename it into place. The file
-    gets the permissions a plain open() would give it (mkstemp's own 0600 would hide it from other users).
+    gets the permissions a plain open() would give it (mkstemp's own 0600, or the one safetensors gives
+    the file it writes, would hide it from other users).
 
     `needed`: the bytes the file will take, when known, for the message if the disk is full."""
     path = Path(path)
@@ -90,11 +105,10 @@ def atomic_write(path: Path, write: Callable[[Path], None], needed: int | None =
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-        with contextlib.suppress(AttributeError, OSError):  # no fchmod on Windows, whose files have no such modes
-            os.fchmod(fd, FILE_MODE)
         os.close(fd)
         tmp = Path(tmp_name)
         write(tmp)
+        normal_mode(tmp)  # after the write: safetensors' writer makes its file anew, 0600 like mkstemp's
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -108,6 +122,13 @@ def atomic_write(path: Path, write: Callable[[Path], None], needed: int | None =
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def normal_mode(path: Path) -> None:
+    """Give `path` the permissions a plain open() would (0644 under umask 022): a file someone downloads or
+    another program loads must not be 0600 because a library or mkstemp wrote it so."""
+    with contextlib.suppress(OSError, NotImplementedError):  # Windows files have no such modes
+        os.chmod(path, file_mode())
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

@@ -211,7 +211,7 @@ def render_grid(run_folder: str | Path, options: GridOptions | dict | None = Non
     try:
         for saved in rows:
             renderer.load(saved.path)
-            cells.append([counter.cell(renderer.draw(prompt, seed), saved.label, _shown(prompt))
+            cells.append([counter.cell(counter.draw(renderer, prompt, seed), saved.label, _shown(prompt))
                           for prompt in prompts])
     finally:
         renderer.unload()
@@ -239,7 +239,8 @@ def render_sweep(run_folder: str | Path, options: SweepOptions | dict | None = N
         renderer.load(lora.path, field="step")
         for scale, label in zip(options.scales, labels, strict=True):
             renderer.set_scale(scale)
-            columns.append([counter.cell(renderer.draw(prompt, seed), _shown(prompt), label) for prompt in prompts])
+            columns.append([counter.cell(counter.draw(renderer, prompt, seed), _shown(prompt), label)
+                            for prompt in prompts])
     finally:
         renderer.unload()
     cells = [list(row) for row in zip(*columns, strict=True)]
@@ -275,6 +276,15 @@ class _Counter:
         self.kind, self.total, self.done = kind, total, 0
         self.emit, self.should_stop = emit, should_stop
 
+    def draw(self, renderer: Renderer, prompt: str, seed: int):
+        """One cell's image; a stop asked between its denoising steps ends the job there (GridStopped)."""
+        from lora_core.samples import DrawingStopped
+
+        try:
+            return renderer.draw(prompt, seed, self.should_stop)
+        except DrawingStopped:
+            raise GridStopped(self.done, self.total) from None
+
     def cell(self, image, row: str, column: str):
         self.done += 1
         if self.emit is not None:
@@ -307,14 +317,16 @@ def saved_sheets(folder: str | Path) -> list[tuple[Path, dict[str, Any]]]:
     chunk); for the page's view of a run. Needs no torch."""
     from PIL import Image
 
+    from lora_core.safefile import open_regular
+
     found = []
     for path in Path(folder).glob("*.png"):
         if not path.name.startswith(("grid_", "sweep_")):
             continue
-        try:
-            with Image.open(path) as image:
-                details = json.loads(image.text.get("lora_studio", "{}"))
-        except (OSError, ValueError):  # not a sheet of ours after all
+        try:  # a file of the run folder is data: a FIFO or a link out under a sheet's name is none
+            with open_regular(path) as handle, Image.open(handle) as image:
+                details = json.loads(str(image.info.get("lora_studio", "{}")))  # written before the pixels
+        except (OSError, ValueError, SyntaxError):  # not a sheet of ours after all
             continue
         found.append((path, details))
     return sorted(found, key=lambda item: item[0].stat().st_mtime, reverse=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from lora_core.errors import UserError
+from lora_core.files import normal_mode
 from lora_core.lora import save_lora
 from lora_core.lorafile import Layer, LoraFile, LoraFileError, apply_lora, layer_delta, read
 
@@ -224,6 +225,9 @@ def bake(path: Path, base_model: str, out: Path, scale: float) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         pipeline.save_pretrained(staging / "model", safe_serialization=True)
+        for written in (staging / "model").rglob("*"):
+            if written.is_file():
+                normal_mode(written)  # safetensors writes 0600: other programs and users load this folder
         os.replace(staging / "model", out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

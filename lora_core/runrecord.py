@@ -23,7 +23,7 @@ resume continued from. Torch-free: the page reads runs with it on every poll.
 from __future__ import annotations
 
 import bisect
-import json
+import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -33,6 +33,8 @@ from typing import Any, NamedTuple, TypeVar
 
 from lora_core.events import Event, Started, parse_event
 from lora_core.files import JOB_FILE
+from lora_core.safefile import open_regular, read_capped
+from lora_core.safefile import read_json as read_json
 
 EVENTS_FILE = "events.jsonl"  # the run's events, appended by its jobs (events.EventLog)
 CONFIG_FILE = "config.json"  # the resolved config the engine wrote for the run
@@ -40,6 +42,11 @@ JOB_CONFIG_FILE = "job_config.json"  # the config the page started the latest jo
 STDERR_FILE = "stderr.log"  # the jobs' log, appended by each
 REPORT_FILE = "training_report.html"  # report.py's page of the run
 STDERR_TAIL_LINES = 20
+# A run's record stays small however long the run: each curve keeps at most 2 * MAX_POINTS points (evenly
+# thinned, `Curve`), the newest MAX_LISTED samples and checkpoints; one look reads at most READ_BYTES of
+# events and one line longer than MAX_LINE_BYTES (a sparse file's zeros) is skipped, never held whole.
+MAX_POINTS, MAX_LISTED = 500, 500
+READ_BYTES, MAX_LINE_BYTES = 1024**2, 1024**2
 
 QUEUED, STARTING, RUNNING, STOPPING = "queued", "starting", "running", "stopping"
 COMPLETE, STOPPED, FAILED = "complete", "stopped", "failed"
@@ -92,9 +99,9 @@ class RunFiles:
     def stderr_tail(self, lines: int = STDERR_TAIL_LINES) -> list[str]:
         """The last non-empty lines of stderr.log (read from its last 64 KiB)."""
         try:
-            with open(self.stderr, "rb") as handle:
-                handle.seek(max(0, self.stderr.stat().st_size - 64 * 1024))
-                text = handle.read().decode("utf-8", errors="replace")
+            with open_regular(self.stderr) as handle:
+                handle.seek(max(0, os.fstat(handle.fileno()).st_size - 64 * 1024))
+                text = handle.read(64 * 1024).decode("utf-8", errors="replace")
         except OSError:
             return []
         kept: deque[str] = deque(maxlen=lines)
@@ -135,9 +142,9 @@ class RunRecord:
     started_at: str = ""  # ISO time of the first start
     last_at: str = ""  # ISO time of the newest event
     resumed_at: list[int] = field(default_factory=list)  # the step each resume continued from
-    loss_points: list[tuple[int, float]] = field(default_factory=list)  # by step, across resumes
-    lr_points: list[tuple[int, float]] = field(default_factory=list)
-    validation_points: list[tuple[int, float]] = field(default_factory=list)  # the held-out images' loss
+    loss_points: list[tuple[int, float]] = field(default_factory=lambda: Curve())  # by step, across resumes
+    lr_points: list[tuple[int, float]] = field(default_factory=lambda: Curve())
+    validation_points: list[tuple[int, float]] = field(default_factory=lambda: Curve())  # the held-out loss
     samples: list[SampleImage] = field(default_factory=list)
     checkpoints: list[SavedLora] = field(default_factory=list)  # by step, each file once
     final_path: str | None = None  # the LoRA (training) or the PNG (grid, sweep)
@@ -218,6 +225,7 @@ def _validation(record: RunRecord, event: Event) -> None:
 
 def _sample(record: RunRecord, event: Event) -> None:
     record.samples.append(SampleImage(event.image_path, event.prompt, event.step))
+    del record.samples[:-MAX_LISTED]
 
 
 def _checkpoint(record: RunRecord, event: Event) -> None:
@@ -261,8 +269,32 @@ _FOLDS: dict[str, Callable[[RunRecord, Any], None]] = {
     "grid_progress": _grid_progress, "grid_complete": _grid_complete}
 
 
+class Curve(list):
+    """(step, value) points by step, thinned evenly: a point is kept when its step is a multiple of `stride`;
+    past 2 * MAX_POINTS points every other one goes and the stride doubles, so a million-step run keeps about
+    as many points as a plot can show, spread over the whole run."""
+
+    def __init__(self, points: Any = ()):
+        super().__init__(points)
+        self.stride = 1
+
+    def put(self, step: int, value: float) -> None:
+        """Points at `step` or later (a part of the run a resume replays) are replaced."""
+        while self and self[-1][0] >= step:
+            self.pop()
+        if step % self.stride:
+            return
+        self.append((step, value))
+        if len(self) > 2 * MAX_POINTS:
+            self.stride *= 2
+            self[:] = [point for point in self if point[0] % self.stride == 0]
+
+
 def _put_point(points: list[tuple[int, float]], step: int, value: float) -> None:
-    """Append (step, value); points at this step or later (a part of the run a resume replays) are replaced."""
+    """Append (step, value) to a curve (a plain list from older callers is made one)."""
+    if isinstance(points, Curve):
+        points.put(step, value)
+        return
     while points and points[-1][0] >= step:
         points.pop()
     points.append((step, value))
@@ -271,6 +303,7 @@ def _put_point(points: list[tuple[int, float]], step: int, value: float) -> None
 def _put_checkpoint(record: RunRecord, step: int, path: str) -> None:
     if all(saved.path != path for saved in record.checkpoints):
         bisect.insort(record.checkpoints, SavedLora(step, path))
+        del record.checkpoints[:-MAX_LISTED]
 
 
 def settle(record: R, alive: bool | None, stop_requested: bool = False) -> R:
@@ -285,35 +318,58 @@ def settle(record: R, alive: bool | None, stop_requested: bool = False) -> R:
 
 
 class RecordTail:
-    """Follows one run folder's events.jsonl into a record, reading only what was appended since the last look."""
+    """Follows one run folder's events.jsonl into a record, reading only what was appended since the last look,
+    at most `READ_BYTES` a look (`behind` says what is left). The file is data: opened as a regular file without
+    blocking; a line that is not a well-formed event is skipped, as read_events does, and costs only itself."""
 
     def __init__(self, folder: Path, record: RunRecord | None = None):
         self.files = RunFiles(Path(folder))
         self.record = record if record is not None else RunRecord()
         self._offset = 0
         self._partial = b""
+        self._skipping = False  # inside a line longer than MAX_LINE_BYTES, read past to its end
+        self.size = 0  # the file's size at the last look
+        self.problem = ""  # why the file could not be read at the last look ("" : it could, or is missing)
 
     @property
     def folder(self) -> Path:
         return self.files.folder
 
-    def update(self) -> RunRecord:
+    @property
+    def behind(self) -> int:
+        """Bytes written but not read yet."""
+        return max(0, self.size - self._offset)
+
+    def update(self, max_bytes: int = READ_BYTES) -> RunRecord:
         try:
-            with open(self.files.events, "rb") as handle:
-                handle.seek(self._offset)
-                data = handle.read()
-        except OSError:
+            data, self.size = read_capped(self.files.events, max_bytes, self._offset)
+            self.problem = ""
+        except FileNotFoundError:
+            return self.record
+        except OSError as error:
+            self.problem = f"{EVENTS_FILE} cannot be read: {error.strerror or error}"
             return self.record
         self._offset += len(data)
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()  # a line still being written (or cut short by a killed process)
-        for line in lines:
+        for line in self._lines(data):
             try:
-                event = parse_event(line.decode("utf-8"))
-            except (ValueError, UnicodeDecodeError):
-                continue  # not a whole event: skipped, as read_events does
-            self.record.add(event)
+                self.record.add(parse_event(line.decode("utf-8")))
+            except (ValueError, TypeError, ArithmeticError, UnicodeDecodeError):
+                continue  # not a whole, well-formed event: skipped
         return self.record
+
+    def _lines(self, data: bytes) -> list[bytes]:
+        chunk = self._partial + data
+        if self._skipping:
+            cut = chunk.find(b"\n")
+            if cut < 0:
+                self._partial = b""
+                return []
+            chunk, self._skipping = chunk[cut + 1:], False
+        lines = chunk.split(b"\n")
+        self._partial = lines.pop()  # a line still being written (or cut short by a killed process)
+        if len(self._partial) > MAX_LINE_BYTES:
+            self._partial, self._skipping = b"", True
+        return [line for line in lines if line.strip() and len(line) <= MAX_LINE_BYTES]
 
 
 def process_alive(job_record: dict[str, Any]) -> bool | None:
@@ -332,10 +388,3 @@ def process_alive(job_record: dict[str, Any]) -> bool | None:
         return abs(process.create_time() - start_time) < 1.0 and process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None

@@ -4,6 +4,7 @@ pipeline encodes each prompt with the current LoRA)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,29 @@ from lora_core import latents, models
 from lora_core.config import TrainConfig
 from lora_core.families import Family
 from lora_core.files import atomic_write
+
+
+class DrawingStopped(Exception):
+    """A stop was asked between two denoising steps of an image: that image is abandoned. `drawn`: the images
+    written before it."""
+
+    drawn: list[tuple[Path, str]] = []
+
+
+def stop_between_steps(should_stop: Callable[[], bool] | None) -> dict[str, Any]:
+    """Pipeline kwargs that check `should_stop` after every denoising step and raise DrawingStopped, so a
+    Stop during a sample, grid or sweep is answered within one denoising step, not after the whole image
+    (a diffusers pipeline calls `callback_on_step_end` after each step; raising leaves it at once, where its
+    own `_interrupt` would still run the remaining loop and return)."""
+    if should_stop is None:
+        return {}
+
+    def check(pipe, step: int, timestep, tensors: dict[str, Any]) -> dict[str, Any]:
+        if should_stop():
+            raise DrawingStopped(f"stopped at denoising step {step + 1}")
+        return tensors
+
+    return {"callback_on_step_end": check}
 
 
 def prompts_of(config: TrainConfig) -> list[str]:
@@ -29,9 +53,11 @@ def prompt_inputs(family: Family, pipeline, prompts: list[str], device: torch.de
 
 @torch.no_grad()
 def make_samples(config: TrainConfig, family: Family, pipeline, denoiser, inputs: list[tuple[str, dict[str, Any]]],
-                 vae, device: torch.device, output: Path, step: int) -> list[tuple[Path, str]]:
+                 vae, device: torch.device, output: Path, step: int,
+                 should_stop: Callable[[], bool] | None = None) -> list[tuple[Path, str]]:
     """Render each prompt with `denoiser` (the trained LoRA without its dropout) and the family's sampler;
-    written as samples/step_<N>[_<index>].png."""
+    written as samples/step_<N>[_<index>].png. DrawingStopped when `should_stop` says so between two
+    denoising steps (the images already written stay)."""
     vae_device, vae_dtype = vae.device, vae.dtype
     vae.to(device, dtype=torch.float32)
     for module in (denoiser, *models.text_encoders(pipeline)):
@@ -40,19 +66,31 @@ def make_samples(config: TrainConfig, family: Family, pipeline, denoiser, inputs
     pipe = type(pipeline)(**{**pipeline.components, family.denoiser: denoiser, "vae": vae, "scheduler": sampler})
     pipe.set_progress_bar_config(disable=True)
     results = []
-    for index, (prompt, kwargs) in enumerate(inputs):
-        generator = torch.Generator(device).manual_seed(config.seed + index)
-        with torch.autocast(device.type, dtype=denoiser.dtype, enabled=device.type == "cuda"):
-            drawn = pipe(**kwargs, **family.sampling_kwargs(config), num_inference_steps=config.sample_inference_steps,
-                         height=config.resolution, width=config.resolution, generator=generator,
-                         output_type="latent").images
-        image = to_image(latents.decode(vae, family.spatial_latents(pipe, drawn, config.resolution,
-                                                                    config.resolution))[0])
-        path = output / "samples" / (f"step_{step}.png" if index == 0 else f"step_{step}_{index}.png")
-        atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
-        results.append((path, prompt))
-    vae.to(vae_device, dtype=vae_dtype)
+    try:
+        for index, (prompt, kwargs) in enumerate(inputs):
+            results.append((_draw_one(config, family, pipe, vae, device, output, step, index, kwargs,
+                                      stop_between_steps(should_stop)), prompt))
+    except DrawingStopped as stopped:
+        stopped.drawn = results
+        raise
+    finally:
+        vae.to(vae_device, dtype=vae_dtype)
     return results
+
+
+def _draw_one(config: TrainConfig, family: Family, pipe, vae, device: torch.device, output: Path, step: int,
+              index: int, kwargs: dict[str, Any], stop: dict[str, Any]) -> Path:
+    generator = torch.Generator(device).manual_seed(config.seed + index)
+    dtype = getattr(pipe, family.denoiser).dtype
+    with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+        drawn = pipe(**kwargs, **family.sampling_kwargs(config), num_inference_steps=config.sample_inference_steps,
+                     height=config.resolution, width=config.resolution, generator=generator,
+                     output_type="latent", **stop).images
+    image = to_image(latents.decode(vae, family.spatial_latents(pipe, drawn, config.resolution,
+                                                                config.resolution))[0])
+    path = output / "samples" / (f"step_{step}.png" if index == 0 else f"step_{step}_{index}.png")
+    atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+    return path
 
 
 def to_image(pixels: torch.Tensor):

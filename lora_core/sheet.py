@@ -46,23 +46,27 @@ def font_size_for(cell_height: int) -> int:
 def wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int,
          max_lines: int = MAX_LABEL_LINES) -> list[str]:
     """`text` in lines no wider than `width` pixels (a word longer than a line is broken), at most
-    `max_lines`, the last one ending in "..." when some text was left out."""
+    `max_lines`, the last one ending in "..." when some text was left out.
+
+    Linear in the text: wrapping stops at the first line past `max_lines`, and a long word is cut by a binary
+    search over at most `width + 1` characters (a visible character is at least a pixel wide), so a label of
+    100,000 characters in one word costs a few measurements of short strings, not one per character."""
     lines: list[str] = []
     line = ""
     for word in text.split():
+        if len(lines) > max_lines:
+            break  # the rest would be cut anyway
         candidate = f"{line} {word}" if line else word
-        if font.getlength(candidate) <= width:
+        if len(candidate) <= width + 1 and font.getlength(candidate) <= width:
             line = candidate
             continue
         if line:
             lines.append(line)
-        while font.getlength(word) > width and len(word) > 1:  # break a word wider than the line
-            cut = len(word) - 1
-            while cut > 1 and font.getlength(word[:cut]) > width:
-                cut -= 1
+        while len(lines) <= max_lines and len(word) > 1 and font.getlength(word[:width + 1]) > width:
+            cut = _longest_fitting(word[:width + 1], font, width)
             lines.append(word[:cut])
             word = word[cut:]
-        line = word
+        line = word[:width + 1]
     if line or not lines:
         lines.append(line)
     if len(lines) > max_lines:
@@ -72,6 +76,18 @@ def wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: i
             last = last[:-1]
         lines[-1] = last + "..."
     return lines
+
+
+def _longest_fitting(word: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> int:
+    """The longest prefix of `word` no wider than `width` (at least one character), by binary search."""
+    low, high = 1, len(word)  # word[:low] is kept even when one character is wider than the line
+    while low < high:
+        middle = (low + high + 1) // 2
+        if font.getlength(word[:middle]) <= width:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def compose(cells: list[list[Image.Image]], row_labels: list[str], column_labels: list[str],

@@ -149,7 +149,9 @@ def fit(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], bool]
                 stop(run, emit)
                 return True
             maybe_checkpoint(run, emit)
-            maybe_sample(run, emit)
+            if maybe_sample(run, emit, should_stop):  # a stop asked while drawing: no further step starts
+                stop(run, emit)
+                return True
             maybe_validate(run, emit)
             if run.step >= run.plan.total_steps:
                 break
@@ -218,12 +220,22 @@ def maybe_checkpoint(run: Run, emit: Callable[[Event], None]) -> None:
         emit(Checkpoint(step=run.step, path=str(save_checkpoint(run))))
 
 
-def maybe_sample(run: Run, emit: Callable[[Event], None]) -> None:
-    if not run.main or (run.step % run.config.validation_steps and run.step != run.plan.total_steps):
-        return
+def maybe_sample(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], bool] = lambda: False) -> bool:
+    """Draw the step's samples (the main process), checking for a stop between denoising steps. True on every
+    process when a stop came while drawing (before the last step): the run stops now, after this step."""
+    if run.step % run.config.validation_steps and run.step != run.plan.total_steps:
+        return False  # every process decides this alike, so all of them vote below or none does
+    stopped = run.main and _draw_samples(run, emit, should_stop if run.step < run.plan.total_steps else None)
+    return run.stop_vote(stopped)
+
+
+def _draw_samples(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], bool] | None) -> bool:
+    stopped_while_drawing = False
     try:  # a sample that cannot be saved is not worth the run: the checkpoints decide that
         drawn = samples.make_samples(run.config, run.family, run.pipeline, run.bare_unet, run.sample_inputs,
-                                     run.pipeline.vae, run.device, run.plan.output, run.step)
+                                     run.pipeline.vae, run.device, run.plan.output, run.step, should_stop)
+    except samples.DrawingStopped as stopped:
+        drawn, stopped_while_drawing = stopped.drawn, True
     except OSError as error:
         drawn = []
         emit(RunWarning(message=f"the sample images of step {run.step} could not be saved: {error}", step=run.step,
@@ -232,6 +244,7 @@ def maybe_sample(run: Run, emit: Callable[[Event], None]) -> None:
         emit(Sample(step=run.step, image_path=str(image_path), prompt=prompt))
     for module in (run.unet, *run.text_encoders):
         module.train()
+    return stopped_while_drawing
 
 
 def maybe_validate(run: Run, emit: Callable[[Event], None]) -> None:

@@ -3,7 +3,14 @@ longer after every further one (1 s, 2 s, 4 s, ... up to a minute) before the se
 
 Gradio checks the password itself and gives the checker no client, so the throttle is an ASGI middleware
 in front of the login route: a client that is waiting gets 429 with Retry-After (its password is not even
-checked), and the login route's own answer (400 wrong, 200 right) counts as a failure or clears the count.
+checked). Every try is counted as a failure before the password is looked at (`attempt`), and a right
+password (the login route's 2xx) clears the count afterwards: 200 wrong passwords sent at once are not all
+checked, only the free ones and one more, the rest wait like sequential ones.
+
+Clients are told apart by the connection's address, after uvicorn's proxy-headers step: a proxy it trusts
+(`FORWARDED_ALLOW_IPS`, by default 127.0.0.1 and ::1) has its X-Forwarded-For address used instead. Behind a
+proxy on another host that is not listed there, every client has the proxy's address and they share one count:
+one guesser slows everyone's login down.
 """
 
 from __future__ import annotations
@@ -40,14 +47,30 @@ class LoginThrottle:
             _, next_try = self._clients.get(client, (0, 0.0))
         return max(0.0, next_try - self.clock())
 
+    def attempt(self, client: str) -> float:
+        """Count a try by `client` as a failure now, before its password is checked, and 0; or, while it must
+        wait, the seconds left (the try is not counted and must not be checked). Check and count are one step
+        under the lock, so concurrent tries cannot all pass the check before any of them is counted."""
+        with self._lock:
+            _, next_try = self._clients.get(client, (0, 0.0))
+            wait = next_try - self.clock()
+            if wait > 0:
+                return wait
+            self._count(client)
+        return 0.0
+
     def failed(self, client: str) -> None:
         with self._lock:
-            failures = self._clients.pop(client, (0, 0.0))[0] + 1
-            over = failures - self.free
-            delay = min(self.max_delay, self.first_delay * 2 ** (over - 1)) if over > 0 else 0.0
-            self._clients[client] = (failures, self.clock() + delay)
-            while len(self._clients) > MAX_CLIENTS:
-                self._clients.popitem(last=False)
+            self._count(client)
+
+    def _count(self, client: str) -> None:
+        """One more failure for `client` (the caller holds the lock)."""
+        failures = self._clients.pop(client, (0, 0.0))[0] + 1
+        over = failures - self.free
+        delay = min(self.max_delay, self.first_delay * 2 ** (over - 1)) if over > 0 else 0.0
+        self._clients[client] = (failures, self.clock() + delay)
+        while len(self._clients) > MAX_CLIENTS:
+            self._clients.popitem(last=False)
 
     def succeeded(self, client: str) -> None:
         with self._lock:
@@ -67,7 +90,7 @@ class ThrottledLogin:
             await self.app(scope, receive, send)
             return
         client = (scope.get("client") or ("unknown",))[0]
-        wait = self.throttle.wait_s(client)
+        wait = self.throttle.attempt(client)  # counted as wrong until the route says it was right
         if wait > 0:
             await _too_many(send, wait)
             return
@@ -79,9 +102,7 @@ class ThrottledLogin:
             await send(message)
 
         await self.app(scope, receive, watch)
-        if status and status[0] in (400, 401, 403):
-            self.throttle.failed(client)
-        elif status and status[0] < 300:
+        if status and 200 <= status[0] < 300:
             self.throttle.succeeded(client)
 
 

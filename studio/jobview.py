@@ -61,7 +61,11 @@ def job_tail(folder: Path, job_id: str) -> RecordTail:
 def folder_view(folder: Path) -> RunView | None:
     """The view of a run folder on disk, for no job of this server (a page opened after a restart)."""
     job_id = str(RunFiles(folder).job_record().get("job_id", ""))
-    view = read_record(folder, into=RunView(job_id=job_id, state=STARTING, output_path=str(folder)))
+    try:
+        view = read_record(folder, into=RunView(job_id=job_id, state=STARTING, output_path=str(folder)))
+    except Exception as error:  # noqa: BLE001  (a damaged newest run must not cost the Train tab)
+        return RunView(job_id=job_id, state=FAILED, output_path=str(folder),
+                       message=f"this run's files cannot be read ({type(error).__name__}: {str(error)[:200]})")
     if not isinstance(view, RunView):
         return None
     return replace(view, stderr_tail=RunFiles(folder).stderr_tail()) if view.state == FAILED else view

@@ -44,7 +44,7 @@ def thumbnails(report: DatasetReport, folder: Path, limit: int = MAX_THUMBNAILS)
         key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
         target = folder / f"{key}.jpg"
         if not target.exists():
-            image = dataset.open_image(source)
+            image = dataset.open_image(source, max_side=THUMBNAIL_SIZE)  # decoded downscaled where it can be
             image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
             image.save(target, format="JPEG", quality=85)
         results.append((str(target), f"{source.name} · {record.width}×{record.height} · {record.caption}"))

@@ -12,18 +12,24 @@ Torch-free: the page imports this module on every poll.
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from dataclasses import asdict, dataclass, field
+import stat
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lora_core.errors import UserError
-from lora_core.events import read_events
 from lora_core.runrecord import (
     ACTIVE,
     FAILED,
     QUEUED,
+    READ_BYTES,
     R,
+    RecordTail,
     RunFiles,
     RunRecord,
     process_alive,
@@ -34,6 +40,10 @@ from lora_core.runrecord import (
 QUEUE_FILE = "queue.json"
 UPLOADS = "uploads"
 NOT_COMPARED = ("output_path",)  # differs between any two runs by construction
+DAMAGED = "damaged"  # a folder whose files cannot be read as a run: listed with the reason, costs nothing else
+# One Runs call reads events for about READ_SECONDS (all its runs together), then at most SLOW_READ_BYTES a run;
+# what is left is read by the next calls, from where this one stopped (each run's reader is kept, `_tail`).
+READ_SECONDS, SLOW_READ_BYTES, MAX_TAILS = 2.0, 1024**2, 1000
 
 
 class RunError(UserError):
@@ -56,6 +66,7 @@ class RunRow:
     started: str = ""  # ISO time of the first start
     duration_s: float | None = None  # first start to the last event
     folder: str = ""
+    problem: str = ""  # why the run is damaged, or that its events are still being read
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,39 +111,110 @@ def run_config(folder: Path) -> dict[str, Any]:
     return flat_config(read_json(files.config)) or flat_config(read_json(files.job_config))
 
 
+_tails: OrderedDict[tuple[str, str, Any], tuple[RecordTail, tuple[int, int], threading.Lock]] = OrderedDict()
+_tails_lock = threading.Lock()
+
+
+def _tail(folder: Path, into: RunRecord | None) -> tuple[RecordTail, threading.Lock]:
+    """The reader kept for this run folder's events (a new one when the file was replaced or cut shorter),
+    so that each call reads only what was appended since the last."""
+    key = (str(folder.parent.resolve() / folder.name), type(into).__name__, getattr(into, "job_id", None))
+    try:
+        info = os.stat(RunFiles(folder).events)
+    except (OSError, ValueError):
+        return RecordTail(folder, into), threading.Lock()  # no events yet: nothing worth keeping
+    with _tails_lock:
+        cached = _tails.pop(key, None)
+        if cached is None or cached[1] != (info.st_dev, info.st_ino) or info.st_size < cached[0].size:
+            cached = (RecordTail(folder, into), (info.st_dev, info.st_ino), threading.Lock())
+        _tails[key] = cached
+        while len(_tails) > MAX_TAILS:
+            _tails.popitem(last=False)
+    return cached[0], cached[2]
+
+
+def _read(folder: Path, running: bool | None, into: RunRecord | None,
+          deadline: float | None) -> tuple[RunRecord | None, str]:
+    """The settled record of a run folder (None: no run) and a note when its events are not all read yet."""
+    files = RunFiles(folder)
+    if not files.is_run():
+        return None, ""
+    tail, lock = _tail(folder, into)
+    deadline = time.monotonic() + READ_SECONDS if deadline is None else deadline
+    with lock:
+        tail.update(READ_BYTES if time.monotonic() < deadline else SLOW_READ_BYTES)
+        while tail.behind and time.monotonic() < deadline:
+            tail.update()
+        record = replace(tail.record)  # the kept record goes on folding; this call's answer must not change
+        note = tail.problem or (f"{tail.behind / 1e6:.0f} MB of {tail.size / 1e6:.0f} MB of events not read yet; "
+                                "refresh to read on" if tail.behind else "")
+    job = files.job_record()
+    alive = process_alive(job) if running is None else running
+    return settle(record, alive, stop_requested=bool(job.get("stop_requested"))), note
+
+
 def read_record(folder: Path, running: bool | None = None, into: R | None = None) -> R | RunRecord | None:
     """One run's record (folded into `into` when given) with what is known of its job's process added
     (runrecord.settle); None when the folder holds no run. `running`: what the caller knows of the process
     (None: ask the OS about the one job.json names)."""
-    files = RunFiles(folder)
-    if not files.is_run():
+    return _read(folder, running, into if into is not None else RunRecord(), None)[0]
+
+
+def contained_file(folder: Path, path: str | None, written_in: str = "") -> str | None:
+    """`path`, as an event names it, if it is a regular file inside the run `folder`, reached without following
+    any link; else None. A path under the folder the run was written in (`written_in`, its output_path then)
+    is taken relative to it, so a moved outputs folder keeps its files; anything else (/tmp/..., the
+    server's working folder, a link pointing out) is not the run's and is never served."""
+    if not path or "\0" in str(path):
         return None
-    record = (into if into is not None else RunRecord()).add_all(
-        read_events(files.events) if files.events.is_file() else [])
-    job = files.job_record()
-    alive = process_alive(job) if running is None else running
-    return settle(record, alive, stop_requested=bool(job.get("stop_requested")))
+    candidate = Path(str(path))
+    for base in (written_in, folder):
+        if base and candidate.is_absolute() and candidate.is_relative_to(base):
+            candidate = candidate.relative_to(base)
+    if candidate.is_absolute() or not candidate.parts or ".." in candidate.parts:
+        return None
+    current = Path(folder)
+    for index, part in enumerate(candidate.parts):
+        current = current / part
+        try:
+            mode = os.lstat(current).st_mode
+        except (OSError, ValueError):
+            return None
+        last = index == len(candidate.parts) - 1
+        if not (stat.S_ISREG(mode) if last else stat.S_ISDIR(mode)):
+            return None  # a link (S_ISLNK is neither), a FIFO, a device, a folder named like a file
+    return str(current)
 
 
-def read_detail(folder: Path, running: bool | None = None) -> RunDetail | None:
+def read_detail(folder: Path, running: bool | None = None, deadline: float | None = None) -> RunDetail | None:
     """One run's full view from its folder; None when the folder holds no run. `running`: what the caller
-    knows of the run's process (None: ask the OS about the process in job.json)."""
-    record = read_record(folder, running)
+    knows of the run's process (None: ask the OS about the process in job.json). Every file it names is
+    inside the folder (`contained_file`)."""
+    record, note = _read(folder, running, RunRecord(), deadline)
     if record is None:
         return None
     files, config = RunFiles(folder), run_config(folder)
+    inside = {item: contained_file(folder, item, record.output_path)
+              for item in [record.final_path, *(saved.path for saved in record.checkpoints)] if item}
+    saved = next((inside[path] for _, path in reversed(record.checkpoints) if inside.get(path)), None)
     return RunDetail(
         id=folder.name, name=folder.name, state=record.state, base_model=str(config.get("base_model", "")),
-        step=record.step, total_steps=record.total_steps or int(config.get("max_train_steps") or 0),
+        step=record.step, total_steps=record.total_steps or _count(config.get("max_train_steps")),
         loss=record.loss, started=record.started_at or str(files.job_record().get("started_at", "")),
-        duration_s=record.duration_s, folder=str(folder),
+        duration_s=record.duration_s, folder=str(folder), problem=note,
         loss_points=record.loss_points, validation_points=record.validation_points, resumed_at=record.resumed_at,
-        samples=[{"step": item.step, "prompt": item.prompt, "path": item.path} for item in record.samples],
-        checkpoints=[{"step": item.step, "path": item.path, "exists": Path(item.path).is_file()}
+        samples=[{"step": item.step, "prompt": item.prompt, "path": path} for item in record.samples
+                 if (path := contained_file(folder, item.path, record.output_path))],
+        checkpoints=[{"step": item.step, "path": inside.get(item.path) or "", "exists": bool(inside.get(item.path))}
                      for item in record.checkpoints],
-        final_path=record.final_path, saved_so_far=record.saved_so_far, config=config,
-        report_path=str(files.report) if files.report.is_file() else None, message=record.message,
+        final_path=inside.get(record.final_path or ""), saved_so_far=inside.get(record.final_path or "") or saved,
+        config=config, report_path=contained_file(folder, files.report.name), message=record.message,
         error_field=record.error_field, stderr_tail=files.stderr_tail() if record.state == FAILED else [])
+
+
+def _count(value: Any) -> int:
+    """A count from a config file, which is data: 0 unless it is a plain whole number."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53 else 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -149,37 +231,69 @@ def _queued_rows(root: Path) -> list[RunRow]:
         config = flat_config(item.get("config"))
         rows.append(RunRow(id=folder.name, name=folder.name, state=QUEUED, folder=str(folder),
                            base_model=str(config.get("base_model", "")), started=str(item.get("queued_at", "")),
-                           total_steps=int(config.get("max_train_steps") or 0)))
+                           total_steps=_count(config.get("max_train_steps"))))
     return rows
 
 
+def _folders(root: Path) -> list[Path]:
+    """Every real folder directly under `root` that may be a run (never a link to one: a link is not the run)."""
+    if not root.is_dir():
+        return []
+    return [folder for folder in sorted(root.iterdir()) if folder.name != UPLOADS and not folder.name.startswith(".")
+            and not folder.is_symlink() and folder.is_dir() and RunFiles(folder).is_run()]
+
+
+def _readable_name(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a name that is not UTF-8 on disk (surrogate escapes): no page can send it back
+        return False
+    return True
+
+
 def run_folders(root: Path) -> list[Path]:
-    """The run folders directly under `root` (uploads and hidden folders are none)."""
-    return [folder for folder in sorted(Path(root).iterdir()) if folder.is_dir() and folder.name != UPLOADS
-            and not folder.name.startswith(".") and RunFiles(folder).is_run()] if Path(root).is_dir() else []
+    """The run folders directly under `root` (uploads, hidden folders, links and names that are not UTF-8 are
+    none)."""
+    return [folder for folder in _folders(Path(root)) if _readable_name(folder.name)]
+
+
+def _damaged(folder: Path, reason: str) -> RunRow:
+    shown = os.fsencode(folder.name).decode("utf-8", errors="backslashreplace")
+    return RunRow(id=shown, name=shown, state=DAMAGED, folder=str(folder).encode("utf-8", "backslashreplace")
+                  .decode("utf-8"), problem=reason)
 
 
 def list_runs(root: str | Path, running: set[str] | None = None) -> list[RunRow]:
-    """Every run under `root`, newest first. `running`: ids the caller knows are running (None: ask the OS)."""
+    """Every run under `root`, newest first. `running`: ids the caller knows are running (None: ask the OS).
+    A folder whose files cannot be read as a run is one `damaged` row with the reason; it costs no other row."""
     root = Path(root)
     rows: list[RunRow] = []
-    for folder in run_folders(root):
-        detail = read_detail(folder, None if running is None else folder.name in running)
+    deadline = time.monotonic() + READ_SECONDS
+    for folder in _folders(root):
+        if not _readable_name(folder.name):
+            rows.append(_damaged(folder, "the folder's name is not UTF-8; rename it to open the run"))
+            continue
+        try:
+            detail = read_detail(folder, None if running is None else folder.name in running, deadline)
+        except Exception as error:  # noqa: BLE001  (a run's files are data: whatever is wrong costs that run only)
+            rows.append(_damaged(folder, f"its files cannot be read ({type(error).__name__}: {str(error)[:200]})"))
+            continue
         if detail is not None:
             rows.append(RunRow(**{name: getattr(detail, name) for name in RunRow.__dataclass_fields__}))
     queued = [row for row in _queued_rows(root) if row.id not in {known.id for known in rows}]
-    rows.sort(key=lambda row: row.started, reverse=True)
+    rows.sort(key=lambda row: str(row.started), reverse=True)
     return queued[::-1] + rows  # waiting jobs first, the last to start at the top
 
 
 def resolve_run(root: str | Path, run_id: str) -> Path:
-    """The folder of run `run_id`: a folder directly under `root`, never anything outside it."""
+    """The folder of run `run_id`: a real folder directly under `root` (never a link, never anything outside)."""
     root = Path(root).resolve()
     name = str(run_id or "").strip()
-    if not name or name in (".", "..") or "/" in name or "\\" in name or name == UPLOADS:
-        raise RunError(f"{run_id!r} is not a run id; pick one from the Runs list (runs returns them)")
-    folder = (root / name).resolve()
-    if folder.parent != root or not RunFiles(folder).is_run():
+    if (not name or name in (".", "..", UPLOADS) or any(char in name for char in "/\\") or not name.isprintable()
+            or len(name.encode("utf-8", errors="surrogateescape")) > 255):
+        raise RunError(f"{name[:80]!r} is not a run id; pick one from the Runs list (runs returns them)")
+    folder = root / name
+    if folder.is_symlink() or not folder.is_dir() or not RunFiles(folder).is_run():
         raise RunError(f"no run {name!r} in {root}; pick one from the Runs list")
     return folder
 
@@ -197,9 +311,9 @@ def delete_run(root: str | Path, run_id: str, running: bool | None = None) -> Pa
     if detail.state in ACTIVE:
         raise RunError(f"run {run_id!r} is still running; stop it first, then delete it")
     folder = Path(detail.folder)
-    if folder.is_symlink() or not folder.resolve().is_relative_to(Path(root).resolve()):
-        raise RunError(f"run {run_id!r} is not inside the outputs folder {root}; it was not deleted")
-    shutil.rmtree(folder)
+    if folder.is_symlink() or folder.parent != Path(root).resolve() or not folder.is_dir():
+        raise RunError(f"run {run_id!r} is not a folder inside the outputs folder {root}; it was not deleted")
+    shutil.rmtree(folder)  # removes links inside the folder, never what they point to
     return folder
 
 
@@ -229,7 +343,8 @@ def format_duration(seconds: float | None) -> str:
 
 def table_rows(rows: list[RunRow]) -> list[list[Any]]:
     """The Runs list as a page table shows it."""
-    return [[row.id, row.state, row.base_model, f"{row.step} / {row.total_steps}",
+    return [[row.id, f"{row.state}: {row.problem}" if row.problem else row.state, row.base_model,
+             f"{row.step} / {row.total_steps}",
              "" if row.loss is None else f"{row.loss:.4g}", row.started[:19].replace("T", " "),
              format_duration(row.duration_s)] for row in rows]
 

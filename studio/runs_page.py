@@ -20,6 +20,7 @@ from lora_core import comfyui, manifest
 from lora_core.errors import UserError
 from lora_core.runrecord import RunFiles
 from studio import runs, sheets
+from studio.cleanup import sweep_caches
 from studio.render import plot_frame
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ def _detail_markdown(detail: runs.RunDetail) -> str:
              f"- last loss: {'' if detail.loss is None else f'{detail.loss:.4g}'}",
              f"- started: {detail.started[:19].replace('T', ' ')} (duration "
              f"{runs.format_duration(detail.duration_s)})"]
+    if detail.problem:  # events still being read (a huge file), or a file that could not be read
+        lines.append(f"- note: {detail.problem}")
     if detail.resumed_at:
         lines.append(f"- resumed at step(s): {', '.join(map(str, detail.resumed_at))}")
     if detail.message:
@@ -104,6 +107,7 @@ class RunsTab:
             detail = runs.run_detail(self.root, run_id, None if live is None else run_id in live)
         except UserError as error:
             raise gr.Error(str(error)) from None
+        sweep_caches(self.root)  # Gradio copies each file it offers into its cache, each time a run is opened
         files = [item["path"] for item in detail.checkpoints if item["exists"]]
         if detail.final_path and Path(detail.final_path).is_file():
             files.append(detail.final_path)

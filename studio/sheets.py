@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_core.errors import UserError
+from studio import runs
 
 CHECKPOINT = re.compile(r"^lora_step_(\d+)\.safetensors$")
 FINAL = "lora_final.safetensors"
@@ -119,5 +120,6 @@ def sweep_args(folder: Path, step: str | None, prompts: str | list[str] | None,
 
 def newest_sheet(folder: Path) -> Path | None:
     """The run's newest grid or sweep PNG, if it has one."""
-    sheets = [path for path in folder.glob("*.png") if path.name.startswith(("grid_", "sweep_"))]
+    sheets = [path for path in folder.glob("*.png") if path.name.startswith(("grid_", "sweep_"))
+              and runs.contained_file(folder, path.name)]  # a regular file of the run, never a link out
     return max(sheets, key=lambda path: path.stat().st_mtime) if sheets else None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ from lora_core.config import ConfigError, TrainConfig
 from lora_core.configfile import load_config
 from lora_core.files import atomic_write_text
 from lora_core.launcher import validation_report  # --validate-only in a child process: no torch here
+from studio.cleanup import export_folder, sweep_caches
 from studio.formspec import config_file_dict, split_list
 from studio.jobs import RUN_NAME, BusyError, Studio
 from studio.render import code, dataset_markdown, estimate_markdown, run_summary
@@ -65,6 +65,7 @@ class TrainActions:
             return (gr.skip(),) * 6
         folder = self.studio.new_upload_folder()
         remove_unused(folder.parent, self.studio.outputs_root)  # uploads no run used, after UNUSED_UPLOAD_DAYS
+        sweep_caches(self.studio.outputs_root)  # Gradio's copy of every upload, refused ones too
         try:
             report = ingest(files, folder, self.settings.upload_limits)
         except UploadError as error:
@@ -97,7 +98,7 @@ class TrainActions:
         if problem := dataset_folder_problem(folder, self.studio, self.settings):
             raise gr.Error(problem)
         try:
-            report = dataset.scan(folder, split_list("trigger_words", trigger_words) or ["<trigger>"])
+            report = dataset.scan(folder, split_list("trigger_words", trigger_words) or ["<trigger>"], decode=False)
         except dataset.DatasetError as error:
             return f"**Cannot use this dataset:** {error}", []
         gallery = preview.thumbnails(report, self.studio.outputs_root / ".thumbnails")
@@ -192,7 +193,8 @@ class TrainActions:
 
     def export_config(self, **values):
         config = build_config(values, self.studio, self.settings)
-        path = Path(tempfile.mkdtemp(prefix="lora-config-")) / f"{Path(config.output_path).name}.json"
+        sweep_caches(self.studio.outputs_root)  # Gradio's copies and older exports, not just kept forever
+        path = export_folder(self.studio.outputs_root) / f"{Path(config.output_path).name}.json"
         path.write_text(json.dumps(config_file_dict(config), indent=2) + "\n", encoding="utf-8")
         return gr.File(value=str(path), visible=True)
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from lora_core.config import ConfigError, TrainConfig
+from lora_core.config import ConfigError, TrainConfig, data_path_fields
 from lora_core.configfile import parse_config
 from studio.formspec import FieldSpec, config_to_form, field_specs, form_to_config_dict, split_list
 from studio.render import code
@@ -68,8 +68,7 @@ def build_config(form: dict[str, Any], studio: Studio, settings: PageSettings) -
         data["output_path"] = str(studio.run_folder(str(form.get("run_name") or "")))
     except ValueError as error:
         problems.append(("run_name", str(error)))
-    if reason := dataset_folder_problem(str(form.get("dataset_path") or ""), studio, settings):
-        problems.append(("dataset_path", reason))
+    problems += data_path_problems(data, studio, settings)
     try:
         config = parse_config(data, strict=False)  # the widgets give numbers as floats
     except ConfigError as error:
@@ -83,10 +82,27 @@ def dataset_folder_problem(folder: str, studio: Studio, settings: PageSettings) 
     """Why a typed server folder may not be trained on (outside LORA_STUDIO_DATASETS), or None."""
     if not folder or settings.datasets_root is None:
         return None
-    path = Path(folder).expanduser().resolve()
+    try:
+        path = Path(folder).expanduser().resolve()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a link loop: the config's own check names it
+        return None
     if path.is_relative_to(settings.datasets_root) or path.is_relative_to(studio.outputs_root):
         return None
     return f"this server only trains on uploads or folders inside {settings.datasets_root}; upload the images instead"
+
+
+def data_path_problems(data: dict[str, Any], studio: Studio, settings: PageSettings) -> list[tuple[str, str]]:
+    """(field, why) for every server path in a config dict outside what this server trains on: one check for
+    every field the config model marks as a data path (lora_core.config.DATA_PATH), so a field added later is
+    held to the datasets root as soon as it is marked."""
+    problems = []
+    for name in data_path_fields(TrainConfig):
+        value = data.get(name)
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(item, str) and (reason := dataset_folder_problem(item, studio, settings)):
+                problems.append((name, reason))
+                break
+    return problems
 
 
 def field_of(problem_field: str) -> str:
@@ -120,7 +136,8 @@ def dataset_problem(form: dict[str, Any], studio: Studio, settings: PageSettings
     except ConfigError:
         return None
     try:
-        holdout.split(dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement), config)
+        holdout.split(dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement, decode=False),
+                      config)
     except dataset.DatasetError as error:
         return "dataset_path", f"{error} (nothing was queued)"
     except holdout.HeldOutError as error:

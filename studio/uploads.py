@@ -8,17 +8,18 @@ members, members over the size or count limits, and zip bombs: one member of a c
 or many members that together expand past the archive's budget (counted on the bytes really written, so
 small members cannot add up unnoticed; writing stops at the budget). An image whose header gives a size
 training refuses (too many pixels, too small, too extreme an aspect ratio) is refused here too. Whatever
-is refused is deleted. Image *content* is judged later by `dataset.scan`, which refuses unreadable images
-with their reason. Upload folders no run uses are deleted after UNUSED_UPLOAD_DAYS (`remove_unused`).
+is refused is deleted, and so is an upload left without a usable image. Each image is checked as the page's
+scan checks it (`dataset.image_size`: header and checksums, never decoded whole); training's own scan decodes
+it. An archive whose directory is bigger than the file limit allows is refused before zipfile reads it.
+Upload folders no run or job uses are deleted after UNUSED_UPLOAD_DAYS (studio/cleanup.py).
 """
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import stat
-import time
+import struct
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -28,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from lora_core.errors import UserError
+from studio.cleanup import UNUSED_UPLOAD_DAYS, remove_unused  # noqa: F401  (where the page and tests find them)
 
 CAPTION_SUFFIX = ".txt"
 ARCHIVE_SUFFIXES = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".zst", ".lz", ".lzma"}
@@ -38,7 +40,12 @@ CHUNK = 1024 * 1024
 MAX_LISTED_REFUSALS = 200  # past this, one summary line instead of one line per member
 DRIVE = re.compile(r"^[A-Za-z]:")
 UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
-UNUSED_UPLOAD_DAYS = 2.0  # an upload no run has used is deleted this long after it was made
+# zipfile reads an archive's whole central directory into memory, one object per member, as it opens it (2
+# million empty members: seconds and hundreds of MB before the first is looked at). Its end record says how
+# many members and how many directory bytes there are: more than MEMBERS_PER_FILE per allowed file (at least
+# MIN_MEMBERS: folders, captions and files to refuse are members too), or more than DIRECTORY_BYTES_PER_MEMBER a
+# member, and the archive is refused before zipfile reads its directory (at most 5 MB of it by default).
+MEMBERS_PER_FILE, MIN_MEMBERS, DIRECTORY_BYTES_PER_MEMBER = 4, 10_000, 512
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,7 @@ def ingest(paths: list[str | Path], dest: str | Path, limits: UploadLimits | Non
     report = UploadReport(folder=str(dest))
     archives: list[zipfile.ZipFile] = []
     try:
-        candidates = list(_collect(paths, report, archives))
+        candidates = list(_collect(paths, report, archives, limits))
         _write_all(_within_limits(candidates, report, limits), dest, report, limits)
     finally:
         for archive in archives:
@@ -130,8 +137,8 @@ def ingest(paths: list[str | Path], dest: str | Path, limits: UploadLimits | Non
 # collecting candidates
 
 
-def _collect(paths: list[str | Path], report: UploadReport,
-             archives: list[zipfile.ZipFile]) -> Iterator[_Candidate]:
+def _collect(paths: list[str | Path], report: UploadReport, archives: list[zipfile.ZipFile],
+             limits: UploadLimits) -> Iterator[_Candidate]:
     for raw in sorted(paths, key=lambda p: Path(p).name):
         path = Path(raw)
         name = path.name
@@ -140,7 +147,7 @@ def _collect(paths: list[str | Path], report: UploadReport,
         elif not path.is_file():
             report.refuse(name, "not a regular file")
         elif path.suffix.lower() == ".zip":
-            archive = _open_zip(path, report)
+            archive = _open_zip(path, report, limits)
             if archive is not None:
                 archives.append(archive)
                 report.archive_sizes[name] = path.stat().st_size
@@ -152,7 +159,10 @@ def _collect(paths: list[str | Path], report: UploadReport,
                              partial(path.open, "rb"))
 
 
-def _open_zip(path: Path, report: UploadReport) -> zipfile.ZipFile | None:
+def _open_zip(path: Path, report: UploadReport, limits: UploadLimits) -> zipfile.ZipFile | None:
+    if (problem := _directory_problem(path, limits)) is not None:
+        report.refuse(path.name, problem)
+        return None
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as error:
@@ -174,6 +184,23 @@ def _zip_members(archive: zipfile.ZipFile, archive_name: str, archive_size: int,
         parts = PurePosixPath(name.replace("\\", "/"))
         yield _Candidate(shown, (str(parts.parent), parts.stem), parts.suffix.lower(), info.file_size,
                          lambda info=info: archive.open(info), compressed=info.compress_size, archive=archive_name)
+
+
+def _directory_problem(path: Path, limits: UploadLimits) -> str | None:
+    """Why an archive's directory is too big to read (from its end record alone), or None."""
+    try:
+        with open(path, "rb") as handle:
+            end = zipfile._EndRecData(handle)  # the end record (zip64 too), as ZipFile itself reads it first
+    except (OSError, AttributeError, ValueError, struct.error):
+        return None  # not readable as a zip: ZipFile says why
+    if not end:
+        return None
+    members, size = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
+    most = max(MEMBERS_PER_FILE * limits.max_files, MIN_MEMBERS)
+    if members > most or size > most * DIRECTORY_BYTES_PER_MEMBER:
+        return (f"holds {members} members in a {size}-byte directory; an upload takes at most {limits.max_files} "
+                "files, so the archive was not opened: split it")
+    return None
 
 
 def _member_name(info: zipfile.ZipInfo, report: UploadReport, archive_name: str) -> str:
@@ -306,7 +333,7 @@ def _write_one(candidate: _Candidate, target: Path, report: UploadReport, limits
     if candidate.archive is not None:  # what was read counts, kept or not: the budget is the work done
         report.archive_written[candidate.archive] = report.archive_written.get(candidate.archive, 0) + written
     if problem is None and candidate.suffix != CAPTION_SUFFIX:
-        problem = _image_size_problem(target)
+        problem = _image_problem(target)
     if problem is not None:
         target.unlink(missing_ok=True)
         report.refuse(candidate.name, problem)
@@ -333,43 +360,17 @@ def _budget_reason(candidate: _Candidate, limits: UploadLimits) -> str:
             "this looks like a zip bomb")
 
 
-def _image_size_problem(path: Path) -> str | None:
-    """The size bounds of dataset.scan, read from the header; unreadable images are left to the scan."""
-    from PIL import Image
-
-    from lora_core.dataset import size_problem
+def _image_problem(path: Path) -> str | None:
+    """Why a written image cannot be trained on: its size (from the header) or damage, found as the page's
+    scan finds it (dataset.image_size: never decoded whole), or None. A refused image is deleted, and an
+    upload left without a usable image is deleted whole (`_write_all`)."""
+    from lora_core.dataset import image_size
 
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except Exception:  # PIL raises many types for what is not an image; the scan names them
-        return None
-    return size_problem(width, height)
-
-
-def remove_unused(uploads_root: Path, outputs_root: Path, max_age_days: float = UNUSED_UPLOAD_DAYS,
-                  now: float | None = None) -> list[Path]:
-    """Delete upload folders older than `max_age_days` that no run in `outputs_root` trained on (its
-    config.json names them); the removed folders. The page calls it for every new upload."""
-    uploads_root, now = Path(uploads_root), time.time() if now is None else now
-    if not uploads_root.is_dir():
-        return []
-    used = set()
-    for config in Path(outputs_root).glob("*/config.json"):
-        try:
-            used.add(Path(json.loads(config.read_text(encoding="utf-8"))["dataset_path"]).resolve())
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    removed = []
-    for folder in uploads_root.iterdir():
-        try:
-            old = now - folder.lstat().st_mtime > max_age_days * 86400
-        except OSError:
-            continue
-        if old and folder.is_dir() and not folder.is_symlink() and folder.resolve() not in used:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
+        image_size(path)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def _bomb(size: int, compressed: int | None, limits: UploadLimits) -> bool:

@@ -121,3 +121,26 @@ def test_a_fifo_as_config_does_not_block_the_cli(tmp_path):
     os.mkfifo(fifo)
     result = _cli("--config", str(fifo))
     assert result.returncode == 1 and "not a regular file" in json.loads(result.stdout)["message"]
+
+
+def test_every_data_path_field_is_held_to_the_datasets_root(tmp_path):
+    from lora_core.config import TrainConfig, data_path_fields
+    from studio.jobs import Studio
+    from studio.train_form import PageSettings, build_config, default_form
+    from studio.uploads import UploadLimits
+
+    assert {"dataset_path", "validation_dataset_path"} <= set(data_path_fields(TrainConfig))
+    inside, outside = tmp_path / "datasets" / "cats", tmp_path / "private"
+    inside.mkdir(parents=True)
+    outside.mkdir()
+    (inside / "escape").symlink_to(outside, target_is_directory=True)
+    studio = Studio(tmp_path / "outputs", devices=0)
+    settings = PageSettings(initial={}, upload_limits=UploadLimits(), datasets_root=(tmp_path / "datasets").resolve())
+    form = {**default_form(), "dataset_path": str(inside), "trigger_words": "zwx", "base_model": "builtin:tiny-sd"}
+    assert build_config(form, studio, settings).dataset_path == str(inside)
+    for field, value in (("validation_dataset_path", str(outside)), ("dataset_path", str(outside)),
+                         ("validation_dataset_path", str(inside / "escape"))):
+        with pytest.raises(ConfigError) as error:
+            build_config({**form, field: value}, studio, settings)
+        assert [name for name, _ in error.value.problems] == [field]
+        assert "only trains on uploads or folders inside" in error.value.problems[0][1]

@@ -124,3 +124,27 @@ def test_the_tag_frequency_header_is_capped_to_the_most_frequent_tags():
     counts = tag_frequency(captions)
     assert len(counts) == MAX_TAG_FREQUENCY and counts["common"] == 50
     assert max(len(tag) for tag in counts) <= MAX_TAG_CHARS
+
+
+def test_a_page_scan_reads_sizes_from_headers_and_never_decodes_a_huge_16_bit_png_whole(tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    Image.new("I;16", (7000, 7000), 40000).save(folder / "huge.png", compress_level=1)  # 98 MB decoded
+    truncated = (folder / "huge.png").read_bytes()
+    (folder / "cut.png").write_bytes(truncated[: len(truncated) // 2])
+    Image.new("RGB", (64, 48), "red").save(folder / "small.jpg")
+    code = ("import resource, sys; from lora_core import dataset; before = resource.getrusage("
+            "resource.RUSAGE_SELF).ru_maxrss; report = dataset.scan(sys.argv[1], ['t'], decode=False); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, "
+            "[(r.width, r.height) for r in report.images], [r['file'] for r in report.refused])")
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent, check=True).stdout.split(" ", 1)
+    grown_kib, rest = int(out[0]), out[1]
+    assert "(7000, 7000), (64, 48)" in rest and "cut.png" in rest  # sizes right, the damaged file refused
+    assert grown_kib < 60 * 1024, f"the scan grew the process by {grown_kib // 1024} MB"  # a decode: 100s of MB
+    for mode in ("I;16", "P", "1", "RGB"):  # a thumbnail is decoded downscaled whatever the mode
+        Image.new(mode, (1200, 900)).save(tmp_path / "mode.png")
+        assert dataset.open_image(tmp_path / "mode.png", max_side=192).size == (400, 300)  # 1/3: still >= 2 x 192

@@ -78,6 +78,22 @@ def test_wrap_keeps_lines_within_the_width_and_cuts_long_text():
         compose([[solid((0, 0, 0)), solid((0, 0, 0), (10, 10))]], ["r"], ["a", "b"])
 
 
+def test_a_label_of_one_100000_character_word_wraps_quickly_and_correctly():
+    from PIL import ImageFont
+    from timeouts import within
+
+    font = ImageFont.load_default(size=12)
+    word = "abcdefghij" * 10_000  # one word: the old wrap measured every prefix of it, cubic in its length
+    lines = within(20, wrap, word, font, 60)
+    assert len(lines) == 4 and lines[-1].endswith("...")
+    assert all(font.getlength(line) <= 60 for line in lines)
+    assert "".join(lines[:3]) == word[:sum(len(line) for line in lines[:3])]  # cut in order, nothing lost
+    assert all(font.getlength(line + word[len("".join(lines[:index + 1]))]) > 60 for index, line in
+               enumerate(lines[:3]))  # each line is as long as fits: one character more would not
+    many = within(20, wrap, "word " * 100_000, font, 60)
+    assert len(many) == 4 and many[0].startswith("word word")
+
+
 def test_the_default_choice_of_checkpoints_is_all_then_spread_evenly(tmp_path):
     assert spread(list(range(5)), 8) == [0, 1, 2, 3, 4]
     assert spread(list(range(20)), 8) == [0, 3, 5, 8, 11, 14, 16, 19]  # first and last always in
@@ -221,8 +237,9 @@ def test_a_stopped_grid_ends_interrupted_and_writes_nothing(run_folder, renderer
     events = []
     terminal = run_job("grid", run_folder, {"steps": ["final"]}, events.append, should_stop=lambda: True,
                        renderer=renderer)
-    assert isinstance(terminal, Interrupted) and terminal.step == 1 and "1 of 2 cells" in terminal.message
-    assert [type(e) for e in events] == [GridProgress, Interrupted]
+    # asked before the first cell's first denoising step ended: stopped inside it, not after it
+    assert isinstance(terminal, Interrupted) and terminal.step == 0 and "0 of 2 cells" in terminal.message
+    assert [type(e) for e in events] == [Interrupted]
     assert set(run_folder.iterdir()) == before
     missing = run_job("sweep", run_folder, {"step": 3}, events.append)
     assert isinstance(missing, Error) and missing.field == "step" and "step 2" in missing.message

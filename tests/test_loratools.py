@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 import torch
@@ -128,6 +129,10 @@ def test_bake_writes_a_diffusers_folder_whose_unet_equals_the_base_with_the_lora
     torch.testing.assert_close(unet_out(baked), unet_out(loaded), rtol=0, atol=1e-5)
     assert (unet_out(baked) - unet_out(load("sd1"))).abs().max() > 1e-3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no staging folder left behind"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    unreadable = [p.name for p in out.rglob("*") if p.is_file() and p.stat().st_mode & 0o777 != 0o666 & ~mask]
+    assert unreadable == [], "a baked folder's files get open()'s permissions (safetensors writes 0600)"
     capsys.readouterr()
     assert main(command) == 2 and "already exists" in capsys.readouterr().err
 

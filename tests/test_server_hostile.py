@@ -38,8 +38,8 @@ def _files(root: Path) -> set[str]:
 
 def test_many_members_under_the_ratio_check_stop_at_the_archive_budget_and_refused_files_are_gone(tmp_path):
     just_under = b"\0" * (1024**2)  # 1 MiB each: at the per-member ratio check's floor, so never checked alone
-    archive = _zip(tmp_path / "many.zip", {f"img_{i:03d}.png": just_under for i in range(200)} | {
-        "real.png": _png(32, 32)})
+    archive = _zip(tmp_path / "many.zip", {"real.png": _png(32, 32)} | {f"img_{i:03d}.png": just_under
+                                                                        for i in range(200)})
     limits = UploadLimits(archive_floor_bytes=8 * 1024**2)
     report = ingest([archive], tmp_path / "up", limits)
     written = sum(path.stat().st_size for path in (tmp_path / "up").iterdir())
@@ -77,6 +77,60 @@ def test_unused_uploads_are_removed_after_their_time_and_used_ones_kept(tmp_path
     removed = remove_unused(uploads, outputs)
     assert [path.name for path in removed] == ["old-unused"]
     assert sorted(path.name for path in uploads.iterdir()) == ["new-unused", "old-used"]
+
+
+def test_uploads_a_queued_or_running_job_uses_are_never_removed(tmp_path):
+    outputs = tmp_path / "outputs"
+    uploads = outputs / "uploads"
+    names = ("queued", "running", "validation", "unused")
+    for name in names:
+        (uploads / name).mkdir(parents=True)
+        three_days_ago = time.time() - 3 * 86400
+        os.utime(uploads / name, (three_days_ago, three_days_ago))
+    (outputs / "queue.json").write_text(json.dumps([{"job_id": "j1", "output_path": str(outputs / "next"),
+                                                     "config": {"dataset_path": str(uploads / "queued")}}]))
+    (outputs / "starting").mkdir()  # a job that has not written its config.json yet
+    (outputs / "starting" / "job_config.json").write_text(json.dumps({"training_params": {
+        "dataset_path": str(uploads / "running"), "validation_dataset_path": str(uploads / "validation")}}))
+    assert [path.name for path in remove_unused(uploads, outputs)] == ["unused"]
+    assert sorted(path.name for path in uploads.iterdir()) == ["queued", "running", "validation"]
+
+
+def _zip_with_members(path: Path, count: int) -> Path:
+    """A zip of `count` empty members, its directory written directly (zipfile would take a minute)."""
+    entry = struct.Struct(zipfile.structCentralDir)
+    names = [f"{index:07d}.png".encode() for index in range(count)]
+    directory = b"".join(entry.pack(zipfile.stringCentralDir, 20, 3, 20, 0, 0, 0, 0, 0, 0, 0, 0, len(name), 0,
+                                    0, 0, 0, 0, 0) + name for name in names)
+    end = struct.pack(zipfile.structEndArchive, zipfile.stringEndArchive, 0, 0, count if count < 0xFFFF else 0xFFFF,
+                      count if count < 0xFFFF else 0xFFFF, len(directory), 0, 0)
+    path.write_bytes(directory + end)
+    return path
+
+
+def test_a_zip_of_many_empty_members_is_refused_before_its_directory_is_read(tmp_path):
+    from timeouts import within
+
+    archive = _zip_with_members(tmp_path / "many.zip", 300_000)  # 2 million took the old reader minutes
+    with_png = _zip(tmp_path / "ok.zip", {"ok.png": _png(32, 32)})
+    report = within(20, ingest, [archive, with_png], tmp_path / "up")
+    reasons = {item["file"]: item["reason"] for item in report.refused}
+    assert "split it" in reasons["many.zip"] and "at most 2000 files" in reasons["many.zip"]
+    assert report.num_images == 1 and len(report.refused) == 1
+
+
+def test_an_upload_whose_images_are_all_damaged_is_refused_and_deleted(tmp_path):
+    import pytest
+
+    from studio.uploads import UploadError
+
+    png = _png(64, 64)
+    damaged = png[:40] + bytes(byte ^ 0xFF for byte in png[40:60]) + png[60:]  # a checksum no longer matches
+    (tmp_path / "bad.png").write_bytes(damaged)
+    (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
+    with pytest.raises(UploadError, match="no usable image"):
+        ingest([tmp_path / "bad.png", tmp_path / "cut.png"], tmp_path / "up")
+    assert not (tmp_path / "up").exists()
 
 
 def test_wrong_passwords_are_slowed_down_per_client():
@@ -122,3 +176,51 @@ def test_the_login_middleware_answers_429_without_checking_the_password_while_a_
     assert [r.status_code for r in responses] == [400, 400, 429, 200, 400]
     assert responses[2].headers["retry-after"] == "5" and "try again" in responses[2].json()["detail"]
     assert len(checked) == 4  # the blocked try never reached the password check
+
+
+def test_concurrent_wrong_passwords_are_counted_before_they_are_checked():
+    checked = []
+
+    async def slow_login_route(scope, receive, send):
+        checked.append(scope["path"])
+        await asyncio.sleep(0.05)  # the password check takes a while: every try arrives before the first answer
+        await send({"type": "http.response.start", "status": 400, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    # a clock that stands still: on a loaded machine the 200 tries may take longer than the first wait
+    app = auth.ThrottledLogin(slow_login_route, auth.LoginThrottle(free=3, first_delay=1.0, clock=lambda: 0.0))
+
+    async def attempts() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app, client=("10.2.2.2", 5000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://studio") as http:
+            return await asyncio.gather(*(http.post("/login", data={"password": f"guess{index}"})
+                                          for index in range(200)))
+
+    codes = [response.status_code for response in asyncio.run(attempts())]
+    assert len(checked) == 4 and codes.count(400) == 4  # the 3 free tries and one more; the rest wait
+    assert codes.count(429) == 196
+
+
+def test_gradio_cache_and_config_exports_are_swept_by_age_and_size(tmp_path, monkeypatch):
+    from studio import cleanup
+
+    cache, outputs, kept_target = tmp_path / "gradio", tmp_path / "outputs", tmp_path / "precious.bin"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    kept_target.write_bytes(b"keep me")
+    now = time.time()
+    for name, age_h, size in (("old-upload", 30, 10), ("refused-upload", 25, 10), ("big-1", 2, 600), ("big-2", 1, 600),
+                              ("fresh", 0.1, 10)):
+        (cache / name).mkdir(parents=True)
+        (cache / name / "file.bin").write_bytes(b"x" * size)
+        os.utime(cache / name, (now - age_h * 3600, now - age_h * 3600))
+    (cache / "link").symlink_to(kept_target)
+    os.utime(cache / "link", (now - 48 * 3600,) * 2, follow_symlinks=False)
+    export = cleanup.export_folder(outputs)
+    (export / "run.json").write_text("{}")
+    os.utime(export, (now - 30 * 3600,) * 2)
+    removed = cleanup.sweep(cache, max_age_s=24 * 3600, max_bytes=1000, now=now)
+    assert sorted(path.name for path in removed) == ["big-1", "link", "old-upload", "refused-upload"]
+    assert sorted(path.name for path in cache.iterdir()) == ["big-2", "fresh"] and kept_target.is_file()
+    swept = cleanup.sweep_caches(outputs, now=now + 1000)
+    assert export in swept and not export.exists()
+    assert cleanup.sweep_caches(outputs, now=now + 1001) == []  # at most one sweep every SWEEP_EVERY_S

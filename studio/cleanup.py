@@ -1,0 +1,145 @@
+"""Cleaning up what the page server leaves behind: uploads no run or job uses, Gradio's cache of files
+it served or received, and the temporary folders of exported configs.
+
+Each sweep is bounded (a number of entries looked at, age and size limits) and never touches what is in use:
+an upload a run, a running job or a queued job trains on stays, whatever its age.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import stat
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+UNUSED_UPLOAD_DAYS = 2.0  # an upload no run has used is deleted this long after it was made
+# Gradio keeps a copy of every file it receives (refused uploads too) and of every file it serves (each
+# checkpoint, every time a run is opened) in its cache folder, and never deletes them; export_config writes
+# one file a call. Both are swept: entries older than CACHE_MAX_AGE_S go, then the oldest while the rest is
+# over CACHE_MAX_BYTES. A sweep looks at SWEEP_MAX_ENTRIES entries at most and runs every SWEEP_EVERY_S.
+CACHE_MAX_AGE_S, CACHE_MAX_BYTES = 24 * 3600.0, 4 * 1024**3
+SWEEP_EVERY_S, SWEEP_MAX_ENTRIES, MAX_FILES_COUNTED = 600.0, 10_000, 1000
+EXPORTS = ".exports"  # under the outputs folder: export_config's files, one folder a call
+
+
+def remove_unused(uploads_root: Path, outputs_root: Path, max_age_days: float = UNUSED_UPLOAD_DAYS,
+                  now: float | None = None) -> list[Path]:
+    """Delete upload folders older than `max_age_days` that no run or job in `outputs_root` uses (`used_paths`:
+    any data path of a run's config.json or job_config.json, or of a job waiting in queue.json); the removed
+    folders. The page calls it for every new upload."""
+    uploads_root, now = Path(uploads_root), time.time() if now is None else now
+    if not uploads_root.is_dir():
+        return []
+    used = used_paths(Path(outputs_root))
+    removed = []
+    for folder in uploads_root.iterdir():
+        try:
+            old = now - folder.lstat().st_mtime > max_age_days * 86400
+        except OSError:
+            continue
+        if old and folder.is_dir() and not folder.is_symlink() and folder.resolve() not in used:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def used_paths(outputs_root: Path) -> set[Path]:
+    """Every data path (each field the config model marks, lora_core.config.DATA_PATH) that a run, a running
+    job or a queued job in `outputs_root` trains on, resolved."""
+    from lora_core.config import TrainConfig, data_path_fields
+    from lora_core.safefile import read_json
+    from studio.runs import QUEUE_FILE, flat_config
+
+    configs = [read_json(path) for pattern in ("*/config.json", "*/job_config.json")
+               for path in outputs_root.glob(pattern)]
+    queued = read_json(outputs_root / QUEUE_FILE)
+    configs += [item.get("config") for item in queued if isinstance(item, dict)] if isinstance(queued, list) else []
+    used = set()
+    for config in map(flat_config, configs):
+        for name in data_path_fields(TrainConfig):
+            value = config.get(name)
+            for item in value if isinstance(value, list) else [value]:
+                if not isinstance(item, str) or not item:
+                    continue
+                try:
+                    used.add(Path(item).resolve())
+                except (OSError, ValueError, RuntimeError):  # a NUL byte, a link loop: names nothing to keep
+                    continue
+    return used
+
+
+def gradio_cache() -> Path:
+    """Where Gradio keeps the files it receives and serves (GRADIO_TEMP_DIR, else <tmp>/gradio): its own rule,
+    gradio.utils.get_upload_folder, without importing gradio."""
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
+
+
+def export_folder(outputs_root: Path) -> Path:
+    """A fresh folder for one export_config file (swept with the cache)."""
+    root = Path(outputs_root) / EXPORTS
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="config-", dir=root))
+
+
+def sweep(folder: Path, max_age_s: float = CACHE_MAX_AGE_S, max_bytes: int = CACHE_MAX_BYTES,
+          now: float | None = None, max_entries: int = SWEEP_MAX_ENTRIES) -> list[Path]:
+    """Delete the entries directly in `folder` (files, or folders with what they hold; a link as a link)
+    older than `max_age_s`, then the oldest while the rest is over `max_bytes`; the removed paths. Bounded:
+    at most `max_entries` entries are looked at, and MAX_FILES_COUNTED files of each folder counted."""
+    now = time.time() if now is None else now
+    entries = []
+    try:
+        with os.scandir(folder) as listing:
+            for entry in itertools.islice(listing, max_entries):
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                folder_entry = stat.S_ISDIR(info.st_mode)
+                size = _folder_bytes(Path(entry.path)) if folder_entry else info.st_size
+                entries.append((info.st_mtime, size, Path(entry.path), folder_entry))
+    except OSError:
+        return []
+    entries.sort()  # oldest first
+    total, removed = sum(size for _, size, _, _ in entries), []
+    for mtime, size, path, folder_entry in entries:
+        if now - mtime <= max_age_s and total <= max_bytes:
+            break
+        try:
+            shutil.rmtree(path) if folder_entry else path.unlink()
+        except OSError:
+            continue
+        total -= size
+        removed.append(path)
+    return removed
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for root, _, files in itertools.islice(os.walk(folder), MAX_FILES_COUNTED):
+        for name in files[:MAX_FILES_COUNTED]:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+_last_sweep: dict[str, float] = {}
+_sweep_lock = threading.Lock()
+
+
+def sweep_caches(outputs_root: Path, now: float | None = None, every_s: float = SWEEP_EVERY_S) -> list[Path]:
+    """Sweep Gradio's cache and the config exports of this server, at most once every `every_s` seconds
+    (the page calls this on uploads, exports and opened runs); the removed paths."""
+    now = time.time() if now is None else now
+    key = str(Path(outputs_root).resolve())
+    with _sweep_lock:
+        if now - _last_sweep.get(key, -every_s) < every_s:
+            return []
+        _last_sweep[key] = now
+    return [*sweep(gradio_cache(), now=now), *sweep(Path(outputs_root) / EXPORTS, now=now)]
