@@ -302,24 +302,6 @@ def _save(folder: Path, kind: str, cells: list[list[Any]], row_labels: list[str]
     return GridResult(path, layout, cells, row_labels, column_labels)
 
 
-def saved_sheets(folder: str | Path) -> list[tuple[Path, dict[str, Any]]]:
-    """The grids and sweeps in a run folder, newest first, each with what was drawn (its `lora_studio` text
-    chunk); for the page's view of a run. Needs no torch."""
-    from PIL import Image
-
-    found = []
-    for path in Path(folder).glob("*.png"):
-        if not path.name.startswith(("grid_", "sweep_")):
-            continue
-        try:
-            with Image.open(path) as image:
-                details = json.loads(image.text.get("lora_studio", "{}"))
-        except (OSError, ValueError):  # not a sheet of ours after all
-            continue
-        found.append((path, details))
-    return sorted(found, key=lambda item: item[0].stat().st_mtime, reverse=True)
-
-
 # ----------------------------------------------------------------------------------------------------
 # a job, and the command line
 

@@ -22,7 +22,6 @@ from lora_core.grid import (
     render_grid,
     render_sweep,
     run_job,
-    saved_sheets,
     spread,
 )
 from lora_core.sheet import BACKGROUND, compose, wrap
@@ -201,8 +200,9 @@ def test_the_command_line_writes_the_grid_into_the_run_folder(run_folder, capfd)
     assert set(run_folder.glob("grid*.png")) - before == {path} and str(path) in err
     with Image.open(path) as image:
         assert image.size == (events[-1].width, events[-1].height)
-    newest, details = saved_sheets(run_folder)[0]  # what the page lists for the run
-    assert newest == path and details["prompts"] == ["a green triangle"] and details["seed"] == 3
+    with Image.open(path) as image:  # what was drawn travels in the PNG
+        details = json.loads(image.text["lora_studio"])
+    assert details["prompts"] == ["a green triangle"] and details["seed"] == 3
     assert main(["sweep", str(run_folder), "--step", "3"]) == 1  # no such checkpoint: an error event, exit 1
     error = parse_event(capfd.readouterr().out.splitlines()[-1])
     assert isinstance(error, Error) and error.field == "step"
