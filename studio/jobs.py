@@ -214,11 +214,11 @@ class Studio:
             return self._queue.move_up(job_id)
 
     def queued(self) -> list[dict[str, Any]]:
-        """The queue in order: job_id, position, output_path, resume, processes, queued_at."""
+        """The queue in order: job_id, position, output_path, resume, processes, queued_at, kind and its model."""
         with self._lock:
-            return [{"job_id": job.job_id, "position": index + 1, "output_path": job.output_path,
-                     "resume": job.resume, "processes": job.processes, "queued_at": job.queued_at}
-                    for index, job in enumerate(self._queue.jobs)]
+            return [{"job_id": job.job_id, "position": index + 1, "output_path": job.output_path, "resume": job.resume,
+                     "processes": job.processes, "queued_at": job.queued_at, "kind": job.kind, **{key: job.config.get(
+                         key) for key in ("base_model", "steps")}} for index, job in enumerate(self._queue.jobs)]
 
     def _busy_folders(self) -> set[Path]:
         return self._queue.folders() | {job.process.folder.resolve() for job in self._active.values()}
