@@ -165,7 +165,8 @@ class TrainActions:
         from studio import preview
 
         words, problem, family = preview.describe_model(base_model or "")
-        self.model_problems[(base_model or "").strip()] = problem
+        if not (problem or "").startswith(preview.UNCHECKED):
+            self.model_problems[(base_model or "").strip()] = problem
         if problem is None:
             text = f"Detected: **{words}**"
         elif expected := preview.HUB_MODELS.get((base_model or "").strip()):
