@@ -41,6 +41,11 @@ def code(text: str) -> str:
     return "`" + str(text).replace("`", "'") + "`"
 
 
+def plural(count: int, noun: str) -> str:
+    """ "1 image", "2 images" """
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def duration(seconds: float) -> str:
     if seconds < 0:
         return "…"
@@ -51,7 +56,7 @@ def duration(seconds: float) -> str:
 
 def dataset_markdown(scan_report, upload_report=None) -> str:
     """The dataset scan in words: images, captions, sizes, and every refused or ignored file with its reason."""
-    lines = [f"**{len(scan_report.images)} images**, {scan_report.captioned} with a caption file, in "
+    lines = [f"**{plural(len(scan_report.images), 'image')}**, {scan_report.captioned} with a caption file, in "
              f"{code(scan_report.folder)}"]
     sizes = sorted({f"{r.width}×{r.height}" for r in scan_report.images})
     lines.append(f"Sizes: {', '.join(sizes[:8])}{' …' if len(sizes) > 8 else ''}")
@@ -167,7 +172,7 @@ def queue_label(job: dict[str, Any]) -> str:
     """One queued job in words, for the queue picker: its place, run, kind, model and steps."""
     kind = "resume" if job.get("resume") else job.get("kind", "train")
     parts = [f"{job['position']}. {queued_run_name(job)}", kind, job.get("base_model") or "",
-             f"{job['steps']} steps" if job.get("steps") else ""]
+             plural(job['steps'], 'step') if job.get('steps') else ""]
     return " · ".join(part for part in parts if part)
 
 
@@ -203,7 +208,7 @@ def estimate_markdown(report: dict[str, Any]) -> str:
     if report.get("memory_mode"):  # memory_mode auto: what it chose for this card
         lines.append(f"**Memory mode auto:** {report['memory_mode']['summary']}")
     if "total_steps" in report:
-        lines.append(f"**Steps:** {report['total_steps']} on {report['dataset']['num_images']} images")
+        lines.append(f"**Steps:** {report['total_steps']} on {plural(report['dataset']['num_images'], 'image')}")
     if "model" in report:
         lines.append(f"**Model:** {report['model']['family']}")
     lines += [f"**Will not fit:** {warning}" for warning in report.get("warnings", [])]

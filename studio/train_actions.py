@@ -178,6 +178,15 @@ class TrainActions:
                                             for spec in SPECS if spec.families}}
 
     @staticmethod
+    def bucket_range(bucketing: bool, resolution: float | None, low: float | None, high: float | None):
+        """Bucketing needs the resolution inside [min, max] bucket resolution: ticking it (or changing the
+        resolution under it) widens that range to take the resolution in, beside the checkbox, rather than an
+        error only fixable under Advanced."""
+        if not bucketing or not resolution or low is None or high is None:
+            return gr.skip(), gr.skip()
+        return min(low, resolution), max(high, resolution)
+
+    @staticmethod
     def length_fields(length_by: str):
         return gr.Number(interactive=length_by == "steps"), gr.Number(interactive=length_by == "epochs")
 

@@ -92,7 +92,7 @@ class TrainTab(TrainActions):
             report, thumbnails = self.initial_dataset()
             self.dataset_report = gr.Markdown(report, elem_id="dataset-report")
             self.thumbs = gr.Gallery(thumbnails, label="Dataset", columns=6, height=170, object_fit="cover",
-                                     elem_id="dataset-gallery")
+                                     elem_id="dataset-gallery", elem_classes=["ls-pixels"])
 
     def _model_section(self) -> None:
         from studio.preview import HUB_MODELS
@@ -198,6 +198,9 @@ class TrainTab(TrainActions):
         family_fields = [self.model_family, *(fields[spec.name] for spec in SPECS if spec.families)]
         fields["base_model"].change(self.describe_model, fields["base_model"], family_fields,
                                     api_name="model_family")
+        buckets = [fields["min_bucket_resolution"], fields["max_bucket_resolution"]]
+        gr.on([fields["bucketing"].input, fields["resolution"].input], self.bucket_range,
+              [fields["bucketing"], fields["resolution"], *buckets], buckets, api_name=False, show_progress="hidden")
         fields["length_by"].change(self.length_fields, fields["length_by"], [fields["steps"], fields["epochs"]],
                                    api_name=False)
         self.preset.input(self.load_preset, [self.preset, fields["dataset_path"]], list(form.values()),
