@@ -97,8 +97,9 @@ def status_html(view: RunView, earlier: bool = False, kept: RunView | None = Non
     another dataset now): shown as the last run, not as the current state. `kept`: the last run that
     finished, named after a failure so that its result stays in reach."""
     if earlier and view.ended:
-        note = (f"Ready to start. The last run, {Path(view.output_path).name}, {ENDED_WORDS[view.state]}; "
-                "the Runs tab has its details.")
+        where = ("the Runs tab has its details" if Path(view.output_path).is_dir() else
+                 "it ended before training began and left no run folder, so the Runs tab does not list it")
+        note = f"Ready to start. The last run, {Path(view.output_path).name}, {ENDED_WORDS[view.state]}; {where}."
         return (f'<div class="ls-status ls-idle" id="run-status" data-state="idle" data-percent="0" '
                 f'data-step="0"><div class="ls-line">{html.escape(note)}</div></div>')
     parts = [FINISHING if view.state == STOPPING and view.terminal is not None else STATE_WORDS[view.state]]

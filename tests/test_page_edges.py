@@ -72,3 +72,24 @@ def test_after_a_failure_the_last_finished_run_stays_in_reach():
     assert "cannot reach the hub" in shown and "The last finished run, demo, is unchanged" in shown
     assert final_label(failed, done, done.final_path) == "Download the last finished LoRA (demo)"
     assert final_label(done, None, done.final_path) == FINAL_LABEL
+
+
+def test_a_failed_run_without_a_folder_is_not_sent_to_the_runs_tab(tmp_path):
+    gone = RunView(job_id="j1", state="failed", output_path=str(tmp_path / "never-started"), message="no hub")
+    assert "left no run folder" in render.status_html(gone, earlier=True)
+    (tmp_path / "never-started").mkdir()
+    assert "the Runs tab has its details" in render.status_html(gone, earlier=True)
+
+
+def test_ticking_bucketing_widens_the_bucket_range_to_the_resolution():
+    from lora_core.configfile import load_config
+    from studio.train_actions import TrainActions
+    from studio.train_form import DEMO_PRESET
+
+    demo = default_form(load_config(DEMO_PRESET))  # 64 px, bucketing off, buckets from 256 px
+    low, high = TrainActions.bucket_range(True, demo["resolution"], demo["min_bucket_resolution"],
+                                          demo["max_bucket_resolution"])
+    assert (low, high) == (64, demo["max_bucket_resolution"])
+    assert problems_of(**{**demo, "dataset_path": "/data", "bucketing": True}) != {}  # the error it avoids
+    assert problems_of(**{**demo, "dataset_path": "/data", "bucketing": True, "min_bucket_resolution": low}) == {}
+    assert TrainActions.bucket_range(True, 512, 256, 2048) == (256, 2048)  # inside already: unchanged
