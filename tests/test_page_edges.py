@@ -93,3 +93,22 @@ def test_ticking_bucketing_widens_the_bucket_range_to_the_resolution():
     assert problems_of(**{**demo, "dataset_path": "/data", "bucketing": True}) != {}  # the error it avoids
     assert problems_of(**{**demo, "dataset_path": "/data", "bucketing": True, "min_bucket_resolution": low}) == {}
     assert TrainActions.bucket_range(True, 512, 256, 2048) == (256, 2048)  # inside already: unchanged
+
+
+def test_start_refuses_a_model_the_picker_already_found_unusable(tmp_path):
+    from helpers import SHAPES_DATASET
+
+    from studio.train_actions import TrainActions
+
+    studio = Studio(tmp_path / "outputs")
+    form = {**default_form(), "dataset_path": str(SHAPES_DATASET), "trigger_words": "zwx",
+            "base_model": "someone/unreachable"}
+    actions = TrainActions(studio, PageSettings(form, UploadLimits()))
+    try:
+        assert actions.start_problems(form) == []  # not checked by the picker: the job says what is wrong
+        actions.model_problems["someone/unreachable"] = "cannot reach huggingface.co"
+        (field, message), = actions.start_problems(form)
+        assert field == "base_model" and message.startswith("Base model: cannot reach huggingface.co.")
+        assert "Not started" in actions.start_note_text(**form) and studio.queued() == []
+    finally:
+        studio.shutdown(timeout=5)
