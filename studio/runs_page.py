@@ -170,7 +170,7 @@ class RunsTab:
         try:
             folder = runs.resolve_run(self.root, run_id)
         except UserError:
-            return {}
+            return {self.grid_prompts: gr.skip()}  # a dict of none is one value to Gradio, not no update
         choices = sheets.saved_choices(folder)
         prompts = "\n".join(sheets.run_prompts(runs.run_config(folder)))
         newest = sheets.newest_sheet(folder)

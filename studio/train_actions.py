@@ -67,7 +67,8 @@ class TrainActions:
         self.model_problems: dict[str, str | None] = {}  # base model -> why it cannot be used, as last checked
         self.last_config: TrainConfig | None = None  # what the user last started: a new page opens with it
         self._last_start: tuple[str, float, dict[str, Any]] | None = None  # (page and config, when, answer)
-        self._start_lock = threading.Lock()
+        self._start_lock, self._checks_lock = threading.Lock(), threading.Lock()
+        self._checked: tuple[str, float, list[tuple[str, str]]] | None = None  # (form, when, problems)
 
     # --- dataset and model ---
     def upload(self, files: list[str] | None, trigger_words: str, previous_dataset: str = "",
@@ -78,7 +79,7 @@ class TrainActions:
         Trigger words and sample prompts that came with the previous dataset (the demo's, a preset's, the
         last run's) are cleared, and the report says so: they describe other pictures."""
         if not files:
-            return {}
+            return {self.dataset_report: gr.skip()}  # a dict of none is one value to Gradio, not no update
         folder = self.studio.new_upload_folder()
         remove_unused(folder.parent, self.studio.outputs_root)  # uploads no run used, after UNUSED_UPLOAD_DAYS
         try:
@@ -99,7 +100,9 @@ class TrainActions:
 
     def folder_cleared(self, folder: str) -> dict[gr.components.Component, Any]:
         """An emptied dataset folder empties the report and thumbnails (they were the old folder's)."""
-        return {} if (folder or "").strip() else {self.dataset_report: "", self.thumbs: []}
+        if (folder or "").strip():
+            return {self.dataset_report: gr.skip()}
+        return {self.dataset_report: "", self.thumbs: []}
 
     def folder_note_text(self, run_name: str) -> str:
         """Which folder Start will use: a run name whose folder already holds a run gets a suffix, said."""
@@ -145,7 +148,7 @@ class TrainActions:
         if config is None and self.studio.view().state != "failed":
             config = self.studio.current_config()
         if config is None:
-            return {}
+            return {self.dataset_report: gr.skip()}
         values = default_form(config)
         report, gallery = self.scan(values["dataset_path"], values["trigger_words"])
         return {**self.form_values(values), self.dataset_report: report, self.thumbs: gallery}
@@ -196,7 +199,17 @@ class TrainActions:
 
     def start_problems(self, values: dict[str, Any]) -> list[tuple[str, str]]:
         """(form key, plain words) for everything that stops this form from starting: the form's checks, the
-        dataset's scan and hold-out, and a base model the page already found it cannot use."""
+        dataset's scan and hold-out, and a base model the page already found it cannot use. One click asks
+        twice at once (the note beside Start, and Start's own check): the second gets the first's answer."""
+        key = json.dumps(values, sort_keys=True, default=str)
+        with self._checks_lock:
+            if self._checked is not None and self._checked[0] == key and time.monotonic() - self._checked[1] < 2:
+                return self._checked[2]
+            problems = self._find_start_problems(values)
+            self._checked = (key, time.monotonic(), problems)
+            return problems
+
+    def _find_start_problems(self, values: dict[str, Any]) -> list[tuple[str, str]]:
         try:
             build_config(values, self.studio, self.settings)
         except ConfigError as error:
@@ -230,7 +243,7 @@ class TrainActions:
 
     def load_preset(self, name: str | None, dataset_path: str) -> dict[gr.components.Component, Any]:
         if not name:
-            return {}
+            return {self.fields["dataset_path"]: gr.skip()}
         try:
             values = default_form(load_config(preset_path(name, self.studio)))
         except ConfigError as error:
