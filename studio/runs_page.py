@@ -309,7 +309,8 @@ class RunsTab:
                                               **control)):
             event.then(self.follow, self.sheet_job, shown, api_name=False, concurrency_id="follow",
                        concurrency_limit=None, show_progress="hidden")
-        demo.load(self.drawing, None, self.sheet_job, api_name=False).then(  # a reloaded page sees it draw
+        demo.load(self.drawing, None, self.sheet_job, api_name=False, concurrency_id="poll",
+                  concurrency_limit=None).then(  # a reloaded page sees it draw
             self.follow, self.sheet_job, shown, api_name=False, concurrency_id="follow", concurrency_limit=None,
             show_progress="hidden")
         self.resume_button.click(self.resume, self.pick, self.resumed, api_name="resume_run",

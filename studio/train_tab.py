@@ -215,7 +215,9 @@ class TrainTab(TrainActions):
         gr.on([field.change for field in form.values()], None, None, self.start_note, js="() => ''",
               api_name=False, show_progress="hidden", queue=False)
         self._wire_jobs(demo)
-        demo.load(self.refresh, None, self.live, api_name=False, show_progress="hidden")
+        # the live view first, beside the polls: not behind the form's restore and the model check
+        demo.load(self.refresh, None, self.live, api_name=False, show_progress="hidden", concurrency_id="poll",
+                  concurrency_limit=None)
         opened = demo.load(self.restore_form, None, [*form.values(), self.dataset_report, self.thumbs],
                            api_name=False)
         opened.then(self.describe_model, fields["base_model"], family_fields, api_name=False)
