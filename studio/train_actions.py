@@ -183,8 +183,8 @@ class TrainActions:
     @staticmethod
     def bucket_range(bucketing: bool, resolution: float | None, low: float | None, high: float | None):
         """Bucketing needs the resolution inside [min, max] bucket resolution: ticking it (or changing the
-        resolution under it) widens that range to take the resolution in, beside the checkbox, rather than an
-        error only fixable under Advanced."""
+        resolution under it) widens that range to take the resolution in, rather than leaving an error that only
+        a field under Advanced fixes."""
         if not bucketing or not resolution or low is None or high is None:
             return gr.skip(), gr.skip()
         return min(low, resolution), max(high, resolution)
