@@ -199,27 +199,28 @@ class TrainActions:
 
     def start_problems(self, values: dict[str, Any]) -> list[tuple[str, str]]:
         """(form key, plain words) for everything that stops this form from starting: the form's checks, the
-        dataset's scan and hold-out, and a base model the page already found it cannot use. One click asks
-        twice at once (the note beside Start, and Start's own check): the second gets the first's answer."""
-        key = json.dumps(values, sort_keys=True, default=str)
-        with self._checks_lock:
-            if self._checked is not None and self._checked[0] == key and time.monotonic() - self._checked[1] < 2:
-                return self._checked[2]
-            problems = self._find_start_problems(values)
-            self._checked = (key, time.monotonic(), problems)
+        dataset's scan and hold-out, and a base model the page already found it cannot use."""
+        if problems := self._form_problems(values):
             return problems
-
-    def _find_start_problems(self, values: dict[str, Any]) -> list[tuple[str, str]]:
-        try:
-            build_config(values, self.studio, self.settings)
-        except ConfigError as error:
-            return [(field_of(field), message) for field, message in error.problems]
-        if problem := dataset_problem(values, self.studio, self.settings):
-            return [problem]
         if problem := self.model_problem(values.get("base_model") or ""):
             return [("base_model", f"Base model: {problem}. Pick a built-in model or a model folder on the "
                                    "server (nothing was queued).")]
         return []
+
+    def _form_problems(self, values: dict[str, Any]) -> list[tuple[str, str]]:
+        """The form's and the dataset's problems. One click asks twice at once (the note beside Start, and
+        Start's own check): the second gets the first's answer rather than scanning the dataset again."""
+        key = json.dumps(values, sort_keys=True, default=str)
+        with self._checks_lock:
+            if self._checked is not None and self._checked[0] == key and time.monotonic() - self._checked[1] < 2:
+                return self._checked[2]
+            try:
+                build_config(values, self.studio, self.settings)
+                problems = [problem] if (problem := dataset_problem(values, self.studio, self.settings)) else []
+            except ConfigError as error:
+                problems = [(field_of(field), message) for field, message in error.problems]
+            self._checked = (key, time.monotonic(), problems)
+            return problems
 
     def validate_start(self, **values) -> list[dict]:
         """The checks of `start_problems` at their fields: nothing is queued or written when one fails."""
