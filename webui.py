@@ -35,6 +35,7 @@ from studio.uploads import UploadLimits
 log = logging.getLogger("webui")
 
 OUTPUTS_ENV, AUTH_ENV, DATASETS_ENV = "LORA_STUDIO_OUTPUTS", "LORA_STUDIO_AUTH", "LORA_STUDIO_DATASETS"
+DEMO_RUN_NAME = "demo-page"  # then demo-page-2, ...: a fresh numbered folder per run (Studio.next_folder)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,8 +94,8 @@ def make_app(args: argparse.Namespace) -> tuple[gr.Blocks, Studio, dict[str, Any
     studio = Studio(args.outputs, processes=args.gpus if args.gpus == "all" else int(args.gpus))
     config = load_config(DEMO_PRESET) if args.demo else None
     initial = default_form(config)
-    if args.demo:
-        initial["dataset_path"] = str(ROOT / "demo" / "dataset")
+    if args.demo:  # the page's demo runs get a folder of their own: the README's headless demo writes outputs/demo
+        initial["dataset_path"], initial["run_name"] = str(ROOT / "demo" / "dataset"), DEMO_RUN_NAME
     datasets_root = os.environ.get(DATASETS_ENV)
     settings = PageSettings(initial, UploadLimits(max_files=args.max_upload_files,
                                                   max_file_bytes=args.max_upload_mb * 1024**2),

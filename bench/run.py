@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    from lora_core import dataset, hardware, preflight
+    from lora_core import dataset, hardware, plan
 
     if args.warmup < 1:
         print("--warmup must be at least 1 (the trainer's first window has no start mark)", file=sys.stderr)
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                      "images": images, "image_size": args.image_size or max(512, args.resolution),
                      "steps_per_window": args.steps, "windows": args.windows, "warmup_windows": args.warmup},
         "tflop_per_image": step_tflop_per_image(args.model, args.resolution, args.rank),
-        "memory_estimate": (preflight.preflight(config).get("memory_estimate")),
+        "memory_estimate": (plan.plan_report(config).get("memory_estimate")),
         "phases": {},
     }
     if args.interleave:

@@ -14,8 +14,6 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass(frozen=True, order=True)
 class Bucket:
@@ -89,6 +87,8 @@ def cover_and_crop(width: int, height: int, bucket: Bucket) -> tuple[int, int]:
 def global_batches(buckets_of_entries: list[int], global_batch: int, seed: int, epoch: int) -> list[list[int]]:
     """One epoch's global batches of entry indices: a permutation drawn from (seed, epoch), split by bucket
     (keeping the permuted order), cut into batches of `global_batch`, and the batches shuffled."""
+    import torch  # here: the page's server scans datasets and previews buckets without torch
+
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(len(buckets_of_entries), generator=generator).tolist()
     by_bucket: dict[int, list[int]] = {}

@@ -6,9 +6,10 @@ global RNG, so a resumed or multi-process run draws the same captions.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-TRIGGER_PLACEMENTS = ("first", "shuffled", "none")
+if TYPE_CHECKING:  # the page's server scans datasets (dataset.py imports this) and never loads torch
+    import torch
 
 
 def split_tags(caption: str) -> list[str]:
@@ -35,6 +36,8 @@ def kept_tags(trigger_words: list[str], keep_tokens: int, placement: str) -> int
 
 def shuffle_tags(caption: str, keep: int, generator: torch.Generator) -> str:
     """Shuffle the comma-separated tags after the first `keep`."""
+    import torch
+
     tags = split_tags(caption)
     head, tail = tags[:keep], tags[keep:]
     order = torch.randperm(len(tail), generator=generator).tolist()
@@ -43,4 +46,6 @@ def shuffle_tags(caption: str, keep: int, generator: torch.Generator) -> str:
 
 def dropped(probability: float, generator: torch.Generator) -> bool:
     """True when the whole caption is dropped (trained as the empty, unconditional caption)."""
+    import torch
+
     return probability > 0 and torch.rand((), generator=generator).item() < probability

@@ -141,9 +141,9 @@ def validate(config_path: str) -> ValidationReport:
     except ConfigError as error:
         return ValidationReport(ok=False, problems=[{"field": field, "message": message}
                                                     for field, message in error.problems])
-    from lora_core.preflight import preflight  # torch: only once the config itself is sound
+    from lora_core.plan import plan_report  # torch: only once the config itself is sound
 
-    return ValidationReport.from_report(preflight(config))
+    return ValidationReport.from_report(plan_report(config))
 
 
 def exit_code(terminal: Event, signals: list[int]) -> int:

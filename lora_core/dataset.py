@@ -350,12 +350,3 @@ def load_covering(record: ImageRecord, bucket: buckets.Bucket):
     _check_resized(image, size)
     image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
-
-
-def load_pixels(record: ImageRecord, size: int):
-    """The image as a float tensor in [-1, 1], shape (3, size, size)."""
-    import torch
-
-    image = resize_and_crop(open_image(Path(record.path)), size)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array.transpose(2, 0, 1).copy())

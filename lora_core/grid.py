@@ -312,26 +312,6 @@ def _save(folder: Path, kind: str, cells: list[list[Any]], row_labels: list[str]
     return GridResult(path, layout, cells, row_labels, column_labels)
 
 
-def saved_sheets(folder: str | Path) -> list[tuple[Path, dict[str, Any]]]:
-    """The grids and sweeps in a run folder, newest first, each with what was drawn (its `lora_studio` text
-    chunk); for the page's view of a run. Needs no torch."""
-    from PIL import Image
-
-    from lora_core.safefile import open_regular
-
-    found = []
-    for path in Path(folder).glob("*.png"):
-        if not path.name.startswith(("grid_", "sweep_")):
-            continue
-        try:  # a file of the run folder is data: a FIFO or a link out under a sheet's name is none
-            with open_regular(path) as handle, Image.open(handle) as image:
-                details = json.loads(str(image.info.get("lora_studio", "{}")))  # written before the pixels
-        except (OSError, ValueError, SyntaxError):  # not a sheet of ours after all
-            continue
-        found.append((path, details))
-    return sorted(found, key=lambda item: item[0].stat().st_mtime, reverse=True)
-
-
 # ----------------------------------------------------------------------------------------------------
 # a job, and the command line
 

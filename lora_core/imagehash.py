@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from lora_core import dataset
 
@@ -264,8 +264,3 @@ def image_facts(path: Path, cache: FactsCache) -> ImageFacts:
     facts = measure(data, sha)
     cache.put(facts)
     return facts
-
-
-def oriented(image: Image.Image) -> Image.Image:
-    """The full image with its EXIF rotation applied (for conversions)."""
-    return ImageOps.exif_transpose(image)

@@ -23,12 +23,6 @@ def ldm_module_names(unet_config: Any) -> dict[str, str]:
     return dict(_cached(json.dumps(_plain(unet_config), sort_keys=True)))
 
 
-def ldm_key_names(unet_config: Any) -> dict[str, str]:
-    """The same per parameter (`...to_q.weight` -> `input_blocks.4.1....to_q.weight`), verified as a whole
-    against diffusers' converter."""
-    return dict(_cached_keys(json.dumps(_plain(unet_config), sort_keys=True)))
-
-
 def _plain(config: Any) -> dict[str, Any]:
     return {key: list(value) if isinstance(value, tuple) else value for key, value in dict(config).items()
             if not key.startswith("_")}

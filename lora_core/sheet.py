@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 BACKGROUND, INK, FRAME = (255, 255, 255), (20, 20, 20), (200, 200, 200)
 MAX_LABEL_LINES = 4
+MIN_CELL_SIDE = 256  # smaller cells (the toy model's 64 px) are enlarged by a whole factor, with hard pixel edges
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,19 @@ class SheetLayout:
 
 
 def font_size_for(cell_height: int) -> int:
-    """About 1/20 of a cell, so that labels stay legible from 64 px test cells to 1024 px SDXL ones."""
-    return max(10, min(40, cell_height // 20))
+    """About 1/16 of a cell, so that labels stay legible from 256 px cells to 1024 px SDXL ones."""
+    return max(14, min(40, cell_height // 16))
+
+
+def enlarged(cells: list[list[Image.Image]], min_side: int = MIN_CELL_SIDE) -> list[list[Image.Image]]:
+    """Cells smaller than `min_side` scaled up by the smallest whole factor that reaches it, nearest-neighbour:
+    a 64 px sample stays a crisp 64 px picture, large enough to see, never a blur."""
+    width, height = cells[0][0].size
+    factor = -(-min_side // max(1, min(width, height)))
+    if factor <= 1:
+        return cells
+    return [[image.resize((width * factor, height * factor), Image.Resampling.NEAREST) for image in row]
+            for row in cells]
 
 
 def wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int,
@@ -101,6 +113,8 @@ def compose(cells: list[list[Image.Image]], row_labels: list[str], column_labels
     width, height = cells[0][0].size
     if any(image.size != (width, height) for row in cells for image in row):
         raise ValueError("every cell of a sheet must have the same size")
+    cells = enlarged(cells)
+    width, height = cells[0][0].size
     font = ImageFont.load_default(size=font_size_for(height))
     line_height = int(font.size * 1.25)
     pad = max(4, font.size // 2)

@@ -214,11 +214,12 @@ class Studio:
             return self._queue.move_up(job_id)
 
     def queued(self) -> list[dict[str, Any]]:
-        """The queue in order: job_id, position, output_path, resume, processes, queued_at."""
+        """The queue in order: job_id, position, output_path, resume, processes, queued_at, kind and its model."""
         with self._lock:
-            return [{"job_id": job.job_id, "position": index + 1, "output_path": job.output_path,
-                     "resume": job.resume, "processes": job.processes, "queued_at": job.queued_at}
-                    for index, job in enumerate(self._queue.jobs)]
+            return [{"job_id": job.job_id, "position": index + 1, "output_path": job.output_path, "resume": job.resume,
+                     "processes": job.processes, "queued_at": job.queued_at, "kind": job.kind, "base_model": job.config
+                     .get("base_model"), "steps": job.config.get("training_params", {}).get("steps")} for index, job
+                    in enumerate(self._queue.jobs)]
 
     def _busy_folders(self) -> set[Path]:
         return self._queue.folders() | {job.process.folder.resolve() for job in self._active.values()}
@@ -242,8 +243,7 @@ class Studio:
         try:
             config = queued.train_config()
             process = JobProcess.start(folder, config, queued.processes, resume=queued.resume, devices=devices,
-                                       env=self._environment, record={"job_id": queued.job_id},
-                                       starter=self._starter)
+                                       env=self._environment, record={"job_id": queued.job_id}, starter=self._starter)
         except (OSError, ConfigError) as error:  # the job's view says why it never started
             log.warning("job %s could not start: %s", queued.job_id, error)
             message, where = f"the job could not start: {error}", getattr(error, "field", None)

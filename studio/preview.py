@@ -1,4 +1,5 @@
-"""What a face shows before training: dataset thumbnails and the base model's family.
+"""What a face shows before training: dataset thumbnails and the base model's family (read in a child process,
+so that the page's server never imports torch).
 
 Thumbnails are small JPEG copies written under the outputs folder, so a page never serves the
 original files (which may live anywhere on the server) and stays fast with large images.
@@ -7,12 +8,25 @@ original files (which may live anywhere on the server) and stays fast with large
 from __future__ import annotations
 
 import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # lora_core.dataset imports torch (buckets), which the page's server loads only to scan
+if TYPE_CHECKING:
     from lora_core.dataset import DatasetReport
 
+ROOT = Path(__file__).resolve().parent.parent
+DESCRIBE_TIMEOUT_S = 180  # a hub model's configs download in the child; a built-in one is built there once
+UNCHECKED = "the model could not be checked"  # the check failed, not the model: Start is not refused for it
+DESCRIBED_FOR_S = 60.0  # a hub model's (or a folder's) answer is asked again after this long
+_described: dict[str, tuple[float, tuple[str, str | None, str | None]]] = {}
+_described_lock = threading.Lock()
 THUMBNAIL_SIZE = 192
 MAX_THUMBNAILS = 120
 # The hub models offered in pickers. The family shown is read from the model's own configs.
@@ -52,13 +66,36 @@ def thumbnails(report: DatasetReport, folder: Path, limit: int = MAX_THUMBNAILS)
 
 
 def describe_model(base_model: str) -> tuple[str, str | None, str | None]:
-    """(family in words, None, the family's id) or ("", the problem, None). Reads the model's configs: a hub
-    model's configs are downloaded (a few kB); a built-in one is built the first time (about a second)."""
-    from lora_core import models
-
+    """(family in words, None, the family's id) or ("", the problem, None), from a child process: reading a
+    model (lora_core.models, which builds a built-in one the first time) imports torch, which the page's server
+    never loads. A built-in's answer is kept for the server's life, any other's for DESCRIBED_FOR_S."""
     base_model = base_model.strip()
     if not base_model:
         return "", "choose a base model", None
+    with _described_lock:
+        when, answer = _described.get(base_model, (-math.inf, None))
+    if answer is not None and (base_model.startswith("builtin:") or time.monotonic() - when < DESCRIBED_FOR_S):
+        return answer
+    code = "import json, sys; from studio.preview import describe_here; print(json.dumps(describe_here(sys.argv[1])))"
+    try:  # an answer that did not come is not kept: the next look asks again
+        done = subprocess.run([sys.executable, "-c", code, base_model], capture_output=True, text=True,
+                              timeout=DESCRIBE_TIMEOUT_S, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    except subprocess.TimeoutExpired:
+        return "", f"{UNCHECKED} (no answer within {DESCRIBE_TIMEOUT_S} s)", None
+    try:
+        words, problem, family = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return "", f"{UNCHECKED} ({(done.stderr.strip().splitlines() or ['no answer'])[-1]})", None
+    with _described_lock:
+        _described[base_model] = (time.monotonic(), (words, problem, family))
+    return words, problem, family
+
+
+def describe_here(base_model: str) -> tuple[str, str | None, str | None]:
+    """`describe_model`'s answer, read in this process (the child's side). Reads the model's configs: a hub
+    model's configs are downloaded (a few kB); a built-in one is built the first time (about a second)."""
+    from lora_core import models
+
     try:
         source = models.resolve(base_model, configs_only=True)
         info = models.inspect(source)

@@ -22,6 +22,10 @@ CSS = """
 .ls-complete .ls-fill {background: #16a34a;} .ls-failed .ls-fill, .ls-stopped .ls-fill {background: #d97706;}
 .ls-line {margin-top: 6px; font-variant-numeric: tabular-nums;}
 .ls-message {margin-top: 6px; white-space: pre-wrap;} .ls-failed .ls-message {color: #b91c1c;}
+#start-note {color: #b91c1c;}
+/* small samples (the toy model draws 64 px) are enlarged with hard pixel edges, never stretched to a blur */
+.ls-pixels img {image-rendering: pixelated;}
+#sheet-image img {image-rendering: pixelated; max-width: 100%; width: auto; object-fit: contain;}
 """
 
 STATE_WORDS = {"idle": "No training yet", "queued": "Queued: waiting for the device",
@@ -37,6 +41,11 @@ def code(text: str) -> str:
     return "`" + str(text).replace("`", "'") + "`"
 
 
+def plural(count: int, noun: str) -> str:
+    """ "1 image", "2 images" """
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def duration(seconds: float) -> str:
     if seconds < 0:
         return "…"
@@ -47,7 +56,7 @@ def duration(seconds: float) -> str:
 
 def dataset_markdown(scan_report, upload_report=None) -> str:
     """The dataset scan in words: images, captions, sizes, and every refused or ignored file with its reason."""
-    lines = [f"**{len(scan_report.images)} images**, {scan_report.captioned} with a caption file, in "
+    lines = [f"**{plural(len(scan_report.images), 'image')}**, {scan_report.captioned} with a caption file, in "
              f"{code(scan_report.folder)}"]
     sizes = sorted({f"{r.width}×{r.height}" for r in scan_report.images})
     lines.append(f"Sizes: {', '.join(sizes[:8])}{' …' if len(sizes) > 8 else ''}")
@@ -62,12 +71,35 @@ def dataset_markdown(scan_report, upload_report=None) -> str:
     return "\n\n".join(lines)
 
 
-def status_html(view: RunView, earlier: bool = False) -> str:
+def step_speed(it_per_s: float) -> str:
+    """Training speed as people read it: steps per second when fast, seconds per step when slow."""
+    if it_per_s <= 0:
+        return "… s/step"
+    return f"{it_per_s:.2f} it/s" if it_per_s >= 1 else f"{1 / it_per_s:.1f} s/step"
+
+
+def load_note(load: float | None = None, cores: int | None = None) -> str:
+    """A busy machine, in words ("" when it is not): a load average above the core count slows every step."""
+    import os
+
+    import psutil
+
+    load = psutil.getloadavg()[0] if load is None else load
+    cores = cores or os.cpu_count() or 1
+    if load <= cores:
+        return ""
+    return (f"The machine is busy (load {load:.1f} on {cores} core{'s' if cores != 1 else ''}): other work "
+            "shares it, so steps take longer than on an idle machine.")
+
+
+def status_html(view: RunView, earlier: bool = False, kept: RunView | None = None) -> str:
     """The run's state, progress and message. `earlier`: an ended run this page has moved on from (it has
-    another dataset now): shown as the last run, not as the current state."""
+    another dataset now): shown as the last run, not as the current state. `kept`: the last run that
+    finished, named after a failure so that its result stays in reach."""
     if earlier and view.ended:
-        note = (f"Ready to start. The last run, {Path(view.output_path).name}, {ENDED_WORDS[view.state]}; "
-                "the Runs tab has its details.")
+        where = ("the Runs tab has its details" if Path(view.output_path).is_dir() else
+                 "it ended before training began and left no run folder, so the Runs tab does not list it")
+        note = f"Ready to start. The last run, {Path(view.output_path).name}, {ENDED_WORDS[view.state]}; {where}."
         return (f'<div class="ls-status ls-idle" id="run-status" data-state="idle" data-percent="0" '
                 f'data-step="0"><div class="ls-line">{html.escape(note)}</div></div>')
     parts = [FINISHING if view.state == STOPPING and view.terminal is not None else STATE_WORDS[view.state]]
@@ -77,7 +109,7 @@ def status_html(view: RunView, earlier: bool = False) -> str:
     if view.loss is not None:
         parts.append(f"loss {view.loss:.4f}")
     if view.state == "running":
-        parts += [f"{view.it_per_s:.2f} it/s", f"ETA {duration(view.eta_s)}"]
+        parts += [step_speed(view.it_per_s), f"ETA {duration(view.eta_s)}"]
     if view.device:
         parts.append(f"{view.model_family} on {view.device}")
     if view.resumed_at:
@@ -87,6 +119,11 @@ def status_html(view: RunView, earlier: bool = False) -> str:
         message = f"Problem with {view.error_field}: {message}"
     if view.output_path and view.state != "idle":
         message = (message + "\n" if message else "") + f"Output folder: {view.output_path}"
+    if view.state == "running" and (busy := load_note()):
+        message = (message + "\n" if message else "") + busy
+    if kept is not None:
+        message += (f"\nThe last finished run, {Path(kept.output_path).name}, is unchanged: its LoRA downloads "
+                    "below, and the Runs tab has the rest.")
     return (f'<div class="ls-status ls-{view.state}" id="run-status" data-state="{view.state}" '
             f'data-percent="{view.percent:g}" data-step="{view.step}">'
             f'<div class="ls-bar"><div class="ls-fill" style="width:{min(view.percent, 100):.2f}%"></div></div>'
@@ -122,10 +159,28 @@ def run_summary(view: RunView) -> dict[str, Any]:
             "saved_so_far": view.saved_so_far}
 
 
+QUEUE_HEADERS = ["#", "run", "job", "model", "steps", "queued at"]
+
+
+def queued_run_name(job: dict[str, Any]) -> str:
+    """The run a queued job is for: a training job's own folder, a grid's or sweep's run (its job folder is
+    RUN/.jobs/ID)."""
+    folder = Path(job["output_path"])
+    return folder.parent.parent.name if job.get("kind", "train") != "train" else folder.name
+
+
+def queue_label(job: dict[str, Any]) -> str:
+    """One queued job in words, for the queue picker: its place, run, kind, model and steps."""
+    kind = "resume" if job.get("resume") else job.get("kind", "train")
+    parts = [f"{job['position']}. {queued_run_name(job)}", kind, job.get("base_model") or "",
+             plural(job['steps'], 'step') if job.get('steps') else ""]
+    return " · ".join(part for part in parts if part)
+
+
 def queue_rows(queued: list[dict[str, Any]]) -> list[list[Any]]:
-    """The queue as the page's table shows it."""
-    return [[job["position"], job["job_id"], Path(job["output_path"]).name + (" (resume)" if job["resume"] else ""),
-             job["queued_at"]] for job in queued]
+    """The queue as the page's table shows it (QUEUE_HEADERS)."""
+    return [[job["position"], queued_run_name(job), "resume" if job["resume"] else job.get("kind", "train"),
+             job.get("base_model") or "", job.get("steps") or "", job["queued_at"][11:19]] for job in queued]
 
 
 def quantized(estimate: dict[str, Any]) -> str:
@@ -154,7 +209,7 @@ def estimate_markdown(report: dict[str, Any]) -> str:
     if report.get("memory_mode"):  # memory_mode auto: what it chose for this card
         lines.append(f"**Memory mode auto:** {report['memory_mode']['summary']}")
     if "total_steps" in report:
-        lines.append(f"**Steps:** {report['total_steps']} on {report['dataset']['num_images']} images")
+        lines.append(f"**Steps:** {report['total_steps']} on {plural(report['dataset']['num_images'], 'image')}")
     if "model" in report:
         lines.append(f"**Model:** {report['model']['family']}")
     lines += [f"**Will not fit:** {warning}" for warning in report.get("warnings", [])]

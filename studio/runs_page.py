@@ -9,6 +9,7 @@ Its named API endpoints: `runs`, `open_run` (by run id; the jobs API's `run` tak
 from __future__ import annotations
 
 import html
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from studio.jobview import RunView
 
 FOLLOW_TICK_S = 0.5
+TOOL_JOB = re.compile(r"-(grid|sweep)-")  # a grid's or sweep's job id (Studio.submit_tool names them so)
 
 SMOOTHING = 0.9  # exponential moving average of the loss, as the report draws it
 
@@ -101,7 +103,7 @@ class RunsTab:
         return (runs.table_rows(rows), [row.to_dict() for row in rows],
                 gr.update(choices=choices))
 
-    def open(self, run_id: str) -> tuple[Any, ...]:
+    def open(self, run_id: str) -> dict[gr.components.Component, Any]:
         try:
             live = self.running()
             detail = runs.run_detail(self.root, run_id, None if live is None else run_id in live)
@@ -118,7 +120,8 @@ class RunsTab:
                    if Path(item["path"]).is_file()]
         data = dict(detail.__dict__)
         curves = _frame({detail.id: detail.loss_points}, validation=detail.validation_points)
-        return _detail_markdown(detail), curves, samples, files or None, detail.report_path, data
+        return {self.summary: _detail_markdown(detail), self.plot: curves, self.samples: samples,
+                self.files: files or None, self.report: detail.report_path, self.detail: data}
 
     def run_config(self, run_id: str):
         """The config a run was started with (job_config.json, as the page started it; else the engine's
@@ -162,7 +165,7 @@ class RunsTab:
             raise gr.Error(f"Not rerun: {error}") from None
         return submitted.to_dict()
 
-    def delete(self, run_id: str, confirm: bool) -> tuple[str, Any, list[dict[str, Any]], Any]:
+    def delete(self, run_id: str, confirm: bool) -> dict[gr.components.Component, Any]:
         if not confirm:
             raise gr.Error(f"tick 'yes, delete {run_id or 'this run'}' first: deleting a run cannot be undone")
         try:
@@ -170,7 +173,8 @@ class RunsTab:
             folder = runs.delete_run(self.root, run_id, None if live is None else run_id in live)
         except UserError as error:
             raise gr.Error(str(error)) from None
-        return (f"deleted {folder.name}", *self.list())
+        table, data, pick = self.list()
+        return {self.deleted: f"deleted {folder.name}", self.table: table, self.data: data, self.pick: pick}
 
     def compare(self, run_ids: list[str]) -> tuple[Any, list[list[Any]], dict[str, Any]]:
         try:
@@ -182,21 +186,32 @@ class RunsTab:
         shown = gr.Dataframe(value=table, headers=["field", *result["runs"]])  # a column per run, named
         return _frame(result["curves"], smoothed=False), shown, result
 
-    def sheet_form(self, run_id: str) -> tuple[Any, ...]:
+    def sheet_form(self, run_id: str) -> dict[gr.components.Component, Any]:
         """The grid and sweep choices for the opened run: its saved LoRAs (the grid's default: all, capped),
         its sample prompts, the newest LoRA for the sweep, and its newest grid or sweep, if any."""
         try:
             folder = runs.resolve_run(self.root, run_id)
         except UserError:
-            return (gr.skip(),) * 5
+            return {self.grid_prompts: gr.skip()}  # a dict of none is one value to Gradio, not no update
         choices = sheets.saved_choices(folder)
         prompts = "\n".join(sheets.run_prompts(runs.run_config(folder)))
         newest = sheets.newest_sheet(folder)
         def shown() -> dict[str, Any]:  # one update per component: Gradio consumes the dict it is given
             return gr.update(value=str(newest) if newest else None, visible=bool(newest))
 
-        return (gr.update(choices=choices, value=sheets.default_steps(folder)), prompts,
-                gr.update(choices=choices, value=choices[-1][1] if choices else None), shown(), shown())
+        return {self.grid_steps: gr.update(choices=choices, value=sheets.default_steps(folder)),
+                self.grid_prompts: prompts,
+                self.sweep_step: gr.update(choices=choices, value=choices[-1][1] if choices else None),
+                self.sheet_image: shown(), self.sheet_file: shown()}
+
+    def drawing(self) -> dict[str, Any] | None:
+        """The grid or sweep this server draws now, or the first one queued: a page opened (or reloaded) while
+        it draws follows it as the page that asked for it does."""
+        if self.studio is None:
+            return None
+        running = [job_id for job_id in self.studio.running() if TOOL_JOB.search(job_id)]
+        waiting = [job["job_id"] for job in self.studio.queued() if job.get("kind", "train") != "train"]
+        return {"job_id": (running + waiting)[0]} if running or waiting else None
 
     def grid(self, run_id: str, steps: list[str] | None, prompts: str | None) -> dict[str, Any]:
         """Queue a checkpoint x prompt grid of a run: {job_id, state, position, output_path}."""
@@ -222,7 +237,7 @@ class RunsTab:
         """The grid or sweep job's progress while it waits and draws, then its PNG (shown and downloadable)."""
         if not submitted or self.studio is None:
             return
-        kind = "sweep" if "-sweep-" in submitted["job_id"] else "grid"
+        kind = "sweep" if "-sweep-" in submitted["job_id"] else "grid"  # see TOOL_JOB
         while True:
             view = self.studio.view(submitted["job_id"])
             if not (view.active or view.state == "queued"):
@@ -249,7 +264,8 @@ class RunsTab:
             self.summary = gr.Markdown(elem_id="run-summary")
             self.plot = gr.LinePlot(x="step", y="loss", color="line", title="Loss", height=260,
                                     elem_id="run-loss")
-            self.samples = gr.Gallery(label="Samples by step", columns=4, height=240, elem_id="run-samples")
+            self.samples = gr.Gallery(label="Samples by step", columns=4, height=240, elem_id="run-samples",
+                                      elem_classes=["ls-pixels"])
             self.files = gr.File(label="Checkpoints, final LoRA, ComfyUI workflow, manifest", file_count="multiple",
                                  interactive=False, elem_id="run-files")
             self.report = gr.File(label="HTML report", interactive=False, elem_id="run-report")
@@ -316,6 +332,10 @@ class RunsTab:
                                               **control)):
             event.then(self.follow, self.sheet_job, shown, api_name=False, concurrency_id="follow",
                        concurrency_limit=None, show_progress="hidden")
+        demo.load(self.drawing, None, self.sheet_job, api_name=False, concurrency_id="poll",
+                  concurrency_limit=None).then(  # a reloaded page sees it draw
+            self.follow, self.sheet_job, shown, api_name=False, concurrency_id="follow", concurrency_limit=None,
+            show_progress="hidden")
         self.resume_button.click(self.resume, self.pick, self.resumed, api_name="resume_run",
                                  concurrency_id="control", concurrency_limit=None).then(
             self.list, None, listed, api_name=False)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,7 @@ from lora_core.configfile import load_config
 from lora_core.files import atomic_write_text
 from lora_core.launcher import validation_report  # --validate-only in a child process: no torch here
 from studio.cleanup import export_folder, sweep_caches
+from studio.form_words import refusal
 from studio.formspec import config_file_dict, split_list
 from studio.jobs import RUN_NAME, BusyError, Studio
 from studio.render import code, dataset_markdown, estimate_markdown, run_summary
@@ -33,6 +36,7 @@ from studio.train_form import (
     dataset_folder_problem,
     dataset_problem,
     default_form,
+    field_of,
     preset_names,
     preset_path,
     validation,
@@ -44,25 +48,38 @@ if TYPE_CHECKING:
     from studio.runs_page import RunsTab
 
 log = logging.getLogger("studio.train_actions")
+SAME_START_S = 10.0  # an identical Start within this long (a double click) answers the job it already queued
 
 
 class TrainActions:
     """The Train tab's handlers over one `Studio`."""
 
     runs_tab: RunsTab  # set by the page: clone reads a run's config through it
+    # the components the handlers answer by (set by the page's layout, studio/train_tab.py)
+    fields: dict[str, gr.components.Component]
+    dataset_report: gr.Markdown
+    thumbs: gr.Gallery
+    model_family: gr.Markdown
+    seen: gr.State
 
     def __init__(self, studio: Studio, settings: PageSettings):
         self.studio, self.settings = studio, settings
+        self.model_problems: dict[str, str | None] = {}  # base model -> why it cannot be used, as last checked
+        self.last_config: TrainConfig | None = None  # what the user last started: a new page opens with it
+        self._last_start: tuple[str, float, dict[str, Any]] | None = None  # (page and config, when, answer)
+        self._start_lock, self._checks_lock = threading.Lock(), threading.Lock()
+        self._checked: tuple[str, float, list[tuple[str, str]]] | None = None  # (form, when, problems)
 
     # --- dataset and model ---
     def upload(self, files: list[str] | None, trigger_words: str, previous_dataset: str = "",
                sample_prompts: str = "", seen: dict[str, Any] | None = None):
-        """Take an upload as the dataset: (folder, report, thumbnails, trigger words, sample prompts, seen).
+        """Take an upload as the dataset: its folder, report and thumbnails (and trigger words, sample prompts
+        and what the live view has seen), by component.
 
         Trigger words and sample prompts that came with the previous dataset (the demo's, a preset's, the
         last run's) are cleared, and the report says so: they describe other pictures."""
         if not files:
-            return (gr.skip(),) * 6
+            return {self.dataset_report: gr.skip()}  # a dict of none is one value to Gradio, not no update
         folder = self.studio.new_upload_folder()
         remove_unused(folder.parent, self.studio.outputs_root)  # uploads no run used, after UNUSED_UPLOAD_DAYS
         sweep_caches(self.studio.outputs_root)  # Gradio's copy of every upload, refused ones too
@@ -78,7 +95,15 @@ class TrainActions:
             markdown += f"\n\n**Cleared {cleared} of the previous dataset:** enter this dataset's own."
         view = self.studio.view()
         seen = {**(seen or {}), "moved_on": view.job_id if view.ended else None}  # see status_html
-        return report.folder, markdown, gallery, trigger_words, sample_prompts, seen
+        return {self.fields["dataset_path"]: report.folder, self.dataset_report: markdown, self.thumbs: gallery,
+                self.fields["trigger_words"]: trigger_words, self.fields["sample_prompts"]: sample_prompts,
+                self.seen: seen}
+
+    def folder_cleared(self, folder: str) -> dict[gr.components.Component, Any]:
+        """An emptied dataset folder empties the report and thumbnails (they were the old folder's)."""
+        if (folder or "").strip():
+            return {self.dataset_report: gr.skip()}
+        return {self.dataset_report: "", self.thumbs: []}
 
     def folder_note_text(self, run_name: str) -> str:
         """Which folder Start will use: a run name whose folder already holds a run gets a suffix, said."""
@@ -104,9 +129,8 @@ class TrainActions:
         gallery = preview.thumbnails(report, self.studio.outputs_root / ".thumbnails")
         return dataset_markdown(report, upload_report), gallery
 
-    def clone(self, run_id: str) -> list[Any]:
-        """A run's settings into the form (its dataset too), under a new run name: the form's fields in
-        order (as `export_config` lists them)."""
+    def clone(self, run_id: str) -> dict[gr.components.Component, Any]:
+        """A run's settings into the form (its dataset too), under a new run name."""
         from lora_core.errors import UserError
 
         try:
@@ -116,15 +140,23 @@ class TrainActions:
         values = default_form(config)
         values["run_name"] = self.studio.next_folder(Path(config.output_path).name).name
         gr.Info(f"The settings of {run_id} are in the Train form, as run {values['run_name']}.")
-        return [values[key] for key in FORM_KEYS]
+        return self.form_values(values)
 
-    def restore_form(self) -> list[Any]:
-        """A page opened while (or after) this server trained shows that job's settings and dataset."""
-        config = self.studio.current_config()
+    def restore_form(self) -> dict[gr.components.Component, Any]:
+        """A page opened later starts from what the user last started on this server (not from the job the
+        queue ran last, which may be another page's or one that failed), else the current job's settings."""
+        config = self.last_config
+        if config is None and self.studio.view().state != "failed":
+            config = self.studio.current_config()
         if config is None:
-            return [gr.skip()] * (len(FORM_KEYS) + 2)
+            return {self.dataset_report: gr.skip()}
         values = default_form(config)
-        return [*(values[key] for key in FORM_KEYS), *self.scan(values["dataset_path"], values["trigger_words"])]
+        report, gallery = self.scan(values["dataset_path"], values["trigger_words"])
+        return {**self.form_values(values), self.dataset_report: report, self.thumbs: gallery}
+
+    def form_values(self, values: dict[str, Any]) -> dict[gr.components.Component, Any]:
+        """Form values by key as the form's components' values."""
+        return {self.fields[key]: values[key] for key in FORM_KEYS}
 
     def initial_dataset(self) -> tuple[str, list]:
         """The report and thumbnails for a form that starts with a dataset (--demo), made once at start."""
@@ -137,6 +169,8 @@ class TrainActions:
         from studio import preview
 
         words, problem, family = preview.describe_model(base_model or "")
+        if not (problem or "").startswith(preview.UNCHECKED):
+            self.model_problems[(base_model or "").strip()] = problem
         if problem is None:
             text = f"Detected: **{words}**"
         elif expected := preview.HUB_MODELS.get((base_model or "").strip()):
@@ -148,6 +182,15 @@ class TrainActions:
                                             for spec in SPECS if spec.families}}
 
     @staticmethod
+    def bucket_range(bucketing: bool, resolution: float | None, low: float | None, high: float | None):
+        """Bucketing needs the resolution inside [min, max] bucket resolution: ticking it (or changing the
+        resolution under it) widens that range to take the resolution in, rather than leaving an error that only
+        a field under Advanced fixes."""
+        if not bucketing or not resolution or low is None or high is None:
+            return gr.skip(), gr.skip()
+        return min(low, resolution), max(high, resolution)
+
+    @staticmethod
     def length_fields(length_by: str):
         return gr.Number(interactive=length_by == "steps"), gr.Number(interactive=length_by == "epochs")
 
@@ -155,29 +198,61 @@ class TrainActions:
     def validate(self, **values) -> list[dict]:
         return validation(values, self.studio, self.settings)
 
+    def start_problems(self, values: dict[str, Any]) -> list[tuple[str, str]]:
+        """(form key, plain words) for everything that stops this form from starting: the form's checks, the
+        dataset's scan and hold-out, and a base model the page already found it cannot use."""
+        if problems := self._form_problems(values):
+            return problems
+        if problem := self.model_problem(values.get("base_model") or ""):
+            return [("base_model", f"Base model: {problem}. Pick a built-in model or a model folder on the "
+                                   "server (nothing was queued).")]
+        return []
+
+    def _form_problems(self, values: dict[str, Any]) -> list[tuple[str, str]]:
+        """The form's and the dataset's problems. One click asks twice at once (the note beside Start, and
+        Start's own check): the second gets the first's answer rather than scanning the dataset again."""
+        key = json.dumps(values, sort_keys=True, default=str)
+        with self._checks_lock:
+            if self._checked is not None and self._checked[0] == key and time.monotonic() - self._checked[1] < 2:
+                return self._checked[2]
+            try:
+                build_config(values, self.studio, self.settings)
+                problems = [problem] if (problem := dataset_problem(values, self.studio, self.settings)) else []
+            except ConfigError as error:
+                problems = [(field_of(field), message) for field, message in error.problems]
+            self._checked = (key, time.monotonic(), problems)
+            return problems
+
     def validate_start(self, **values) -> list[dict]:
-        """The form's checks, and the dataset's: a dataset the scan calls unusable is refused before anything
-        is queued or written (the message shows at the dataset field)."""
-        checks = self.validate(**values)
-        if checks[FORM_KEYS.index("dataset_path")].get("is_valid", True) and (
-                problem := dataset_problem(values, self.studio, self.settings)):
-            field, message = problem
-            checks[FORM_KEYS.index(field if field in FORM_KEYS else "dataset_path")] = gr.validate(False, message)
-        return checks
+        """The checks of `start_problems` at their fields: nothing is queued or written when one fails."""
+        messages: dict[str, list[str]] = {}
+        for field, message in self.start_problems(values):
+            messages.setdefault(field if field in FORM_KEYS else FORM_KEYS[0], []).append(message)
+        return [gr.validate(key not in messages, " ".join(messages.get(key, []))) for key in FORM_KEYS]
+
+    def start_note_text(self, **values) -> str:
+        """What the note beside Start says: why Start refuses this form, in plain words ("" when it starts).
+        It stays until the form changes (the page clears it then), where the user is looking."""
+        return refusal(self.start_problems(values))
+
+    def model_problem(self, base_model: str) -> str | None:
+        """Why the base model cannot be used, as the page's model picker already said (None when it has not
+        checked it: the job itself then says what is wrong, at its field)."""
+        return self.model_problems.get(base_model.strip())
 
     def validate_named(self, name: str, **values) -> list[dict]:
         return [gr.validate(True, ""), *self.validate(**values)]
 
-    def load_preset(self, name: str | None, dataset_path: str) -> list[Any]:
+    def load_preset(self, name: str | None, dataset_path: str) -> dict[gr.components.Component, Any]:
         if not name:
-            return [gr.skip()] * len(FORM_KEYS)
+            return {self.fields["dataset_path"]: gr.skip()}
         try:
             values = default_form(load_config(preset_path(name, self.studio)))
         except ConfigError as error:
             raise gr.Error(f"Preset {name} is not valid: {error}") from None
         if dataset_path:  # keep the user's own dataset; a preset only brings its own to an empty form
             values["dataset_path"] = dataset_path
-        return [values[key] for key in FORM_KEYS]
+        return self.form_values(values)
 
     def save_preset(self, name: str, **values):
         stem = RUN_NAME.sub("-", (name or "").strip()).strip("-.")[:64]
@@ -207,9 +282,20 @@ class TrainActions:
             return f"**The estimate failed:** {type(error).__name__}: {error}"
 
     # --- training ---
-    def start(self, **values) -> dict[str, Any]:
-        """Queue the form's run: {job_id, state: running | queued, position, output_path}."""
-        return self._launch(build_config(values, self.studio, self.settings), resume=False)
+    def start(self, request: gr.Request | None = None, **values) -> dict[str, Any]:
+        """Queue the form's run: {job_id, state: running | queued, position, output_path}. The same form
+        started again from the same page within SAME_START_S (a double click) answers the job already queued;
+        another page's identical Start is a job of its own."""
+        config = build_config(values, self.studio, self.settings)
+        key = f"{getattr(request, 'session_hash', None)}|{config.model_dump_json()}"
+        with self._start_lock:  # two clicks are two requests, answered at once on two threads
+            last = self._last_start
+            if last is not None and last[0] == key and time.monotonic() - last[1] < SAME_START_S:
+                gr.Info("Already started: this is the job the first click queued.")
+                return last[2]
+            submitted = self._launch(config, resume=False)
+            self._last_start = (key, time.monotonic(), submitted)
+            return submitted
 
     def resume(self, **values) -> dict[str, Any]:
         """Continue the run shown from its newest complete checkpoint, with the form's settings (e.g. more
@@ -225,6 +311,7 @@ class TrainActions:
             submitted = self.studio.submit(config, resume=resume)
         except (BusyError, ValueError) as error:
             raise gr.Error(f"Not started: {error}") from None
+        self.last_config = config
         if submitted.state == "queued":
             gr.Info(f"Queued at position {submitted.position}: it starts when the device is free "
                     f"({submitted.output_path}).")

@@ -12,6 +12,7 @@ import gradio as gr
 
 from lora_core.config import ConfigError, TrainConfig, data_path_fields
 from lora_core.configfile import parse_config
+from studio.form_words import plain_problems
 from studio.formspec import FieldSpec, config_to_form, field_specs, form_to_config_dict, split_list
 from studio.render import code
 from studio.uploads import UploadLimits
@@ -71,8 +72,8 @@ def build_config(form: dict[str, Any], studio: Studio, settings: PageSettings) -
     problems += data_path_problems(data, studio, settings)
     try:
         config = parse_config(data, strict=False)  # the widgets give numbers as floats
-    except ConfigError as error:
-        problems = error.problems + problems
+    except ConfigError as error:  # in the page's words where pydantic's are the problem
+        problems = (plain_problems(data) or error.problems) + problems
     if problems:
         raise ConfigError(problems)
     return config

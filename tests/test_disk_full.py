@@ -170,7 +170,7 @@ def test_a_run_refused_for_its_output_folder_leaves_nothing_there(tmp_path, monk
 
     from helpers import SHAPES_DATASET, run_job_here, tiny_config
 
-    from lora_core import plan, preflight
+    from lora_core import plan
     from lora_core.configfile import parse_config
 
     usage = namedtuple("usage", "total used free")
@@ -179,4 +179,4 @@ def test_a_run_refused_for_its_output_folder_leaves_nothing_there(tmp_path, monk
     terminal, _ = run_job_here(parse_config(tiny_config(SHAPES_DATASET, output)))
     assert terminal.type == "error" and terminal.field == "output_path" and "256 MB" in terminal.message
     assert not (tmp_path / "new").exists(), "no folder, no events.jsonl, no report where the run was refused"
-    assert preflight.check_output_folder(str(output), keep=False) is not None and not (tmp_path / "new").exists()
+    assert plan.check_output_folder(str(output), keep=False) is not None and not (tmp_path / "new").exists()

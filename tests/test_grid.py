@@ -22,7 +22,6 @@ from lora_core.grid import (
     render_grid,
     render_sweep,
     run_job,
-    saved_sheets,
     spread,
 )
 from lora_core.sheet import BACKGROUND, compose, wrap
@@ -50,12 +49,13 @@ def test_the_sheet_puts_each_cell_whole_in_its_box_with_its_labels():
     cells = [[solid(color) for color in row] for row in colors]
     sheet, layout = compose(cells, ["step 100", "final (step 200)"], ["a", "b", "a prompt " * 20], "title")
     assert sheet.size == layout.size
+    factor = 9  # 30 px cells are drawn 9x (270 px, at least MIN_CELL_SIDE 256), each pixel a 9x9 block
     places = [(r, c) for r in range(2) for c in range(3)]
     boxes = [layout.box(r, c) for r, c in places]
     for (r, c), box in zip(places, boxes, strict=True):
         assert min(box[:2]) >= 0 and box[2] <= sheet.width and box[3] <= sheet.height
-        assert (box[2] - box[0], box[3] - box[1]) == (40, 30)
-        assert np.array_equal(pixels(sheet.crop(box)), pixels(cells[r][c]))
+        assert (box[2] - box[0], box[3] - box[1]) == (40 * factor, 30 * factor)
+        assert np.array_equal(pixels(sheet.crop(box))[::factor, ::factor], pixels(cells[r][c]))
     for one, other in [(a, b) for a in boxes for b in boxes if a < b]:  # no two cells overlap
         assert one[2] <= other[0] or other[2] <= one[0] or one[3] <= other[1] or other[3] <= one[1]
     left_labels = pixels(sheet.crop((0, boxes[0][1], boxes[0][0] - 1, sheet.height)))
@@ -217,8 +217,9 @@ def test_the_command_line_writes_the_grid_into_the_run_folder(run_folder, capfd)
     assert set(run_folder.glob("grid*.png")) - before == {path} and str(path) in err
     with Image.open(path) as image:
         assert image.size == (events[-1].width, events[-1].height)
-    newest, details = saved_sheets(run_folder)[0]  # what the page lists for the run
-    assert newest == path and details["prompts"] == ["a green triangle"] and details["seed"] == 3
+    with Image.open(path) as image:  # what was drawn travels in the PNG
+        details = json.loads(image.text["lora_studio"])
+    assert details["prompts"] == ["a green triangle"] and details["seed"] == 3
     assert main(["sweep", str(run_folder), "--step", "3"]) == 1  # no such checkpoint: an error event, exit 1
     error = parse_event(capfd.readouterr().out.splitlines()[-1])
     assert isinstance(error, Error) and error.field == "step"

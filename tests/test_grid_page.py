@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 from gradio_client import Client
@@ -117,12 +118,17 @@ def test_grid_options_the_run_cannot_draw_are_refused_before_queueing(trained):
 def test_the_opened_run_offers_its_checkpoints_and_prompts_and_the_page_follows_the_job(trained):
     client, studio, run, _ = trained
     tab = RunsTab(studio.outputs_root, studio=studio)
-    steps, prompts, sweep_step, _, _ = tab.sheet_form(run.name)
+    with gr.Blocks():  # the handlers answer by component
+        tab.build()
+    form = tab.sheet_form(run.name)
+    steps, prompts, sweep_step = form[tab.grid_steps], form[tab.grid_prompts], form[tab.sweep_step]
     assert steps["choices"] == [("step 2", "2"), ("final", "final")]
     assert steps["value"] == ["2", "final"] and sweep_step["value"] == "final"
     assert prompts.splitlines() == PROMPTS
     assert sheets.grid_args(run, None, None) == ["--steps", "2", "final"]  # the default: all, capped
+    assert tab.drawing() is None
     submitted = tab.grid(run.name, ["final"], PROMPTS[0])
+    assert tab.drawing() == {"job_id": submitted["job_id"]}  # what a page opened now follows
     shown = list(tab.follow(submitted))
     states = [status for status, _, _ in shown]
     assert 'data-state="complete"' in states[-1]
@@ -130,7 +136,8 @@ def test_the_opened_run_offers_its_checkpoints_and_prompts_and_the_page_follows_
     image, download = shown[-1][1:]
     assert image == download and image["visible"] is True
     assert Path(image["value"]).parent == run and Path(image["value"]).name.startswith("grid_")
-    assert Path(tab.sheet_form(run.name)[3]["value"]) == sheets.newest_sheet(run)  # shown again when reopened
+    reopened = tab.sheet_form(run.name)[tab.sheet_image]["value"]
+    assert Path(reopened) == sheets.newest_sheet(run) and tab.drawing() is None  # shown again when reopened
 
 
 def test_the_options_become_the_command_line_of_the_job(tmp_path):

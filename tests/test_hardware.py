@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers import tiny_config
 
-from lora_core import hardware, models, preflight
+from lora_core import hardware, models, plan
 from lora_core.configfile import config_to_file_dict, parse_config
 from lora_core.training import train
 
@@ -67,7 +67,7 @@ def test_auto_checkpointing_in_a_real_run_and_in_the_preflight(dataset_dir, tmp_
     result = train(config, events.append, lambda: False)
     assert events[0].gradient_checkpointing is True and result.unet.is_gradient_checkpointing
     assert events[-1].type == "complete"
-    estimate = preflight.preflight(config)["memory_estimate"]
+    estimate = plan.plan_report(config)["memory_estimate"]
     assert estimate["gradient_checkpointing"] is True
 
 

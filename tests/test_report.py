@@ -16,7 +16,7 @@ from PIL import Image
 
 from lora_core.configfile import parse_config
 from lora_core.events import Checkpoint, Complete, EventLog, Progress, Sample, Started
-from lora_core.preflight import preflight
+from lora_core.plan import plan_report
 from lora_core.report import REPORT_NAME, write_report
 from lora_core.tracking import TrackerUnavailable, open_tracker
 
@@ -106,7 +106,7 @@ def test_tensorboard_is_off_by_default_and_a_missing_package_is_named(dataset_di
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not installed
     with pytest.raises(TrackerUnavailable, match="pip install tensorboard"):
         open_tracker(asked)
-    problems = preflight(asked)["problems"]
+    problems = plan_report(asked)["problems"]
     assert any(p["field"] == "log_with" and "tensorboard" in p["message"] for p in problems)
     terminal, _ = run_job_here(asked)
     assert terminal.type == "error" and terminal.field == "log_with" and "pip install tensorboard" in terminal.message

@@ -87,12 +87,25 @@ def test_queue_two_jobs_then_open_compare_and_grid_them_in_the_browser(studio_pa
     expect(page.locator("#run-folder")).to_contain_text("first")
     page.click("#start")
     status = page.locator("#run-status")
-    expect(status).to_have_attribute("data-state", re.compile("starting|running"))
+    expect(status).to_have_attribute("data-state", re.compile("starting|running"), timeout=30_000)
     fill(page, "run_name", "second")
     fill(page, "learning_rate", 0.0005)
     page.click("#start")
     queue = page.locator("#queue-table")
     expect(queue).to_contain_text("second")  # one device: the second waits, with its position
+    expect(queue).to_contain_text("builtin:toy-sd")  # the queue in words: run, kind, model, steps
+    fill(page, "run_name", "third")
+    page.click("#start")
+    expect(queue).to_contain_text("third")
+    choose(page, "queue-pick", "third")
+    page.click("#queue-move-up")
+    picked = page.locator("#queue-pick input").first
+    expect(picked).to_have_value(re.compile(r"^1\. third · train · builtin:toy-sd · 4 steps"))  # moved, kept
+    assert Path(studio.queued()[0]["output_path"]).name == "third"
+    page.once("dialog", lambda dialog: dialog.accept())  # Cancel asks first
+    page.click("#queue-cancel")
+    expect(page.locator("#queue-note")).to_contain_text("Cancelled")
+    expect(queue).not_to_contain_text("third")
     expect(queue).not_to_contain_text("second", timeout=300_000)  # the first ended, the second started
     runs = studio.outputs_root
     assert "complete" in (runs / "first" / "events.jsonl").read_text()

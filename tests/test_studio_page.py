@@ -274,3 +274,21 @@ def test_a_flux_and_an_sd3_run_train_from_the_page_whose_form_shows_their_option
         state = wait_for(client, answer["job_id"], lambda s: s["state"] in TERMINAL, timeout=240)
         assert state["state"] == "complete", (state.get("message"), state.get("error_field"), state.get("stderr_tail"))
         assert (Path(answer["output_path"]) / "lora_final.safetensors").is_file()
+
+
+@pytest.mark.e2e
+def test_a_double_click_on_start_queues_one_job_and_another_page_gets_its_own(page):
+    client, studio, root = page
+    form = dict(dataset_path=str(SHAPES_DATASET), run_name="twice", steps=2, **TINY)
+    first = client.predict(**form, api_name="/start")
+    assert client.predict(**form, api_name="/start") == first  # the second click answers the first's job
+    other = Client(client.src, verbose=False)
+    try:
+        own = other.predict(**form, api_name="/start")
+    finally:
+        other.close()
+    assert own["job_id"] != first["job_id"] and own["output_path"] != first["output_path"]
+    assert client.predict(own["job_id"], api_name="/cancel")["cancelled"] is True
+    ended = wait_for(client, first["job_id"], lambda s: s["state"] in TERMINAL)
+    assert ended["state"] == "complete", (ended["message"], ended["stderr_tail"])
+    assert [path.name for path in (root / "outputs").iterdir() if path.name.startswith("twice")] == ["twice"]

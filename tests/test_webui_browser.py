@@ -51,6 +51,41 @@ def set_number(page, field: str, value: int) -> None:
     box.press("Tab")
 
 
+def test_a_refused_start_says_why_beside_start_until_the_form_changes(page_url, browser):
+    """The form's checks flash at their fields for a moment, often below the fold; the note beside Start says
+    why in plain words and stays until the input changes. An emptied dataset folder empties the gallery."""
+    from playwright.sync_api import expect
+
+    url, _ = page_url
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(url)
+    expect(page.locator("#dataset-gallery img")).to_have_count(18)  # the --demo dataset
+    set_number(page, "steps", -5)
+    page.click("#start")
+    note = page.locator("#start-note")
+    expect(note).to_contain_text("Not started")
+    expect(note).to_contain_text("Steps must be at least 1 (you gave -5).")
+    page.wait_for_timeout(3000)  # the field's own message is gone by now; the note is not
+    expect(note).to_contain_text("Steps must be at least 1")
+    start, shown = page.locator("#start").bounding_box(), note.bounding_box()
+    assert shown["y"] - start["y"] < 200 and shown["y"] + shown["height"] < 900  # beside Start, in view
+    set_number(page, "steps", 12)
+    expect(note).not_to_contain_text("Not started")
+    folder = page.locator("#field-dataset_path textarea, #field-dataset_path input").first
+    folder.fill("")
+    folder.press("Tab")
+    expect(page.locator("#dataset-gallery img")).to_have_count(0)
+    expect(page.locator("#dataset-report")).not_to_contain_text("18 images")
+    page.click("#start")
+    expect(note).to_contain_text("Dataset folder is empty")
+    assert studio_is_idle(page_url[1])
+    page.close()
+
+
+def studio_is_idle(studio) -> bool:
+    return studio.view().state == "idle" and not studio.queued()
+
+
 def test_upload_train_watch_download_then_stop_a_second_job(page_url, browser, tmp_path):
     from playwright.sync_api import expect
 

@@ -224,7 +224,3 @@ def tokenizers(pipeline) -> list:
 def text_encoders(pipeline) -> list:
     """Every text encoder of a pipeline, in its order (SD 3 has three; a dropped T5 is None and not listed)."""
     return [e for e in (getattr(pipeline, name, None) for name in TEXT_ENCODER_ATTRIBUTES) if e is not None]
-
-
-def denoiser_of(pipeline, family: Family):
-    return getattr(pipeline, family.denoiser)
