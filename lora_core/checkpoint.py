@@ -77,16 +77,17 @@ def state_folders(output: Path) -> list[tuple[int, Path]]:
 
 
 def save_state(output: Path, step: int, state: TrainerState, params: dict[str, torch.Tensor], optimizer,
-               keep: int) -> Path:
+               keep: int, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write the state folder atomically, then prune all but the newest `keep` complete ones. On a full disk,
-    the partial folder is removed and the DiskFullError names the newest complete state that remains."""
+    the partial folder is removed and the DiskFullError names the newest complete state that remains. `extra`:
+    more safetensors files of the state by name (the EMA's `ema.safetensors`), written before the marker."""
     checkpoints = output / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / f"state_step_{step}"
     staging = checkpoints / f".state_step_{step}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        _write_state(staging, step, state, params, optimizer)
+        _write_state(staging, step, state, params, optimizer, extra or {})
     except DiskFullError as error:
         shutil.rmtree(staging, ignore_errors=True)
         raise DiskFullError(final / error.path.name, error.needed, error.written, note=last_good_note(output)) from None
@@ -110,8 +111,11 @@ def _set_aside(folder: Path) -> None:
 
 
 def _write_state(staging: Path, step: int, state: TrainerState, params: dict[str, torch.Tensor],
-                 optimizer) -> None:
+                 optimizer, extra: dict[str, dict[str, torch.Tensor]]) -> None:
     staging.mkdir()
+    for name, tensors in extra.items():
+        with named_disk_full(staging / name, _nbytes(tensors)):
+            save_file(tensors, str(staging / name))
     tensors, groups = _flatten_optimizer(optimizer.state_dict())
     weights = {name: t.detach().cpu().contiguous() for name, t in params.items()}
     with named_disk_full(staging / "lora.safetensors", _nbytes(weights)):
