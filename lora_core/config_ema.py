@@ -15,8 +15,8 @@ from pydantic import BaseModel, Field, model_validator
 from lora_core.errors import FieldConflict
 
 
-def _ui(group: str = "advanced") -> dict[str, Any]:
-    return {"group": group}
+def _ui(group: str = "advanced", **extra: Any) -> dict[str, Any]:
+    return {"group": group, **extra}
 
 
 class EmaOptions(BaseModel):
@@ -26,7 +26,7 @@ class EmaOptions(BaseModel):
         "update (k = 0, 1, ...) uses min(ema_decay, (1 + k) / (10 + k)), so early averages are not dominated by "
         "the untrained start. Each checkpoint gets a `lora_step_N.ema.safetensors` beside its LoRA (the same "
         "format), and the run a `lora_final.ema.safetensors`; --resume restores the average exactly."),
-        json_schema_extra=_ui())
+        json_schema_extra=_ui(step=0.001))
     ema_update_every: int = Field(1, ge=1, le=10_000, description=(
         "Update the EMA every N optimizer steps (its warm-up counts updates, not steps)."), json_schema_extra=_ui())
     ema_use_for_final: bool = Field(False, description=(
@@ -57,4 +57,4 @@ class MaskOptions(BaseModel):
         "With mask_source: the loss weight of the unmasked pixels (0: they teach nothing; 1: as without a "
         "mask). A pixel's weight is mask_floor + (1 - mask_floor) x mask; the loss is the mean of the weighted "
         "error over all pixels, as sd-scripts' masked_loss (a small mask also makes the loss smaller)."),
-        json_schema_extra=_ui())
+        json_schema_extra=_ui(step=0.05))

@@ -164,3 +164,41 @@ def test_a_mask_over_the_shape_teaches_its_colour_and_leaves_the_background_alon
     with safe_open(str(masked.final_path), "pt") as handle:
         header = handle.metadata()
     assert header["ss_masked_loss"] == "True" and header["lora_studio.mask_source"] == "file"
+
+
+@pytest.mark.parametrize("gamma", [0.0, 5.0])
+def test_the_objectives_weigh_each_latent_pixels_error_by_the_mask(gamma):
+    """mean(w x error) over every element, as sd-scripts' masked loss (not divided by the mask's area); all-ones
+    weights are the unmasked loss; the flow-matching objective honours them too."""
+    from diffusers import DDPMScheduler
+
+    from lora_core.config import TrainConfig
+    from lora_core.objective import DDPMObjective, FlowObjective
+
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
+    weights = torch.zeros(2, 1, 8, 8)
+    weights[..., :3] = 1.0
+    weights[..., 3:] = 0.25
+
+    def predict(noisy, levels):
+        return noisy * 0.5
+
+    ddpm = DDPMObjective(DDPMScheduler(), "epsilon", gamma)
+    steps = torch.tensor([10, 700])
+    plain = ddpm.loss(predict, latents, noise, steps)
+    assert torch.allclose(ddpm.loss(predict, latents, noise, steps, torch.ones(2, 1, 8, 8)), plain)
+    errors = (predict(ddpm.scheduler.add_noise(latents, noise, steps), steps) - noise) ** 2
+    per_sample = (errors * weights).mean(dim=(1, 2, 3))
+    if gamma:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(ddpm.scheduler, steps)
+        per_sample = per_sample * torch.clamp(snr, max=gamma) / snr
+    assert torch.allclose(ddpm.loss(predict, latents, noise, steps, weights), per_sample.mean())
+    config = TrainConfig(dataset_path="d", base_model="b", output_path="o", trigger_words=["t"])
+    flow = FlowObjective(config, torch.linspace(1, 0, 1000), precondition=False, tokens_per_latent_pixel=0.25)
+    sigmas = torch.tensor([0.3, 0.8])
+    noisy = (1 - sigmas.view(-1, 1, 1, 1)) * latents + sigmas.view(-1, 1, 1, 1) * noise
+    expected = (weights * (predict(noisy, sigmas) - (noise - latents)) ** 2).mean()
+    assert torch.allclose(flow.loss(predict, latents, noise, sigmas, weights), expected)
