@@ -44,7 +44,8 @@ MAY_CHANGE = frozenset({"steps", "epochs", "checkpoint_steps", "validation_steps
                         "keep_checkpoints",
                         "max_nonfinite_steps", "progress_steps", "log_with", "sample_prompts",
                         "sample_inference_steps", "sample_guidance_scale", "device", "mixed_precision",
-                        "gradient_checkpointing", "compile_unet", "latent_cache", "output_path"})
+                        "gradient_checkpointing", "compile_unet", "latent_cache", "output_path",
+                        "ema_samples", "ema_use_for_final"})
 MUST_MATCH = tuple(name for name in TrainConfig.model_fields if name not in MAY_CHANGE)
 KILL_HOOK = "LORA_STUDIO_TEST_KILL_IN_SAVE"  # tests: SIGKILL halfway through saving the state of this step
 

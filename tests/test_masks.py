@@ -18,6 +18,7 @@ from lora_core import builtin, dataset, doctor, latents, masks, models
 from lora_core.configfile import parse_config
 from lora_core.toy import checker, score, world
 from lora_core.training import train
+from studio.captions_editor import CaptionStore
 
 CPU = torch.device("cpu")
 MAGENTA, WHITE, CYAN = np.array(world.rgb("magenta"), float), np.array((255, 255, 255), float), \
@@ -38,6 +39,7 @@ def test_mask_files_are_neither_trained_on_nor_examined_as_images(tmp_path):
     report = dataset.scan(tmp_path, ["zwx"])
     assert [r.path for r in report.images] == [str(tmp_path / "a.png")] and not report.ignored
     assert doctor.image_files(tmp_path) == [tmp_path / "a.png"]
+    assert CaptionStore(tmp_path).names() == ["a.png"]  # the page's caption editor
 
 
 def test_a_mask_of_another_size_is_refused_naming_the_file(tmp_path):
