@@ -102,15 +102,27 @@ class MaskSource:
         return (crop.flip(-1) if choice.flip else crop).unsqueeze(0)
 
 
+def check_dataset(config: TrainConfig, report: dataset.DatasetReport) -> None:
+    """Before any model loads (the plan, --validate-only): every mask readable and of its image's size, and at
+    least one image masked."""
+    if config.mask_source == "none":
+        return
+    if all(read_mask(record, config.mask_source) is None for record in report.images):
+        _refuse_no_masks(config)
+
+
+def _refuse_no_masks(config: TrainConfig) -> None:
+    where = "no `NAME.mask.png` beside any image" if config.mask_source == "file" else "no image with an alpha channel"
+    raise dataset.DatasetError(f"mask_source {config.mask_source!r} but {config.dataset_path} has {where}; add the "
+                               "masks, or set mask_source 'none'")
+
+
 def make_source(config: TrainConfig, layout: Layout) -> MaskSource | None:
     if config.mask_source == "none":
         return None
     source = MaskSource(layout, config.mask_source)
     if len(source.unmasked) == len(layout.records):
-        where = ("no `NAME.mask.png` beside any image" if config.mask_source == "file"
-                 else "no image with an alpha channel")
-        raise dataset.DatasetError(f"mask_source {config.mask_source!r} but {config.dataset_path} has {where}; add "
-                                   "the masks, or set mask_source 'none'")
+        _refuse_no_masks(config)
     if source.unmasked:
         names = ", ".join(Path(path).name for path in source.unmasked[:10])
         log.warning("mask_source %r: %d images have no mask and train whole: %s", config.mask_source,

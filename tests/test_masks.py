@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from lora_core import builtin, dataset, doctor, latents, masks, models
 from lora_core.configfile import parse_config
+from lora_core.plan import make_plan
 from lora_core.toy import checker, score, world
 from lora_core.training import train
 from studio.captions_editor import CaptionStore
@@ -48,6 +49,14 @@ def test_a_mask_of_another_size_is_refused_naming_the_file(tmp_path):
     record = dataset.scan(tmp_path, ["zwx"]).images[0]
     with pytest.raises(dataset.DatasetError, match=r"a\.mask\.png is 48x64 but its image a\.jpg is 64x48"):
         masks.read_mask(record, "file")
+
+
+def test_the_plan_refuses_masked_loss_on_a_dataset_without_masks_before_loading_a_model(tmp_path):
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "a.png")  # no alpha, no a.mask.png
+    for source, missing in (("file", "no `NAME.mask.png`"), ("alpha", "no image with an alpha channel")):
+        config = parse_config(toy_config(tmp_path, tmp_path / "out", mask_source=source))
+        with pytest.raises(dataset.DatasetError, match=missing):
+            make_plan(config, configs_only=True)  # what --validate-only runs
 
 
 def split_picture(size: tuple[int, int], cut: int) -> tuple[np.ndarray, np.ndarray]:
