@@ -58,7 +58,7 @@ def read_mask(record: dataset.ImageRecord, source: str) -> Image.Image | None:
         path = mask_file(image_path)
         if not os.path.lexists(path):
             return None
-        mask = _read(path, image_path.parent).convert("L")
+        mask = dataset.to_rgb(_read(path, image_path.parent)).convert("L")  # 16-bit and palette PNGs too
     else:
         image = _read(image_path, image_path.parent)
         if image.mode == "P" and "transparency" in image.info:

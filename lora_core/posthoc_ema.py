@@ -125,7 +125,8 @@ def post_hoc_ema(run: Path, out: Path, beta: float | None = None, beta2: float |
                                                      "files": [path.name for _, path in files],
                                                      "weights": [round(w, 6) for w in weights]})
     header["lora_studio.weights"] = "post_hoc_ema"
-    header = {key: value for key, value in header.items() if not key.startswith("sshs_")}
+    # the last file's hashes and EMA settings (an EMA run's raw file) do not describe the average
+    header = {key: value for key, value in header.items() if not key.startswith("sshs_") and key != "lora_studio.ema"}
     return save_lora(out, average([path for _, path in files], merge_betas), header)
 
 
