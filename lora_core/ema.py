@@ -18,6 +18,7 @@ average bit for bit.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -124,6 +125,15 @@ def export_final(run: Any, output: Path, export: Export, epochs: int) -> Path:
         averaged = export(run, output / ("lora_final.safetensors" if ema_first else EMA_FINAL), epochs=epochs,
                           companions=ema_first, extra=metadata(run.config, run.ema, "ema"))
     return averaged if ema_first else raw
+
+
+def held_out_loss(run: Any) -> float | None:
+    """The held-out validation loss with the EMA weights (None without an EMA, or when it is not finite)."""
+    if run.ema is None:
+        return None
+    with run.ema.applied(run.lora_params):
+        loss = run.held_out.loss(run)
+    return loss if math.isfinite(loss) else None
 
 
 def for_samples(run: Any):

@@ -140,6 +140,7 @@ class ValidationLoss(Event):
     type: ClassVar[str] = "validation"
     step: int
     loss: float
+    ema_loss: float | None = None  # with ema_decay: the same loss with the EMA weights (ema.py)
 
 
 @dataclass(kw_only=True)

@@ -243,10 +243,11 @@ def maybe_validate(run: Run, emit: Callable[[Event], None]) -> None:
     if run.held_out is None or (run.step % every and run.step != run.plan.total_steps):
         return
     loss = run.held_out.loss(run)
+    ema_loss = ema.held_out_loss(run)
     for module in (run.unet, *run.text_encoders):
         module.train()
     if math.isfinite(loss):
-        emit(ValidationLoss(step=run.step, loss=loss))
+        emit(ValidationLoss(step=run.step, loss=loss, ema_loss=ema_loss))
     else:
         emit(RunWarning(message=f"the validation loss of step {run.step} is not finite ({loss}); training goes on",
                         step=run.step))

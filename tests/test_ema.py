@@ -34,17 +34,19 @@ def toy_config(output, **options) -> dict:
 
 @pytest.fixture(scope="module")
 def noisy(tmp_path_factory):
-    """The noisy run, with the weights after every optimizer step recorded: (run, [start, step 1, ...], folder)."""
+    """The noisy run, with the weights after every optimizer step recorded: (run, [start, step 1, ...], folder,
+    events)."""
     output = tmp_path_factory.mktemp("noisy") / "out"
     seen: dict = {}
+    events: list = []
 
     def tap(run) -> None:
         seen["run"], seen["weights"] = run, [snapshot(run)]
         # the scheduler steps once after each applied optimizer step, before the EMA's update
         run.lr_scheduler = Tap(run.lr_scheduler, lambda args, result: seen["weights"].append(snapshot(run)), "step")
 
-    train_tapped(parse_config(toy_config(output, **NOISY)), tap)
-    return seen["run"], seen["weights"], output
+    train_tapped(parse_config(toy_config(output, **NOISY)), tap, emit=events.append)
+    return seen["run"], seen["weights"], output, events
 
 
 def snapshot(run) -> dict[str, torch.Tensor]:
@@ -82,7 +84,7 @@ def assert_close(file: dict, expected: dict) -> None:
 
 
 def test_the_saved_ema_is_the_average_of_the_recorded_weights(noisy):
-    run, weights, output = noisy
+    run, weights, output, _ = noisy
     assert len(weights) == 61
     final = expected_average(weights, 60)
     state = load_file(str(output / "checkpoints" / "state_step_60" / ema.STATE_FILE))
@@ -98,7 +100,7 @@ def test_the_saved_ema_is_the_average_of_the_recorded_weights(noisy):
 
 
 def test_the_ema_of_a_noisy_run_has_a_lower_held_out_loss_than_its_last_weights(noisy):
-    run, weights, _ = noisy
+    run, weights, _, events = noisy
     raw = run.held_out.loss(run)
     averaged = expected_average(weights, 60)  # what lora_final.ema.safetensors holds (the test above)
     with torch.no_grad():
@@ -109,6 +111,10 @@ def test_the_ema_of_a_noisy_run_has_a_lower_held_out_loss_than_its_last_weights(
         for name, p in run.lora_params.items():
             p.copy_(weights[60][name])
     assert smoothed < raw, (smoothed, raw)
+    validation = [e for e in events if e.type == "validation"]  # the run reports both curves
+    assert validation[0].ema_loss == validation[0].loss  # before the first step the EMA is the start
+    assert validation[-1].step == 60 and validation[-1].loss == pytest.approx(raw, rel=1e-6)
+    assert validation[-1].ema_loss == pytest.approx(smoothed, rel=1e-5)
 
 
 def closed_form(betas: list[float]) -> list[float]:
@@ -123,7 +129,7 @@ def closed_form(betas: list[float]) -> list[float]:
     (["--sigma-rel", "0.15"], None),
 ])
 def test_post_hoc_ema_writes_the_stated_weighted_average_of_the_checkpoints(noisy, tmp_path, args, betas):
-    _, _, output = noisy
+    _, _, output, _ = noisy
     files = [output / "checkpoints" / "lora_step_20.safetensors", output / "checkpoints" / "lora_step_40.safetensors",
              output / "lora_final.safetensors"]
     target = tmp_path / "averaged.safetensors"
