@@ -178,3 +178,11 @@ def test_a_resumed_run_continues_the_same_ema_bit_for_bit(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     with safe_open(str(whole / "lora_final.safetensors"), "pt") as handle:
         assert handle.metadata()["lora_studio.weights"] == "ema"
+
+
+def test_ema_options_without_a_decay_are_refused_naming_the_fields(tmp_path):
+    from lora_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ema_samples need an EMA; set ema_decay") as caught:
+        parse_config(toy_config(tmp_path, ema_samples=True))
+    assert {field for field, _ in caught.value.problems} == {"ema_decay", "ema_samples"}
