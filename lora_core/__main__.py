@@ -12,6 +12,8 @@
     python -m lora_core doctor DATASET [--config F] [--json]   what in a dataset spoils a LoRA (lora_core/doctor.py)
     python -m lora_core caption DATASET [--model ID] [--overwrite] [--prefix T] ...   caption the images with a
                                         vision-language model (lora_core/captioner.py, caption_model.py; caption -h)
+    python -m lora_core ema RUN [--beta B [--beta2 B2] | --sigma-rel S] [--out FILE]   a post-hoc EMA of a run's
+                                        checkpoints (lora_core/posthoc_ema.py; ema -h)
     python -m lora_core export-builtin NAME DIR   write a built-in model (e.g. toy-sd) as a diffusers folder
     python -m lora_core rerun RUN OUT [--force]   train a run again from its manifest.json into OUT; refused,
                                         naming them, when its dataset, packages or base model differ (rerun.py)
@@ -61,6 +63,10 @@ def main(argv: list[str]) -> int | str | None:
         from lora_core.grid import main as draw
 
         return draw(argv)
+    if command == "ema":
+        from lora_core.posthoc_ema import main as post_hoc
+
+        return post_hoc(argv[1:])
     if command == "doctor":
         from lora_core.doctor import main as doctor
 

@@ -37,6 +37,7 @@ class Batch:
     bucket: int  # index into Layout.buckets; the same for every sample
     captions: list[str] | None = None  # when captions vary per step; None means the cached embeddings
     latent_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # what the latent source loaded
+    masks: torch.Tensor | None = None  # uint8 (N, 1, H, W) loss masks cut as the pixels (mask_source; masks.py)
 
     def _map(self, change: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -122,12 +123,18 @@ class HostLoader(Protocol):
     def load(self, choice: Choice, generator: torch.Generator) -> dict[str, torch.Tensor]: ...
 
 
+class MaskLoader(Protocol):
+    """The loss mask of one sample, cut as its pixels are (masks.MaskSource)."""
+
+    def load(self, choice: Choice) -> torch.Tensor: ...
+
+
 class Collate:
     """The DataLoader's collate_fn: keys -> a Batch, every choice drawn in a fixed order from the key's own
     generator, each draw only when its option is on."""
 
-    def __init__(self, config: TrainConfig, layout: Layout, latents: HostLoader):
-        self.config, self.layout, self.latents = config, layout, latents
+    def __init__(self, config: TrainConfig, layout: Layout, latents: HostLoader, masks: MaskLoader | None = None):
+        self.config, self.layout, self.latents, self.masks = config, layout, latents, masks
         self.per_step_captions = config.shuffle_tags or config.train_text_encoder
 
     def __call__(self, keys: list[tuple[int, int]]) -> Batch:
@@ -147,10 +154,11 @@ class Collate:
                 texts.append(self.caption(record.caption, drop, generator))
             inputs.append(self.latents.load(choice, generator))
             choices.append(choice)
+        masks = torch.stack([self.masks.load(c) for c in choices]) if self.masks is not None else None
         return Batch(torch.tensor([c.image for c in choices]), torch.tensor([c.flip for c in choices]),
                      torch.tensor([c.drop for c in choices]), torch.tensor(time_ids, dtype=torch.float32),
                      layout.bucket_of_image[choices[0].image], captions=texts or None,
-                     latent_inputs={name: torch.stack([i[name] for i in inputs]) for name in inputs[0]})
+                     latent_inputs={name: torch.stack([i[name] for i in inputs]) for name in inputs[0]}, masks=masks)
 
     def caption(self, caption: str, drop: bool, generator: torch.Generator) -> str:
         """This step's caption: empty when dropped, its tags shuffled with shuffle_tags (a trained text

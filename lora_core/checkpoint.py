@@ -44,7 +44,8 @@ MAY_CHANGE = frozenset({"steps", "epochs", "checkpoint_steps", "validation_steps
                         "keep_checkpoints",
                         "max_nonfinite_steps", "progress_steps", "log_with", "sample_prompts",
                         "sample_inference_steps", "sample_guidance_scale", "device", "mixed_precision",
-                        "gradient_checkpointing", "compile_unet", "latent_cache", "output_path"})
+                        "gradient_checkpointing", "compile_unet", "latent_cache", "output_path",
+                        "ema_samples", "ema_use_for_final"})
 MUST_MATCH = tuple(name for name in TrainConfig.model_fields if name not in MAY_CHANGE)
 KILL_HOOK = "LORA_STUDIO_TEST_KILL_IN_SAVE"  # tests: SIGKILL halfway through saving the state of this step
 
@@ -77,16 +78,17 @@ def state_folders(output: Path) -> list[tuple[int, Path]]:
 
 
 def save_state(output: Path, step: int, state: TrainerState, params: dict[str, torch.Tensor], optimizer,
-               keep: int) -> Path:
+               keep: int, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write the state folder atomically, then prune all but the newest `keep` complete ones. On a full disk,
-    the partial folder is removed and the DiskFullError names the newest complete state that remains."""
+    the partial folder is removed and the DiskFullError names the newest complete state that remains. `extra`:
+    more safetensors files of the state by name (the EMA's `ema.safetensors`), written before the marker."""
     checkpoints = output / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / f"state_step_{step}"
     staging = checkpoints / f".state_step_{step}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        _write_state(staging, step, state, params, optimizer)
+        _write_state(staging, step, state, params, optimizer, extra or {})
     except DiskFullError as error:
         shutil.rmtree(staging, ignore_errors=True)
         raise DiskFullError(final / error.path.name, error.needed, error.written, note=last_good_note(output)) from None
@@ -110,8 +112,11 @@ def _set_aside(folder: Path) -> None:
 
 
 def _write_state(staging: Path, step: int, state: TrainerState, params: dict[str, torch.Tensor],
-                 optimizer) -> None:
+                 optimizer, extra: dict[str, dict[str, torch.Tensor]]) -> None:
     staging.mkdir()
+    for name, tensors in extra.items():
+        with named_disk_full(staging / name, _nbytes(tensors)):
+            save_file(tensors, str(staging / name))
     tensors, groups = _flatten_optimizer(optimizer.state_dict())
     weights = {name: t.detach().cpu().contiguous() for name, t in params.items()}
     with named_disk_full(staging / "lora.safetensors", _nbytes(weights)):

@@ -29,6 +29,7 @@ from lora_core.errors import UserError
 log = logging.getLogger("lora_core")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+MASK_SUFFIX = ".mask.png"  # `cat.mask.png` is the loss mask of `cat.png` (masks.py), never an image to train on
 MAX_PIXELS = 64_000_000  # refuse before decoding: a 64 Mpx RGB image is already ~200 MB in memory
 MIN_SIDE = 8
 REDUCIBLE = {"L", "LA", "I", "F", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}  # modes Image.reduce takes
@@ -277,7 +278,7 @@ def _scan(folder: Path, trigger_words: list[str], trigger_placement: str, decode
         if path.name.startswith(".") or (path.is_dir() and not path.is_symlink()):
             continue
         suffix = path.suffix.lower()
-        if suffix == ".txt":
+        if suffix == ".txt" or is_mask_file(path.name):
             continue
         if suffix not in IMAGE_SUFFIXES:
             report.ignored.append(path.name)
@@ -299,6 +300,10 @@ def _scan(folder: Path, trigger_words: list[str], trigger_placement: str, decode
         raise DatasetError(f"no usable image in {folder} (supported: {', '.join(sorted(IMAGE_SUFFIXES))})"
                            + (f"; refused: {reasons}" if reasons else ""))
     return report
+
+
+def is_mask_file(name: str) -> bool:
+    return name.lower().endswith(MASK_SUFFIX)
 
 
 def warn_about(report: DatasetReport, shown: int = 20) -> None:

@@ -105,11 +105,13 @@ class Result:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The images dataset.scan would consider, in its order, without those the exclude list names."""
+    """The images dataset.scan would consider, in its order, without those the exclude list names (and without
+    the loss masks `*.mask.png`)."""
     excluded = dataset.read_excluded(folder)
     return [path for path in sorted(folder.iterdir())
             if not path.name.startswith(".") and path.suffix.lower() in dataset.IMAGE_SUFFIXES
-            and path.name not in excluded and (path.is_file() or path.is_symlink())]
+            and path.name not in excluded and not dataset.is_mask_file(path.name)
+            and (path.is_file() or path.is_symlink())]
 
 
 def _facts(path: Path, folder: Path, cache: imagehash.FactsCache) -> imagehash.ImageFacts:

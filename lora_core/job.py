@@ -17,7 +17,8 @@ from pathlib import Path
 
 from lora_core import distributed
 from lora_core.config import TrainConfig
-from lora_core.events import Complete, Error, Event, EventLog, Interrupted, Progress
+from lora_core.eventlog import EventLog
+from lora_core.events import Complete, Error, Event, Interrupted, Progress
 
 log = logging.getLogger("lora_core")
 

@@ -37,7 +37,8 @@ from typing import Any
 
 from lora_core.config import TrainConfig
 from lora_core.configfile import config_to_file_dict
-from lora_core.events import Error, EventLog, ValidationReport, parse_event, read_events
+from lora_core.eventlog import EventLog, read_events
+from lora_core.events import Error, ValidationReport, parse_event
 from lora_core.files import JOB_FILE, atomic_write_text
 from lora_core.runrecord import EVENTS_FILE, JOB_CONFIG_FILE, STDERR_FILE, RunFiles, process_alive
 from lora_core.starter import StartedJob, Starter

@@ -34,6 +34,7 @@ from lora_core import (
     families,
     hardware,
     holdout,
+    masks,
     memory,
     models,
     tracking,
@@ -168,6 +169,7 @@ def tracker(config: TrainConfig) -> None:
 def scan_dataset(config: TrainConfig) -> tuple[dataset.DatasetReport, dataset.DatasetReport | None]:
     """The training images, and the held-out ones for the validation loss (None when none are asked for)."""
     report = dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement)
+    masks.check_dataset(config, report)
     return report, holdout.split(report, config)
 
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lora_core.events import read_events
+from lora_core.eventlog import read_events
 from lora_core.files import atomic_write_text
 from lora_core.runrecord import REPORT_FILE, RunFiles, RunRecord, SampleImage, read_json
 

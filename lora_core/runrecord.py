@@ -2,7 +2,7 @@
 
 A run is a folder (directly under the page's outputs folder, or anywhere for the CLI) and its history; a job
 is a process doing work for a run. Every reader of a run (the page's live view, its Runs list, the HTML report)
-folds the same typed events (events.jsonl, `events.read_events`) with `RunRecord.add` into one state, said in
+folds the same typed events (events.jsonl, `eventlog.read_events`) with `RunRecord.add` into one state, said in
 one vocabulary:
 
     queued    waiting in the page's queue (queue.json); nothing of it is written yet
@@ -36,7 +36,7 @@ from lora_core.files import JOB_FILE
 from lora_core.safefile import open_regular, read_capped
 from lora_core.safefile import read_json as read_json
 
-EVENTS_FILE = "events.jsonl"  # the run's events, appended by its jobs (events.EventLog)
+EVENTS_FILE = "events.jsonl"  # the run's events, appended by its jobs (eventlog.EventLog)
 CONFIG_FILE = "config.json"  # the resolved config the engine wrote for the run
 JOB_CONFIG_FILE = "job_config.json"  # the config the page started the latest job with (its --config)
 STDERR_FILE = "stderr.log"  # the jobs' log, appended by each

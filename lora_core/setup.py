@@ -23,9 +23,11 @@ from lora_core import (
     checkpoint,
     conditioning,
     distributed,
+    ema,
     families,
     hardware,
     latents,
+    masks,
     models,
     objective,
     offload,
@@ -79,6 +81,7 @@ class Run:
     stop_checkpoint: Path | None = None  # the LoRA saved when stopped on request
     lora_params: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # by name, for the saved state
     held_out: validation.ValidationSet | None = None  # the validation loss's images, on the main process only
+    ema: ema.LoraEMA | None = None  # the LoRA weights' moving average (ema_decay), fp32
 
     @property
     def config(self) -> TrainConfig:
@@ -127,7 +130,8 @@ def setup(plan: RunPlan) -> Run:
     trained_encoders, text_params = add_text_encoder_adapters(plan, pipeline)
     sampler = batches.sampler(config, layout, accelerator.num_processes)
     loader = torch.utils.data.DataLoader(batches.Keys(len(layout.entry_buckets)), batch_sampler=sampler,
-                                         collate_fn=batches.Collate(config, layout, latent_source),
+                                         collate_fn=batches.Collate(config, layout, latent_source,
+                                                                    masks.make_source(config, layout)),
                                          pin_memory=device.type == "cuda",  # pinned + non_blocking: no sync
                                          generator=torch.Generator())  # else each epoch draws on the global RNG
     optimizer, lr_scheduler = make_optimizer(plan, params, text_params, device)
@@ -143,6 +147,7 @@ def setup(plan: RunPlan) -> Run:
               distributed.StopVote(accelerator.num_processes), sample_inputs,
               lora_metadata(plan, info, accelerator.is_main_process))
     run.lora_params = named_lora_params(run)
+    run.ema = ema.make(config, run.lora_params)  # from the initial weights; a resumed run's is restored below
     run.held_out = held_out
     if plan.resume:
         restore(run)
@@ -311,8 +316,10 @@ def named_lora_params(run: Run) -> dict[str, torch.nn.Parameter]:
 
 def restore(run: Run) -> None:
     """Continue a stopped run: its LoRA, optimizer, schedule, RNG, position in the data and noise stream."""
-    state = checkpoint.load_state(checkpoint.latest_state(run.plan.output), run.config, run.lora_params,
-                                  run.optimizer)
+    folder = checkpoint.latest_state(run.plan.output)
+    state = checkpoint.load_state(folder, run.config, run.lora_params, run.optimizer)
+    if run.ema is not None:
+        run.ema.load(folder)
     run.lr_scheduler.load_state_dict(state.scheduler)
     run.step, run.epoch, run.batches_in_epoch = state.step, state.epoch, state.batches_in_epoch
     run.noise.draws = state.noise_draws

@@ -81,6 +81,8 @@ class TensorBoardTracker:
                 self.writer.add_scalar("train/steps_per_second", event.it_per_s, event.step)
         elif event.type == "validation":
             self.writer.add_scalar("validation/loss", event.loss, event.step)
+            if getattr(event, "ema_loss", None) is not None:
+                self.writer.add_scalar("validation/ema_loss", event.ema_loss, event.step)
         elif event.type == "sample":
             import numpy as np
             from PIL import Image

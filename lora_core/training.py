@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lora_core import checkpoint, dataset, distributed, doctor, handover, objective, samples
+from lora_core import checkpoint, dataset, distributed, doctor, ema, handover, masks, objective, samples
 from lora_core.batches import Batch
 from lora_core.config import TrainConfig
 from lora_core.events import (
@@ -104,7 +104,8 @@ def training_step(run: Run, batch: Batch) -> torch.Tensor:
         with run.accelerator.autocast():
             return run.family.predict(run.forward, noisy, levels, inputs)
 
-    loss = run.objective.loss(predict, latents, noise, levels)  # the held-out loss calls the same function
+    weights = masks.loss_weights(batch, latents, run.config)  # None without mask_source
+    loss = run.objective.loss(predict, latents, noise, levels, weights)  # the held-out loss calls it too
     run.accelerator.backward(loss)
     return loss
 
@@ -143,6 +144,8 @@ def fit(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], bool]
             window.add(loss)
             run.lr_scheduler.step()
             run.step += 1
+            if run.ema is not None:
+                run.ema.update(run.lora_params, run.step)
             clock.tick(run.step)
             maybe_report(run, emit, window, clock)
             if run.stop_vote(should_stop()):  # all processes stop after the same step
@@ -232,8 +235,9 @@ def maybe_sample(run: Run, emit: Callable[[Event], None], should_stop: Callable[
 def _draw_samples(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], bool] | None) -> bool:
     stopped_while_drawing = False
     try:  # a sample that cannot be saved is not worth the run: the checkpoints decide that
-        drawn = samples.make_samples(run.config, run.family, run.pipeline, run.bare_unet, run.sample_inputs,
-                                     run.pipeline.vae, run.device, run.plan.output, run.step, should_stop)
+        with ema.for_samples(run):
+            drawn = samples.make_samples(run.config, run.family, run.pipeline, run.bare_unet, run.sample_inputs,
+                                         run.pipeline.vae, run.device, run.plan.output, run.step, should_stop)
     except samples.DrawingStopped as stopped:
         drawn, stopped_while_drawing = stopped.drawn, True
     except OSError as error:
@@ -254,10 +258,11 @@ def maybe_validate(run: Run, emit: Callable[[Event], None]) -> None:
     if run.held_out is None or (run.step % every and run.step != run.plan.total_steps):
         return
     loss = run.held_out.loss(run)
+    ema_loss = ema.held_out_loss(run)
     for module in (run.unet, *run.text_encoders):
         module.train()
     if math.isfinite(loss):
-        emit(ValidationLoss(step=run.step, loss=loss))
+        emit(ValidationLoss(step=run.step, loss=loss, ema_loss=ema_loss))
     else:
         emit(RunWarning(message=f"the validation loss of step {run.step} is not finite ({loss}); training goes on",
                         step=run.step))
@@ -275,13 +280,14 @@ def stop(run: Run, emit: Callable[[Event], None]) -> None:
 # saving
 
 
-def export_lora(run: Run, path: Path, epochs: int | None = None, companions: bool = False) -> Path:
-    """Write the LoRA file users load (the family names its tensors), with the training metadata; with
-    `companions`, also the family's other layouts beside it (`<name>.<layout>.safetensors`: SD 3's for
-    diffusers, which reads none of the names ComfyUI and Forge read)."""
+def export_lora(run: Run, path: Path, epochs: int | None = None, companions: bool = False,
+                extra: dict[str, str] | None = None) -> Path:
+    """Write the LoRA file users load (the family names its tensors), with the training metadata (and `extra`
+    fields: which weights an EMA run's file holds); with `companions`, also the family's other layouts beside it
+    (`<name>.<layout>.safetensors`: SD 3's for diffusers, which reads none of the names ComfyUI and Forge read)."""
     state, format_header = run.family.lora_file_contents(run.bare_unet, run.config, run.text_encoders)
     header = training_metadata(run.config, steps=run.step, epochs=run.epoch if epochs is None else epochs,
-                               **run.metadata)
+                               **run.metadata) | masks.metadata(run.config) | (extra or {})
     if companions:
         for layout, (other, other_header) in run.family.companion_files(run.bare_unet, run.config,
                                                                         run.text_encoders).items():
@@ -293,10 +299,14 @@ def save_checkpoint(run: Run, lora_file: bool = True) -> Path | None:
     """The LoRA file users load (unless not `lora_file`), then the full state that --resume continues from."""
     output = run.plan.output
     with checkpoint.naming_last_good(output):  # a full disk ends the run, naming what can be resumed
-        path = export_lora(run, output / "checkpoints" / f"lora_step_{run.step}.safetensors") if lora_file else None
+        path = export_lora(run, output / "checkpoints" / f"lora_step_{run.step}.safetensors",
+                           extra=ema.metadata(run.config, run.ema, "raw")) if lora_file else None
+        if path is not None and run.ema is not None:
+            ema.export_checkpoint(run, path, export_lora)
         state = checkpoint.TrainerState(run.step, run.epoch, run.batches_in_epoch, run.noise.draws,
                                         run.lr_scheduler.state_dict(), run.config.model_dump(mode="json"))
-        checkpoint.save_state(output, run.step, state, run.lora_params, run.optimizer, run.config.keep_checkpoints)
+        checkpoint.save_state(output, run.step, state, run.lora_params, run.optimizer, run.config.keep_checkpoints,
+                              extra={ema.STATE_FILE: run.ema.state_tensors()} if run.ema is not None else None)
     return path
 
 
@@ -307,8 +317,9 @@ def finish(run: Run, emit: Callable[[Event], None]) -> Path | None:
         return None
     save_checkpoint(run, lora_file=False)
     with checkpoint.naming_last_good(run.plan.output):
-        final_path = export_lora(run, run.plan.output / "lora_final.safetensors", epochs=max(run.epoch, 1),
-                                 companions=True)
+        final_path = (ema.export_final(run, run.plan.output, export_lora, max(run.epoch, 1)) if run.ema is not None
+                      else export_lora(run, run.plan.output / "lora_final.safetensors", epochs=max(run.epoch, 1),
+                                       companions=True))
     handover.run_finished(run, final_path, emit)  # the manifest completed, the ComfyUI workflow
     emit(Complete(final_path=str(final_path), total_time=round(time.perf_counter() - run.plan.clock_start, 3),
                   step=run.step))

@@ -33,6 +33,7 @@ from lora_core.files import FILE_MODE, TMP_SUFFIX, atomic_write_text
 
 # The same as lora_core.dataset's (which imports torch through its caption module; tests keep them equal).
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+MASK_SUFFIX = ".mask.png"  # a loss mask (lora_core/masks.py), not an image to caption; as dataset.MASK_SUFFIX
 EXCLUDE_FILE = ".lora-studio-exclude"
 MAX_CAPTION_BYTES = 64 * 1024  # what dataset.scan reads of a caption file
 PER_PAGE = 48
@@ -105,6 +106,7 @@ class CaptionStore:
         with os.scandir(self.folder) as entries:
             return sorted(entry.name for entry in entries if not entry.name.startswith(".")
                           and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file()
+                          and not entry.name.lower().endswith(MASK_SUFFIX)
                           and (not entry.is_symlink() or self._inside(Path(entry.path))))
 
     def _inside(self, path: Path) -> bool:

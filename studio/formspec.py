@@ -162,6 +162,7 @@ ADVANCED_TABS: dict[str, tuple[str, ...]] = {
     "Data": ("min_bucket_resolution", "max_bucket_resolution", "bucket_no_upscale", "crop", "flip_horizontal",
              "latent_cache"),
     "Captions": ("trigger_placement", "shuffle_tags", "keep_tokens", "caption_dropout"),
+    "EMA and loss masks": ("ema_decay", "ema_update_every", "ema_use_for_final", "mask_source", "mask_floor"),
     "Precision and memory": ("device", "mixed_precision", "gradient_checkpointing", "compile_unet", "cuda_graphs",
                              "base_quantization", "memory_mode", "offload_blocks"),
     "Flow matching": ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale",

@@ -7,9 +7,8 @@ this server knows of the job's process. A job runs in its own session (lora_core
 the server: a restarted server follows the jobs still running again (their `job.json`), and a job that died
 without a final event is recorded as failed with its exit status and the tail of its stderr.
 
-Start puts a job in the queue (studio/queue.py, `outputs/queue.json`); it starts when a device is free: one
-job per GPU (a job of N processes waits for N free GPUs), one at a time on the CPU. `free_devices()` is the
-one place that decides whether a device is taken. Nothing here imports torch.
+Start puts a job in the queue (studio/queue.py); it starts when a device is free: one job per GPU (N processes
+wait for N free GPUs), one at a time on the CPU; `free_devices()` alone decides. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -30,7 +29,8 @@ from typing import Any
 
 from lora_core.config import ConfigError, TrainConfig
 from lora_core.errors import UserError
-from lora_core.events import Error, EventLog
+from lora_core.eventlog import EventLog
+from lora_core.events import Error
 from lora_core.files import JOB_FILE
 from lora_core.launcher import JobProcess, device_count, record_lost
 from lora_core.runrecord import EVENTS_FILE, FAILED, QUEUED, RecordTail, RunFiles, settle

@@ -20,6 +20,7 @@ def test_constants_match_the_dataset_scan():
     from lora_core import dataset
 
     assert ce.IMAGE_SUFFIXES == dataset.IMAGE_SUFFIXES and ce.EXCLUDE_FILE == dataset.EXCLUDE_FILE
+    assert ce.MASK_SUFFIX == dataset.MASK_SUFFIX
     assert ce.MAX_CAPTION_BYTES == dataset.MAX_CAPTION_FILE_BYTES
 
 

@@ -14,7 +14,8 @@ import safetensors.torch
 import torch
 
 from lora_core import files
-from lora_core.events import Complete, Error, EventLog, Progress, read_events
+from lora_core.eventlog import EventLog, read_events
+from lora_core.events import Complete, Error, Progress
 from lora_core.files import DiskFullError, atomic_write, atomic_write_text
 
 

@@ -23,7 +23,8 @@ from helpers import ROOT, SHAPES_DATASET, run_job_here, tiny_config
 from safetensors.torch import load_file
 
 from lora_core.configfile import parse_config
-from lora_core.events import parse_event, read_events
+from lora_core.eventlog import read_events
+from lora_core.events import parse_event
 
 LEARNING_RATE = 1e-3
 # Two processes differ from one only in the order of floating-point sums: each process reduces the gradient

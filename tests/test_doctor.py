@@ -227,7 +227,8 @@ def test_plan_findings_go_in_the_dataset_event(planted_set, tmp_path):
 
 
 def test_the_report_shows_the_findings_of_the_dataset_event(tmp_path):
-    from lora_core.events import Complete, Dataset, EventLog, Started
+    from lora_core.eventlog import EventLog
+    from lora_core.events import Complete, Dataset, Started
     from lora_core.report import write_report
 
     def record(output: Path, findings: list[dict]) -> str:

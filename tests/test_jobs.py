@@ -37,7 +37,8 @@ def studios(monkeypatch):
 STOPPABLE_STANDIN = """
 import signal, sys, time
 from pathlib import Path
-from lora_core.events import EventLog, Interrupted, Progress, Started
+from lora_core.events import Interrupted, Progress, Started
+from lora_core.eventlog import EventLog
 log = EventLog(Path(sys.argv[1]) / "events.jsonl")
 def stop(*_):
     log(Interrupted(step=1, message="stopped by the user", checkpoint_path=None))

@@ -11,6 +11,7 @@ from helpers import tiny_config, wait_until
 
 from lora_core import launcher
 from lora_core.configfile import parse_config
+from lora_core.eventlog import read_events
 from lora_core.events import (
     EVENT_TYPES,
     CaptionComplete,
@@ -30,7 +31,6 @@ from lora_core.events import (
     ValidationLoss,
     ValidationReport,
     parse_event,
-    read_events,
 )
 from lora_core.launcher import JobProcess, launch_command, record_lost
 from lora_core.runrecord import RecordTail, RunFiles

@@ -15,7 +15,8 @@ from helpers import run_job_here, tiny_config
 from PIL import Image
 
 from lora_core.configfile import parse_config
-from lora_core.events import Checkpoint, Complete, EventLog, Progress, Sample, Started
+from lora_core.eventlog import EventLog
+from lora_core.events import Checkpoint, Complete, Progress, Sample, Started
 from lora_core.plan import plan_report
 from lora_core.report import REPORT_NAME, write_report
 from lora_core.tracking import TrackerUnavailable, open_tracker

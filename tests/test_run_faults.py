@@ -14,7 +14,7 @@ from test_disk_full import SmallDisk
 
 from lora_core import plan, samples, training
 from lora_core.configfile import parse_config
-from lora_core.events import read_events
+from lora_core.eventlog import read_events
 from lora_core.files import DiskFullError
 
 pytestmark = pytest.mark.e2e

@@ -150,7 +150,7 @@ def test_sheets_named_by_a_fifo_or_a_link_out_are_not_read_or_offered(tmp_path: 
 
 
 def test_read_events_never_blocks_on_a_fifo_nor_holds_a_sparse_line(tmp_path: Path) -> None:
-    from lora_core.events import read_events
+    from lora_core.eventlog import read_events
 
     os.mkfifo(tmp_path / "fifo.jsonl")
     with pytest.raises(OSError, match="not a regular file"):

@@ -60,7 +60,7 @@ def test_jobs_are_forked_from_one_starter_and_keep_their_files_signals_and_exit_
 
 
 def read(folder):
-    from lora_core.events import read_events
+    from lora_core.eventlog import read_events
 
     path = folder / "events.jsonl"
     return read_events(path) if path.is_file() else []

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from lora_core import dataset, holdout, report
 from lora_core.config import ConfigError
 from lora_core.configfile import parse_config
-from lora_core.events import EventLog, ValidationLoss, dataset_event, read_events
+from lora_core.eventlog import EventLog, read_events
+from lora_core.events import ValidationLoss, dataset_event
 from lora_core.plan import make_plan
 from lora_core.runrecord import RunRecord
 from lora_core.setup import setup
