@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from lora_core import components, families, hardware, latents, lorafile, models, samples
+from lora_core import components, families, hardware, lorafile, models, samples
 from lora_core.config import TrainConfig
 from lora_core.errors import UserError
 
@@ -111,15 +111,8 @@ class Renderer:
     def draw(self, prompt: str, seed: int, should_stop: Callable[[], bool] | None = None):
         """One image (PIL), from the same initial noise for the same seed; samples.DrawingStopped when
         `should_stop` says so between two denoising steps."""
-        c, device = self.config, self.device
-        generator = torch.Generator(device).manual_seed(seed)
-        with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            drawn = self.pipeline(prompt=prompt, num_inference_steps=c.sample_inference_steps,
-                                  **self.family.sampling_kwargs(c), height=c.resolution, width=c.resolution,
-                                  generator=generator, output_type="latent",
-                                  **samples.stop_between_steps(should_stop)).images
-        drawn = self.family.spatial_latents(self.pipeline, drawn, c.resolution, c.resolution)
-        return samples.to_image(latents.decode(self.pipeline.vae, drawn)[0])  # as the trainer's samples
+        return samples.draw(self.config, self.family, self.pipeline, self.pipeline.vae, {"prompt": prompt}, seed,
+                            self.device, self.dtype, should_stop)  # as the trainer's samples
 
 
 class AppliedLora:

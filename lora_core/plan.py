@@ -4,8 +4,9 @@
 family, checks the resolution, the output folder and the tracker, fixes the run length, the device and the
 precision, and decides gradient checkpointing and the base's storage (memory.py: the fields, or memory_mode
 auto's pick from the memory estimate). Training starts from the plan
-(`training.setup`), and `--validate-only` prints `plan_report(config)`, which runs the same checks one by one
-and reports every problem under its field instead of stopping at the first.
+(`training.setup`), and `--validate-only` prints `plan_report(config)`. Both walk the one list CHECKS, in its
+order: the plan stops at the first problem (its UserError), the report files every problem under its field and
+goes on with the checks that do not build on a failed one.
 """
 
 from __future__ import annotations
@@ -225,33 +226,87 @@ def memory_choice(config: TrainConfig, device: torch.device, precision: str,
 # the plan, and its report
 
 
+@dataclass
+class _Facts:
+    """What the checks found so far: each check reads the facts of the checks it builds on and adds its own."""
+
+    config: TrainConfig
+    processes: int
+    keep: bool = True  # the output folder stays; --validate-only writes nothing
+    configs_only: bool = False
+    resume: bool = False
+    skipped_states: list[str] = field(default_factory=list)
+    scanned: dataset.DatasetReport | None = None
+    held_out: dataset.DatasetReport | None = None
+    source: models.ModelSource | None = None
+    info: models.ModelInfo | None = None
+    assigned: list[buckets.Bucket] | None = None
+    device: torch.device | None = None
+    precision: str = "no"
+
+
+def _states(facts: _Facts) -> None:
+    output = Path(facts.config.output_path)
+    checkpoint.clean_leftovers(output)  # what killed writes left behind
+    if facts.resume:
+        checkpoint.latest_state(output, facts.skipped_states)  # fail before any model loads
+    else:
+        checkpoint.refuse_other_runs_states(output)
+
+
+def _scan(facts: _Facts) -> None:
+    facts.scanned, facts.held_out = scan_dataset(facts.config)
+
+
+def _model(facts: _Facts) -> None:
+    facts.source, facts.info = base_model(facts.config, facts.configs_only)
+
+
+def _buckets(facts: _Facts) -> None:
+    facts.assigned = dataset.assign_buckets(facts.scanned, facts.config, facts.info.pixel_multiple)
+
+
+def _device(facts: _Facts) -> None:
+    facts.device, facts.precision = device_and_precision(facts.config)
+
+
+class Check(NamedTuple):
+    name: str
+    field: str  # where the report files a problem whose error names no field
+    run: Callable[[_Facts], None]
+    after: tuple[str, ...] = ()  # the checks it builds on: the report skips it when one of them did not pass
+    training_only: bool = False  # what only training does (the folder's leftovers and states), not the report
+
+
+CHECKS = (  # cheap ones first: training fails before the dataset is scanned or the model read
+    Check("output", "output_path", lambda facts: output_folder(facts.config, facts.keep)),
+    Check("states", "output_path", _states, ("output",), training_only=True),
+    Check("tracker", "log_with", lambda facts: tracker(facts.config)),
+    Check("dataset", "dataset_path", _scan),
+    Check("model", "base_model", _model),
+    Check("resolution", "base_model", lambda facts: check_resolution(facts.config, facts.info), ("model",)),
+    Check("family_options", "base_model", lambda facts: check_family_options(facts.config, facts.info), ("model",)),
+    Check("buckets", "base_model", _buckets, ("dataset", "model", "resolution", "family_options")),
+    Check("device", "device", _device),
+    Check("memory_device", "base_quantization",
+          lambda facts: memory.check_device(facts.config, facts.device.type, facts.processes), ("device",)),
+)
+
+
 def make_plan(config: TrainConfig, num_processes: int = 1, *, resume: bool = False,
               configs_only: bool = False) -> RunPlan:
     """The plan training runs (the first problem raises its UserError). `configs_only`: read only the model's
     configs (a hub model is not downloaded), as --validate-only does."""
     clock_start, started_at = time.perf_counter(), datetime.now(UTC)
-    output_folder(config)
-    output = Path(config.output_path)
-    checkpoint.clean_leftovers(output)  # what killed writes left behind
-    skipped_states: list[str] = []
-    if resume:
-        checkpoint.latest_state(output, skipped_states)  # fail before any model loads
-    else:
-        checkpoint.refuse_other_runs_states(output)
-    tracker(config)
-    report, held_out = scan_dataset(config)
-    source, info = base_model(config, configs_only)
-    check_resolution(config, info)
-    check_family_options(config, info)
-    assigned = dataset.assign_buckets(report, config, info.pixel_multiple)
-    per_epoch = buckets.batches_per_epoch(assigned * config.repeats, config.batch_size * num_processes)
-    device, precision = device_and_precision(config)
-    memory.check_device(config, device.type, num_processes)
-    plan = RunPlan(config, num_processes, resume, report, assigned, source, info, per_epoch,
-                   run_length(config, per_epoch), device, precision, gradient_checkpointing=False,
-                   started_at=started_at, clock_start=clock_start, skipped_states=skipped_states,
-                   held_out=held_out)
-    choice = memory_choice(config, device, precision, plan.sizes, num_processes)
+    facts = _Facts(config, num_processes, configs_only=configs_only, resume=resume)
+    for check in CHECKS:
+        check.run(facts)
+    per_epoch = buckets.batches_per_epoch(facts.assigned * config.repeats, config.batch_size * num_processes)
+    plan = RunPlan(config, num_processes, resume, facts.scanned, facts.assigned, facts.source, facts.info,
+                   per_epoch, run_length(config, per_epoch), facts.device, facts.precision,
+                   gradient_checkpointing=False, started_at=started_at, clock_start=clock_start,
+                   skipped_states=facts.skipped_states, held_out=facts.held_out)
+    choice = memory_choice(config, facts.device, facts.precision, plan.sizes, num_processes)
     plan.gradient_checkpointing, plan.base_quantization = choice.gradient_checkpointing, choice.base_quantization
     plan.offload_blocks, plan.memory_summary = choice.offload_blocks, choice.summary
     return plan
@@ -282,42 +337,42 @@ def plan_report(config: TrainConfig, num_processes: int | None = None) -> dict[s
     problem under its field. `num_processes`: the devices the run will use; by default the launcher's count."""
     processes = num_processes or distributed.world_size()
     report: dict[str, Any] = {"ok": True, "problems": [], "warnings": []}
-    scanned = source = info = None
-    with _Check(report, "dataset_path"):
-        scanned, held_out = scan_dataset(config)
+    facts = _Facts(config, processes, keep=False, configs_only=True)
+    passed, failed = set(), set()
+    for check in CHECKS:
+        if check.training_only or not passed.issuperset(check.after):
+            continue
+        with _Check(report, check.field) as checking:
+            check.run(facts)
+        (failed if checking.failed else passed).add(check.name)
+    _found_report(report, config, facts)
+    if "device" not in passed:
+        return report
+    _device_report(report, config, facts.device, facts.precision, processes)
+    if "model" in passed and not failed & {"resolution", "family_options", "buckets"}:
+        with _Check(report, "offload_blocks"):
+            _memory_report(report, config, facts.source, facts.info, facts.device, facts.precision)
+    return report
+
+
+def _found_report(report: dict[str, Any], config: TrainConfig, facts: _Facts) -> None:
+    """The dataset, the run length and the model, as far as their checks found them."""
+    if (scanned := facts.scanned) is not None:
         report["dataset"] = {"num_images": len(scanned.images), "num_captioned": scanned.captioned,
                              "refused": scanned.refused, "ignored": scanned.ignored,
-                             "num_validation_images": len(held_out.images) if held_out else 0}
-        per_epoch = unbucketed_batches_per_epoch(config, len(scanned.images), processes)
+                             "num_validation_images": len(facts.held_out.images) if facts.held_out else 0}
+        if facts.assigned is None:  # before the buckets are known: full batches of the images
+            per_epoch = unbucketed_batches_per_epoch(config, len(scanned.images), facts.processes)
+        else:  # the bucket table, and the length as the buckets make it
+            report["dataset"]["buckets"] = scanned.buckets
+            per_epoch = buckets.batches_per_epoch(facts.assigned * config.repeats,
+                                                  config.batch_size * facts.processes)
         report["total_steps"] = run_length(config, per_epoch).steps
-    with _Check(report, "base_model") as model_check:
-        source, info = base_model(config, configs_only=True)
-        report["model"] = {"source": source.kind, "family": info.description,
-                           "prediction_type": info.prediction_type}
+    if (source := facts.source) is not None and facts.info is not None:
+        report["model"] = {"source": source.kind, "family": facts.info.description,
+                           "prediction_type": facts.info.prediction_type}
         if source.components:  # where a single file's missing parts come from (a hub id: its local copy)
             report["model"]["pipeline_components"] = source.components
-        check_resolution(config, info)
-        check_family_options(config, info)
-        if scanned is not None:  # the bucket table, and the length as the buckets make it
-            assigned = dataset.assign_buckets(scanned, config, info.pixel_multiple)
-            report["dataset"]["buckets"] = scanned.buckets
-            per_epoch = buckets.batches_per_epoch(assigned * config.repeats, config.batch_size * processes)
-            report["total_steps"] = run_length(config, per_epoch).steps
-    with _Check(report, "output_path"):
-        output_folder(config, keep=False)
-    with _Check(report, "log_with"):
-        tracker(config)
-    with _Check(report, "device") as device_check:
-        device, precision = device_and_precision(config)
-    if device_check.failed:
-        return report
-    with _Check(report, "base_quantization"):
-        memory.check_device(config, device.type, processes)
-    _device_report(report, config, device, precision, processes)
-    if info is not None and source is not None and not model_check.failed:
-        with _Check(report, "offload_blocks"):
-            _memory_report(report, config, source, info, device, precision)
-    return report
 
 
 def _device_report(report: dict[str, Any], config: TrainConfig, device: torch.device, precision: str,

@@ -68,8 +68,11 @@ def make_samples(config: TrainConfig, family: Family, pipeline, denoiser, inputs
     results = []
     try:
         for index, (prompt, kwargs) in enumerate(inputs):
-            results.append((_draw_one(config, family, pipe, vae, device, output, step, index, kwargs,
-                                      stop_between_steps(should_stop)), prompt))
+            image = draw(config, family, pipe, vae, kwargs, config.seed + index, device,
+                         getattr(pipe, family.denoiser).dtype, should_stop)
+            path = output / "samples" / (f"step_{step}.png" if index == 0 else f"step_{step}_{index}.png")
+            atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+            results.append((path, prompt))
     except DrawingStopped as stopped:
         stopped.drawn = results
         raise
@@ -78,19 +81,21 @@ def make_samples(config: TrainConfig, family: Family, pipeline, denoiser, inputs
     return results
 
 
-def _draw_one(config: TrainConfig, family: Family, pipe, vae, device: torch.device, output: Path, step: int,
-              index: int, kwargs: dict[str, Any], stop: dict[str, Any]) -> Path:
-    generator = torch.Generator(device).manual_seed(config.seed + index)
-    dtype = getattr(pipe, family.denoiser).dtype
-    with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+@torch.no_grad()
+def draw(config: TrainConfig, family: Family, pipe, vae, kwargs: dict[str, Any], seed: int, device: torch.device,
+         dtype: torch.dtype, should_stop: Callable[[], bool] | None = None):
+    """One image (PIL): the one pipeline call of the trainer's samples and of the grid's and sweep's cells
+    (drawing.Renderer), so that a grid cell is the sample the trainer drew. `kwargs`: the prompt, or its
+    embeddings; `seed` seeds the initial noise on `device`; the denoiser runs under autocast to `dtype` on CUDA
+    (fp32 runs as is); the latents, unpacked to the image's grid where the family packs them, are decoded by
+    `vae` (in fp32). DrawingStopped when `should_stop` says so between two denoising steps."""
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
         drawn = pipe(**kwargs, **family.sampling_kwargs(config), num_inference_steps=config.sample_inference_steps,
                      height=config.resolution, width=config.resolution, generator=generator,
-                     output_type="latent", **stop).images
-    image = to_image(latents.decode(vae, family.spatial_latents(pipe, drawn, config.resolution,
-                                                                config.resolution))[0])
-    path = output / "samples" / (f"step_{step}.png" if index == 0 else f"step_{step}_{index}.png")
-    atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
-    return path
+                     output_type="latent", **stop_between_steps(should_stop)).images
+    return to_image(latents.decode(vae, family.spatial_latents(pipe, drawn, config.resolution,
+                                                               config.resolution))[0])
 
 
 def to_image(pixels: torch.Tensor):

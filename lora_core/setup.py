@@ -46,7 +46,7 @@ from lora_core.lora import tag_frequency
 from lora_core.plan import RunPlan
 
 
-@dataclass
+@dataclass(kw_only=True)  # built with keywords: 22 values in a row would hide which is which
 class Run:
     """What the fit loop works with. `unet` (the denoiser: a UNet or a transformer, as the family says) and
     `wrapped_encoders` are as the accelerator wrapped them; `bare_unet` and `text_encoders` are the plain modules
@@ -139,16 +139,17 @@ def setup(plan: RunPlan) -> Run:
     # offloaded blocks swap their weights at every call, which a compiled block would recompile for
     compiled = (config.model_copy(update={"compile_unet": "off", "cuda_graphs": False}) if plan.offload_blocks
                 else config)
-    run = Run(plan, info, accelerator, pipeline, unet, compile_for_run(unet, compiled, plan.total_steps,
-                                                                   plan.assigned, accelerator),
-              trained_encoders, wrapped, params, text_params, optimizer, lr_scheduler, loader, sampler,
-              layout, latent_source, cached or per_step_conditioning(plan, pipeline, wrapped, device, dtype),
-              run_objective, make_noise(config, accelerator, run_objective),
-              distributed.StopVote(accelerator.num_processes), sample_inputs,
-              lora_metadata(plan, info, accelerator.is_main_process))
+    run = Run(plan=plan, info=info, accelerator=accelerator, pipeline=pipeline, unet=unet,
+              forward=compile_for_run(unet, compiled, plan.total_steps, plan.assigned, accelerator),
+              text_encoders=trained_encoders, wrapped_encoders=wrapped, params=params, text_params=text_params,
+              optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader, sampler=sampler, layout=layout,
+              latents=latent_source,
+              conditioning=cached or per_step_conditioning(plan, pipeline, wrapped, device, dtype),
+              objective=run_objective, noise=make_noise(config, accelerator, run_objective),
+              stop_vote=distributed.StopVote(accelerator.num_processes), sample_inputs=sample_inputs,
+              metadata=lora_metadata(plan, info, accelerator.is_main_process), held_out=held_out)
     run.lora_params = named_lora_params(run)
     run.ema = ema.make(config, run.lora_params)  # from the initial weights; a resumed run's is restored below
-    run.held_out = held_out
     if plan.resume:
         restore(run)
     return run

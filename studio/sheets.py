@@ -2,7 +2,9 @@
 the job that draws it (`python -m lora_core grid|sweep RUN ...`, run through the Studio's queue).
 
 Options are checked here before anything is queued (a step the run never saved, too many cells, a scale out
-of range), with the engine's limits, so a refused grid costs no job. Torch-free: it reads file names only.
+of range) by the engine's own option models (lora_core/grid.py GridOptions, SweepOptions: the one source of
+their limits), so a refused grid costs no job. Torch-free: it reads file names only (lora_core.grid imports
+torch only inside the functions that draw).
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ import re
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
+from lora_core import grid
 from lora_core.errors import UserError
 from studio import runs
 
 CHECKPOINT = re.compile(r"^lora_step_(\d+)\.safetensors$")
 FINAL = "lora_final.safetensors"
-MAX_DEFAULT_ROWS, MAX_ROWS, MAX_COLUMNS, MAX_CELLS = 8, 16, 16, 64  # as lora_core/grid.py
-MIN_SCALE, MAX_SCALE = -2.0, 4.0
-DEFAULT_SCALES = "0, 0.25, 0.5, 0.75, 1"
+DEFAULT_SCALES = ", ".join(f"{scale:g}" for scale in grid.DEFAULT_SCALES)
+ITEMS = {"steps": "checkpoints", "prompts": "prompts"}  # what a list option holds, for its message
 
 
 class SheetError(UserError):
@@ -45,7 +49,7 @@ def spread(items: list, count: int) -> list:
 
 def default_steps(folder: Path) -> list[str]:
     """What the grid draws when none are chosen: every saved LoRA, or 8 spread evenly."""
-    return spread([value for _, value in saved_choices(folder)], MAX_DEFAULT_ROWS)
+    return spread([value for _, value in saved_choices(folder)], grid.MAX_DEFAULT_ROWS)
 
 
 def run_prompts(config: dict[str, Any]) -> list[str]:
@@ -57,11 +61,28 @@ def run_prompts(config: dict[str, Any]) -> list[str]:
     return [", ".join(words) if isinstance(words, list) else str(words)]
 
 
-def _prompts(text: str | list[str] | None, limit: int) -> list[str]:
+def checked(model: type[BaseModel], **values: Any) -> BaseModel:
+    """`values` as the grid's option model takes them (its ranges and list lengths, as the CLI checks them);
+    a refusal in the page's words, under its field."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "steps"
+        if field == "scales":
+            limits = model.model_json_schema()["properties"]["scales"]
+            message = (f"scales: 1 to {limits['maxItems']} numbers from {limits['items']['minimum']:g} to "
+                       f"{limits['items']['maximum']:g}, e.g. {DEFAULT_SCALES}")
+        elif first["type"] == "too_long" and field in ITEMS:
+            message = f"{field}: {first['ctx']['actual_length']} {ITEMS[field]}, at most {first['ctx']['max_length']}"
+        else:
+            message = f"{field}: {first['msg']}"
+        raise SheetError(message, field=field) from None
+
+
+def _prompts(text: str | list[str] | None) -> list[str]:
     prompts = text if isinstance(text, list) else (text or "").splitlines()
     prompts = [prompt.strip() for prompt in prompts if prompt.strip()]
-    if len(prompts) > limit:
-        raise SheetError(f"prompts: {len(prompts)} prompts, at most {limit}", field="prompts")
     if bad := next((prompt for prompt in prompts if prompt.startswith("-")), None):
         raise SheetError(f"prompts: {bad!r} starts with '-', which the command line takes for an option; "
                          "reword it", field="prompts")
@@ -83,11 +104,10 @@ def grid_args(folder: Path, steps: list[str] | None, prompts: str | list[str] | 
     chosen = [_check_step(folder, step, "steps") for step in dict.fromkeys(steps or [])] or default_steps(folder)
     if not chosen:
         raise SheetError(f"{folder.name} holds no LoRA yet; wait for its first checkpoint")
-    if len(chosen) > MAX_ROWS:
-        raise SheetError(f"steps: {len(chosen)} checkpoints, at most {MAX_ROWS}")
-    columns = _prompts(prompts, MAX_COLUMNS)
-    if len(chosen) * max(1, len(columns)) > MAX_CELLS:
-        raise SheetError(f"{len(chosen)} x {len(columns)} cells is more than {MAX_CELLS}; choose fewer "
+    columns = _prompts(prompts)
+    checked(grid.GridOptions, steps=chosen, prompts=columns or None)
+    if len(chosen) * max(1, len(columns)) > grid.MAX_CELLS:
+        raise SheetError(f"{len(chosen)} x {len(columns)} cells is more than {grid.MAX_CELLS}; choose fewer "
                          "checkpoints or prompts")
     return ["--steps", *chosen, *(["--prompts", *columns] if columns else [])]
 
@@ -99,9 +119,7 @@ def parse_scales(text: str | list[float] | None) -> list[float]:
     except ValueError:
         raise SheetError(f"scales: {text!r} is not a list of numbers, e.g. {DEFAULT_SCALES}",
                          field="scales") from None
-    if not scales or len(scales) > MAX_COLUMNS or any(not MIN_SCALE <= s <= MAX_SCALE for s in scales):
-        raise SheetError(f"scales: 1 to {MAX_COLUMNS} numbers from {MIN_SCALE:g} to {MAX_SCALE:g}, e.g. "
-                         f"{DEFAULT_SCALES}", field="scales")
+    checked(grid.SweepOptions, scales=scales)
     return scales
 
 
@@ -110,9 +128,10 @@ def sweep_args(folder: Path, step: str | None, prompts: str | list[str] | None,
     """The sweep job's options after the run folder: `[--step S] --scales ... [--prompts ...]`."""
     chosen = _check_step(folder, step, "step") if str(step or "").strip() else None
     values = parse_scales(scales)
-    rows = _prompts(prompts, MAX_COLUMNS)
-    if len(values) * max(1, len(rows)) > MAX_CELLS:
-        raise SheetError(f"{len(rows)} x {len(values)} cells is more than {MAX_CELLS}; choose fewer prompts or "
+    rows = _prompts(prompts)
+    checked(grid.SweepOptions, step=chosen, prompts=rows or None, scales=values)
+    if len(values) * max(1, len(rows)) > grid.MAX_CELLS:
+        raise SheetError(f"{len(rows)} x {len(values)} cells is more than {grid.MAX_CELLS}; choose fewer prompts or "
                          "scales", field="scales")
     return [*(["--step", chosen] if chosen else []), "--scales", *(f"{s:g}" for s in values),
             *(["--prompts", *rows] if rows else [])]

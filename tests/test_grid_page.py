@@ -158,3 +158,25 @@ def test_the_options_become_the_command_line_of_the_job(tmp_path):
     with pytest.raises(sheets.SheetError, match="5 x 16 cells is more than 64"):
         sheets.grid_args(run, None, "\n".join(f"p{i}" for i in range(16)))
     assert sheets.spread(list(range(20)), 8) == [0, 3, 5, 8, 11, 14, 16, 19]
+
+
+def test_the_page_refuses_what_the_grid_command_refuses_under_the_same_field(tmp_path):
+    from lora_core.grid import GridError, GridOptions, SweepOptions, parse_options
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for step in range(1, 18):
+        (run / "checkpoints" / f"lora_step_{step}.safetensors").write_bytes(b"")
+    steps, prompts = [str(step) for step in range(1, 18)], [f"p{i}" for i in range(17)]
+    refused = [(sheets.grid_args, (run, steps, "p"), GridOptions, {"steps": steps}, "17 checkpoints, at most 16"),
+               (sheets.grid_args, (run, ["1"], prompts), GridOptions, {"prompts": prompts}, "17 prompts, at most 16"),
+               (sheets.sweep_args, (run, "1", "p", "0, 4.5"), SweepOptions, {"scales": [0, 4.5]}, "from -2 to 4"),
+               (sheets.sweep_args, (run, "1", "p", [0.0] * 17), SweepOptions, {"scales": [0.0] * 17}, "1 to 16")]
+    for page, args, model, options, words in refused:
+        with pytest.raises(sheets.SheetError, match=words) as on_page:
+            page(*args)
+        with pytest.raises(GridError) as on_command_line:
+            parse_options(model, options)
+        assert on_page.value.field == on_command_line.value.field == next(iter(options))
+    assert sheets.sweep_args(run, "1", "p", "-2, 4")[-4:-2] == ["-2", "4"]  # the bounds themselves are taken
+    assert sheets.grid_args(run, steps[:16], "p")[:2] == ["--steps", "1"]

@@ -52,6 +52,8 @@ def test_every_problem_is_reported_under_its_field_not_only_the_first(tmp_path):
     with pytest.raises(UserError) as caught:  # training stops at the first, before anything loads
         plan.make_plan(config)
     assert caught.value.field == "output_path"
+    # both walk plan.CHECKS: the report's first problem is the one training stops at, in the same words
+    assert report["problems"][0] == {"field": caught.value.field, "message": str(caught.value)}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
