@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where `-m lora_core` is importable from
-PER_JOB = frozenset({"CUDA_VISIBLE_DEVICES", "ACCELERATE_USE_CPU"})  # read when CUDA or accelerate starts
+# read when CUDA or accelerate starts, or by the job alone (its token and folder, lora_core/runlock.py)
+PER_JOB = frozenset({"CUDA_VISIBLE_DEVICES", "ACCELERATE_USE_CPU", "LORA_JOB_TOKEN", "LORA_JOB_FOLDER"})
 PRELOAD = ("lora_core.cli", "lora_core.job", "lora_core.training", "lora_core.grid")
 REAP_S = 0.2  # how often the starter looks for ended jobs
 

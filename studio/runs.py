@@ -2,7 +2,7 @@
 
 A run is a folder directly under the outputs root holding its events (`events.jsonl`) or a job started for
 it that has not written any yet (`job.json`); lora_core/runrecord.py names its files and folds its events into
-its state, the same record the page's live view reads. Runs waiting in `queue.json` are listed as queued.
+its state, the same record the page's live view reads. Runs waiting in `.studio/queue.json` are listed as queued.
 Because nothing here needs the server that started a run, runs made by `python -m lora_core train` into the
 same folder show up too.
 
@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_core import runlock
 from lora_core.errors import UserError
 from lora_core.events import read_events
 from lora_core.runrecord import (
@@ -26,12 +27,14 @@ from lora_core.runrecord import (
     R,
     RunFiles,
     RunRecord,
+    ended_before,
     process_alive,
     read_json,
     settle,
 )
 
-QUEUE_FILE = "queue.json"
+QUEUE_FILE = "queue.json"  # in STUDIO_DIR: the page server's queue (studio/queue.py)
+STUDIO_DIR = ".studio"
 UPLOADS = "uploads"
 NOT_COMPARED = ("output_path",)  # differs between any two runs by construction
 
@@ -110,7 +113,13 @@ def read_record(folder: Path, running: bool | None = None, into: R | None = None
     record = (into if into is not None else RunRecord()).add_all(
         read_events(files.events) if files.events.is_file() else [])
     job = files.job_record()
-    alive = process_alive(job) if running is None else running
+    writer = runlock.held_by(folder)
+    if running or writer is not None:  # a live process holds the run (its lock): running
+        alive: bool | None = True
+        if writer is not None and ended_before(record, writer.get("since")):
+            record.begin_part()  # a resume whose first event is still to come: not the earlier part's end
+    else:
+        alive = process_alive(job) if running is None else running
     return settle(record, alive, stop_requested=bool(job.get("stop_requested")))
 
 
@@ -140,7 +149,7 @@ def read_detail(folder: Path, running: bool | None = None) -> RunDetail | None:
 
 
 def _queued_rows(root: Path) -> list[RunRow]:
-    items = read_json(root / QUEUE_FILE)
+    items = read_json(root / STUDIO_DIR / QUEUE_FILE)
     rows = []
     for item in items if isinstance(items, list) else []:
         if not isinstance(item, dict) or not item.get("output_path") or item.get("kind", "train") != "train":
@@ -199,7 +208,14 @@ def delete_run(root: str | Path, run_id: str, running: bool | None = None) -> Pa
     folder = Path(detail.folder)
     if folder.is_symlink() or not folder.resolve().is_relative_to(Path(root).resolve()):
         raise RunError(f"run {run_id!r} is not inside the outputs folder {root}; it was not deleted")
-    shutil.rmtree(folder)
+    try:  # held while deleting: a job that starts now for this folder is refused, not half-deleted
+        lock = runlock.take(folder, wait_s=0.2)
+    except runlock.FolderBusy as error:
+        raise RunError(f"run {run_id!r} is held by a job ({error}); stop it first, then delete it") from None
+    try:
+        shutil.rmtree(folder)
+    finally:
+        lock.release()
     return folder
 
 

@@ -80,7 +80,8 @@ def fake_job(tmp_path: Path, monkeypatch, script: str) -> JobProcess:
     """A job whose process runs `script` instead of the engine (launch_command is what JobProcess runs)."""
     monkeypatch.setattr(launcher, "launch_command", lambda *args, **kwargs: [sys.executable, "-c",
                                                                              textwrap.dedent(script)])
-    return JobProcess.start(tmp_path / "run", parse_config(tiny_config(tmp_path, tmp_path / "run")),
+    config = parse_config(tiny_config(tmp_path, tmp_path / "run"))
+    return JobProcess.start(tmp_path / "run", launcher.train_command(tmp_path / "run", config), config,
                             record={"job_id": "j1"})
 
 

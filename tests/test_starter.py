@@ -14,9 +14,13 @@ import pytest
 from helpers import SHAPES_DATASET, tiny_config, wait_until
 
 from lora_core.configfile import parse_config
-from lora_core.launcher import JobProcess, job_environment
+from lora_core.launcher import JobProcess, job_environment, train_command
 from lora_core.runrecord import RecordTail
 from lora_core.starter import PACKAGE_ROOT, StartedJob, Starter, cuda_driver_loaded
+
+
+def start_training(folder, run_config, starter) -> JobProcess:
+    return JobProcess.start(folder, train_command(folder, run_config), run_config, starter=starter)
 
 
 def final_event(folder):
@@ -33,8 +37,8 @@ def config(folder, **overrides):
 def test_jobs_are_forked_from_one_starter_and_keep_their_files_signals_and_exit_status(tmp_path):
     starter = Starter()
     try:
-        first = JobProcess.start(tmp_path / "first", config(tmp_path / "first", steps=2), starter=starter)
-        killed = JobProcess.start(tmp_path / "killed", config(tmp_path / "killed", steps=5000), starter=starter)
+        first = start_training(tmp_path / "first", config(tmp_path / "first", steps=2), starter)
+        killed = start_training(tmp_path / "killed", config(tmp_path / "killed", steps=5000), starter)
         assert killed.pid == 0 and killed.alive()  # asked of the starter, which is still importing
         killed.kill()  # kept until the starter answers with the pid
         wait_until(lambda: not first.alive() and not killed.alive(), 120, what="both jobs to end")
@@ -43,7 +47,7 @@ def test_jobs_are_forked_from_one_starter_and_keep_their_files_signals_and_exit_
         assert killed.popen.poll() == -signal.SIGKILL and "signal 9 (SIGKILL)" in killed.describe_exit()
         assert final_event(killed.folder) is None  # no final event: the page records it as lost
 
-        long = JobProcess.start(tmp_path / "long", config(tmp_path / "long", steps=5000), starter=starter)
+        long = start_training(tmp_path / "long", config(tmp_path / "long", steps=5000), starter)
         wait_until(lambda: long.pid, 120, what="the pid")
         process = psutil.Process(long.pid)
         assert process.ppid() == starter._process.pid  # forked, not spawned: no new import
@@ -70,13 +74,13 @@ def read(folder):
 def test_a_job_the_starter_never_answered_is_spawned_instead(tmp_path):
     starter = Starter()
     try:
-        job = JobProcess.start(tmp_path / "run", config(tmp_path / "run", steps=1), starter=starter)
+        job = start_training(tmp_path / "run", config(tmp_path / "run", steps=1), starter)
         starter._process.kill()  # ends before it has imported the engine, let alone forked the job
         wait_until(lambda: job.pid, 120, what="the spawned job's pid")
         assert psutil.Process(job.pid).ppid() == os.getpid()  # spawned by this process after all
         wait_until(lambda: not job.alive(), 120, what="the job to end")
         assert job.popen.poll() == 0 and final_event(job.folder).type == "complete"
-        later = JobProcess.start(tmp_path / "later", config(tmp_path / "later", steps=1), starter=starter)
+        later = start_training(tmp_path / "later", config(tmp_path / "later", steps=1), starter)
         assert later.pid and psutil.Process(later.pid).ppid() == os.getpid()  # spawned at once from now on
         wait_until(lambda: not later.alive(), 120, what="the later job to end")
     finally:
