@@ -36,13 +36,16 @@ def run_job(config: TrainConfig, emit: Callable[[Event], None], should_stop: Cal
     still pass every event to `emit` (the CLI prints only their errors) and end with their own final event.
     """
     is_main = distributed.is_main_process()
-    try:  # the one writer of the run folder from here to this process's end (lora_core/runlock.py)
+    lock = None
+    try:  # the one writer of the run folder until its final event and report are written (lora_core/runlock.py)
         if is_main:
-            runlock.take(config.output_path)
-    except (FolderBusy, OSError) as error:  # nothing of this run is written: the holder's events stay its own
+            lock = runlock.take(config.output_path)
+    except FolderBusy as error:  # nothing of this run is written: the holder's events stay its own
         refused = Error(message=str(error), field="output_path")
         emit(refused)
         return refused
+    except OSError:  # a folder that cannot be made or written: the run plan's check says why, at output_path
+        lock = None
     from lora_core import report, tracking, training
 
     event_log = EventLog(Path(config.output_path) / "events.jsonl" if is_main else None, emit)
@@ -70,6 +73,8 @@ def run_job(config: TrainConfig, emit: Callable[[Event], None], should_stop: Cal
             tracker.close()
         if is_main:  # training_report.html beside the LoRA, from events.jsonl
             report.write_report_safely(config.output_path)
+        if lock is not None:  # (a CLI process ends here anyway; a caller in the same process may go on)
+            lock.release()
     assert state.terminal is not None
     return state.terminal
 
@@ -121,7 +126,7 @@ def stream_tool_job(work: Callable[[Callable[[Event], None], Callable[[], bool]]
                     reads: str | Path | None = None) -> tuple[Event, int]:
     """Run a tool's job (`work(emit, should_stop)`, returning its final event) as a command: events as JSON lines
     on stdout and nothing else (what a library prints goes to stderr), SIGINT / SIGTERM asking it to stop.
-    Started by the page (LORA_JOB_FOLDER set, lora_core/launcher.py), the job holds its job folder's lock and
+    Started by the page (LORA_JOB_FOLDER set, studio/launcher.py), the job holds its job folder's lock and
     appends its events to that folder's events.jsonl itself. `reads`: a run folder the work only reads (a grid
     or sweep's): held shared, so that training never rewrites it meanwhile. Returns the final event and the
     exit status a stop means (130 for SIGINT, 143 for SIGTERM; 0 if none)."""
@@ -134,18 +139,19 @@ def stream_tool_job(work: Callable[[Callable[[Event], None], Callable[[], bool]]
                 for number in (signal.SIGINT, signal.SIGTERM)}
     stdout = sys.stdout
     job_folder = os.environ.get(runlock.JOB_FOLDER_VARIABLE)
+    locks: list[runlock.FolderLock] = []
     with os.fdopen(os.dup(1), "w", buffering=1) as events_out:
         sys.stdout = sys.stderr  # whatever a library prints must not corrupt the JSON stream
         event_log = None
         try:
             if job_folder:  # the job's own folder first: its lock is what proves the job alive to the page
-                runlock.take(job_folder)
+                locks.append(runlock.take(job_folder))
             event_log = EventLog(Path(job_folder) / "events.jsonl" if job_folder else None,
                                  lambda e: events_out.write(e.to_json() + "\n"))
             outcome = _Outcome(event_log)
             try:
                 if reads is not None:
-                    runlock.take(reads, shared=True)
+                    locks.append(runlock.take(reads, shared=True))
                 work(outcome, lambda: bool(stop))
             except FolderBusy as error:
                 outcome(Error(message=str(error), field="run"))
@@ -158,6 +164,8 @@ def stream_tool_job(work: Callable[[Callable[[Event], None], Callable[[], bool]]
         finally:
             if event_log is not None:
                 event_log.close()
+            for lock in locks:  # given back with the final event written (a caller in this process may go on)
+                lock.release()
             sys.stdout = stdout
             for number, handler in handlers.items():
                 signal.signal(number, handler)

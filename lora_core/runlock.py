@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,17 @@ class FolderLock:
     folder: Path
     shared: bool
     fd: int
+    created: list[Path] = field(default_factory=list)  # the folders `take` made, deepest first
 
     def release(self) -> None:
-        """Give the lock back (a process that ends gives it back anyway)."""
+        """Give the lock back (a process that ends gives it back anyway). Folders the lock itself made and
+        nothing else wrote into (a run refused before it wrote anything) are removed again."""
         _HELD.pop((str(self.folder), self.shared), None)
+        with contextlib.suppress(OSError):
+            if self.created and os.listdir(self.folder) == [LOCK_FILE]:
+                lock_path(self.folder).unlink()  # still held: a taker re-checks the file it locked (`take`)
+                for made in self.created:
+                    made.rmdir()
         with contextlib.suppress(OSError):
             os.close(self.fd)
 
@@ -59,31 +66,41 @@ def lock_path(folder: str | Path) -> Path:
 
 
 def take(folder: str | Path, *, shared: bool = False, wait_s: float = WAIT_S) -> FolderLock:
-    """Hold `folder`'s lock for the rest of this process (exclusive: the one writer; shared: a reader that
-    writes only files of its own). Idempotent within a process. FolderBusy when another process holds it."""
+    """Hold `folder`'s lock for the rest of this process, or until `release` (exclusive: the one writer;
+    shared: a reader that writes only files of its own). Idempotent within a process. FolderBusy when another
+    process holds it."""
     folder = Path(folder).resolve()
     if (str(folder), shared) in _HELD:
         return _HELD[(str(folder), shared)]
+    created = [path for path in (folder, *folder.parents) if not path.exists()]
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path(folder), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
     deadline = time.monotonic() + wait_s
     while True:
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                who = holder(folder)
-                os.close(fd)
-                raise FolderBusy(f"{folder} is in use by {describe(who)}; only one process may write a run "
-                                 "folder at a time: stop that job (or wait for it to end), or choose another "
-                                 "output_path") from None
-            time.sleep(0.05)
+        fd = os.open(lock_path(folder), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        if _try(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX):
+            if _same_file(fd, lock_path(folder)):
+                break
+            os.close(fd)  # locked a lock file its holder removed on release: lock the one there now
+            continue
+        os.close(fd)
+        if time.monotonic() >= deadline:
+            raise FolderBusy(f"{folder} is in use by {describe(holder(folder))}; only one process may write a "
+                             "run folder at a time: stop that job (or wait for it to end), or choose another "
+                             "output_path")
+        time.sleep(0.05)
     if not shared:
-        _write_holder(fd)
-    lock = FolderLock(folder, shared, fd)
+        with contextlib.suppress(OSError):  # a full disk: the lock holds all the same, only who is unsaid
+            _write_holder(fd)
+    lock = FolderLock(folder, shared, fd, created)
     _HELD[(str(folder), shared)] = lock
     return lock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
 
 
 def _write_holder(fd: int) -> None:

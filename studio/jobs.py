@@ -3,13 +3,15 @@
 A web page never owns a job (its handlers stop when the browser goes away); it asks the `Studio`, which lives
 as long as the server, to `submit`, `stop`, `cancel` or `move_up` one, and polls `view()` for a RunView
 (studio/jobview.py): the run's record (lora_core/runrecord.py, the one the Runs list reads) settled with what
-this server knows of the job's process. A job runs in its own session (lora_core/launcher.py), so it outlives
+this server knows of the job's process. A job runs in its own session (studio/launcher.py), so it outlives
 the server: a restarted server follows the jobs still running again (their `job.json`), and a job that died
 without a final event is recorded as failed with its exit status and the tail of its stderr.
 
-Start puts a job in the queue (studio/queue.py, `outputs/queue.json`); it starts when a device is free: one
+Start puts a job in the queue (studio/queue.py, `outputs/.studio/queue.json`); it starts when a device is free: one
 job per GPU (a job of N processes waits for N free GPUs), one at a time on the CPU. `free_devices()` is the
-one place that decides whether a device is taken. Nothing here imports torch.
+one place that decides whether a device is taken. Every kind of job (training, grid, sweep, captioning; what
+each runs is studio/pipeline.py) goes through `submit_job`, the queue, `_launch` and the same supervision.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ from typing import Any
 from lora_core.config import TrainConfig
 from lora_core.errors import UserError
 from lora_core.events import Error, EventLog
-from lora_core.launcher import JobProcess, device_count, record_lost
 from lora_core.runrecord import EVENTS_FILE, FAILED, QUEUED, RecordTail, RunFiles, settle
-from lora_core.starter import Starter
 from studio import runs
 from studio.jobview import RunView, Submitted, folder_view, job_tail
+from studio.launcher import JobProcess, device_count, record_lost
 from studio.pipeline import BusyError, check_free, find_jobs, job_command, target_of, tool_jobs_folder
 from studio.queue import JobQueue, QueuedJob, QueueFull
+from studio.starter import Starter
 
 log = logging.getLogger("studio.jobs")
 
@@ -338,7 +340,7 @@ class Studio:
     def shutdown(self, timeout: float = 8.0, stop_jobs: bool = True) -> None:
         """Stop watching the jobs. With `stop_jobs` (SIGTERM to the server, e.g. `docker stop`, which waits
         10 s), first ask every running job to stop and wait up to `timeout` s for their checkpoints. Queued
-        jobs stay in outputs/queue.json for the next server."""
+        jobs stay in outputs/.studio/queue.json for the next server."""
         with self._lock:
             self._closing = True  # nothing queued starts from now on
         if stop_jobs and self.stop():

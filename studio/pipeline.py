@@ -3,7 +3,7 @@
 A job is a `QueuedJob` (studio/queue.py): its kind, its arguments, its job folder (`output_path`) and how many
 devices it needs. Every kind runs `python -m lora_core KIND ...` through the same command wrapper (the engine
 writes its own events, holds its folder's lock, ends with exactly one final event, stops on SIGTERM) and is
-started by the same `JobProcess.start` (lora_core/launcher.py), queued by the same `Studio.submit_job`, and
+started by the same `JobProcess.start` (studio/launcher.py), queued by the same `Studio.submit_job`, and
 followed, stopped and adopted after a restart the same way (studio/jobs.py):
 
     kind      job folder (events.jsonl, stderr.log, job.json)   target (the folder it works on)
@@ -22,7 +22,7 @@ from pathlib import Path
 from lora_core import runlock
 from lora_core.config import TrainConfig
 from lora_core.files import JOB_FILE
-from lora_core.launcher import JobProcess, tool_command, train_command
+from studio.launcher import JobProcess, tool_command, train_command
 from studio.queue import STUDIO_DIR, QueuedJob
 
 TOOL_JOBS = "jobs"  # under OUTPUTS/.studio: one folder per tool job

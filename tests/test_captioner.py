@@ -392,7 +392,7 @@ def test_a_caption_job_stopped_by_sigterm_ends_interrupted_with_whole_captions(t
     import time
 
     from lora_core.captioner import command_line
-    from lora_core.launcher import JobProcess, read_events, tool_command
+    from studio.launcher import JobProcess, read_events, tool_command
 
     slow = tmp_path / "slow-model"  # the same model, made to say 60 tokens an image
     shutil.copytree(model_folder, slow)

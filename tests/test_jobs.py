@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from helpers import SHAPES_DATASET, tiny_config, wait_until
 
-from lora_core import launcher
 from lora_core.configfile import parse_config
+from studio import launcher
 from studio.jobs import BusyError, Studio
 from studio.queue import queue_path
 from studio.runs import list_runs

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from helpers import tiny_config, wait_until
 
-from lora_core import launcher
 from lora_core.configfile import parse_config
 from lora_core.events import (
     EVENT_TYPES,
@@ -32,8 +31,9 @@ from lora_core.events import (
     parse_event,
     read_events,
 )
-from lora_core.launcher import JobProcess, launch_command, record_lost
 from lora_core.runrecord import RecordTail, RunFiles
+from studio import launcher
+from studio.launcher import JobProcess, launch_command, record_lost
 
 
 def test_one_device_runs_the_engine_and_several_go_through_accelerate_launch():

@@ -16,11 +16,12 @@ import psutil
 import pytest
 from helpers import SHAPES_DATASET, tiny_config, wait_until
 
-from lora_core import launcher, runlock
+from lora_core import runlock
 from lora_core.configfile import config_to_file_dict, parse_config
 from lora_core.events import EventLog, Interrupted, Progress, Started
 from lora_core.job import run_job
 from lora_core.runrecord import ACTIVE
+from studio import launcher
 from studio import queue as queue_module
 from studio.jobs import BusyError, Studio
 from studio.queue import queue_path
@@ -141,9 +142,13 @@ def write_job(folder: Path, **record) -> Path:
     return folder
 
 
-def test_a_restarted_server_adopts_a_job_without_a_pid_and_signals_only_what_it_can_prove(hold, studios, tmp_path):
-    # the server died right after Start: job.json has the job's token but never got its pid
-    orphan = write_job(tmp_path / "orphan", job_id="j-orphan", kind="train", token="t" * 32)
+def test_a_restarted_server_adopts_a_job_without_a_pid_and_signals_only_what_it_can_prove(hold, studios, tmp_path,
+                                                                                         monkeypatch):
+    monkeypatch.setattr(launcher, "launch_command", lambda *args, **kwargs: [
+        sys.executable, "-c", "import time; time.sleep(60)"])
+    # the server died right after starting a sweep: its job.json has the job's token but never got its pid
+    orphan = write_job(tmp_path / ".studio" / "jobs" / "j-orphan", job_id="j-orphan", kind="sweep",
+                       token="t" * 32, target=str(stopped_run(tmp_path / "drawn")))
     job = hold(orphan, token="t" * 32)
     # a forged job.json names a process that is no job of ours
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -153,7 +158,10 @@ def test_a_restarted_server_adopts_a_job_without_a_pid_and_signals_only_what_it_
         studio = studios(tmp_path)
         assert set(studio.running()) == {"j-orphan", "j-forged"}
         assert studio.view("j-orphan").state in ACTIVE
-        assert studio.stop()
+        assert studio.submit(config(tmp_path, "next")).state == "queued"  # the sweep holds the device
+        with pytest.raises(BusyError, match="sweep"):
+            studio.submit(config(tmp_path, "drawn"), resume=True)  # and reads that run
+        assert studio.stop("j-orphan") and studio.stop("j-forged")
         wait_until(lambda: job.poll() is not None, 20, what="the orphan's stop")
         assert studio.view("j-orphan").state == "stopped"
         time.sleep(0.5)

@@ -1,4 +1,4 @@
-"""The job starter (lora_core/starter.py): one-process jobs forked from a process that imported the engine once,
+"""The job starter (studio/starter.py): one-process jobs forked from a process that imported the engine once,
 each what a spawned job is (its session, files and exit status), and spawned instead when it cannot fork them."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 from helpers import SHAPES_DATASET, tiny_config, wait_until
 
 from lora_core.configfile import parse_config
-from lora_core.launcher import JobProcess, job_environment, train_command
 from lora_core.runrecord import RecordTail
-from lora_core.starter import PACKAGE_ROOT, StartedJob, Starter, cuda_driver_loaded
+from studio.launcher import JobProcess, job_environment, train_command
+from studio.starter import PACKAGE_ROOT, StartedJob, Starter, cuda_driver_loaded
 
 
 def start_training(folder, run_config, starter) -> JobProcess:
@@ -132,7 +132,7 @@ def noisy_import(name, *args, **kwargs):
     return real_import(name, *args, **kwargs)
 builtins.__import__ = noisy_import
 sys.argv = ["starter"]
-runpy.run_module("lora_core.starter", run_name="__main__")
+runpy.run_module("studio.starter", run_name="__main__")
 '''
 
 

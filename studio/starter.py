@@ -2,7 +2,7 @@
 
 A new Python process spends 5 to 6 s of CPU importing torch, diffusers, transformers and peft before a job
 does anything (measured on a 2-core machine), longer than a short job trains. So the page server starts its
-one-process jobs through a starter: `python -m lora_core.starter`, spawned clean by the server (none of the
+one-process jobs through a starter: `python -m studio.starter`, spawned clean by the server (none of the
 server's threads, no CUDA), imports the engine, then forks one process per request read on its stdin. The
 forked process becomes `python -m lora_core ARGV`: a session of its own, stdin from /dev/null, stdout and
 stderr to the job's files, the job's environment and working directory. The starter answers the new pid on
@@ -39,7 +39,7 @@ PER_JOB = frozenset({"CUDA_VISIBLE_DEVICES", "ACCELERATE_USE_CPU", "LORA_JOB_TOK
 PRELOAD = ("lora_core.cli", "lora_core.job", "lora_core.training", "lora_core.grid")
 REAP_S = 0.2  # how often the starter looks for ended jobs
 
-log = logging.getLogger("lora_core.starter")
+log = logging.getLogger("studio.starter")
 
 
 # --- the starter process ---
@@ -229,7 +229,7 @@ class Starter:
     def _running(self, environment: Mapping[str, str]) -> subprocess.Popen:
         if self._process is None:
             self.environment = shared_environment(environment)
-            self._process = subprocess.Popen([sys.executable, "-m", "lora_core.starter"], cwd=self.cwd,
+            self._process = subprocess.Popen([sys.executable, "-m", "studio.starter"], cwd=self.cwd,
                                              env=self.environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                              text=True, bufsize=1)
             threading.Thread(target=self._read, args=(self._process,), name="job-starter", daemon=True).start()

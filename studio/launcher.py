@@ -4,7 +4,7 @@
 `accelerate launch` for several devices) in its own session, so the job outlives whoever started it, with
 its stderr in `folder/stderr.log` and its pid and start time in `folder/job.json`. Its events are what
 `run_job` appends to `folder/events.jsonl`: any reader, this process or a later one, follows that file.
-Given the page's `Starter`, a one-process job is forked from it (lora_core/starter.py: no new import of
+Given the page's `Starter`, a one-process job is forked from it (studio/starter.py: no new import of
 torch) and its pid reaches job.json when the starter answers. `JobProcess.attach(folder)` finds a job
 again from job.json (the start time guards against a reused pid).
 A job that dies without a final event (SIGKILL, the out-of-memory killer, a native crash) gets one from
@@ -44,13 +44,13 @@ from lora_core.events import Error, EventLog, ValidationReport, parse_event, rea
 from lora_core.files import JOB_FILE, atomic_write_text
 from lora_core.runlock import JOB_FOLDER_VARIABLE, TOKEN_VARIABLE
 from lora_core.runrecord import JOB_CONFIG_FILE, STDERR_FILE, RunFiles, process_alive, read_json
-from lora_core.starter import StartedJob, Starter
+from studio.starter import StartedJob, Starter
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where `-m lora_core` is importable from
 VALIDATE_TIMEOUT_S = 600.0  # a hub model's configs may have to be downloaded first
 STARTING_GRACE_S = 120.0  # a job forked but not yet holding its lock (importing the engine) counts as alive
 
-log = logging.getLogger("lora_core.launcher")
+log = logging.getLogger("studio.launcher")
 
 
 def device_count() -> int:
@@ -177,7 +177,7 @@ class JobProcess:
         tool into `folder`, named by LORA_JOB_FOLDER) and holds `folder`'s lock (lora_core/runlock.py);
         `record` goes into job.json with a fresh token the process carries (LORA_JOB_TOKEN), which later
         proves that a pid is this job's (`owned`). `config`: the run's, for its device (None: the job's own
-        options decide). With a `starter`, a one-process job is forked from it (lora_core/starter.py).
+        options decide). With a `starter`, a one-process job is forked from it (studio/starter.py).
         `before_start` runs once job.json is written, before the process starts (the page takes the job off
         its queue there); if it raises, nothing starts."""
         folder = Path(folder)
