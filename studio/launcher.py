@@ -283,11 +283,16 @@ class JobProcess:
         atomic_write_text(self.folder / JOB_FILE, json.dumps(record, indent=2) + "\n")
 
     def alive(self) -> bool:
-        if self.popen is not None and not getattr(self.popen, "lost", False):
+        if self._started_here():
             return self.popen.poll() is None
         if not self.pid and not self.find_pid():  # forked, but its pid never reached job.json
             return runlock.holder(self.folder) is not None or self._may_still_start()
         return bool(process_alive({"pid": self.pid, "start_time": self.start_time}))
+
+    def _started_here(self) -> bool:
+        """Whether this process started the job and still knows its process (a Popen, or the starter's
+        answer): then it signals it directly; otherwise only after `owned` proves the pid."""
+        return self.popen is not None and not getattr(self.popen, "lost", False)
 
     def _may_still_start(self) -> bool:
         """A job.json without a pid whose job has not taken its lock yet: still importing, or never forked.
@@ -321,11 +326,13 @@ class JobProcess:
 
         if not self.alive():
             return
-        if not self.pid:  # still starting: the starter's answer brings the signal
-            if self.popen is not None:
+        if not self.pid:
+            if self._started_here():  # still starting: the starter's answer brings the signal
                 self.popen.send_signal(signal.SIGKILL)
-            return
-        if self.popen is None and not self.owned():
+                return
+            if not self.find_pid():
+                return
+        if not self._started_here() and not self.owned():
             log.warning("not killing pid %s: it is not provably job %s's process", self.pid, self.folder)
             return
         try:
@@ -339,7 +346,7 @@ class JobProcess:
     def _signal(self, signum: int) -> None:
         if not self.alive():
             return
-        if self.popen is not None:
+        if self._started_here():
             self.popen.send_signal(signum)  # a starting job's waits for its pid
             return
         if not self.pid and not self.find_pid():

@@ -179,6 +179,7 @@ class Starter:
         self._process: subprocess.Popen | None = None
         self._jobs: dict[int, StartedJob] = {}  # request id, then pid -> job
         self._requests = 0
+        self._ready = False  # the starter has imported the engine and reads requests (it may fork from now on)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -249,6 +250,7 @@ class Starter:
                     if job is not None and "pid" in message:
                         self._jobs[message["pid"]] = job
                 else:
+                    self._ready = self._ready or bool(message.get("ready"))
                     continue
             if job is None:
                 continue
@@ -266,8 +268,11 @@ class Starter:
             self._closed = True
             left, self._jobs = self._jobs, {}
         for key, job in left.items():
-            job.lost = key > 0
-            if key < 0:
+            # Once the starter was ready it may have forked a job it never answered for: spawning that one
+            # would start it twice. It is left lost (pid unknown): its process is found by the lock it takes
+            # (launcher.JobProcess.find_pid). Before ready it read no request, so it forked none.
+            job.lost = key > 0 or self._ready
+            if key < 0 and not self._ready:
                 try:
                     job._spawned_instead()
                 except Exception:

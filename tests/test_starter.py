@@ -13,6 +13,7 @@ import psutil
 import pytest
 from helpers import SHAPES_DATASET, tiny_config, wait_until
 
+from lora_core import runlock
 from lora_core.configfile import parse_config
 from lora_core.runrecord import RecordTail
 from studio.launcher import JobProcess, job_environment, train_command
@@ -85,6 +86,27 @@ def test_a_job_the_starter_never_answered_is_spawned_instead(tmp_path):
         wait_until(lambda: not later.alive(), 120, what="the later job to end")
     finally:
         starter.close()
+
+
+@pytest.mark.e2e
+def test_a_job_forked_by_a_starter_that_died_before_answering_is_found_by_its_lock_never_started_twice(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(StartedJob, "_started", lambda self, pid: None)  # its answer with the pid is lost
+    starter = Starter()
+    try:
+        job = start_training(tmp_path / "run", config(tmp_path / "run", steps=5000), starter)
+        wait_until(lambda: runlock.held_by(job.folder), 120, what="the forked job's lock")
+        starter._process.kill()  # the starter dies with the job forked and its answer never sent
+        wait_until(lambda: starter._closed, 30, what="the server to see the starter end")
+    finally:
+        starter.close()
+    assert job.popen.lost and job.pid == 0 and job.alive()  # known only by the lock it holds
+    wait_until(lambda: any(event.type == "progress" for event in read(job.folder)), 120, what="a training step")
+    job.terminate()  # proven by the lock (pid, token, the lock file open in that process), then SIGTERM
+    wait_until(lambda: not job.alive(), 120, what="the stop")
+    events = read(job.folder)
+    assert [event.type for event in events].count("started") == 1, "the job was started twice"
+    assert sum(event.terminal for event in events) == 1 and final_event(job.folder).type == "interrupted"
 
 
 def test_a_job_with_another_environment_is_not_forked_from_the_starter(tmp_path):
