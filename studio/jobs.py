@@ -91,8 +91,11 @@ class Studio:
         self._environment = dict(os.environ)
         with self._lock:
             self._queue = JobQueue(self.outputs_root, owned=self._owns)  # jobs queued before a restart wait on
+            self.damaged = list(self._queue.damaged)  # entries of damaged files, each left out (and logged)
             for job_id in self._adopt_running_jobs():  # started just before the old server died: not again
                 self._queue.jobs = [job for job in self._queue.jobs if job.job_id != job_id]
+            for message in self.damaged[len(self._queue.damaged):]:
+                log.warning("%s", message)
             self._previous = self._latest_run_on_disk() if not self._current else None
             self._dispatch()
         self._thread = threading.Thread(target=self._supervise, name="studio-jobs", daemon=True)
@@ -391,7 +394,7 @@ class Studio:
         job.json without a pid, whose job is found by its lock) are followed again, those that died without a
         final event are recorded as failed. The ids of every job found, started or not: never started twice."""
         found, seen = [], set()
-        for process in find_jobs(self.outputs_root):
+        for process in find_jobs(self.outputs_root, self.damaged):
             job_id = str(process.record.get("job_id") or process.folder.name)
             seen.add(job_id)
             tail = job_tail(process.folder, job_id)

@@ -71,9 +71,10 @@ def check_free(target: Path, kind: str, busy: dict[Path, set[str]]) -> None:
         raise BusyError(f"{target} is in use by {runlock.describe(who)}; start this once it has ended")
 
 
-def find_jobs(outputs_root: Path) -> list[JobProcess]:
-    """The jobs an earlier server started (job.json in a run folder or a tool job's folder), damaged ones left
-    out. Each one's process is found by pid, or (a job.json without one) by the lock its job holds."""
+def find_jobs(outputs_root: Path, damaged: list[str] | None = None) -> list[JobProcess]:
+    """The jobs an earlier server started (job.json in a run folder or a tool job's folder). A damaged one is
+    left out and said in `damaged` (its run shows as failed in the Runs list). Each one's process is found by
+    pid, or (a job.json without one) by the lock its job holds."""
     records = [*Path(outputs_root).glob(f"*/{JOB_FILE}"), *tool_jobs_folder(outputs_root).glob(f"*/{JOB_FILE}")]
     found = []
     for record in records:
@@ -82,4 +83,6 @@ def find_jobs(outputs_root: Path) -> list[JobProcess]:
         process = JobProcess.attach(record.parent)
         if process is not None:
             found.append(process)
+        elif damaged is not None:
+            damaged.append(f"{record} is damaged (not a job record this server wrote); that job is not followed")
     return found

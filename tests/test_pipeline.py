@@ -188,8 +188,8 @@ def test_damaged_job_and_queue_files_cost_their_entry_only(studios, tmp_path, mo
         {**good, "job_id": "nul", "args": ["a\u0000b"]}, {**good, "job_id": "p0", "processes": 0}, good]))
     studio = studios(tmp_path)  # starts at all: nothing above stops it
     assert studio.running() == ["ok-1"] and studio.queued() == []  # the one sound entry started
-    assert len(studio._queue.damaged) == 5 and "outside the folders this server owns" in " ".join(
-        studio._queue.damaged)
+    assert len(studio.damaged) == 5 + 4 and "outside the folders this server owns" in " ".join(studio.damaged)
+    assert {row.id: row.state for row in list_runs(tmp_path)}.get("minus") == "failed"  # shown, not followed
 
 
 def test_the_queue_has_a_limit_and_a_start_it_could_not_save_never_runs_later(studios, tmp_path, monkeypatch):
