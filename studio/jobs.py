@@ -36,8 +36,8 @@ from lora_core.events import Error, EventLog
 from lora_core.runrecord import EVENTS_FILE, FAILED, QUEUED, RecordTail, RunFiles, settle
 from studio import runs
 from studio.jobview import RunView, Submitted, folder_view, job_tail
-from studio.launcher import JobProcess, device_count, record_lost
-from studio.pipeline import BusyError, check_free, find_jobs, job_command, target_of, tool_jobs_folder
+from studio.launcher import JobProcess, device_count
+from studio.pipeline import BusyError, check_free, find_jobs, job_command, record_end, target_of, tool_jobs_folder
 from studio.queue import JobQueue, QueuedJob, QueueFull
 from studio.starter import Starter
 
@@ -250,22 +250,24 @@ class Studio:
         tail = job_tail(folder, queued.job_id)
         self._tails[queued.job_id] = tail
         try:
+            check_free(target_of(queued), queued.kind, {})  # another process may have taken it while it waited
             command, config = job_command(queued)
             process = JobProcess.start(folder, command, config, num_processes=queued.processes, devices=devices,
                                        env=self._environment, starter=self._starter, before_start=lambda:
                                        self._queue.remove(queued.job_id),
                                        record={"job_id": queued.job_id, "kind": queued.kind,
                                                "target": str(target_of(queued))})
-        except (OSError, UserError) as error:  # the job's view says why it never started
+        except (OSError, UserError, BusyError) as error:  # the job's view says why it never started
             with contextlib.suppress(OSError):  # out of memory's queue already: the file is rewritten later
                 self._queue.remove(queued.job_id)
             log.warning("job %s could not start: %s", queued.job_id, error)
             message, where = f"the {queued.kind} job could not start: {error}", getattr(error, "field", None)
-            if queued.resume:  # the run exists: its own record says the resume failed
+            if queued.resume and not isinstance(error, BusyError):  # the run's record says the resume failed
                 event_log = EventLog(folder / EVENTS_FILE)
                 event_log(Error(message=message, field=where))
                 event_log.close()
             else:  # a job that never started leaves no folder behind, only this view in memory
+                tail.update()  # (a run held by another process: what it wrote so far, then this refusal)
                 tail.record.add(Error(message=message, field=where))
             return
         self._track(ActiveJob(queued.job_id, process, tail, config, kind=queued.kind, queued=queued))
@@ -370,11 +372,7 @@ class Studio:
             if job.process.alive():
                 continue
             if not job.tail.update().ended:
-                try:
-                    record_lost(job.process)
-                except OSError as error:
-                    log.warning("could not record how job %s ended: %s", job_id, error)
-                job.tail.update()
+                record_end(job.process, job.tail)
             if job.kind == "train" and not job.tail.record.starts and not job.process.record.get("resume"):
                 self._forget_folder(job)
             del self._active[job_id]

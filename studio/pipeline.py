@@ -17,14 +17,18 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from lora_core import runlock
 from lora_core.config import TrainConfig
+from lora_core.events import Error
 from lora_core.files import JOB_FILE
-from studio.launcher import JobProcess, tool_command, train_command
+from lora_core.runrecord import RecordTail
+from studio.launcher import JobProcess, record_lost, tool_command, train_command
 from studio.queue import STUDIO_DIR, QueuedJob
 
+log = logging.getLogger("studio.pipeline")
 TOOL_JOBS = "jobs"  # under OUTPUTS/.studio: one folder per tool job
 DRAWN = ("grid", "sweep")  # read a run's saved LoRAs: the run folder is their first argument
 
@@ -69,6 +73,22 @@ def check_free(target: Path, kind: str, busy: dict[Path, set[str]]) -> None:
     who = runlock.holder(target)
     if who is not None and not (reading and who.get("shared")):
         raise BusyError(f"{target} is in use by {runlock.describe(who)}; start this once it has ended")
+
+
+def record_end(process: JobProcess, tail: RecordTail) -> None:
+    """A job's process ended without a final event: the server writes one (`record_lost`: its exit status and
+    stderr), unless another process now holds the folder (the job was refused: a CLI run took it first), whose
+    events are its own: then the refusal is said in this job's view only."""
+    holder = runlock.held_by(process.folder)
+    if holder is not None and holder.get("token") != process.record.get("token"):
+        tail.record.add(Error(message=f"the job could not start: {process.folder} is in use by "
+                              f"{runlock.describe(holder)}"))
+        return
+    try:
+        record_lost(process)
+    except OSError as error:
+        log.warning("could not record how the job of %s ended: %s", process.folder, error)
+    tail.update()
 
 
 def find_jobs(outputs_root: Path, damaged: list[str] | None = None) -> list[JobProcess]:

@@ -241,3 +241,20 @@ def test_a_job_is_listed_while_it_leaves_the_queue_and_a_restart_never_starts_it
     queue_path(tmp_path).write_text(json.dumps([entry]))
     again = studios(tmp_path)
     assert again.queued() == [] and again.running() == []
+
+
+def test_a_resume_that_waited_while_a_cli_run_took_its_folder_is_refused_writing_nothing_there(hold, studios,
+                                                                                            tmp_path, monkeypatch):
+    monkeypatch.setattr(launcher, "launch_command", lambda *args, **kwargs: [
+        sys.executable, "-c", "import time; time.sleep(60)"])
+    run = stopped_run(tmp_path / "halted")
+    before = (run / "events.jsonl").read_text()
+    studio = studios(tmp_path)
+    blocker = studio.submit(config(tmp_path, "blocker"))  # holds the CPU: the resume waits
+    waiting = studio.submit(config(tmp_path, "halted"), resume=True)
+    assert waiting.state == "queued"
+    cli = hold(run)  # `train_lora.py --resume` from a terminal, meanwhile
+    studio.stop(blocker.job_id)
+    view = studio.wait(waiting.job_id, timeout=30)
+    assert view.state == "failed" and f"in use by process {cli.pid}" in view.message
+    assert (run / "events.jsonl").read_text() == before  # the CLI run's record is its own
