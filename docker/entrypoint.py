@@ -63,7 +63,7 @@ def train_command(args: list[str], python: str) -> list[str]:
     if config is None:
         raise SystemExit("train: --config FILE is required (see train_lora.py --help)")
     if wanted == "all":
-        from lora_core.launcher import device_count
+        from studio.launcher import device_count
 
         processes = max(1, device_count())
     elif wanted.isdigit() and int(wanted) >= 1:
@@ -72,7 +72,7 @@ def train_command(args: list[str], python: str) -> list[str]:
         raise SystemExit(f"--num-processes: expected a number of GPUs or 'all', got {wanted!r}")
     if processes == 1:
         return [python, str(TRAIN_SCRIPT), *args]
-    from lora_core.launcher import launch_command  # accelerate launch -m lora_core train ...
+    from studio.launcher import launch_command  # accelerate launch -m lora_core train ...
 
     rest = without_option(args, "--config")
     return launch_command(config, processes, extra_args=rest, python=python)

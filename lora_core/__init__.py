@@ -3,7 +3,7 @@
 Flow: config (TrainConfig) -> plan (dataset, model family, length, device) -> setup -> fit -> events / exported
 .safetensors (training.py).
 Faces build a TrainConfig and run it as a job: `python -m lora_core train` (cli.py, which calls
-job.run_job on its main thread), a process per job that the web page starts and follows (launcher.py).
+job.run_job on its main thread), a process per job that the web page starts and follows (studio/launcher.py).
 Importing this package is cheap: torch is imported by the modules that need it, when they are used.
 """
 

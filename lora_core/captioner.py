@@ -263,7 +263,7 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, Any]]:
 
 def command_line(folder: str | Path, options: CaptionOptions | dict | None = None) -> list[str]:
     """`caption DATASET --option ...` for `options` (those that differ from the defaults): what a job runs,
-    e.g. launcher.JobProcess.start_tool(job_folder, command_line(folder, options), None)."""
+    e.g. studio.launcher.JobProcess.start(job_folder, tool_command(command_line(folder, options)))."""
     options = parse_options(options)
     argv = ["caption", str(folder)]
     for name, value in options.model_dump(exclude_defaults=True).items():

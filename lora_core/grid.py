@@ -380,7 +380,8 @@ def main(argv: list[str]) -> int:
     kind, run, options = parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    event, stopped = stream_tool_job(lambda emit, should_stop: run_job(kind, run, options, emit, should_stop))
+    event, stopped = stream_tool_job(lambda emit, should_stop: run_job(kind, run, options, emit, should_stop),
+                                     reads=run)
     if isinstance(event, GridComplete):
         print(event.path, file=sys.stderr)
         return 0

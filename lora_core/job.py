@@ -15,10 +15,11 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from lora_core import distributed
+from lora_core import distributed, runlock
 from lora_core.config import TrainConfig
 from lora_core.eventlog import EventLog
 from lora_core.events import Complete, Error, Event, Interrupted, Progress
+from lora_core.runlock import FolderBusy
 
 log = logging.getLogger("lora_core")
 
@@ -35,9 +36,19 @@ def run_job(config: TrainConfig, emit: Callable[[Event], None], should_stop: Cal
     Of several processes only the main one writes events.jsonl, the tracker and the report; the others
     still pass every event to `emit` (the CLI prints only their errors) and end with their own final event.
     """
+    is_main = distributed.is_main_process()
+    lock = None
+    try:  # the one writer of the run folder until its final event and report are written (lora_core/runlock.py)
+        if is_main:
+            lock = runlock.take(config.output_path)
+    except FolderBusy as error:  # nothing of this run is written: the holder's events stay its own
+        refused = Error(message=str(error), field="output_path")
+        emit(refused)
+        return refused
+    except OSError:  # a folder that cannot be made or written: the run plan's check says why, at output_path
+        lock = None
     from lora_core import report, tracking, training
 
-    is_main = distributed.is_main_process()
     event_log = EventLog(Path(config.output_path) / "events.jsonl" if is_main else None, emit)
     state = _Outcome(event_log)
     tracker = None
@@ -63,6 +74,8 @@ def run_job(config: TrainConfig, emit: Callable[[Event], None], should_stop: Cal
             tracker.close()
         if is_main:  # training_report.html beside the LoRA, from events.jsonl
             report.write_report_safely(config.output_path)
+        if lock is not None:  # (a CLI process ends here anyway; a caller in the same process may go on)
+            lock.release()
     assert state.terminal is not None
     return state.terminal
 
@@ -110,10 +123,14 @@ def release_device() -> None:
         pass
 
 
-def stream_tool_job(work: Callable[[Callable[[Event], None], Callable[[], bool]], Event]) -> tuple[Event, int]:
+def stream_tool_job(work: Callable[[Callable[[Event], None], Callable[[], bool]], Event],
+                    reads: str | Path | None = None) -> tuple[Event, int]:
     """Run a tool's job (`work(emit, should_stop)`, returning its final event) as a command: events as JSON lines
     on stdout and nothing else (what a library prints goes to stderr), SIGINT / SIGTERM asking it to stop.
-    Returns the final event and the exit status a stop means (130 for SIGINT, 143 for SIGTERM; 0 if none)."""
+    Started by the page (LORA_JOB_FOLDER set, studio/launcher.py), the job holds its job folder's lock and
+    appends its events to that folder's events.jsonl itself. `reads`: a run folder the work only reads (a grid
+    or sweep's): held shared, so that training never rewrites it meanwhile. Returns the final event and the
+    exit status a stop means (130 for SIGINT, 143 for SIGTERM; 0 if none)."""
     import os
     import signal
     import sys
@@ -122,11 +139,34 @@ def stream_tool_job(work: Callable[[Callable[[Event], None], Callable[[], bool]]
     handlers = {number: signal.signal(number, lambda signum, frame: stop.append(signum))
                 for number in (signal.SIGINT, signal.SIGTERM)}
     stdout = sys.stdout
+    job_folder = os.environ.get(runlock.JOB_FOLDER_VARIABLE)
+    locks: list[runlock.FolderLock] = []
     with os.fdopen(os.dup(1), "w", buffering=1) as events_out:
         sys.stdout = sys.stderr  # whatever a library prints must not corrupt the JSON stream
+        event_log = None
         try:
-            event = work(lambda e: events_out.write(e.to_json() + "\n"), lambda: bool(stop))
+            if job_folder:  # the job's own folder first: its lock is what proves the job alive to the page
+                locks.append(runlock.take(job_folder))
+            event_log = EventLog(Path(job_folder) / "events.jsonl" if job_folder else None,
+                                 lambda e: events_out.write(e.to_json() + "\n"))
+            outcome = _Outcome(event_log)
+            try:
+                if reads is not None:
+                    locks.append(runlock.take(reads, shared=True))
+                work(outcome, lambda: bool(stop))
+            except FolderBusy as error:
+                outcome(Error(message=str(error), field="run"))
+            if outcome.terminal is None:  # the work must end with one; a reader relies on exactly one
+                outcome(Error(message="the job ended without a result"))
+            event = outcome.terminal
+        except FolderBusy as error:  # another process writes this job folder: nothing of ours is written
+            event = Error(message=str(error))
+            events_out.write(event.to_json() + "\n")
         finally:
+            if event_log is not None:
+                event_log.close()
+            for lock in locks:  # given back with the final event written (a caller in this process may go on)
+                lock.release()
             sys.stdout = stdout
             for number, handler in handlers.items():
                 signal.signal(number, handler)

@@ -259,6 +259,19 @@ def _grid_complete(record: RunRecord, event: Event) -> None:
     record.total_time, record.terminal = event.total_time, event
 
 
+def _caption_started(record: RunRecord, event: Event) -> None:
+    """A caption job: the images captioned read as steps, as a grid's cells do."""
+    record.total_steps, record.device = event.total, event.device
+    record.started_at = record.started_at or event.timestamp
+
+
+def _caption_complete(record: RunRecord, event: Event) -> None:
+    record.state, record.final_path, record.percent = COMPLETE, event.folder, 100.0
+    record.total_time, record.terminal = event.total_time, event
+    record.message = (f"{event.written} captions written, {event.kept} kept"
+                      + (f", {event.num_refused} images refused" if event.num_refused else ""))
+
+
 def _dataset(record: RunRecord, event: Event) -> None:
     record.findings = list(event.findings or [])
 
@@ -266,7 +279,8 @@ def _dataset(record: RunRecord, event: Event) -> None:
 _FOLDS: dict[str, Callable[[RunRecord, Any], None]] = {
     "started": _started, "dataset": _dataset, "progress": _progress, "validation": _validation, "sample": _sample,
     "checkpoint": _checkpoint, "complete": _complete, "interrupted": _interrupted, "error": _error,
-    "grid_progress": _grid_progress, "grid_complete": _grid_complete}
+    "grid_progress": _grid_progress, "grid_complete": _grid_complete, "caption_started": _caption_started,
+    "caption_progress": _grid_progress, "caption_complete": _caption_complete}
 
 
 class Curve(list):
@@ -315,6 +329,17 @@ def settle(record: R, alive: bool | None, stop_requested: bool = False) -> R:
     if alive is False and record.active:
         return replace(record, state=STOPPED if record.starts else FAILED, message=record.message or NO_FINAL_EVENT)
     return record
+
+
+def ended_before(record: RunRecord, since: Any) -> bool:
+    """Whether the record's final event was written before a process took the run's lock at `since` (seconds
+    since the epoch): that process, holding the run now, is a later part of it (a resume)."""
+    if record.terminal is None or not isinstance(since, int | float):
+        return False
+    try:
+        return datetime.fromisoformat(record.terminal.timestamp).timestamp() < since
+    except (TypeError, ValueError):
+        return False
 
 
 class RecordTail:
@@ -379,8 +404,10 @@ def process_alive(job_record: dict[str, Any]) -> bool | None:
         return None  # written before the starter forked the job: its process is not known yet
     try:
         pid, start_time = int(job_record["pid"]), float(job_record["start_time"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         return False  # no job.json (a CLI run), or one that names no process
+    if pid <= 0:
+        return False  # -1 or 0 name no one process (os.kill would signal a whole group)
     import psutil
 
     try:

@@ -52,11 +52,11 @@ def used_paths(outputs_root: Path) -> set[Path]:
     job or a queued job in `outputs_root` trains on, resolved."""
     from lora_core.config import TrainConfig, data_path_fields
     from lora_core.safefile import read_json
-    from studio.runs import QUEUE_FILE, flat_config
+    from studio.runs import QUEUE_FILE, STUDIO_DIR, flat_config
 
     configs = [read_json(path) for pattern in ("*/config.json", "*/job_config.json")
                for path in outputs_root.glob(pattern)]
-    queued = read_json(outputs_root / QUEUE_FILE)
+    queued = read_json(outputs_root / STUDIO_DIR / QUEUE_FILE)
     configs += [item.get("config") for item in queued if isinstance(item, dict)] if isinstance(queued, list) else []
     used = set()
     for config in map(flat_config, configs):

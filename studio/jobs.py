@@ -3,12 +3,15 @@
 A web page never owns a job (its handlers stop when the browser goes away); it asks the `Studio`, which lives
 as long as the server, to `submit`, `stop`, `cancel` or `move_up` one, and polls `view()` for a RunView
 (studio/jobview.py): the run's record (lora_core/runrecord.py, the one the Runs list reads) settled with what
-this server knows of the job's process. A job runs in its own session (lora_core/launcher.py), so it outlives
+this server knows of the job's process. A job runs in its own session (studio/launcher.py), so it outlives
 the server: a restarted server follows the jobs still running again (their `job.json`), and a job that died
 without a final event is recorded as failed with its exit status and the tail of its stderr.
 
-Start puts a job in the queue (studio/queue.py); it starts when a device is free: one job per GPU (N processes
-wait for N free GPUs), one at a time on the CPU; `free_devices()` alone decides. Nothing here imports torch.
+Start puts a job in the queue (studio/queue.py, `outputs/.studio/queue.json`); it starts when a device is free: one
+job per GPU (a job of N processes waits for N free GPUs), one at a time on the CPU. `free_devices()` is the
+one place that decides whether a device is taken. Every kind of job (training, grid, sweep, captioning; what
+each runs is studio/pipeline.py) goes through `submit_job`, the queue, `_launch` and the same supervision.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -27,29 +30,25 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lora_core.config import ConfigError, TrainConfig
+from lora_core.config import TrainConfig
 from lora_core.errors import UserError
 from lora_core.eventlog import EventLog
 from lora_core.events import Error
-from lora_core.files import JOB_FILE
-from lora_core.launcher import JobProcess, device_count, record_lost
 from lora_core.runrecord import EVENTS_FILE, FAILED, QUEUED, RecordTail, RunFiles, settle
-from lora_core.starter import Starter
 from studio import runs
 from studio.jobview import RunView, Submitted, folder_view, job_tail
-from studio.queue import JobQueue, QueuedJob
+from studio.launcher import JobProcess, device_count
+from studio.pipeline import BusyError, check_free, find_jobs, job_command, record_end, target_of, tool_jobs_folder
+from studio.queue import JobQueue, QueuedJob, QueueFull
+from studio.starter import Starter
 
 log = logging.getLogger("studio.jobs")
 
 UPLOADS = "uploads"
 RUN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 TICK_S = 0.5  # how often the registry looks at its running jobs
-TOOLS = ("grid", "sweep")  # job kinds besides training: drawn from a run's saved LoRAs
-TOOL_JOBS = ".jobs"  # under a run folder: one folder per grid or sweep job
-
-
-class BusyError(RuntimeError):
-    """The run folder already has a queued or running job."""
+TOOLS = ("grid", "sweep", "caption")  # job kinds besides training: `python -m lora_core KIND ARGS`
+__all__ = ["BusyError", "Studio"]
 
 
 @dataclass
@@ -59,16 +58,12 @@ class ActiveJob:
     tail: RecordTail
     config: TrainConfig | None = None
     stop_requested: bool = False
-    kind: str = "train"  # or grid | sweep
+    kind: str = "train"  # or grid | sweep | caption
+    queued: QueuedJob | None = None  # what was started (None: adopted from an earlier server)
 
     @property
     def devices(self) -> list[int]:
         return list(self.process.record.get("devices", []))
-
-
-def runs_with_tools(busy_folders: set[Path]) -> set[Path]:
-    """The run folders of the grid and sweep jobs among `busy_folders` (a tool's job folder is RUN/.jobs/<id>)."""
-    return {folder.parent.parent for folder in busy_folders if folder.parent.name == TOOL_JOBS}
 
 
 class Studio:
@@ -96,14 +91,22 @@ class Studio:
         # PYTEST_CURRENT_TEST, a library's setting) would differ from the starter's and make every job spawn.
         self._environment = dict(os.environ)
         with self._lock:
-            self._adopt_running_jobs()
+            self._queue = JobQueue(self.outputs_root, owned=self._owns)  # jobs queued before a restart wait on
+            self.damaged = list(self._queue.damaged)  # entries of damaged files, each left out (and logged)
+            for job_id in self._adopt_running_jobs():  # started just before the old server died: not again
+                self._queue.jobs = [job for job in self._queue.jobs if job.job_id != job_id]
+            for message in self.damaged[len(self._queue.damaged):]:
+                log.warning("%s", message)
             self._previous = self._latest_run_on_disk() if not self._current else None
-            self._queue = JobQueue(self.outputs_root)  # jobs queued before a restart wait on
             self._dispatch()
         self._thread = threading.Thread(target=self._supervise, name="studio-jobs", daemon=True)
         self._thread.start()
 
     # --- folders ---
+    def _owns(self, folder: Path) -> bool:
+        """Whether `folder` is one this server may write: inside its outputs root, not the root itself."""
+        return folder.is_relative_to(self.outputs_root) and folder != self.outputs_root
+
     def run_folder(self, run_name: str) -> Path:
         """Where a run of this name writes: a folder directly under the outputs root."""
         name = RUN_NAME.sub("-", run_name.strip()).strip("-.")[:64]
@@ -167,41 +170,42 @@ class Studio:
     def submit(self, config: TrainConfig, resume: bool = False) -> Submitted:
         """Queue training `config`; it starts at once when a device is free. A new run gets a fresh output
         folder; with `resume` it continues from the newest complete state in `config.output_path`.
-        Raises BusyError when that folder already has a queued or running job, ValueError for a folder
-        outside the outputs. Safe to call from many threads at once."""
+        Raises BusyError when that folder already has a queued or running job (of this server, or any process
+        holding its lock), ValueError for a folder outside the outputs. Safe to call from many threads."""
         with self._lock:
             output = Path(config.output_path) if resume else self._fresh(Path(config.output_path))
             if not output.resolve().is_relative_to(self.outputs_root):
                 raise ValueError(f"output folder {output} is outside {self.outputs_root}")
-            busy = self._busy_folders()
-            if output.resolve() in busy:
-                raise BusyError(f"{output} already has a queued or running job; stop or cancel it first")
-            if output.resolve() in runs_with_tools(busy):  # a grid reads the run's files, which training rewrites
-                raise BusyError(f"{output} has a grid or sweep queued or drawing; resume it once that has ended")
             config = config.model_copy(update={"output_path": str(output)})
             job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-            self._queue.add(QueuedJob.of(job_id, config, resume, self.num_processes()))
+            submitted = self.submit_job(QueuedJob.of(job_id, config, resume, self.num_processes()))
             self._configs[job_id] = config
-            self._dispatch()
-            return Submitted.of(job_id, self._queue.position(job_id), str(output))
+            return submitted
 
-    def submit_tool(self, kind: str, run_folder: Path, args: list[str]) -> Submitted:
-        """Queue a grid or sweep (`python -m lora_core KIND RUN_FOLDER ARGS`) of a run: it waits for a device
-        like training does, and its job folder is `RUN_FOLDER/.jobs/<job id>` (its events, stderr and
-        job.json; the PNG goes into the run folder). Refused while the run itself trains or waits."""
+    def submit_tool(self, kind: str, folder: Path, args: list[str]) -> Submitted:
+        """Queue `python -m lora_core KIND FOLDER ARGS`: a grid or sweep of the run in FOLDER, or captioning of
+        the dataset FOLDER. It waits for a device like training does; its job folder (events, stderr,
+        job.json) is OUTPUTS/.studio/jobs/<job id>; a grid's PNG goes into the run folder."""
         if kind not in TOOLS:
             raise ValueError(f"unknown job kind {kind!r}; one of {', '.join(TOOLS)}")
+        folder = Path(folder).resolve()
+        if kind != "caption" and (not folder.is_relative_to(self.outputs_root) or folder == self.outputs_root):
+            raise ValueError(f"run folder {folder} is outside {self.outputs_root}")
+        job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{kind}-{uuid.uuid4().hex[:6]}"
+        job_folder = tool_jobs_folder(self.outputs_root) / job_id
+        return self.submit_job(QueuedJob(job_id, str(job_folder), {}, kind=kind, args=[str(folder), *args]))
+
+    def submit_job(self, job: QueuedJob) -> Submitted:
+        """Queue any job (the one way in): refused (BusyError) when its target folder is busy or the queue
+        is full; an OSError writing the queue (a full disk) refuses it too, and it never runs later."""
         with self._lock:
-            folder = Path(run_folder).resolve()
-            if not folder.is_relative_to(self.outputs_root) or folder == self.outputs_root:
-                raise ValueError(f"run folder {folder} is outside {self.outputs_root}")
-            if folder in self._busy_folders():
-                raise BusyError(f"{folder.name} is training or waiting to; draw its {kind} once it has ended")
-            job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{kind}-{uuid.uuid4().hex[:6]}"
-            job_folder = folder / TOOL_JOBS / job_id
-            self._queue.add(QueuedJob(job_id, str(job_folder), {}, kind=kind, args=[str(folder), *args]))
+            check_free(target_of(job), job.kind, self._busy())
+            try:
+                self._queue.add(job)
+            except QueueFull as error:
+                raise BusyError(str(error)) from None
             self._dispatch()
-            return Submitted.of(job_id, self._queue.position(job_id), str(job_folder))
+            return Submitted.of(job.job_id, self._queue.position(job.job_id), job.output_path)
 
     def cancel(self, job_id: str) -> bool:
         """Take a queued job out of the queue (nothing of it was written); False when it is not queued."""
@@ -221,8 +225,16 @@ class Studio:
                      .get("base_model"), "steps": job.config.get("training_params", {}).get("steps")} for index, job
                     in enumerate(self._queue.jobs)]
 
-    def _busy_folders(self) -> set[Path]:
-        return self._queue.folders() | {job.process.folder.resolve() for job in self._active.values()}
+    def _busy(self) -> dict[Path, set[str]]:
+        """The folders this server's queued and running jobs work on, with their kinds."""
+        busy: dict[Path, set[str]] = {}
+        for job in [*self._queue.jobs, *(active.queued for active in self._active.values() if active.queued)]:
+            busy.setdefault(target_of(job), set()).add(job.kind)
+        for active in self._active.values():
+            if active.queued is None:  # adopted: job.json says what it works on
+                target = Path(str(active.process.record.get("target") or active.process.folder)).resolve()
+                busy.setdefault(target, set()).add(active.kind)
+        return busy
 
     def _dispatch(self) -> None:
         """Start queued jobs, in order, while the head of the queue finds enough free devices."""
@@ -231,48 +243,36 @@ class Studio:
             devices = self._devices_for(head.processes)
             if devices is None:
                 return
-            self._queue.remove(head.job_id)
             self._launch(head, devices)
 
     def _launch(self, queued: QueuedJob, devices: list[int]) -> None:
-        if queued.kind != "train":
-            self._launch_tool(queued, devices)
-            return
-        folder = Path(queued.output_path)
-        tail = job_tail(folder, queued.job_id)
-        try:
-            config = queued.train_config()
-            process = JobProcess.start(folder, config, queued.processes, resume=queued.resume, devices=devices,
-                                       env=self._environment, record={"job_id": queued.job_id}, starter=self._starter)
-        except (OSError, ConfigError) as error:  # the job's view says why it never started
-            log.warning("job %s could not start: %s", queued.job_id, error)
-            message, where = f"the job could not start: {error}", getattr(error, "field", None)
-            if queued.resume:  # the run exists: its own record says the resume failed
-                event_log = EventLog(folder / EVENTS_FILE)
-                event_log(Error(message=message, field=where))
-                event_log.close()
-            else:  # a new run that never started leaves no folder behind, only this view in memory
-                tail.record.add(Error(message=message, field=where))
-            self._tails[queued.job_id] = tail
-            return
-        self._track(ActiveJob(queued.job_id, process, tail, config))
-        self._wake.notify_all()
-
-    def _launch_tool(self, queued: QueuedJob, devices: list[int]) -> None:
-        from lora_core.grid import read_run
-
+        """Start a job taken off the queue. Its job.json (with its id) is written before it leaves the
+        queue file, so a restart in between finds it started, never queued again."""
         folder = Path(queued.output_path)
         tail = job_tail(folder, queued.job_id)
         self._tails[queued.job_id] = tail
         try:
-            _, config = read_run(queued.args[0])
-            process = JobProcess.start_tool(folder, [queued.kind, *queued.args], config, devices=devices,
-                                            env=self._environment, starter=self._starter,
-                                            record={"job_id": queued.job_id, "kind": queued.kind})
-        except (OSError, UserError) as error:
-            tail.record.add(Error(message=f"the {queued.kind} could not start: {error}"))
+            check_free(target_of(queued), queued.kind, {})  # another process may have taken it while it waited
+            command, config = job_command(queued)
+            process = JobProcess.start(folder, command, config, num_processes=queued.processes, devices=devices,
+                                       env=self._environment, starter=self._starter, before_start=lambda:
+                                       self._queue.remove(queued.job_id),
+                                       record={"job_id": queued.job_id, "kind": queued.kind,
+                                               "target": str(target_of(queued))})
+        except (OSError, UserError, BusyError) as error:  # the job's view says why it never started
+            with contextlib.suppress(OSError):  # out of memory's queue already: the file is rewritten later
+                self._queue.remove(queued.job_id)
+            log.warning("job %s could not start: %s", queued.job_id, error)
+            message, where = f"the {queued.kind} job could not start: {error}", getattr(error, "field", None)
+            if queued.resume and not isinstance(error, BusyError):  # the run's record says the resume failed
+                event_log = EventLog(folder / EVENTS_FILE)
+                event_log(Error(message=message, field=where))
+                event_log.close()
+            else:  # a job that never started leaves no folder behind, only this view in memory
+                tail.update()  # (a run held by another process: what it wrote so far, then this refusal)
+                tail.record.add(Error(message=message, field=where))
             return
-        self._track(ActiveJob(queued.job_id, process, tail, kind=queued.kind))
+        self._track(ActiveJob(queued.job_id, process, tail, config, kind=queued.kind, queued=queued))
         self._wake.notify_all()
 
     def _track(self, job: ActiveJob) -> None:
@@ -347,7 +347,7 @@ class Studio:
     def shutdown(self, timeout: float = 8.0, stop_jobs: bool = True) -> None:
         """Stop watching the jobs. With `stop_jobs` (SIGTERM to the server, e.g. `docker stop`, which waits
         10 s), first ask every running job to stop and wait up to `timeout` s for their checkpoints. Queued
-        jobs stay in outputs/queue.json for the next server."""
+        jobs stay in outputs/.studio/queue.json for the next server."""
         with self._lock:
             self._closing = True  # nothing queued starts from now on
         if stop_jobs and self.stop():
@@ -374,11 +374,7 @@ class Studio:
             if job.process.alive():
                 continue
             if not job.tail.update().ended:
-                try:
-                    record_lost(job.process)
-                except OSError as error:
-                    log.warning("could not record how job %s ended: %s", job_id, error)
-                job.tail.update()
+                record_end(job.process, job.tail)
             if job.kind == "train" and not job.tail.record.starts and not job.process.record.get("resume"):
                 self._forget_folder(job)
             del self._active[job_id]
@@ -393,25 +389,28 @@ class Studio:
         if folder.resolve().is_relative_to(self.outputs_root) and folder.resolve() != self.outputs_root:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _adopt_running_jobs(self) -> None:
-        """Jobs of an earlier server process: those still running are followed again, those that died
-        without a final event are recorded as failed."""
-        found = []
-        for record in self.outputs_root.glob(f"*/{JOB_FILE}"):
-            process = JobProcess.attach(record.parent)
-            if process is None:
-                continue
-            tail = job_tail(record.parent, str(process.record.get("job_id") or record.parent.name))
+    def _adopt_running_jobs(self) -> set[str]:
+        """Jobs of an earlier server process, of every kind: those still running (or still starting: a
+        job.json without a pid, whose job is found by its lock) are followed again, those that died without a
+        final event are recorded as failed. The ids of every job found, started or not: never started twice."""
+        found, seen = [], set()
+        for process in find_jobs(self.outputs_root, self.damaged):
+            job_id = str(process.record.get("job_id") or process.folder.name)
+            seen.add(job_id)
+            tail = job_tail(process.folder, job_id)
             if tail.update().ended:
                 continue
-            job = ActiveJob(tail.record.job_id, process, tail,
+            kind = str(process.record.get("kind") or "train")
+            job = ActiveJob(job_id, process, tail, kind=kind if kind in ("train", *TOOLS) else "train",
                             stop_requested=bool(process.record.get("stop_requested")))
             found.append((process.start_time, job))
         for _, job in sorted(found, key=lambda item: item[0]):
             self._active[job.job_id] = job
             self._tails[job.job_id] = job.tail
-            self._current = job.job_id
+            if job.kind == "train":
+                self._current = job.job_id
         self._reap()
+        return seen
 
     def _latest_run_on_disk(self) -> RunView | None:
         folders = runs.run_folders(self.outputs_root)

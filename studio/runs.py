@@ -2,7 +2,7 @@
 
 A run is a folder directly under the outputs root holding its events (`events.jsonl`) or a job started for
 it that has not written any yet (`job.json`); lora_core/runrecord.py names its files and folds its events into
-its state, the same record the page's live view reads. Runs waiting in `queue.json` are listed as queued.
+its state, the same record the page's live view reads. Runs waiting in `.studio/queue.json` are listed as queued.
 Because nothing here needs the server that started a run, runs made by `python -m lora_core train` into the
 same folder show up too.
 
@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lora_core import runlock
 from lora_core.errors import UserError
 from lora_core.runrecord import (
     ACTIVE,
@@ -32,12 +33,14 @@ from lora_core.runrecord import (
     RecordTail,
     RunFiles,
     RunRecord,
+    ended_before,
     process_alive,
     read_json,
     settle,
 )
 
-QUEUE_FILE = "queue.json"
+QUEUE_FILE = "queue.json"  # in STUDIO_DIR: the page server's queue (studio/queue.py)
+STUDIO_DIR = ".studio"
 UPLOADS = "uploads"
 NOT_COMPARED = ("output_path",)  # differs between any two runs by construction
 DAMAGED = "damaged"  # a folder whose files cannot be read as a run: listed with the reason, costs nothing else
@@ -149,7 +152,13 @@ def _read(folder: Path, running: bool | None, into: RunRecord | None,
         note = tail.problem or (f"{tail.behind / 1e6:.0f} MB of {tail.size / 1e6:.0f} MB of events not read yet; "
                                 "refresh to read on" if tail.behind else "")
     job = files.job_record()
-    alive = process_alive(job) if running is None else running
+    writer = runlock.held_by(folder)
+    if running or writer is not None:  # a live process holds the run (its lock): running
+        alive: bool | None = True
+        if writer is not None and ended_before(record, writer.get("since")):
+            record.begin_part()  # a resume whose first event is still to come: not the earlier part's end
+    else:
+        alive = process_alive(job) if running is None else running
     return settle(record, alive, stop_requested=bool(job.get("stop_requested"))), note
 
 
@@ -222,7 +231,7 @@ def _count(value: Any) -> int:
 
 
 def _queued_rows(root: Path) -> list[RunRow]:
-    items = read_json(root / QUEUE_FILE)
+    items = read_json(root / STUDIO_DIR / QUEUE_FILE)
     rows = []
     for item in items if isinstance(items, list) else []:
         if not isinstance(item, dict) or not item.get("output_path") or item.get("kind", "train") != "train":
@@ -313,7 +322,14 @@ def delete_run(root: str | Path, run_id: str, running: bool | None = None) -> Pa
     folder = Path(detail.folder)
     if folder.is_symlink() or folder.parent != Path(root).resolve() or not folder.is_dir():
         raise RunError(f"run {run_id!r} is not a folder inside the outputs folder {root}; it was not deleted")
-    shutil.rmtree(folder)  # removes links inside the folder, never what they point to
+    try:  # held while deleting: a job that starts now for this folder is refused, not half-deleted
+        lock = runlock.take(folder, wait_s=0.2)
+    except runlock.FolderBusy as error:
+        raise RunError(f"run {run_id!r} is held by a job ({error}); stop it first, then delete it") from None
+    try:
+        shutil.rmtree(folder)  # removes links inside the folder, never what they point to
+    finally:
+        lock.release()
     return folder
 
 

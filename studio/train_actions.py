@@ -20,11 +20,11 @@ import gradio as gr
 from lora_core.config import ConfigError, TrainConfig
 from lora_core.configfile import load_config
 from lora_core.files import atomic_write_text
-from lora_core.launcher import validation_report  # --validate-only in a child process: no torch here
 from studio.cleanup import export_folder, sweep_caches
 from studio.form_words import refusal
 from studio.formspec import config_file_dict, split_list
 from studio.jobs import RUN_NAME, BusyError, Studio
+from studio.launcher import validation_report  # --validate-only in a child process: no torch here
 from studio.render import code, dataset_markdown, estimate_markdown, run_summary
 from studio.train_form import (
     FORM_KEYS,

@@ -64,7 +64,8 @@ class TrainTab(TrainActions):
             self.workbench = build_workbench_tab(
                 self.studio.outputs_root / ".thumbnails",
                 folder_problem=lambda folder: dataset_folder_problem(folder, self.studio, self.settings),
-                dataset_path=self.fields["dataset_path"], trigger_words=self.fields["trigger_words"])
+                dataset_path=self.fields["dataset_path"], trigger_words=self.fields["trigger_words"],
+                studio=self.studio)
             self.form = {key: self.fields[key] for key in FORM_KEYS}
             self._wire(demo)
             self.runs_tab.wire(demo)

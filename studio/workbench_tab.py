@@ -5,7 +5,8 @@ Built by `build_workbench_tab(...)` inside the page's `gr.Blocks` (the page deci
 opened, through `folder_problem`); the logic is studio/captions_editor.py and lora_core/doctor*.py, and the
 handlers here are plain methods, so they are tested without a server. Thumbnails are small JPEG copies under
 `thumbnails_root` (the page serves that folder, never the originals). Named API endpoints: `workbench_page`,
-`caption_save`, `caption_bulk`, `caption_undo`, `doctor`, `doctor_fix`. Never imports torch itself; the doctor,
+`caption_save`, `caption_bulk`, `caption_undo`, `doctor`, `doctor_fix` (and studio/caption_job.py's
+`caption_model`, a captioning job through the page's queue). Never imports torch itself; the doctor,
 run from its button, loads lora_core's dataset module (which does).
 """
 
@@ -22,6 +23,8 @@ from PIL import Image, ImageOps
 
 from lora_core.errors import UserError
 from studio import captions_editor as ce
+from studio.caption_job import CaptionJobPanel
+from studio.jobs import Studio
 
 THUMBNAIL_SIZE = 160
 MAX_PIXELS = 64_000_000  # lora_core.dataset.MAX_PIXELS
@@ -72,10 +75,13 @@ def _first_trigger(trigger_words: str) -> str:
 
 class WorkbenchTab:
     def __init__(self, thumbnails_root: Path, folder_problem: Callable[[str], str | None] | None = None,
-                 dataset_path: gr.Textbox | None = None, trigger_words: gr.Textbox | None = None):
+                 dataset_path: gr.Textbox | None = None, trigger_words: gr.Textbox | None = None,
+                 studio: Studio | None = None):
         self.thumbnails_root = Path(thumbnails_root)
         self.folder_problem = folder_problem or (lambda folder: None)
         self.dataset_path, self.trigger_words = dataset_path, trigger_words
+        # captioning with a model is a page job: only with the server's job registry
+        self.captioner = CaptionJobPanel(studio, self.folder_problem) if studio is not None else None
 
     # --- the logic behind each control ---
     def store(self, folder: str) -> ce.CaptionStore:
@@ -215,6 +221,8 @@ class WorkbenchTab:
                 with gr.Column(scale=2):
                     self.tags = gr.Dataframe(headers=["tag", "images"], value=[], interactive=False,
                                              label="Tags", max_height=360, elem_id="wb-tags")
+            if self.captioner is not None:
+                self.captioner.build()
             self._doctor_controls()
 
     def _bulk_controls(self) -> None:
@@ -262,6 +270,8 @@ class WorkbenchTab:
         self.fix_button.click(self.fix, [self.folder, self.fix_action, self.fix_file, self.triggers],
                               self.fix_message, api_name="doctor_fix").then(self._refresh, paging, shown,
                                                                             api_name=False)
+        if self.captioner is not None:
+            self.captioner.wire(self.folder)
 
     def _refresh(self, folder: str, number: float | None, query: str) -> tuple[Any, ...]:
         """The page again after a save, a bulk action or a fix, keeping the message the action just showed
@@ -271,9 +281,10 @@ class WorkbenchTab:
 
 def build_workbench_tab(thumbnails_root: Path, folder_problem: Callable[[str], str | None] | None = None,
                         dataset_path: gr.Textbox | None = None, trigger_words: gr.Textbox | None = None,
-                        demo: gr.Blocks | None = None) -> WorkbenchTab:
-    """Build the tab inside the current `gr.Blocks`; wire it when `demo` is given (else call `.wire(demo)`)."""
-    tab = WorkbenchTab(thumbnails_root, folder_problem, dataset_path, trigger_words)
+                        demo: gr.Blocks | None = None, studio: Studio | None = None) -> WorkbenchTab:
+    """Build the tab inside the current `gr.Blocks`; wire it when `demo` is given (else call `.wire(demo)`).
+    With the server's `studio`, the tab can caption the folder with a model (a page job)."""
+    tab = WorkbenchTab(thumbnails_root, folder_problem, dataset_path, trigger_words, studio)
     tab.build()
     if demo is not None:
         tab.wire(demo)

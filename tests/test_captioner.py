@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 from PIL import Image
 
 from lora_core.captioner import Captioner, plan_folder, run_job, with_prefix
+from lora_core.eventlog import read_events
 from lora_core.events import CaptionComplete, CaptionProgress, CaptionStarted, Error, Event, Interrupted, parse_event
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
@@ -382,7 +385,7 @@ def test_a_caption_job_stopped_by_sigterm_ends_interrupted_with_whole_captions(t
 
     from lora_core.captioner import command_line
     from lora_core.eventlog import read_events
-    from lora_core.launcher import JobProcess
+    from studio.launcher import JobProcess, tool_command
 
     slow = tmp_path / "slow-model"  # the same model, made to say 60 tokens an image
     shutil.copytree(model_folder, slow)
@@ -391,8 +394,8 @@ def test_a_caption_job_stopped_by_sigterm_ends_interrupted_with_whole_captions(t
     folder = make_dataset(tmp_path / "data", 3)
     for index in range(3, 24):
         shutil.copy(folder / "img0.png", folder / f"img{index}.png")
-    job = JobProcess.start_tool(tmp_path / "job", command_line(folder, {"model": str(slow), "batch_size": 1,
-                                                                        "num_beams": 1, "max_new_tokens": 60}), None)
+    job = JobProcess.start(tmp_path / "job", tool_command(command_line(
+        folder, {"model": str(slow), "batch_size": 1, "num_beams": 1, "max_new_tokens": 60})))
     events_file = tmp_path / "job" / "events.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (events_file.is_file() and "caption_progress" in events_file.read_text()):
@@ -421,3 +424,35 @@ def test_a_caption_written_while_the_model_works_is_kept(tmp_path, captioner):
     assert progress["img1.png"] == ("kept", "typed by a person") and progress["img0.png"][0] == "written"
     assert (folder / "img1.txt").read_text(encoding="utf-8") == "typed by a person"
     assert (events[-1].written, events[-1].kept) == (1, 1)
+
+
+@pytest.mark.e2e
+def test_the_page_queues_captioning_as_a_job_with_one_final_event_also_when_killed(tmp_path, model_folder):
+    """The Captions & doctor tab's button: a job through the page's queue; the editor then shows its captions."""
+    from studio.caption_job import CaptionJobPanel
+    from studio.captions_editor import CaptionStore
+    from studio.jobs import Studio
+
+    studio = Studio(tmp_path / "outputs", devices=0)
+    panel = CaptionJobPanel(studio, lambda folder: None)
+    try:
+        folder = make_dataset(tmp_path / "data", 2)
+        (folder / "img1.txt").write_text("my own words", encoding="utf-8")
+        status, job_id, answer = panel.start(str(folder), str(model_folder), False, "zwx", 8)
+        assert answer["state"] == "running" and job_id
+        view = studio.wait(job_id, timeout=180)
+        events = read_events(Path(view.output_path) / "events.jsonl")
+        assert view.state == "complete" and sum(event.terminal for event in events) == 1, view.message
+        assert "Captioning is complete: 1 captions written, 1 kept" in panel.status(job_id)
+        store = CaptionStore(folder)
+        assert store.text("img0.png").startswith("zwx") and store.text("img1.png") == "my own words"
+
+        _, killed, _ = panel.start(str(folder), str(model_folder), True, "", 8)
+        wait_until(lambda: studio._active[killed].process.pid, 60, what="the second caption job's process")
+        os.kill(studio._active[killed].process.pid, signal.SIGKILL)
+        view = studio.wait(killed, timeout=60)
+        events = read_events(Path(view.output_path) / "events.jsonl")
+        assert view.state == "failed" and "signal 9" in view.message
+        assert sum(event.terminal for event in events) == 1  # the server's, for a job that could give none
+    finally:
+        studio.shutdown(timeout=10)

@@ -42,7 +42,8 @@ def trained(tmp_path_factory, model_cache):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_TEMP_DIR", str(root / "gradio"))
         demo, studio, url = launch_page("--outputs", str(root / "outputs"))
-        client = Client(url, verbose=False, download_files=str(root / "downloads"))
+        # (the first Start's dataset check imports torch in the server before it answers: 5 s and more under load)
+        client = Client(url, verbose=False, download_files=str(root / "downloads"), httpx_kwargs={"timeout": 120})
         job = client.predict(dataset_path=str(dataset), run_name="drawn", steps=4, checkpoint_steps=2, **TINY,
                              api_name="/start")
         state = wait_for(client, job["job_id"], lambda s: s["state"] in TERMINAL)
@@ -138,6 +139,23 @@ def test_the_opened_run_offers_its_checkpoints_and_prompts_and_the_page_follows_
     assert Path(image["value"]).parent == run and Path(image["value"]).name.startswith("grid_")
     reopened = tab.sheet_form(run.name)[tab.sheet_image]["value"]
     assert Path(reopened) == sheets.newest_sheet(run) and tab.drawing() is None  # shown again when reopened
+
+
+def test_a_grid_and_a_sweep_killed_while_they_start_each_end_with_one_final_event(trained):
+    from helpers import wait_until
+
+    from lora_core.eventlog import read_events
+
+    _, studio, run, _ = trained
+    for kind, args in (("grid", ["--steps", "final"]), ("sweep", ["--step", "final", "--scales", "0", "1"])):
+        job_id = studio.submit_tool(kind, run, [*args, "--prompts", PROMPTS[0]]).job_id
+        wait_until(lambda key=job_id: key in studio._active and studio._active[key].process.pid, 120,
+                   what=f"the {kind}'s process")
+        studio._active[job_id].process.kill()  # SIGKILL: the job itself can write no final event
+        view = studio.wait(job_id, timeout=120)
+        events = read_events(Path(view.output_path) / "events.jsonl")
+        assert view.state == "failed" and "signal 9" in view.message, view.message
+        assert sum(event.terminal for event in events) == 1  # the server's, once
 
 
 def test_the_options_become_the_command_line_of_the_job(tmp_path):

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from helpers import SHAPES_DATASET, tiny_config, wait_until
 
-from lora_core import launcher
 from lora_core.configfile import parse_config
+from studio import launcher
 from studio.jobs import BusyError, Studio
-from studio.queue import QUEUE_FILE
+from studio.queue import queue_path
 from studio.runs import list_runs
 
 ENGINE_STANDIN = "import time; time.sleep(60)"  # a job that runs until it is stopped
@@ -112,7 +112,7 @@ def test_the_queue_is_kept_in_the_outputs_folder_and_survives_a_restart(studios,
     first = studios(tmp_path, devices=0)
     running = first.submit(config(tmp_path, "a"))
     waiting = first.submit(config(tmp_path, "b"))
-    saved = json.loads((tmp_path / QUEUE_FILE).read_text())
+    saved = json.loads(queue_path(tmp_path).read_text())
     assert [item["job_id"] for item in saved] == [waiting.job_id]
     assert saved[0]["config"]["output_path"] == waiting.output_path
     first.shutdown(timeout=10)  # stops the running job; the queued one stays on disk
@@ -121,7 +121,7 @@ def test_the_queue_is_kept_in_the_outputs_folder_and_survives_a_restart(studios,
     second = studios(tmp_path, devices=0)
     assert second.view(waiting.job_id).state in ("starting", "running")  # the device was free: it started
     assert second.running() == [waiting.job_id] and second.queued() == []
-    assert json.loads((tmp_path / QUEUE_FILE).read_text()) == []
+    assert json.loads(queue_path(tmp_path).read_text()) == []
 
 
 def test_a_job_is_in_the_runs_list_from_the_moment_start_accepts_it(studios, tmp_path):

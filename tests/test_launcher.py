@@ -9,7 +9,6 @@ from pathlib import Path
 
 from helpers import tiny_config, wait_until
 
-from lora_core import launcher
 from lora_core.configfile import parse_config
 from lora_core.eventlog import read_events
 from lora_core.events import (
@@ -32,8 +31,9 @@ from lora_core.events import (
     ValidationReport,
     parse_event,
 )
-from lora_core.launcher import JobProcess, launch_command, record_lost
 from lora_core.runrecord import RecordTail, RunFiles
+from studio import launcher
+from studio.launcher import JobProcess, launch_command, record_lost
 
 
 def test_one_device_runs_the_engine_and_several_go_through_accelerate_launch():
@@ -80,7 +80,8 @@ def fake_job(tmp_path: Path, monkeypatch, script: str) -> JobProcess:
     """A job whose process runs `script` instead of the engine (launch_command is what JobProcess runs)."""
     monkeypatch.setattr(launcher, "launch_command", lambda *args, **kwargs: [sys.executable, "-c",
                                                                              textwrap.dedent(script)])
-    return JobProcess.start(tmp_path / "run", parse_config(tiny_config(tmp_path, tmp_path / "run")),
+    config = parse_config(tiny_config(tmp_path, tmp_path / "run"))
+    return JobProcess.start(tmp_path / "run", launcher.train_command(tmp_path / "run", config), config,
                             record={"job_id": "j1"})
 
 

@@ -65,7 +65,8 @@ def fill_outputs(root: Path) -> Path:
     make_run(root, "cli-killed", [_started(50), _progress(51, 1, 1.0)])  # no final event, no job.json
     (root / "uploads").mkdir()
     (root / "uploads" / "events.jsonl").write_text("")
-    (root / "queue.json").write_text(json.dumps([{"job_id": "j9", "output_path": str(root / "waiting"),
+    (root / ".studio").mkdir()
+    (root / ".studio" / "queue.json").write_text(json.dumps([{"job_id": "j9", "output_path": str(root / "waiting"),
                                                   "config": {"base_model": "builtin:tiny-sdxl"},
                                                   "queued_at": "2026-12-01T11:00:00+00:00"}]))
     return root

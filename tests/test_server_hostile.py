@@ -87,7 +87,8 @@ def test_uploads_a_queued_or_running_job_uses_are_never_removed(tmp_path):
         (uploads / name).mkdir(parents=True)
         three_days_ago = time.time() - 3 * 86400
         os.utime(uploads / name, (three_days_ago, three_days_ago))
-    (outputs / "queue.json").write_text(json.dumps([{"job_id": "j1", "output_path": str(outputs / "next"),
+    (outputs / ".studio").mkdir(parents=True)  # the page server's own folder (studio/queue.py)
+    (outputs / ".studio" / "queue.json").write_text(json.dumps([{"job_id": "j1", "output_path": str(outputs / "next"),
                                                      "config": {"dataset_path": str(uploads / "queued")}}]))
     (outputs / "starting").mkdir()  # a job that has not written its config.json yet
     (outputs / "starting" / "job_config.json").write_text(json.dumps({"training_params": {

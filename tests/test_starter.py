@@ -1,4 +1,4 @@
-"""The job starter (lora_core/starter.py): one-process jobs forked from a process that imported the engine once,
+"""The job starter (studio/starter.py): one-process jobs forked from a process that imported the engine once,
 each what a spawned job is (its session, files and exit status), and spawned instead when it cannot fork them."""
 
 from __future__ import annotations
@@ -13,10 +13,15 @@ import psutil
 import pytest
 from helpers import SHAPES_DATASET, tiny_config, wait_until
 
+from lora_core import runlock
 from lora_core.configfile import parse_config
-from lora_core.launcher import JobProcess, job_environment
 from lora_core.runrecord import RecordTail
-from lora_core.starter import PACKAGE_ROOT, StartedJob, Starter, cuda_driver_loaded
+from studio.launcher import JobProcess, job_environment, train_command
+from studio.starter import PACKAGE_ROOT, StartedJob, Starter, cuda_driver_loaded
+
+
+def start_training(folder, run_config, starter) -> JobProcess:
+    return JobProcess.start(folder, train_command(folder, run_config), run_config, starter=starter)
 
 
 def final_event(folder):
@@ -33,8 +38,8 @@ def config(folder, **overrides):
 def test_jobs_are_forked_from_one_starter_and_keep_their_files_signals_and_exit_status(tmp_path):
     starter = Starter()
     try:
-        first = JobProcess.start(tmp_path / "first", config(tmp_path / "first", steps=2), starter=starter)
-        killed = JobProcess.start(tmp_path / "killed", config(tmp_path / "killed", steps=5000), starter=starter)
+        first = start_training(tmp_path / "first", config(tmp_path / "first", steps=2), starter)
+        killed = start_training(tmp_path / "killed", config(tmp_path / "killed", steps=5000), starter)
         assert killed.pid == 0 and killed.alive()  # asked of the starter, which is still importing
         killed.kill()  # kept until the starter answers with the pid
         wait_until(lambda: not first.alive() and not killed.alive(), 120, what="both jobs to end")
@@ -43,7 +48,7 @@ def test_jobs_are_forked_from_one_starter_and_keep_their_files_signals_and_exit_
         assert killed.popen.poll() == -signal.SIGKILL and "signal 9 (SIGKILL)" in killed.describe_exit()
         assert final_event(killed.folder) is None  # no final event: the page records it as lost
 
-        long = JobProcess.start(tmp_path / "long", config(tmp_path / "long", steps=5000), starter=starter)
+        long = start_training(tmp_path / "long", config(tmp_path / "long", steps=5000), starter)
         wait_until(lambda: long.pid, 120, what="the pid")
         process = psutil.Process(long.pid)
         assert process.ppid() == starter._process.pid  # forked, not spawned: no new import
@@ -70,17 +75,38 @@ def read(folder):
 def test_a_job_the_starter_never_answered_is_spawned_instead(tmp_path):
     starter = Starter()
     try:
-        job = JobProcess.start(tmp_path / "run", config(tmp_path / "run", steps=1), starter=starter)
+        job = start_training(tmp_path / "run", config(tmp_path / "run", steps=1), starter)
         starter._process.kill()  # ends before it has imported the engine, let alone forked the job
         wait_until(lambda: job.pid, 120, what="the spawned job's pid")
         assert psutil.Process(job.pid).ppid() == os.getpid()  # spawned by this process after all
         wait_until(lambda: not job.alive(), 120, what="the job to end")
         assert job.popen.poll() == 0 and final_event(job.folder).type == "complete"
-        later = JobProcess.start(tmp_path / "later", config(tmp_path / "later", steps=1), starter=starter)
+        later = start_training(tmp_path / "later", config(tmp_path / "later", steps=1), starter)
         assert later.pid and psutil.Process(later.pid).ppid() == os.getpid()  # spawned at once from now on
         wait_until(lambda: not later.alive(), 120, what="the later job to end")
     finally:
         starter.close()
+
+
+@pytest.mark.e2e
+def test_a_job_forked_by_a_starter_that_died_before_answering_is_found_by_its_lock_never_started_twice(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(StartedJob, "_started", lambda self, pid: None)  # its answer with the pid is lost
+    starter = Starter()
+    try:
+        job = start_training(tmp_path / "run", config(tmp_path / "run", steps=5000), starter)
+        wait_until(lambda: runlock.held_by(job.folder), 120, what="the forked job's lock")
+        starter._process.kill()  # the starter dies with the job forked and its answer never sent
+        wait_until(lambda: starter._closed, 30, what="the server to see the starter end")
+    finally:
+        starter.close()
+    assert job.popen.lost and job.pid == 0 and job.alive()  # known only by the lock it holds
+    wait_until(lambda: any(event.type == "progress" for event in read(job.folder)), 120, what="a training step")
+    job.terminate()  # proven by the lock (pid, token, the lock file open in that process), then SIGTERM
+    wait_until(lambda: not job.alive(), 120, what="the stop")
+    events = read(job.folder)
+    assert [event.type for event in events].count("started") == 1, "the job was started twice"
+    assert sum(event.terminal for event in events) == 1 and final_event(job.folder).type == "interrupted"
 
 
 def test_a_job_with_another_environment_is_not_forked_from_the_starter(tmp_path):
@@ -128,7 +154,7 @@ def noisy_import(name, *args, **kwargs):
     return real_import(name, *args, **kwargs)
 builtins.__import__ = noisy_import
 sys.argv = ["starter"]
-runpy.run_module("lora_core.starter", run_name="__main__")
+runpy.run_module("studio.starter", run_name="__main__")
 '''
 
 

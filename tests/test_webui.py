@@ -414,7 +414,7 @@ def test_the_studio_trains_on_several_devices_through_the_launcher_and_stop_ends
     from helpers import SHAPES_DATASET, tiny_config
 
     from lora_core.eventlog import read_events
-    from lora_core.launcher import validation_report
+    from studio.launcher import validation_report
     from studio.render import estimate_markdown
 
     studio = Studio(tmp_path / "outputs", processes=2)

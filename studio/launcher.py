@@ -4,7 +4,7 @@
 `accelerate launch` for several devices) in its own session, so the job outlives whoever started it, with
 its stderr in `folder/stderr.log` and its pid and start time in `folder/job.json`. Its events are what
 `run_job` appends to `folder/events.jsonl`: any reader, this process or a later one, follows that file.
-Given the page's `Starter`, a one-process job is forked from it (lora_core/starter.py: no new import of
+Given the page's `Starter`, a one-process job is forked from it (studio/starter.py: no new import of
 torch) and its pid reaches job.json when the starter answers. `JobProcess.attach(folder)` finds a job
 again from job.json (the start time guards against a reused pid).
 A job that dies without a final event (SIGKILL, the out-of-memory killer, a native crash) gets one from
@@ -22,31 +22,36 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from lora_core import runlock
 from lora_core.config import TrainConfig
 from lora_core.configfile import config_to_file_dict
 from lora_core.eventlog import EventLog, read_events
 from lora_core.events import Error, ValidationReport, parse_event
 from lora_core.files import JOB_FILE, atomic_write_text
-from lora_core.runrecord import EVENTS_FILE, JOB_CONFIG_FILE, STDERR_FILE, RunFiles, process_alive
-from lora_core.starter import StartedJob, Starter
+from lora_core.runlock import JOB_FOLDER_VARIABLE, TOKEN_VARIABLE
+from lora_core.runrecord import JOB_CONFIG_FILE, STDERR_FILE, RunFiles, process_alive, read_json
+from studio.starter import StartedJob, Starter
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where `-m lora_core` is importable from
 VALIDATE_TIMEOUT_S = 600.0  # a hub model's configs may have to be downloaded first
+STARTING_GRACE_S = 120.0  # a job forked but not yet holding its lock (importing the engine) counts as alive
 
-log = logging.getLogger("lora_core.launcher")
+log = logging.getLogger("studio.launcher")
 
 
 def device_count() -> int:
@@ -130,6 +135,19 @@ def validation_report(config: TrainConfig, num_processes: int = 1, env: Mapping[
     raise RuntimeError(f"the check ended without a report (exit code {result.returncode}): {tail}")
 
 
+def train_command(folder: str | Path, config: TrainConfig, num_processes: int = 1, resume: bool = False) -> list[str]:
+    """Write `config` as the job's config file in `folder` and return the command that trains it."""
+    path = Path(folder) / JOB_CONFIG_FILE
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(config_to_file_dict(config), indent=2) + "\n")
+    return launch_command(path, num_processes, extra_args=["--resume"] if resume else ())
+
+
+def tool_command(argv: Sequence[str]) -> list[str]:
+    """`python -m lora_core ARGV` for a tool job (grid, sweep, caption): one process."""
+    return [sys.executable, "-m", "lora_core", *argv]
+
+
 def process_start_time(pid: int) -> float | None:
     """When process `pid` started (seconds since the epoch), or None when there is no such process."""
     import psutil
@@ -151,39 +169,32 @@ class JobProcess:
     popen: subprocess.Popen | StartedJob | None = None  # set when this process started the job (its exit is known)
 
     @classmethod
-    def start(cls, folder: str | Path, config: TrainConfig, num_processes: int = 1, *, resume: bool = False,
-              devices: Sequence[int] | None = None, env: Mapping[str, str] | None = None,
-              record: Mapping[str, Any] | None = None, starter: Starter | None = None) -> JobProcess:
-        """Write the config and start the job in its own session; `record` goes into job.json too. With a
-        `starter`, a one-process job is forked from it (lora_core/starter.py) instead of spawned."""
+    def start(cls, folder: str | Path, command: Sequence[str], config: TrainConfig | None = None, *,
+              num_processes: int = 1, devices: Sequence[int] | None = None, env: Mapping[str, str] | None = None,
+              record: Mapping[str, Any] | None = None, starter: Starter | None = None,
+              before_start: Callable[[], object] = lambda: None) -> JobProcess:
+        """Start `command` (`train_command` or `tool_command`) as the job of `folder`, in its own session: the
+        one way every job's process starts. The job writes its own events (training into its run folder, a
+        tool into `folder`, named by LORA_JOB_FOLDER) and holds `folder`'s lock (lora_core/runlock.py);
+        `record` goes into job.json with a fresh token the process carries (LORA_JOB_TOKEN), which later
+        proves that a pid is this job's (`owned`). `config`: the run's, for its device (None: the job's own
+        options decide). With a `starter`, a one-process job is forked from it (studio/starter.py).
+        `before_start` runs once job.json is written, before the process starts (the page takes the job off
+        its queue there); if it raises, nothing starts."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / JOB_CONFIG_FILE, json.dumps(config_to_file_dict(config), indent=2) + "\n")
-        command = launch_command(folder / JOB_CONFIG_FILE, num_processes, extra_args=["--resume"] if resume else ())
-        environment = job_environment(config, num_processes, devices, env)
-        return cls._spawn(folder, command, environment, None, {**(record or {}), "num_processes": num_processes,
-                                                               "devices": list(devices or []), "resume": resume},
-                          starter)
+        token = secrets.token_hex(16)
+        environment = {**job_environment(config, num_processes, devices, env), TOKEN_VARIABLE: token,
+                       JOB_FOLDER_VARIABLE: str(folder.resolve())}
+        return cls._spawn(folder, list(command), environment, {
+            **(record or {}), "token": token, "num_processes": num_processes, "devices": list(devices or []),
+            "resume": "--resume" in command}, starter, before_start)
 
     @classmethod
-    def start_tool(cls, folder: str | Path, argv: Sequence[str], config: TrainConfig | None, *,
-                   devices: Sequence[int] | None = None, env: Mapping[str, str] | None = None,
-                   record: Mapping[str, Any] | None = None, starter: Starter | None = None) -> JobProcess:
-        """Run `python -m lora_core ARGV` (grid, sweep, caption: tools that print JSON-lines events on stdout) as a
-        job of `folder`: its stdout becomes `folder/events.jsonl`, so it is followed like a training job.
-        `config`: the run's, for its device (None for a job of no run: `caption DATASET ...`, whose own
-        `--device` decides)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "lora_core", *argv]
-        return cls._spawn(folder, command, job_environment(config, 1, devices, env), folder / EVENTS_FILE,
-                          {**(record or {}), "num_processes": 1, "devices": list(devices or []), "resume": False},
-                          starter)
-
-    @classmethod
-    def _spawn(cls, folder: Path, command: list[str], environment: dict[str, str], stdout_path: Path | None,
-               record: dict[str, Any], starter: Starter | None = None) -> JobProcess:
-        stderr_path, stdout_path = folder / STDERR_FILE, stdout_path or Path(os.devnull)
+    def _spawn(cls, folder: Path, command: list[str], environment: dict[str, str], record: dict[str, Any],
+               starter: Starter | None, before_start: Callable[[], object]) -> JobProcess:
+        # stdout carries the events the job also writes itself: nobody needs this copy of them
+        stderr_path, stdout_path = folder / STDERR_FILE, Path(os.devnull)
         with open(stderr_path, "ab") as log:
             log.write(f"--- {_now()} {' '.join(command)}\n".encode())
 
@@ -193,8 +204,13 @@ class JobProcess:
                                         stdout=stdout, stderr=log, start_new_session=True)
 
         job = cls(folder, 0, 0.0, {**record, "started_at": _now(), "command": command})
+        job.save()  # before the process exists (its pid comes later): a server restarted meanwhile finds it
+        try:
+            before_start()
+        except BaseException:
+            (folder / JOB_FILE).unlink(missing_ok=True)
+            raise
         if starter is not None and command[1:3] == ["-m", "lora_core"]:
-            job.save()  # without its pid until the starter answers (a job.json without one is never adopted)
             job.popen = starter.start(command[3:], environment, stdout_path, stderr_path, spawn, job._started)
         if job.popen is None:
             job.popen = spawn()
@@ -213,21 +229,80 @@ class JobProcess:
 
     @classmethod
     def attach(cls, folder: str | Path) -> JobProcess | None:
-        """The job recorded in `folder/job.json`, or None when there is none (or it cannot be read)."""
-        try:
-            data = json.loads((Path(folder) / JOB_FILE).read_text(encoding="utf-8"))
-            return cls(Path(folder), int(data["pid"]), float(data["start_time"]), data)
-        except (OSError, ValueError, KeyError, TypeError):
+        """The job recorded in `folder/job.json`, or None when there is none or it is damaged. A job.json
+        without a pid (the server or its starter died before the pid was written) takes the pid from the
+        lock the job holds, when that holder carries the job's token."""
+        data = read_json(Path(folder) / JOB_FILE)
+        if not isinstance(data, dict) or not isinstance(data.get("token", ""), str):
             return None
+        try:
+            pid, start_time = int(data.get("pid", 0)), float(data.get("start_time", 0.0))
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if pid < 0 or not math.isfinite(start_time):
+            return None
+        job = cls(Path(folder), pid, start_time, data)
+        if not pid:
+            job.find_pid()
+        return job
+
+    def find_pid(self) -> bool:
+        """Take the pid from the job's lock when its holder carries this job's token; True when found."""
+        who = runlock.held_by(self.folder)
+        token = self.record.get("token")
+        if not token or not who or who.get("token") != token or not isinstance(who.get("pid"), int):
+            return False
+        self.pid, self.start_time = who["pid"], float(who.get("start_time") or 0.0)
+        self.record.update(pid=self.pid, start_time=self.start_time)
+        return True
+
+    def owned(self) -> bool:
+        """Whether `pid` is provably this job's process, the only one this server ever signals: the pid and its
+        start time match, and the process carries the token job.json holds (in its environment when it was
+        spawned; a forked one holds the job folder's lock with the token written in it)."""
+        import psutil
+
+        token = self.record.get("token")
+        if not token or not isinstance(token, str) or self.pid <= 0:
+            return False
+        try:
+            process = psutil.Process(self.pid)
+            if abs(process.create_time() - self.start_time) >= 1.0:
+                return False
+            with contextlib.suppress(psutil.Error):
+                if process.environ().get(TOKEN_VARIABLE) == token:
+                    return True
+            who = runlock.held_by(self.folder)
+            lock = str(runlock.lock_path(self.folder.resolve()))
+            return bool(who and who.get("token") == token and who.get("pid") == self.pid
+                        and any(item.path == lock for item in process.open_files()))
+        except psutil.Error:
+            return False
 
     def save(self) -> None:
         record = dict(self.record)  # a copy: the starter's thread may add the pid meanwhile
         atomic_write_text(self.folder / JOB_FILE, json.dumps(record, indent=2) + "\n")
 
     def alive(self) -> bool:
-        if self.popen is not None and not getattr(self.popen, "lost", False):
+        if self._started_here():
             return self.popen.poll() is None
+        if not self.pid and not self.find_pid():  # forked, but its pid never reached job.json
+            return runlock.holder(self.folder) is not None or self._may_still_start()
         return bool(process_alive({"pid": self.pid, "start_time": self.start_time}))
+
+    def _started_here(self) -> bool:
+        """Whether this process started the job and still knows its process (a Popen, or the starter's
+        answer): then it signals it directly; otherwise only after `owned` proves the pid."""
+        return self.popen is not None and not getattr(self.popen, "lost", False)
+
+    def _may_still_start(self) -> bool:
+        """A job.json without a pid whose job has not taken its lock yet: still importing, or never forked.
+        Given STARTING_GRACE_S from its start before it counts as lost."""
+        try:
+            started = datetime.fromisoformat(str(self.record.get("started_at"))).timestamp()
+        except ValueError:
+            return False
+        return time.time() - started < STARTING_GRACE_S
 
     def describe_exit(self) -> str:
         """How the process ended, in words (only known to the process that started it)."""
@@ -252,8 +327,14 @@ class JobProcess:
 
         if not self.alive():
             return
-        if not self.pid:  # still starting: the starter's answer brings the signal
-            self.popen.send_signal(signal.SIGKILL)
+        if not self.pid:
+            if self._started_here():  # still starting: the starter's answer brings the signal
+                self.popen.send_signal(signal.SIGKILL)
+                return
+            if not self.find_pid():
+                return
+        if not self._started_here() and not self.owned():
+            log.warning("not killing pid %s: it is not provably job %s's process", self.pid, self.folder)
             return
         try:
             processes = [*psutil.Process(self.pid).children(recursive=True), psutil.Process(self.pid)]
@@ -266,8 +347,13 @@ class JobProcess:
     def _signal(self, signum: int) -> None:
         if not self.alive():
             return
-        if self.popen is not None:
+        if self._started_here():
             self.popen.send_signal(signum)  # a starting job's waits for its pid
+            return
+        if not self.pid and not self.find_pid():
+            return
+        if not self.owned():  # a forged or stale job.json must never make the server signal another process
+            log.warning("not signalling pid %s: it is not provably job %s's process", self.pid, self.folder)
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signum)

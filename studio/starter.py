@@ -2,7 +2,7 @@
 
 A new Python process spends 5 to 6 s of CPU importing torch, diffusers, transformers and peft before a job
 does anything (measured on a 2-core machine), longer than a short job trains. So the page server starts its
-one-process jobs through a starter: `python -m lora_core.starter`, spawned clean by the server (none of the
+one-process jobs through a starter: `python -m studio.starter`, spawned clean by the server (none of the
 server's threads, no CUDA), imports the engine, then forks one process per request read on its stdin. The
 forked process becomes `python -m lora_core ARGV`: a session of its own, stdin from /dev/null, stdout and
 stderr to the job's files, the job's environment and working directory. The starter answers the new pid on
@@ -34,11 +34,12 @@ from pathlib import Path
 from typing import Any
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where `-m lora_core` is importable from
-PER_JOB = frozenset({"CUDA_VISIBLE_DEVICES", "ACCELERATE_USE_CPU"})  # read when CUDA or accelerate starts
+# read when CUDA or accelerate starts, or by the job alone (its token and folder, lora_core/runlock.py)
+PER_JOB = frozenset({"CUDA_VISIBLE_DEVICES", "ACCELERATE_USE_CPU", "LORA_JOB_TOKEN", "LORA_JOB_FOLDER"})
 PRELOAD = ("lora_core.cli", "lora_core.job", "lora_core.training", "lora_core.grid")
 REAP_S = 0.2  # how often the starter looks for ended jobs
 
-log = logging.getLogger("lora_core.starter")
+log = logging.getLogger("studio.starter")
 
 
 # --- the starter process ---
@@ -178,6 +179,7 @@ class Starter:
         self._process: subprocess.Popen | None = None
         self._jobs: dict[int, StartedJob] = {}  # request id, then pid -> job
         self._requests = 0
+        self._ready = False  # the starter has imported the engine and reads requests (it may fork from now on)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -228,7 +230,7 @@ class Starter:
     def _running(self, environment: Mapping[str, str]) -> subprocess.Popen:
         if self._process is None:
             self.environment = shared_environment(environment)
-            self._process = subprocess.Popen([sys.executable, "-m", "lora_core.starter"], cwd=self.cwd,
+            self._process = subprocess.Popen([sys.executable, "-m", "studio.starter"], cwd=self.cwd,
                                              env=self.environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                              text=True, bufsize=1)
             threading.Thread(target=self._read, args=(self._process,), name="job-starter", daemon=True).start()
@@ -248,6 +250,7 @@ class Starter:
                     if job is not None and "pid" in message:
                         self._jobs[message["pid"]] = job
                 else:
+                    self._ready = self._ready or bool(message.get("ready"))
                     continue
             if job is None:
                 continue
@@ -265,8 +268,11 @@ class Starter:
             self._closed = True
             left, self._jobs = self._jobs, {}
         for key, job in left.items():
-            job.lost = key > 0
-            if key < 0:
+            # Once the starter was ready it may have forked a job it never answered for: spawning that one
+            # would start it twice. It is left lost (pid unknown): its process is found by the lock it takes
+            # (launcher.JobProcess.find_pid). Before ready it read no request, so it forked none.
+            job.lost = key > 0 or self._ready
+            if key < 0 and not self._ready:
                 try:
                     job._spawned_instead()
                 except Exception:

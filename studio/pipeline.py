@@ -1,0 +1,108 @@
+"""One description of a page job and the one way it becomes a process, whatever its kind.
+
+A job is a `QueuedJob` (studio/queue.py): its kind, its arguments, its job folder (`output_path`) and how many
+devices it needs. Every kind runs `python -m lora_core KIND ...` through the same command wrapper (the engine
+writes its own events, holds its folder's lock, ends with exactly one final event, stops on SIGTERM) and is
+started by the same `JobProcess.start` (studio/launcher.py), queued by the same `Studio.submit_job`, and
+followed, stopped and adopted after a restart the same way (studio/jobs.py):
+
+    kind      job folder (events.jsonl, stderr.log, job.json)   target (the folder it works on)
+    train     the run folder                                     the run folder (written: exclusive lock)
+    grid      OUTPUTS/.studio/jobs/<id>                          the run folder (read: shared lock)
+    sweep     OUTPUTS/.studio/jobs/<id>                          the run folder (read: shared lock)
+    caption   OUTPUTS/.studio/jobs/<id>                          the dataset folder (its .txt files written)
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from lora_core import runlock
+from lora_core.config import TrainConfig
+from lora_core.events import Error
+from lora_core.files import JOB_FILE
+from lora_core.runrecord import RecordTail
+from studio.launcher import JobProcess, record_lost, tool_command, train_command
+from studio.queue import STUDIO_DIR, QueuedJob
+
+log = logging.getLogger("studio.pipeline")
+TOOL_JOBS = "jobs"  # under OUTPUTS/.studio: one folder per tool job
+DRAWN = ("grid", "sweep")  # read a run's saved LoRAs: the run folder is their first argument
+
+
+class BusyError(RuntimeError):
+    """The folder already has a queued or running job, another process holds it, or the queue is full."""
+
+
+def tool_jobs_folder(outputs_root: Path) -> Path:
+    return Path(outputs_root) / STUDIO_DIR / TOOL_JOBS
+
+
+def target_of(job: QueuedJob) -> Path:
+    """The folder a job works on: a training's run folder, a grid's run, a caption job's dataset."""
+    return Path(job.output_path if job.kind == "train" else job.args[0]).resolve()
+
+
+def job_command(job: QueuedJob) -> tuple[list[str], TrainConfig | None]:
+    """The command that runs `job` and the config whose device it runs on (None: the job's own options)."""
+    if job.kind == "train":
+        config = job.train_config()
+        return train_command(job.output_path, config, job.processes, job.resume), config
+    config = None
+    if job.kind in DRAWN:
+        from lora_core.grid import read_run  # torch-free: reads the run's config file
+
+        _, config = read_run(job.args[0])
+    return tool_command([job.kind, *job.args]), config
+
+
+def check_free(target: Path, kind: str, busy: dict[Path, set[str]]) -> None:
+    """BusyError when `kind` may not work on `target` now: a job of this server queued or running for it
+    (a training excludes everything; grids and sweeps of one run may share it; one caption job a dataset),
+    or another process holding its lock (a CLI run, a second server)."""
+    kinds = busy.get(target, set())
+    reading = kind in DRAWN
+    if kinds and not (reading and kinds <= set(DRAWN)):
+        what = ("training, or waiting to" if "train" in kinds else "a grid or sweep queued or drawing"
+                if kinds <= set(DRAWN) else f"a {'/'.join(sorted(kinds))} job")
+        raise BusyError(f"{target} already has a queued or running job ({what}); start this once that has "
+                        "ended, or stop or cancel it first")
+    who = runlock.holder(target)
+    if who is not None and not (reading and who.get("shared")):
+        raise BusyError(f"{target} is in use by {runlock.describe(who)}; start this once it has ended")
+
+
+def record_end(process: JobProcess, tail: RecordTail) -> None:
+    """A job's process ended without a final event: the server writes one (`record_lost`: its exit status and
+    stderr), unless another process now holds the folder (the job was refused: a CLI run took it first), whose
+    events are its own: then the refusal is said in this job's view only."""
+    holder = runlock.held_by(process.folder)
+    if holder is not None and holder.get("token") != process.record.get("token"):
+        tail.record.add(Error(message=f"the job could not start: {process.folder} is in use by "
+                              f"{runlock.describe(holder)}"))
+        return
+    try:
+        record_lost(process)
+    except OSError as error:
+        log.warning("could not record how the job of %s ended: %s", process.folder, error)
+    tail.update()
+
+
+def find_jobs(outputs_root: Path, damaged: list[str] | None = None) -> list[JobProcess]:
+    """The jobs an earlier server started (job.json in a run folder or a tool job's folder). A damaged one is
+    left out and said in `damaged` (its run shows as failed in the Runs list). Each one's process is found by
+    pid, or (a job.json without one) by the lock its job holds."""
+    records = [*Path(outputs_root).glob(f"*/{JOB_FILE}"), *tool_jobs_folder(outputs_root).glob(f"*/{JOB_FILE}")]
+    found = []
+    for record in records:
+        if record.parent.name.startswith(".") and record.parent.parent == Path(outputs_root):
+            continue
+        process = JobProcess.attach(record.parent)
+        if process is not None:
+            found.append(process)
+        elif damaged is not None:
+            damaged.append(f"{record} is damaged (not a job record this server wrote); that job is not followed")
+    return found
