@@ -28,6 +28,7 @@ from safetensors.torch import save, save_file
 
 from lora_core import dora, lycoris
 from lora_core.config import TrainConfig
+from lora_core.config_loss import loss_metadata
 from lora_core.files import atomic_write
 
 if TYPE_CHECKING:
@@ -45,7 +46,10 @@ TARGETS = {
 }
 OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit",
                    "paged_adamw8bit": "bitsandbytes.optim.PagedAdamW8bit",
-                   "prodigy": "prodigyopt.Prodigy", "adafactor": "transformers.optimization.Adafactor"}
+                   "prodigy": "prodigyopt.Prodigy", "adafactor": "transformers.optimization.Adafactor",
+                   "lion": "lion_pytorch.Lion", "lion8bit": "bitsandbytes.optim.Lion8bit",
+                   "paged_lion8bit": "bitsandbytes.optim.PagedLion8bit",
+                   "adamw_schedulefree": "schedulefree.AdamWScheduleFree", "came": "came_pytorch.CAME"}
 MODELSPEC_VERSION = "1.0.1"
 NETWORK_MODULES = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya"}
 
@@ -269,6 +273,7 @@ def sd_scripts_fields(config: TrainConfig, num_images: int, gradient_checkpointi
     return {
         "ss_min_snr_gamma": str(config.min_snr_gamma or None),
         "ss_noise_offset": str(config.noise_offset or None),
+        **loss_metadata(config),
         "ss_network_dropout": str(dropout),
         "ss_zero_terminal_snr": str(config.zero_terminal_snr),
         "ss_flip_aug": str(config.flip_horizontal),
@@ -312,6 +317,8 @@ def network_args(config: TrainConfig) -> dict[str, str]:
             args["rank_dropout"] = str(config.lora_dropout)
     if config.lora_target == "locon":
         args.update(conv_dim=str(config.lora_rank), conv_alpha=str(config.lora_alpha))
+    if config.loraplus_lr_ratio != 1:  # sd-scripts' network argument (it has no field of its own)
+        args["loraplus_lr_ratio"] = str(config.loraplus_lr_ratio)
     return args
 
 

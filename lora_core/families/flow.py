@@ -119,6 +119,7 @@ def block_checkpointing_share(blocks: int) -> float:
 def flow_family_problems(family: Family, config: TrainConfig, targets: dict) -> list[tuple[str, str]]:
     """The options a flow-matching family cannot honour (the UNet families' own, and what its export lacks)."""
     from lora_core.config import changed
+    from lora_core.config_loss import DDPM_ONLY
 
     problems = []
     name = family.display_name
@@ -130,6 +131,9 @@ def flow_family_problems(family: Family, config: TrainConfig, targets: dict) -> 
     for option, why in (("zero_terminal_snr", "a DDPM schedule's"), ("noise_offset", "the UNet families'")):
         if getattr(config, option):
             problems.append((option, f"{option} is {why} option; {name} trains by rectified flow: turn it off"))
+    problems += [(option, f"{option} is an option of the DDPM objective (SD 1.x/2.x/SDXL); {name} trains by "
+                  "rectified flow (its noise levels: timestep_sampling, its weighting: loss_weighting): put it "
+                  "back to its default") for option in DDPM_ONLY if changed(config, option)]
     if config.network_type != "lora" or config.use_dora:
         field = "use_dora" if config.use_dora else "network_type"
         problems.append((field, f"{name} LoRAs are written as plain LoRA (kohya's layout, fused q/k/v); LoHa, "

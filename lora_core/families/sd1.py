@@ -55,7 +55,7 @@ class SD1(Family):
         from lora_core import objective
 
         return objective.DDPMObjective(objective.noise_scheduler_for(scheduler_config, config), info.prediction_type,
-                                       config.min_snr_gamma)
+                                       config.min_snr_gamma, config)
 
     def predict(self, forward, noisy: torch.Tensor, levels: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         return forward(noisy, levels, **inputs).sample

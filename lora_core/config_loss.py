@@ -1,0 +1,128 @@
+"""The loss, noise, timestep, optimizer-side and LoRA+ options, part of the one configuration model (config.py).
+
+They live apart only to keep config.py readable: `TrainConfig` inherits them, so the CLI, the page, the presets
+and `config_schema.json` see them like every other field. Names, defaults and formulas are sd-scripts' (its
+`--loss_type`, `--huber_*`, `--debiased_estimation_loss`, `--min_timestep` / `--max_timestep`,
+`--multires_noise_*`, and LoRA+'s `loraplus_lr_ratio` network argument); lora_core/losses.py computes them.
+The DDPM-only ones carry `families` in their form hints; the flow-matching families refuse them at their field
+(families/flow.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from lora_core.errors import FieldConflict
+
+DDPM_FAMILIES = ["sd1", "sd2", "sdxl"]  # the form hint: the flow families refuse these options
+DDPM_ONLY = ("loss_type", "huber_schedule", "huber_c", "huber_scale", "debiased_estimation_loss", "min_timestep",
+             "max_timestep", "multires_noise_iterations", "multires_noise_discount")
+HUBER_OPTIONS = ("huber_schedule", "huber_c", "huber_scale")
+DEFAULT_TIMESTEPS = 1000  # the DDPM schedule's length in every SD model
+ADAMW_LR, ADAMW_DECAY = 1e-4, 1e-2  # learning_rate's and adam_weight_decay's defaults (config.py)
+# Lion's sign update is larger than AdamW's, so the Lion paper advises a learning rate 3-10x smaller and a weight
+# decay as much larger (their product, the decay per step, stays AdamW's): applied while the two are at defaults
+LION_DEFAULTS = {"learning_rate": (ADAMW_LR, 3e-5), "adam_weight_decay": (ADAMW_DECAY, 3e-2)}
+LION_OPTIMIZERS = ("lion", "lion8bit", "paged_lion8bit")
+OPTIMIZER_NOTES = (
+    "lion (lion-pytorch; sign updates, one moment: half AdamW's state): learning_rate and adam_weight_decay left "
+    "at their defaults read as 3e-5 and 0.03 for it (the Lion paper's 3-10x smaller rate, larger decay); "
+    "lion8bit / paged_lion8bit: the same with 8-bit state (bitsandbytes; paged: CUDA only); adamw_schedulefree "
+    "(schedulefree): AdamW without a schedule: it averages its iterates, and samples, the validation loss and "
+    "the LoRA file use the average; lr_scheduler must stay 'constant' (lr_warmup_steps becomes its own warmup); "
+    "came (came-pytorch): Adafactor-like factored state with a confidence-guided step, about AdamW's quality "
+    "in less memory.")
+
+
+def _ddpm() -> dict[str, Any]:
+    return {"group": "advanced", "families": DDPM_FAMILIES}
+
+
+class LossOptions(BaseModel):
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = Field("l2", description=(
+        "The per-pixel error: l2 (squared, the usual), l1 (absolute), huber (squared near zero, linear beyond "
+        "huber_c: 2c(sqrt(d² + c²) - c)), or smooth_l1 (the same without the factor c). huber and smooth_l1 "
+        "follow outliers less than l2 (sd-scripts' --loss_type). SD 1.x/2.x/SDXL only."),
+        json_schema_extra=_ddpm())
+    huber_schedule: Literal["snr", "exponential", "constant"] = Field("snr", description=(
+        "How huber_c varies with the timestep (huber and smooth_l1 only): snr: (1 - c) / (1 + sigma_t)² + c, "
+        "near 1 (l2-like) at low noise, c at high noise, with sigma_t = sqrt((1 - alpha_bar) / alpha_bar); "
+        "exponential: scale * exp(ln(c) * t / 1000), from scale at t = 0 down to c * scale; constant: c * scale."),
+        json_schema_extra=_ddpm())
+    huber_c: float = Field(0.1, gt=0, le=1.0, description=(
+        "The Huber threshold c (huber and smooth_l1 only; 0.1 as sd-scripts): below it an error counts "
+        "squared, above it linearly."), json_schema_extra={**_ddpm(), "step": 0.01})
+    huber_scale: float = Field(1.0, gt=0, le=100, description=(
+        "Multiplies c in the exponential and constant huber_schedule (sd-scripts' --huber_scale; the snr "
+        "schedule ignores it, as there)."), json_schema_extra=_ddpm())
+    debiased_estimation_loss: bool = Field(False, description=(
+        "Weight each sample by 1 / sqrt(SNR) (v-prediction: 1 / (SNR + 1)), SNR capped at 1000, which evens out "
+        "the timesteps' contributions (Yu et al. 2024, sd-scripts' --debiased_estimation_loss). With "
+        "min_snr_gamma also set, both weights apply, as in sd-scripts: set min_snr_gamma 0 for debiasing alone."),
+        json_schema_extra=_ddpm())
+    min_timestep: int = Field(0, ge=0, le=DEFAULT_TIMESTEPS - 1, description=(
+        "Train only on timesteps from this one (0 = least noise); with max_timestep, e.g. 0-500 for detail, "
+        "500-1000 for composition. The validation loss's timesteps lie in the same range."),
+        json_schema_extra=_ddpm())
+    max_timestep: int = Field(DEFAULT_TIMESTEPS, ge=1, le=DEFAULT_TIMESTEPS, description=(
+        "Train only on timesteps below this one (1000 = up to pure noise); above min_timestep."),
+        json_schema_extra=_ddpm())
+    multires_noise_iterations: int = Field(0, ge=0, le=20, description=(
+        "Multi-resolution (pyramid) noise: add this many levels of upscaled lower-resolution noise (6-10 as "
+        "sd-scripts advises), rescaled to unit variance over the batch; teaches large-scale light and contrast "
+        "like noise_offset. 0: off. Applied after noise_offset, as sd-scripts does."), json_schema_extra=_ddpm())
+    multires_noise_discount: float = Field(0.3, ge=0, le=1.0, description=(
+        "Each pyramid level's noise is scaled by discount^level (sd-scripts' default 0.3; 0.1 is gentler). "
+        "Used only with multires_noise_iterations."), json_schema_extra={**_ddpm(), "step": 0.05})
+    loraplus_lr_ratio: float = Field(1.0, ge=1.0, le=1000, description=(
+        "LoRA+: the up (B) matrices learn this many times faster than the down (A) ones (Hayou et al. 2024; "
+        "16 is the paper's suggestion, sd-scripts' loraplus_lr_ratio); the text encoders' too, at "
+        "text_encoder_lr. 1: plain LoRA. network_type 'lora' only (without DoRA)."),
+        json_schema_extra={"group": "advanced"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lion_defaults(cls, data: Any) -> Any:
+        """Lion's own learning rate and weight decay where the two are left at AdamW's defaults."""
+        if not isinstance(data, dict) or data.get("optimizer") not in LION_OPTIMIZERS:
+            return data
+        data = dict(data)
+        for name, (adamw_default, lion_default) in LION_DEFAULTS.items():
+            if data.get(name, adamw_default) == adamw_default:
+                data[name] = lion_default
+        return data
+
+    @model_validator(mode="after")
+    def _loss_options_agree(self) -> Any:
+        if self.min_timestep >= self.max_timestep:
+            raise FieldConflict(("min_timestep", "max_timestep"), f"min_timestep {self.min_timestep} must be below "
+                                f"max_timestep {self.max_timestep} (timesteps are drawn from min to max - 1)")
+        if self.loss_type in ("l2", "l1"):
+            fields = type(self).model_fields
+            set_ = [name for name in HUBER_OPTIONS if getattr(self, name) != fields[name].default]
+            if set_:
+                raise FieldConflict((*set_, "loss_type"), f"{', '.join(set_)} shape(s) the huber and smooth_l1 "
+                                    f"losses only; with loss_type {self.loss_type!r} put them back to their "
+                                    "defaults, or choose loss_type 'huber' or 'smooth_l1'")
+        if self.loraplus_lr_ratio != 1 and (getattr(self, "network_type", "lora") != "lora"
+                                            or getattr(self, "use_dora", False)):
+            raise FieldConflict(("loraplus_lr_ratio", "network_type"), "LoRA+ speeds up a LoRA's up (B) "
+                                "matrices; LoHa, LoKr and DoRA have no such pair: set loraplus_lr_ratio to 1 "
+                                "or use network_type 'lora' without DoRA")
+        if getattr(self, "optimizer", "") == "adamw_schedulefree" and getattr(self, "lr_scheduler", "") != "constant":
+            raise FieldConflict(("lr_scheduler", "optimizer"), "adamw_schedulefree replaces the learning-rate "
+                                "schedule (it averages its iterates instead): set lr_scheduler to 'constant' "
+                                "(lr_warmup_steps still warms it up)")
+        return self
+
+
+def loss_metadata(config: Any) -> dict[str, str]:
+    """These options' `ss_*` fields as sd-scripts' train_network.py writes them (`str()` of its values, `None`
+    for multires noise left off); the timestep range has no field there."""
+    return {"ss_loss_type": config.loss_type, "ss_huber_schedule": config.huber_schedule,
+            "ss_huber_c": str(config.huber_c), "ss_huber_scale": str(config.huber_scale),
+            "ss_debiased_estimation": str(config.debiased_estimation_loss),
+            "ss_multires_noise_iterations": str(config.multires_noise_iterations or None),
+            "ss_multires_noise_discount": str(config.multires_noise_discount)}
