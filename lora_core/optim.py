@@ -67,7 +67,8 @@ def _maintained_elsewhere(config: TrainConfig, groups: list[dict]) -> torch.opti
         optimizer.train()  # it starts in eval mode; steps need train mode
         return optimizer
     if config.optimizer == "came":
-        return _imported("came_pytorch", config).CAME(groups, betas=CAME_BETAS, eps=CAME_EPS, weight_decay=decay)
+        return _imported("came_pytorch", config).CAME(groups, lr=config.learning_rate, betas=CAME_BETAS, eps=CAME_EPS,
+                                                      weight_decay=decay)  # lr: a default it asserts on
     raise OptimizerError(f"unknown optimizer {config.optimizer!r}")
 
 
