@@ -82,6 +82,19 @@ class LossOptions(BaseModel):
         "text_encoder_lr. 1: plain LoRA. network_type 'lora' only (without DoRA)."),
         json_schema_extra={"group": "advanced"})
 
+    network_dropout: float = Field(0.0, ge=0, lt=1, description=(
+        "sd-scripts' network_dropout: dropout on each LoRA module's down-projected values (its rank space) while "
+        "training, about 0.1; never in samples or the file. Unlike lora_dropout (peft's, on the layer's input), "
+        "which it replaces: set one of the two. network_type 'lora' without DoRA."),
+        json_schema_extra={"group": "advanced"})
+    rank_dropout: float = Field(0.0, ge=0, lt=1, description=(
+        "sd-scripts' rank_dropout: drop each rank of each sample with this probability while training (the rest "
+        "scaled up to match), as if the rank were smaller; about 0.1. network_type 'lora' without DoRA (LoHa and "
+        "LoKr take their rank dropout from lora_dropout)."), json_schema_extra={"group": "advanced"})
+    module_dropout: float = Field(0.0, ge=0, lt=1, description=(
+        "sd-scripts' module_dropout: each LoRA module adds nothing on a training forward with this probability; "
+        "about 0.1. network_type 'lora' without DoRA."), json_schema_extra={"group": "advanced"})
+
     @model_validator(mode="before")
     @classmethod
     def _lion_defaults(cls, data: Any) -> Any:
@@ -111,6 +124,15 @@ class LossOptions(BaseModel):
             raise FieldConflict(("loraplus_lr_ratio", "network_type"), "LoRA+ speeds up a LoRA's up (B) "
                                 "matrices; LoHa, LoKr and DoRA have no such pair: set loraplus_lr_ratio to 1 "
                                 "or use network_type 'lora' without DoRA")
+        dropouts = [name for name in ("network_dropout", "rank_dropout", "module_dropout") if getattr(self, name)]
+        if dropouts and (getattr(self, "network_type", "lora") != "lora" or getattr(self, "use_dora", False)):
+            raise FieldConflict((*dropouts, "network_type"), f"{', '.join(dropouts)} act(s) on a LoRA's down "
+                                "projection; LoHa and LoKr take rank dropout from lora_dropout, and DoRA's "
+                                "magnitude would not follow: set them to 0, or use network_type 'lora' without DoRA")
+        if self.network_dropout and getattr(self, "lora_dropout", 0):
+            raise FieldConflict(("network_dropout", "lora_dropout"), "network_dropout (sd-scripts', on the rank "
+                                "space) and lora_dropout (peft's, on the input) are two forms of one idea: set one "
+                                "of them to 0")
         if getattr(self, "optimizer", "") == "adamw_schedulefree" and getattr(self, "lr_scheduler", "") != "constant":
             raise FieldConflict(("lr_scheduler", "optimizer"), "adamw_schedulefree replaces the learning-rate "
                                 "schedule (it averages its iterates instead): set lr_scheduler to 'constant' "

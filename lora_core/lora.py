@@ -26,7 +26,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save, save_file
 
-from lora_core import dora, lycoris
+from lora_core import dora, lycoris, network_dropout
 from lora_core.config import TrainConfig
 from lora_core.config_loss import loss_metadata
 from lora_core.files import atomic_write
@@ -71,6 +71,7 @@ def add_lora(unet, config: TrainConfig, targets: list[str] | str | None = None) 
     given: a family's list of suffixes or regular expression), and return its (trainable, fp32) parameters."""
     unet.requires_grad_(False)
     unet.add_adapter(adapter_config(config, TARGETS[config.lora_target] if targets is None else targets))
+    network_dropout.install(unet, config)  # sd-scripts' dropouts, active in training mode only
     return _trainable_in_fp32(unet)
 
 
@@ -79,6 +80,7 @@ def add_text_encoder_lora(text_encoder, config: TrainConfig) -> list[torch.nn.Pa
     text_encoder.requires_grad_(False)
     # peft directly, as diffusers' `add_adapter` does: transformers' own `add_adapter` wants a newer peft
     inject_adapter_in_model(adapter_config(config, TEXT_ENCODER_TARGETS), text_encoder)
+    network_dropout.install(text_encoder, config)
     return _trainable_in_fp32(text_encoder)
 
 
@@ -261,8 +263,8 @@ def sd_scripts_fields(config: TrainConfig, num_images: int, gradient_checkpointi
     """The rest of what sd-scripts' train_network.py writes and A1111's metadata panel shows, in its formats:
     `str()` of its values (`None` for an option left off, `True` / `False`), JSON for the dataset and buckets.
     `num_images` counts repeats, as sd-scripts' bucket counts do."""
-    # sd-scripts' network_dropout is LoRA's dropout; LoHa / LoKr's is rank dropout, written in ss_network_args
-    dropout = config.lora_dropout if config.network_type == "lora" and config.lora_dropout else None
+    # sd-scripts' network_dropout (else peft's lora_dropout, its nearest); LoHa / LoKr's is rank dropout, in the args
+    dropout = config.network_dropout or (config.lora_dropout if config.network_type == "lora" else 0) or None
     bucket_info = None
     if config.bucketing and buckets:
         repeats = config.repeats
@@ -317,8 +319,9 @@ def network_args(config: TrainConfig) -> dict[str, str]:
             args["rank_dropout"] = str(config.lora_dropout)
     if config.lora_target == "locon":
         args.update(conv_dim=str(config.lora_rank), conv_alpha=str(config.lora_alpha))
-    if config.loraplus_lr_ratio != 1:  # sd-scripts' network argument (it has no field of its own)
-        args["loraplus_lr_ratio"] = str(config.loraplus_lr_ratio)
+    for name in ("rank_dropout", "module_dropout", "loraplus_lr_ratio"):  # sd-scripts' network arguments
+        if getattr(config, name) != (1 if name == "loraplus_lr_ratio" else 0):
+            args[name] = str(getattr(config, name))
     return args
 
 
