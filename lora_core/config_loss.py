@@ -19,6 +19,7 @@ from lora_core.errors import FieldConflict
 DDPM_FAMILIES = ["sd1", "sd2", "sdxl"]  # the form hint: the flow families refuse these options
 DDPM_ONLY = ("loss_type", "huber_schedule", "huber_c", "huber_scale", "debiased_estimation_loss", "min_timestep",
              "max_timestep", "multires_noise_iterations", "multires_noise_discount")
+BLOCK_OPTIONS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_dims", "block_alphas")
 HUBER_OPTIONS = ("huber_schedule", "huber_c", "huber_scale")
 DEFAULT_TIMESTEPS = 1000  # the DDPM schedule's length in every SD model
 ADAMW_LR, ADAMW_DECAY = 1e-4, 1e-2  # learning_rate's and adam_weight_decay's defaults (config.py)
@@ -95,6 +96,27 @@ class LossOptions(BaseModel):
         "sd-scripts' module_dropout: each LoRA module adds nothing on a training forward with this probability; "
         "about 0.1. network_type 'lora' without DoRA."), json_schema_extra={"group": "advanced"})
 
+    down_lr_weight: str = Field("", max_length=400, description=(
+        "Block-wise learning rates (sd-scripts' network argument): a weight for each down block of the UNet, "
+        "comma-separated, shallow to deep (SD 1.x/2.x: 12, SDXL: 9; fewer are filled with 1), or a curve: "
+        "cosine, sine, linear, reverse_linear, zeros, optionally +base ('sine+0.5'). A block's rate is "
+        "learning_rate times its weight; weight 0 leaves the block without a LoRA. Empty: all 1."),
+        json_schema_extra=_ddpm())
+    mid_lr_weight: str = Field("", max_length=400, description=(
+        "Block-wise learning rates: the mid block's weight(s), comma-separated (SD 1.x/2.x: 1, SDXL: 3)."),
+        json_schema_extra=_ddpm())
+    up_lr_weight: str = Field("", max_length=400, description=(
+        "Block-wise learning rates: a weight for each up block, deep to shallow (SD 1.x/2.x: 12, SDXL: 9), or "
+        "a curve as down_lr_weight."), json_schema_extra=_ddpm())
+    block_dims: str = Field("", max_length=400, description=(
+        "Block-wise ranks (sd-scripts' network argument): one rank per UNet block, comma-separated (SD 1.x/2.x: "
+        "25, SDXL: 23 values, in sd-scripts' order: see the README); 0 leaves a block without a LoRA. The 3x3 "
+        "convolutions of lora_target locon keep lora_rank. Empty: lora_rank everywhere."),
+        json_schema_extra=_ddpm())
+    block_alphas: str = Field("", max_length=400, description=(
+        "Block-wise alphas, one per block like block_dims. Empty: lora_alpha everywhere. The file has each "
+        "module's own alpha."), json_schema_extra=_ddpm())
+
     @model_validator(mode="before")
     @classmethod
     def _lion_defaults(cls, data: Any) -> Any:
@@ -133,6 +155,10 @@ class LossOptions(BaseModel):
             raise FieldConflict(("network_dropout", "lora_dropout"), "network_dropout (sd-scripts', on the rank "
                                 "space) and lora_dropout (peft's, on the input) are two forms of one idea: set one "
                                 "of them to 0")
+        blocks = [name for name in BLOCK_OPTIONS if getattr(self, name)]
+        if blocks and (getattr(self, "network_type", "lora") != "lora" or getattr(self, "use_dora", False)):
+            raise FieldConflict((*blocks, "network_type"), "block-wise ranks and rates are written for plain LoRA "
+                                "modules; clear them, or use network_type 'lora' without DoRA")
         if getattr(self, "optimizer", "") == "adamw_schedulefree" and getattr(self, "lr_scheduler", "") != "constant":
             raise FieldConflict(("lr_scheduler", "optimizer"), "adamw_schedulefree replaces the learning-rate "
                                 "schedule (it averages its iterates instead): set lr_scheduler to 'constant' "

@@ -26,7 +26,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save, save_file
 
-from lora_core import dora, lycoris, network_dropout
+from lora_core import blocks, dora, lycoris, network_dropout
 from lora_core.config import TrainConfig
 from lora_core.config_loss import loss_metadata
 from lora_core.files import atomic_write
@@ -66,11 +66,17 @@ def adapter_config(config: TrainConfig, target_modules: list[str]):
     return lycoris.adapter_config(config, target_modules)
 
 
-def add_lora(unet, config: TrainConfig, targets: list[str] | str | None = None) -> list[torch.nn.Parameter]:
+def add_lora(unet, config: TrainConfig, targets: list[str] | str | None = None,
+             namer: Callable[[str], str] | None = None) -> list[torch.nn.Parameter]:
     """Freeze the denoiser, add the adapter (`network_type`) on `targets` (the UNet's for `lora_target` unless
-    given: a family's list of suffixes or regular expression), and return its (trainable, fp32) parameters."""
+    given: a family's list of suffixes or regular expression), and return its (trainable, fp32) parameters.
+    `namer` (the family's kohya names) places modules in blocks for block-wise ranks (blocks.py)."""
     unet.requires_grad_(False)
-    unet.add_adapter(adapter_config(config, TARGETS[config.lora_target] if targets is None else targets))
+    targets = TARGETS[config.lora_target] if targets is None else targets
+    adapter = adapter_config(config, targets)
+    if namer is not None and blocks.active(config) and isinstance(targets, list):
+        adapter = blocks.with_block_ranks(adapter, unet, targets, namer, config)
+    unet.add_adapter(adapter)
     network_dropout.install(unet, config)  # sd-scripts' dropouts, active in training mode only
     return _trainable_in_fp32(unet)
 
@@ -173,12 +179,18 @@ def _file_tensors(model, config: TrainConfig, name_of: Callable[[str], str]) -> 
     for module, params in modules.items():
         if config.network_type == "lora":
             params = {name: t.detach().float().cpu().contiguous() for name, t in params.items()}
-            params["alpha"] = torch.tensor(float(config.lora_alpha))
+            params["alpha"] = torch.tensor(_alpha_of(model, module, config))
         else:
             params = lycoris.lycoris_tensors(params, config)
         name = name_of(module)
         state.update({f"{name}.{param}": tensor for param, tensor in params.items()})
     return state
+
+
+def _alpha_of(model, module: str, config: TrainConfig) -> float:
+    """A module's own alpha (block-wise alphas differ, blocks.py), else lora_alpha."""
+    alphas = getattr(model.get_submodule(module), "lora_alpha", None)
+    return float(next(iter(alphas.values()))) if isinstance(alphas, dict) and alphas else float(config.lora_alpha)
 
 
 def diffusers_state_dict(unet, config: TrainConfig,
@@ -319,6 +331,7 @@ def network_args(config: TrainConfig) -> dict[str, str]:
             args["rank_dropout"] = str(config.lora_dropout)
     if config.lora_target == "locon":
         args.update(conv_dim=str(config.lora_rank), conv_alpha=str(config.lora_alpha))
+    args.update({name: getattr(config, name) for name in blocks.FIELDS if getattr(config, name)})
     for name in ("rank_dropout", "module_dropout", "loraplus_lr_ratio"):  # sd-scripts' network arguments
         if getattr(config, name) != (1 if name == "loraplus_lr_ratio" else 0):
             args[name] = str(getattr(config, name))

@@ -131,7 +131,9 @@ def setup(plan: RunPlan) -> Run:
                                          collate_fn=batches.Collate(config, layout, latent_source),
                                          pin_memory=device.type == "cuda",  # pinned + non_blocking: no sync
                                          generator=torch.Generator())  # else each epoch draws on the global RNG
-    optimizer, lr_scheduler = make_optimizer(plan, params, text_params, device, [denoiser, *trained_encoders])
+    namer = family.unet_namer(denoiser.config) if family.unet_blocks else None  # block-wise rates' block names
+    optimizer, lr_scheduler = make_optimizer(plan, params, text_params, device, [denoiser, *trained_encoders],
+                                             namer)
     unet, *wrapped, optimizer, loader = accelerator.prepare(denoiser, *trained_encoders, optimizer, loader)
     # offloaded blocks swap their weights at every call, which a compiled block would recompile for
     compiled = (config.model_copy(update={"compile_unet": "off", "cuda_graphs": False}) if plan.offload_blocks
@@ -277,10 +279,11 @@ def per_step_conditioning(plan: RunPlan, pipeline, wrapped: list, device: torch.
 
 
 def make_optimizer(plan: RunPlan, params: list, text_params: list, device: torch.device,
-                   modules: list[torch.nn.Module]) -> tuple[Any, Any]:
-    """The optimizer over the LoRA's parameter groups (param_groups.py: LoRA+ splits them) and its schedule."""
+                   modules: list[torch.nn.Module], namer=None) -> tuple[Any, Any]:
+    """The optimizer over the LoRA's parameter groups (param_groups.py: LoRA+ and block-wise rates split them)
+    and its schedule."""
     config = plan.config
-    groups = param_groups.optimizer_groups(config, params, text_params, modules)
+    groups = param_groups.optimizer_groups(config, params, text_params, modules, namer)
     optimizer = optim.make_optimizer(config, groups, device)
     return optimizer, optim.make_lr_scheduler(config, optimizer, plan.total_steps)
 

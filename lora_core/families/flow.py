@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lora_core.families.base import ACTIVATION_BYTES_PER_UNIT, Family
+from lora_core.families.base import ACTIVATION_BYTES_PER_UNIT, Family, block_problems
 
 if TYPE_CHECKING:
     import torch
@@ -121,7 +121,7 @@ def flow_family_problems(family: Family, config: TrainConfig, targets: dict) -> 
     from lora_core.config import changed
     from lora_core.config_loss import DDPM_ONLY
 
-    problems = []
+    problems = block_problems(family, config)
     name = family.display_name
     if config.lora_target not in targets:
         problems.append(("lora_target", f"{name} has no convolutions to adapt; choose one of {', '.join(targets)}"))
