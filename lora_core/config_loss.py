@@ -1,11 +1,13 @@
-"""The loss, noise, timestep, optimizer-side and LoRA+ options, part of the one configuration model (config.py).
+"""The loss, noise and timestep options, the optimizers' notes and Lion's defaults, LoRA+, sd-scripts' LoRA
+dropouts and block-wise rates and ranks: part of the one configuration model (config.py).
 
 They live apart only to keep config.py readable: `TrainConfig` inherits them, so the CLI, the page, the presets
 and `config_schema.json` see them like every other field. Names, defaults and formulas are sd-scripts' (its
 `--loss_type`, `--huber_*`, `--debiased_estimation_loss`, `--min_timestep` / `--max_timestep`,
-`--multires_noise_*`, and LoRA+'s `loraplus_lr_ratio` network argument); lora_core/losses.py computes them.
-The DDPM-only ones carry `families` in their form hints; the flow-matching families refuse them at their field
-(families/flow.py).
+`--multires_noise_*`, `--network_dropout`, and the network arguments `loraplus_lr_ratio`, `rank_dropout`,
+`module_dropout`, `down/mid/up_lr_weight`, `block_dims`, `block_alphas`); losses.py, param_groups.py,
+network_dropout.py and blocks.py compute them. The DDPM-only ones carry `families` in their form hints; the
+flow-matching families refuse them at their field (families/flow.py, families/base.py).
 """
 
 from __future__ import annotations
