@@ -195,3 +195,18 @@ def test_the_options_reach_sd_scripts_metadata_fields():
     assert fields["ss_multires_noise_iterations"] == "8" and fields["ss_multires_noise_discount"] == "0.1"
     assert sd_scripts_fields(config(), 4, False, 1, None)["ss_multires_noise_iterations"] == "None"
     assert network_args(chosen)["loraplus_lr_ratio"] == "16.0"
+
+
+def test_zero_terminal_snr_keeps_every_option_finite_at_pure_noise():
+    from lora_core.objective import noise_scheduler_for
+
+    base = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    options = dict(loss_type="smooth_l1", debiased_estimation_loss=True, zero_terminal_snr=True)
+    for prediction_type in ("epsilon", "v_prediction"):
+        rescaled = noise_scheduler_for(base, config(**options))
+        assert rescaled.alphas_cumprod[-1] < 1e-6  # the last timestep is pure noise: SNR 0
+        objective = DDPMObjective(rescaled, prediction_type, 5.0, config(**options))
+        latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+        loss = objective.loss(lambda noisy, t: torch.zeros_like(noisy), latents, torch.randn_like(latents),
+                              torch.tensor([999, 0]))
+        assert torch.isfinite(loss)
