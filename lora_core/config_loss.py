@@ -19,8 +19,8 @@ from pydantic import BaseModel, Field, model_validator
 from lora_core.errors import FieldConflict
 
 DDPM_FAMILIES = ["sd1", "sd2", "sdxl"]  # the form hint: the flow families refuse these options
-DDPM_ONLY = ("loss_type", "huber_schedule", "huber_c", "huber_scale", "debiased_estimation_loss", "min_timestep",
-             "max_timestep", "multires_noise_iterations", "multires_noise_discount")
+DDPM_ONLY = ("debiased_estimation_loss", "min_timestep", "max_timestep", "multires_noise_iterations",
+             "multires_noise_discount")  # loss_type and huber_* apply to the flow families too (but huber_schedule snr)
 BLOCK_OPTIONS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_dims", "block_alphas")
 HUBER_OPTIONS = ("huber_schedule", "huber_c", "huber_scale")
 DEFAULT_TIMESTEPS = 1000  # the DDPM schedule's length in every SD model
@@ -39,6 +39,10 @@ OPTIMIZER_NOTES = (
     "in less memory.")
 
 
+def _advanced() -> dict[str, Any]:
+    return {"group": "advanced"}
+
+
 def _ddpm() -> dict[str, Any]:
     return {"group": "advanced", "families": DDPM_FAMILIES}
 
@@ -47,19 +51,21 @@ class LossOptions(BaseModel):
     loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = Field("l2", description=(
         "The per-pixel error: l2 (squared, the usual), l1 (absolute), huber (squared near zero, linear beyond "
         "huber_c: 2c(sqrt(d² + c²) - c)), or smooth_l1 (the same without the factor c). huber and smooth_l1 "
-        "follow outliers less than l2 (sd-scripts' --loss_type). SD 1.x/2.x/SDXL only."),
-        json_schema_extra=_ddpm())
+        "follow outliers less than l2 (sd-scripts' --loss_type). Every family (FLUX.1 / SD 3.x: with "
+        "huber_schedule exponential or constant, at timestep sigma x 1000, as sd-scripts)."),
+        json_schema_extra=_advanced())
     huber_schedule: Literal["snr", "exponential", "constant"] = Field("snr", description=(
         "How huber_c varies with the timestep (huber and smooth_l1 only): snr: (1 - c) / (1 + sigma_t)² + c, "
         "near 1 (l2-like) at low noise, c at high noise, with sigma_t = sqrt((1 - alpha_bar) / alpha_bar); "
-        "exponential: scale * exp(ln(c) * t / 1000), from scale at t = 0 down to c * scale; constant: c * scale."),
-        json_schema_extra=_ddpm())
+        "exponential: scale * exp(ln(c) * t / 1000), from scale at t = 0 down to c * scale; constant: c * scale. "
+        "snr needs a DDPM schedule: FLUX.1 and SD 3.x take exponential or constant."),
+        json_schema_extra=_advanced())
     huber_c: float = Field(0.1, gt=0, le=1.0, description=(
         "The Huber threshold c (huber and smooth_l1 only; 0.1 as sd-scripts): below it an error counts "
-        "squared, above it linearly."), json_schema_extra={**_ddpm(), "step": 0.01})
+        "squared, above it linearly."), json_schema_extra={**_advanced(), "step": 0.01})
     huber_scale: float = Field(1.0, gt=0, le=100, description=(
         "Multiplies c in the exponential and constant huber_schedule (sd-scripts' --huber_scale; the snr "
-        "schedule ignores it, as there)."), json_schema_extra=_ddpm())
+        "schedule ignores it, as there)."), json_schema_extra=_advanced())
     debiased_estimation_loss: bool = Field(False, description=(
         "Weight each sample by 1 / sqrt(SNR) (v-prediction: 1 / (SNR + 1)), SNR capped at 1000, which evens out "
         "the timesteps' contributions (Yu et al. 2024, sd-scripts' --debiased_estimation_loss). With "

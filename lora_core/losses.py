@@ -28,16 +28,19 @@ MIN_SNR = 1e-8  # zero-terminal-SNR makes the last timestep's SNR 0
 
 
 def huber_threshold(schedule: str, c: float, scale: float, timesteps: torch.Tensor,
-                    alphas_cumprod: torch.Tensor, num_timesteps: int) -> torch.Tensor:
-    """Huber's c for each sample at its (integer) timestep."""
+                    alphas_cumprod: torch.Tensor | None, num_timesteps: int) -> torch.Tensor:
+    """Huber's c for each sample at its timestep (integer, or a flow model's sigma x 1000: no `alphas_cumprod`,
+    so no snr schedule)."""
     if schedule == "exponential":
         return torch.exp(math.log(c) / num_timesteps * timesteps.float()) * scale
-    if schedule == "snr":
+    if schedule == "snr" and alphas_cumprod is not None:
         alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()
         sigmas = ((1.0 - alpha_bar) / alpha_bar) ** 0.5
         return (1 - c) / (1 + sigmas) ** 2 + c
     if schedule == "constant":
         return torch.full(timesteps.shape, c * scale, device=timesteps.device)
+    if schedule == "snr":
+        raise ValueError("huber_schedule 'snr' reads a DDPM noise schedule; a flow model has none")
     raise ValueError(f"unknown huber_schedule {schedule!r}")
 
 

@@ -19,7 +19,9 @@ call the same `Objective.loss`, so the two can never drift apart. Two objectives
   `sigmoid` takes sigma = sigmoid(N(0, 1) * sigmoid_scale) directly, `shift` then shifts it by
   `discrete_flow_shift`, and `flux_shift` by the resolution-dependent shift FLUX uses at inference (kohya's);
 - `loss_weighting`: none, sigma_sqrt (sigma^-2) or cosmap (diffusers' `compute_loss_weighting_for_sd3`);
-- `precondition_outputs` (SD 3's script's default): the prediction becomes `x_t - sigma * pred`, compared with x0.
+- `precondition_outputs` (SD 3's script's default): the prediction becomes `x_t - sigma * pred`, compared with x0;
+- `loss_type` (l1, huber, smooth_l1 with the exponential or constant huber_schedule), as sd-scripts' FLUX and
+  SD 3 scripts honour it.
 
 Noise offset adds a per-channel constant to the noise so a model can learn very dark or bright images.
 """
@@ -203,7 +205,17 @@ class FlowObjective(Objective):
         else:
             target = (noise - latents).float()
         weights = self.weighting(levels.float()).view(-1, *[1] * (latents.ndim - 1))
-        return (weights * (prediction - target) ** 2).reshape(len(latents), -1).mean(dim=1).mean()
+        return (weights * self.error(prediction, target, levels)).reshape(len(latents), -1).mean(dim=1).mean()
+
+    def error(self, prediction: torch.Tensor, target: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """Squared, or `loss_type`'s error as sd-scripts' FLUX / SD 3 scripts take it: the Huber threshold of the
+        exponential or constant schedule at timestep sigma x 1000 (their `snr` needs a DDPM schedule)."""
+        c = self.config
+        if c.loss_type == "l2":
+            return (prediction - target) ** 2
+        huber_c = losses.huber_threshold(c.huber_schedule, c.huber_c, c.huber_scale, levels.float() * 1000,
+                                         None, 1000) if c.loss_type in ("huber", "smooth_l1") else None
+        return losses.elementwise_loss(prediction, target, c.loss_type, huber_c)
 
     def weighting(self, sigmas: torch.Tensor) -> torch.Tensor:
         if self.config.loss_weighting == "sigma_sqrt":

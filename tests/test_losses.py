@@ -177,7 +177,7 @@ def test_huber_options_without_a_huber_loss_are_refused_at_their_field():
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
-@pytest.mark.parametrize("option,value", [("loss_type", "huber"), ("debiased_estimation_loss", True),
+@pytest.mark.parametrize("option,value", [("debiased_estimation_loss", True),
                                           ("min_timestep", 100), ("max_timestep", 900),
                                           ("multires_noise_iterations", 6)])
 def test_flow_families_refuse_the_ddpm_options_at_their_field(family, option, value):
@@ -210,3 +210,31 @@ def test_zero_terminal_snr_keeps_every_option_finite_at_pure_noise():
         loss = objective.loss(lambda noisy, t: torch.zeros_like(noisy), latents, torch.randn_like(latents),
                               torch.tensor([999, 0]))
         assert torch.isfinite(loss)
+
+
+def test_flow_families_take_the_loss_types_with_a_schedule_they_can_read():
+    flux = families.get("flux")
+    problems = dict(flux.check_config(config(min_snr_gamma=0, loss_type="huber")))
+    assert "exponential" in problems["huber_schedule"]  # the default snr schedule needs a DDPM schedule
+    assert not flux.check_config(config(min_snr_gamma=0, loss_type="huber", huber_schedule="exponential"))
+    assert not flux.check_config(config(min_snr_gamma=0, loss_type="l1"))
+
+
+def test_the_flow_objectives_huber_is_sd_scripts_at_sigma_times_1000():
+    from lora_core.objective import FlowObjective
+
+    chosen = config(min_snr_gamma=0, loss_type="huber", huber_schedule="exponential", huber_c=0.2,
+                    loss_weighting="cosmap")
+    objective = FlowObjective(chosen, torch.linspace(1, 0.001, 1000), False, 0.25)
+    generator = torch.Generator().manual_seed(2)
+    latents, noise = torch.randn(2, 4, 3, 3, generator=generator), torch.randn(2, 4, 3, 3, generator=generator)
+    prediction = torch.randn(2, 4, 3, 3, generator=generator)
+    sigmas = torch.tensor([0.25, 0.9])
+    loss = objective.loss(lambda noisy, s: prediction, latents, noise, sigmas)
+    total = 0.0
+    for row, sigma in enumerate(sigmas.tolist()):
+        c = reference_threshold("exponential", 0.2, 1.0, sigma * 1000, 0.0)
+        weight = 2 / (math.pi * (1 - 2 * sigma + 2 * sigma ** 2))
+        diffs = (prediction[row] - (noise[row] - latents[row])).flatten().tolist()
+        total += weight * sum(reference_elementwise(d, "huber", c) for d in diffs) / len(diffs)
+    assert loss.item() == pytest.approx(total / 2, rel=1e-5)

@@ -134,6 +134,9 @@ def flow_family_problems(family: Family, config: TrainConfig, targets: dict) -> 
     problems += [(option, f"{option} is an option of the DDPM objective (SD 1.x/2.x/SDXL); {name} trains by "
                   "rectified flow (its noise levels: timestep_sampling, its weighting: loss_weighting): put it "
                   "back to its default") for option in DDPM_ONLY if changed(config, option)]
+    if config.loss_type in ("huber", "smooth_l1") and config.huber_schedule == "snr":
+        problems.append(("huber_schedule", f"the snr schedule reads a DDPM noise schedule, which {name}'s rectified "
+                         "flow has none of: choose huber_schedule 'exponential' or 'constant'"))
     if config.network_type != "lora" or config.use_dora:
         field = "use_dora" if config.use_dora else "network_type"
         problems.append((field, f"{name} LoRAs are written as plain LoRA (kohya's layout, fused q/k/v); LoHa, "
