@@ -151,3 +151,17 @@ def test_block_options_are_checked_per_family_and_written_as_network_args():
     with pytest.raises(ValidationError, match="block-wise"):
         TrainConfig(**BASE, block_dims=DIMS, network_type="lokr")
     assert network_args(TrainConfig(**BASE, block_dims=DIMS, up_lr_weight="sine"))["block_dims"] == DIMS
+
+
+def test_sdxl_modules_take_the_rank_of_their_original_layout_block():
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(builtin.builtin_folder("tiny-sdxl"), subfolder="unet")
+    dims = [i % 3 for i in range(23)]
+    config = TrainConfig(**BASE, block_dims=",".join(map(str, dims)))
+    namer = families.get("sdxl").unet_namer(unet.config)
+    add_lora(unet, config, namer=namer)
+    adapted = {namer(name): module.r["default"] for name, module in unet.named_modules() if hasattr(module, "r")}
+    assert adapted and all(blocks.is_sdxl_name(name) for name in adapted)
+    assert all(rank == dims[blocks.block_index(name)] for name, rank in adapted.items())
+    assert {blocks.block_index(name) for name in adapted}.isdisjoint({0, 3, 6, 9, 12, 15, 18, 21})
