@@ -9,9 +9,10 @@ embedding, input_blocks_N 1 + N, middle_block_N 10 + N, output_blocks_N 13 + N, 
   weight (SD: 12 / 1 / 12 weights, SDXL: 9 / 3 / 9, whose embedding and out blocks keep 1). A list shorter than
   its part is filled with 1, and down/up also take sd-scripts' presets `cosine`, `sine`, `linear`,
   `reverse_linear`, `zeros`, each optionally `+<base>` added. A block whose weight is 0 (or below) gets no LoRA.
-- `block_dims`, `block_alphas`: each block's rank and alpha (25 or 23 values) for the linear and 1x1 layers; the
-  3x3 convolutions of `lora_target` locon keep lora_rank / lora_alpha (sd-scripts' conv_dim without
-  conv_block_dims). A block of rank 0 gets no LoRA. The file then has each module's own rank and `alpha`.
+- `block_dims`, `block_alphas`: each block's rank and alpha (25 or 23 values) for the linear and 1x1 layers;
+  `conv_block_dims`, `conv_block_alphas` the same for the 3x3 convolutions of `lora_target` locon, which
+  otherwise keep lora_rank / lora_alpha (sd-scripts' conv_dim). A block of rank 0 (or of learning-rate weight 0)
+  gets no LoRA. The file then has each module's own rank and `alpha`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ SD_BLOCKS, SDXL_BLOCKS = 25, 23
 UP_DOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
 PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
 LR_FIELDS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
-DIM_FIELDS = ("block_dims", "block_alphas")
+DIM_FIELDS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
 FIELDS = LR_FIELDS + DIM_FIELDS
 
 
@@ -100,21 +101,24 @@ def lr_weights(config, sdxl: bool) -> list[float] | None:
     return [1.0, *parts, 1.0] if sdxl else parts
 
 
-def dims_and_alphas(config, sdxl: bool) -> tuple[list[int], list[float]] | None:
-    """Each block's rank and alpha, with the blocks of learning-rate weight 0 at rank 0; None when neither
-    block ranks nor block learning rates are given (every module then has lora_rank and lora_alpha)."""
+def dims_and_alphas(config, sdxl: bool, conv: bool = False) -> tuple[list[int], list[float]] | None:
+    """Each block's rank and alpha (`conv`: the 3x3 convolutions', from conv_block_dims / conv_block_alphas),
+    with the blocks of learning-rate weight 0 at rank 0; None when no block option is given (every module then
+    has lora_rank and lora_alpha)."""
     weights = lr_weights(config, sdxl)
-    if not config.block_dims and not config.block_alphas and weights is None:
+    dims_field, alphas_field = ("conv_block_dims", "conv_block_alphas") if conv else ("block_dims", "block_alphas")
+    if not active(config):
         return None
     count = SDXL_BLOCKS if sdxl else SD_BLOCKS
-    dims = numbers("block_dims", config.block_dims) if config.block_dims else [config.lora_rank] * count
-    alphas = numbers("block_alphas", config.block_alphas) if config.block_alphas else [config.lora_alpha] * count
-    for name, values in (("block_dims", dims), ("block_alphas", alphas)):
+    given_dims, given_alphas = getattr(config, dims_field), getattr(config, alphas_field)
+    dims = numbers(dims_field, given_dims) if given_dims else [config.lora_rank] * count
+    alphas = numbers(alphas_field, given_alphas) if given_alphas else [config.lora_alpha] * count
+    for name, values in ((dims_field, dims), (alphas_field, alphas)):
         if len(values) != count:
             raise BlockError(name, f"has {len(values)} values; this model's UNet has {count} blocks "
                                    f"({'SDXL' if sdxl else 'SD 1.x/2.x'}), one value each")
     if any(d != int(d) or d < 0 for d in dims):
-        raise BlockError("block_dims", "ranks are whole numbers, 0 or more")
+        raise BlockError(dims_field, "ranks are whole numbers, 0 or more")
     dims = [0 if weights is not None and weights[i] == 0 else int(d) for i, d in enumerate(dims)]
     return dims, alphas
 
@@ -130,16 +134,15 @@ def with_block_ranks(adapter, unet, targets: list[str], namer, config):
     the others' ranks and alphas as peft's rank_pattern / alpha_pattern (one exact-path pattern per value)."""
     modules = targeted(unet, targets)
     sdxl = any(is_sdxl_name(namer(path)) for path, _ in modules)
-    chosen = dims_and_alphas(config, sdxl)
-    if chosen is None:
+    chosen, conv_chosen = dims_and_alphas(config, sdxl), dims_and_alphas(config, sdxl, conv=True)
+    if chosen is None or conv_chosen is None:
         return adapter
-    dims, alphas = chosen
     kept, ranks, alpha_of = [], {}, {}
     for path, module in modules:
         index = block_index(namer(path))
+        is_conv = getattr(module, "kernel_size", (1, 1)) not in ((1, 1), 1)  # 3x3: sd-scripts' conv_block_dims
+        dims, alphas = conv_chosen if is_conv else chosen
         rank, alpha = (dims[index], alphas[index]) if index >= 0 else (config.lora_rank, config.lora_alpha)
-        if getattr(module, "kernel_size", (1, 1)) not in ((1, 1), 1):  # a 3x3 conv: conv_dim, sd-scripts' way
-            rank, alpha = (config.lora_rank if rank else 0), config.lora_alpha
         if rank:
             kept.append(path)
             ranks.setdefault(rank, []).append(path)

@@ -21,7 +21,8 @@ from lora_core.errors import FieldConflict
 DDPM_FAMILIES = ["sd1", "sd2", "sdxl"]  # the form hint: the flow families refuse these options
 DDPM_ONLY = ("debiased_estimation_loss", "min_timestep", "max_timestep", "multires_noise_iterations",
              "multires_noise_discount")  # loss_type and huber_* apply to the flow families too (but huber_schedule snr)
-BLOCK_OPTIONS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_dims", "block_alphas")
+BLOCK_OPTIONS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_dims", "block_alphas", "conv_block_dims",
+                 "conv_block_alphas")
 HUBER_OPTIONS = ("huber_schedule", "huber_c", "huber_scale")
 DEFAULT_TIMESTEPS = 1000  # the DDPM schedule's length in every SD model
 ADAMW_LR, ADAMW_DECAY = 1e-4, 1e-2  # learning_rate's and adam_weight_decay's defaults (config.py)
@@ -124,6 +125,12 @@ class LossOptions(BaseModel):
     block_alphas: str = Field("", max_length=400, description=(
         "Block-wise alphas, one per block like block_dims. Empty: lora_alpha everywhere. The file has each "
         "module's own alpha."), json_schema_extra=_ddpm())
+    conv_block_dims: str = Field("", max_length=400, description=(
+        "With lora_target locon: one rank per block for the 3x3 convolutions, like block_dims (sd-scripts' "
+        "conv_block_dims). Empty: lora_rank."), json_schema_extra=_ddpm())
+    conv_block_alphas: str = Field("", max_length=400, description=(
+        "With lora_target locon: one alpha per block for the 3x3 convolutions. Empty: lora_alpha."),
+        json_schema_extra=_ddpm())
 
     @model_validator(mode="before")
     @classmethod
@@ -167,6 +174,10 @@ class LossOptions(BaseModel):
         if blocks and (getattr(self, "network_type", "lora") != "lora" or getattr(self, "use_dora", False)):
             raise FieldConflict((*blocks, "network_type"), "block-wise ranks and rates are written for plain LoRA "
                                 "modules; clear them, or use network_type 'lora' without DoRA")
+        convs = [name for name in ("conv_block_dims", "conv_block_alphas") if getattr(self, name)]
+        if convs and getattr(self, "lora_target", "locon") != "locon":
+            raise FieldConflict((*convs, "lora_target"), "3x3 convolutions get a LoRA only with lora_target "
+                                "'locon': choose it, or clear the conv block options")
         if getattr(self, "optimizer", "") == "adamw_schedulefree" and getattr(self, "lr_scheduler", "") != "constant":
             raise FieldConflict(("lr_scheduler", "optimizer"), "adamw_schedulefree replaces the learning-rate "
                                 "schedule (it averages its iterates instead): set lr_scheduler to 'constant' "

@@ -55,7 +55,7 @@ def test_weight_curves_and_short_lists_follow_sd_scripts():
 
 def adapted_unet(**options):
     """tiny-sd's UNet with a LoRA of `options`, its up matrices nudged so the LoRA changes the output."""
-    config = TrainConfig(**BASE, lora_target="attention_mlp", **options)
+    config = TrainConfig(**BASE, **{"lora_target": "attention_mlp", **options})
     unet = tiny_pipeline().unet
     torch.manual_seed(3)
     namer = families.get("sd1").unet_namer(unet.config)
@@ -165,3 +165,14 @@ def test_sdxl_modules_take_the_rank_of_their_original_layout_block():
     assert adapted and all(blocks.is_sdxl_name(name) for name in adapted)
     assert all(rank == dims[blocks.block_index(name)] for name, rank in adapted.items())
     assert {blocks.block_index(name) for name in adapted}.isdisjoint({0, 3, 6, 9, 12, 15, 18, 21})
+
+
+def test_locon_convolutions_take_the_conv_block_ranks():
+    conv_dims = [(i + 1) % 3 for i in range(25)]
+    config, unet, namer = adapted_unet(lora_target="locon", block_dims=DIMS,
+                                       conv_block_dims=",".join(map(str, conv_dims)))
+    convs = {namer(name): module.r["default"] for name, module in unet.named_modules()
+             if hasattr(module, "r") and getattr(module.base_layer, "kernel_size", (1, 1)) == (3, 3)}
+    assert convs and all(rank == conv_dims[blocks.block_index(name)] for name, rank in convs.items())
+    with pytest.raises(ValidationError, match="locon"):
+        TrainConfig(**BASE, conv_block_dims=DIMS)

@@ -237,7 +237,8 @@ def block_problems(family: Family, config: TrainConfig) -> list[tuple[str, str]]
                  "clear it") for name in given]
     try:
         if given:
-            blocks.dims_and_alphas(config, family.unet_blocks == "sdxl")
+            for conv in (False, True):
+                blocks.dims_and_alphas(config, family.unet_blocks == "sdxl", conv)
     except blocks.BlockError as error:
         return [(error.field, str(error))]
     return []
