@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lora_core import checkpoint, dataset, distributed, doctor, losses, objective, optim, samples
+from lora_core import checkpoint, dataset, distributed, doctor, objective, samples
 from lora_core.batches import Batch
 from lora_core.config import TrainConfig
 from lora_core.events import (
@@ -33,6 +33,8 @@ from lora_core.events import (
     dataset_event,
 )
 from lora_core.lora import save_lora, training_metadata
+from lora_core.losses import pyramid_noise
+from lora_core.optim import averaged_weights
 from lora_core.plan import make_plan
 from lora_core.setup import Run, prepare_unet, setup
 
@@ -98,7 +100,7 @@ def training_step(run: Run, batch: Batch) -> torch.Tensor:
     noise, levels, offsets = run.noise(latents)  # the same per sample however batches split
     noise = objective.offset_noise(noise, offsets, run.config.noise_offset)
     if run.config.multires_noise_iterations:  # after the offset, as sd-scripts (the flow families refuse it)
-        noise = losses.pyramid_noise(noise, run.noise.side_generator(latents.device),
+        noise = pyramid_noise(noise, run.noise.side_generator(latents.device),
                                      run.config.multires_noise_iterations, run.config.multires_noise_discount)
 
     def predict(noisy: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -223,7 +225,7 @@ def maybe_sample(run: Run, emit: Callable[[Event], None]) -> None:
     if not run.main or (run.step % run.config.validation_steps and run.step != run.plan.total_steps):
         return
     try:  # a sample that cannot be saved is not worth the run: the checkpoints decide that
-        with optim.averaged_weights(run.config, run.optimizer):  # a schedule-free optimizer's average
+        with averaged_weights(run.config, run.optimizer):  # a schedule-free optimizer's average
             drawn = samples.make_samples(run.config, run.family, run.pipeline, run.bare_unet, run.sample_inputs,
                                          run.pipeline.vae, run.device, run.plan.output, run.step)
     except OSError as error:
@@ -242,7 +244,7 @@ def maybe_validate(run: Run, emit: Callable[[Event], None]) -> None:
     every = run.config.validation_loss_steps or run.config.validation_steps
     if run.held_out is None or (run.step % every and run.step != run.plan.total_steps):
         return
-    with optim.averaged_weights(run.config, run.optimizer):
+    with averaged_weights(run.config, run.optimizer):
         loss = run.held_out.loss(run)
     for module in (run.unet, *run.text_encoders):
         module.train()
@@ -269,7 +271,7 @@ def export_lora(run: Run, path: Path, epochs: int | None = None, companions: boo
     """Write the LoRA file users load (the family names its tensors), with the training metadata; with
     `companions`, also the family's other layouts beside it (`<name>.<layout>.safetensors`: SD 3's for
     diffusers, which reads none of the names ComfyUI and Forge read)."""
-    with optim.averaged_weights(run.config, run.optimizer):  # a schedule-free optimizer's average is the LoRA
+    with averaged_weights(run.config, run.optimizer):  # a schedule-free optimizer's average is the LoRA
         state, format_header = run.family.lora_file_contents(run.bare_unet, run.config, run.text_encoders)
         companion = run.family.companion_files(run.bare_unet, run.config, run.text_encoders) if companions else {}
         # copies: on the CPU a file's fp32 tensors may be the weights themselves, which the block's end resets

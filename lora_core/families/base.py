@@ -26,6 +26,24 @@ TEXT_ENCODER_ATTRIBUTES = ("text_encoder", "text_encoder_2", "text_encoder_3")  
 TOKENIZER_ATTRIBUTES = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
 
+def block_problems(family: Family, config: TrainConfig) -> list[tuple[str, str]]:
+    """Block-wise rates and ranks (blocks.py): refused where the family has no UNet blocks, else their lengths
+    checked against its layout."""
+    from lora_core import blocks
+
+    given = [name for name in blocks.FIELDS if getattr(config, name, "")]
+    if given and not family.unet_blocks:
+        return [(name, f"block-wise rates and ranks are for a UNet's blocks; {family.display_name} has none: "
+                 "clear it") for name in given]
+    try:
+        if given:
+            for conv in (False, True):
+                blocks.dims_and_alphas(config, family.unet_blocks == "sdxl", conv)
+    except blocks.BlockError as error:
+        return [(error.field, str(error))]
+    return []
+
+
 class Family:
     name: str  # the id used in ModelInfo.family and the LoRA metadata: sd1 | sd2 | sdxl | sd3 | flux
     display_name: str  # for people: "SD 1.x"
@@ -224,21 +242,3 @@ def text_encoders(pipeline) -> list:
 
 def denoiser_of(pipeline, family: Family):
     return getattr(pipeline, family.denoiser)
-
-
-def block_problems(family: Family, config: TrainConfig) -> list[tuple[str, str]]:
-    """Block-wise rates and ranks (blocks.py): refused where the family has no UNet blocks, else their lengths
-    checked against its layout."""
-    from lora_core import blocks
-
-    given = [name for name in blocks.FIELDS if getattr(config, name, "")]
-    if given and not family.unet_blocks:
-        return [(name, f"block-wise rates and ranks are for a UNet's blocks; {family.display_name} has none: "
-                 "clear it") for name in given]
-    try:
-        if given:
-            for conv in (False, True):
-                blocks.dims_and_alphas(config, family.unet_blocks == "sdxl", conv)
-    except blocks.BlockError as error:
-        return [(error.field, str(error))]
-    return []
