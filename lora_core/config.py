@@ -26,6 +26,7 @@ from pydantic import (
 from lora_core.compile_rules import cuda_graphs_conflict
 from lora_core.config_ema import EmaOptions, MaskOptions
 from lora_core.config_flow import MAX_PATH_CHARS, FlowMatchingOptions, path_text_problem
+from lora_core.config_loss import OPTIMIZER_NOTES, LossOptions
 from lora_core.config_memory import MemoryOptions
 from lora_core.errors import FieldConflict, UserError
 
@@ -95,10 +96,11 @@ class CoreOptions(BaseModel):
                             json_schema_extra=_ui("basic"))
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description=(
         "Batches whose gradients are summed before one optimizer step."), json_schema_extra=_ui("advanced"))
-    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "prodigy", "adafactor"] = Field("adamw", description=(
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "prodigy", "adafactor", "lion", "lion8bit",
+                       "paged_lion8bit", "adamw_schedulefree", "came"] = Field("adamw", description=(
         "adamw (fused on CUDA and the CPU); adamw8bit keeps AdamW's moments in 8 bits (bitsandbytes); "
         "paged_adamw8bit also pages them to host memory when the GPU runs short (bitsandbytes, CUDA only); "
-        "prodigy (prodigyopt) sets its own step size: use learning_rate 1.0 with it; adafactor."),
+        "prodigy (prodigyopt) sets its own step size: use learning_rate 1.0 with it; adafactor; " + OPTIMIZER_NOTES),
         json_schema_extra=_ui("advanced"))
     lr_scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts"] = Field(
         "constant", description="Learning-rate schedule after warmup.", json_schema_extra=_ui("advanced"))
@@ -350,7 +352,7 @@ class CoreOptions(BaseModel):
         return self
 
 
-class TrainConfig(EmaOptions, MaskOptions, MemoryOptions, FlowMatchingOptions, CoreOptions):
+class TrainConfig(LossOptions, EmaOptions, MaskOptions, MemoryOptions, FlowMatchingOptions, CoreOptions):
     """Everything one LoRA training run needs. Units: steps are optimizer steps, sizes are pixels."""
 
 

@@ -89,6 +89,9 @@ class StopVote:
         return bool(flag.item())
 
 
+SIDE_STREAM = 0x5EED  # side_generator's seeds differ from the main stream's
+
+
 class SampleNoise:
     """Noise and timesteps for one process's slice of the global batch, independent of how it is split.
 
@@ -144,6 +147,16 @@ class SampleNoise:
                               dtype=latents.dtype)
         self.draws += 1
         return noise[start:start + rows], timesteps[start:start + rows], offsets[start:start + rows]
+
+    def side_generator(self, device: torch.device) -> torch.Generator:
+        """A generator for further draws of the last micro-batch (multires noise), seeded by (seed, draw) on a
+        stream of its own: the main stream is the same with those draws or without, and a resumed run repeats
+        them."""
+        import torch
+
+        generator = torch.Generator(device)
+        generator.manual_seed(((self.seed ^ SIDE_STREAM) << 32) + ((self.draws - 1) & 0xFFFFFFFF))
+        return generator
 
     def state_dict(self) -> dict[str, Any]:
         return {"draws": self.draws}

@@ -26,8 +26,9 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save, save_file
 
-from lora_core import dora, lycoris
+from lora_core import blocks, dora, lycoris, network_dropout
 from lora_core.config import TrainConfig
+from lora_core.config_loss import loss_metadata
 from lora_core.files import atomic_write
 
 if TYPE_CHECKING:
@@ -45,7 +46,10 @@ TARGETS = {
 }
 OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit",
                    "paged_adamw8bit": "bitsandbytes.optim.PagedAdamW8bit",
-                   "prodigy": "prodigyopt.Prodigy", "adafactor": "transformers.optimization.Adafactor"}
+                   "prodigy": "prodigyopt.Prodigy", "adafactor": "transformers.optimization.Adafactor",
+                   "lion": "lion_pytorch.Lion", "lion8bit": "bitsandbytes.optim.Lion8bit",
+                   "paged_lion8bit": "bitsandbytes.optim.PagedLion8bit",
+                   "adamw_schedulefree": "schedulefree.AdamWScheduleFree", "came": "came_pytorch.CAME"}
 MODELSPEC_VERSION = "1.0.1"
 NETWORK_MODULES = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya"}
 
@@ -62,11 +66,18 @@ def adapter_config(config: TrainConfig, target_modules: list[str]):
     return lycoris.adapter_config(config, target_modules)
 
 
-def add_lora(unet, config: TrainConfig, targets: list[str] | str | None = None) -> list[torch.nn.Parameter]:
+def add_lora(unet, config: TrainConfig, targets: list[str] | str | None = None,
+             namer: Callable[[str], str] | None = None) -> list[torch.nn.Parameter]:
     """Freeze the denoiser, add the adapter (`network_type`) on `targets` (the UNet's for `lora_target` unless
-    given: a family's list of suffixes or regular expression), and return its (trainable, fp32) parameters."""
+    given: a family's list of suffixes or regular expression), and return its (trainable, fp32) parameters.
+    `namer` (the family's kohya names) places modules in blocks for block-wise ranks (blocks.py)."""
     unet.requires_grad_(False)
-    unet.add_adapter(adapter_config(config, TARGETS[config.lora_target] if targets is None else targets))
+    targets = TARGETS[config.lora_target] if targets is None else targets
+    adapter = adapter_config(config, targets)
+    if namer is not None and blocks.active(config) and isinstance(targets, list):
+        adapter = blocks.with_block_ranks(adapter, unet, targets, namer, config)
+    unet.add_adapter(adapter)
+    network_dropout.install(unet, config)  # sd-scripts' dropouts, active in training mode only
     return _trainable_in_fp32(unet)
 
 
@@ -75,6 +86,7 @@ def add_text_encoder_lora(text_encoder, config: TrainConfig) -> list[torch.nn.Pa
     text_encoder.requires_grad_(False)
     # peft directly, as diffusers' `add_adapter` does: transformers' own `add_adapter` wants a newer peft
     inject_adapter_in_model(adapter_config(config, TEXT_ENCODER_TARGETS), text_encoder)
+    network_dropout.install(text_encoder, config)
     return _trainable_in_fp32(text_encoder)
 
 
@@ -167,12 +179,18 @@ def _file_tensors(model, config: TrainConfig, name_of: Callable[[str], str]) -> 
     for module, params in modules.items():
         if config.network_type == "lora":
             params = {name: t.detach().float().cpu().contiguous() for name, t in params.items()}
-            params["alpha"] = torch.tensor(float(config.lora_alpha))
+            params["alpha"] = torch.tensor(_alpha_of(model, module, config))
         else:
             params = lycoris.lycoris_tensors(params, config)
         name = name_of(module)
         state.update({f"{name}.{param}": tensor for param, tensor in params.items()})
     return state
+
+
+def _alpha_of(model, module: str, config: TrainConfig) -> float:
+    """A module's own alpha (block-wise alphas differ, blocks.py), else lora_alpha."""
+    alphas = getattr(model.get_submodule(module), "lora_alpha", None)
+    return float(next(iter(alphas.values()))) if isinstance(alphas, dict) and alphas else float(config.lora_alpha)
 
 
 def diffusers_state_dict(unet, config: TrainConfig,
@@ -257,8 +275,8 @@ def sd_scripts_fields(config: TrainConfig, num_images: int, gradient_checkpointi
     """The rest of what sd-scripts' train_network.py writes and A1111's metadata panel shows, in its formats:
     `str()` of its values (`None` for an option left off, `True` / `False`), JSON for the dataset and buckets.
     `num_images` counts repeats, as sd-scripts' bucket counts do."""
-    # sd-scripts' network_dropout is LoRA's dropout; LoHa / LoKr's is rank dropout, written in ss_network_args
-    dropout = config.lora_dropout if config.network_type == "lora" and config.lora_dropout else None
+    # sd-scripts' network_dropout (else peft's lora_dropout, its nearest); LoHa / LoKr's is rank dropout, in the args
+    dropout = config.network_dropout or (config.lora_dropout if config.network_type == "lora" else 0) or None
     bucket_info = None
     if config.bucketing and buckets:
         repeats = config.repeats
@@ -269,6 +287,7 @@ def sd_scripts_fields(config: TrainConfig, num_images: int, gradient_checkpointi
     return {
         "ss_min_snr_gamma": str(config.min_snr_gamma or None),
         "ss_noise_offset": str(config.noise_offset or None),
+        **loss_metadata(config),
         "ss_network_dropout": str(dropout),
         "ss_zero_terminal_snr": str(config.zero_terminal_snr),
         "ss_flip_aug": str(config.flip_horizontal),
@@ -312,6 +331,10 @@ def network_args(config: TrainConfig) -> dict[str, str]:
             args["rank_dropout"] = str(config.lora_dropout)
     if config.lora_target == "locon":
         args.update(conv_dim=str(config.lora_rank), conv_alpha=str(config.lora_alpha))
+    args.update({name: getattr(config, name) for name in blocks.FIELDS if getattr(config, name)})
+    for name in ("rank_dropout", "module_dropout", "loraplus_lr_ratio"):  # sd-scripts' network arguments
+        if getattr(config, name) != (1 if name == "loraplus_lr_ratio" else 0):
+            args[name] = str(getattr(config, name))
     return args
 
 

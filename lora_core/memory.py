@@ -30,7 +30,9 @@ OFFLOAD_MODES = ("fp8", "int8")  # then, with checkpointing, offloading blocks (
 LAST_RESORT = ("nf4",)  # after offloading (candidates)
 OFFLOAD_DEVICES = frozenset({"cuda"})  # where offload_blocks applies: on the CPU the weights are in host memory
 CUDA_ONLY_OPTIMIZERS = {"paged_adamw8bit": "paging moves the optimizer state to host memory when the GPU runs "
-                                           "short, which means nothing on the CPU; use optimizer 'adamw8bit'"}
+                                           "short, which means nothing on the CPU; use optimizer 'adamw8bit'",
+                        "paged_lion8bit": "paging moves the optimizer state to host memory when the GPU runs "
+                                          "short, which means nothing on the CPU; use optimizer 'lion8bit'"}
 
 
 class QuantizationError(UserError):

@@ -7,7 +7,9 @@ call the same `Objective.loss`, so the two can never drift apart. Two objectives
 - target: the noise (epsilon models) or the velocity (v-prediction, read from the model's scheduler);
 - zero-terminal-SNR: rescale the noise schedule so the last timestep is pure noise (for v-prediction models);
 - min-SNR-gamma: weight each sample by min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v), which stops
-  the low-noise timesteps from dominating (Hang et al. 2023); 0 turns it off.
+  the low-noise timesteps from dominating (Hang et al. 2023); 0 turns it off;
+- sd-scripts' loss_type (l1, Huber, smooth L1 with huber_schedule), debiased estimation and a timestep range
+  (min_timestep, max_timestep, which the validation loss's strata also span): losses.py, config_loss.py.
 
 `FlowObjective` (rectified flow: SD 3.x, FLUX.1), as diffusers' `train_dreambooth_lora_sd3.py` and
 `train_dreambooth_lora_flux.py` train them: `x_t = (1 - sigma) x0 + sigma noise`, target `noise - x0`.
@@ -17,7 +19,9 @@ call the same `Objective.loss`, so the two can never drift apart. Two objectives
   `sigmoid` takes sigma = sigmoid(N(0, 1) * sigmoid_scale) directly, `shift` then shifts it by
   `discrete_flow_shift`, and `flux_shift` by the resolution-dependent shift FLUX uses at inference (kohya's);
 - `loss_weighting`: none, sigma_sqrt (sigma^-2) or cosmap (diffusers' `compute_loss_weighting_for_sd3`);
-- `precondition_outputs` (SD 3's script's default): the prediction becomes `x_t - sigma * pred`, compared with x0.
+- `precondition_outputs` (SD 3's script's default): the prediction becomes `x_t - sigma * pred`, compared with x0;
+- `loss_type` (l1, huber, smooth_l1 with the exponential or constant huber_schedule), as sd-scripts' FLUX and
+  SD 3 scripts honour it.
 
 Noise offset adds a per-channel constant to the noise so a model can learn very dark or bright images.
 """
@@ -32,7 +36,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
+from lora_core import losses
 from lora_core.config import TrainConfig
+from lora_core.errors import UserError
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noisy latents, levels) -> prediction
 
@@ -64,10 +70,14 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, noise_schedul
     per_sample = (errors if pixel_weights is None else errors * pixel_weights).mean(dim=list(range(1, errors.ndim)))
     if min_snr_gamma == 0:
         return per_sample.mean()
+    return (per_sample * min_snr_weights(noise_scheduler, timesteps, prediction_type, min_snr_gamma)).mean()
+
+
+def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, prediction_type: str,
+                    min_snr_gamma: float) -> torch.Tensor:
     snr = compute_snr(noise_scheduler, timesteps).clamp(min=1e-8)  # zero-terminal-SNR makes the last one 0
     weights = torch.clamp(snr, max=min_snr_gamma)
-    weights = weights / (snr + 1) if prediction_type == "v_prediction" else weights / snr
-    return (per_sample * weights).mean()
+    return weights / (snr + 1) if prediction_type == "v_prediction" else weights / snr
 
 
 class Objective:
@@ -89,23 +99,57 @@ class Objective:
 
 
 class DDPMObjective(Objective):
-    def __init__(self, scheduler: DDPMScheduler, prediction_type: str, min_snr_gamma: float):
+    """`config` adds the loss options of config_loss.py (loss_type, Huber, debiasing, the timestep range; see
+    losses.py); without one, the plain l2 loss over every timestep."""
+
+    def __init__(self, scheduler: DDPMScheduler, prediction_type: str, min_snr_gamma: float,
+                 config: TrainConfig | None = None):
         self.scheduler, self.prediction_type, self.min_snr_gamma = scheduler, prediction_type, min_snr_gamma
         self.num_timesteps = scheduler.config.num_train_timesteps
+        self.config = config
+        self.low, self.high = (config.min_timestep, config.max_timestep) if config else (0, self.num_timesteps)
+        if self.high > self.num_timesteps:
+            raise ObjectiveError(f"max_timestep {self.high} is beyond this model's {self.num_timesteps} training "
+                                 f"timesteps; use at most {self.num_timesteps}")
 
     def draw_levels(self, count: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        return torch.randint(0, self.num_timesteps, (count,), generator=generator, device=device)
+        return torch.randint(self.low, self.high, (count,), generator=generator, device=device)
 
     def levels_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
-        return (u * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
+        return (self.low + u * (self.high - self.low)).long().clamp(self.low, self.high - 1)
 
     def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
              pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
         noisy = self.scheduler.add_noise(latents, noise, levels)
         target = target_for(self.scheduler, latents, noise, levels, self.prediction_type)
         prediction = predict(noisy, levels)
-        return diffusion_loss(prediction, target, self.scheduler, levels, self.prediction_type, self.min_snr_gamma,
-                              pixel_weights)
+        c = self.config
+        if c is None or (c.loss_type == "l2" and not c.debiased_estimation_loss):
+            return diffusion_loss(prediction, target, self.scheduler, levels, self.prediction_type,
+                                  self.min_snr_gamma, pixel_weights)
+        return self.option_loss(prediction, target, levels, pixel_weights)
+
+    def option_loss(self, prediction: torch.Tensor, target: torch.Tensor, levels: torch.Tensor,
+                    pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss with config_loss.py's options, in sd-scripts' order (losses.py)."""
+        c, alphas = self.config, self.scheduler.alphas_cumprod
+        huber_c = losses.huber_threshold(c.huber_schedule, c.huber_c, c.huber_scale, levels, alphas,
+                                         self.num_timesteps) if c.loss_type in ("huber", "smooth_l1") else None
+        errors = losses.elementwise_loss(prediction, target, c.loss_type, huber_c)
+        if pixel_weights is not None:  # the loss mask, applied before the mean as sd-scripts' masked loss is
+            errors = errors * pixel_weights
+        per_sample = errors.mean(dim=list(range(1, prediction.ndim)))
+        v_prediction = self.prediction_type == "v_prediction"
+        if self.min_snr_gamma:
+            per_sample = per_sample * min_snr_weights(self.scheduler, levels, self.prediction_type,
+                                                      self.min_snr_gamma)
+        if c.debiased_estimation_loss:
+            per_sample = per_sample * losses.debiased_weights(losses.snr_of(alphas, levels), v_prediction)
+        return per_sample.mean()
+
+
+class ObjectiveError(UserError):
+    field = "max_timestep"
 
 
 FLUX_SHIFT_TOKENS = (256, 4096)  # FLUX's inference shift: mu 0.5 at 256 image tokens, 1.15 at 4096
@@ -171,7 +215,17 @@ class FlowObjective(Objective):
         weights = self.weighting(levels.float()).view(-1, *[1] * (latents.ndim - 1))
         if pixel_weights is not None:
             weights = weights * pixel_weights
-        return (weights * (prediction - target) ** 2).reshape(len(latents), -1).mean(dim=1).mean()
+        return (weights * self.error(prediction, target, levels)).reshape(len(latents), -1).mean(dim=1).mean()
+
+    def error(self, prediction: torch.Tensor, target: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """Squared, or `loss_type`'s error as sd-scripts' FLUX / SD 3 scripts take it: the Huber threshold of the
+        exponential or constant schedule at timestep sigma x 1000 (their `snr` needs a DDPM schedule)."""
+        c = self.config
+        if c.loss_type == "l2":
+            return (prediction - target) ** 2
+        huber_c = losses.huber_threshold(c.huber_schedule, c.huber_c, c.huber_scale, levels.float() * 1000,
+                                         None, 1000) if c.loss_type in ("huber", "smooth_l1") else None
+        return losses.elementwise_loss(prediction, target, c.loss_type, huber_c)
 
     def weighting(self, sigmas: torch.Tensor) -> torch.Tensor:
         if self.config.loss_weighting == "sigma_sqrt":

@@ -32,6 +32,7 @@ from lora_core import (
     objective,
     offload,
     optim,
+    param_groups,
     quantize,
     samples,
     validation,
@@ -134,7 +135,9 @@ def setup(plan: RunPlan) -> Run:
                                                                     masks.make_source(config, layout)),
                                          pin_memory=device.type == "cuda",  # pinned + non_blocking: no sync
                                          generator=torch.Generator())  # else each epoch draws on the global RNG
-    optimizer, lr_scheduler = make_optimizer(plan, params, text_params, device)
+    namer = family.unet_namer(denoiser.config) if family.unet_blocks else None  # block-wise rates' block names
+    optimizer, lr_scheduler = make_optimizer(plan, params, text_params, device, [denoiser, *trained_encoders],
+                                             namer)
     unet, *wrapped, optimizer, loader = accelerator.prepare(denoiser, *trained_encoders, optimizer, loader)
     # offloaded blocks swap their weights at every call, which a compiled block would recompile for
     compiled = (config.model_copy(update={"compile_unet": "off", "cuda_graphs": False}) if plan.offload_blocks
@@ -281,11 +284,12 @@ def per_step_conditioning(plan: RunPlan, pipeline, wrapped: list, device: torch.
     return conditioning.EncodedConditioning(family, encode, trains=plan.config.train_text_encoder)
 
 
-def make_optimizer(plan: RunPlan, params: list, text_params: list, device: torch.device) -> tuple[Any, Any]:
+def make_optimizer(plan: RunPlan, params: list, text_params: list, device: torch.device,
+                   modules: list[torch.nn.Module], namer=None) -> tuple[Any, Any]:
+    """The optimizer over the LoRA's parameter groups (param_groups.py: LoRA+ and block-wise rates split them)
+    and its schedule."""
     config = plan.config
-    groups = [{"params": params, "lr": config.learning_rate}]
-    if text_params:
-        groups.append({"params": text_params, "lr": config.text_encoder_lr})
+    groups = param_groups.optimizer_groups(config, params, text_params, modules, namer)
     optimizer = optim.make_optimizer(config, groups, device)
     return optimizer, optim.make_lr_scheduler(config, optimizer, plan.total_steps)
 

@@ -33,6 +33,8 @@ from lora_core.events import (
     dataset_event,
 )
 from lora_core.lora import save_lora, training_metadata
+from lora_core.losses import pyramid_noise
+from lora_core.optim import averaged_weights
 from lora_core.plan import make_plan
 from lora_core.setup import Run, prepare_unet, setup
 
@@ -99,6 +101,9 @@ def training_step(run: Run, batch: Batch) -> torch.Tensor:
     inputs = {**run.conditioning(batch), **run.plan.settings}  # the family's call settings (FLUX's guidance)
     noise, levels, offsets = run.noise(latents)  # the same per sample however batches split
     noise = objective.offset_noise(noise, offsets, run.config.noise_offset)
+    if run.config.multires_noise_iterations:  # after the offset, as sd-scripts (the flow families refuse it)
+        noise = pyramid_noise(noise, run.noise.side_generator(latents.device),
+                                     run.config.multires_noise_iterations, run.config.multires_noise_discount)
 
     def predict(noisy: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         with run.accelerator.autocast():
@@ -235,7 +240,7 @@ def maybe_sample(run: Run, emit: Callable[[Event], None], should_stop: Callable[
 def _draw_samples(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], bool] | None) -> bool:
     stopped_while_drawing = False
     try:  # a sample that cannot be saved is not worth the run: the checkpoints decide that
-        with ema.for_samples(run):
+        with averaged_weights(run.config, run.optimizer), ema.for_samples(run):  # schedule-free's average, EMA's
             drawn = samples.make_samples(run.config, run.family, run.pipeline, run.bare_unet, run.sample_inputs,
                                          run.pipeline.vae, run.device, run.plan.output, run.step, should_stop)
     except samples.DrawingStopped as stopped:
@@ -257,7 +262,8 @@ def maybe_validate(run: Run, emit: Callable[[Event], None]) -> None:
     every = run.config.validation_loss_steps or run.config.validation_steps
     if run.held_out is None or (run.step % every and run.step != run.plan.total_steps):
         return
-    loss = run.held_out.loss(run)
+    with averaged_weights(run.config, run.optimizer):
+        loss = run.held_out.loss(run)
     ema_loss = ema.held_out_loss(run)
     for module in (run.unet, *run.text_encoders):
         module.train()
@@ -285,13 +291,17 @@ def export_lora(run: Run, path: Path, epochs: int | None = None, companions: boo
     """Write the LoRA file users load (the family names its tensors), with the training metadata (and `extra`
     fields: which weights an EMA run's file holds); with `companions`, also the family's other layouts beside it
     (`<name>.<layout>.safetensors`: SD 3's for diffusers, which reads none of the names ComfyUI and Forge read)."""
-    state, format_header = run.family.lora_file_contents(run.bare_unet, run.config, run.text_encoders)
+    with averaged_weights(run.config, run.optimizer):  # a schedule-free optimizer's average is the LoRA
+        state, format_header = run.family.lora_file_contents(run.bare_unet, run.config, run.text_encoders)
+        companion = run.family.companion_files(run.bare_unet, run.config, run.text_encoders) if companions else {}
+        # copies: on the CPU a file's fp32 tensors may be the weights themselves, which the block's end resets
+        state = {key: tensor.clone() for key, tensor in state.items()}
+        companion = {layout: ({key: t.clone() for key, t in other.items()}, other_header)
+                     for layout, (other, other_header) in companion.items()}
     header = training_metadata(run.config, steps=run.step, epochs=run.epoch if epochs is None else epochs,
                                **run.metadata) | masks.metadata(run.config) | (extra or {})
-    if companions:
-        for layout, (other, other_header) in run.family.companion_files(run.bare_unet, run.config,
-                                                                        run.text_encoders).items():
-            save_lora(path.with_name(f"{path.stem}.{layout}.safetensors"), other, header | other_header)
+    for layout, (other, other_header) in companion.items():
+        save_lora(path.with_name(f"{path.stem}.{layout}.safetensors"), other, header | other_header)
     return save_lora(path, state, header | format_header)
 
 

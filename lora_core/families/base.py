@@ -27,6 +27,24 @@ TEXT_ENCODER_ATTRIBUTES = ("text_encoder", "text_encoder_2", "text_encoder_3")  
 TOKENIZER_ATTRIBUTES = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
 
+def block_problems(family: Family, config: TrainConfig) -> list[tuple[str, str]]:
+    """Block-wise rates and ranks (blocks.py): refused where the family has no UNet blocks, else their lengths
+    checked against its layout."""
+    from lora_core import blocks
+
+    given = [name for name in blocks.FIELDS if getattr(config, name, "")]
+    if given and not family.unet_blocks:
+        return [(name, f"block-wise rates and ranks are for a UNet's blocks; {family.display_name} has none: "
+                 "clear it") for name in given]
+    try:
+        if given:
+            for conv in (False, True):
+                blocks.dims_and_alphas(config, family.unet_blocks == "sdxl", conv)
+    except blocks.BlockError as error:
+        return [(error.field, str(error))]
+    return []
+
+
 class Family:
     name: str  # the id used in ModelInfo.family and the LoRA metadata: sd1 | sd2 | sdxl | sd3 | flux
     display_name: str  # for people: "SD 1.x"
@@ -38,6 +56,7 @@ class Family:
     sampler_label: str = "DPM-Solver"  # how samples are drawn, for people (a grid's title)
     diffusers_reads_lora: bool = True  # grids load its LoRA files with diffusers' load_lora_weights
     offloads_blocks: bool = False  # its denoiser is a chain of transformer blocks `offload_blocks` can offload
+    unet_blocks: str = ""  # the block layout of block-wise rates and ranks (blocks.py): "sd", "sdxl"; "": none
     # variant -> a hub id holding the parts its single files may lack (the error message's example)
     components_examples: dict[str, str] = {}  # read only
 
@@ -86,6 +105,8 @@ class Family:
 
     def check_config(self, config: TrainConfig) -> list[tuple[str, str]]:
         """(field, message) for each option this family cannot honour; the plan refuses the run with them."""
+        if problems := block_problems(self, config):
+            return problems
         if getattr(config, "offload_blocks", 0) and not self.offloads_blocks:
             return [("offload_blocks", f"offload_blocks moves a transformer's blocks to the CPU; {self.display_name}'s "
                      "UNet has no such chain of equal blocks (and fits a small card with base_quantization and "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lora_core.families.base import ACTIVATION_BYTES_PER_UNIT, Family
+from lora_core.families.base import ACTIVATION_BYTES_PER_UNIT, Family, block_problems
 
 if TYPE_CHECKING:
     import torch
@@ -119,8 +119,9 @@ def block_checkpointing_share(blocks: int) -> float:
 def flow_family_problems(family: Family, config: TrainConfig, targets: dict) -> list[tuple[str, str]]:
     """The options a flow-matching family cannot honour (the UNet families' own, and what its export lacks)."""
     from lora_core.config import changed
+    from lora_core.config_loss import DDPM_ONLY
 
-    problems = []
+    problems = block_problems(family, config)
     name = family.display_name
     if config.lora_target not in targets:
         problems.append(("lora_target", f"{name} has no convolutions to adapt; choose one of {', '.join(targets)}"))
@@ -130,6 +131,12 @@ def flow_family_problems(family: Family, config: TrainConfig, targets: dict) -> 
     for option, why in (("zero_terminal_snr", "a DDPM schedule's"), ("noise_offset", "the UNet families'")):
         if getattr(config, option):
             problems.append((option, f"{option} is {why} option; {name} trains by rectified flow: turn it off"))
+    problems += [(option, f"{option} is an option of the DDPM objective (SD 1.x/2.x/SDXL); {name} trains by "
+                  "rectified flow (its noise levels: timestep_sampling, its weighting: loss_weighting): put it "
+                  "back to its default") for option in DDPM_ONLY if changed(config, option)]
+    if config.loss_type in ("huber", "smooth_l1") and config.huber_schedule == "snr":
+        problems.append(("huber_schedule", f"the snr schedule reads a DDPM noise schedule, which {name}'s rectified "
+                         "flow has none of: choose huber_schedule 'exponential' or 'constant'"))
     if config.network_type != "lora" or config.use_dora:
         field = "use_dora" if config.use_dora else "network_type"
         problems.append((field, f"{name} LoRAs are written as plain LoRA (kohya's layout, fused q/k/v); LoHa, "

@@ -20,6 +20,7 @@ TRANSFORMER_WEIGHT = 4.5  # a transformer layer saves ~4.5x what a ResNet layer 
 
 class SD1(Family):
     name = "sd1"
+    unet_blocks = "sd"  # block-wise rates and ranks over sd-scripts' 25 blocks (blocks.py)
     display_name = "SD 1.x"
     detect_priority = 100  # the fallback for any UNet pipeline folder
     single_file_builtin = "sd15-arch"
@@ -55,7 +56,7 @@ class SD1(Family):
         from lora_core import objective
 
         return objective.DDPMObjective(objective.noise_scheduler_for(scheduler_config, config), info.prediction_type,
-                                       config.min_snr_gamma)
+                                       config.min_snr_gamma, config)
 
     def predict(self, forward, noisy: torch.Tensor, levels: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         return forward(noisy, levels, **inputs).sample
@@ -68,7 +69,7 @@ class SD1(Family):
     def add_denoiser_adapter(self, denoiser, config: TrainConfig) -> list[torch.nn.Parameter]:
         from lora_core import lora
 
-        return lora.add_lora(denoiser, config)
+        return lora.add_lora(denoiser, config, namer=self.unet_namer(denoiser.config))  # names its blocks
 
     def add_text_encoder_adapter(self, encoder, config: TrainConfig) -> list[torch.nn.Parameter]:
         from lora_core import lora

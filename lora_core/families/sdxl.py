@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 class SDXL(SD1):
     name = "sdxl"
+    unet_blocks = "sdxl"  # 23 blocks, named in the original layout
     display_name = "SDXL"
     detect_priority = 10
     single_file_builtin = "sdxl-arch"
