@@ -130,6 +130,9 @@ class Dataset(Event):
     # The dataset doctor's findings (doctor.Finding.to_dict: kind, files, message, why, fix, severity, actions),
     # most severe first, at most MAX_LISTED; empty when the doctor was not run.
     findings: list[dict[str, Any]] = field(default_factory=list)
+    # Per concept (concepts.counts): name, folder, trigger_words, regularization, num_images, repeats,
+    # entries_per_epoch, resolution; dataset_path's first, the regularisation folder's last.
+    concepts: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -155,7 +158,8 @@ class RunWarning(Event):
 MAX_LISTED = 100
 
 
-def dataset_event(report, held_out=None, findings: list[dict[str, Any]] | None = None) -> Dataset:
+def dataset_event(report, held_out=None, findings: list[dict[str, Any]] | None = None,
+                  concepts: list[dict[str, Any]] | None = None) -> Dataset:
     """The `dataset` event of a dataset.DatasetReport and the held-out one, if any (long lists cut to
     MAX_LISTED; the counts are whole). A separate validation folder's refused files are warnings. `findings`:
     the dataset doctor's (doctor.plan_findings)."""
@@ -168,7 +172,7 @@ def dataset_event(report, held_out=None, findings: list[dict[str, Any]] | None =
                    num_refused=len(report.refused), ignored=report.ignored[:MAX_LISTED],
                    num_ignored=len(report.ignored), warnings=warnings[:MAX_LISTED], num_validation_images=len(held),
                    validation_files=[Path(record.path).name for record in held[:MAX_LISTED]],
-                   findings=list(findings or [])[:MAX_LISTED])
+                   findings=list(findings or [])[:MAX_LISTED], concepts=list(concepts or []))
 
 
 class EventLog:

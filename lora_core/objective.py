@@ -54,13 +54,19 @@ def target_for(noise_scheduler: DDPMScheduler, latents: torch.Tensor, noise: tor
 
 
 def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, noise_scheduler: DDPMScheduler,
-                   timesteps: torch.Tensor, prediction_type: str, min_snr_gamma: float) -> torch.Tensor:
-    """Mean squared error in fp32, optionally min-SNR weighted per sample (as diffusers' scripts do)."""
-    if min_snr_gamma == 0:
+                   timesteps: torch.Tensor, prediction_type: str, min_snr_gamma: float,
+                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error in fp32, optionally min-SNR weighted per sample (as diffusers' scripts do), and
+    times `sample_weights` (regularisation images' prior_loss_weight) per sample."""
+    if min_snr_gamma == 0 and sample_weights is None:
         return F.mse_loss(prediction.float(), target.float())
-    snr = compute_snr(noise_scheduler, timesteps).clamp(min=1e-8)  # zero-terminal-SNR makes the last one 0
-    weights = torch.clamp(snr, max=min_snr_gamma)
-    weights = weights / (snr + 1) if prediction_type == "v_prediction" else weights / snr
+    weights = torch.ones(len(prediction), device=prediction.device)
+    if min_snr_gamma:
+        snr = compute_snr(noise_scheduler, timesteps).clamp(min=1e-8)  # zero-terminal-SNR makes the last one 0
+        weights = torch.clamp(snr, max=min_snr_gamma)
+        weights = weights / (snr + 1) if prediction_type == "v_prediction" else weights / snr
+    if sample_weights is not None:
+        weights = weights * sample_weights.to(weights.device)
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
         dim=list(range(1, prediction.ndim)))
     return (per_sample * weights).mean()
@@ -77,9 +83,10 @@ class Objective:
         """Levels at fixed quantiles `u` in [0, 1) (the validation loss's strata), on the training grid."""
         raise NotImplementedError
 
-    def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor
-             ) -> torch.Tensor:
-        """Noise `latents` to `levels`, predict, and return the (weighted) mean error in fp32."""
+    def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
+             sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Noise `latents` to `levels`, predict, and return the (weighted) mean error in fp32; `sample_weights`
+        (one per sample, None: all 1) multiply each sample's error."""
         raise NotImplementedError
 
 
@@ -94,12 +101,13 @@ class DDPMObjective(Objective):
     def levels_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
         return (u * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
 
-    def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor
-             ) -> torch.Tensor:
+    def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
+             sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         noisy = self.scheduler.add_noise(latents, noise, levels)
         target = target_for(self.scheduler, latents, noise, levels, self.prediction_type)
         prediction = predict(noisy, levels)
-        return diffusion_loss(prediction, target, self.scheduler, levels, self.prediction_type, self.min_snr_gamma)
+        return diffusion_loss(prediction, target, self.scheduler, levels, self.prediction_type, self.min_snr_gamma,
+                              sample_weights)
 
 
 FLUX_SHIFT_TOKENS = (256, 4096)  # FLUX's inference shift: mu 0.5 at 256 image tokens, 1.15 at 4096
@@ -153,8 +161,8 @@ class FlowObjective(Objective):
     def levels_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
         return self._from_grid(u)
 
-    def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor
-             ) -> torch.Tensor:
+    def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
+             sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         sigmas = levels.to(latents.dtype).view(-1, *[1] * (latents.ndim - 1))
         noisy = (1 - sigmas) * latents + sigmas * noise
         prediction = predict(noisy, levels).float()
@@ -163,7 +171,8 @@ class FlowObjective(Objective):
         else:
             target = (noise - latents).float()
         weights = self.weighting(levels.float()).view(-1, *[1] * (latents.ndim - 1))
-        return (weights * (prediction - target) ** 2).reshape(len(latents), -1).mean(dim=1).mean()
+        per_sample = (weights * (prediction - target) ** 2).reshape(len(latents), -1).mean(dim=1)
+        return (per_sample if sample_weights is None else per_sample * sample_weights.to(per_sample.device)).mean()
 
     def weighting(self, sigmas: torch.Tensor) -> torch.Tensor:
         if self.config.loss_weighting == "sigma_sqrt":

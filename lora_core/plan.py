@@ -29,6 +29,7 @@ from lora_core import (
     buckets,
     checkpoint,
     components,
+    concepts,
     dataset,
     distributed,
     families,
@@ -73,9 +74,17 @@ def run_length(config: TrainConfig, batches_per_epoch: int) -> RunLength:
     return RunLength(DEFAULT_STEPS, "default")
 
 
-def unbucketed_batches_per_epoch(config: TrainConfig, num_images: int, num_processes: int) -> int:
-    """Global batches in an epoch before buckets are known: the images times `repeats` in full batches."""
-    return math.ceil(num_images * config.repeats / (config.batch_size * num_processes))
+def unbucketed_batches_per_epoch(config: TrainConfig, num_images: int, num_processes: int,
+                                 num_entries: int | None = None) -> int:
+    """Global batches in an epoch before buckets are known: the images times `repeats` (or `num_entries`, the
+    concepts' entries, concepts.entry_images) in full batches."""
+    entries = num_images * config.repeats if num_entries is None else num_entries
+    return math.ceil(entries / (config.batch_size * num_processes))
+
+
+def entry_buckets(report: dataset.DatasetReport, config: TrainConfig, assigned: list[buckets.Bucket]) -> list:
+    """The bucket of each entry of an epoch (concepts.entry_images)."""
+    return [assigned[image] for image in concepts.entry_images(report, config)]
 
 
 @dataclass
@@ -168,7 +177,8 @@ def tracker(config: TrainConfig) -> None:
 def scan_dataset(config: TrainConfig) -> tuple[dataset.DatasetReport, dataset.DatasetReport | None]:
     """The training images, and the held-out ones for the validation loss (None when none are asked for)."""
     report = dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement)
-    return report, holdout.split(report, config)
+    held_out = holdout.split(report, config)  # from dataset_path only
+    return concepts.add_concepts(report, config), held_out
 
 
 def base_model(config: TrainConfig, configs_only: bool = False) -> tuple[models.ModelSource, models.ModelInfo]:
@@ -240,9 +250,10 @@ def make_plan(config: TrainConfig, num_processes: int = 1, *, resume: bool = Fal
     report, held_out = scan_dataset(config)
     source, info = base_model(config, configs_only)
     check_resolution(config, info)
+    concepts.check_resolutions(config, lambda changed: check_resolution(changed, info))
     check_family_options(config, info)
-    assigned = dataset.assign_buckets(report, config, info.pixel_multiple)
-    per_epoch = buckets.batches_per_epoch(assigned * config.repeats, config.batch_size * num_processes)
+    assigned = concepts.assign_buckets(report, config, info.pixel_multiple)
+    per_epoch = buckets.batches_per_epoch(entry_buckets(report, config, assigned), config.batch_size * num_processes)
     device, precision = device_and_precision(config)
     memory.check_device(config, device.type, num_processes)
     plan = RunPlan(config, num_processes, resume, report, assigned, source, info, per_epoch,
@@ -286,7 +297,9 @@ def plan_report(config: TrainConfig, num_processes: int | None = None) -> dict[s
         report["dataset"] = {"num_images": len(scanned.images), "num_captioned": scanned.captioned,
                              "refused": scanned.refused, "ignored": scanned.ignored,
                              "num_validation_images": len(held_out.images) if held_out else 0}
-        per_epoch = unbucketed_batches_per_epoch(config, len(scanned.images), processes)
+        report["dataset"]["concepts"] = concepts.counts(scanned, config)
+        per_epoch = unbucketed_batches_per_epoch(config, len(scanned.images), processes,
+                                                 len(concepts.entry_images(scanned, config)))
         report["total_steps"] = run_length(config, per_epoch).steps
     with _Check(report, "base_model") as model_check:
         source, info = base_model(config, configs_only=True)
@@ -295,11 +308,13 @@ def plan_report(config: TrainConfig, num_processes: int | None = None) -> dict[s
         if source.components:  # where a single file's missing parts come from (a hub id: its local copy)
             report["model"]["pipeline_components"] = source.components
         check_resolution(config, info)
+        concepts.check_resolutions(config, lambda changed: check_resolution(changed, info))
         check_family_options(config, info)
         if scanned is not None:  # the bucket table, and the length as the buckets make it
-            assigned = dataset.assign_buckets(scanned, config, info.pixel_multiple)
+            assigned = concepts.assign_buckets(scanned, config, info.pixel_multiple)
             report["dataset"]["buckets"] = scanned.buckets
-            per_epoch = buckets.batches_per_epoch(assigned * config.repeats, config.batch_size * processes)
+            per_epoch = buckets.batches_per_epoch(entry_buckets(scanned, config, assigned),
+                                                  config.batch_size * processes)
             report["total_steps"] = run_length(config, per_epoch).steps
     with _Check(report, "output_path"):
         output_folder(config, keep=False)

@@ -21,6 +21,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 from lora_core import (
     batches,
     checkpoint,
+    concepts,
     conditioning,
     distributed,
     families,
@@ -30,6 +31,7 @@ from lora_core import (
     objective,
     offload,
     optim,
+    preservation,
     quantize,
     samples,
     validation,
@@ -79,6 +81,7 @@ class Run:
     stop_checkpoint: Path | None = None  # the LoRA saved when stopped on request
     lora_params: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # by name, for the saved state
     held_out: validation.ValidationSet | None = None  # the validation loss's images, on the main process only
+    preservation: preservation.Preservation | None = None  # preservation_prompt's class prompts and loss
 
     @property
     def config(self) -> TrainConfig:
@@ -144,6 +147,7 @@ def setup(plan: RunPlan) -> Run:
               lora_metadata(plan, info, accelerator.is_main_process))
     run.lora_params = named_lora_params(run)
     run.held_out = held_out
+    run.preservation = preservation.Preservation.build(plan, pipeline, device, dtype)
     if plan.resume:
         restore(run)
     return run
@@ -219,7 +223,7 @@ def encode_text_once(plan: RunPlan, pipeline, device: torch.device, dtype: torch
     are the same with validation on or off."""
     config, family = plan.config, plan.family
     encoders = models.text_encoders(pipeline)
-    stays = config.shuffle_tags or config.train_text_encoder  # encoded every step: the encoders stay on the device
+    stays = concepts.per_step_captions(config)  # encoded every step: the encoders stay on the device
     quantized = family.quantizable_text_encoders(pipeline) if stays and plan.base_quantization != "none" else []
     for encoder in encoders:
         if any(encoder is big for big in quantized):  # stored small on the CPU first, as the denoiser is
@@ -233,11 +237,12 @@ def encode_text_once(plan: RunPlan, pipeline, device: torch.device, dtype: torch
     if plan.held_out is not None and not config.train_text_encoder:
         held_out = conditioning.frozen_encoder(family, pipeline, device, dtype, plan.settings)(
             [record.caption for record in plan.held_out.images])
-    if config.shuffle_tags or config.train_text_encoder:
+    if stays:
         return inputs, None, held_out
     cached = conditioning.cache_captions(family, conditioning.frozen_encoder(family, pipeline, device, dtype,
                                                                              plan.settings),
-                                         [record.caption for record in plan.dataset.images], config.caption_dropout > 0)
+                                         [record.caption for record in plan.dataset.images],
+                                         concepts.any_dropout(config))
     for encoder in encoders:
         encoder.to("cpu")
     return inputs, cached, held_out

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lora_core import checkpoint, dataset, distributed, doctor, objective, samples
+from lora_core import checkpoint, concepts, dataset, distributed, doctor, objective, samples
 from lora_core.batches import Batch
 from lora_core.config import TrainConfig
 from lora_core.events import (
@@ -81,7 +81,8 @@ def emit_started(run: Run, emit: Callable[[Event], None]) -> None:
                      base_quantization=plan.base_quantization, offload_blocks=plan.offload_blocks,
                      memory_choice=plan.memory_summary))
         # images used, held out, captioned, refused, ignored, and what the dataset doctor finds in them
-        emit(dataset_event(plan.dataset, plan.held_out, findings=doctor.plan_findings(plan)))
+        emit(dataset_event(plan.dataset, plan.held_out, findings=doctor.plan_findings(plan),
+                           concepts=concepts.counts(plan.dataset, plan.config)))
         dataset.warn_about(plan.dataset)
         for note in plan.skipped_states:
             emit(RunWarning(message=note, field="resume"))
@@ -102,7 +103,12 @@ def training_step(run: Run, batch: Batch) -> torch.Tensor:
         with run.accelerator.autocast():
             return run.family.predict(run.forward, noisy, levels, inputs)
 
-    loss = run.objective.loss(predict, latents, noise, levels)  # the held-out loss calls the same function
+    if run.preservation is not None:  # the class prompts' preservation loss, on the same noisy latents
+        predict = run.preservation.wrap(run, batch, predict)
+    weights = concepts.sample_weights(run.layout.image_weights, batch.images, latents.device)
+    loss = run.objective.loss(predict, latents, noise, levels, weights)  # the held-out loss calls it too
+    if run.preservation is not None:
+        loss = loss + run.preservation.take_loss()
     run.accelerator.backward(loss)
     return loss
 
@@ -266,7 +272,7 @@ def export_lora(run: Run, path: Path, epochs: int | None = None, companions: boo
     diffusers, which reads none of the names ComfyUI and Forge read)."""
     state, format_header = run.family.lora_file_contents(run.bare_unet, run.config, run.text_encoders)
     header = training_metadata(run.config, steps=run.step, epochs=run.epoch if epochs is None else epochs,
-                               **run.metadata)
+                               **run.metadata) | concepts.metadata(run.plan.dataset, run.config)
     if companions:
         for layout, (other, other_header) in run.family.companion_files(run.bare_unet, run.config,
                                                                         run.text_encoders).items():

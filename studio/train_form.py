@@ -12,7 +12,14 @@ import gradio as gr
 
 from lora_core.config import ConfigError, TrainConfig
 from lora_core.configfile import parse_config
-from studio.formspec import FieldSpec, config_to_form, field_specs, form_to_config_dict, split_list
+from studio.formspec import (
+    FieldSpec,
+    config_to_form,
+    field_specs,
+    form_to_config_dict,
+    server_folders,
+    split_list,
+)
 from studio.render import code
 from studio.uploads import UploadLimits
 
@@ -63,13 +70,21 @@ def _display_default(spec: FieldSpec) -> Any:
 def build_config(form: dict[str, Any], studio: Studio, settings: PageSettings) -> TrainConfig:
     """The config the form describes; ConfigError names each bad field with the CLI's message."""
     problems = []
-    data = form_to_config_dict(form, form.get("length_by") or "steps")
+    try:
+        data = form_to_config_dict(form, form.get("length_by") or "steps")
+    except ConfigError as error:  # a JSON field that does not parse: said at it, the rest still checked
+        problems += error.problems
+        data = form_to_config_dict({**form, **{field: "" for field, _ in error.problems}},
+                                   form.get("length_by") or "steps")
     try:
         data["output_path"] = str(studio.run_folder(str(form.get("run_name") or "")))
     except ValueError as error:
         problems.append(("run_name", str(error)))
     if reason := dataset_folder_problem(str(form.get("dataset_path") or ""), studio, settings):
         problems.append(("dataset_path", reason))
+    for field, folder in server_folders(data):  # concept and regularisation folders: the same rule
+        if reason := dataset_folder_problem(folder, studio, settings):
+            problems.append((field, reason))
     try:
         config = parse_config(data, strict=False)  # the widgets give numbers as floats
     except ConfigError as error:
@@ -119,12 +134,16 @@ def dataset_problem(form: dict[str, Any], studio: Studio, settings: PageSettings
         config = build_config(form, studio, settings)
     except ConfigError:
         return None
+    from lora_core import concepts
+
     try:
-        holdout.split(dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement), config)
+        report = dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement)
+        holdout.split(report, config)
+        concepts.add_concepts(report, config)  # each concept's and the regularisation folder
     except dataset.DatasetError as error:
         return "dataset_path", f"{error} (nothing was queued)"
-    except holdout.HeldOutError as error:
-        return error.field, f"{error} (nothing was queued)"
+    except (holdout.HeldOutError, concepts.ConceptError) as error:
+        return field_of(error.field), f"{error} (nothing was queued)"
     return None
 
 
@@ -168,4 +187,10 @@ def widget(spec: FieldSpec, value: Any) -> gr.components.Component:
         # the model's check runs; the model's range is in `info` and its message shows at the field.
         step = spec.step or (1 if (value or 0) >= 1 else 0.01)
         return gr.Number(value=value, precision=0 if spec.integer else None, step=step, **common)
+    if spec.kind == "json":  # a list of objects, one a line; a problem shows at the field (`validation`)
+        return gr.Textbox(value=value, lines=4, max_lines=16, placeholder=JSON_PLACEHOLDER, **common)
     return gr.Textbox(value=value, lines=3 if spec.kind == "lines" else 1, **common)
+
+
+JSON_PLACEHOLDER = '[\n{"path": "/data/second", "trigger_words": ["qlc"], "repeats": 2}\n]'
+
