@@ -136,6 +136,18 @@ class Dataset(Event):
 
 
 @dataclass(kw_only=True)
+class ConceptBleed(Event):
+    """At the end of a run with several concepts (lora_core/bleed.py): how far each concept's trigger words draw
+    another concept. Each row: concept, from_concept, trigger_words (from_concept's), loss_own, loss_bare,
+    loss_with_other, bleed (0 or below: none, 1: as much as the concept's own trigger words; None: not
+    measurable); loss_bare is the reference caption's (a made-up word in place of the trigger words)."""
+
+    type: ClassVar[str] = "concept_bleed"
+    step: int
+    rows: list[dict[str, Any]]
+
+
+@dataclass(kw_only=True)
 class ValidationLoss(Event):
     """The denoising loss on the held-out images (validation.py): fixed noise and timesteps, the same every
     time, so values compare across steps and runs."""
@@ -352,7 +364,7 @@ EVENT_TYPES: dict[str, type[Event]] = {cls.type: cls for cls in (Started, Datase
                                                                   Sample, ValidationLoss, RunWarning, Complete, Error,
                                                                   Interrupted, ValidationReport, GridProgress,
                                                                   GridComplete, CaptionStarted, CaptionProgress,
-                                                                  CaptionComplete)}
+                                                                  CaptionComplete, ConceptBleed)}
 
 
 def event_from_dict(data: dict[str, Any]) -> Event:

@@ -146,6 +146,8 @@ class RunRecord:
     error_field: str | None = None  # the config field at fault, when the user can fix it
     terminal: Event | None = None  # the final event of the latest part
     findings: list[dict] = field(default_factory=list)  # the dataset doctor's, from the latest `dataset` event
+    concepts: list[dict] = field(default_factory=list)  # per concept counts, from the latest `dataset` event
+    bleed: list[dict] = field(default_factory=list)  # the `concept_bleed` table (lora_core/bleed.py)
     n_events: int = 0
 
     @property
@@ -253,12 +255,17 @@ def _grid_complete(record: RunRecord, event: Event) -> None:
 
 def _dataset(record: RunRecord, event: Event) -> None:
     record.findings = list(event.findings or [])
+    record.concepts = list(getattr(event, "concepts", None) or [])
+
+
+def _bleed(record: RunRecord, event: Event) -> None:
+    record.bleed = list(event.rows)
 
 
 _FOLDS: dict[str, Callable[[RunRecord, Any], None]] = {
     "started": _started, "dataset": _dataset, "progress": _progress, "validation": _validation, "sample": _sample,
     "checkpoint": _checkpoint, "complete": _complete, "interrupted": _interrupted, "error": _error,
-    "grid_progress": _grid_progress, "grid_complete": _grid_complete}
+    "grid_progress": _grid_progress, "grid_complete": _grid_complete, "concept_bleed": _bleed}
 
 
 def _put_point(points: list[tuple[int, float]], step: int, value: float) -> None:

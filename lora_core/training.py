@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lora_core import checkpoint, concepts, dataset, distributed, doctor, objective, samples
+from lora_core import bleed, checkpoint, concepts, dataset, distributed, doctor, objective, samples
 from lora_core.batches import Batch
 from lora_core.config import TrainConfig
 from lora_core.events import (
@@ -296,6 +296,7 @@ def finish(run: Run, emit: Callable[[Event], None]) -> Path | None:
     run.accelerator.wait_for_everyone()
     if not run.main:
         return None
+    bleed.maybe_measure(run, emit)  # several concepts: does one's trigger draw another? (the report shows it)
     save_checkpoint(run, lora_file=False)
     with checkpoint.naming_last_good(run.plan.output):
         final_path = export_lora(run, run.plan.output / "lora_final.safetensors", epochs=max(run.epoch, 1),

@@ -4,6 +4,7 @@ and on builtin:toy-sd that each changes what the model draws in the direction it
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -116,8 +117,9 @@ def test_a_bad_concept_is_named_at_its_field(tmp_path):
         parse_config(toy_config(tmp_path / "out", preservation_prompt="red", train_text_encoder=True))
     assert {"preservation_prompt", "train_text_encoder"} <= {field for field, _ in caught.value.problems}
     with pytest.raises(ConfigError) as caught:
-        parse_config(toy_config(tmp_path / "out", concepts=[{"path": str(DEMO)}]))
+        parse_config(toy_config(tmp_path / "out", concepts=[{"path": str(DEMO)}, {"pth": "x", "trigger_words": "q"}]))
     assert caught.value.problems[0][0] == "concepts.0.trigger_words"
+    assert ("concepts.1.pth", "unknown field; did you mean 'path'?") in caught.value.problems
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,9 +223,10 @@ def test_the_doctor_checks_every_concept_folder(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------
 # on the toy model: what each option promises
 
-LORA_SEEDS = list(range(8))
+LORA_SEEDS = list(range(12))
 
 
+@functools.cache
 def colours(lora: Path, prompt: str) -> list[str | None]:
     """The checker's colour of `prompt` drawn with the LoRA for each of LORA_SEEDS."""
     from diffusers import StableDiffusionPipeline
@@ -271,3 +274,78 @@ def test_the_page_edits_concepts_as_json_and_checks_their_folders_against_the_da
         assert [item["trigger_words"] for item in json.loads(values["concepts"])] == [["qlc"], ["rpk"]]
     finally:
         studio.shutdown(timeout=10)
+
+
+# Magenta circles under "zwx" at a learning rate high enough that the LoRA bleeds into the word "circle":
+# without preservation, "a red circle on a white background" stops coming out red. Class images of ordinary
+# circles, or preservation_prompt "red", keep it red. Measured over 16 seeds (under load, seed 42): red 3 of 16
+# plain, 14 with class images, 16 with preservation; the concept magenta in 14 and 16 of 16.
+BLEEDING = dict(steps=200, learning_rate=3e-3, batch_size=2)
+KEPT_PROMPT = "a red circle on a white background"
+
+
+@pytest.fixture(scope="module")
+def circle_runs(tmp_path_factory) -> dict[str, Path]:
+    """The LoRA of each way to train the magenta circles: plain, with class images, with preservation."""
+    from lora_core.training import train
+
+    root = tmp_path_factory.mktemp("circles")
+    magenta = draw_folder(root / "magenta", [world.Scene("circle", "magenta", b) for b in world.COLOURS], "zwx",
+                          12, 3)
+    regular = draw_folder(root / "reg", [world.Scene("circle", colour, background) for colour in world.COLOURS
+                                         for background in world.COLOURS if colour != background], None, 30, 4)
+    ways = {"plain": {}, "regularization": {"regularization_path": str(regular)},
+            "preservation": {"preservation_prompt": "red"}}
+    return {name: train(parse_config(toy_config(root / name, magenta, **BLEEDING, **options)), lambda e: None,
+                        lambda: False).final_path for name, options in ways.items()}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("way", ["regularization", "preservation"])
+def test_keep_what_the_base_knows(circle_runs, way):
+    plain, kept = colours(circle_runs["plain"], KEPT_PROMPT), colours(circle_runs[way], KEPT_PROMPT)
+    learned = colours(circle_runs[way], "a zwx circle on a black background")
+    assert rate(kept, "red") >= rate(plain, "red") + 0.4, (way, plain, kept)
+    assert rate(learned, "magenta") >= 0.5, (way, learned)  # and the concept is still learned
+
+
+@pytest.fixture(scope="module")
+def two_concepts(tmp_path_factory):
+    """The demo's magenta under "zwx" and cyan under "qlc", trained together: (final LoRA, events)."""
+    from lora_core.training import train
+
+    from lora_core.events import EventLog
+
+    root = tmp_path_factory.mktemp("two")
+    events: list = []
+    config = parse_config(toy_config(root / "out", steps=160, concepts=[
+        {"path": str(cyan_folder(root / "cyan")), "trigger_words": ["qlc"]}]))
+    log = EventLog(root / "out" / "events.jsonl", events.append)  # as the CLI writes them, for the report
+    result = train(config, log, lambda: False)
+    log.close()
+    return result.final_path, events
+
+
+@pytest.mark.e2e
+def test_two_new_colours_each_under_its_own_trigger_and_no_bleed(two_concepts):
+    lora, events = two_concepts
+    zwx, qlc = colours(lora, "a zwx circle on a black background"), colours(lora, "a qlc circle on a black background")
+    assert rate(zwx, "magenta") >= 0.75 and rate(qlc, "cyan") >= 0.75, (zwx, qlc)
+    assert rate(zwx, "cyan") == 0 and rate(qlc, "magenta") == 0, (zwx, qlc)
+    counted = next(e for e in events if e.type == "dataset").concepts
+    assert [(c["name"], c["num_images"], c["entries_per_epoch"]) for c in counted] == [("dataset", 18, 18),
+                                                                                       ("cyan", 18, 18)]
+    table = next(e for e in events if e.type == "concept_bleed").rows
+    assert {(row["concept"], row["from_concept"]) for row in table} == {("dataset", "cyan"), ("cyan", "dataset")}
+    # measured -0.08 and -1.7: neither trigger draws the other's images better than a made-up word
+    assert all(row["loss_own"] < row["loss_bare"] and row["bleed"] < 0.3 for row in table), table
+    assert events[-1].type == "complete"
+
+
+@pytest.mark.e2e
+def test_the_report_shows_each_concept_and_the_bleed(two_concepts):
+    from lora_core import report
+
+    lora, _ = two_concepts
+    page = report.write_report(lora.parent).read_text(encoding="utf-8")
+    assert "<h2>Concepts</h2>" in page and "<h3>Bleed</h3>" in page and "qlc (cyan)" in page
