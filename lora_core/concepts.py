@@ -203,6 +203,7 @@ def metadata(report: dataset.DatasetReport, config: TrainConfig) -> dict[str, st
     regular = {row["name"]: {"n_repeats": row["repeats"] or row["entries_per_epoch"] // max(1, row["num_images"]),
                              "img_count": row["num_images"]} for row in rows if row["regularization"]}
     fields = {"ss_dataset_dirs": json.dumps(train), "ss_reg_dataset_dirs": json.dumps(regular),
+              "ss_num_train_images": str(sum(row["entries_per_epoch"] for row in rows if not row["regularization"])),
               "ss_num_reg_images": str(sum(row["entries_per_epoch"] for row in rows if row["regularization"]))}
     if regular:
         fields["ss_prior_loss_weight"] = str(config.prior_loss_weight)

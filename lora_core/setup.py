@@ -138,8 +138,11 @@ def setup(plan: RunPlan) -> Run:
     # offloaded blocks swap their weights at every call, which a compiled block would recompile for
     compiled = (config.model_copy(update={"compile_unet": "off", "cuda_graphs": False}) if plan.offload_blocks
                 else config)
+    # the batch shapes come from the epoch's entries (each concept's repeats already in them)
+    compiled = compiled.model_copy(update={"repeats": 1})
+    entries = [plan.assigned[image] for image in layout.entry_images]
     run = Run(plan, info, accelerator, pipeline, unet, compile_for_run(unet, compiled, plan.total_steps,
-                                                                   plan.assigned, accelerator),
+                                                                   entries, accelerator),
               trained_encoders, wrapped, params, text_params, optimizer, lr_scheduler, loader, sampler,
               layout, latent_source, cached or per_step_conditioning(plan, pipeline, wrapped, device, dtype),
               run_objective, make_noise(config, accelerator, run_objective),

@@ -101,6 +101,7 @@ def test_two_concepts_scan_with_their_own_trigger_words_and_the_class_images_kee
                                                      "cyan": {"n_repeats": 2, "img_count": 3}}
     assert json.loads(header["ss_reg_dataset_dirs"]) == {"reg": {"n_repeats": 12, "img_count": 2}}
     assert header["ss_prior_loss_weight"] == "1.0" and header["ss_num_reg_images"] == "24"
+    assert header["ss_num_train_images"] == "24"  # images times repeats, as sd-scripts counts them
 
 
 def test_a_bad_concept_is_named_at_its_field(tmp_path):
