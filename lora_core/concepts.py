@@ -92,7 +92,7 @@ def add_concepts(report: dataset.DatasetReport, config: TrainConfig) -> dataset.
                            config.resolution, regularization=True, weight=config.prior_loss_weight)
         found.append(spec)
         _merge(report, scanned, len(found) - 1, spec.name)
-        spec.repeats = config.regularization_repeats or 0  # 0: balanced (entry_images)
+        spec.repeats = config.regularization_repeats  # 0: balanced (entry_images)
     report.concepts = found
     return report
 
@@ -227,7 +227,7 @@ def doctor_configs(config: TrainConfig) -> list[tuple[str, TrainConfig]]:
     """(folder, the config as that folder trains) for each further concept and the regularisation folder, for
     the dataset doctor (`python -m lora_core doctor DATASET --config FILE` checks DATASET as dataset_path and
     then each of these). The class images are checked without trigger words (they have none)."""
-    alone = {"concepts": [], "regularization_path": None, "regularization_repeats": None,
+    alone = {"concepts": [], "regularization_path": None, "regularization_repeats": 0,
              "validation_images": None, "validation_dataset_path": None}
     found = [(spec.folder, config.model_copy(update={
         **alone, "dataset_path": spec.folder, "trigger_words": spec.trigger_words, "resolution": spec.resolution,

@@ -82,8 +82,8 @@ class ConceptOptions(BaseModel):
         "caption (an image without one is refused), trained beside the concepts as they are captioned: "
         "DreamBooth's prior preservation. Their loss is weighted by prior_loss_weight."),
         json_schema_extra=_advanced(**{SERVER_FOLDER: True}))
-    regularization_repeats: int | None = Field(None, ge=1, le=1000, description=(
-        "Times each regularisation image appears per epoch. Empty: balanced as sd-scripts does, as many "
+    regularization_repeats: int = Field(0, ge=0, le=1000, description=(
+        "Times each regularisation image appears per epoch. 0: balanced as sd-scripts does, as many "
         "regularisation entries per epoch as training entries (the class images cycled, or the first ones "
         "taken)."), json_schema_extra=_advanced())
     prior_loss_weight: float = Field(1.0, ge=0, le=100, description=(
@@ -118,7 +118,7 @@ class ConceptOptions(BaseModel):
             raise FieldConflict(("preservation_prompt", "train_text_encoder"), "differential output "
                                 "preservation works with frozen text encoders only; turn train_text_encoder off "
                                 "or clear preservation_prompt")
-        if self.regularization_repeats is not None and self.regularization_path is None:
+        if self.regularization_repeats and self.regularization_path is None:
             raise FieldConflict(("regularization_repeats", "regularization_path"), "regularization_repeats needs "
                                 "regularization_path (a folder of class images); set one or clear the other")
         return self
