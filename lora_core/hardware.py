@@ -147,6 +147,8 @@ def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str, chec
                    * bytes_per / 2)
     if checkpointing:
         activations *= sizes.checkpointed_share
+    if config.preservation_prompt is not None:  # the class prompt's pass keeps its own activations too
+        activations *= 2
     return MemoryEstimate(round((frozen + lora + activations) / GIB, 3), round(frozen / GIB, 3),
                           round(lora / GIB, 3), round(activations / GIB, 3), checkpointing,
                           _covers(config, text_on_device, quantization, offloaded), quantization, offloaded)

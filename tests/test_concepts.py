@@ -165,6 +165,18 @@ def test_sample_weights_scale_each_samples_loss():
         [0.3, 1.0, 0.3])
 
 
+def test_the_memory_estimate_counts_the_class_prompts_pass(tmp_path):
+    from lora_core import hardware, models
+
+    source = models.resolve("builtin:toy-sd")
+    sizes = models.model_sizes(source, models.inspect(source))
+    big = {"batch_size": 64, "resolution": 1024}  # activations large enough for the estimate's 3 decimals
+    plain, kept = (hardware.estimate_memory(parse_config(toy_config(tmp_path / "out", **big, **options)), sizes,
+                                            "no", False) for options in ({}, {"preservation_prompt": "red"}))
+    assert kept.activations_gib == pytest.approx(2 * plain.activations_gib, rel=0.01)
+    assert kept.frozen_weights_gib == plain.frozen_weights_gib
+
+
 def test_class_captions_replace_whole_trigger_words_only():
     caption = "zwx, a zwx circle, zwxy, the zwx dog"
     assert preservation.class_caption(caption, ["zwx", "zwx dog"], "red") == "red, a red circle, zwxy, the red"
