@@ -3,8 +3,9 @@
 `buckets.BucketBatchSampler` yields batches of (epoch, entry) keys; `Collate` turns one into a `Batch` with
 every per-step choice made on the host (caption dropout, flip, crop, tag order, and whatever the latent
 source draws), each from a generator seeded by (seed, epoch, entry) and never the global RNG: a resumed run
-and every process of a multi-process run make the same choices. Entry e is image e % num_images (each image
-`repeats` times per epoch).
+and every process of a multi-process run make the same choices. Entry e is image `Layout.entry_images[e]`
+(each image its concept's `repeats` times per epoch, lora_core/concepts.py; with one concept, e % num_images),
+and each sample's caption options are its concept's.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from lora_core import buckets, captions, dataset
+from lora_core import buckets, captions, concepts, dataset
 from lora_core.config import TrainConfig
 
 
@@ -66,7 +67,9 @@ class Layout:
             seen[bucket] = self.row_in_bucket[-1] + 1
         self.covers = [buckets.cover_and_crop(r.width, r.height, assigned[i]) for i, r in enumerate(self.records)]
         self.variants = 2 if config.flip_horizontal else 1  # cached latents: one per side
-        self.repeats = config.repeats
+        self.concepts = concepts.of_report(report, config)
+        self.entry_images = concepts.entry_images(report, config)
+        self.image_weights = [self.concepts[record.concept].weight for record in self.records]  # loss weights
 
     def bucket(self, image: int) -> buckets.Bucket:
         return self.buckets[self.bucket_of_image[image]]
@@ -82,10 +85,13 @@ class Layout:
         left = int(torch.randint(0, width - bucket.width + 1, (), generator=generator))
         return top, left
 
+    def concept(self, image: int) -> concepts.ConceptSpec:
+        return self.concepts[self.records[image].concept]
+
     @property
     def entry_buckets(self) -> list[int]:
-        """The bucket of each entry: entry e is image e % num_images."""
-        return self.bucket_of_image * self.repeats
+        """The bucket of each entry."""
+        return [self.bucket_of_image[image] for image in self.entry_images]
 
 
 class Keys(torch.utils.data.Dataset):
@@ -135,15 +141,16 @@ class Collate:
 
     def __init__(self, config: TrainConfig, layout: Layout, latents: HostLoader, masks: MaskLoader | None = None):
         self.config, self.layout, self.latents, self.masks = config, layout, latents, masks
-        self.per_step_captions = config.shuffle_tags or config.train_text_encoder
+        self.per_step_captions = concepts.per_step_captions(config)
 
     def __call__(self, keys: list[tuple[int, int]]) -> Batch:
         config, layout = self.config, self.layout
         choices, time_ids, texts, inputs = [], [], [], []
         for epoch, entry in keys:
-            image = entry % len(layout.records)
+            image = layout.entry_images[entry]
+            concept = layout.concept(image)
             generator = torch.Generator().manual_seed(seed_of(config.seed, epoch, entry))
-            drop = captions.dropped(config.caption_dropout, generator)
+            drop = captions.dropped(concept.caption_dropout, generator)
             flip = config.flip_horizontal and bool(torch.rand((), generator=generator) < 0.5)
             top, left = layout.crop_origin(image, generator if config.crop == "random" else None)
             choice = Choice(image, flip, drop, top, left)
@@ -151,7 +158,7 @@ class Collate:
             mirrored_left = layout.covers[image][0] - bucket.width - left if flip else left  # as seen flipped
             time_ids.append([record.height, record.width, top, mirrored_left, bucket.height, bucket.width])
             if self.per_step_captions:
-                texts.append(self.caption(record.caption, drop, generator))
+                texts.append(self.caption(record.caption, drop, generator, concept))
             inputs.append(self.latents.load(choice, generator))
             choices.append(choice)
         masks = torch.stack([self.masks.load(c) for c in choices]) if self.masks is not None else None
@@ -160,11 +167,11 @@ class Collate:
                      layout.bucket_of_image[choices[0].image], captions=texts or None,
                      latent_inputs={name: torch.stack([i[name] for i in inputs]) for name in inputs[0]}, masks=masks)
 
-    def caption(self, caption: str, drop: bool, generator: torch.Generator) -> str:
-        """This step's caption: empty when dropped, its tags shuffled with shuffle_tags (a trained text
-        encoder sees every caption every step)."""
-        config = self.config
-        if not config.shuffle_tags:
+    def caption(self, caption: str, drop: bool, generator: torch.Generator,
+                concept: concepts.ConceptSpec) -> str:
+        """This step's caption: empty when dropped, its tags shuffled with its concept's shuffle_tags (a
+        trained text encoder sees every caption every step)."""
+        if not concept.shuffle_tags:
             return "" if drop else caption
-        keep = captions.kept_tags(config.trigger_words, config.keep_tokens, config.trigger_placement)
+        keep = captions.kept_tags(concept.trigger_words, concept.keep_tokens, self.config.trigger_placement)
         return "" if drop else captions.shuffle_tags(caption, keep, generator)

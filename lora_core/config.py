@@ -24,10 +24,12 @@ from pydantic import (
 )
 
 from lora_core.compile_rules import cuda_graphs_conflict
+from lora_core.config_concepts import ConceptOptions
 from lora_core.config_ema import EmaOptions, MaskOptions
 from lora_core.config_flow import MAX_PATH_CHARS, FlowMatchingOptions, path_text_problem
 from lora_core.config_loss import OPTIMIZER_NOTES, LossOptions
 from lora_core.config_memory import MemoryOptions
+from lora_core.config_paths import DATA_PATH
 from lora_core.errors import FieldConflict, UserError
 
 UNET_FAMILIES = ["sd1", "sd2", "sdxl"]  # the form hint of the DDPM objective's options (flow families refuse them)
@@ -48,18 +50,6 @@ Prompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
 def _ui(group: str, **extra: Any) -> dict[str, Any]:
     """Hints for the web page: which panel a field sits in (basic / advanced / sampling)."""
     return {"group": group, **extra}
-
-
-# Marks a field (in its json_schema_extra, e.g. `_ui("basic", **DATA_PATH)`) whose value is a path on the server
-# that a page user picks to read data from: a server holds every such field to its datasets root
-# (LORA_STUDIO_DATASETS, studio/train_form.py), by this marker alone. Mark every new path field of this kind.
-DATA_PATH: dict[str, Any] = {"data_path": True}
-
-
-def data_path_fields(model: type[BaseModel]) -> list[str]:
-    """The fields of `model` marked DATA_PATH (a str, or a list of str)."""
-    return [name for name, info in model.model_fields.items()
-            if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("data_path")]
 
 
 class CoreOptions(BaseModel):
@@ -352,7 +342,8 @@ class CoreOptions(BaseModel):
         return self
 
 
-class TrainConfig(LossOptions, EmaOptions, MaskOptions, MemoryOptions, FlowMatchingOptions, CoreOptions):
+class TrainConfig(ConceptOptions, LossOptions, EmaOptions, MaskOptions, MemoryOptions, FlowMatchingOptions,
+                  CoreOptions):
     """Everything one LoRA training run needs. Units: steps are optimizer steps, sizes are pixels."""
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import difflib
 import json
 import stat
+import typing
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from lora_core.config import (
     LENGTH_FIELDS,
@@ -42,8 +43,9 @@ def _problems_from(error: ValidationError) -> list[tuple[str, str]]:
                 continue
             field, item = top, {**item, "msg": "Input should be a number"}
         if item["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(top, known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(known)}"
+            name, names = (top, known) if len(item["loc"]) == 1 else (str(item["loc"][-1]), _item_fields(top))
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(names)}"
             problems.append((field, f"unknown field{hint}"))
             continue
         if item["type"] == "missing":
@@ -55,6 +57,13 @@ def _problems_from(error: ValidationError) -> list[tuple[str, str]]:
         got_text = _shown(got) if isinstance(got, str | int | float | bool | None) else type(got).__name__
         problems.append((field, f"{message} (got {got_text}{'; ' + allowed if allowed else ''})"))
     return problems
+
+
+def _item_fields(name: str) -> list[str]:
+    """The fields of the objects a list field holds (`concepts`: path, trigger_words, ...), else none."""
+    info = TrainConfig.model_fields.get(name)
+    item = next(iter(typing.get_args(info.annotation)), None) if info is not None else None
+    return list(item.model_fields) if isinstance(item, type) and issubclass(item, BaseModel) else []
 
 
 def _shown(value: Any) -> str:

@@ -60,6 +60,7 @@ class ImageRecord:
     width: int
     height: int
     caption_file: bool
+    concept: int = 0  # index into DatasetReport.concepts (lora_core/concepts.py); 0 is dataset_path's
 
 
 @dataclass
@@ -70,6 +71,7 @@ class DatasetReport:
     ignored: list[str] = field(default_factory=list)  # files that are neither images nor captions
     buckets: dict[str, int] = field(default_factory=dict)  # bucket "WxH" -> images, once assigned
     warnings: list[str] = field(default_factory=list)  # e.g. a caption cut to MAX_CAPTION_CHARS
+    concepts: list = field(default_factory=list)  # concepts.ConceptSpec of each concept, once add_concepts ran
 
     @property
     def captioned(self) -> int:

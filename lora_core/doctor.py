@@ -306,15 +306,26 @@ def main(argv: list[str]) -> int:
         print(f"doctor: --set: {error}", file=sys.stderr)
         return 2
     try:
-        target = None
+        target, others = None, []
         if args.config:
+            from lora_core import concepts
             from lora_core.configfile import load_config
 
             config = load_config(args.config)  # its held-out images are taken from DATASET
             target = target_from_config(config.model_copy(update={"dataset_path": args.dataset}))
-        result = examine(args.dataset, target, settings)
+            others = concepts.doctor_configs(config)  # every further concept's folder, and the class images'
+        results = [examine(args.dataset, target, settings)]
+        results += [examine(folder, target_from_config(other), settings) for folder, other in others]
     except (UserError, OSError) as error:
         print(f"doctor: {error}", file=sys.stderr)
         return 2
-    print(result.to_json() if args.json else format_text(result))
-    return 1 if result.findings else 0
+    print(_json(results) if args.json else "\n\n".join(format_text(result) for result in results))
+    return 1 if any(result.findings for result in results) else 0
+
+
+def _json(results: list[Result]) -> str:
+    """One folder: its findings as a list (as always); several (a config's concepts): {folder: findings}."""
+    if len(results) == 1:
+        return results[0].to_json()
+    return json.dumps({result.folder: [finding.to_dict() for finding in result.findings] for result in results},
+                      indent=1, ensure_ascii=False)

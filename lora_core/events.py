@@ -128,6 +128,21 @@ class Dataset(Event):
     # The dataset doctor's findings (doctor.Finding.to_dict: kind, files, message, why, fix, severity, actions),
     # most severe first, at most MAX_LISTED; empty when the doctor was not run.
     findings: list[dict[str, Any]] = field(default_factory=list)
+    # Per concept (concepts.counts): name, folder, trigger_words, regularization, num_images, repeats,
+    # entries_per_epoch, resolution; dataset_path's first, the regularisation folder's last.
+    concepts: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class ConceptBleed(Event):
+    """At the end of a run with several concepts (lora_core/bleed.py): how far each concept's trigger words draw
+    another concept. Each row: concept, from_concept, trigger_words (from_concept's), loss_own, loss_bare,
+    loss_with_other, bleed (0 or below: none, 1: as much as the concept's own trigger words; None: not
+    measurable); loss_bare is the reference caption's (a made-up word in place of the trigger words)."""
+
+    type: ClassVar[str] = "concept_bleed"
+    step: int
+    rows: list[dict[str, Any]]
 
 
 @dataclass(kw_only=True)
@@ -154,7 +169,8 @@ class RunWarning(Event):
 MAX_LISTED = 100
 
 
-def dataset_event(report, held_out=None, findings: list[dict[str, Any]] | None = None) -> Dataset:
+def dataset_event(report, held_out=None, findings: list[dict[str, Any]] | None = None,
+                  concepts: list[dict[str, Any]] | None = None) -> Dataset:
     """The `dataset` event of a dataset.DatasetReport and the held-out one, if any (long lists cut to
     MAX_LISTED; the counts are whole). A separate validation folder's refused files are warnings. `findings`:
     the dataset doctor's (doctor.plan_findings)."""
@@ -167,7 +183,7 @@ def dataset_event(report, held_out=None, findings: list[dict[str, Any]] | None =
                    num_refused=len(report.refused), ignored=report.ignored[:MAX_LISTED],
                    num_ignored=len(report.ignored), warnings=warnings[:MAX_LISTED], num_validation_images=len(held),
                    validation_files=[Path(record.path).name for record in held[:MAX_LISTED]],
-                   findings=list(findings or [])[:MAX_LISTED])
+                   findings=list(findings or [])[:MAX_LISTED], concepts=list(concepts or []))
 
 
 @dataclass(kw_only=True)
@@ -261,7 +277,7 @@ EVENT_TYPES: dict[str, type[Event]] = {cls.type: cls for cls in (Started, Datase
                                                                   Sample, ValidationLoss, RunWarning, Complete, Error,
                                                                   Interrupted, ValidationReport, GridProgress,
                                                                   GridComplete, CaptionStarted, CaptionProgress,
-                                                                  CaptionComplete)}
+                                                                  CaptionComplete, ConceptBleed)}
 
 
 def event_from_dict(data: dict[str, Any]) -> Event:

@@ -130,7 +130,8 @@ def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str, chec
     `checkpointing`). It does not cover the sample-image pass, the allocator's cache beyond that, or (on the CPU)
     the Python process itself."""
     bytes_per = 4 if precision == "no" else 2
-    text_on_device = config.train_text_encoder or config.shuffle_tags  # captions encoded every step
+    text_on_device = config.train_text_encoder or config.shuffle_tags or any(  # captions encoded every step
+        concept.shuffle_tags for concept in config.concepts)
     frozen = frozen_bytes(sizes.unet_params, sizes.unet_quantizable, bytes_per, quantization)
     if quantization == "fp8" and not checkpointing:
         # each layer's upcast copy is what its backward saved (a view of it), so without recomputation every
@@ -146,6 +147,8 @@ def estimate_memory(config: TrainConfig, sizes: ModelSizes, precision: str, chec
                    * bytes_per / 2)
     if checkpointing:
         activations *= sizes.checkpointed_share
+    if config.preservation_prompt is not None:  # the class prompt's pass keeps its own activations too
+        activations *= 2
     return MemoryEstimate(round((frozen + lora + activations) / GIB, 3), round(frozen / GIB, 3),
                           round(lora / GIB, 3), round(activations / GIB, 3), checkpointing,
                           _covers(config, text_on_device, quantization, offloaded, sizes.denoiser_label),

@@ -61,16 +61,23 @@ def target_for(noise_scheduler: DDPMScheduler, latents: torch.Tensor, noise: tor
 
 def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, noise_scheduler: DDPMScheduler,
                    timesteps: torch.Tensor, prediction_type: str, min_snr_gamma: float,
-                   pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+                   pixel_weights: torch.Tensor | None = None,
+                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error in fp32, optionally min-SNR weighted per sample (as diffusers' scripts do);
-    `pixel_weights` (N, 1, h, w), the loss mask's, multiply each latent pixel's error (masks.py)."""
-    if min_snr_gamma == 0 and pixel_weights is None:
+    `pixel_weights` (N, 1, h, w), the loss mask's, multiply each latent pixel's error (masks.py), and
+    `sample_weights` (N,) each sample's (regularisation images' prior_loss_weight, concepts.py)."""
+    if min_snr_gamma == 0 and pixel_weights is None and sample_weights is None:
         return F.mse_loss(prediction.float(), target.float())
     errors = F.mse_loss(prediction.float(), target.float(), reduction="none")
     per_sample = (errors if pixel_weights is None else errors * pixel_weights).mean(dim=list(range(1, errors.ndim)))
-    if min_snr_gamma == 0:
-        return per_sample.mean()
-    return (per_sample * min_snr_weights(noise_scheduler, timesteps, prediction_type, min_snr_gamma)).mean()
+    if min_snr_gamma:
+        per_sample = per_sample * min_snr_weights(noise_scheduler, timesteps, prediction_type, min_snr_gamma)
+    return weighted_mean(per_sample, sample_weights)
+
+
+def weighted_mean(per_sample: torch.Tensor, sample_weights: torch.Tensor | None) -> torch.Tensor:
+    """The batch's loss: each sample's loss times its weight (None: 1), averaged over the samples."""
+    return (per_sample if sample_weights is None else per_sample * sample_weights.to(per_sample.device)).mean()
 
 
 def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, prediction_type: str,
@@ -92,9 +99,10 @@ class Objective:
         raise NotImplementedError
 
     def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
-             pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+             pixel_weights: torch.Tensor | None = None, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Noise `latents` to `levels`, predict, and return the (weighted) mean error in fp32; `pixel_weights`
-        (N, 1, h, w): the loss mask's weight of each latent pixel (masks.py), None: all 1."""
+        (N, 1, h, w): the loss mask's weight of each latent pixel (masks.py), `sample_weights` (N,) each sample's
+        (concepts.py: prior_loss_weight); None: all 1."""
         raise NotImplementedError
 
 
@@ -119,19 +127,19 @@ class DDPMObjective(Objective):
         return (self.low + u * (self.high - self.low)).long().clamp(self.low, self.high - 1)
 
     def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
-             pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+             pixel_weights: torch.Tensor | None = None, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         noisy = self.scheduler.add_noise(latents, noise, levels)
         target = target_for(self.scheduler, latents, noise, levels, self.prediction_type)
         prediction = predict(noisy, levels)
         c = self.config
         if c is None or (c.loss_type == "l2" and not c.debiased_estimation_loss):
             return diffusion_loss(prediction, target, self.scheduler, levels, self.prediction_type,
-                                  self.min_snr_gamma, pixel_weights)
-        return self.option_loss(prediction, target, levels, pixel_weights)
+                                  self.min_snr_gamma, pixel_weights, sample_weights)
+        return weighted_mean(self.option_loss(prediction, target, levels, pixel_weights), sample_weights)
 
     def option_loss(self, prediction: torch.Tensor, target: torch.Tensor, levels: torch.Tensor,
                     pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """The loss with config_loss.py's options, in sd-scripts' order (losses.py)."""
+        """Each sample's loss with config_loss.py's options, in sd-scripts' order (losses.py)."""
         c, alphas = self.config, self.scheduler.alphas_cumprod
         huber_c = losses.huber_threshold(c.huber_schedule, c.huber_c, c.huber_scale, levels, alphas,
                                          self.num_timesteps) if c.loss_type in ("huber", "smooth_l1") else None
@@ -145,7 +153,7 @@ class DDPMObjective(Objective):
                                                       self.min_snr_gamma)
         if c.debiased_estimation_loss:
             per_sample = per_sample * losses.debiased_weights(losses.snr_of(alphas, levels), v_prediction)
-        return per_sample.mean()
+        return per_sample
 
 
 class ObjectiveError(UserError):
@@ -204,7 +212,7 @@ class FlowObjective(Objective):
         return self._from_grid(u)
 
     def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
-             pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+             pixel_weights: torch.Tensor | None = None, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         sigmas = levels.to(latents.dtype).view(-1, *[1] * (latents.ndim - 1))
         noisy = (1 - sigmas) * latents + sigmas * noise
         prediction = predict(noisy, levels).float()
@@ -215,7 +223,8 @@ class FlowObjective(Objective):
         weights = self.weighting(levels.float()).view(-1, *[1] * (latents.ndim - 1))
         if pixel_weights is not None:
             weights = weights * pixel_weights
-        return (weights * self.error(prediction, target, levels)).reshape(len(latents), -1).mean(dim=1).mean()
+        per_sample = (weights * self.error(prediction, target, levels)).reshape(len(latents), -1).mean(dim=1)
+        return weighted_mean(per_sample, sample_weights)
 
     def error(self, prediction: torch.Tensor, target: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         """Squared, or `loss_type`'s error as sd-scripts' FLUX / SD 3 scripts take it: the Huber threshold of the

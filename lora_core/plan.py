@@ -30,6 +30,7 @@ from lora_core import (
     buckets,
     checkpoint,
     components,
+    concepts,
     dataset,
     distributed,
     families,
@@ -75,9 +76,12 @@ def run_length(config: TrainConfig, batches_per_epoch: int) -> RunLength:
     return RunLength(DEFAULT_STEPS, "default")
 
 
-def unbucketed_batches_per_epoch(config: TrainConfig, num_images: int, num_processes: int) -> int:
-    """Global batches in an epoch before buckets are known: the images times `repeats` in full batches."""
-    return math.ceil(num_images * config.repeats / (config.batch_size * num_processes))
+def unbucketed_batches_per_epoch(config: TrainConfig, num_images: int, num_processes: int,
+                                 num_entries: int | None = None) -> int:
+    """Global batches in an epoch before buckets are known: the images times `repeats` (or `num_entries`, the
+    concepts' entries, concepts.entry_images) in full batches."""
+    entries = num_images * config.repeats if num_entries is None else num_entries
+    return math.ceil(entries / (config.batch_size * num_processes))
 
 
 @dataclass
@@ -170,8 +174,10 @@ def tracker(config: TrainConfig) -> None:
 def scan_dataset(config: TrainConfig) -> tuple[dataset.DatasetReport, dataset.DatasetReport | None]:
     """The training images, and the held-out ones for the validation loss (None when none are asked for)."""
     report = dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement)
-    masks.check_dataset(config, report)
-    return report, holdout.split(report, config)
+    held_out = holdout.split(report, config)  # from dataset_path only
+    report = concepts.add_concepts(report, config)
+    masks.check_dataset(config, report)  # every concept's images
+    return report, held_out
 
 
 def base_model(config: TrainConfig, configs_only: bool = False) -> tuple[models.ModelSource, models.ModelInfo]:
@@ -263,7 +269,7 @@ def _model(facts: _Facts) -> None:
 
 
 def _buckets(facts: _Facts) -> None:
-    facts.assigned = dataset.assign_buckets(facts.scanned, facts.config, facts.info.pixel_multiple)
+    facts.assigned = concepts.assign_buckets(facts.scanned, facts.config, facts.info.pixel_multiple)
 
 
 def _device(facts: _Facts) -> None:
@@ -285,8 +291,11 @@ CHECKS = (  # cheap ones first: training fails before the dataset is scanned or 
     Check("dataset", "dataset_path", _scan),
     Check("model", "base_model", _model),
     Check("resolution", "base_model", lambda facts: check_resolution(facts.config, facts.info), ("model",)),
+    Check("concept_resolutions", "concepts", lambda facts: concepts.check_resolutions(
+        facts.config, lambda changed: check_resolution(changed, facts.info)), ("model",)),
     Check("family_options", "base_model", lambda facts: check_family_options(facts.config, facts.info), ("model",)),
-    Check("buckets", "base_model", _buckets, ("dataset", "model", "resolution", "family_options")),
+    Check("buckets", "base_model", _buckets, ("dataset", "model", "resolution", "concept_resolutions",
+                                                "family_options")),
     Check("device", "device", _device),
     Check("memory_device", "base_quantization",
           lambda facts: memory.check_device(facts.config, facts.device.type, facts.processes), ("device",)),
@@ -301,7 +310,8 @@ def make_plan(config: TrainConfig, num_processes: int = 1, *, resume: bool = Fal
     facts = _Facts(config, num_processes, configs_only=configs_only, resume=resume)
     for check in CHECKS:
         check.run(facts)
-    per_epoch = buckets.batches_per_epoch(facts.assigned * config.repeats, config.batch_size * num_processes)
+    per_epoch = buckets.batches_per_epoch(concepts.entry_buckets(facts.scanned, config, facts.assigned),
+                                          config.batch_size * num_processes)
     plan = RunPlan(config, num_processes, resume, facts.scanned, facts.assigned, facts.source, facts.info,
                    per_epoch, run_length(config, per_epoch), facts.device, facts.precision,
                    gradient_checkpointing=False, started_at=started_at, clock_start=clock_start,
@@ -361,11 +371,13 @@ def _found_report(report: dict[str, Any], config: TrainConfig, facts: _Facts) ->
         report["dataset"] = {"num_images": len(scanned.images), "num_captioned": scanned.captioned,
                              "refused": scanned.refused, "ignored": scanned.ignored,
                              "num_validation_images": len(facts.held_out.images) if facts.held_out else 0}
-        if facts.assigned is None:  # before the buckets are known: full batches of the images
-            per_epoch = unbucketed_batches_per_epoch(config, len(scanned.images), facts.processes)
+        report["dataset"]["concepts"] = concepts.counts(scanned, config)
+        if facts.assigned is None:  # before the buckets are known: full batches of the entries
+            per_epoch = unbucketed_batches_per_epoch(config, len(scanned.images), facts.processes,
+                                                     len(concepts.entry_images(scanned, config)))
         else:  # the bucket table, and the length as the buckets make it
             report["dataset"]["buckets"] = scanned.buckets
-            per_epoch = buckets.batches_per_epoch(facts.assigned * config.repeats,
+            per_epoch = buckets.batches_per_epoch(concepts.entry_buckets(scanned, config, facts.assigned),
                                                   config.batch_size * facts.processes)
         report["total_steps"] = run_length(config, per_epoch).steps
     if (source := facts.source) is not None and facts.info is not None:

@@ -78,6 +78,7 @@ def render(record: RunRecord, config: dict[str, Any], output: Path) -> str:
         "<h2>Checkpoints</h2>",
         _checkpoints(record, output),
         _doctor(record),
+        _concepts(record),
         "<h2>Settings</h2>",
         _config_table(config),
     ]
@@ -95,6 +96,31 @@ def _doctor(record: RunRecord) -> str:
     return (f"<h2>Dataset doctor</h2><p>{len(findings)} finding(s) about the dataset when training started "
             "(<code>python -m lora_core doctor</code> checks it again).</p><table><tr><th>severity</th>"
             f"<th>kind</th><th>files</th><th>what and why</th><th>fix</th></tr>{rows}</table>")
+
+
+def _concepts(record: RunRecord) -> str:
+    """Per concept counts (the `dataset` event) and, with several concepts, the bleed table (lora_core/bleed.py)."""
+    if len(record.concepts) < 2:
+        return ""
+    rows = "".join(f"<tr><td>{_e(c.get('name'))}{' (regularisation)' if c.get('regularization') else ''}</td>"
+                   f"<td>{_e(', '.join(c.get('trigger_words') or []))}</td><td>{_e(c.get('num_images'))}</td>"
+                   f"<td>{_e(c.get('repeats') or 'balanced')}</td><td>{_e(c.get('entries_per_epoch'))}</td>"
+                   f"<td>{_e(c.get('resolution'))}</td></tr>" for c in record.concepts)
+    text = ("<h2>Concepts</h2><table><tr><th>concept</th><th>trigger words</th><th>images</th><th>repeats</th>"
+            f"<th>per epoch</th><th>resolution</th></tr>{rows}</table>")
+    if record.bleed:
+        cells = "".join(f"<tr><td>{_e(', '.join(b.get('trigger_words') or []))} ({_e(b.get('from_concept'))})</td>"
+                        f"<td>{_e(b.get('concept'))}</td><td>{_bleed_text(b.get('bleed'))}</td></tr>"
+                        for b in record.bleed)
+        text += ("<h3>Bleed</h3><p>How far one concept's trigger words draw another concept's images, from the "
+                 "denoising loss at the end: 0 % none, 100 % as much as that concept's own trigger words.</p>"
+                 f"<table><tr><th>trigger words</th><th>draw concept</th><th>bleed</th></tr>{cells}</table>")
+    return text
+
+
+def _bleed_text(value: Any) -> str:
+    """A share; below 0 (the words draw something further from the concept than a made-up word) shows as 0 %."""
+    return "–" if value is None else f"{100 * max(0.0, value):.0f} %"
 
 
 def _finite(points: list[tuple[int, float]]) -> list[tuple[int, float]]:

@@ -31,9 +31,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from lora_core.events import Event, Started, parse_event
+from lora_core.events import Event, Started
 from lora_core.files import JOB_FILE
-from lora_core.safefile import open_regular, read_capped
+from lora_core.safefile import open_regular
 from lora_core.safefile import read_json as read_json
 
 EVENTS_FILE = "events.jsonl"  # the run's events, appended by its jobs (eventlog.EventLog)
@@ -153,6 +153,8 @@ class RunRecord:
     error_field: str | None = None  # the config field at fault, when the user can fix it
     terminal: Event | None = None  # the final event of the latest part
     findings: list[dict] = field(default_factory=list)  # the dataset doctor's, from the latest `dataset` event
+    concepts: list[dict] = field(default_factory=list)  # per concept counts, from the latest `dataset` event
+    bleed: list[dict] = field(default_factory=list)  # the `concept_bleed` table (lora_core/bleed.py)
     n_events: int = 0
 
     @property
@@ -274,13 +276,18 @@ def _caption_complete(record: RunRecord, event: Event) -> None:
 
 def _dataset(record: RunRecord, event: Event) -> None:
     record.findings = list(event.findings or [])
+    record.concepts = list(getattr(event, "concepts", None) or [])
+
+
+def _bleed(record: RunRecord, event: Event) -> None:
+    record.bleed = list(event.rows)
 
 
 _FOLDS: dict[str, Callable[[RunRecord, Any], None]] = {
     "started": _started, "dataset": _dataset, "progress": _progress, "validation": _validation, "sample": _sample,
     "checkpoint": _checkpoint, "complete": _complete, "interrupted": _interrupted, "error": _error,
     "grid_progress": _grid_progress, "grid_complete": _grid_complete, "caption_started": _caption_started,
-    "caption_progress": _grid_progress, "caption_complete": _caption_complete}
+    "caption_progress": _grid_progress, "caption_complete": _caption_complete, "concept_bleed": _bleed}
 
 
 class Curve(list):
@@ -340,61 +347,6 @@ def ended_before(record: RunRecord, since: Any) -> bool:
         return datetime.fromisoformat(record.terminal.timestamp).timestamp() < since
     except (TypeError, ValueError):
         return False
-
-
-class RecordTail:
-    """Follows one run folder's events.jsonl into a record, reading only what was appended since the last look,
-    at most `READ_BYTES` a look (`behind` says what is left). The file is data: opened as a regular file without
-    blocking; a line that is not a well-formed event is skipped, as read_events does, and costs only itself."""
-
-    def __init__(self, folder: Path, record: RunRecord | None = None):
-        self.files = RunFiles(Path(folder))
-        self.record = record if record is not None else RunRecord()
-        self._offset = 0
-        self._partial = b""
-        self._skipping = False  # inside a line longer than MAX_LINE_BYTES, read past to its end
-        self.size = 0  # the file's size at the last look
-        self.problem = ""  # why the file could not be read at the last look ("" : it could, or is missing)
-
-    @property
-    def folder(self) -> Path:
-        return self.files.folder
-
-    @property
-    def behind(self) -> int:
-        """Bytes written but not read yet."""
-        return max(0, self.size - self._offset)
-
-    def update(self, max_bytes: int = READ_BYTES) -> RunRecord:
-        try:
-            data, self.size = read_capped(self.files.events, max_bytes, self._offset)
-            self.problem = ""
-        except FileNotFoundError:
-            return self.record
-        except OSError as error:
-            self.problem = f"{EVENTS_FILE} cannot be read: {error.strerror or error}"
-            return self.record
-        self._offset += len(data)
-        for line in self._lines(data):
-            try:
-                self.record.add(parse_event(line.decode("utf-8")))
-            except (ValueError, TypeError, ArithmeticError, UnicodeDecodeError):
-                continue  # not a whole, well-formed event: skipped
-        return self.record
-
-    def _lines(self, data: bytes) -> list[bytes]:
-        chunk = self._partial + data
-        if self._skipping:
-            cut = chunk.find(b"\n")
-            if cut < 0:
-                self._partial = b""
-                return []
-            chunk, self._skipping = chunk[cut + 1:], False
-        lines = chunk.split(b"\n")
-        self._partial = lines.pop()  # a line still being written (or cut short by a killed process)
-        if len(self._partial) > MAX_LINE_BYTES:
-            self._partial, self._skipping = b"", True
-        return [line for line in lines if line.strip() and len(line) <= MAX_LINE_BYTES]
 
 
 def process_alive(job_record: dict[str, Any]) -> bool | None:

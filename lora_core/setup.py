@@ -21,6 +21,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 from lora_core import (
     batches,
     checkpoint,
+    concepts,
     conditioning,
     distributed,
     ema,
@@ -33,6 +34,7 @@ from lora_core import (
     offload,
     optim,
     param_groups,
+    preservation,
     quantize,
     samples,
     validation,
@@ -83,6 +85,7 @@ class Run:
     lora_params: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # by name, for the saved state
     held_out: validation.ValidationSet | None = None  # the validation loss's images, on the main process only
     ema: ema.LoraEMA | None = None  # the LoRA weights' moving average (ema_decay), fp32
+    preservation: preservation.Preservation | None = None  # preservation_prompt's class prompts and loss
 
     @property
     def config(self) -> TrainConfig:
@@ -142,8 +145,11 @@ def setup(plan: RunPlan) -> Run:
     # offloaded blocks swap their weights at every call, which a compiled block would recompile for
     compiled = (config.model_copy(update={"compile_unet": "off", "cuda_graphs": False}) if plan.offload_blocks
                 else config)
+    # the batch shapes come from the epoch's entries (each concept's repeats already in them)
+    compiled = compiled.model_copy(update={"repeats": 1})
+    entries = [plan.assigned[image] for image in layout.entry_images]
     run = Run(plan=plan, info=info, accelerator=accelerator, pipeline=pipeline, unet=unet,
-              forward=compile_for_run(unet, compiled, plan.total_steps, plan.assigned, accelerator),
+              forward=compile_for_run(unet, compiled, plan.total_steps, entries, accelerator),
               text_encoders=trained_encoders, wrapped_encoders=wrapped, params=params, text_params=text_params,
               optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader, sampler=sampler, layout=layout,
               latents=latent_source,
@@ -153,6 +159,7 @@ def setup(plan: RunPlan) -> Run:
               metadata=lora_metadata(plan, info, accelerator.is_main_process), held_out=held_out)
     run.lora_params = named_lora_params(run)
     run.ema = ema.make(config, run.lora_params)  # from the initial weights; a resumed run's is restored below
+    run.preservation = preservation.Preservation.build(plan, pipeline, device, dtype)
     if plan.resume:
         restore(run)
     return run
@@ -228,7 +235,7 @@ def encode_text_once(plan: RunPlan, pipeline, device: torch.device, dtype: torch
     are the same with validation on or off."""
     config, family = plan.config, plan.family
     encoders = models.text_encoders(pipeline)
-    stays = config.shuffle_tags or config.train_text_encoder  # encoded every step: the encoders stay on the device
+    stays = concepts.per_step_captions(config)  # encoded every step: the encoders stay on the device
     quantized = family.quantizable_text_encoders(pipeline) if stays and plan.base_quantization != "none" else []
     for encoder in encoders:
         if any(encoder is big for big in quantized):  # stored small on the CPU first, as the denoiser is
@@ -242,11 +249,12 @@ def encode_text_once(plan: RunPlan, pipeline, device: torch.device, dtype: torch
     if plan.held_out is not None and not config.train_text_encoder:
         held_out = conditioning.frozen_encoder(family, pipeline, device, dtype, plan.settings)(
             [record.caption for record in plan.held_out.images])
-    if config.shuffle_tags or config.train_text_encoder:
+    if stays:
         return inputs, None, held_out
     cached = conditioning.cache_captions(family, conditioning.frozen_encoder(family, pipeline, device, dtype,
                                                                              plan.settings),
-                                         [record.caption for record in plan.dataset.images], config.caption_dropout > 0)
+                                         [record.caption for record in plan.dataset.images],
+                                         concepts.any_dropout(config))
     for encoder in encoders:
         encoder.to("cpu")
     return inputs, cached, held_out

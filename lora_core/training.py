@@ -17,7 +17,19 @@ from pathlib import Path
 
 import torch
 
-from lora_core import checkpoint, dataset, distributed, doctor, ema, handover, masks, objective, samples
+from lora_core import (
+    bleed,
+    checkpoint,
+    concepts,
+    dataset,
+    distributed,
+    doctor,
+    ema,
+    handover,
+    masks,
+    objective,
+    samples,
+)
 from lora_core.batches import Batch
 from lora_core.config import TrainConfig
 from lora_core.events import (
@@ -85,7 +97,8 @@ def emit_started(run: Run, emit: Callable[[Event], None]) -> None:
                      base_quantization=plan.base_quantization, offload_blocks=plan.offload_blocks,
                      memory_choice=plan.memory_summary))
         # images used, held out, captioned, refused, ignored, and what the dataset doctor finds in them
-        emit(dataset_event(plan.dataset, plan.held_out, findings=doctor.plan_findings(plan)))
+        emit(dataset_event(plan.dataset, plan.held_out, findings=doctor.plan_findings(plan),
+                           concepts=concepts.counts(plan.dataset, plan.config)))
         dataset.warn_about(plan.dataset)
         for note in plan.skipped_states:
             emit(RunWarning(message=note, field="resume"))
@@ -109,8 +122,13 @@ def training_step(run: Run, batch: Batch) -> torch.Tensor:
         with run.accelerator.autocast():
             return run.family.predict(run.forward, noisy, levels, inputs)
 
-    weights = masks.loss_weights(batch, latents, run.config)  # None without mask_source
-    loss = run.objective.loss(predict, latents, noise, levels, weights)  # the held-out loss calls it too
+    if run.preservation is not None:  # the class prompts' preservation loss, on the same noisy latents
+        predict = run.preservation.wrap(run, batch, predict)
+    pixel_weights = masks.loss_weights(batch, latents, run.config)  # None without mask_source
+    sample_weights = concepts.sample_weights(run.layout.image_weights, batch.images, latents.device)
+    loss = run.objective.loss(predict, latents, noise, levels, pixel_weights, sample_weights)  # as the held-out loss
+    if run.preservation is not None:
+        loss = loss + run.preservation.take_loss()
     run.accelerator.backward(loss)
     return loss
 
@@ -299,7 +317,8 @@ def export_lora(run: Run, path: Path, epochs: int | None = None, companions: boo
         companion = {layout: ({key: t.clone() for key, t in other.items()}, other_header)
                      for layout, (other, other_header) in companion.items()}
     header = training_metadata(run.config, steps=run.step, epochs=run.epoch if epochs is None else epochs,
-                               **run.metadata) | masks.metadata(run.config) | (extra or {})
+                               **run.metadata)
+    header |= masks.metadata(run.config) | concepts.metadata(run.plan.dataset, run.config) | (extra or {})
     for layout, (other, other_header) in companion.items():
         save_lora(path.with_name(f"{path.stem}.{layout}.safetensors"), other, header | other_header)
     return save_lora(path, state, header | format_header)
@@ -325,6 +344,7 @@ def finish(run: Run, emit: Callable[[Event], None]) -> Path | None:
     run.accelerator.wait_for_everyone()
     if not run.main:
         return None
+    bleed.maybe_measure(run, emit)  # several concepts: does one's trigger draw another? (the report shows it)
     save_checkpoint(run, lora_file=False)
     with checkpoint.naming_last_good(run.plan.output):
         final_path = (ema.export_final(run, run.plan.output, export_lora, max(run.epoch, 1)) if run.ema is not None

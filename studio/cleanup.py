@@ -50,7 +50,8 @@ def remove_unused(uploads_root: Path, outputs_root: Path, max_age_days: float = 
 def used_paths(outputs_root: Path) -> set[Path]:
     """Every data path (each field the config model marks, lora_core.config.DATA_PATH) that a run, a running
     job or a queued job in `outputs_root` trains on, resolved."""
-    from lora_core.config import TrainConfig, data_path_fields
+    from lora_core.config import TrainConfig
+    from lora_core.config_paths import data_paths
     from lora_core.safefile import read_json
     from studio.runs import QUEUE_FILE, STUDIO_DIR, flat_config
 
@@ -60,15 +61,11 @@ def used_paths(outputs_root: Path) -> set[Path]:
     configs += [item.get("config") for item in queued if isinstance(item, dict)] if isinstance(queued, list) else []
     used = set()
     for config in map(flat_config, configs):
-        for name in data_path_fields(TrainConfig):
-            value = config.get(name)
-            for item in value if isinstance(value, list) else [value]:
-                if not isinstance(item, str) or not item:
-                    continue
-                try:
-                    used.add(Path(item).resolve())
-                except (OSError, ValueError, RuntimeError):  # a NUL byte, a link loop: names nothing to keep
-                    continue
+        for _, item in data_paths(TrainConfig, config):
+            try:
+                used.add(Path(item).resolve())
+            except (OSError, ValueError, RuntimeError):  # a NUL byte, a link loop: names nothing to keep
+                continue
     return used
 
 

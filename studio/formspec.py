@@ -7,14 +7,15 @@ here too, so the page and its tests agree on it.
 
 from __future__ import annotations
 
+import json
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lora_core.config import LENGTH_FIELDS, REQUIRED_FIELDS, TrainConfig, non_null_schema, range_text
+from lora_core.config import LENGTH_FIELDS, REQUIRED_FIELDS, ConfigError, TrainConfig, non_null_schema, range_text
 from lora_core.configfile import config_to_file_dict
 
-Kind = Literal["slider", "number", "dropdown", "checkbox", "text", "lines"]
+Kind = Literal["slider", "number", "dropdown", "checkbox", "text", "lines", "json"]
 SLIDER_MAX_POSITIONS = 2048  # a wider range is a number box: a slider cannot hit 1 of 1,000,000 steps
 LENGTH_CHOICES = LENGTH_FIELDS  # which of the two decides the run length (see plan.run_length)
 LABEL_WORDS = {"lora": "LoRA", "lr": "LR", "adam": "AdamW", "vae": "VAE"}
@@ -70,6 +71,8 @@ def _spec(name: str, schema: dict[str, Any]) -> FieldSpec:
     kind = schema.get("type")
     if kind == "boolean":
         return FieldSpec(kind="checkbox", **common)
+    if extra.get("editor") == "json":  # a list of objects (concepts): edited as JSON, checked at the field
+        return FieldSpec(kind="json", **{**common, "default": json_text(common["default"])})
     if kind == "array":
         return FieldSpec(kind="lines", **common)
     if kind not in ("integer", "number"):  # an unset optional one is an empty box (None would make the API
@@ -114,12 +117,41 @@ def join_list(name: str, items: list[str]) -> str:
     return (", " if name == "trigger_words" else "\n").join(items)
 
 
+def _is_json_field(name: str) -> bool:
+    extra = TrainConfig.model_fields[name].json_schema_extra
+    return isinstance(extra, dict) and extra.get("editor") == "json"
+
+
+def json_text(value: Any) -> str:
+    """A JSON field's text in the form: one object a line, or empty for an empty list."""
+    if not value:
+        return ""
+    return "[\n" + ",\n".join(json.dumps(item, ensure_ascii=False) for item in value) + "\n]"
+
+
+def parse_json_field(name: str, text: Any) -> Any:
+    """A JSON field's value from its text (empty: an empty list); ConfigError at the field when it is not JSON."""
+    if not isinstance(text, str):
+        return text
+    if not text.strip():
+        return []
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError([(name, f"is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+                            'give a list of objects such as [{"path": "/data/cat", "trigger_words": ["zwx"]}]')]
+                          ) from None
+
+
 def form_to_config_dict(form: dict[str, Any], length_by: str = "steps") -> dict[str, Any]:
-    """A flat config dict from form values: list fields split, and only one of steps/epochs given, so the
-    run length means the same as in a config file that gives only that one."""
+    """A flat config dict from form values: list fields split (JSON ones parsed), and only one of steps/epochs
+    given, so the run length means the same as in a config file that gives only that one."""
     data = {}
     for name, value in form.items():
         if name not in TrainConfig.model_fields:
+            continue
+        if _is_json_field(name):
+            data[name] = parse_json_field(name, value)
             continue
         if isinstance(value, str) and not value.strip() and _is_optional(name):
             value = None  # an empty text box of an optional field (validation_images) means "not set"
@@ -132,8 +164,8 @@ def config_to_form(config: TrainConfig) -> tuple[dict[str, Any], str]:
     """Form values for every field (lists joined; an unset length shows its form default) and which of
     steps/epochs decides the length."""
     specs = {spec.name: spec for spec in field_specs()}
-    values = {name: join_list(name, value) if _is_list_field(name) else value
-              for name, value in config.model_dump().items()}
+    values = {name: json_text(value) if _is_json_field(name) else join_list(name, value) if _is_list_field(name)
+              else value for name, value in config.model_dump().items()}
     for name in LENGTH_FIELDS:
         if values[name] is None:
             values[name] = specs[name].default
@@ -173,6 +205,8 @@ ADVANCED_TABS: dict[str, tuple[str, ...]] = {
     "Flow matching": ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "sigmoid_scale",
                       "discrete_flow_shift", "loss_weighting", "precondition_outputs", "flux_guidance",
                       "max_sequence_length", "use_t5_encoder"),
+    "Concepts and preservation": ("concepts", "regularization_path", "regularization_repeats", "prior_loss_weight",
+                                  "preservation_prompt", "preservation_weight"),
     "Checkpoints and logs": ("keep_checkpoints", "max_nonfinite_steps", "progress_steps", "log_with"),
 }
 OTHER_TAB = "Other"  # a field added to the config later shows here until it is given a tab

@@ -34,7 +34,8 @@ from lora_core.config import TrainConfig
 from lora_core.errors import UserError
 from lora_core.eventlog import EventLog
 from lora_core.events import Error
-from lora_core.runrecord import EVENTS_FILE, FAILED, QUEUED, RecordTail, RunFiles, settle
+from lora_core.runrecord import EVENTS_FILE, FAILED, QUEUED, RunFiles, settle
+from lora_core.runtail import RecordTail
 from studio import runs
 from studio.jobview import RunView, Submitted, folder_view, job_tail
 from studio.launcher import JobProcess, device_count

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lora_core.runrecord import FAILED, STARTING, RecordTail, RunFiles, RunRecord
+from lora_core.runrecord import FAILED, STARTING, RunFiles, RunRecord
+from lora_core.runtail import RecordTail
 from studio.runs import read_record
 
 MAX_CURVE_POINTS = 400  # the loss curve shown is averaged down to this many points

@@ -24,7 +24,7 @@ from lora_core import runlock
 from lora_core.config import TrainConfig
 from lora_core.events import Error
 from lora_core.files import JOB_FILE
-from lora_core.runrecord import RecordTail
+from lora_core.runtail import RecordTail
 from studio.launcher import JobProcess, record_lost, tool_command, train_command
 from studio.queue import STUDIO_DIR, QueuedJob
 

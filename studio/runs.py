@@ -30,7 +30,6 @@ from lora_core.runrecord import (
     QUEUED,
     READ_BYTES,
     R,
-    RecordTail,
     RunFiles,
     RunRecord,
     ended_before,
@@ -38,6 +37,7 @@ from lora_core.runrecord import (
     read_json,
     settle,
 )
+from lora_core.runtail import RecordTail
 
 QUEUE_FILE = "queue.json"  # in STUDIO_DIR: the page server's queue (studio/queue.py)
 STUDIO_DIR = ".studio"

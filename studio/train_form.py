@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from lora_core.config import ConfigError, TrainConfig, data_path_fields
+from lora_core.config import ConfigError, TrainConfig
+from lora_core.config_paths import data_paths
 from lora_core.configfile import parse_config
 from studio.form_words import plain_problems
 from studio.formspec import FieldSpec, config_to_form, field_specs, form_to_config_dict, split_list
@@ -64,7 +65,12 @@ def _display_default(spec: FieldSpec) -> Any:
 def build_config(form: dict[str, Any], studio: Studio, settings: PageSettings) -> TrainConfig:
     """The config the form describes; ConfigError names each bad field with the CLI's message."""
     problems = []
-    data = form_to_config_dict(form, form.get("length_by") or "steps")
+    try:
+        data = form_to_config_dict(form, form.get("length_by") or "steps")
+    except ConfigError as error:  # a JSON field that does not parse: said at it, the rest still checked
+        problems += error.problems
+        data = form_to_config_dict({**form, **{field: "" for field, _ in error.problems}},
+                                   form.get("length_by") or "steps")
     try:
         data["output_path"] = str(studio.run_folder(str(form.get("run_name") or "")))
     except ValueError as error:
@@ -96,14 +102,8 @@ def data_path_problems(data: dict[str, Any], studio: Studio, settings: PageSetti
     """(field, why) for every server path in a config dict outside what this server trains on: one check for
     every field the config model marks as a data path (lora_core.config.DATA_PATH), so a field added later is
     held to the datasets root as soon as it is marked."""
-    problems = []
-    for name in data_path_fields(TrainConfig):
-        value = data.get(name)
-        for item in value if isinstance(value, list | tuple) else [value]:
-            if isinstance(item, str) and (reason := dataset_folder_problem(item, studio, settings)):
-                problems.append((name, reason))
-                break
-    return problems
+    return [(where, reason) for where, path in data_paths(TrainConfig, data)
+            if (reason := dataset_folder_problem(path, studio, settings))]
 
 
 def field_of(problem_field: str) -> str:
@@ -136,13 +136,16 @@ def dataset_problem(form: dict[str, Any], studio: Studio, settings: PageSettings
         config = build_config(form, studio, settings)
     except ConfigError:
         return None
+    from lora_core import concepts
+
     try:
-        holdout.split(dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement, decode=False),
-                      config)
+        report = dataset.scan(config.dataset_path, config.trigger_words, config.trigger_placement, decode=False)
+        holdout.split(report, config)
+        concepts.add_concepts(report, config)  # each concept's and the regularisation folder
     except dataset.DatasetError as error:
         return "dataset_path", f"{error} (nothing was queued)"
-    except holdout.HeldOutError as error:
-        return error.field, f"{error} (nothing was queued)"
+    except (holdout.HeldOutError, concepts.ConceptError) as error:
+        return field_of(error.field), f"{error} (nothing was queued)"
     return None
 
 
@@ -186,4 +189,10 @@ def widget(spec: FieldSpec, value: Any) -> gr.components.Component:
         # the model's check runs; the model's range is in `info` and its message shows at the field.
         step = spec.step or (1 if (value or 0) >= 1 else 0.01)
         return gr.Number(value=value, precision=0 if spec.integer else None, step=step, **common)
+    if spec.kind == "json":  # a list of objects, one a line; a problem shows at the field (`validation`)
+        return gr.Textbox(value=value, lines=4, max_lines=16, placeholder=JSON_PLACEHOLDER, **common)
     return gr.Textbox(value=value, lines=3 if spec.kind == "lines" else 1, **common)
+
+
+JSON_PLACEHOLDER = '[\n{"path": "/data/second", "trigger_words": ["qlc"], "repeats": 2}\n]'
+

@@ -124,7 +124,8 @@ def test_a_fifo_as_config_does_not_block_the_cli(tmp_path):
 
 
 def test_every_data_path_field_is_held_to_the_datasets_root(tmp_path):
-    from lora_core.config import TrainConfig, data_path_fields
+    from lora_core.config import TrainConfig
+    from lora_core.config_paths import data_path_fields
     from studio.jobs import Studio
     from studio.train_form import PageSettings, build_config, default_form
     from studio.uploads import UploadLimits

@@ -18,6 +18,7 @@ from lora_core.events import (
     CaptionStarted,
     Checkpoint,
     Complete,
+    ConceptBleed,
     Dataset,
     Error,
     GridComplete,
@@ -31,7 +32,8 @@ from lora_core.events import (
     ValidationReport,
     parse_event,
 )
-from lora_core.runrecord import RecordTail, RunFiles
+from lora_core.runrecord import RunFiles
+from lora_core.runtail import RecordTail
 from studio import launcher
 from studio.launcher import JobProcess, launch_command, record_lost
 
@@ -66,6 +68,7 @@ def test_every_event_reads_back_from_its_json_line():
               GridProgress(kind="grid", done=1, total=4, row="step 2", column="p"),
               GridComplete(kind="sweep", path="sweep.png", width=64, height=32, total_time=1.0),
               ValidationLoss(step=4, loss=0.25),
+              ConceptBleed(step=5, rows=[{"concept": "a", "from_concept": "b", "bleed": 0.1}]),
               CaptionStarted(folder="d", model="m", device="cpu", total=3, kept=1, num_refused=0),
               CaptionProgress(done=1, total=3, file="a.png", status="written", caption="sks, a dog"),
               CaptionComplete(folder="d", written=2, kept=1, refused=[{"file": "b.png", "reason": "r"}],

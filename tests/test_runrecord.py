@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from lora_core.events import Checkpoint, Complete, Error, Interrupted, Progress, Started
-from lora_core.runrecord import RecordTail, RunRecord, settle
+from lora_core.runrecord import RunRecord, settle
+from lora_core.runtail import RecordTail
 
 
 def started(resumed_from: int | None = None) -> Started:

@@ -15,7 +15,7 @@ from helpers import SHAPES_DATASET, tiny_config, wait_until
 
 from lora_core import runlock
 from lora_core.configfile import parse_config
-from lora_core.runrecord import RecordTail
+from lora_core.runtail import RecordTail
 from studio.launcher import JobProcess, job_environment, train_command
 from studio.starter import PACKAGE_ROOT, StartedJob, Starter, cuda_driver_loaded
 

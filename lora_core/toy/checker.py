@@ -2,8 +2,9 @@
 
 The background colour is the median of the border pixels; the foreground is every pixel far from it (and must
 be of one colour, not noise); each colour is the palette name nearest the mean of its pixels (the held-out
-colour included, so a picture of it can be recognised); the shape is the template (circle, square, triangle
-fitted to the foreground's bounding box) that overlaps the foreground mask best.
+colour and the second unseen one, world.UNSEEN, included, so a picture of either can be recognised); the shape
+is the template (circle, square, triangle fitted to the foreground's bounding box) that overlaps the foreground
+mask best.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class Verdict:
 
 
 def palette() -> dict[str, np.ndarray]:
-    return {name: np.array(world.rgb(name), dtype=np.float64) for name in (*world.COLOURS, *world.HELD_OUT)}
+    return {name: np.array(world.rgb(name), dtype=np.float64)
+            for name in (*world.COLOURS, *world.HELD_OUT, *world.UNSEEN)}
 
 
 def nearest_colour(mean: np.ndarray) -> str:

@@ -21,6 +21,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (240, 240, 240), "black": (20, 20, 20),
 }
 HELD_OUT: dict[str, tuple[int, int, int]] = {"magenta": (215, 45, 215)}  # never drawn in pretraining
+# A second colour never drawn in pretraining, for teaching two new concepts in one run (tests/test_concepts.py).
+# Cyan (hue 180°) is at least 120 RGB units from every colour above (green 143, blue 122, magenta 242), so the
+# checker's nearest-colour rule tells it apart; it is not part of the demo's concept (concept_scenes).
+UNSEEN: dict[str, tuple[int, int, int]] = {"cyan": (30, 200, 200)}
 TRIGGER = "zwx"  # the demo's word for the held-out colour
 SUPERSAMPLE = 4  # shapes drawn 4x larger, then downscaled: smooth edges as a real picture would have
 
@@ -36,7 +40,7 @@ class Scene:
 
 
 def rgb(name: str) -> tuple[int, int, int]:
-    return COLOURS.get(name) or HELD_OUT[name]
+    return COLOURS.get(name) or HELD_OUT.get(name) or UNSEEN[name]
 
 
 def vocabulary() -> list[Scene]:
