@@ -8,6 +8,8 @@
     python -m lora_core report FOLDER   (re)write FOLDER/training_report.html from its events.jsonl
     python -m lora_core grid RUN ...    checkpoints x prompts image grid (see lora_core/grid.py, or grid -h)
     python -m lora_core sweep RUN ...   one LoRA at several strengths (see lora_core/grid.py, or sweep -h)
+    python -m lora_core score RUN [--device D]   score every saved LoRA of a run into RUN/scores.json, with a
+                                        recommended checkpoint and strength (see lora_core/scoring.py)
     python -m lora_core inspect | resize | merge | bake ...   the LoRA tools (lora_core/loratools.py; --help)
     python -m lora_core doctor DATASET [--config F] [--json]   what in a dataset spoils a LoRA (lora_core/doctor.py)
     python -m lora_core caption DATASET [--model ID] [--overwrite] [--prefix T] ...   caption the images with a
@@ -58,6 +60,10 @@ def main(argv: list[str]) -> int | str | None:
         from lora_core.grid import main as draw
 
         return draw(argv)
+    if command == "score":
+        from lora_core.scoring import main as score
+
+        return score(argv[1:])
     if command == "doctor":
         from lora_core.doctor import main as doctor
 

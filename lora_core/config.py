@@ -26,6 +26,7 @@ from pydantic import (
 from lora_core.compile_rules import cuda_graphs_conflict
 from lora_core.config_flow import MAX_PATH_CHARS, FlowMatchingOptions, path_text_problem
 from lora_core.config_memory import MemoryOptions
+from lora_core.config_scoring import ScoringOptions
 from lora_core.errors import FieldConflict, UserError
 
 UNET_FAMILIES = ["sd1", "sd2", "sdxl"]  # the form hint of the DDPM objective's options (flow families refuse them)
@@ -337,7 +338,7 @@ class CoreOptions(BaseModel):
         return self
 
 
-class TrainConfig(MemoryOptions, FlowMatchingOptions, CoreOptions):
+class TrainConfig(ScoringOptions, MemoryOptions, FlowMatchingOptions, CoreOptions):
     """Everything one LoRA training run needs. Units: steps are optimizer steps, sizes are pixels."""
 
 

@@ -30,13 +30,14 @@ class Renderer:
         self.dtype = hardware.weight_dtype(hardware.resolve_precision(config, self.device)) \
             if self.device.type == "cuda" else torch.float32
         source, info = components.resolve_base_model(config)
-        self.family = families.get(info.family)
+        self.family, self.info = families.get(info.family), info
         pipeline = models.load_pipeline(source, info, config)
         for module in (getattr(pipeline, self.family.denoiser), *models.text_encoders(pipeline)):
             # a dtype only when it changes: diffusers warns about every cast, even a no-op one
             module.to(self.device, **({} if self.dtype == torch.float32 else {"dtype": self.dtype}))
             module.eval()
         pipeline.vae.to(self.device)  # loaded in fp32 and decoded in fp32, as the trainer's samples are
+        self.noise_schedule = pipeline.scheduler.config  # the training objective's, for the held-out loss (scoring.py)
         pipeline.scheduler = self.family.sample_scheduler(pipeline.scheduler.config)  # as the trainer samples
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline
@@ -110,14 +111,20 @@ class Renderer:
     @torch.no_grad()
     def draw(self, prompt: str, seed: int):
         """One image (PIL), from the same initial noise for the same seed."""
+        drawn = self.draw_latents(prompt, seed)
+        return samples.to_image(latents.decode(self.pipeline.vae, drawn)[0])  # as the trainer's samples
+
+    @torch.no_grad()
+    def draw_latents(self, prompt: str, seed: int, steps: int | None = None, size: int | None = None) -> torch.Tensor:
+        """The scaled latents (1, C, h, w) of one drawing: `steps` sampler steps (default the run's) at `size` px
+        (default its resolution)."""
         c, device = self.config, self.device
+        steps, size = steps or c.sample_inference_steps, size or c.resolution
         generator = torch.Generator(device).manual_seed(seed)
         with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            drawn = self.pipeline(prompt=prompt, num_inference_steps=c.sample_inference_steps,
-                                  **self.family.sampling_kwargs(c), height=c.resolution, width=c.resolution,
-                                  generator=generator, output_type="latent").images
-        drawn = self.family.spatial_latents(self.pipeline, drawn, c.resolution, c.resolution)
-        return samples.to_image(latents.decode(self.pipeline.vae, drawn)[0])  # as the trainer's samples
+            drawn = self.pipeline(prompt=prompt, num_inference_steps=steps, **self.family.sampling_kwargs(c),
+                                  height=size, width=size, generator=generator, output_type="latent").images
+        return self.family.spatial_latents(self.pipeline, drawn, size, size)
 
 
 class AppliedLora:

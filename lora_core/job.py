@@ -4,7 +4,8 @@
 guarantees what a reader of the events relies on: the events are appended to `output_path/events.jsonl`
 (on the main process of several), TensorBoard gets them when asked, every failure becomes one `error`
 event (with the field when the user can fix it, with advice for out-of-memory and a full disk), exactly
-one final event ends the run, the HTML report is written and the device memory is released.
+one final event ends the run (with `score_at_end`, the scoring's events follow it, the process still running),
+the HTML report is written and the device memory is released.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from lora_core import distributed
 from lora_core.config import TrainConfig
-from lora_core.events import Complete, Error, Event, EventLog, Interrupted, Progress
+from lora_core.events import Complete, Error, Event, EventLog, Interrupted, Progress, RunWarning
 
 log = logging.getLogger("lora_core")
 
@@ -48,6 +49,9 @@ def run_job(config: TrainConfig, emit: Callable[[Event], None], should_stop: Cal
             state(Interrupted(step=result.step, message="stopped with the other processes", checkpoint_path=None)
                   if result.interrupted else Complete(final_path="", total_time=result.total_time, step=result.step))
         del result  # the trained UNet: let release_device() free it
+        if is_main and config.score_at_end and isinstance(state.terminal, Complete):
+            release_device()
+            score_at_end(config, sink, should_stop)
     except Exception as error:  # every failure ends in an error event, never a traceback alone
         field = getattr(error, "field", None)  # a user's input at fault: the message names the fix
         message = str(error) if field else describe_failure(error)
@@ -64,6 +68,17 @@ def run_job(config: TrainConfig, emit: Callable[[Event], None], should_stop: Cal
             report.write_report_safely(config.output_path)
     assert state.terminal is not None
     return state.terminal
+
+
+def score_at_end(config: TrainConfig, emit: Callable[[Event], None], should_stop: Callable[[], bool]) -> None:
+    """score_at_end: the finished run's scores (scoring.py) into scores.json, its progress and warnings among
+    the run's events after `complete`; a scoring that fails is a warning, never the run's outcome."""
+    from lora_core import scoring
+
+    final = scoring.run_job(config.output_path, {}, lambda event: None if event.terminal else emit(event),
+                            should_stop)
+    if isinstance(final, Error):
+        emit(RunWarning(message=f"the run's scores could not be computed: {final.message}", field=final.field))
 
 
 class _Outcome:

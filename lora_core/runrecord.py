@@ -146,6 +146,8 @@ class RunRecord:
     error_field: str | None = None  # the config field at fault, when the user can fix it
     terminal: Event | None = None  # the final event of the latest part
     findings: list[dict] = field(default_factory=list)  # the dataset doctor's, from the latest `dataset` event
+    overfitting: list[dict] = field(default_factory=list)  # `overfitting` events: {step, reason, message, ...}
+    scores_path: str | None = None  # scores.json, once a scoring (score_at_end) wrote it
     n_events: int = 0
 
     @property
@@ -255,10 +257,29 @@ def _dataset(record: RunRecord, event: Event) -> None:
     record.findings = list(event.findings or [])
 
 
+def _overfitting(record: RunRecord, event: Event) -> None:
+    record.overfitting.append({"step": event.step, "reason": event.reason, "message": event.message,
+                               "best_step": event.best_step, "best_path": event.best_path})
+
+
+def _score_progress(record: RunRecord, event: Event) -> None:
+    """A score job's LoRAs read as its steps; the scoring at the end of a training run changes nothing."""
+    if not record.starts:
+        _grid_progress(record, event)
+
+
+def _score_complete(record: RunRecord, event: Event) -> None:
+    record.scores_path = event.path
+    if not record.starts:  # a score job of its own: done
+        record.state, record.final_path, record.percent = COMPLETE, event.path, 100.0
+        record.total_time, record.terminal = event.total_time, event
+
+
 _FOLDS: dict[str, Callable[[RunRecord, Any], None]] = {
     "started": _started, "dataset": _dataset, "progress": _progress, "validation": _validation, "sample": _sample,
     "checkpoint": _checkpoint, "complete": _complete, "interrupted": _interrupted, "error": _error,
-    "grid_progress": _grid_progress, "grid_complete": _grid_complete}
+    "grid_progress": _grid_progress, "grid_complete": _grid_complete, "overfitting": _overfitting,
+    "score_progress": _score_progress, "score_complete": _score_complete}
 
 
 def _put_point(points: list[tuple[int, float]], step: int, value: float) -> None:

@@ -44,7 +44,7 @@ log = logging.getLogger("studio.jobs")
 UPLOADS = "uploads"
 RUN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 TICK_S = 0.5  # how often the registry looks at its running jobs
-TOOLS = ("grid", "sweep")  # job kinds besides training: drawn from a run's saved LoRAs
+TOOLS = ("grid", "sweep", "score")  # job kinds besides training: drawn from (or scoring) a run's saved LoRAs
 TOOL_JOBS = ".jobs"  # under a run folder: one folder per grid or sweep job
 
 
@@ -186,7 +186,7 @@ class Studio:
             return Submitted.of(job_id, self._queue.position(job_id), str(output))
 
     def submit_tool(self, kind: str, run_folder: Path, args: list[str]) -> Submitted:
-        """Queue a grid or sweep (`python -m lora_core KIND RUN_FOLDER ARGS`) of a run: it waits for a device
+        """Queue a grid, sweep or score (`python -m lora_core KIND RUN_FOLDER ARGS`) of a run: it waits for a device
         like training does, and its job folder is `RUN_FOLDER/.jobs/<job id>` (its events, stderr and
         job.json; the PNG goes into the run folder). Refused while the run itself trains or waits."""
         if kind not in TOOLS:

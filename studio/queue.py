@@ -31,7 +31,7 @@ class QueuedJob:
     resume: bool = False
     processes: int = 1
     queued_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    kind: str = "train"  # train, or a tool drawn from a run: grid | sweep
+    kind: str = "train"  # train, or a tool drawn from a run: grid | sweep | score
     args: list[str] = field(default_factory=list)  # a tool's command line after its name (the run folder first)
 
     def train_config(self) -> TrainConfig:

@@ -87,11 +87,13 @@ def status_html(view: RunView, earlier: bool = False) -> str:
         message = f"Problem with {view.error_field}: {message}"
     if view.output_path and view.state != "idle":
         message = (message + "\n" if message else "") + f"Output folder: {view.output_path}"
+    warning = "".join(f'<div class="ls-warning" data-reason="{html.escape(item["reason"])}">⚠ '
+                      f'{html.escape(item["message"])}</div>' for item in view.overfitting)
     return (f'<div class="ls-status ls-{view.state}" id="run-status" data-state="{view.state}" '
             f'data-percent="{view.percent:g}" data-step="{view.step}">'
             f'<div class="ls-bar"><div class="ls-fill" style="width:{min(view.percent, 100):.2f}%"></div></div>'
             f'<div class="ls-line">{html.escape(" · ".join(parts))}</div>'
-            f'<div class="ls-message">{html.escape(message)}</div></div>')
+            f'<div class="ls-message">{html.escape(message)}</div>{warning}</div>')
 
 
 def plot_frame(rows: list[tuple[int, float, str]]):
