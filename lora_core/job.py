@@ -18,9 +18,10 @@ from pathlib import Path
 
 from lora_core import distributed
 from lora_core.config import TrainConfig
-from lora_core.events import Complete, Error, Event, EventLog, Interrupted, Progress, RunWarning
+from lora_core.events import Complete, Error, Event, EventLog, Interrupted, Progress
 
 log = logging.getLogger("lora_core")
+AtEnd = Callable[[TrainConfig, Callable[[Event], None], Callable[[], bool]], None]
 
 OOM_ADVICE = ("the GPU ran out of memory; lower batch_size or resolution, set gradient_checkpointing to 'on' "
               "('auto' turns it on only when the estimate says the run would not fit), keep latent_cache on "
@@ -29,11 +30,13 @@ OOM_ADVICE = ("the GPU ran out of memory; lower batch_size or resolution, set gr
 
 
 def run_job(config: TrainConfig, emit: Callable[[Event], None], should_stop: Callable[[], bool],
-            resume: bool = False) -> Event:
+            resume: bool = False, at_end: AtEnd | None = None) -> Event:
     """Train `config` and return the final event (`complete`, `interrupted` or `error`), which `emit` saw last.
 
     Of several processes only the main one writes events.jsonl, the tracker and the report; the others
     still pass every event to `emit` (the CLI prints only their errors) and end with their own final event.
+    `at_end(config, emit, should_stop)`: work after a complete run, before the report (the CLI passes
+    scoring.score_at_end when the config asks for score_at_end; scoring imports this module, so it is passed in).
     """
     from lora_core import report, tracking, training
 
@@ -49,9 +52,9 @@ def run_job(config: TrainConfig, emit: Callable[[Event], None], should_stop: Cal
             state(Interrupted(step=result.step, message="stopped with the other processes", checkpoint_path=None)
                   if result.interrupted else Complete(final_path="", total_time=result.total_time, step=result.step))
         del result  # the trained UNet: let release_device() free it
-        if is_main and config.score_at_end and isinstance(state.terminal, Complete):
+        if is_main and at_end is not None and isinstance(state.terminal, Complete):
             release_device()
-            score_at_end(config, sink, should_stop)
+            at_end(config, sink, should_stop)
     except Exception as error:  # every failure ends in an error event, never a traceback alone
         field = getattr(error, "field", None)  # a user's input at fault: the message names the fix
         message = str(error) if field else describe_failure(error)
@@ -68,17 +71,6 @@ def run_job(config: TrainConfig, emit: Callable[[Event], None], should_stop: Cal
             report.write_report_safely(config.output_path)
     assert state.terminal is not None
     return state.terminal
-
-
-def score_at_end(config: TrainConfig, emit: Callable[[Event], None], should_stop: Callable[[], bool]) -> None:
-    """score_at_end: the finished run's scores (scoring.py) into scores.json, its progress and warnings among
-    the run's events after `complete`; a scoring that fails is a warning, never the run's outcome."""
-    from lora_core import scoring
-
-    final = scoring.run_job(config.output_path, {}, lambda event: None if event.terminal else emit(event),
-                            should_stop)
-    if isinstance(final, Error):
-        emit(RunWarning(message=f"the run's scores could not be computed: {final.message}", field=final.field))
 
 
 class _Outcome:

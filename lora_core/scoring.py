@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict
 from lora_core import buckets, conditioning, dataset, holdout, latents, models, scores
 from lora_core.config import TrainConfig
 from lora_core.errors import UserError
-from lora_core.events import Error, Event, Interrupted, Overfitting, ScoreComplete, ScoreProgress
+from lora_core.events import Error, Event, Interrupted, Overfitting, RunWarning, ScoreComplete, ScoreProgress
 from lora_core.files import atomic_write_text
 from lora_core.grid import (
     DEFAULT_SCALES,
@@ -266,6 +266,14 @@ def run_job(run_folder: str | Path, options: ScoreOptions | dict | None, emit: C
         event = Error(message=describe_failure(error))
     emit(event)
     return event
+
+
+def score_at_end(config: TrainConfig, emit: Callable[[Event], None], should_stop: Callable[[], bool]) -> None:
+    """score_at_end (job.run_job's `at_end`): the finished run's scores into scores.json, its progress and
+    warnings among the run's events after `complete`; a scoring that fails is a warning, never the outcome."""
+    final = run_job(config.output_path, {}, lambda event: None if event.terminal else emit(event), should_stop)
+    if isinstance(final, Error):
+        emit(RunWarning(message=f"the run's scores could not be computed: {final.message}", field=final.field))
 
 
 def main(argv: list[str]) -> int:
