@@ -225,3 +225,18 @@ def test_the_score_command_answers_a_folder_that_is_no_run_with_one_error_event(
     lines = [json.loads(line) for line in out.splitlines()]
     assert [line["type"] for line in lines] == ["error"] and "no config.json" in lines[0]["message"]
     assert lines[0]["field"] == "run" and "error:" in err
+
+
+def test_the_live_view_shows_an_overfitting_warning_folded_from_its_event():
+    from lora_core.events import Overfitting, Started
+    from studio import render
+    from studio.jobview import RunView
+
+    view = RunView(job_id="j")
+    view.add(Started(total_steps=100, num_images=4, device="cpu", mixed_precision="no", model_family="SD 1.x",
+                     output_path="/tmp/run"))
+    assert 'class="ls-warning"' not in render.status_html(view)
+    view.add(Overfitting(step=60, reason="heldout_rising", best_step=20, message="the held-out loss has <risen>"))
+    shown = render.status_html(view)
+    assert view.overfitting[0]["best_step"] == 20
+    assert 'data-reason="heldout_rising"' in shown and "the held-out loss has &lt;risen&gt;" in shown
