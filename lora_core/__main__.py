@@ -8,6 +8,8 @@
     python -m lora_core report FOLDER   (re)write FOLDER/training_report.html from its events.jsonl
     python -m lora_core grid RUN ...    checkpoints x prompts image grid (see lora_core/grid.py, or grid -h)
     python -m lora_core sweep RUN ...   one LoRA at several strengths (see lora_core/grid.py, or sweep -h)
+    python -m lora_core score RUN [--device D]   score every saved LoRA of a run into RUN/scores.json, with a
+                                        recommended checkpoint and strength (see lora_core/scoring.py)
     python -m lora_core inspect | resize | merge | bake ...   the LoRA tools (lora_core/loratools.py; --help)
     python -m lora_core doctor DATASET [--config F] [--json]   what in a dataset spoils a LoRA (lora_core/doctor.py)
     python -m lora_core caption DATASET [--model ID] [--overwrite] [--prefix T] ...   caption the images with a
@@ -20,13 +22,30 @@
     python -m lora_core comfyui RUN     (re)write RUN/comfyui_workflow.json for its recommended LoRA (comfyui.py)
 """
 
+import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from lora_core.configfile import options_table, write_schema
 from lora_core.files import atomic_write_text
 
 START, END = "<!-- options:start -->", "<!-- options:end -->"
+Result = int | str | None  # what sys.exit takes
+
+# command -> (module, its `main`'s name, whether that main takes the command's name first). Each command's
+# module is imported only when the command runs, so `python -m lora_core schema` never loads torch.
+COMMANDS: dict[str, tuple[str, str, bool]] = {
+    "train": ("lora_core.cli", "main", False),
+    **{tool: ("lora_core.loratools", "main", True) for tool in ("inspect", "resize", "merge", "bake")},
+    "grid": ("lora_core.grid", "main", True),
+    "sweep": ("lora_core.grid", "main", True),
+    "score": ("lora_core.scoring", "main", False),
+    "ema": ("lora_core.posthoc_ema", "main", False),
+    "doctor": ("lora_core.doctor", "main", False),
+    "caption": ("lora_core.captioner", "main", False),
+    "rerun": ("lora_core.rerun", "main", False),
+}
 
 
 def write_readme_options(path: Path) -> None:
@@ -48,64 +67,49 @@ def export_builtin(name: str, target: str) -> None:
         sys.exit(str(error))
 
 
-def main(argv: list[str]) -> int | str | None:
-    """Run the command `argv` (what follows `python -m lora_core`); what `sys.exit` takes."""
-    command = argv[0] if argv else ""
-    if command == "train":
-        from lora_core.cli import main as train
+def comfyui(run: str) -> Result:
+    """`comfyui RUN`: (re)write the run's ComfyUI workflow; print its path."""
+    from lora_core.comfyui import write_workflow
+    from lora_core.manifest import ManifestError
 
-        return train(argv[1:])
-    if command in ("inspect", "resize", "merge", "bake"):
-        from lora_core.loratools import main as tool
-
-        return tool(argv)
-    if command in ("grid", "sweep"):
-        from lora_core.grid import main as draw
-
-        return draw(argv)
-    if command == "ema":
-        from lora_core.posthoc_ema import main as post_hoc
-
-        return post_hoc(argv[1:])
-    if command == "doctor":
-        from lora_core.doctor import main as doctor
-
-        return doctor(argv[1:])
-    if command == "caption":
-        from lora_core.captioner import main as caption
-
-        return caption(argv[1:])
-    if command == "rerun":
-        from lora_core.rerun import main as rerun
-
-        return rerun(argv[1:])
-    if command == "comfyui" and len(argv) == 2:
-        from lora_core.comfyui import write_workflow
-        from lora_core.manifest import ManifestError
-
-        try:
-            print(write_workflow(argv[1]))
-        except ManifestError as error:
-            return str(error)
-        return None
-    if command == "schema":
-        write_schema(argv[1] if len(argv) > 1 else "config_schema.json")
-    elif command == "options":
-        print(options_table())
-    elif command == "readme":
-        write_readme_options(Path(argv[1] if len(argv) > 1 else "README.md"))
-    elif command == "report" and len(argv) == 2:
-        from lora_core.report import write_report
-
-        written = write_report(argv[1])
-        if written is None:
-            return f"no training run recorded in {argv[1]}/events.jsonl"
-        print(written)
-    elif command == "export-builtin" and len(argv) == 3:
-        export_builtin(argv[1], argv[2])
-    else:
-        return __doc__
+    try:
+        print(write_workflow(run))
+    except ManifestError as error:
+        return str(error)
     return None
+
+
+def report(folder: str) -> Result:
+    """`report FOLDER`: (re)write its training_report.html; print its path."""
+    from lora_core.report import write_report
+
+    written = write_report(folder)
+    if written is None:
+        return f"no training run recorded in {folder}/events.jsonl"
+    print(written)
+    return None
+
+
+# the commands of fixed arity that write files from the model or a run: command -> (argument counts, action)
+FILE_COMMANDS: dict[str, tuple[tuple[int, ...], Callable[..., Result]]] = {
+    "schema": ((0, 1), lambda path="config_schema.json": write_schema(path)),
+    "options": ((0,), lambda: print(options_table())),
+    "readme": ((0, 1), lambda path="README.md": write_readme_options(Path(path))),
+    "report": ((1,), report),
+    "export-builtin": ((2,), export_builtin),
+    "comfyui": ((1,), comfyui),
+}
+
+
+def main(argv: list[str]) -> Result:
+    """Run the command `argv` (what follows `python -m lora_core`); what `sys.exit` takes."""
+    command, args = (argv[0], argv[1:]) if argv else ("", [])
+    if command in COMMANDS:
+        module, name, with_command = COMMANDS[command]
+        return getattr(importlib.import_module(module), name)(argv if with_command else args)
+    if command in FILE_COMMANDS and len(args) in FILE_COMMANDS[command][0]:
+        return FILE_COMMANDS[command][1](*args)
+    return __doc__
 
 
 if __name__ == "__main__":

@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         return 1
 
     from lora_core.job import run_job
+    from lora_core.scoring import score_at_end
 
-    terminal = run_job(config, send, stop, resume=args.resume)
+    terminal = run_job(config, send, stop, resume=args.resume, at_end=score_at_end if config.score_at_end else None)
     return exit_code(terminal, stop.signals)
 
 

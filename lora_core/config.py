@@ -30,6 +30,7 @@ from lora_core.config_flow import MAX_PATH_CHARS, FlowMatchingOptions, path_text
 from lora_core.config_loss import OPTIMIZER_NOTES, LossOptions
 from lora_core.config_memory import MemoryOptions
 from lora_core.config_paths import DATA_PATH
+from lora_core.config_scoring import ScoringOptions
 from lora_core.errors import FieldConflict, UserError
 
 UNET_FAMILIES = ["sd1", "sd2", "sdxl"]  # the form hint of the DDPM objective's options (flow families refuse them)
@@ -342,8 +343,8 @@ class CoreOptions(BaseModel):
         return self
 
 
-class TrainConfig(ConceptOptions, LossOptions, EmaOptions, MaskOptions, MemoryOptions, FlowMatchingOptions,
-                  CoreOptions):
+class TrainConfig(ScoringOptions, ConceptOptions, LossOptions, EmaOptions, MaskOptions, MemoryOptions,
+                  FlowMatchingOptions, CoreOptions):
     """Everything one LoRA training run needs. Units: steps are optimizer steps, sizes are pixels."""
 
 

@@ -30,13 +30,14 @@ class Renderer:
         self.dtype = hardware.weight_dtype(hardware.resolve_precision(config, self.device)) \
             if self.device.type == "cuda" else torch.float32
         source, info = components.resolve_base_model(config)
-        self.family = families.get(info.family)
+        self.family, self.info = families.get(info.family), info
         pipeline = models.load_pipeline(source, info, config)
         for module in (getattr(pipeline, self.family.denoiser), *models.text_encoders(pipeline)):
             # a dtype only when it changes: diffusers warns about every cast, even a no-op one
             module.to(self.device, **({} if self.dtype == torch.float32 else {"dtype": self.dtype}))
             module.eval()
         pipeline.vae.to(self.device)  # loaded in fp32 and decoded in fp32, as the trainer's samples are
+        self.noise_schedule = pipeline.scheduler.config  # the training objective's, for the held-out loss (scoring.py)
         pipeline.scheduler = self.family.sample_scheduler(pipeline.scheduler.config)  # as the trainer samples
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline
@@ -113,6 +114,13 @@ class Renderer:
         `should_stop` says so between two denoising steps."""
         return samples.draw(self.config, self.family, self.pipeline, self.pipeline.vae, {"prompt": prompt}, seed,
                             self.device, self.dtype, should_stop)  # as the trainer's samples
+
+    @torch.no_grad()
+    def draw_latents(self, prompt: str, seed: int, steps: int | None = None, size: int | None = None) -> torch.Tensor:
+        """The scaled latents (1, C, h, w) of one drawing: `steps` sampler steps (default the run's) at `size` px
+        (default its resolution); what the scores compare (scoring.py)."""
+        return samples.draw_latents(self.config, self.family, self.pipeline, {"prompt": prompt}, seed, self.device,
+                                    self.dtype, steps=steps, size=size)
 
 
 class AppliedLora:

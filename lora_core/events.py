@@ -3,7 +3,8 @@
 Each event serialises to one JSON object with `type` and an ISO-8601 `timestamp`.
 `complete`, `error` and `interrupted` are terminal: exactly one of them ends every run; a grid or sweep
 (grid.py) ends with `grid_complete`, `error` or `interrupted`; captioning a dataset (captioner.py) ends with
-`caption_complete`, `error` or `interrupted`.
+`caption_complete`, `error` or `interrupted`; scoring a run (scoring.py) with `score_complete`, `error` or
+`interrupted`.
 """
 
 from __future__ import annotations
@@ -273,11 +274,43 @@ class CaptionComplete(Event):
     total_time: float
 
 
+@dataclass(kw_only=True)
+class Overfitting(Event):
+    """The LoRA is past its best: `reason` heldout_rising, bleed_over_concept or early_stop (README's table)."""
+
+    type: ClassVar[str] = "overfitting"
+    step: int | None
+    reason: str
+    message: str
+    best_step: int | None = None  # the step of the lowest held-out loss
+    best_path: str | None = None
+
+
+@dataclass(kw_only=True)
+class ScoreProgress(Event):
+    """One LoRA (at one strength) of a run is scored (scoring.py)."""
+
+    type: ClassVar[str] = "score_progress"
+    done: int
+    total: int
+    label: str  # "step 60", "final (step 120)", "step 60 at 0.5"
+
+
+@dataclass(kw_only=True)
+class ScoreComplete(Event):
+    type: ClassVar[str] = "score_complete"
+    terminal: ClassVar[bool] = True
+    path: str  # scores.json
+    recommendation: str  # the recommended checkpoint and strength with the reason, in words
+    total_time: float
+
+
 EVENT_TYPES: dict[str, type[Event]] = {cls.type: cls for cls in (Started, Dataset, Progress, Checkpoint,
                                                                   Sample, ValidationLoss, RunWarning, Complete, Error,
                                                                   Interrupted, ValidationReport, GridProgress,
                                                                   GridComplete, CaptionStarted, CaptionProgress,
-                                                                  CaptionComplete, ConceptBleed)}
+                                                                  CaptionComplete, ConceptBleed, Overfitting,
+                                                                  ScoreProgress, ScoreComplete)}
 
 
 def event_from_dict(data: dict[str, Any]) -> Event:

@@ -4,7 +4,8 @@
 guarantees what a reader of the events relies on: the events are appended to `output_path/events.jsonl`
 (on the main process of several), TensorBoard gets them when asked, every failure becomes one `error`
 event (with the field when the user can fix it, with advice for out-of-memory and a full disk), exactly
-one final event ends the run, the HTML report is written and the device memory is released.
+one final event ends the run (with `score_at_end`, the scoring's events follow it, the process still running),
+the HTML report is written and the device memory is released.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lora_core.events import Complete, Error, Event, Interrupted, Progress
 from lora_core.runlock import FolderBusy
 
 log = logging.getLogger("lora_core")
+AtEnd = Callable[[TrainConfig, Callable[[Event], None], Callable[[], bool]], None]
 
 OOM_ADVICE = ("the GPU ran out of memory; lower batch_size or resolution, set gradient_checkpointing to 'on' "
               "('auto' turns it on only when the estimate says the run would not fit), keep latent_cache on "
@@ -30,11 +32,13 @@ OOM_ADVICE = ("the GPU ran out of memory; lower batch_size or resolution, set gr
 
 
 def run_job(config: TrainConfig, emit: Callable[[Event], None], should_stop: Callable[[], bool],
-            resume: bool = False) -> Event:
+            resume: bool = False, at_end: AtEnd | None = None) -> Event:
     """Train `config` and return the final event (`complete`, `interrupted` or `error`), which `emit` saw last.
 
     Of several processes only the main one writes events.jsonl, the tracker and the report; the others
     still pass every event to `emit` (the CLI prints only their errors) and end with their own final event.
+    `at_end(config, emit, should_stop)`: work after a complete run, before the report (the CLI passes
+    scoring.score_at_end when the config asks for score_at_end; scoring imports this module, so it is passed in).
     """
     is_main = distributed.is_main_process()
     lock = None
@@ -60,6 +64,9 @@ def run_job(config: TrainConfig, emit: Callable[[Event], None], should_stop: Cal
             state(Interrupted(step=result.step, message="stopped with the other processes", checkpoint_path=None)
                   if result.interrupted else Complete(final_path="", total_time=result.total_time, step=result.step))
         del result  # the trained UNet: let release_device() free it
+        if is_main and at_end is not None and isinstance(state.terminal, Complete):
+            release_device()
+            at_end(config, sink, should_stop)
     except Exception as error:  # every failure ends in an error event, never a traceback alone
         field = getattr(error, "field", None)  # a user's input at fault: the message names the fix
         message = str(error) if field else describe_failure(error)

@@ -73,6 +73,7 @@ def render(record: RunRecord, config: dict[str, Any], output: Path) -> str:
         if losses else "<p>No progress was recorded.</p>",
         "<h2>Learning rate</h2>",
         svg_chart(rates, "learning rate", marks=record.resumed_at, height=160) if rates else "",
+        _scores(record, output),
         "<h2>Samples</h2>",
         _samples(record, output),
         "<h2>Checkpoints</h2>",
@@ -83,6 +84,28 @@ def render(record: RunRecord, config: dict[str, Any], output: Path) -> str:
         _config_table(config),
     ]
     return PAGE.format(title=_e(title), body="\n".join(part for part in sections if part))
+
+
+def _scores(record: RunRecord, output: Path) -> str:
+    """The overfitting warnings (`overfitting` events and scores.json's), the recommended checkpoint and
+    strength, and each figure by step with the table (scores.py)."""
+    from lora_core import scores
+
+    data = scores.read_scores(output)
+    notes = [f"step {item['step']}: {item['message']}" for item in record.overfitting]
+    notes += [item["message"] for item in (data or {}).get("warnings") or []
+              if item["reason"] != "heldout_rising" or not record.overfitting]
+    warned = "".join(f'<p class="warn">⚠ {_e(note)}</p>' for note in notes)
+    if data is None:
+        return f"<h2>Warnings</h2>{warned}" if warned else ""
+    charts = "".join(f"<h3>{_e(scores.FIGURES[name].split(':')[0])}</h3>" + svg_chart(points, name, height=160)
+                     for name, points in scores.curves(data).items() if points)
+    head = "".join(f"<th>{_e(name)}</th>" for name in scores.TABLE_HEADERS)
+    body = "".join("<tr>" + "".join(f"<td>{'' if v is None else _e(v)}</td>" for v in row) + "</tr>"
+                   for row in scores.table(data))
+    meanings = "".join(f"<li>{_e(text)}</li>" for text in scores.FIGURES.values())
+    return (f"<h2>Scores</h2><p><strong>Recommended: {_e((data.get('recommendation') or {}).get('text', '–'))}"
+            f"</strong></p>{warned}{charts}<table><tr>{head}</tr>{body}</table><ul>{meanings}</ul>")
 
 
 def _doctor(record: RunRecord) -> str:
@@ -325,7 +348,7 @@ svg .second-key {{ fill: #c0392b; }} svg .first-key {{ fill: #1f5fbf; }}
 .samples h3 {{ width: 100%; margin: 0.5rem 0 0; font-size: 1rem; }}
 figure {{ margin: 0; max-width: 256px; }} figure img {{ width: 100%; image-rendering: auto; }}
 figcaption {{ font-size: 0.85rem; color: #555; }}
-.absent {{ font-size: 0.8rem; color: #888; }}
+.absent {{ font-size: 0.8rem; color: #888; }} .warn {{ color: #a04000; font-weight: 600; }}
 </style>
 </head>
 <body>

@@ -155,6 +155,8 @@ class RunRecord:
     findings: list[dict] = field(default_factory=list)  # the dataset doctor's, from the latest `dataset` event
     concepts: list[dict] = field(default_factory=list)  # per concept counts, from the latest `dataset` event
     bleed: list[dict] = field(default_factory=list)  # the `concept_bleed` table (lora_core/bleed.py)
+    overfitting: list[dict] = field(default_factory=list)  # `overfitting` events: {step, reason, message, ...}
+    scores_path: str | None = None  # scores.json, once a scoring (score_at_end) wrote it
     n_events: int = 0
 
     @property
@@ -283,11 +285,30 @@ def _bleed(record: RunRecord, event: Event) -> None:
     record.bleed = list(event.rows)
 
 
+def _overfitting(record: RunRecord, event: Event) -> None:
+    record.overfitting.append({"step": event.step, "reason": event.reason, "message": event.message,
+                               "best_step": event.best_step, "best_path": event.best_path})
+
+
+def _score_progress(record: RunRecord, event: Event) -> None:
+    """A score job's LoRAs read as its steps; the scoring at the end of a training run changes nothing."""
+    if not record.starts:
+        _grid_progress(record, event)
+
+
+def _score_complete(record: RunRecord, event: Event) -> None:
+    record.scores_path = event.path
+    if not record.starts:  # a score job of its own: done
+        record.state, record.final_path, record.percent = COMPLETE, event.path, 100.0
+        record.total_time, record.terminal = event.total_time, event
+
+
 _FOLDS: dict[str, Callable[[RunRecord, Any], None]] = {
     "started": _started, "dataset": _dataset, "progress": _progress, "validation": _validation, "sample": _sample,
     "checkpoint": _checkpoint, "complete": _complete, "interrupted": _interrupted, "error": _error,
     "grid_progress": _grid_progress, "grid_complete": _grid_complete, "caption_started": _caption_started,
-    "caption_progress": _grid_progress, "caption_complete": _caption_complete, "concept_bleed": _bleed}
+    "caption_progress": _grid_progress, "caption_complete": _caption_complete, "concept_bleed": _bleed,
+    "overfitting": _overfitting, "score_progress": _score_progress, "score_complete": _score_complete}
 
 
 class Curve(list):

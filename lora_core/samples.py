@@ -89,13 +89,21 @@ def draw(config: TrainConfig, family: Family, pipe, vae, kwargs: dict[str, Any],
     embeddings; `seed` seeds the initial noise on `device`; the denoiser runs under autocast to `dtype` on CUDA
     (fp32 runs as is); the latents, unpacked to the image's grid where the family packs them, are decoded by
     `vae` (in fp32). DrawingStopped when `should_stop` says so between two denoising steps."""
+    drawn = draw_latents(config, family, pipe, kwargs, seed, device, dtype, should_stop)
+    return to_image(latents.decode(vae, drawn)[0])
+
+
+def draw_latents(config: TrainConfig, family: Family, pipe, kwargs: dict[str, Any], seed: int, device: torch.device,
+                 dtype: torch.dtype, should_stop: Callable[[], bool] | None = None, steps: int | None = None,
+                 size: int | None = None) -> torch.Tensor:
+    """`draw`'s latents before decoding, (1, C, h, w) on the image's grid: `steps` sampler steps (default the
+    run's sample_inference_steps) at `size` px (default its resolution); the scores draw small and few."""
+    steps, size = steps or config.sample_inference_steps, size or config.resolution
     generator = torch.Generator(device).manual_seed(seed)
     with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
-        drawn = pipe(**kwargs, **family.sampling_kwargs(config), num_inference_steps=config.sample_inference_steps,
-                     height=config.resolution, width=config.resolution, generator=generator,
-                     output_type="latent", **stop_between_steps(should_stop)).images
-    return to_image(latents.decode(vae, family.spatial_latents(pipe, drawn, config.resolution,
-                                                               config.resolution))[0])
+        drawn = pipe(**kwargs, **family.sampling_kwargs(config), num_inference_steps=steps, height=size,
+                     width=size, generator=generator, output_type="latent", **stop_between_steps(should_stop)).images
+    return family.spatial_latents(pipe, drawn, size, size)
 
 
 def to_image(pixels: torch.Tensor):

@@ -44,6 +44,7 @@ from lora_core.events import (
     ValidationLoss,
     dataset_event,
 )
+from lora_core.heldout_watch import BEST_FILE, HeldOutWatch
 from lora_core.lora import save_lora, training_metadata
 from lora_core.losses import pyramid_noise
 from lora_core.optim import averaged_weights
@@ -151,8 +152,9 @@ def fit(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], bool]
     """Train up to the plan's total steps. True when stopped on request: a checkpoint is then saved, and its
     LoRA file is `run.stop_checkpoint`."""
     window, clock = LossWindow(run.device), StepClock(run.plan.total_steps)
+    watch = HeldOutWatch(run.config)  # the overfitting warning and the early stop
     if run.step == 0:
-        maybe_validate(run, emit)  # the untrained model's held-out loss: where the curve starts
+        maybe_validate(run, emit, watch)  # the untrained model's held-out loss: where the curve starts
     while run.step < run.plan.total_steps:
         for batch in epoch_batches(run):
             loss, outcome = micro_step(run, batch)
@@ -178,7 +180,9 @@ def fit(run: Run, emit: Callable[[Event], None], should_stop: Callable[[], bool]
             if maybe_sample(run, emit, should_stop):  # a stop asked while drawing: no further step starts
                 stop(run, emit)
                 return True
-            maybe_validate(run, emit)
+            maybe_validate(run, emit, watch)
+            if run.config.early_stop_patience and run.stop_vote(watch.stopping):  # every process ends here
+                return False
             if run.step >= run.plan.total_steps:
                 break
         else:  # the epoch ran out (not a break at the last step)
@@ -274,9 +278,9 @@ def _draw_samples(run: Run, emit: Callable[[Event], None], should_stop: Callable
     return stopped_while_drawing
 
 
-def maybe_validate(run: Run, emit: Callable[[Event], None]) -> None:
+def maybe_validate(run: Run, emit: Callable[[Event], None], watch: HeldOutWatch | None = None) -> None:
     """The held-out images' loss before the first step, every validation_loss_steps (0: every validation_steps)
-    and at the end."""
+    and at the end; `watch` warns of overfitting and keeps the best LoRA for early stop."""
     every = run.config.validation_loss_steps or run.config.validation_steps
     if run.held_out is None or (run.step % every and run.step != run.plan.total_steps):
         return
@@ -287,6 +291,13 @@ def maybe_validate(run: Run, emit: Callable[[Event], None]) -> None:
         module.train()
     if math.isfinite(loss):
         emit(ValidationLoss(step=run.step, loss=loss, ema_loss=ema_loss))
+        if watch is not None:
+            best_path = run.plan.output / BEST_FILE
+            lowest, events = watch.add(run.step, loss, str(best_path))
+            if lowest and run.config.early_stop_patience:
+                export_lora(run, best_path)
+            for event in events:
+                emit(event)
     else:
         emit(RunWarning(message=f"the validation loss of step {run.step} is not finite ({loss}); training goes on",
                         step=run.step))

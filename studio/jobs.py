@@ -48,7 +48,7 @@ log = logging.getLogger("studio.jobs")
 UPLOADS = "uploads"
 RUN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 TICK_S = 0.5  # how often the registry looks at its running jobs
-TOOLS = ("grid", "sweep", "caption")  # job kinds besides training: `python -m lora_core KIND ARGS`
+TOOLS = ("grid", "sweep", "score", "caption")  # job kinds besides training: `python -m lora_core KIND ARGS`
 __all__ = ["BusyError", "Studio"]
 
 
@@ -184,7 +184,7 @@ class Studio:
             return submitted
 
     def submit_tool(self, kind: str, folder: Path, args: list[str]) -> Submitted:
-        """Queue `python -m lora_core KIND FOLDER ARGS`: a grid or sweep of the run in FOLDER, or captioning of
+        """Queue `python -m lora_core KIND FOLDER ARGS`: a grid, sweep or score of the run in FOLDER, or captioning of
         the dataset FOLDER. It waits for a device like training does; its job folder (events, stderr,
         job.json) is OUTPUTS/.studio/jobs/<job id>; a grid's PNG goes into the run folder."""
         if kind not in TOOLS:

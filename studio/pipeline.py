@@ -10,6 +10,7 @@ followed, stopped and adopted after a restart the same way (studio/jobs.py):
     train     the run folder                                     the run folder (written: exclusive lock)
     grid      OUTPUTS/.studio/jobs/<id>                          the run folder (read: shared lock)
     sweep     OUTPUTS/.studio/jobs/<id>                          the run folder (read: shared lock)
+    score     OUTPUTS/.studio/jobs/<id>                          the run folder (read: shared lock; scores.json)
     caption   OUTPUTS/.studio/jobs/<id>                          the dataset folder (its .txt files written)
 
 Nothing here imports torch.
@@ -30,7 +31,7 @@ from studio.queue import STUDIO_DIR, QueuedJob
 
 log = logging.getLogger("studio.pipeline")
 TOOL_JOBS = "jobs"  # under OUTPUTS/.studio: one folder per tool job
-DRAWN = ("grid", "sweep")  # read a run's saved LoRAs: the run folder is their first argument
+DRAWN = ("grid", "sweep", "score")  # read a run's saved LoRAs: the run folder is their first argument
 
 
 class BusyError(RuntimeError):
@@ -66,7 +67,7 @@ def check_free(target: Path, kind: str, busy: dict[Path, set[str]]) -> None:
     kinds = busy.get(target, set())
     reading = kind in DRAWN
     if kinds and not (reading and kinds <= set(DRAWN)):
-        what = ("training, or waiting to" if "train" in kinds else "a grid or sweep queued or drawing"
+        what = ("training, or waiting to" if "train" in kinds else "a grid, sweep or score queued or drawing"
                 if kinds <= set(DRAWN) else f"a {'/'.join(sorted(kinds))} job")
         raise BusyError(f"{target} already has a queued or running job ({what}); start this once that has "
                         "ended, or stop or cancel it first")

@@ -124,11 +124,13 @@ def status_html(view: RunView, earlier: bool = False, kept: RunView | None = Non
     if kept is not None:
         message += (f"\nThe last finished run, {Path(kept.output_path).name}, is unchanged: its LoRA downloads "
                     "below, and the Runs tab has the rest.")
+    warning = "".join(f'<div class="ls-warning" data-reason="{html.escape(item["reason"])}">⚠ '
+                      f'{html.escape(item["message"])}</div>' for item in view.overfitting)
     return (f'<div class="ls-status ls-{view.state}" id="run-status" data-state="{view.state}" '
             f'data-percent="{view.percent:g}" data-step="{view.step}">'
             f'<div class="ls-bar"><div class="ls-fill" style="width:{min(view.percent, 100):.2f}%"></div></div>'
             f'<div class="ls-line">{html.escape(" · ".join(parts))}</div>'
-            f'<div class="ls-message">{html.escape(message)}</div></div>')
+            f'<div class="ls-message">{html.escape(message)}</div>{warning}</div>')
 
 
 def plot_frame(rows: list[tuple[int, float, str]]):

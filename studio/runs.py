@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lora_core import runlock
+from lora_core import runlock, scores
 from lora_core.errors import UserError
+from lora_core.heldout_watch import BEST_FILE
 from lora_core.runrecord import (
     ACTIVE,
     FAILED,
@@ -91,6 +92,9 @@ class RunDetail(RunRow):
     message: str = ""  # the error or the reason it stopped
     error_field: str | None = None
     stderr_tail: list[str] = field(default_factory=list)  # the last lines of stderr.log, for a failed run
+    overfitting: list[dict[str, Any]] = field(default_factory=list)  # the run's `overfitting` events
+    scores: dict[str, Any] | None = None  # scores.json (lora_core/scores.py), once the run was scored
+    best_path: str | None = None  # lora_best.safetensors (early stop), when there is one
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -218,7 +222,9 @@ def read_detail(folder: Path, running: bool | None = None, deadline: float | Non
                      for item in record.checkpoints],
         final_path=inside.get(record.final_path or ""), saved_so_far=inside.get(record.final_path or "") or saved,
         config=config, report_path=contained_file(folder, files.report.name), message=record.message,
-        error_field=record.error_field, stderr_tail=files.stderr_tail() if record.state == FAILED else [])
+        error_field=record.error_field, stderr_tail=files.stderr_tail() if record.state == FAILED else [],
+        overfitting=record.overfitting, scores=scores.read_scores(folder),
+        best_path=contained_file(folder, BEST_FILE))
 
 
 def _count(value: Any) -> int:
@@ -334,19 +340,60 @@ def delete_run(root: str | Path, run_id: str, running: bool | None = None) -> Pa
 
 
 def compare_runs(root: str | Path, run_ids: list[str]) -> dict[str, Any]:
-    """Loss curves of two or more runs (by step) and the config fields whose values differ between them."""
-    ids = list(dict.fromkeys(str(run_id) for run_id in run_ids if str(run_id).strip()))
+    """Two or more runs, or checkpoints (`RUN@STEP`), side by side: loss curves by step, the config fields whose
+    values differ, each one's sample pictures at the prompts they share (the trainer draws prompt i with seed
+    `seed + i`, so runs of one seed compare at the same seeds) and its scores (the recommended LoRA's for a
+    run, that step's for a checkpoint)."""
+    ids = list(dict.fromkeys(str(run_id).strip() for run_id in run_ids if str(run_id).strip()))
     if len(ids) < 2:
-        raise RunError("pick two or more runs to compare")
-    details = [run_detail(root, run_id) for run_id in ids]
-    names = sorted({key for detail in details for key in detail.config} - set(NOT_COMPARED))
+        raise RunError("pick two or more runs (or checkpoints, RUN@STEP) to compare")
+    picked = {item: _pick(root, item) for item in ids}
+    details = {item: detail for item, (detail, _) in picked.items()}
+    names = sorted({key for detail in details.values() for key in detail.config} - set(NOT_COMPARED))
     differing = {}
     for key in names:
-        values = [detail.config.get(key) for detail in details]
+        values = [detail.config.get(key) for detail in details.values()]
         if any(json.dumps(value, sort_keys=True) != json.dumps(values[0], sort_keys=True) for value in values):
             differing[key] = dict(zip(ids, values, strict=True))
-    return {"runs": ids, "curves": {detail.id: detail.loss_points for detail in details},
-            "resumed_at": {detail.id: detail.resumed_at for detail in details}, "differing": differing}
+    return {"runs": ids, "curves": {item: detail.loss_points for item, detail in details.items()},
+            "resumed_at": {item: detail.resumed_at for item, detail in details.items()}, "differing": differing,
+            "pictures": _side_by_side(picked), "scores": {item: _scores_of(detail, step)
+                                                          for item, (detail, step) in picked.items()}}
+
+
+def _pick(root: str | Path, item: str) -> tuple[RunDetail, int | None]:
+    """`RUN` or `RUN@STEP`: the run's detail and the step asked for (None: its newest)."""
+    run_id, _, step = item.partition("@")
+    if step and not step.isdigit():
+        raise RunError(f"{item!r}: a checkpoint is RUN@STEP with a whole step number, e.g. {run_id}@500")
+    return run_detail(root, run_id), int(step) if step else None
+
+
+def _side_by_side(picked: dict[str, tuple[RunDetail, int | None]]) -> list[dict[str, Any]]:
+    """[{prompt, cells: {item: {path, step, seed}}}]: per prompt every one's newest sample at or before its step."""
+    rows: dict[str, dict[str, Any]] = {}
+    for item, (detail, step) in picked.items():
+        prompts = list(dict.fromkeys(sample["prompt"] for sample in detail.samples))
+        for sample in detail.samples:
+            if step is not None and sample["step"] > step:
+                continue
+            seed = detail.config.get("seed")
+            rows.setdefault(sample["prompt"], {})[item] = {
+                "path": sample["path"], "step": sample["step"],
+                "seed": seed + prompts.index(sample["prompt"]) if isinstance(seed, int) else None}
+    return [{"prompt": prompt, "cells": cells} for prompt, cells in rows.items() if len(cells) == len(picked)]
+
+
+def _scores_of(detail: RunDetail, step: int | None) -> dict[str, Any]:
+    """The figures of a run's recommended LoRA (or of its LoRA at `step`); {} when it has not been scored."""
+    data = detail.scores or {}
+    recommended = data.get("recommendation") or {}
+    wanted = step if step is not None else recommended.get("step")
+    lora = next((entry for entry in reversed(data.get("loras") or []) if entry.get("step") == wanted), None)
+    if lora is None:
+        return {}
+    return {"LoRA": lora.get("label"), **{name: lora.get(name) for name in scores.FIGURES},
+            "recommended": recommended.get("text", "") if step is None else ""}
 
 
 def format_duration(seconds: float | None) -> str:

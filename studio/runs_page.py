@@ -3,7 +3,8 @@ run a checkpoint x prompt grid and a strength sweep, drawn as jobs through the S
 
 Built from studio/runs.py (each run's own files), so it shows CLI runs and runs of earlier servers too.
 Its named API endpoints: `runs`, `open_run` (by run id; the jobs API's `run` takes a job id), `delete_run`,
-`compare`, `grid` and `sweep` (each answers the queued job: follow it with `run`).
+`compare` (runs or checkpoints `RUN@STEP`), `grid`, `sweep` and `score` (each answers the queued job: follow it
+with `run`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import gradio as gr
 from lora_core import comfyui, manifest
 from lora_core.errors import UserError
 from lora_core.runrecord import RunFiles
-from studio import runs, sheets
+from studio import runs, scores_view, sheets
 from studio.cleanup import sweep_caches
 from studio.render import plot_frame
 
@@ -72,7 +73,8 @@ def _detail_markdown(detail: runs.RunDetail) -> str:
 def sheet_status(view: RunView, kind: str) -> str:
     """A grid or sweep job's state in words, with its cells drawn."""
     words = {"queued": "waiting for the device", "starting": "loading the base model",
-             "running": f"drawing cell {view.step} of {view.total_steps}", "stopping": "stopping",
+             "running": f"{'scoring' if kind == 'score' else 'drawing cell'} {view.step} of {view.total_steps}",
+             "stopping": "stopping",
              "complete": "done", "stopped": "stopped", "failed": "failed", "idle": "unknown job"}
     word = "saving the image" if view.state == "stopping" and view.terminal is not None else words[view.state]
     text = f"{kind.capitalize()}: {word}"
@@ -116,6 +118,8 @@ class RunsTab:
         # the hand-over: the LoRA in a ComfyUI workflow, and what the run was made of
         files.extend(str(path) for path in (Path(detail.folder) / comfyui.WORKFLOW_FILE,
                                             Path(detail.folder) / manifest.MANIFEST_FILE) if path.is_file())
+        if detail.best_path:  # early stop's best LoRA
+            files.append(detail.best_path)
         samples = [(item["path"], f"step {item['step']}: {item['prompt']}") for item in detail.samples
                    if Path(item["path"]).is_file()]
         data = dict(detail.__dict__)
@@ -185,6 +189,37 @@ class RunsTab:
                  for key, values in result["differing"].items()]
         shown = gr.Dataframe(value=table, headers=["field", *result["runs"]])  # a column per run, named
         return _frame(result["curves"], smoothed=False), shown, result
+
+    def scores_form(self, run_id: str) -> tuple[Any, ...]:
+        """The opened run's scores: the recommendation and warnings, the figures by step, the table."""
+        try:
+            detail = runs.run_detail(self.root, run_id)
+        except UserError:
+            return (gr.skip(),) * 3
+        return (scores_view.summary(detail), scores_view.figures_frame(detail.scores),
+                gr.Dataframe(value=scores_view.table(detail.scores), headers=scores_view.scores.TABLE_HEADERS))
+
+    def score(self, run_id: str) -> dict[str, Any]:
+        """Queue the scoring of a run's saved LoRAs (scores.json): {job_id, state, position, output_path}."""
+        return {**self._submit("score", run_id, lambda folder: []), "run_id": run_id}
+
+    def follow_score(self, submitted: dict[str, Any] | None) -> Iterator[tuple[Any, ...]]:
+        """The score job's progress, then the run's scores shown."""
+        if not submitted or self.studio is None:
+            return
+        while True:
+            view = self.studio.view(submitted["job_id"])
+            if not (view.active or view.state == "queued"):
+                break
+            yield sheet_status(view, "score"), gr.skip(), gr.skip(), gr.skip()
+            time.sleep(FOLLOW_TICK_S)
+        yield sheet_status(view, "score"), *self.scores_form(str(submitted.get("run_id", "")))
+
+    def side_by_side(self, result: dict[str, Any] | None) -> tuple[Any, Any]:
+        pictures, table = scores_view.side_by_side(result)
+        items = (result or {}).get("runs", [])
+        return (gr.update(value=pictures, columns=max(1, len(items))),
+                gr.Dataframe(value=table, headers=["figure", *items]))
 
     def sheet_form(self, run_id: str) -> dict[gr.components.Component, Any]:
         """The grid and sweep choices for the opened run: its saved LoRAs (the grid's default: all, capped),
@@ -270,6 +305,7 @@ class RunsTab:
                                  interactive=False, elem_id="run-files")
             self.report = gr.File(label="HTML report", interactive=False, elem_id="run-report")
             self.detail = gr.JSON(label="Run details", visible=False)
+            self._scores_section()
             with gr.Row():
                 self.confirm = gr.Checkbox(label="yes, delete this run's folder", value=False,
                                            elem_id="runs-confirm")
@@ -283,7 +319,8 @@ class RunsTab:
             self._sheet_section()
             gr.Markdown("#### Compare")
             with gr.Row():
-                self.compare_pick = gr.Dropdown(label="Runs to compare", choices=[], multiselect=True, scale=3,
+                self.compare_pick = gr.Dropdown(label="Runs (or checkpoints, RUN@STEP) to compare", choices=[],
+                                                multiselect=True, scale=3,
                                                 allow_custom_value=True, elem_id="compare-pick")
                 self.compare_button = gr.Button("Compare", scale=1, elem_id="compare")
             self.compare_plot = gr.LinePlot(x="step", y="loss", color="line", title="Loss by step",
@@ -291,6 +328,21 @@ class RunsTab:
             self.compare_table = gr.Dataframe(headers=["field", "values"], interactive=False,
                                               elem_id="compare-table")
             self.compare_data = gr.JSON(visible=False)
+            self.compare_pictures = gr.Gallery(label="Side by side: samples at the same prompts (and seeds)",
+                                               columns=2, height=320, elem_id="compare-pictures")
+            self.compare_scores = gr.Dataframe(headers=["figure", "values"], interactive=False,
+                                               elem_id="compare-scores")
+
+    def _scores_section(self) -> None:
+        with gr.Group(elem_id="run-scores"):
+            self.scores_summary = gr.Markdown(elem_id="scores-summary")
+            self.scores_plot = gr.LinePlot(x="step", y="value", color="figure", title="Scores by step (strength 1)",
+                                           height=240, elem_id="scores-plot")
+            self.scores_table = gr.Dataframe(headers=scores_view.scores.TABLE_HEADERS, interactive=False,
+                                             elem_id="scores-table")
+            self.score_button = gr.Button("Score this run", elem_id="score-run")
+            self.score_job = gr.JSON(visible=False)
+            self.score_state = gr.HTML(elem_id="score-progress")
 
     def _sheet_section(self) -> None:
         with gr.Group(elem_id="pick-best"):
@@ -321,6 +373,8 @@ class RunsTab:
         demo.load(self.list, None, listed, api_name=False)
         opened = self.open_button.click(self.open, self.pick, [self.summary, self.plot, self.samples, self.files,
                                                                self.report, self.detail], api_name="open_run")
+        opened.then(self.scores_form, self.pick, [self.scores_summary, self.scores_plot, self.scores_table],
+                    api_name=False)
         opened.then(self.sheet_form, self.pick, [self.grid_steps, self.grid_prompts, self.sweep_step,
                                                  self.sheet_image, self.sheet_file], api_name=False)
         control = dict(concurrency_id="control", concurrency_limit=None)  # as Start: never behind the polls
@@ -336,6 +390,10 @@ class RunsTab:
                   concurrency_limit=None).then(  # a reloaded page sees it draw
             self.follow, self.sheet_job, shown, api_name=False, concurrency_id="follow", concurrency_limit=None,
             show_progress="hidden")
+        self.score_button.click(self.score, self.pick, self.score_job, api_name="score", **control).then(
+            self.follow_score, self.score_job, [self.score_state, self.scores_summary, self.scores_plot,
+                                                self.scores_table],
+            api_name=False, concurrency_id="follow", concurrency_limit=None, show_progress="hidden")
         self.resume_button.click(self.resume, self.pick, self.resumed, api_name="resume_run",
                                  concurrency_id="control", concurrency_limit=None).then(
             self.list, None, listed, api_name=False)
@@ -348,4 +406,5 @@ class RunsTab:
                                                          if row["state"] != "queued"]),
                          self.data, self.compare_pick, api_name=False)
         self.compare_button.click(self.compare, self.compare_pick, [self.compare_plot, self.compare_table,
-                                                                    self.compare_data], api_name="compare")
+                                                                    self.compare_data], api_name="compare").then(
+            self.side_by_side, self.compare_data, [self.compare_pictures, self.compare_scores], api_name=False)

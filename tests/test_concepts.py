@@ -325,7 +325,7 @@ def test_keep_what_the_base_knows(circle_runs, way):
 @pytest.fixture(scope="module")
 def two_concepts(tmp_path_factory):
     """The demo's magenta under "zwx" and cyan under "qlc", trained together: (final LoRA, events)."""
-    from lora_core.events import EventLog
+    from lora_core.eventlog import EventLog
     from lora_core.training import train
 
     root = tmp_path_factory.mktemp("two")

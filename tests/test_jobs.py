@@ -103,7 +103,7 @@ def test_a_run_is_not_resumed_while_a_grid_of_it_waits_to_read_its_files(studios
     (tmp_path / "drawn").mkdir()  # a run that has ended
     (tmp_path / "drawn" / "events.jsonl").write_text("")
     assert studio.submit_tool("grid", tmp_path / "drawn", ["final"]).state == "queued"
-    with pytest.raises(BusyError, match="grid or sweep queued or drawing"):
+    with pytest.raises(BusyError, match="grid, sweep or score queued or drawing"):
         studio.submit(config(tmp_path, "drawn"), resume=True)
     assert studio.submit(config(tmp_path, "drawn")).output_path.endswith("drawn-2")  # a new run may start
 
