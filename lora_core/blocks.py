@@ -159,9 +159,19 @@ def _exactly(paths: list[str]) -> str:
     return "(?:" + "|".join(re.escape(path) for path in paths) + ")"
 
 
+ADAPTER_PARTS = ("lora_", "lokr_", "hada_")  # peft's LoRA / DoRA, LoKr and LoHa parameters' first own part
+
+
+def adapted_module(parameter: str) -> str:
+    """The adapted module's path of an adapter parameter's name (`a.b.lora_A.default.weight` -> `a.b`)."""
+    parts = parameter.split(".")
+    own = next((i for i, part in enumerate(parts) if part.startswith(ADAPTER_PARTS)), len(parts))
+    return ".".join(parts[:own])
+
+
 def param_block_weights(named_params: list[tuple[str, object]], namer, config) -> dict[int, float]:
     """{id(param): its block's learning-rate weight} for a UNet's LoRA parameters (1 outside every block)."""
-    paths = {name: name.split(".lora_")[0] for name, _ in named_params}
+    paths = {name: adapted_module(name) for name, _ in named_params}
     sdxl = any(is_sdxl_name(namer(path)) for path in paths.values())
     weights = lr_weights(config, sdxl)
     if weights is None:

@@ -1,6 +1,6 @@
 """One writer per run folder, enforced by the file system: `take(folder)` holds an flock on `folder/.job.lock`.
 
-Whoever writes a run folder (a training job the page started, `python -m lora_core train` or `train_lora.py`
+Whoever writes a run folder (a training job the page started, `python -m lora_core train` or a face over it
 with or without `--resume`, a job of a second server) takes the exclusive lock from inside its own process
 before it writes anything, and keeps it for the rest of its life: the kernel releases it when the process ends,
 however it ends (SIGKILL included), so a lock is never stale. A second writer is refused with `FolderBusy`,

@@ -106,6 +106,10 @@ class RunsTab:
                 gr.update(choices=choices))
 
     def open(self, run_id: str) -> dict[gr.components.Component, Any]:
+        return {getattr(self, name): value for name, value in self.opened(run_id).items()}
+
+    def opened(self, run_id: str) -> dict[str, Any]:
+        """What opening a run shows, by the name of the component that shows it."""
         try:
             live = self.running()
             detail = runs.run_detail(self.root, run_id, None if live is None else run_id in live)
@@ -124,8 +128,8 @@ class RunsTab:
                    if Path(item["path"]).is_file()]
         data = dict(detail.__dict__)
         curves = _frame({detail.id: detail.loss_points}, validation=detail.validation_points)
-        return {self.summary: _detail_markdown(detail), self.plot: curves, self.samples: samples,
-                self.files: files or None, self.report: detail.report_path, self.detail: data}
+        return {"summary": _detail_markdown(detail), "plot": curves, "samples": samples, "files": files or None,
+                "report": detail.report_path, "detail": data}
 
     def run_config(self, run_id: str):
         """The config a run was started with (job_config.json, as the page started it; else the engine's

@@ -176,3 +176,12 @@ def test_locon_convolutions_take_the_conv_block_ranks():
     assert convs and all(rank == conv_dims[blocks.block_index(name)] for name, rank in convs.items())
     with pytest.raises(ValidationError, match="locon"):
         TrainConfig(**BASE, conv_block_dims=DIMS)
+
+
+def test_every_adapter_kind_s_parameter_names_its_adapted_module():
+    from lora_core.blocks import adapted_module
+
+    module = "down_blocks.0.resnets.0.conv1"
+    for parameter in ("lora_A.default.weight", "lora_magnitude_vector.default.weight", "lokr_w1.default",
+                      "hada_w1_a.default"):
+        assert adapted_module(f"{module}.{parameter}") == module

@@ -249,7 +249,7 @@ def test_the_runs_tab_offers_the_workflow_and_manifest_and_its_rerun_checks_the_
     from studio.runs_page import RunsTab
 
     run, data = trained
-    *_, files, _, _ = RunsTab(run.parent).open(run.name)
+    files = RunsTab(run.parent).opened(run.name)["files"]
     assert {Path(f).name for f in files} >= {comfyui.WORKFLOW_FILE, manifest.MANIFEST_FILE}
     config = rerun.page_config(run)  # the queue puts it in a fresh folder beside the run
     assert (config.seed, config.steps, Path(config.output_path)) == (7, 3, run)

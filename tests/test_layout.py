@@ -152,3 +152,33 @@ def test_a_family_name_test_is_found():
     assert family_name_tests(ast.parse('if spec.family == "sdxl": pass'), names) == [1]
     assert family_name_tests(ast.parse('x = kind in ("sd1", "flux")'), names) == [1]
     assert family_name_tests(ast.parse('families.get("sdxl")\nif a == "sd2": pass'), names) == []
+
+
+ENGINE_LIBRARIES = ("torch", "diffusers", "peft", "accelerate", "transformers")
+
+
+def engine_library_imports(path: Path) -> list[str]:
+    """The heavy engine libraries a file imports anywhere in it (annotations-only imports aside)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skipped = type_only(tree)
+    found = []
+    for node in ast.walk(tree):
+        if node in skipped:
+            continue
+        names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        found += [f"{path.name}:{node.lineno} {name}" for name in names if name.split(".")[0] in ENGINE_LIBRARIES]
+    return found
+
+
+def test_only_the_engine_imports_torch_and_its_libraries():
+    """The page side (studio/, webui.py) starts jobs and reads what they write: torch, diffusers, peft,
+    accelerate and transformers are the engine's (lora_core/), so the server never holds a device."""
+    page_side = [*sorted((ROOT / "studio").rglob("*.py")), ROOT / "webui.py"]
+    assert not [found for path in page_side for found in engine_library_imports(path)]
+
+
+def test_an_engine_library_import_is_found(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from diffusers import X\n    import torch.nn\n", encoding="utf-8")
+    assert engine_library_imports(module) == ["m.py:2 diffusers", "m.py:3 torch.nn"]

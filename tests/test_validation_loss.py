@@ -148,7 +148,7 @@ def test_the_page_and_runs_view_plot_a_second_line_and_tensorboard_gets_a_scalar
         log(event)
     log.close()
     assert runs.run_detail(tmp_path / "outputs", "run1").validation_points == [(2, 0.7), (4, 0.5)]
-    plot = RunsTab(tmp_path / "outputs", running=set).open("run1")[1]
+    plot = RunsTab(tmp_path / "outputs", running=set).opened("run1")["plot"]
     assert plot[plot["line"] == "validation (held-out)"]["loss"].tolist() == [0.7, 0.5]
 
     class Writer:  # the SummaryWriter's one method used here (tensorboard is not installed in the test venv)
