@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import threading
 import time
 import uuid
@@ -376,19 +375,8 @@ class Studio:
                 continue
             if not job.tail.update().ended:
                 record_end(job.process, job.tail)
-            if job.kind == "train" and not job.tail.record.starts and not job.process.record.get("resume"):
-                self._forget_folder(job)
             del self._active[job_id]
             self._wake.notify_all()
-
-    def _forget_folder(self, job: ActiveJob) -> None:
-        """A new run whose process failed before training started: its view keeps the error and the stderr
-        tail, and its folder (job.json, stderr.log, events.jsonl, nothing else of use) is removed."""
-        view = job.tail.record
-        view.stderr_tail = view.stderr_tail or job.tail.files.stderr_tail()
-        folder = job.process.folder
-        if folder.resolve().is_relative_to(self.outputs_root) and folder.resolve() != self.outputs_root:
-            shutil.rmtree(folder, ignore_errors=True)
 
     def _adopt_running_jobs(self) -> set[str]:
         """Jobs of an earlier server process, of every kind: those still running (or still starting: a
