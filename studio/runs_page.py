@@ -24,6 +24,7 @@ from lora_core.runrecord import RunFiles
 from studio import runs, scores_view, sheets
 from studio.cleanup import sweep_caches
 from studio.render import plot_frame
+from studio.train_form import PageSettings, refuse_data_paths
 
 if TYPE_CHECKING:
     from studio.jobs import Studio
@@ -90,10 +91,11 @@ class RunsTab:
     the server's job registry, which draws grids and sweeps (None: the tab only reads runs)."""
 
     def __init__(self, outputs_root: Path, running: Callable[[], set[str]] | None = None,
-                 studio: Studio | None = None):
+                 studio: Studio | None = None, settings: PageSettings | None = None):
         self.root = Path(outputs_root)
         self._running = running
         self.studio = studio
+        self.settings = settings  # its datasets root holds for a run's stored config too (Resume, Rerun)
 
     def running(self) -> set[str] | None:
         return None if self._running is None else self._running()
@@ -154,7 +156,8 @@ class RunsTab:
             detail = runs.run_detail(self.root, run_id, None if live is None else run_id in live)
             if detail.state != "stopped":
                 raise runs.RunError(f"run {run_id!r} is {detail.state}; only a stopped run can be resumed")
-            submitted = self.studio.submit(self.run_config(run_id), resume=True)
+            config = refuse_data_paths(self.run_config(run_id), self.studio, self.settings)
+            submitted = self.studio.submit(config, resume=True)
         except (UserError, BusyError, ValueError) as error:
             raise gr.Error(f"Not resumed: {error}") from None
         return submitted.to_dict()
@@ -168,7 +171,8 @@ class RunsTab:
         if self.studio is None:
             raise gr.Error("this page cannot start jobs (no job registry)")
         try:
-            submitted = self.studio.submit(page_config(runs.resolve_run(self.root, run_id)))
+            config = page_config(runs.resolve_run(self.root, run_id))
+            submitted = self.studio.submit(refuse_data_paths(config, self.studio, self.settings))
         except (UserError, BusyError, ValueError, RerunRefused) as error:
             raise gr.Error(f"Not rerun: {error}") from None
         return submitted.to_dict()

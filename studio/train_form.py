@@ -106,6 +106,15 @@ def data_path_problems(data: dict[str, Any], studio: Studio, settings: PageSetti
             if (reason := dataset_folder_problem(path, studio, settings))]
 
 
+def refuse_data_paths(config: TrainConfig, studio: Studio, settings: PageSettings | None) -> TrainConfig:
+    """`config` as it is, or a ConfigError naming each data path outside what this server trains on: for a
+    config read from a run's files (Resume, Rerun), which are data, held to the rule Start's form is."""
+    problems = data_path_problems(config.model_dump(mode="json"), studio, settings) if settings else []
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
 def field_of(problem_field: str) -> str:
     """The form key a config problem belongs to (`trigger_words.0` -> trigger_words)."""
     top = problem_field.split(".")[0]

@@ -57,7 +57,8 @@ class TrainTab(TrainActions):
                     self._parameters_section()
                 with gr.Column(scale=2):
                     self._train_section()
-            self.runs_tab = RunsTab(self.studio.outputs_root, studio=self.studio)  # the OS says what runs
+            self.runs_tab = RunsTab(self.studio.outputs_root, studio=self.studio,  # the OS says what runs
+                                    settings=self.settings)
             self.runs_tab.build()
             # the caption editor and dataset doctor, on the Train tab's dataset folder; the same folders as
             # training may use (LORA_STUDIO_DATASETS, uploads)

@@ -145,3 +145,38 @@ def test_every_data_path_field_is_held_to_the_datasets_root(tmp_path):
             build_config({**form, field: value}, studio, settings)
         assert [name for name, _ in error.value.problems] == [field]
         assert "only trains on uploads or folders inside" in error.value.problems[0][1]
+
+
+def test_a_stored_config_resumed_or_rerun_is_held_to_the_datasets_root(tmp_path):
+    """Resume and Rerun take their config from the run's files, which are data: a job_config.json naming a
+    folder outside the datasets root is refused as the form would be, and nothing is queued."""
+    import gradio as gr
+
+    from lora_core.configfile import config_to_file_dict, parse_config
+    from lora_core.eventlog import EventLog
+    from lora_core.events import Interrupted, Started
+    from studio.jobs import Studio
+    from studio.runs_page import RunsTab
+    from studio.train_form import PageSettings
+    from studio.uploads import UploadLimits
+
+    outside = tmp_path / "private"
+    outside.mkdir()
+    run = tmp_path / "outputs" / "stopped"
+    run.mkdir(parents=True)
+    config = parse_config({"dataset_path": str(outside), "base_model": "builtin:tiny-sd", "output_path": str(run),
+                           "trigger_words": ["zwx"], "steps": 4})
+    (run / "job_config.json").write_text(json.dumps(config_to_file_dict(config)), encoding="utf-8")
+    log = EventLog(run / "events.jsonl")
+    log(Started(total_steps=4, num_images=2, device="cpu", mixed_precision="no", model_family="SD 1.x",
+                output_path=str(run)))
+    log(Interrupted(step=2, message="stopped", checkpoint_path=None))
+    log.close()
+    studio = Studio(tmp_path / "outputs", devices=0)
+    try:
+        settings = PageSettings(initial={}, upload_limits=UploadLimits(), datasets_root=(tmp_path / "data").resolve())
+        with pytest.raises(gr.Error, match="only trains on uploads or folders inside"):
+            RunsTab(studio.outputs_root, studio=studio, settings=settings).resume("stopped")
+        assert studio.queued() == [] and studio.running() == []
+    finally:
+        studio.shutdown()

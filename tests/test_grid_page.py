@@ -141,6 +141,7 @@ def test_the_opened_run_offers_its_checkpoints_and_prompts_and_the_page_follows_
     assert Path(reopened) == sheets.newest_sheet(run) and tab.drawing() is None  # shown again when reopened
 
 
+@pytest.mark.e2e  # a server, a trained run or a whole model written: not the quick subset
 def test_a_grid_and_a_sweep_killed_while_they_start_each_end_with_one_final_event(trained):
     from helpers import wait_until
 

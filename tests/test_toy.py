@@ -98,6 +98,7 @@ def test_resolution_takes_the_toy_models_own_size_and_names_its_steps(tmp_path):
         parse_config(demo_config(tmp_path / "out", resolution=32))
 
 
+@pytest.mark.e2e  # a server, a trained run or a whole model written: not the quick subset
 def test_export_builtin_writes_a_diffusers_folder_other_tools_open(tmp_path):
     command = [sys.executable, "-m", "lora_core", "export-builtin", "toy-sd", str(tmp_path / "toy")]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)

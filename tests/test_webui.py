@@ -383,6 +383,7 @@ def test_safe_launch_defaults_and_a_warning_when_exposed(tmp_path, monkeypatch, 
     assert webui.exposure_warning(webui.parse_args(["--host", "0.0.0.0", "--auth", "a:b"])) is None
 
 
+@pytest.mark.e2e  # a server, a trained run or a whole model written: not the quick subset
 def test_estimate_shows_device_memory_and_a_warning_when_it_will_not_fit(client):
     fits = client.predict(dataset_path=str(DEMO), run_name="estimate", steps=4, **TINY, api_name="/estimate")
     assert "**Device:** CPU" in fits and "**Memory estimate:** about" in fits and "Ready to train" in fits
