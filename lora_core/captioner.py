@@ -30,7 +30,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lora_core import dataset
 from lora_core.caption_model import DEFAULT_MODEL, Captioner, CaptionError, pick_device
-from lora_core.errors import UserError
 from lora_core.events import MAX_LISTED, CaptionComplete, CaptionProgress, CaptionStarted, Error, Event, Interrupted
 from lora_core.files import DiskFullError, atomic_write_text
 
@@ -218,24 +217,22 @@ def _caption_batch(captioner: Captioner, batch: list[Path], options: CaptionOpti
 def run_job(folder: str | Path, options: CaptionOptions | dict | None, emit: Callable[[Event], None],
             should_stop: Callable[[], bool] | None = None, captioner: Captioner | None = None) -> Event:
     """Caption a folder, reporting through `emit`, which gets exactly one terminal event (returned)."""
-    started = time.perf_counter()
-    try:
-        result = caption_folder(folder, options, emit, should_stop, captioner)
-        event: Event = CaptionComplete(folder=str(Path(folder).resolve()), written=len(result.written),
-                                       kept=len(result.kept), refused=result.refused[:MAX_LISTED],
-                                       num_refused=len(result.refused), device=result.device,
-                                       total_time=round(time.perf_counter() - started, 3))
-    except CaptionStopped as stopped:
-        event = Interrupted(step=stopped.done, message=str(stopped), checkpoint_path=None)
-    except DiskFullError as error:
-        event = Error(message=f"the disk is full: writing {error.path.name} in {error.path.parent} failed; free "
-                      "space on that disk and caption again (the captions written are kept)", field="dataset_path")
-    except UserError as error:
-        event = Error(message=str(error), field=error.field)
-    except Exception as error:  # a fault of the program, the model or the machine: reported, never a dead job
-        from lora_core.job import describe_failure
+    from lora_core.job import tool_outcome
 
-        event = Error(message=describe_failure(error))
+    started = time.perf_counter()
+
+    def caption() -> Event:
+        result = caption_folder(folder, options, emit, should_stop, captioner)
+        return CaptionComplete(folder=str(Path(folder).resolve()), written=len(result.written),
+                               kept=len(result.kept), refused=result.refused[:MAX_LISTED],
+                               num_refused=len(result.refused), device=result.device,
+                               total_time=round(time.perf_counter() - started, 3))
+
+    event = tool_outcome(caption, {
+        CaptionStopped: lambda stopped: Interrupted(step=stopped.done, message=str(stopped), checkpoint_path=None),
+        DiskFullError: lambda error: Error(
+            message=f"the disk is full: writing {error.path.name} in {error.path.parent} failed; free space on that "
+                    "disk and caption again (the captions written are kept)", field="dataset_path")})
     emit(event)
     return event
 

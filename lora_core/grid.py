@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lora_core.config import TrainConfig
 from lora_core.configfile import load_config
 from lora_core.errors import UserError
-from lora_core.events import Error, Event, GridComplete, GridProgress, Interrupted
+from lora_core.events import Event, GridComplete, GridProgress, Interrupted
 from lora_core.files import atomic_write
 from lora_core.sheet import SheetLayout, compose
 
@@ -320,21 +320,19 @@ def run_job(kind: str, run_folder: str | Path, options: BaseModel | dict | None,
             should_stop: Callable[[], bool] | None = None, renderer: Renderer | None = None) -> Event:
     """Draw a grid or a sweep, reporting through `emit`, which gets exactly one terminal event (returned).
     `renderer`: a loaded base model to reuse when it is the run's (a worker drawing several keeps one)."""
+    from lora_core.job import tool_outcome  # here: the page imports this module's option models without torch
+
     started = time.perf_counter()
     render = {"grid": render_grid, "sweep": render_sweep}[kind]
-    try:
+
+    def draw() -> Event:
         result = render(run_folder, options, emit, should_stop, renderer)
         width, height = result.layout.size
-        event: Event = GridComplete(kind=kind, path=str(result.path), width=width, height=height,
-                                    total_time=round(time.perf_counter() - started, 3))
-    except GridStopped as stopped:
-        event = Interrupted(step=stopped.done, message=str(stopped), checkpoint_path=None)
-    except UserError as error:
-        event = Error(message=str(error), field=error.field)
-    except Exception as error:  # a fault of the program or the machine: reported, never a dead job
-        from lora_core.job import describe_failure
+        return GridComplete(kind=kind, path=str(result.path), width=width, height=height,
+                            total_time=round(time.perf_counter() - started, 3))
 
-        event = Error(message=describe_failure(error))
+    event = tool_outcome(draw, {GridStopped: lambda stopped: Interrupted(step=stopped.done, message=str(stopped),
+                                                                          checkpoint_path=None)})
     emit(event)
     return event
 

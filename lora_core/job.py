@@ -15,9 +15,11 @@ import logging
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lora_core import distributed, runlock
 from lora_core.config import TrainConfig
+from lora_core.errors import UserError
 from lora_core.eventlog import EventLog
 from lora_core.events import Complete, Error, Event, Interrupted, Progress
 from lora_core.runlock import FolderBusy
@@ -101,6 +103,21 @@ class _Outcome:
                 return
             self.terminal = event
         self.emit(event)
+
+
+def tool_outcome(work: Callable[[], Event], handled: dict[type[Exception], Callable[[Any], Event]]) -> Event:
+    """The final event of a tool's work (a grid, a sweep, a scoring, a captioning): the one `work` returns, else
+    the event `handled` makes of its error (a stop: `interrupted`), an `error` at the field of a user's mistake,
+    or an `error` describing any other failure, never a dead job."""
+    try:
+        return work()
+    except Exception as error:
+        for kind, make in handled.items():
+            if isinstance(error, kind):
+                return make(error)
+        if isinstance(error, UserError):
+            return Error(message=str(error), field=error.field)
+        return Error(message=describe_failure(error))
 
 
 def describe_failure(error: Exception) -> str:

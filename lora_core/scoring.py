@@ -31,7 +31,6 @@ from pydantic import BaseModel, ConfigDict
 
 from lora_core import buckets, conditioning, dataset, holdout, latents, models, scores
 from lora_core.config import TrainConfig
-from lora_core.errors import UserError
 from lora_core.events import Error, Event, Interrupted, Overfitting, RunWarning, ScoreComplete, ScoreProgress
 from lora_core.files import atomic_write_text
 from lora_core.grid import (
@@ -246,24 +245,22 @@ def run_job(run_folder: str | Path, options: ScoreOptions | dict | None, emit: C
             should_stop: Callable[[], bool] | None = None, renderer: Renderer | None = None) -> Event:
     """Score a run, reporting through `emit`, which gets the bleed warning (an `overfitting` event) if any and
     exactly one terminal event (returned)."""
+    from lora_core.job import tool_outcome
+
     started = time.perf_counter()
-    try:
+
+    def score() -> Event:
         data = score_run(run_folder, options, emit, should_stop, renderer)
         for warning in data["warnings"]:
             if warning["reason"] == "bleed_over_concept":
                 emit(Overfitting(step=warning["step"], reason=warning["reason"], message=warning["message"]))
-        event: Event = ScoreComplete(path=str(Path(run_folder) / scores.SCORES_FILE),
-                                     recommendation=data["recommendation"]["text"],
-                                     total_time=round(time.perf_counter() - started, 3))
-    except GridStopped as stopped:
-        event = Interrupted(step=stopped.done, message=f"stopped on request after {stopped.done} scorings; "
-                            "scores.json was not written", checkpoint_path=None)
-    except UserError as error:
-        event = Error(message=str(error), field=error.field)
-    except Exception as error:  # a fault of the program or the machine: reported, never a dead job
-        from lora_core.job import describe_failure
+        return ScoreComplete(path=str(Path(run_folder) / scores.SCORES_FILE),
+                             recommendation=data["recommendation"]["text"],
+                             total_time=round(time.perf_counter() - started, 3))
 
-        event = Error(message=describe_failure(error))
+    event = tool_outcome(score, {GridStopped: lambda stopped: Interrupted(
+        step=stopped.done, message=f"stopped on request after {stopped.done} scorings; scores.json was not written",
+        checkpoint_path=None)})
     emit(event)
     return event
 
