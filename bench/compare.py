@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.run import write_json
 from bench.turns import ENV
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -293,13 +294,6 @@ def print_report(results: dict, out=sys.stdout) -> None:
     print("(s/step: median ±spread over all timed windows; ratios: images/s, median [range] over window pairs, "
           "trainer/floor 0.95 = 5 % slower than the floor; cpu: the process's CPU time, which a loaded machine "
           "inflates less than the wall clock, and which counts every thread's time)", file=out)
-
-
-def write_json(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".partial")
-    temporary.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    temporary.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -232,7 +232,7 @@ def run_one_after_another(args, config, device: torch.device, records, phases: l
         release_memory(device)
         if args.json:
             summarise(results)
-            _write_json(args.json, results)
+            write_json(args.json, results)
 
 
 def run_interleaved(args, config, device: torch.device, records, phases: list[str], results: dict) -> None:
@@ -338,7 +338,8 @@ def print_report(results: dict, out=sys.stdout) -> None:
               f"{'allocated' if gpu else 'RSS'}: {peak} GiB", file=out)
 
 
-def _write_json(path: Path, results: dict) -> None:
+def write_json(path: Path, results: dict) -> None:
+    """`results` as JSON at `path`, written under a temporary name first (a killed run leaves no half file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".partial")
     temporary.write_text(json.dumps(results, indent=2, default=str) + "\n")
@@ -403,5 +404,5 @@ def main(argv: list[str] | None = None) -> int:
     summarise(results)
     print_report(results)
     if args.json:
-        _write_json(args.json, results)
+        write_json(args.json, results)
     return 0 if all("error" not in phase for phase in results["phases"].values()) else 1

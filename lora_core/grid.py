@@ -370,20 +370,8 @@ def parse_args(argv: list[str]):
 
 def main(argv: list[str]) -> int:
     """`python -m lora_core grid|sweep ...`: events on stdout; 0 when the image was written."""
-    import os
-    import sys
-
-    from lora_core.job import stream_tool_job
+    from lora_core.job import tool_command
 
     kind, run, options = parse_args(argv)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    event, stopped = stream_tool_job(lambda emit, should_stop: run_job(kind, run, options, emit, should_stop),
-                                     reads=run)
-    if isinstance(event, GridComplete):
-        print(event.path, file=sys.stderr)
-        return 0
-    if isinstance(event, Interrupted):
-        return stopped or 143
-    print(f"error: {event.message}", file=sys.stderr)
-    return 1
+    return tool_command(lambda emit, should_stop: run_job(kind, run, options, emit, should_stop), GridComplete,
+                        reads=run, said=lambda event: event.path)

@@ -105,6 +105,27 @@ class _Outcome:
         self.emit(event)
 
 
+def tool_command(work: Callable[[Callable[[Event], None], Callable[[], bool]], Event], done: type[Event],
+                 reads: str | Path | None = None, said: Callable[[Event], str] | None = None) -> int:
+    """A tool's `main` after its arguments: `work` run as a job (stream_tool_job; `reads` held shared) and its
+    exit status: 0 for a `done` event (whose `said` text goes to stderr), the signal's status when stopped, 1
+    with the error on stderr otherwise."""
+    import os
+    import sys
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    event, stopped = stream_tool_job(work, reads=reads)
+    if isinstance(event, done):
+        if said is not None:
+            print(said(event), file=sys.stderr)
+        return 0
+    if isinstance(event, Interrupted):
+        return stopped or 143
+    print(f"error: {event.message}", file=sys.stderr)
+    return 1
+
+
 def tool_outcome(work: Callable[[], Event], handled: dict[type[Exception], Callable[[Any], Event]]) -> Event:
     """The final event of a tool's work (a grid, a sweep, a scoring, a captioning): the one `work` returns, else
     the event `handled` makes of its error (a stop: `interrupted`), an `error` at the field of a user's mistake,

@@ -276,25 +276,15 @@ def score_at_end(config: TrainConfig, emit: Callable[[Event], None], should_stop
 def main(argv: list[str]) -> int:
     """`python -m lora_core score RUN [--device D]`: events on stdout; 0 when scores.json was written."""
     import argparse
-    import os
-    import sys
 
-    from lora_core.job import stream_tool_job
+    from lora_core.job import tool_command
 
     parser = argparse.ArgumentParser(prog="python -m lora_core score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="the run's output folder")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the run's device")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     options = {"device": args.device} if args.device else {}
-    event, stopped = stream_tool_job(lambda emit, should_stop: run_job(args.run, options, emit, should_stop),
-                                     reads=args.run)  # held shared: training never rewrites what is scored
-    if isinstance(event, ScoreComplete):
-        print(event.recommendation, file=sys.stderr)
-        return 0
-    if isinstance(event, Interrupted):
-        return stopped or 143
-    print(f"error: {event.message}", file=sys.stderr)
-    return 1
+    return tool_command(lambda emit, should_stop: run_job(args.run, options, emit, should_stop), ScoreComplete,
+                        reads=args.run,  # held shared: training never rewrites what is scored
+                        said=lambda event: event.recommendation)
