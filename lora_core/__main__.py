@@ -11,7 +11,8 @@
     python -m lora_core score RUN [--device D]   score every saved LoRA of a run into RUN/scores.json, with a
                                         recommended checkpoint and strength (see lora_core/scoring.py)
     python -m lora_core inspect | resize | merge | bake ...   the LoRA tools (lora_core/loratools.py; --help)
-    python -m lora_core doctor DATASET [--config F] [--json]   what in a dataset spoils a LoRA (lora_core/doctor.py)
+    python -m lora_core doctor DATASET [--config F] [--trigger W] [--json]   what in a dataset spoils a LoRA
+                                        (lora_core/doctor.py; with --events, as the page's job: doctor_job.py)
     python -m lora_core caption DATASET [--model ID] [--overwrite] [--prefix T] ...   caption the images with a
                                         vision-language model (lora_core/captioner.py, caption_model.py; caption -h)
     python -m lora_core ema RUN [--beta B [--beta2 B2] | --sigma-rel S] [--out FILE]   a post-hoc EMA of a run's
@@ -42,7 +43,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "sweep": ("lora_core.grid", "main", True),
     "score": ("lora_core.scoring", "main", False),
     "ema": ("lora_core.posthoc_ema", "main", False),
-    "doctor": ("lora_core.doctor", "main", False),
+    "doctor": ("lora_core.doctor_job", "main", False),  # the report, or with --events the page's job
     "caption": ("lora_core.captioner", "main", False),
     "rerun": ("lora_core.rerun", "main", False),
 }

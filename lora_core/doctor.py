@@ -1,7 +1,8 @@
 """The dataset doctor: what in a folder of images and captions will spoil a LoRA, each finding naming the
 file(s), what is wrong, why it matters and the fix.
 
-    python -m lora_core doctor DATASET [--config FILE] [--json] [--no-cache] [--set NAME=VALUE ...]
+    python -m lora_core doctor DATASET [--config FILE] [--trigger WORDS] [--json] [--no-cache] [--set NAME=VALUE ...]
+    python -m lora_core doctor DATASET ... --events [--out FILE]     (as a job: doctor_job.py)
 
 With a config, its resolution, bucketing, trigger words, trigger placement and held-out images are the ones
 checked against, and its base model decides the text encoders' limits (CLIP 77 tokens; T5's for families
@@ -18,6 +19,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -130,18 +132,30 @@ def _collector(findings: list[Finding]):
     return add
 
 
-def examine(folder: str | Path, target: Target | None = None, settings: DoctorSettings | None = None) -> Result:
-    """Every finding for the dataset `folder`, most severe first."""
+class DoctorStopped(Exception):
+    """Stopped on request while measuring; nothing is written but the measurements' cache."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"stopped on request after {done} of {total} images; no findings were written")
+        self.done = done
+
+
+def examine(folder: str | Path, target: Target | None = None, settings: DoctorSettings | None = None,
+            progress: Callable[[int, int], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> Result:
+    """Every finding for the dataset `folder`, most severe first. `progress(done, total)` after each image is
+    measured (the checks after that take a fraction of the time); `should_stop()` asked before each image:
+    DoctorStopped when it says so."""
     start, folder = time.perf_counter(), Path(folder)
     if not folder.is_dir():
         raise dataset.DatasetError(f"{folder} is not a folder of images")
     target, settings = target or Target(), settings or DoctorSettings()
     cache = imagehash.FactsCache(imagehash.cache_dir() / "doctor-facts.json" if settings.cache else None)
     files = image_files(folder)
-    # Threads, not processes: Pillow's decoders and resizes and numpy release the GIL, and a forked process
-    # in the page's server (with its threads) is unsafe; two cores nearly halve the time.
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        measured = list(zip(files, pool.map(lambda path: _facts(path, folder, cache), files), strict=True))
+    try:
+        measured = _measure(files, folder, cache, progress, should_stop)
+    finally:  # a stopped doctor keeps what it measured for the next check
+        cache.save()
     readable = [(path, facts) for path, facts in measured if not facts.error]
     held_names = {path.resolve() for path in target.held_out}
     if target.validation_images is not None and not target.held_out:
@@ -159,6 +173,27 @@ def examine(folder: str | Path, target: Target | None = None, settings: DoctorSe
     order = {severity: i for i, severity in enumerate(SEVERITIES)}
     findings.sort(key=lambda finding: order.get(finding.severity, len(order)))
     return Result(str(folder), findings, len(files), time.perf_counter() - start)
+
+
+def _measure(files: list[Path], folder: Path, cache: imagehash.FactsCache,
+             progress: Callable[[int, int], None] | None,
+             should_stop: Callable[[], bool] | None) -> list[tuple[Path, imagehash.ImageFacts]]:
+    # Threads: Pillow's decoders and resizes and numpy release the GIL; two cores nearly halve the time.
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        futures = [pool.submit(_facts, path, folder, cache) for path in files]
+        measured = []
+        try:
+            for path, future in zip(files, futures, strict=True):
+                if should_stop is not None and should_stop():
+                    raise DoctorStopped(len(measured), len(files))
+                measured.append((path, future.result()))
+                if progress is not None:
+                    progress(len(measured), len(files))
+        except BaseException:
+            for future in futures:  # those not begun never run; the pool waits for the few running
+                future.cancel()
+            raise
+    return measured
 
 
 def _image_checks(train, held, target: Target, settings: DoctorSettings, add) -> None:
@@ -286,36 +321,61 @@ def format_text(result: Result) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command's options (doctor_job.py adds those of running it as a job)."""
     parser = argparse.ArgumentParser(prog="python -m lora_core doctor", description=__doc__.split("\n\n")[0])
     parser.add_argument("dataset", help="the folder of images and .txt captions")
     parser.add_argument("--config", help="a training config file (JSON/YAML/TOML) whose settings to check against")
+    parser.add_argument("--trigger", help=(
+        "the trigger words, comma-separated, placed first in each caption (as the config's trigger_words; "
+        "default: a first tag most captions share)"))
     parser.add_argument("--json", action="store_true", help="print the findings as a JSON list")
     parser.add_argument("--no-cache", action="store_true", help="measure every image again")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help=(
         "change a threshold (repeatable): " + ", ".join(DoctorSettings.model_fields)))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def settings_of(args: argparse.Namespace) -> DoctorSettings:
+    """The thresholds `--set` and `--no-cache` ask for; a UserError naming `--set` when one is wrong."""
     from pydantic import ValidationError
 
     from lora_core.errors import UserError
 
     try:
         values = dict(item.split("=", 1) for item in args.set if "=" in item)
-        settings = DoctorSettings.model_validate({"cache": not args.no_cache, **values})
+        return DoctorSettings.model_validate({"cache": not args.no_cache, **values})
     except ValidationError as error:
-        print(f"doctor: --set: {error}", file=sys.stderr)
-        return 2
-    try:
-        target, others = None, []
-        if args.config:
-            from lora_core import concepts
-            from lora_core.configfile import load_config
+        raise UserError(f"--set: {error}", field="set") from None
 
-            config = load_config(args.config)  # its held-out images are taken from DATASET
-            target = target_from_config(config.model_copy(update={"dataset_path": args.dataset}))
-            others = concepts.doctor_configs(config)  # every further concept's folder, and the class images'
-        results = [examine(args.dataset, target, settings)]
-        results += [examine(folder, target_from_config(other), settings) for folder, other in others]
+
+def checks_of(args: argparse.Namespace) -> list[tuple[str, Target | None]]:
+    """Each folder to examine with what it is checked against: DATASET, then a config's further concepts'."""
+    trigger = [word.strip() for word in (args.trigger or "").split(",") if word.strip()]
+    if not args.config:
+        return [(args.dataset, Target(trigger_words=trigger) if trigger else None)]
+    from lora_core import concepts
+    from lora_core.configfile import load_config
+
+    config = load_config(args.config)  # its held-out images are taken from DATASET
+    if trigger:
+        config = config.model_copy(update={"trigger_words": trigger})
+    target = target_from_config(config.model_copy(update={"dataset_path": args.dataset}))
+    others = concepts.doctor_configs(config)  # every further concept's folder, and the class images'
+    return [(args.dataset, target), *((str(folder), target_from_config(other)) for folder, other in others)]
+
+
+def main(argv: list[str]) -> int:
+    """The findings as text (or `--json`) on stdout; the exit status 0, 1 with findings, 2 when not checked."""
+    return report(parser().parse_args(argv))
+
+
+def report(args: argparse.Namespace) -> int:
+    from lora_core.errors import UserError
+
+    try:
+        settings = settings_of(args)
+        results = [examine(folder, target, settings) for folder, target in checks_of(args)]
     except (UserError, OSError) as error:
         print(f"doctor: {error}", file=sys.stderr)
         return 2

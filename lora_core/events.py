@@ -4,7 +4,7 @@ Each event serialises to one JSON object with `type` and an ISO-8601 `timestamp`
 `complete`, `error` and `interrupted` are terminal: exactly one of them ends every run; a grid or sweep
 (grid.py) ends with `grid_complete`, `error` or `interrupted`; captioning a dataset (captioner.py) ends with
 `caption_complete`, `error` or `interrupted`; scoring a run (scoring.py) with `score_complete`, `error` or
-`interrupted`.
+`interrupted`; the dataset doctor as a job (doctor_job.py) with `doctor_complete`, `error` or `interrupted`.
 """
 
 from __future__ import annotations
@@ -305,12 +305,39 @@ class ScoreComplete(Event):
     total_time: float
 
 
+@dataclass(kw_only=True)
+class DoctorProgress(Event):
+    """The dataset doctor as a job (doctor_job.py) has measured `done` of a folder's `total` images."""
+
+    type: ClassVar[str] = "doctor_progress"
+    done: int
+    total: int
+    folder: str
+
+
+@dataclass(kw_only=True)
+class DoctorComplete(Event):
+    """The doctor's findings are written: `path` holds them whole (what `doctor --json` prints), most severe
+    first; the event carries their counts only, so that a large dataset's findings never make one event line
+    longer than a reader takes (runrecord.MAX_LINE_BYTES) nor slow every poll of the job."""
+
+    type: ClassVar[str] = "doctor_complete"
+    terminal: ClassVar[bool] = True
+    path: str  # findings.json in the job folder (or --out)
+    folders: list[str]  # the dataset folder, then a config's further concept folders
+    num_images: int
+    num_findings: int
+    severities: dict[str, int]  # findings per severity: error, warning, info
+    total_time: float
+
+
 EVENT_TYPES: dict[str, type[Event]] = {cls.type: cls for cls in (Started, Dataset, Progress, Checkpoint,
                                                                   Sample, ValidationLoss, RunWarning, Complete, Error,
                                                                   Interrupted, ValidationReport, GridProgress,
                                                                   GridComplete, CaptionStarted, CaptionProgress,
                                                                   CaptionComplete, ConceptBleed, Overfitting,
-                                                                  ScoreProgress, ScoreComplete)}
+                                                                  ScoreProgress, ScoreComplete, DoctorProgress,
+                                                                  DoctorComplete)}
 
 
 def event_from_dict(data: dict[str, Any]) -> Event:

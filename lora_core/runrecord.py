@@ -276,6 +276,13 @@ def _caption_complete(record: RunRecord, event: Event) -> None:
                       + (f", {event.num_refused} images refused" if event.num_refused else ""))
 
 
+def _doctor_complete(record: RunRecord, event: Event) -> None:
+    """A doctor job: done, its findings file is the result (the page reads them from there)."""
+    record.state, record.final_path, record.percent = COMPLETE, event.path, 100.0
+    record.total_time, record.terminal = event.total_time, event
+    record.message = f"{event.num_images} image(s) checked: {event.num_findings} finding(s)"
+
+
 def _dataset(record: RunRecord, event: Event) -> None:
     record.findings = list(event.findings or [])
     record.concepts = list(getattr(event, "concepts", None) or [])
@@ -308,7 +315,8 @@ _FOLDS: dict[str, Callable[[RunRecord, Any], None]] = {
     "checkpoint": _checkpoint, "complete": _complete, "interrupted": _interrupted, "error": _error,
     "grid_progress": _grid_progress, "grid_complete": _grid_complete, "caption_started": _caption_started,
     "caption_progress": _grid_progress, "caption_complete": _caption_complete, "concept_bleed": _bleed,
-    "overfitting": _overfitting, "score_progress": _score_progress, "score_complete": _score_complete}
+    "overfitting": _overfitting, "score_progress": _score_progress, "score_complete": _score_complete,
+    "doctor_progress": _grid_progress, "doctor_complete": _doctor_complete}
 
 
 class Curve(list):

@@ -8,8 +8,9 @@ the server: a restarted server follows the jobs still running again (their `job.
 without a final event is recorded as failed with its exit status and the tail of its stderr.
 
 Start puts a job in the queue (studio/queue.py, `outputs/.studio/queue.json`); it starts when a device is free: one
-job per GPU (a job of N processes waits for N free GPUs), one at a time on the CPU. `free_devices()` is the
-one place that decides whether a device is taken. Every kind of job (training, grid, sweep, captioning; what
+job per GPU (a job of N processes waits for N free GPUs), one at a time on the CPU; a kind that takes no device
+(pipeline.DEVICELESS: the doctor) at once. `free_devices()` is the one place that decides whether a device is
+taken. Every kind of job (training, grid, sweep, score, captioning, the doctor; what
 each runs is studio/pipeline.py) goes through `submit_job`, the queue, `_launch` and the same supervision.
 Nothing here imports torch.
 """
@@ -35,7 +36,7 @@ from lora_core.eventlog import EventLog
 from lora_core.events import Error
 from lora_core.runrecord import EVENTS_FILE, FAILED, QUEUED, RunFiles, settle
 from lora_core.runtail import RecordTail
-from studio import runs
+from studio import pipeline, runs
 from studio.jobview import RunView, Submitted, folder_view, job_tail
 from studio.launcher import JobProcess, device_count
 from studio.pipeline import BusyError, check_free, find_jobs, job_command, record_end, target_of, tool_jobs_folder
@@ -47,7 +48,7 @@ log = logging.getLogger("studio.jobs")
 UPLOADS = "uploads"
 RUN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 TICK_S = 0.5  # how often the registry looks at its running jobs
-TOOLS = ("grid", "sweep", "score", "caption")  # job kinds besides training: `python -m lora_core KIND ARGS`
+TOOLS = ("grid", "sweep", "score", "caption", "doctor")  # job kinds besides training: `python -m lora_core KIND ARGS`
 __all__ = ["BusyError", "Studio"]
 
 
@@ -58,7 +59,7 @@ class ActiveJob:
     tail: RecordTail
     config: TrainConfig | None = None
     stop_requested: bool = False
-    kind: str = "train"  # or grid | sweep | caption
+    kind: str = "train"  # or grid | sweep | score | caption | doctor
     queued: QueuedJob | None = None  # what was started (None: adopted from an earlier server)
 
     @property
@@ -153,7 +154,7 @@ class Studio:
         The one place that decides whether a job may start now."""
         with self._lock:
             if self.device_count() == 0:
-                return None if self._active else []
+                return None if any(job.kind not in pipeline.DEVICELESS for job in self._active.values()) else []
             held = {device for job in self._active.values() for device in job.devices}
             free = [device for device in range(self.device_count()) if device not in held]
             return free or None
@@ -183,13 +184,15 @@ class Studio:
             return submitted
 
     def submit_tool(self, kind: str, folder: Path, args: list[str]) -> Submitted:
-        """Queue `python -m lora_core KIND FOLDER ARGS`: a grid, sweep or score of the run in FOLDER, or captioning of
-        the dataset FOLDER. It waits for a device like training does; its job folder (events, stderr,
-        job.json) is OUTPUTS/.studio/jobs/<job id>; a grid's PNG goes into the run folder."""
+        """Queue `python -m lora_core KIND FOLDER ARGS`: a grid, sweep or score of the run in FOLDER, or captioning
+        or the doctor of the dataset FOLDER. It waits for a device like training does (the doctor takes none);
+        its job folder (events, stderr, job.json) is OUTPUTS/.studio/jobs/<job id>; a grid's PNG goes into
+        the run folder."""
         if kind not in TOOLS:
             raise ValueError(f"unknown job kind {kind!r}; one of {', '.join(TOOLS)}")
         folder = Path(folder).resolve()
-        if kind != "caption" and (not folder.is_relative_to(self.outputs_root) or folder == self.outputs_root):
+        outside = not folder.is_relative_to(self.outputs_root) or folder == self.outputs_root
+        if kind in pipeline.DRAWN and outside:  # captioning and the doctor work on a dataset folder
             raise ValueError(f"run folder {folder} is outside {self.outputs_root}")
         job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{kind}-{uuid.uuid4().hex[:6]}"
         job_folder = tool_jobs_folder(self.outputs_root) / job_id
@@ -237,7 +240,10 @@ class Studio:
         return busy
 
     def _dispatch(self) -> None:
-        """Start queued jobs, in order, while the head of the queue finds enough free devices."""
+        """Start queued jobs: those that take no device at once, the others in order while the head of the
+        queue finds enough free devices."""
+        for job in [job for job in self._queue.jobs if job.kind in pipeline.DEVICELESS and not self._closing]:
+            self._launch(job, [])
         while self._queue.jobs and not self._closing:
             head = self._queue.jobs[0]
             devices = self._devices_for(head.processes)
@@ -254,8 +260,11 @@ class Studio:
         try:
             check_free(target_of(queued), queued.kind, {})  # another process may have taken it while it waited
             command, config = job_command(queued)
+            # a job that imports no torch (the doctor: Pillow, numpy) starts in under a second on its own, sooner
+            # than the starter would import the engine for it
+            starter = None if queued.kind in pipeline.DEVICELESS else self._starter
             process = JobProcess.start(folder, command, config, num_processes=queued.processes, devices=devices,
-                                       env=self._environment, starter=self._starter, before_start=lambda:
+                                       env=self._environment, starter=starter, before_start=lambda:
                                        self._queue.remove(queued.job_id),
                                        record={"job_id": queued.job_id, "kind": queued.kind,
                                                "target": str(target_of(queued))})

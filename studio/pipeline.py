@@ -12,6 +12,12 @@ followed, stopped and adopted after a restart the same way (studio/jobs.py):
     sweep     OUTPUTS/.studio/jobs/<id>                          the run folder (read: shared lock)
     score     OUTPUTS/.studio/jobs/<id>                          the run folder (read: shared lock; scores.json)
     caption   OUTPUTS/.studio/jobs/<id>                          the dataset folder (its .txt files written)
+    doctor    OUTPUTS/.studio/jobs/<id> (findings.json)          the dataset folder (read)        no device
+
+A kind in `DEVICELESS` never touches a GPU (the dataset doctor reads images with Pillow and numpy on the CPU):
+it starts as soon as it is queued, beside whatever holds the devices, instead of waiting behind a training
+run for an hour, and holds no device itself. One job at a time works on a folder: a dataset being captioned
+is busy for the doctor and the other way round (`check_free`).
 
 Nothing here imports torch.
 """
@@ -32,6 +38,7 @@ from studio.queue import STUDIO_DIR, QueuedJob
 log = logging.getLogger("studio.pipeline")
 TOOL_JOBS = "jobs"  # under OUTPUTS/.studio: one folder per tool job
 DRAWN = ("grid", "sweep", "score")  # read a run's saved LoRAs: the run folder is their first argument
+DEVICELESS = ("doctor",)  # kinds that use no device: started at once, never queued behind one that does
 
 
 class BusyError(RuntimeError):
@@ -43,7 +50,7 @@ def tool_jobs_folder(outputs_root: Path) -> Path:
 
 
 def target_of(job: QueuedJob) -> Path:
-    """The folder a job works on: a training's run folder, a grid's run, a caption job's dataset."""
+    """The folder a job works on: a training's run folder, a grid's run, a caption or doctor job's dataset."""
     return Path(job.output_path if job.kind == "train" else job.args[0]).resolve()
 
 
@@ -62,7 +69,8 @@ def job_command(job: QueuedJob) -> tuple[list[str], TrainConfig | None]:
 
 def check_free(target: Path, kind: str, busy: dict[Path, set[str]]) -> None:
     """BusyError when `kind` may not work on `target` now: a job of this server queued or running for it
-    (a training excludes everything; grids and sweeps of one run may share it; one caption job a dataset),
+    (a training excludes everything; grids and sweeps of one run may share it; one caption or doctor job a
+    dataset),
     or another process holding its lock (a CLI run, a second server)."""
     kinds = busy.get(target, set())
     reading = kind in DRAWN

@@ -27,7 +27,7 @@ log = logging.getLogger("studio.queue")
 STUDIO_DIR = ".studio"  # under the outputs root: the server's own files (the queue, tool jobs' folders)
 QUEUE_FILE = "queue.json"
 MAX_QUEUED = 100
-KINDS = ("train", "grid", "sweep", "score", "caption")
+KINDS = ("train", "grid", "sweep", "score", "caption", "doctor")
 JOB_ID = re.compile(r"[A-Za-z0-9_.-]{1,80}")
 
 
@@ -49,7 +49,7 @@ class QueuedJob:
     resume: bool = False
     processes: int = 1
     queued_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    kind: str = "train"  # train, or a tool drawn from a run: grid | sweep | score
+    kind: str = "train"  # train, or a tool: grid | sweep | score (drawn from a run) | caption | doctor
     args: list[str] = field(default_factory=list)  # a tool's command line after its name (the run folder first)
 
     def train_config(self) -> TrainConfig:

@@ -5,9 +5,9 @@ Built by `build_workbench_tab(...)` inside the page's `gr.Blocks` (the page deci
 opened, through `folder_problem`); the logic is studio/captions_editor.py and lora_core/doctor*.py, and the
 handlers here are plain methods, so they are tested without a server. Thumbnails are small JPEG copies under
 `thumbnails_root` (the page serves that folder, never the originals). Named API endpoints: `workbench_page`,
-`caption_save`, `caption_bulk`, `caption_undo`, `doctor`, `doctor_fix` (and studio/caption_job.py's
-`caption_model`, a captioning job through the page's queue). Never imports torch itself; the doctor,
-run from its button, loads lora_core's dataset module (which does).
+`caption_save`, `caption_bulk`, `caption_undo`, `doctor_fix`, and studio/doctor_job.py's `doctor` and
+`doctor_status` (the doctor is a page job: the server never examines the images itself) and caption_job.py's
+`caption_model` (a captioning job). Never imports torch; the fixes are small file edits done here.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 from lora_core.errors import UserError
 from studio import captions_editor as ce
 from studio.caption_job import CaptionJobPanel
+from studio.doctor_job import DoctorJobPanel
 from studio.jobs import Studio
 
 THUMBNAIL_SIZE = 160
@@ -82,6 +83,7 @@ class WorkbenchTab:
         self.dataset_path, self.trigger_words = dataset_path, trigger_words
         # captioning with a model is a page job: only with the server's job registry
         self.captioner = CaptionJobPanel(studio, self.folder_problem) if studio is not None else None
+        self.doctor = DoctorJobPanel(studio, self.folder_problem)  # the doctor too (without one it says so)
 
     # --- the logic behind each control ---
     def store(self, folder: str) -> ce.CaptionStore:
@@ -150,26 +152,6 @@ class WorkbenchTab:
         kept = f"; {len(result.skipped)} edited since were left as they are" if result.skipped else ""
         return f"Undone: {len(result.changed)} caption(s) restored{kept}."
 
-    def doctor(self, folder: str, trigger_words: str) -> tuple[str, list[list[str]], Any]:
-        """(summary, findings table rows, the fix picker's choices)."""
-        from lora_core import doctor
-
-        try:
-            store = self.store(folder)
-            # The form's trigger words as the default placement ('first') puts them; with none typed, the doctor
-            # takes a first tag most captions share as the trigger
-            trigger = [word.strip() for word in (trigger_words or "").split(",") if word.strip()]
-            target = doctor.Target(trigger_words=trigger) if trigger else None
-            result = doctor.examine(store.folder, target)
-        except UserError as error:
-            return f"**{error}**", [], gr.update(choices=[])
-        rows = [[f.severity, f.kind, ", ".join(f.files[:6]), f.message, f.why, f.fix] for f in result.findings]
-        files = sorted({name for f in result.findings for name in f.files if "/" not in name}
-                       | ce.store_for(store.folder)._excluded())  # excluded files can be taken back
-        summary = (f"{result.num_images} image(s) checked in {result.seconds:.1f} s: "
-                   + (f"{len(result.findings)} finding(s)." if result.findings else "nothing found."))
-        return summary, rows, gr.update(choices=files, value=None)
-
     def fix(self, folder: str, action: str, name: str, trigger_words: str) -> str:
         from lora_core import doctor_fixes
 
@@ -237,10 +219,7 @@ class WorkbenchTab:
 
     def _doctor_controls(self) -> None:
         with gr.Accordion("Dataset doctor", open=True, elem_id="wb-doctor"):
-            self.doctor_button = gr.Button("Check the dataset", elem_id="wb-doctor-run")
-            self.doctor_summary = gr.Markdown("", elem_id="wb-doctor-summary")
-            self.findings = gr.Dataframe(headers=["severity", "kind", "files", "what", "why", "fix"], value=[],
-                                         interactive=False, wrap=True, elem_id="wb-findings")
+            self.doctor.build()
             with gr.Row():
                 self.fix_file = gr.Dropdown([], label="File", scale=2, elem_id="wb-fix-file")
                 self.fix_action = gr.Dropdown(list(FIXES), label="Fix", scale=2, elem_id="wb-fix-action")
@@ -265,8 +244,7 @@ class WorkbenchTab:
                                                                               api_name=False)
         self.undo_button.click(self.undo, self.folder, self.message, api_name="caption_undo").then(
             self._refresh, paging, shown, api_name=False)
-        self.doctor_button.click(self.doctor, [self.folder, self.triggers],
-                                 [self.doctor_summary, self.findings, self.fix_file], api_name="doctor")
+        self.doctor.wire(self.folder, self.triggers, self.fix_file)
         self.fix_button.click(self.fix, [self.folder, self.fix_action, self.fix_file, self.triggers],
                               self.fix_message, api_name="doctor_fix").then(self._refresh, paging, shown,
                                                                             api_name=False)

@@ -1,6 +1,6 @@
 """The caption editor in a real browser (Playwright, Debian's Chromium), on the workbench tab served alone: load a
 folder, click an image, edit and save its caption, run a bulk action, see the tag counts change and the files on
-disk changed, then run the doctor. A screenshot goes to test-artifacts/workbench.png."""
+disk changed, then run the doctor (a job of the page). A screenshot goes to test-artifacts/workbench.png."""
 
 from __future__ import annotations
 
@@ -24,19 +24,21 @@ def workbench(tmp_path, monkeypatch):
     import gradio as gr
     from playwright.sync_api import expect, sync_playwright
 
+    from studio.jobs import Studio
     from studio.workbench_tab import build_workbench_tab
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     monkeypatch.setenv("LORA_STUDIO_CACHE", str(tmp_path / "cache"))
+    studio = Studio(tmp_path / "outputs", devices=0)  # the doctor runs as its job
     with gr.Blocks() as demo:
-        build_workbench_tab(tmp_path / "thumbs", demo=demo)
+        build_workbench_tab(tmp_path / "thumbs", demo=demo, studio=studio)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, allowed_paths=[str(tmp_path / "thumbs")])
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1200})
             page.set_default_timeout(60_000)
-            # expect's own default is 5 s: the doctor's first run imports torch, which takes longer on a busy CPU
+            # expect's own default is 5 s: the doctor's job takes longer on a busy CPU
             expect.set_options(timeout=60_000)
             page.goto(url)
             yield page
@@ -44,6 +46,7 @@ def workbench(tmp_path, monkeypatch):
     finally:
         expect.set_options(timeout=5_000)  # playwright's default again, for other tests in this process
         demo.close()
+        studio.shutdown(timeout=10)
 
 
 def test_edit_a_caption_and_run_a_bulk_action_in_the_browser(workbench, tmp_path):

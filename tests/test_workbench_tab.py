@@ -60,25 +60,37 @@ def test_bulk_actions_change_the_tag_table_and_undo_restores(tmp_path):
     assert (folder / "img_0000.txt").read_text() == f"{TRIGGER}, first tag, shared, outdoors"
 
 
-@pytest.mark.e2e  # imports torch (lora_core.dataset) and makes the planted set: about 8 s
+@pytest.mark.e2e  # the planted set and three doctor jobs: about 8 s
 def test_the_doctor_panel_and_its_fixes(tmp_path):
+    from studio.jobs import Studio
+
     folder = tmp_path / "set"
     files = planted(folder)
-    tab = WorkbenchTab(tmp_path / "thumbs")
-    summary, rows, picker = tab.doctor(str(folder), "")
-    assert summary.startswith("27 image(s) checked") and {row[1] for row in rows} >= set(files)
-    assert files["blurry"] in picker["choices"]
-    assert tab.fix(str(folder), FIXES[0], files["blurry"], "").startswith(f"{files['blurry']} is left out")
-    assert tab.fix(str(folder), FIXES[1], files["trigger_missing"], TRIGGER).startswith(f"“{TRIGGER}” put first")
-    assert tab.fix(str(folder), FIXES[2], files["converted"], "") == \
-        f"Wrote print_rgb.png; {files['converted']} is kept and left out of training."
-    assert tab.fix(str(folder), FIXES[0], "../escape.png", "").startswith("**")
-    summary, rows, picker = tab.doctor(str(folder), "")
-    kinds = {row[1] for row in rows}
-    assert "blurry" not in kinds and "trigger_missing" not in kinds and (folder / files["blurry"]).exists()
-    assert files["blurry"] in picker["choices"]  # excluded: offered to be taken back
-    assert tab.fix(str(folder), FIXES[3], files["blurry"], "") == f"{files['blurry']} trains again."
-    assert "blurry" in {row[1] for row in tab.doctor(str(folder), "")[1]}
+    studio = Studio(tmp_path / "outputs", devices=0)
+    tab = WorkbenchTab(tmp_path / "thumbs", studio=studio)
+
+    def check() -> tuple[str, list[list[str]], list[str]]:  # the Doctor button, then the panel once it ended
+        job_id = tab.doctor.start(str(folder), "")[2]
+        assert studio.wait(job_id, timeout=120).state == "complete"
+        return tab.doctor.status(job_id)
+
+    try:
+        summary, rows, picker = check()
+        assert summary.startswith("27 image(s) checked") and {row[1] for row in rows} >= set(files)
+        assert files["blurry"] in picker
+        assert tab.fix(str(folder), FIXES[0], files["blurry"], "").startswith(f"{files['blurry']} is left out")
+        assert tab.fix(str(folder), FIXES[1], files["trigger_missing"], TRIGGER).startswith(f"“{TRIGGER}” put first")
+        assert tab.fix(str(folder), FIXES[2], files["converted"], "") == \
+            f"Wrote print_rgb.png; {files['converted']} is kept and left out of training."
+        assert tab.fix(str(folder), FIXES[0], "../escape.png", "").startswith("**")
+        summary, rows, picker = check()
+        kinds = {row[1] for row in rows}
+        assert "blurry" not in kinds and "trigger_missing" not in kinds and (folder / files["blurry"]).exists()
+        assert files["blurry"] in picker  # excluded: offered to be taken back
+        assert tab.fix(str(folder), FIXES[3], files["blurry"], "") == f"{files['blurry']} trains again."
+        assert "blurry" in {row[1] for row in check()[1]}
+    finally:
+        studio.shutdown(timeout=10)
 
 
 @pytest.mark.e2e  # a gradio server: about 5-10 s
@@ -87,9 +99,14 @@ def test_the_tab_served_by_gradio(tmp_path, monkeypatch):
     from gradio_client import Client
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    from helpers import wait_until
+
+    from studio.jobs import Studio
+
     folder = make_set(tmp_path / "set", 3)
+    studio = Studio(tmp_path / "outputs", devices=0)
     with gr.Blocks() as demo:
-        build_workbench_tab(tmp_path / "thumbs", demo=demo)
+        build_workbench_tab(tmp_path / "thumbs", demo=demo, studio=studio)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, allowed_paths=[str(tmp_path / "thumbs")])
     try:
         client = Client(url, verbose=False)
@@ -100,11 +117,16 @@ def test_the_tab_served_by_gradio(tmp_path, monkeypatch):
         assert (folder / "img_0002.txt").read_text() == "photo, zkdog, tag2, shared"
         tags = client.predict(str(folder), 1, "", api_name="/workbench_page")[2]
         assert ["photo", 3] in [list(row) for row in tags["data"]]
-        summary = client.predict(str(folder), "", api_name="/doctor")[0]
-        assert "3 image(s) checked" in summary
+        answer = client.predict(str(folder), "", api_name="/doctor")[-1]  # the doctor is a job of the page
+        assert answer["state"] == "running", answer
+        wait_until(lambda: studio.view(answer["job_id"]).ended, 60, what="the doctor job")
+        summary, rows, files = client.predict(answer["job_id"], api_name="/doctor_status")
+        assert summary.startswith("3 image(s) checked") and "duplicate" in {row[1] for row in rows}
+        assert files == ["img_0000.png", "img_0001.png", "img_0002.png"]
         client.close()
     finally:
         demo.close()
+        studio.shutdown(timeout=10)
 
 
 def test_thumbnails_of_16_bit_and_palette_images_show_the_picture(tmp_path):
