@@ -124,8 +124,10 @@ print(endpoint["model_family"]("builtin:tiny-sd")[next(iter(endpoint["model_fami
 endpoint["scan"](sys.argv[2], "shapestyle")
 trained = studio.wait(endpoint["start"](**form)["job_id"], timeout=240)
 drawn = studio.wait(endpoint["grid"](trained.output_path.rsplit("/", 1)[-1], None, "a circle")["job_id"], timeout=240)
-print(trained.state, drawn.state)
-print(studio.device_count(), "torch" in sys.modules, any("libcuda" in line for line in open("/proc/self/maps")))
+checked = studio.wait(endpoint["doctor"](sys.argv[2], "shapestyle")[2], timeout=120)
+print(trained.state, drawn.state, checked.state)
+print(studio.device_count(), "torch" in sys.modules, any("libcuda" in line for line in open("/proc/self/maps")),
+      any(name in sys.modules for name in ("lora_core.doctor", "lora_core.doctor_images", "lora_core.imagehash")))
 studio.shutdown()
 """
 
@@ -133,8 +135,9 @@ studio.shutdown()
 @pytest.mark.e2e
 def test_the_server_builds_the_page_counts_devices_estimates_trains_and_draws_without_loading_torch(tmp_path):
     """The estimate is `train --validate-only` in a child process, and so is the GPU count, the model's family,
-    training and a grid: after all of them the page's server has loaded neither torch nor the CUDA driver (a
-    CUDA context there would hold memory every job lacks). In a subprocess: other tests import torch here."""
+    training, a grid and the dataset doctor: after all of them the page's server has loaded neither torch nor the
+    CUDA driver (a CUDA context there would hold memory every job lacks) nor the doctor's image checks. In a
+    subprocess: other tests import torch here."""
     from helpers import SHAPES_DATASET
 
     result = subprocess.run([sys.executable, "-c", SERVER_WITHOUT_TORCH, str(tmp_path / "out"), str(SHAPES_DATASET)],
@@ -142,9 +145,9 @@ def test_the_server_builds_the_page_counts_devices_estimates_trains_and_draws_wi
     assert result.returncode == 0, result.stderr[-3000:]
     estimate, family, states, checks = result.stdout.strip().splitlines()[-4:]
     assert "**Device:**" in estimate and "**Memory estimate:**" in estimate, estimate
-    assert family.startswith("Detected: **SD 1.x") and states == "complete complete", (family, states)
-    count, torch_loaded, cuda_mapped = checks.split()
-    assert int(count) >= 0 and (torch_loaded, cuda_mapped) == ("False", "False")
+    assert family.startswith("Detected: **SD 1.x") and states == "complete complete complete", (family, states)
+    count, torch_loaded, cuda_mapped, doctor_loaded = checks.split()
+    assert int(count) >= 0 and (torch_loaded, cuda_mapped, doctor_loaded) == ("False", "False", "False")
 
 
 @pytest.mark.e2e
