@@ -8,7 +8,8 @@ With a config, its resolution, bucketing, trigger words, trigger placement and h
 checked against, and its base model decides the text encoders' limits (CLIP 77 tokens; T5's for families
 that have one) and, for a local diffusers folder, the exact tokenizer. Without one, TrainConfig's defaults.
 The checks live in doctor_images.py and doctor_captions.py; the one-click fixes in doctor_fixes.py.
-Exit status: 0 when nothing is found, 1 with findings, 2 when the folder cannot be checked.
+Exit status: 0 when nothing is found, 1 with findings, 2 when the folder cannot be checked (as a job, --events:
+0 once the findings are written, 1 on an error, 130/143 when stopped).
 """
 
 from __future__ import annotations
