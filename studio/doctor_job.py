@@ -45,6 +45,12 @@ def excluded_names(folder: Path) -> set[str]:
     return {name for line in lines if (name := line.split("#", 1)[0].strip())}
 
 
+def _names(finding: dict[str, Any]) -> list[str]:
+    """The file names a finding (as findings.json holds it) names."""
+    files = finding.get("files")
+    return [name for name in files if isinstance(name, str)] if isinstance(files, list) else []
+
+
 class DoctorJobPanel:
     def __init__(self, studio: Studio | None, folder_problem: Callable[[str], str | None]):
         self.studio, self.folder_problem = studio, folder_problem
@@ -81,17 +87,16 @@ class DoctorJobPanel:
         done = f"{view.step} of {view.total_steps} images measured" if view.total_steps else "starting"
         return f"Checking the dataset ({view.state}): {done}"
 
-    def findings(self, job_id: str) -> tuple[list[dict[str, Any]], str]:
-        """The complete job's findings (from its findings.json) and its dataset folder; ([], "") before."""
+    def findings(self, job_id: str) -> tuple[list[dict[str, Any]] | None, str]:
+        """The complete job's findings (from its findings.json; None when that cannot be read) and its dataset
+        folder; ([], "") before it is complete."""
         view = self.studio.view(job_id) if job_id and self.studio is not None else None
         if view is None or view.state != COMPLETE or not isinstance(view.terminal, DoctorComplete):
             return [], ""
-        path = Path(view.terminal.path)
-        if path.resolve().parent != Path(view.output_path).resolve():  # only the job's own folder is read
-            return [], ""
-        found = read_json(path, MAX_FINDINGS_BYTES)
-        folders = view.terminal.folders
-        return [item for item in found if isinstance(item, dict)] if isinstance(found, list) else [], \
+        path, folders = Path(view.terminal.path), view.terminal.folders
+        found = read_json(path, MAX_FINDINGS_BYTES) if path.resolve().parent == Path(view.output_path).resolve() \
+            else None  # only the job's own folder is read
+        return [item for item in found if isinstance(item, dict)] if isinstance(found, list) else None, \
             folders[0] if folders else ""
 
     def status(self, job_id: str) -> tuple[str, list[list[str]], list[str]]:
@@ -99,12 +104,13 @@ class DoctorJobPanel:
         offers: those named by a finding and those excluded, which can be taken back). Rows and files are
         empty until the job is complete."""
         found, folder = self.findings(job_id)
-        rows = [[str(item.get(key, "")) for key in ("severity", "kind")]
-                + [", ".join(map(str, (item.get("files") or [])[:6]))]
-                + [str(item.get(key, "")) for key in ("message", "why", "fix")] for item in found[:MAX_ROWS]]
-        files = {name for item in found for name in item.get("files") or []
-                 if isinstance(name, str) and "/" not in name}  # a held-out folder's files are not this one's
         summary = self.progress(job_id)
+        if found is None:
+            summary += " Its findings file cannot be read; check the dataset again."
+        found = found or []
+        rows = [[str(item.get("severity", "")), str(item.get("kind", "")), ", ".join(_names(item)[:6]),
+                 *(str(item.get(key, "")) for key in ("message", "why", "fix"))] for item in found[:MAX_ROWS]]
+        files = {name for item in found for name in _names(item) if "/" not in name}  # not a held-out folder's
         if len(found) > MAX_ROWS:
             summary += f" The table shows the first {MAX_ROWS}."
         return summary, rows, sorted(files | excluded_names(Path(folder))) if folder else []
