@@ -347,7 +347,9 @@ def settings_of(args: argparse.Namespace) -> DoctorSettings:
         values = dict(item.split("=", 1) for item in args.set if "=" in item)
         return DoctorSettings.model_validate({"cache": not args.no_cache, **values})
     except ValidationError as error:
-        raise UserError(f"--set: {error}", field="set") from None
+        first = error.errors()[0]
+        name = ".".join(map(str, first["loc"])) or "settings"
+        raise UserError(f"--set {name}: {first['msg']} (got {str(first.get('input'))[:80]!r})", field="set") from None
 
 
 def checks_of(args: argparse.Namespace) -> list[tuple[str, Target | None]]:
