@@ -100,7 +100,7 @@ def test_the_page_runs_the_doctor_at_once_and_adopts_it_after_a_restart(tmp_path
 
     folder = make_set(tmp_path / "set", 4)
     (folder / ".lora-studio-exclude").write_text("img_0003.png\n")
-    first = Studio(tmp_path / "outputs", devices=0)
+    first, second = Studio(tmp_path / "outputs", devices=0), None
     panel = DoctorJobPanel(first, lambda path: None)
     try:
         status, rows, job_id, answer = panel.start(str(folder), TRIGGER)
@@ -129,6 +129,6 @@ def test_the_page_runs_the_doctor_at_once_and_adopts_it_after_a_restart(tmp_path
         wait_until(lambda: second.view(job_id).ended, 60, what="the doctor job after the restart")
         assert again.status(job_id)[0].startswith("3 image(s) checked")
     finally:
-        first.shutdown(stop_jobs=False)
-        if "second" in locals():
+        first.shutdown(stop_jobs=False)  # (again: a failure before the restart leaves it running)
+        if second is not None:
             second.shutdown(timeout=10)
