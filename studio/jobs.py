@@ -8,9 +8,8 @@ the server: a restarted server follows the jobs still running again (their `job.
 without a final event is recorded as failed with its exit status and the tail of its stderr.
 
 Start puts a job in the queue (studio/queue.py, `outputs/.studio/queue.json`); it starts when a device is free: one
-job per GPU (a job of N processes waits for N free GPUs), one at a time on the CPU; a kind that takes no device
-(pipeline.DEVICELESS: the doctor) at once. `free_devices()` is the one place that decides whether a device is
-taken. Every kind of job (training, grid, sweep, score, captioning, the doctor; what
+job per GPU (a job of N processes waits for N free GPUs), one at a time on the CPU. `free_devices()` is the
+one place that decides whether a device is taken. Every kind of job (training, grid, sweep, captioning; what
 each runs is studio/pipeline.py) goes through `submit_job`, the queue, `_launch` and the same supervision.
 Nothing here imports torch.
 """
@@ -184,10 +183,9 @@ class Studio:
             return submitted
 
     def submit_tool(self, kind: str, folder: Path, args: list[str]) -> Submitted:
-        """Queue `python -m lora_core KIND FOLDER ARGS`: a grid, sweep or score of the run in FOLDER, or captioning
-        or the doctor of the dataset FOLDER. It waits for a device like training does (the doctor takes none);
-        its job folder (events, stderr, job.json) is OUTPUTS/.studio/jobs/<job id>; a grid's PNG goes into
-        the run folder."""
+        """Queue `python -m lora_core KIND FOLDER ARGS`: a grid, sweep or score of the run in FOLDER, captioning or the
+        doctor of the dataset FOLDER. It waits for a device like training (the doctor, pipeline.DEVICELESS, needs
+        none); its job folder (events, stderr, job.json) is OUTPUTS/.studio/jobs/<job id>."""
         if kind not in TOOLS:
             raise ValueError(f"unknown job kind {kind!r}; one of {', '.join(TOOLS)}")
         folder = Path(folder).resolve()
@@ -260,8 +258,7 @@ class Studio:
         try:
             check_free(target_of(queued), queued.kind, {})  # another process may have taken it while it waited
             command, config = job_command(queued)
-            # a job that imports no torch (the doctor: Pillow, numpy) starts in under a second on its own, sooner
-            # than the starter would import the engine for it
+            # the doctor imports no torch: spawned, it runs in a second; the starter would first import the engine
             starter = None if queued.kind in pipeline.DEVICELESS else self._starter
             process = JobProcess.start(folder, command, config, num_processes=queued.processes, devices=devices,
                                        env=self._environment, starter=starter, before_start=lambda:
