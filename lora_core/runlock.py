@@ -50,7 +50,10 @@ class FolderLock:
 
     def release(self) -> None:
         """Give the lock back (a process that ends gives it back anyway). Folders the lock itself made and
-        nothing else wrote into (a run refused before it wrote anything) are removed again."""
+        nothing else wrote into (a run refused before it wrote anything) are removed again. Given back once:
+        a second call (the command wrapper's, after run_job's of the same folder) does nothing."""
+        if self.fd < 0:
+            return
         _HELD.pop((str(self.folder), self.shared), None)
         with contextlib.suppress(OSError):
             if self.created and os.listdir(self.folder) == [LOCK_FILE]:
@@ -59,6 +62,7 @@ class FolderLock:
                     made.rmdir()
         with contextlib.suppress(OSError):
             os.close(self.fd)
+        self.fd = -1  # the number may be another file's from now on
 
 
 def lock_path(folder: str | Path) -> Path:
