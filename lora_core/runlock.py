@@ -30,7 +30,7 @@ from lora_core.errors import UserError
 
 LOCK_FILE = ".job.lock"
 TOKEN_VARIABLE = "LORA_JOB_TOKEN"  # set by the page's launcher: the token its job.json holds
-JOB_FOLDER_VARIABLE = "LORA_JOB_FOLDER"  # set by the page's launcher: where a tool job writes its events
+JOB_FOLDER_VARIABLE = "LORA_JOB_FOLDER"  # set by the page's launcher: the job's own folder (its lock; a tool's events)
 WAIT_S = 2.0  # a reader's probe holds the lock for microseconds; a writer is refused only after this long
 _HELD: dict[tuple[str, bool], FolderLock] = {}  # this process's locks, by folder and mode (taken once each)
 

@@ -135,8 +135,11 @@ def test_run_ids_outside_the_outputs_folder_are_refused(outputs: Path, bad: str)
 
 
 def test_delete_removes_only_that_run_and_never_a_running_one(outputs: Path) -> None:
+    jobs = [page_job(outputs, "done"), page_job(outputs, "resumed")]  # the server's records of their jobs
     assert delete_run(outputs, "done") == (outputs / "done").resolve()
     assert not (outputs / "done").exists() and (outputs / "resumed").is_dir()
+    assert not jobs[0].exists() and jobs[1].is_dir()  # a deleted run's job records go with it
+    assert "done" not in {row.id for row in list_runs(outputs)}
     with pytest.raises(RunError, match="still running"):
         delete_run(outputs, "cli-killed", running=True)
     assert (outputs / "cli-killed").is_dir()
