@@ -34,7 +34,7 @@ from lora_core.config import TrainConfig
 from lora_core.errors import UserError
 from lora_core.eventlog import EventLog
 from lora_core.events import Error
-from lora_core.runrecord import EVENTS_FILE, FAILED, QUEUED, RunFiles, settle
+from lora_core.runrecord import EVENTS_FILE, FAILED, QUEUED, RunFiles, ended_before, settle
 from lora_core.runtail import RecordTail
 from studio import runs
 from studio.jobfiles import JobFiles, jobs_folder, migrate
@@ -393,8 +393,10 @@ class Studio:
             seen.add(job_id)
             tail = job_tail(process.events_folder, job_id)
             self._job_files[job_id] = JobFiles(process.folder)
-            if tail.update().ended:
-                continue
+            if tail.update().ended:  # its job is over, unless that end is an earlier part's (a resume starting)
+                if not ended_before(tail.record, process.started()):
+                    continue
+                tail.record.begin_part()
             kind = str(process.record.get("kind") or "train")
             job = ActiveJob(job_id, process, tail, kind=kind if kind in ("train", *TOOLS) else "train",
                             stop_requested=bool(process.record.get("stop_requested")))

@@ -314,11 +314,16 @@ class JobProcess:
     def _may_still_start(self) -> bool:
         """A job.json without a pid whose job has not taken its lock yet: still importing, or never forked.
         Given STARTING_GRACE_S from its start before it counts as lost."""
+        started = self.started()
+        return started is not None and time.time() - started < STARTING_GRACE_S
+
+    def started(self) -> float | None:
+        """When the job was started (seconds since the epoch): job.json's started_at, written just before its
+        process starts (a process's own start time is known to about a second only), else that."""
         try:
-            started = datetime.fromisoformat(str(self.record.get("started_at"))).timestamp()
-        except ValueError:
-            return False
-        return time.time() - started < STARTING_GRACE_S
+            return datetime.fromisoformat(str(self.record.get("started_at"))).timestamp()
+        except (TypeError, ValueError, OverflowError):
+            return self.start_time or None
 
     def describe_exit(self) -> str:
         """How the process ended, in words (only known to the process that started it)."""
@@ -392,4 +397,4 @@ def record_lost(job: JobProcess) -> Error:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")

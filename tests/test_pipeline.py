@@ -153,19 +153,23 @@ def test_a_restarted_server_adopts_a_job_without_a_pid_and_signals_only_what_it_
     orphan = write_job(tmp_path / ".studio" / "jobs" / "j-orphan", job_id="j-orphan", kind="sweep",
                        token="t" * 32, target=str(stopped_run(tmp_path / "drawn")))
     job = hold(orphan, token="t" * 32)
+    # and a resume of a training, whose job holds its own folder's lock (its command wrapper) with its token
+    resumed = write_job(tmp_path / ".studio" / "jobs" / "j-train", job_id="j-train", kind="train", token="u" * 32,
+                        target=str(stopped_run(tmp_path / "again")))
+    trainer = hold(resumed, token="u" * 32)
     # a forged job.json names a process that is no job of ours
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         write_job(tmp_path / "forged", job_id="j-forged", kind="train", token="f" * 32, pid=victim.pid,
                   start_time=psutil.Process(victim.pid).create_time())
         studio = studios(tmp_path)
-        assert set(studio.running()) == {"j-orphan", "j-forged"}
+        assert set(studio.running()) == {"j-orphan", "j-forged", "j-train"}
         assert studio.view("j-orphan").state in ACTIVE
         assert studio.submit(config(tmp_path, "next")).state == "queued"  # the sweep holds the device
         with pytest.raises(BusyError, match="sweep"):
             studio.submit(config(tmp_path, "drawn"), resume=True)  # and reads that run
-        assert studio.stop("j-orphan") and studio.stop("j-forged")
-        wait_until(lambda: job.poll() is not None, 20, what="the orphan's stop")
+        assert studio.stop("j-orphan") and studio.stop("j-forged") and studio.stop("j-train")
+        wait_until(lambda: job.poll() is not None and trainer.poll() is not None, 20, what="the orphans' stop")
         assert studio.view("j-orphan").state == "stopped"
         time.sleep(0.5)
         assert victim.poll() is None, "the server signalled a process it could not prove was its job"
