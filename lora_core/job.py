@@ -188,7 +188,7 @@ def tool_command(work: Work, done: type[Event], reads: str | Path | None = None,
 
 
 def stream_tool_job(work: Work, reads: str | Path | None = None) -> tuple[Event, int]:
-    """`stream_job` for a tool (its events logged in its job folder)."""
+    """`stream_job` for a tool (its events logged in its job folder), by the name tool modules know it."""
     return stream_job(work, reads=reads)
 
 
