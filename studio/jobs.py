@@ -258,10 +258,10 @@ class Studio:
         try:
             check_free(target_of(queued), queued.kind, {})  # another process may have taken it while it waited
             command, config = job_command(queued, own)
-            folder.mkdir(parents=True, exist_ok=True)  # a training's run folder: in the Runs list from now on
             process = JobProcess.start(own, command, config, num_processes=queued.processes, devices=devices,
-                                       env=self._environment, starter=self._starter, before_start=lambda:
-                                       self._queue.remove(queued.job_id),
+                                       env=self._environment, starter=self._starter, before_start=lambda: (
+                                           folder.mkdir(parents=True, exist_ok=True),  # listed from now on
+                                           self._queue.remove(queued.job_id)),
                                        record={"job_id": queued.job_id, "kind": queued.kind,
                                                "target": str(target_of(queued))})
         except (OSError, UserError, BusyError) as error:  # the job's view says why it never started
