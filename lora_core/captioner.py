@@ -272,16 +272,8 @@ def command_line(folder: str | Path, options: CaptionOptions | dict | None = Non
 def main(argv: list[str]) -> int:
     """`python -m lora_core caption DATASET ...`: events on stdout; 0 when every image was captioned or kept,
     1 on an error or when some images were refused, 130/143 when stopped by SIGINT/SIGTERM."""
-    import sys
-
-    from lora_core.job import stream_tool_job
+    from lora_core.job import run_command
 
     folder, options = parse_args(argv)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    event, stopped = stream_tool_job(lambda emit, should_stop: run_job(folder, options, emit, should_stop))
-    if isinstance(event, CaptionComplete):
-        return 1 if event.num_refused else 0
-    if isinstance(event, Interrupted):
-        return stopped or 143
-    print(f"error: {event.message}", file=sys.stderr)
-    return 1
+    return run_command(lambda emit, should_stop: run_job(folder, options, emit, should_stop),
+                       lambda event: int(bool(event.num_refused)) if isinstance(event, CaptionComplete) else None)

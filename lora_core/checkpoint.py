@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_core.config import TrainConfig
 from lora_core.errors import UserError
-from lora_core.files import JOB_FILE, DiskFullError, _fsync_dir, named_disk_full, normal_mode, remove_stale_temporaries
+from lora_core.files import DiskFullError, _fsync_dir, named_disk_full, normal_mode, remove_stale_temporaries
 
 log = logging.getLogger("lora_core")
 
@@ -146,10 +146,10 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
 
 def clean_leftovers(output: Path) -> list[Path]:
     """Remove what killed writes left: partial and replaced state folders, and `.*.tmp` files anywhere in
-    the output folder. The next run (and every save) calls it; the removed paths. job.json's temporaries
-    are not the run's: the server that started the job writes that file (its pid, a stop request) while the
-    job runs, from the job's first moment on."""
-    removed = remove_stale_temporaries(output, recursive=True, spare=[JOB_FILE])
+    the output folder. The next run (and every save) calls it; the removed paths. Everything in a run folder
+    is the run's: the page server keeps its files of the job (job.json, which it writes while the job runs)
+    in a folder of its own (studio/jobfiles.py), so nothing here is spared."""
+    removed = remove_stale_temporaries(output, recursive=True)
     checkpoints = output / "checkpoints"
     if checkpoints.is_dir():
         for pattern in (".state_step_*.partial-*", ".state_step_*.old-*"):

@@ -1,17 +1,16 @@
 """`python -m lora_core train`: the engine's own entry point (a face's training command is a shim over it).
 
-The job runs on the main thread; SIGTERM and SIGINT only set the stop flag that the training loop reads
-after each step, so a stop always ends with a checkpoint and an `interrupted` event. stdout carries the
-JSON-lines events and nothing else (whatever a library prints goes to stderr, with the logs).
+The job runs on the main thread, wrapped as every tool's job is (lora_core/job.py `run_command`): SIGTERM and
+SIGINT only set the stop flag that the training loop reads after each step, so a stop always ends with a
+checkpoint and an `interrupted` event. stdout carries the JSON-lines events and nothing else (whatever a
+library prints goes to stderr, with the logs).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import signal
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 from lora_core.events import Event, ValidationReport
@@ -29,8 +28,6 @@ events (one JSON object per line on stdout, each with "type" and "timestamp"):
 exit codes: 0 done, 1 failed, 130 stopped by SIGINT, 143 stopped by SIGTERM (a checkpoint is saved)
 """
 
-EXIT_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
-log = logging.getLogger("lora_core.cli")
 
 
 def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Namespace:
@@ -65,70 +62,37 @@ class ProgressBar:
         self.stream.flush()
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGINT; remembers the first signal for the exit code."""
-
-    def __init__(self):
-        self.signals: list[int] = []
-
-    def __call__(self) -> bool:
-        return bool(self.signals)
-
-    def on_signal(self, signum: int, _frame: object) -> None:
-        if not self.signals:
-            log.warning("signal %s: stopping after the current step (a checkpoint is saved)", signum)
-        self.signals.append(signum)
-
-    def install(self) -> None:
-        for signum in EXIT_FOR_SIGNAL:
-            signal.signal(signum, self.on_signal)
-
-
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
-    """Run the command line `argv` (default: sys.argv); the exit code. `prog` names the command in --help."""
+    """Run the command line `argv` (default: sys.argv); the exit code. `prog` names the command in --help.
+    Training is a job like every tool: job.run_command gives it its stdout, its stop signals, its one final
+    event and its exit status; only the progress bar (`show`) and --validate-only are training's own."""
     args = parse_args(argv, prog)
-    events_out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-    sys.stdout = sys.stderr  # whatever a library prints must not corrupt the JSON stream
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.debug:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    stop = StopFlag()
-    stop.install()  # before anything slow: a stop during loading still ends with one final event
-
-    from lora_core.config import ConfigError
-    from lora_core.configfile import load_config
-    from lora_core.distributed import is_main_process
-    from lora_core.events import Error
-
-    speaks = is_main_process()  # under accelerate/torchrun only the main process writes the JSON stream
-    bar = ProgressBar(sys.stderr)
-
-    def send(event: Event) -> None:
-        if speaks:
-            events_out.write(event.to_json() + "\n")
-            bar.show(event)
-        elif event.type == "error":  # the other processes' errors still reach the log
-            sys.stderr.write(event.to_json() + "\n")
-        if event.type == "error":
-            log.error("%s%s", f"{event.field}: " if event.field else "", event.message)
+    from lora_core.job import run_command
 
     if args.validate_only:
-        report = validate(args.config)
-        send(report)
-        return 0 if report.ok else 1
-    try:
-        config = load_config(args.config)
-    except ConfigError as error:
-        send(Error(message=str(error), field=error.field))
-        return 1
+        return run_command(lambda emit, should_stop: emit(validate(args.config)),
+                           lambda report: 0 if getattr(report, "ok", False) else 1, log_events=False, debug=args.debug)
+    return run_command(lambda emit, should_stop: train(args.config, args.resume, emit, should_stop),
+                       lambda event: 0 if event.type == "complete" else None, log_events=False,
+                       show=ProgressBar(sys.stderr).show, debug=args.debug)
 
+
+def train(config_path: str, resume: bool, emit: Callable[[Event], None], should_stop: Callable[[], bool]) -> None:
+    """The training job's work: the config file read (its mistake is one `error` at its field), then run_job,
+    which writes the run folder's events.jsonl and takes its lock itself."""
+    from lora_core.config import ConfigError
+    from lora_core.configfile import load_config
+    from lora_core.events import Error
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as error:
+        emit(Error(message=str(error), field=error.field))
+        return
     from lora_core.job import run_job
     from lora_core.scoring import score_at_end
 
-    terminal = run_job(config, send, stop, resume=args.resume, at_end=score_at_end if config.score_at_end else None)
-    return exit_code(terminal, stop.signals)
+    run_job(config, emit, should_stop, resume=resume, at_end=score_at_end if config.score_at_end else None)
 
 
 def validate(config_path: str) -> ValidationReport:
@@ -145,11 +109,3 @@ def validate(config_path: str) -> ValidationReport:
     from lora_core.plan import plan_report  # torch: only once the config itself is sound
 
     return ValidationReport.from_report(plan_report(config))
-
-
-def exit_code(terminal: Event, signals: list[int]) -> int:
-    if terminal.type == "complete":
-        return 0
-    if terminal.type == "interrupted":
-        return EXIT_FOR_SIGNAL.get(signals[0], 143) if signals else 143
-    return 1

@@ -41,9 +41,6 @@ def file_mode() -> int:
 
 FILE_MODE = file_mode()  # as at import; atomic_write asks file_mode() each time, so a later umask counts
 TMP_SUFFIX = ".tmp"
-# A run folder's record of its job (pid, start time, a stop request), written by the process that started
-# the job (studio/launcher.py, JobProcess) while the job runs: the job's own sweep of leftovers spares its temporaries.
-JOB_FILE = "job.json"
 # How libraries that do not raise OSError (safetensors' Rust writer) spell a full disk.
 DISK_FULL_WORDS = ("No space left on device", "StorageFull", "code: 28,", "Disk quota exceeded")
 

@@ -105,27 +105,6 @@ class _Outcome:
         self.emit(event)
 
 
-def tool_command(work: Callable[[Callable[[Event], None], Callable[[], bool]], Event], done: type[Event],
-                 reads: str | Path | None = None, said: Callable[[Event], str] | None = None) -> int:
-    """A tool's `main` after its arguments: `work` run as a job (stream_tool_job; `reads` held shared) and its
-    exit status: 0 for a `done` event (whose `said` text goes to stderr), the signal's status when stopped, 1
-    with the error on stderr otherwise."""
-    import os
-    import sys
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    event, stopped = stream_tool_job(work, reads=reads)
-    if isinstance(event, done):
-        if said is not None:
-            print(said(event), file=sys.stderr)
-        return 0
-    if isinstance(event, Interrupted):
-        return stopped or 143
-    print(f"error: {event.message}", file=sys.stderr)
-    return 1
-
-
 def tool_outcome(work: Callable[[], Event], handled: dict[type[Exception], Callable[[Any], Event]]) -> Event:
     """The final event of a tool's work (a grid, a sweep, a scoring, a captioning): the one `work` returns, else
     the event `handled` makes of its error (a stop: `interrupted`), an `error` at the field of a user's mistake,
@@ -168,32 +147,82 @@ def release_device() -> None:
         pass
 
 
-def stream_tool_job(work: Callable[[Callable[[Event], None], Callable[[], bool]], Event],
-                    reads: str | Path | None = None) -> tuple[Event, int]:
-    """Run a tool's job (`work(emit, should_stop)`, returning its final event) as a command: events as JSON lines
-    on stdout and nothing else (what a library prints goes to stderr), SIGINT / SIGTERM asking it to stop.
-    Started by the page (LORA_JOB_FOLDER set, studio/launcher.py), the job holds its job folder's lock and
-    appends its events to that folder's events.jsonl itself. `reads`: a run folder the work only reads (a grid
-    or sweep's): held shared, so that training never rewrites it meanwhile. Returns the final event and the
-    exit status a stop means (130 for SIGINT, 143 for SIGTERM; 0 if none)."""
+Work = Callable[[Callable[[Event], None], Callable[[], bool]], object]  # (emit, should_stop): the job's work
+
+
+def run_command(work: Work, result: Callable[[Event], int | None], *, reads: str | Path | None = None,
+                log_events: bool = True, show: Callable[[Event], None] | None = None, debug: bool = False) -> int:
+    """Every job's command after its arguments (`python -m lora_core train` and every tool): `work` run by
+    `stream_job` (`reads`, `log_events`, `show` as there), logging on stderr, and the exit status: `result(final
+    event)` for the job's result (None: not a result), the signal's status (130 SIGINT, 143 SIGTERM) when
+    stopped, 1 for an error (logged on stderr)."""
+    import os
+    import sys
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    event, stopped = stream_job(work, reads=reads, log_events=log_events, show=show)
+    status = None if event.type in ("error", "interrupted") else result(event)
+    if status is not None:
+        return status
+    return (stopped or 143) if isinstance(event, Interrupted) else 1
+
+
+def tool_command(work: Work, done: type[Event], reads: str | Path | None = None,
+                 said: Callable[[Event], str] | None = None) -> int:
+    """A tool's `main` after its arguments (`run_command`): 0 for a `done` event, whose `said` text goes to
+    stderr."""
+    import sys
+
+    def result(event: Event) -> int | None:
+        if not isinstance(event, done):
+            return None
+        if said is not None:
+            print(said(event), file=sys.stderr)
+        return 0
+
+    return run_command(work, result, reads=reads)
+
+
+def stream_tool_job(work: Work, reads: str | Path | None = None) -> tuple[Event, int]:
+    """`stream_job` for a tool (its events logged in its job folder), by the name tool modules know it."""
+    return stream_job(work, reads=reads)
+
+
+def stream_job(work: Work, *, reads: str | Path | None = None, log_events: bool = True,
+               show: Callable[[Event], None] | None = None) -> tuple[Event, int]:
+    """The one command wrapper of every job (training and every tool): `work(emit, should_stop)` run with its
+    events as JSON lines on stdout and nothing else (what a library prints goes to stderr), SIGINT / SIGTERM
+    asking it to stop (installed first: a stop while loading still ends with one final event), and exactly one
+    final event. Of several processes (accelerate, torchrun) only the main one writes stdout (and `show`s each
+    event, training's progress bar); the others' errors reach stderr. Started by the page (LORA_JOB_FOLDER set,
+    studio/launcher.py), the main process holds its job folder's lock, which proves the job alive to the page,
+    and with `log_events` appends its events to that folder's events.jsonl (training's run_job writes its run
+    folder's itself). `reads`: a run folder the work only reads (a grid's): held shared, so that training
+    never rewrites it meanwhile. Returns the final event and the exit status a stop means (130 for SIGINT,
+    143 for SIGTERM; 0 if none)."""
     import os
     import signal
     import sys
 
     stop: list[int] = []
-    handlers = {number: signal.signal(number, lambda signum, frame: stop.append(signum))
+    handlers = {number: signal.signal(number, lambda signum, frame: _stopping(stop, signum))
                 for number in (signal.SIGINT, signal.SIGTERM)}
     stdout = sys.stdout
-    job_folder = os.environ.get(runlock.JOB_FOLDER_VARIABLE)
+    speaks = distributed.is_main_process()
+    job_folder = os.environ.get(runlock.JOB_FOLDER_VARIABLE) if speaks else None
     locks: list[runlock.FolderLock] = []
     with os.fdopen(os.dup(1), "w", buffering=1) as events_out:
         sys.stdout = sys.stderr  # whatever a library prints must not corrupt the JSON stream
+        say = _speaker(events_out, speaks, show)
         event_log = None
         try:
             if job_folder:  # the job's own folder first: its lock is what proves the job alive to the page
                 locks.append(runlock.take(job_folder))
-            event_log = EventLog(Path(job_folder) / "events.jsonl" if job_folder else None,
-                                 lambda e: events_out.write(e.to_json() + "\n"))
+            event_log = EventLog(Path(job_folder) / "events.jsonl" if job_folder and log_events else None, say)
             outcome = _Outcome(event_log)
             try:
                 if reads is not None:
@@ -201,12 +230,15 @@ def stream_tool_job(work: Callable[[Callable[[Event], None], Callable[[], bool]]
                 work(outcome, lambda: bool(stop))
             except FolderBusy as error:
                 outcome(Error(message=str(error), field="run"))
+            except Exception as error:  # a failure the work did not turn into its final event: never a dead job
+                outcome(Error(message=describe_failure(error)))
+                log.debug("the job failed:\n%s", traceback.format_exc())
             if outcome.terminal is None:  # the work must end with one; a reader relies on exactly one
                 outcome(Error(message="the job ended without a result"))
             event = outcome.terminal
         except FolderBusy as error:  # another process writes this job folder: nothing of ours is written
             event = Error(message=str(error))
-            events_out.write(event.to_json() + "\n")
+            say(event)
         finally:
             if event_log is not None:
                 event_log.close()
@@ -216,3 +248,26 @@ def stream_tool_job(work: Callable[[Callable[[Event], None], Callable[[], bool]]
             for number, handler in handlers.items():
                 signal.signal(number, handler)
     return event, (130 if stop[0] == signal.SIGINT else 143) if stop else 0
+
+
+def _stopping(stop: list[int], signum: int) -> None:
+    if not stop:
+        log.warning("signal %s: stopping after the current step (training saves a checkpoint)", signum)
+    stop.append(signum)
+
+
+def _speaker(out, speaks: bool, show: Callable[[Event], None] | None) -> Callable[[Event], None]:
+    """What each event of a command becomes: a JSON line on stdout (the main process), an error also logged."""
+    import sys
+
+    def say(event: Event) -> None:
+        if speaks:
+            out.write(event.to_json() + "\n")
+            if show is not None:
+                show(event)
+        elif event.type == "error":  # the other processes' errors still reach the log
+            sys.stderr.write(event.to_json() + "\n")
+        if event.type == "error":
+            log.error("%s%s", f"{event.field}: " if event.field else "", event.message)
+
+    return say

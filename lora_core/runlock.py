@@ -30,7 +30,7 @@ from lora_core.errors import UserError
 
 LOCK_FILE = ".job.lock"
 TOKEN_VARIABLE = "LORA_JOB_TOKEN"  # set by the page's launcher: the token its job.json holds
-JOB_FOLDER_VARIABLE = "LORA_JOB_FOLDER"  # set by the page's launcher: where a tool job writes its events
+JOB_FOLDER_VARIABLE = "LORA_JOB_FOLDER"  # set by the page's launcher: the job's own folder (its lock; a tool's events)
 WAIT_S = 2.0  # a reader's probe holds the lock for microseconds; a writer is refused only after this long
 _HELD: dict[tuple[str, bool], FolderLock] = {}  # this process's locks, by folder and mode (taken once each)
 
@@ -50,7 +50,10 @@ class FolderLock:
 
     def release(self) -> None:
         """Give the lock back (a process that ends gives it back anyway). Folders the lock itself made and
-        nothing else wrote into (a run refused before it wrote anything) are removed again."""
+        nothing else wrote into (a run refused before it wrote anything) are removed again. Given back once:
+        a second call (the command wrapper's, after run_job's of the same folder) does nothing."""
+        if self.fd < 0:
+            return
         _HELD.pop((str(self.folder), self.shared), None)
         with contextlib.suppress(OSError):
             if self.created and os.listdir(self.folder) == [LOCK_FILE]:
@@ -59,6 +62,7 @@ class FolderLock:
                     made.rmdir()
         with contextlib.suppress(OSError):
             os.close(self.fd)
+        self.fd = -1  # the number may be another file's from now on
 
 
 def lock_path(folder: str | Path) -> Path:

@@ -23,8 +23,6 @@ resume continued from. Torch-free: the page reads runs with it on every poll.
 from __future__ import annotations
 
 import bisect
-import os
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -32,16 +30,11 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from lora_core.events import Event, Started
-from lora_core.files import JOB_FILE
-from lora_core.safefile import open_regular
 from lora_core.safefile import read_json as read_json
 
 EVENTS_FILE = "events.jsonl"  # the run's events, appended by its jobs (eventlog.EventLog)
 CONFIG_FILE = "config.json"  # the resolved config the engine wrote for the run
-JOB_CONFIG_FILE = "job_config.json"  # the config the page started the latest job with (its --config)
-STDERR_FILE = "stderr.log"  # the jobs' log, appended by each
 REPORT_FILE = "training_report.html"  # report.py's page of the run
-STDERR_TAIL_LINES = 20
 # A run's record stays small however long the run: each curve keeps at most 2 * MAX_POINTS points (evenly
 # thinned, `Curve`), the newest MAX_LISTED samples and checkpoints; one look reads at most READ_BYTES of
 # events and one line longer than MAX_LINE_BYTES (a sparse file's zeros) is skipped, never held whole.
@@ -72,43 +65,13 @@ class RunFiles:
         return self.folder / CONFIG_FILE
 
     @property
-    def job_config(self) -> Path:
-        return self.folder / JOB_CONFIG_FILE
-
-    @property
-    def job(self) -> Path:
-        return self.folder / JOB_FILE
-
-    @property
-    def stderr(self) -> Path:
-        return self.folder / STDERR_FILE
-
-    @property
     def report(self) -> Path:
         return self.folder / REPORT_FILE
 
     def is_run(self) -> bool:
-        """Whether the folder holds a run: its events, or a job started for it that has not written any yet."""
-        return self.events.is_file() or self.job.is_file()
-
-    def job_record(self) -> dict[str, Any]:
-        """job.json as the starting process wrote it ({} when there is none or it cannot be read)."""
-        data = read_json(self.job)
-        return data if isinstance(data, dict) else {}
-
-    def stderr_tail(self, lines: int = STDERR_TAIL_LINES) -> list[str]:
-        """The last non-empty lines of stderr.log (read from its last 64 KiB)."""
-        try:
-            with open_regular(self.stderr) as handle:
-                handle.seek(max(0, os.fstat(handle.fileno()).st_size - 64 * 1024))
-                text = handle.read(64 * 1024).decode("utf-8", errors="replace")
-        except OSError:
-            return []
-        kept: deque[str] = deque(maxlen=lines)
-        for line in text.splitlines():
-            if line.strip():
-                kept.append(line.rstrip())
-        return list(kept)
+        """Whether the folder holds a run's events (a page's job not started yet is the page's to know:
+        studio/jobfiles.py keeps its files apart, in the server's own folder)."""
+        return self.events.is_file()
 
 
 class SampleImage(NamedTuple):

@@ -29,7 +29,7 @@ EXPORTS = ".exports"  # under the outputs folder: export_config's files, one fol
 def remove_unused(uploads_root: Path, outputs_root: Path, max_age_days: float = UNUSED_UPLOAD_DAYS,
                   now: float | None = None) -> list[Path]:
     """Delete upload folders older than `max_age_days` that no run or job in `outputs_root` uses (`used_paths`:
-    any data path of a run's config.json or job_config.json, or of a job waiting in queue.json); the removed
+    any data path of a run's config.json or a job's job_config.json, or of a job waiting in queue.json); the removed
     folders. The page calls it for every new upload."""
     uploads_root, now = Path(uploads_root), time.time() if now is None else now
     if not uploads_root.is_dir():
@@ -55,8 +55,8 @@ def used_paths(outputs_root: Path) -> set[Path]:
     from lora_core.safefile import read_json
     from studio.runs import QUEUE_FILE, STUDIO_DIR, flat_config
 
-    configs = [read_json(path) for pattern in ("*/config.json", "*/job_config.json")
-               for path in outputs_root.glob(pattern)]
+    configs = [read_json(path) for pattern in ("*/config.json", f"{STUDIO_DIR}/jobs/*/job_config.json")
+               for path in outputs_root.glob(pattern)]  # a run's, a page job's (studio/jobfiles.py)
     queued = read_json(outputs_root / STUDIO_DIR / QUEUE_FILE)
     configs += [item.get("config") for item in queued if isinstance(item, dict)] if isinstance(queued, list) else []
     used = set()

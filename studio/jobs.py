@@ -4,14 +4,14 @@ A web page never owns a job (its handlers stop when the browser goes away); it a
 as long as the server, to `submit`, `stop`, `cancel` or `move_up` one, and polls `view()` for a RunView
 (studio/jobview.py): the run's record (lora_core/runrecord.py, the one the Runs list reads) settled with what
 this server knows of the job's process. A job runs in its own session (studio/launcher.py), so it outlives
-the server: a restarted server follows the jobs still running again (their `job.json`), and a job that died
-without a final event is recorded as failed with its exit status and the tail of its stderr.
+the server: a restarted server follows the jobs still running again (their `job.json`, in the job's own folder
+under `outputs/.studio/jobs`, studio/jobfiles.py), and a job that died without a final event is recorded as
+failed with its exit status and the tail of its stderr.
 
 Start puts a job in the queue (studio/queue.py, `outputs/.studio/queue.json`); it starts when a device is free: one
-job per GPU (a job of N processes waits for N free GPUs), one at a time on the CPU. `free_devices()` is the
-one place that decides whether a device is taken. Every kind of job (training, grid, sweep, captioning; what
-each runs is studio/pipeline.py) goes through `submit_job`, the queue, `_launch` and the same supervision.
-Nothing here imports torch.
+job per GPU (N processes wait for N), one at a time on the CPU, at once for a kind that takes none (the doctor);
+`free_devices()` alone decides. Every kind (studio/pipeline.py) goes through `submit_job`, the queue, `_launch`
+and the same supervision. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ from lora_core.config import TrainConfig
 from lora_core.errors import UserError
 from lora_core.eventlog import EventLog
 from lora_core.events import Error
-from lora_core.runrecord import EVENTS_FILE, FAILED, QUEUED, RunFiles, settle
+from lora_core.runrecord import EVENTS_FILE, FAILED, QUEUED, RunFiles, ended_before, settle
 from lora_core.runtail import RecordTail
 from studio import pipeline, runs
+from studio.jobfiles import JobFiles, jobs_folder, migrate
 from studio.jobview import RunView, Submitted, folder_view, job_tail
 from studio.launcher import JobProcess, device_count
-from studio.pipeline import BusyError, check_free, find_jobs, job_command, record_end, target_of, tool_jobs_folder
+from studio.pipeline import BusyError, check_free, find_jobs, job_command, job_folder, record_end, target_of
 from studio.queue import JobQueue, QueuedJob, QueueFull
 from studio.starter import Starter
 
@@ -48,7 +49,6 @@ UPLOADS = "uploads"
 RUN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 TICK_S = 0.5  # how often the registry looks at its running jobs
 TOOLS = ("grid", "sweep", "score", "caption", "doctor")  # job kinds besides training: `python -m lora_core KIND ARGS`
-__all__ = ["BusyError", "Studio"]
 
 
 @dataclass
@@ -84,6 +84,7 @@ class Studio:
         self._active: dict[str, ActiveJob] = {}
         self._tails: dict[str, RecordTail] = {}  # job id -> its run's events, for every job seen by this server
         self._configs: dict[str, TrainConfig] = {}
+        self._job_files: dict[str, JobFiles] = {}  # job id -> its own folder (its stderr.log), for every job seen
         self._current = ""  # the job a page shows when it asks for none
         self._closed = self._closing = False
         self._starter = Starter()  # forks one-process jobs from a process that has imported the engine once
@@ -93,6 +94,7 @@ class Studio:
         with self._lock:
             self._queue = JobQueue(self.outputs_root, owned=self._owns)  # jobs queued before a restart wait on
             self.damaged = list(self._queue.damaged)  # entries of damaged files, each left out (and logged)
+            self.damaged += migrate(self.outputs_root)  # an older server's job files, out of its run folders
             for job_id in self._adopt_running_jobs():  # started just before the old server died: not again
                 self._queue.jobs = [job for job in self._queue.jobs if job.job_id != job_id]
             for message in self.damaged[len(self._queue.damaged):]:
@@ -128,7 +130,7 @@ class Studio:
     def _fresh(self, folder: Path) -> Path:
         """`folder`, or `folder-2`, `-3`... when an earlier run already wrote there."""
         candidate, number = folder, 1
-        taken = self._queue.folders()  # a queued job's folder is spoken for before it exists
+        taken = self._queue.folders() | {target_of(job.queued) for job in self._active.values() if job.queued}
         while (candidate.exists() and any(candidate.iterdir())) or candidate.resolve() in taken:
             number += 1
             candidate = folder.with_name(f"{folder.name}-{number}")
@@ -193,8 +195,8 @@ class Studio:
         if kind in pipeline.DRAWN and outside:  # captioning and the doctor work on a dataset folder
             raise ValueError(f"run folder {folder} is outside {self.outputs_root}")
         job_id = f"{datetime.now():%Y%m%d-%H%M%S}-{kind}-{uuid.uuid4().hex[:6]}"
-        job_folder = tool_jobs_folder(self.outputs_root) / job_id
-        return self.submit_job(QueuedJob(job_id, str(job_folder), {}, kind=kind, args=[str(folder), *args]))
+        own = jobs_folder(self.outputs_root) / job_id  # the job's folder: its events, stderr and job.json
+        return self.submit_job(QueuedJob(job_id, str(own), {}, kind=kind, args=[str(folder), *args]))
 
     def submit_job(self, job: QueuedJob) -> Submitted:
         """Queue any job (the one way in): refused (BusyError) when its target folder is busy or the queue
@@ -252,17 +254,18 @@ class Studio:
     def _launch(self, queued: QueuedJob, devices: list[int]) -> None:
         """Start a job taken off the queue. Its job.json (with its id) is written before it leaves the
         queue file, so a restart in between finds it started, never queued again."""
-        folder = Path(queued.output_path)
+        folder, own = Path(queued.output_path), job_folder(self.outputs_root, queued)  # its events; its files
         tail = job_tail(folder, queued.job_id)
-        self._tails[queued.job_id] = tail
+        self._tails[queued.job_id], self._job_files[queued.job_id] = tail, JobFiles(own)
         try:
             check_free(target_of(queued), queued.kind, {})  # another process may have taken it while it waited
-            command, config = job_command(queued)
+            command, config = job_command(queued, own)
             # the doctor imports no torch: spawned, it runs in a second; the starter would first import the engine
             starter = None if queued.kind in pipeline.DEVICELESS else self._starter
-            process = JobProcess.start(folder, command, config, num_processes=queued.processes, devices=devices,
-                                       env=self._environment, starter=starter, before_start=lambda:
-                                       self._queue.remove(queued.job_id),
+            process = JobProcess.start(own, command, config, num_processes=queued.processes, devices=devices,
+                                       env=self._environment, starter=starter, before_start=lambda: (
+                                           folder.mkdir(parents=True, exist_ok=True),  # listed from now on
+                                           self._queue.remove(queued.job_id)),
                                        record={"job_id": queued.job_id, "kind": queued.kind,
                                                "target": str(target_of(queued))})
         except (OSError, UserError, BusyError) as error:  # the job's view says why it never started
@@ -327,8 +330,8 @@ class Studio:
                 tail.update()
                 job = self._active.get(key)
             view = settle(tail.record, alive=job is not None, stop_requested=job is not None and job.stop_requested)
-            if view.state == FAILED and not view.stderr_tail:
-                view = replace(view, stderr_tail=tail.files.stderr_tail())
+            if view.state == FAILED and not view.stderr_tail and key in self._job_files:
+                view = replace(view, stderr_tail=self._job_files[key].stderr_tail())
             return view
 
     def current_config(self) -> TrainConfig | None:
@@ -392,9 +395,12 @@ class Studio:
         for process in find_jobs(self.outputs_root, self.damaged):
             job_id = str(process.record.get("job_id") or process.folder.name)
             seen.add(job_id)
-            tail = job_tail(process.folder, job_id)
-            if tail.update().ended:
-                continue
+            tail = job_tail(process.events_folder, job_id)
+            self._job_files[job_id] = JobFiles(process.folder)
+            if tail.update().ended:  # its job is over, unless that end is an earlier part's (a resume starting)
+                if not ended_before(tail.record, process.started()):
+                    continue
+                tail.record.begin_part()
             kind = str(process.record.get("kind") or "train")
             job = ActiveJob(job_id, process, tail, kind=kind if kind in ("train", *TOOLS) else "train",
                             stop_requested=bool(process.record.get("stop_requested")))

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lora_core.runrecord import FAILED, STARTING, RunFiles, RunRecord
+from lora_core.runrecord import FAILED, STARTING, RunRecord
 from lora_core.runtail import RecordTail
+from studio.jobfiles import job_of
 from studio.runs import read_record
 
 MAX_CURVE_POINTS = 400  # the loss curve shown is averaged down to this many points
@@ -61,7 +62,8 @@ def job_tail(folder: Path, job_id: str) -> RecordTail:
 
 def folder_view(folder: Path) -> RunView | None:
     """The view of a run folder on disk, for no job of this server (a page opened after a restart)."""
-    job_id = str(RunFiles(folder).job_record().get("job_id", ""))
+    job = job_of(folder)  # the run's newest training job (none for a CLI run)
+    job_id = str(job.record().get("job_id", "")) if job else ""
     try:
         view = read_record(folder, into=RunView(job_id=job_id, state=STARTING, output_path=str(folder)))
     except Exception as error:  # noqa: BLE001  (a damaged newest run must not cost the Train tab)
@@ -69,4 +71,4 @@ def folder_view(folder: Path) -> RunView | None:
                        message=f"this run's files cannot be read ({type(error).__name__}: {str(error)[:200]})")
     if not isinstance(view, RunView):
         return None
-    return replace(view, stderr_tail=RunFiles(folder).stderr_tail()) if view.state == FAILED else view
+    return replace(view, stderr_tail=job.stderr_tail()) if view.state == FAILED and job else view

@@ -1,9 +1,11 @@
 """A job is a process: start the engine's CLI for one run folder, find it again later, and tell how it ended.
 
-`JobProcess.start(folder, config)` runs `python -m lora_core train --config folder/job_config.json` (through
-`accelerate launch` for several devices) in its own session, so the job outlives whoever started it, with
-its stderr in `folder/stderr.log` and its pid and start time in `folder/job.json`. Its events are what
-`run_job` appends to `folder/events.jsonl`: any reader, this process or a later one, follows that file.
+`JobProcess.start(folder, command)` runs a job's command (training: `python -m lora_core train --config
+folder/job_config.json`, through `accelerate launch` for several devices) in its own session, so the job
+outlives whoever started it, with its stderr in `folder/stderr.log` and its pid and start time in
+`folder/job.json`. `folder` is the job's own folder, OUTPUTS/.studio/jobs/<id> (studio/jobfiles.py), never a
+run folder. Its events are what the job appends itself (a training's to its run folder's events.jsonl, a
+tool's to `folder/events.jsonl`): any reader, this process or a later one, follows that file.
 Given the page's `Starter`, a one-process job is forked from it (studio/starter.py: no new import of
 torch) and its pid reaches job.json when the starter answers. `JobProcess.attach(folder)` finds a job
 again from job.json (the start time guards against a reused pid).
@@ -42,9 +44,10 @@ from lora_core.config import TrainConfig
 from lora_core.configfile import config_to_file_dict
 from lora_core.eventlog import EventLog, read_events
 from lora_core.events import Error, ValidationReport, parse_event
-from lora_core.files import JOB_FILE, atomic_write_text
+from lora_core.files import atomic_write_text
 from lora_core.runlock import JOB_FOLDER_VARIABLE, TOKEN_VARIABLE
-from lora_core.runrecord import JOB_CONFIG_FILE, STDERR_FILE, RunFiles, process_alive, read_json
+from lora_core.runrecord import RunFiles, process_alive, read_json
+from studio.jobfiles import JOB_CONFIG_FILE, JOB_FILE, STDERR_FILE, JobFiles
 from studio.starter import StartedJob, Starter
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where `-m lora_core` is importable from
@@ -136,7 +139,7 @@ def validation_report(config: TrainConfig, num_processes: int = 1, env: Mapping[
 
 
 def train_command(folder: str | Path, config: TrainConfig, num_processes: int = 1, resume: bool = False) -> list[str]:
-    """Write `config` as the job's config file in `folder` and return the command that trains it."""
+    """Write `config` as the job's config file in its job folder `folder` and return the command that trains it."""
     path = Path(folder) / JOB_CONFIG_FILE
     Path(folder).mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(config_to_file_dict(config), indent=2) + "\n")
@@ -160,7 +163,7 @@ def process_start_time(pid: int) -> float | None:
 
 @dataclass
 class JobProcess:
-    """One job's process, started here or found again from its run folder's job.json."""
+    """One job's process, started here or found again from its job folder's job.json."""
 
     folder: Path
     pid: int
@@ -246,9 +249,22 @@ class JobProcess:
             job.find_pid()
         return job
 
+    @property
+    def events_folder(self) -> Path:
+        """Where the job's events are: a training's run folder (job.json's `target`), a tool's job folder."""
+        target = self.record.get("target")
+        if self.record.get("kind", "train") == "train" and isinstance(target, str) and target:
+            return Path(target)
+        return self.folder
+
+    def _holder(self) -> dict[str, Any] | None:
+        """Who holds the job's lock: its job folder's (the command wrapper's), else its run's (run_job's; a job
+        an older server started holds only that one)."""
+        return runlock.held_by(self.folder) or runlock.held_by(self.events_folder)
+
     def find_pid(self) -> bool:
         """Take the pid from the job's lock when its holder carries this job's token; True when found."""
-        who = runlock.held_by(self.folder)
+        who = self._holder()
         token = self.record.get("token")
         if not token or not who or who.get("token") != token or not isinstance(who.get("pid"), int):
             return False
@@ -272,10 +288,10 @@ class JobProcess:
             with contextlib.suppress(psutil.Error):
                 if process.environ().get(TOKEN_VARIABLE) == token:
                     return True
-            who = runlock.held_by(self.folder)
-            lock = str(runlock.lock_path(self.folder.resolve()))
+            who = self._holder()
+            locks = {str(runlock.lock_path(folder.resolve())) for folder in (self.folder, self.events_folder)}
             return bool(who and who.get("token") == token and who.get("pid") == self.pid
-                        and any(item.path == lock for item in process.open_files()))
+                        and any(item.path in locks for item in process.open_files()))
         except psutil.Error:
             return False
 
@@ -287,7 +303,7 @@ class JobProcess:
         if self._started_here():
             return self.popen.poll() is None
         if not self.pid and not self.find_pid():  # forked, but its pid never reached job.json
-            return runlock.holder(self.folder) is not None or self._may_still_start()
+            return self._holder() is not None or self._may_still_start()
         return bool(process_alive({"pid": self.pid, "start_time": self.start_time}))
 
     def _started_here(self) -> bool:
@@ -298,11 +314,16 @@ class JobProcess:
     def _may_still_start(self) -> bool:
         """A job.json without a pid whose job has not taken its lock yet: still importing, or never forked.
         Given STARTING_GRACE_S from its start before it counts as lost."""
+        started = self.started()
+        return started is not None and time.time() - started < STARTING_GRACE_S
+
+    def started(self) -> float | None:
+        """When the job was started (seconds since the epoch): job.json's started_at, written just before its
+        process starts (a process's own start time is known to about a second only), else that."""
         try:
-            started = datetime.fromisoformat(str(self.record.get("started_at"))).timestamp()
-        except ValueError:
-            return False
-        return time.time() - started < STARTING_GRACE_S
+            return datetime.fromisoformat(str(self.record.get("started_at"))).timestamp()
+        except (TypeError, ValueError, OverflowError):
+            return self.start_time or None
 
     def describe_exit(self) -> str:
         """How the process ended, in words (only known to the process that started it)."""
@@ -360,12 +381,13 @@ class JobProcess:
 
 
 def record_lost(job: JobProcess) -> Error:
-    """End a run whose process died without a final event: one `error` in events.jsonl, with how the
-    process ended and the last lines of its stderr, so every reader sees the run as failed."""
-    files = RunFiles(job.folder)
+    """End a job whose process died without a final event: one `error` in its events.jsonl (a training's in
+    its RUN folder's), with how the process ended and the last lines of its stderr, so every reader (the live
+    view, the Runs list, the report) sees it as failed."""
+    files = RunFiles(job.events_folder)
     steps = [event.step for event in read_events(files.events) if event.type == "progress"] \
         if files.events.is_file() else []
-    tail = files.stderr_tail(5)
+    tail = JobFiles(job.folder).stderr_tail(5)
     message = job.describe_exit() + (". Last lines of stderr.log:\n" + "\n".join(tail) if tail else "")
     event = Error(message=message, step=steps[-1] if steps else None)
     event_log = EventLog(files.events)
@@ -375,4 +397,4 @@ def record_lost(job: JobProcess) -> Error:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")

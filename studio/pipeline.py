@@ -6,14 +6,16 @@ writes its own events, holds its folder's lock, ends with exactly one final even
 started by the same `JobProcess.start` (studio/launcher.py), queued by the same `Studio.submit_job`, and
 followed, stopped and adopted after a restart the same way (studio/jobs.py):
 
-    kind      job folder (events.jsonl, stderr.log, job.json)   target (the folder it works on)
-    train     the run folder                                     the run folder (written: exclusive lock)
-    grid      OUTPUTS/.studio/jobs/<id>                          the run folder (read: shared lock)
-    sweep     OUTPUTS/.studio/jobs/<id>                          the run folder (read: shared lock)
-    score     OUTPUTS/.studio/jobs/<id>                          the run folder (read: shared lock; scores.json)
-    caption   OUTPUTS/.studio/jobs/<id>                          the dataset folder (its .txt files written)
-    doctor    OUTPUTS/.studio/jobs/<id> (findings.json)          the dataset folder (read)        no device
+    kind      events.jsonl written to         target (the folder it works on)
+    train     the run folder (run_job)        the run folder (written: exclusive lock)
+    grid      its job folder                  the run folder (read: shared lock)
+    sweep     its job folder                  the run folder (read: shared lock)
+    score     its job folder                  the run folder (read: shared lock; scores.json)
+    caption   its job folder                  the dataset folder (its .txt files written)
+    doctor    its job folder (findings.json)  the dataset folder (read)        no device
 
+Every kind's job folder, the server's own files of the job (job.json, stderr.log, a training's
+job_config.json; studio/jobfiles.py), is OUTPUTS/.studio/jobs/<id>: nothing of the server's is in a run folder.
 A kind in `DEVICELESS` never touches a GPU (the dataset doctor reads images with Pillow and numpy on the CPU):
 it starts as soon as it is queued, beside whatever holds the devices, instead of waiting behind a training
 run for an hour, and holds no device itself. One job at a time works on a folder: a dataset being captioned
@@ -30,13 +32,12 @@ from pathlib import Path
 from lora_core import runlock
 from lora_core.config import TrainConfig
 from lora_core.events import Error
-from lora_core.files import JOB_FILE
 from lora_core.runtail import RecordTail
+from studio.jobfiles import JOB_FILE, jobs_folder
 from studio.launcher import JobProcess, record_lost, tool_command, train_command
-from studio.queue import STUDIO_DIR, QueuedJob
+from studio.queue import QueuedJob
 
 log = logging.getLogger("studio.pipeline")
-TOOL_JOBS = "jobs"  # under OUTPUTS/.studio: one folder per tool job
 DRAWN = ("grid", "sweep", "score")  # read a run's saved LoRAs: the run folder is their first argument
 DEVICELESS = ("doctor",)  # kinds that use no device: started at once, never queued behind one that does
 
@@ -46,7 +47,12 @@ class BusyError(RuntimeError):
 
 
 def tool_jobs_folder(outputs_root: Path) -> Path:
-    return Path(outputs_root) / STUDIO_DIR / TOOL_JOBS
+    return jobs_folder(outputs_root)
+
+
+def job_folder(outputs_root: Path, job: QueuedJob) -> Path:
+    """Where the server keeps a job's own files: a tool's `output_path`, a training's folder named by its id."""
+    return jobs_folder(outputs_root) / job.job_id if job.kind == "train" else Path(job.output_path)
 
 
 def target_of(job: QueuedJob) -> Path:
@@ -54,11 +60,12 @@ def target_of(job: QueuedJob) -> Path:
     return Path(job.output_path if job.kind == "train" else job.args[0]).resolve()
 
 
-def job_command(job: QueuedJob) -> tuple[list[str], TrainConfig | None]:
-    """The command that runs `job` and the config whose device it runs on (None: the job's own options)."""
+def job_command(job: QueuedJob, folder: Path) -> tuple[list[str], TrainConfig | None]:
+    """The command that runs `job` (its files in its job `folder`) and the config whose device it runs on
+    (None: the job's own options)."""
     if job.kind == "train":
         config = job.train_config()
-        return train_command(job.output_path, config, job.processes, job.resume), config
+        return train_command(folder, config, job.processes, job.resume), config
     config = None
     if job.kind in DRAWN:
         from lora_core.grid import read_run  # torch-free: reads the run's config file
@@ -88,9 +95,9 @@ def record_end(process: JobProcess, tail: RecordTail) -> None:
     """A job's process ended without a final event: the server writes one (`record_lost`: its exit status and
     stderr), unless another process now holds the folder (the job was refused: a CLI run took it first), whose
     events are its own: then the refusal is said in this job's view only."""
-    holder = runlock.held_by(process.folder)
+    holder = runlock.held_by(process.events_folder)
     if holder is not None and holder.get("token") != process.record.get("token"):
-        tail.record.add(Error(message=f"the job could not start: {process.folder} is in use by "
+        tail.record.add(Error(message=f"the job could not start: {process.events_folder} is in use by "
                               f"{runlock.describe(holder)}"))
         return
     try:
@@ -101,16 +108,16 @@ def record_end(process: JobProcess, tail: RecordTail) -> None:
 
 
 def find_jobs(outputs_root: Path, damaged: list[str] | None = None) -> list[JobProcess]:
-    """The jobs an earlier server started (job.json in a run folder or a tool job's folder). A damaged one is
-    left out and said in `damaged` (its run shows as failed in the Runs list). Each one's process is found by
-    pid, or (a job.json without one) by the lock its job holds."""
-    records = [*Path(outputs_root).glob(f"*/{JOB_FILE}"), *tool_jobs_folder(outputs_root).glob(f"*/{JOB_FILE}")]
+    """The jobs an earlier server started (job.json in a job folder; studio/jobfiles.py moved an older
+    server's out of its run folders first). A damaged one (a training's target no run folder of this root) is
+    left out and said in `damaged`. Each one's process is found by pid, or (a job.json without one) by the
+    lock its job holds."""
+    root = Path(outputs_root).resolve()
     found = []
-    for record in records:
-        if record.parent.name.startswith(".") and record.parent.parent == Path(outputs_root):
-            continue
+    for record in sorted(jobs_folder(root).glob(f"*/{JOB_FILE}")):
         process = JobProcess.attach(record.parent)
-        if process is not None:
+        run = process.events_folder if process is not None else None
+        if process is not None and (run == process.folder or (run.parent == root and run.name[:1] not in ("", "."))):
             found.append(process)
         elif damaged is not None:
             damaged.append(f"{record} is damaged (not a job record this server wrote); that job is not followed")

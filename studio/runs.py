@@ -1,10 +1,10 @@
 """Every run in an outputs folder, read from the run's own files (never from a server's memory).
 
-A run is a folder directly under the outputs root holding its events (`events.jsonl`) or a job started for
-it that has not written any yet (`job.json`); lora_core/runrecord.py names its files and folds its events into
-its state, the same record the page's live view reads. Runs waiting in `.studio/queue.json` are listed as queued.
-Because nothing here needs the server that started a run, runs made by `python -m lora_core train` into the
-same folder show up too.
+A run is a folder directly under the outputs root holding its events (`events.jsonl`) or named by a training job
+started for it that has not written any yet (its `job.json`, in the server's own folder: studio/jobfiles.py);
+lora_core/runrecord.py names its files and folds its events into its state, the same record the live view reads.
+Runs waiting in `.studio/queue.json` are listed as queued. Because nothing here needs the server that started a
+run, runs made by `python -m lora_core train` into the same folder show up too.
 
 Torch-free: the page imports this module on every poll.
 """
@@ -39,6 +39,7 @@ from lora_core.runrecord import (
     settle,
 )
 from lora_core.runtail import RecordTail
+from studio.jobfiles import JobFiles, job_of, remove_jobs_of, training_jobs
 
 QUEUE_FILE = "queue.json"  # in STUDIO_DIR: the page server's queue (studio/queue.py)
 STUDIO_DIR = ".studio"
@@ -112,10 +113,9 @@ def flat_config(config: Any) -> dict[str, Any]:
     return flat
 
 
-def run_config(folder: Path) -> dict[str, Any]:
-    """A run's settings, flat: the engine's resolved config.json, else the config its job was started with."""
-    files = RunFiles(folder)
-    return flat_config(read_json(files.config)) or flat_config(read_json(files.job_config))
+def run_config(folder: Path, job: JobFiles | None = None) -> dict[str, Any]:
+    """A run's settings, flat: the engine's resolved config.json, else the config its `job` was started with."""
+    return flat_config(read_json(RunFiles(folder).config)) or (flat_config(read_json(job.job_config)) if job else {})
 
 
 _tails: OrderedDict[tuple[str, str, Any], tuple[RecordTail, tuple[int, int], threading.Lock]] = OrderedDict()
@@ -140,11 +140,11 @@ def _tail(folder: Path, into: RunRecord | None) -> tuple[RecordTail, threading.L
     return cached[0], cached[2]
 
 
-def _read(folder: Path, running: bool | None, into: RunRecord | None,
-          deadline: float | None) -> tuple[RunRecord | None, str]:
-    """The settled record of a run folder (None: no run) and a note when its events are not all read yet."""
-    files = RunFiles(folder)
-    if not files.is_run():
+def _read(folder: Path, running: bool | None, into: RunRecord | None, deadline: float | None,
+          job_files: JobFiles | None) -> tuple[RunRecord | None, str]:
+    """The settled record of a run folder (None: no run) and a note when its events are not all read yet.
+    `job_files`: the run's newest training job started by a page (None: a CLI run)."""
+    if not RunFiles(folder).is_run() and job_files is None:
         return None, ""
     tail, lock = _tail(folder, into)
     deadline = time.monotonic() + READ_SECONDS if deadline is None else deadline
@@ -155,7 +155,7 @@ def _read(folder: Path, running: bool | None, into: RunRecord | None,
         record = replace(tail.record)  # the kept record goes on folding; this call's answer must not change
         note = tail.problem or (f"{tail.behind / 1e6:.0f} MB of {tail.size / 1e6:.0f} MB of events not read yet; "
                                 "refresh to read on" if tail.behind else "")
-    job = files.job_record()
+    job = job_files.record() if job_files else {}
     writer = runlock.held_by(folder)
     if running or writer is not None:  # a live process holds the run (its lock): running
         alive: bool | None = True
@@ -170,7 +170,7 @@ def read_record(folder: Path, running: bool | None = None, into: R | None = None
     """One run's record (folded into `into` when given) with what is known of its job's process added
     (runrecord.settle); None when the folder holds no run. `running`: what the caller knows of the process
     (None: ask the OS about the one job.json names)."""
-    return _read(folder, running, into if into is not None else RunRecord(), None)[0]
+    return _read(folder, running, into if into is not None else RunRecord(), None, job_of(folder))[0]
 
 
 def contained_file(folder: Path, path: str | None, written_in: str = "") -> str | None:
@@ -199,21 +199,23 @@ def contained_file(folder: Path, path: str | None, written_in: str = "") -> str 
     return str(current)
 
 
-def read_detail(folder: Path, running: bool | None = None, deadline: float | None = None) -> RunDetail | None:
+def read_detail(folder: Path, running: bool | None = None, deadline: float | None = None,
+                jobs: dict[str, JobFiles] | None = None) -> RunDetail | None:
     """One run's full view from its folder; None when the folder holds no run. `running`: what the caller
-    knows of the run's process (None: ask the OS about the process in job.json). Every file it names is
-    inside the folder (`contained_file`)."""
-    record, note = _read(folder, running, RunRecord(), deadline)
+    knows of the run's process (None: ask the OS about the process in job.json). `jobs`: the outputs' training
+    jobs by run (jobfiles.training_jobs; None: looked up). Every file it names is inside the folder."""
+    job = (training_jobs(folder.parent) if jobs is None else jobs).get(folder.name)
+    record, note = _read(folder, running, RunRecord(), deadline, job)
     if record is None:
         return None
-    files, config = RunFiles(folder), run_config(folder)
+    files, config, started = RunFiles(folder), run_config(folder, job), (job.record() if job else {}).get("started_at")
     inside = {item: contained_file(folder, item, record.output_path)
               for item in [record.final_path, *(saved.path for saved in record.checkpoints)] if item}
     saved = next((inside[path] for _, path in reversed(record.checkpoints) if inside.get(path)), None)
     return RunDetail(
         id=folder.name, name=folder.name, state=record.state, base_model=str(config.get("base_model", "")),
         step=record.step, total_steps=record.total_steps or _count(config.get("max_train_steps")),
-        loss=record.loss, started=record.started_at or str(files.job_record().get("started_at", "")),
+        loss=record.loss, started=record.started_at or str(started or ""),
         duration_s=record.duration_s, folder=str(folder), problem=note,
         loss_points=record.loss_points, validation_points=record.validation_points, resumed_at=record.resumed_at,
         samples=[{"step": item.step, "prompt": item.prompt, "path": path} for item in record.samples
@@ -222,7 +224,7 @@ def read_detail(folder: Path, running: bool | None = None, deadline: float | Non
                      for item in record.checkpoints],
         final_path=inside.get(record.final_path or ""), saved_so_far=inside.get(record.final_path or "") or saved,
         config=config, report_path=contained_file(folder, files.report.name), message=record.message,
-        error_field=record.error_field, stderr_tail=files.stderr_tail() if record.state == FAILED else [],
+        error_field=record.error_field, stderr_tail=job.stderr_tail() if job and record.state == FAILED else [],
         overfitting=record.overfitting, scores=scores.read_scores(folder),
         best_path=contained_file(folder, BEST_FILE))
 
@@ -250,12 +252,12 @@ def _queued_rows(root: Path) -> list[RunRow]:
     return rows
 
 
-def _folders(root: Path) -> list[Path]:
+def _folders(root: Path, jobs: dict[str, JobFiles]) -> list[Path]:
     """Every real folder directly under `root` that may be a run (never a link to one: a link is not the run)."""
     if not root.is_dir():
         return []
     return [folder for folder in sorted(root.iterdir()) if folder.name != UPLOADS and not folder.name.startswith(".")
-            and not folder.is_symlink() and folder.is_dir() and RunFiles(folder).is_run()]
+            and not folder.is_symlink() and folder.is_dir() and (folder.name in jobs or RunFiles(folder).is_run())]
 
 
 def _readable_name(name: str) -> bool:
@@ -269,7 +271,7 @@ def _readable_name(name: str) -> bool:
 def run_folders(root: Path) -> list[Path]:
     """The run folders directly under `root` (uploads, hidden folders, links and names that are not UTF-8 are
     none)."""
-    return [folder for folder in _folders(Path(root)) if _readable_name(folder.name)]
+    return [folder for folder in _folders(Path(root), training_jobs(root)) if _readable_name(folder.name)]
 
 
 def _damaged(folder: Path, reason: str) -> RunRow:
@@ -283,13 +285,13 @@ def list_runs(root: str | Path, running: set[str] | None = None) -> list[RunRow]
     A folder whose files cannot be read as a run is one `damaged` row with the reason; it costs no other row."""
     root = Path(root)
     rows: list[RunRow] = []
-    deadline = time.monotonic() + READ_SECONDS
-    for folder in _folders(root):
+    deadline, jobs = time.monotonic() + READ_SECONDS, training_jobs(root)
+    for folder in _folders(root, jobs):
         if not _readable_name(folder.name):
             rows.append(_damaged(folder, "the folder's name is not UTF-8; rename it to open the run"))
             continue
         try:
-            detail = read_detail(folder, None if running is None else folder.name in running, deadline)
+            detail = read_detail(folder, None if running is None else folder.name in running, deadline, jobs)
         except Exception as error:  # noqa: BLE001  (a run's files are data: whatever is wrong costs that run only)
             rows.append(_damaged(folder, f"its files cannot be read ({type(error).__name__}: {str(error)[:200]})"))
             continue
@@ -308,7 +310,7 @@ def resolve_run(root: str | Path, run_id: str) -> Path:
             or len(name.encode("utf-8", errors="surrogateescape")) > 255):
         raise RunError(f"{name[:80]!r} is not a run id; pick one from the Runs list (runs returns them)")
     folder = root / name
-    if folder.is_symlink() or not folder.is_dir() or not RunFiles(folder).is_run():
+    if folder.is_symlink() or not folder.is_dir() or not (RunFiles(folder).is_run() or job_of(folder)):
         raise RunError(f"no run {name!r} in {root}; pick one from the Runs list")
     return folder
 
@@ -336,6 +338,7 @@ def delete_run(root: str | Path, run_id: str, running: bool | None = None) -> Pa
         shutil.rmtree(folder)  # removes links inside the folder, never what they point to
     finally:
         lock.release()
+    remove_jobs_of(folder)  # the server's records of its jobs: else a Runs list would show it again
     return folder
 
 

@@ -23,6 +23,7 @@ from lora_core.errors import UserError
 from lora_core.runrecord import RunFiles
 from studio import runs, scores_view, sheets
 from studio.cleanup import sweep_caches
+from studio.jobfiles import job_of
 from studio.render import plot_frame
 from studio.train_form import PageSettings, refuse_data_paths
 
@@ -139,7 +140,8 @@ class RunsTab:
         from lora_core.configfile import load_config
 
         files = RunFiles(runs.resolve_run(self.root, run_id))
-        for path in (files.job_config, files.config):
+        job = job_of(files.folder)  # its newest page job's files (studio/jobfiles.py); none for a CLI run
+        for path in ([job.job_config] if job else []) + [files.config]:
             if path.is_file():
                 return load_config(path).model_copy(update={"output_path": str(files.folder)})
         raise runs.RunError(f"run {run_id!r} has no config file (job_config.json or config.json) to use")

@@ -166,7 +166,9 @@ def test_a_stored_config_resumed_or_rerun_is_held_to_the_datasets_root(tmp_path)
     run.mkdir(parents=True)
     config = parse_config({"dataset_path": str(outside), "base_model": "builtin:tiny-sd", "output_path": str(run),
                            "trigger_words": ["zwx"], "steps": 4})
+    # as an older server left a page job's files, in the run folder (a new server moves them to .studio/jobs)
     (run / "job_config.json").write_text(json.dumps(config_to_file_dict(config)), encoding="utf-8")
+    (run / "job.json").write_text(json.dumps({"job_id": "j-old", "token": "t", "pid": 0, "started_at": "2026-01-01"}))
     log = EventLog(run / "events.jsonl")
     log(Started(total_steps=4, num_images=2, device="cpu", mixed_precision="no", model_family="SD 1.x",
                 output_path=str(run)))

@@ -11,6 +11,7 @@ from helpers import SHAPES_DATASET, tiny_config, wait_until
 
 from lora_core.configfile import parse_config
 from studio import launcher
+from studio.jobfiles import jobs_folder
 from studio.jobs import BusyError, Studio
 from studio.queue import queue_path
 from studio.runs import list_runs
@@ -35,17 +36,18 @@ def studios(monkeypatch):
 
 # A job that starts training, then on SIGTERM stops as the engine does: an `interrupted` event, exit 0.
 STOPPABLE_STANDIN = """
-import signal, sys, time
+import json, signal, sys, time
 from pathlib import Path
 from lora_core.events import Interrupted, Progress, Started
 from lora_core.eventlog import EventLog
-log = EventLog(Path(sys.argv[1]) / "events.jsonl")
+run = json.loads(Path(sys.argv[1]).read_text())["output_path"]  # its --config, in the job's own folder
+log = EventLog(Path(run) / "events.jsonl")
 def stop(*_):
     log(Interrupted(step=1, message="stopped by the user", checkpoint_path=None))
     sys.exit(0)
 signal.signal(signal.SIGTERM, stop)
 log(Started(total_steps=9, num_images=1, device="cpu", mixed_precision="no", model_family="sd15",
-            output_path=sys.argv[1]))
+            output_path=run))
 log(Progress(step=1, total_steps=9, loss=0.5, percent=11.0, lr=1e-4, it_per_s=1.0, eta_s=8.0, epoch=0))
 time.sleep(60)
 """
@@ -56,7 +58,7 @@ def config(outputs: Path, name: str):
 
 
 def devices_of(studio: Studio, job_id: str) -> list[int]:
-    return json.loads((Path(studio.view(job_id).output_path) / "job.json").read_text())["devices"]
+    return json.loads((jobs_folder(studio.outputs_root) / job_id / "job.json").read_text())["devices"]
 
 
 def test_one_job_per_gpu_and_the_next_starts_on_the_gpu_that_frees(studios, tmp_path):
@@ -134,7 +136,7 @@ def test_a_job_is_in_the_runs_list_from_the_moment_start_accepts_it(studios, tmp
 
 def test_a_stopped_run_has_the_same_state_word_in_the_live_view_and_the_runs_list(monkeypatch, tmp_path):
     monkeypatch.setattr(launcher, "launch_command", lambda config_path, *args, **kwargs: [
-        sys.executable, "-c", STOPPABLE_STANDIN, str(Path(config_path).parent)])
+        sys.executable, "-c", STOPPABLE_STANDIN, str(config_path)])
     studio = Studio(tmp_path, devices=0)
     try:
         job = studio.submit(config(tmp_path, "halted"))

@@ -20,6 +20,8 @@ from lora_core.events import (
     Complete,
     ConceptBleed,
     Dataset,
+    DoctorComplete,
+    DoctorProgress,
     Error,
     GridComplete,
     GridProgress,
@@ -35,9 +37,9 @@ from lora_core.events import (
     ValidationReport,
     parse_event,
 )
-from lora_core.runrecord import RunFiles
 from lora_core.runtail import RecordTail
 from studio import launcher
+from studio.jobfiles import JobFiles
 from studio.launcher import JobProcess, launch_command, record_lost
 
 
@@ -79,6 +81,9 @@ def test_every_event_reads_back_from_its_json_line():
               CaptionProgress(done=1, total=3, file="a.png", status="written", caption="sks, a dog"),
               CaptionComplete(folder="d", written=2, kept=1, refused=[{"file": "b.png", "reason": "r"}],
                               num_refused=1, device="cpu", total_time=1.0),
+              DoctorProgress(done=1, total=3, folder="d"),
+              DoctorComplete(path="findings.json", folders=["d"], num_images=3, num_findings=1,
+                             severities={"warning": 1}, total_time=0.5),
               ValidationReport(ok=False, problems=[{"field": "seed", "message": "m"}], details={"total_steps": 5})]
     assert {event.type for event in events} == set(EVENT_TYPES)
     assert [parse_event(event.to_json()) for event in events] == events
@@ -89,9 +94,10 @@ def fake_job(tmp_path: Path, monkeypatch, script: str) -> JobProcess:
     """A job whose process runs `script` instead of the engine (launch_command is what JobProcess runs)."""
     monkeypatch.setattr(launcher, "launch_command", lambda *args, **kwargs: [sys.executable, "-c",
                                                                              textwrap.dedent(script)])
-    config = parse_config(tiny_config(tmp_path, tmp_path / "run"))
-    return JobProcess.start(tmp_path / "run", launcher.train_command(tmp_path / "run", config), config,
-                            record={"job_id": "j1"})
+    config = parse_config(tiny_config(tmp_path, tmp_path / "run"))  # the job's own files: in tmp_path / "job"
+    (tmp_path / "run").mkdir()  # as the page's Studio makes it before it starts the job
+    return JobProcess.start(tmp_path / "job", launcher.train_command(tmp_path / "job", config), config,
+                            record={"job_id": "j1", "kind": "train", "target": str(tmp_path / "run")})
 
 
 def test_a_process_that_exits_without_a_result_ends_in_one_error_with_its_stderr(tmp_path, monkeypatch):
@@ -104,15 +110,16 @@ def test_a_process_that_exits_without_a_result_ends_in_one_error_with_its_stderr
         print("CUDA error: an illegal memory access", file=sys.stderr)
         sys.exit(3)
     """)
-    recorded = json.loads((tmp_path / "run" / "job.json").read_text())
+    recorded = json.loads((tmp_path / "job" / "job.json").read_text())
     assert recorded["pid"] == job.pid and recorded["job_id"] == "j1" and recorded["start_time"] > 0
-    assert (tmp_path / "run" / "job_config.json").is_file()
+    assert (tmp_path / "job" / "job_config.json").is_file() and (tmp_path / "job" / "stderr.log").is_file()
     wait_until(lambda: not job.alive(), what="the process to exit")
-    assert RecordTail(job.folder).update().terminal is None
+    assert RecordTail(job.events_folder).update().terminal is None
     error = record_lost(job)
     assert "exited with code 3" in error.message and "illegal memory access" in error.message
-    assert [event.type for event in read_events(job.folder / "events.jsonl")] == ["started", "error"]
-    record = RecordTail(job.folder).update()
+    assert [event.type for event in read_events(tmp_path / "run" / "events.jsonl")] == ["started", "error"]
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["events.jsonl"]  # the run's, only
+    record = RecordTail(tmp_path / "run").update()
     assert record.terminal == error and record.state == "failed"  # every later reader sees the run as failed
 
 
@@ -123,7 +130,7 @@ def test_a_killed_job_is_told_by_its_signal_and_a_later_process_finds_it_by_pid_
         print("loading the model", file=sys.stderr, flush=True)
         time.sleep(120)
     """)
-    wait_until(lambda: "loading the model" in "".join(RunFiles(job.folder).stderr_tail()), what="the child's stderr")
+    wait_until(lambda: "loading the model" in "".join(JobFiles(job.folder).stderr_tail()), what="the child's stderr")
     found = JobProcess.attach(job.folder)  # what a restarted server sees
     assert found is not None and found.popen is None and found.alive()
     assert found.start_time == job.start_time

@@ -24,6 +24,7 @@ from lora_core.job import run_job
 from lora_core.runrecord import ACTIVE
 from studio import launcher
 from studio import queue as queue_module
+from studio.jobfiles import jobs_folder
 from studio.jobs import BusyError, Studio
 from studio.queue import queue_path
 from studio.runs import RunError, delete_run, list_runs
@@ -152,19 +153,23 @@ def test_a_restarted_server_adopts_a_job_without_a_pid_and_signals_only_what_it_
     orphan = write_job(tmp_path / ".studio" / "jobs" / "j-orphan", job_id="j-orphan", kind="sweep",
                        token="t" * 32, target=str(stopped_run(tmp_path / "drawn")))
     job = hold(orphan, token="t" * 32)
+    # and a resume of a training, whose job holds its own folder's lock (its command wrapper) with its token
+    resumed = write_job(tmp_path / ".studio" / "jobs" / "j-train", job_id="j-train", kind="train", token="u" * 32,
+                        target=str(stopped_run(tmp_path / "again")))
+    trainer = hold(resumed, token="u" * 32)
     # a forged job.json names a process that is no job of ours
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         write_job(tmp_path / "forged", job_id="j-forged", kind="train", token="f" * 32, pid=victim.pid,
                   start_time=psutil.Process(victim.pid).create_time())
         studio = studios(tmp_path)
-        assert set(studio.running()) == {"j-orphan", "j-forged"}
+        assert set(studio.running()) == {"j-orphan", "j-forged", "j-train"}
         assert studio.view("j-orphan").state in ACTIVE
         assert studio.submit(config(tmp_path, "next")).state == "queued"  # the sweep holds the device
         with pytest.raises(BusyError, match="sweep"):
             studio.submit(config(tmp_path, "drawn"), resume=True)  # and reads that run
-        assert studio.stop("j-orphan") and studio.stop("j-forged")
-        wait_until(lambda: job.poll() is not None, 20, what="the orphan's stop")
+        assert studio.stop("j-orphan") and studio.stop("j-forged") and studio.stop("j-train")
+        wait_until(lambda: job.poll() is not None and trainer.poll() is not None, 20, what="the orphans' stop")
         assert studio.view("j-orphan").state == "stopped"
         time.sleep(0.5)
         assert victim.poll() is None, "the server signalled a process it could not prove was its job"
@@ -192,6 +197,9 @@ def test_damaged_job_and_queue_files_cost_their_entry_only(studios, tmp_path, mo
     assert studio.running() == ["ok-1"] and studio.queued() == []  # the one sound entry started
     assert len(studio.damaged) == 5 + 4 and "outside the folders this server owns" in " ".join(studio.damaged)
     assert {row.id: row.state for row in list_runs(tmp_path)}.get("minus") == "failed"  # shown, not followed
+    # an older server's job files in run folders were moved to the server's own folder, the FIFO left alone
+    assert not (tmp_path / "minus" / "job.json").exists() and (jobs_folder(tmp_path) / "a" / "job.json").is_file()
+    assert (tmp_path / "fifo" / "job.json").is_fifo()
 
 
 def test_the_queue_has_a_limit_and_a_start_it_could_not_save_never_runs_later(studios, tmp_path, monkeypatch):
@@ -232,14 +240,15 @@ def test_a_job_is_listed_while_it_leaves_the_queue_and_a_restart_never_starts_it
 
     monkeypatch.setattr(studio._queue, "remove", watched)
     started = studio.submit(config(tmp_path, "first"))
-    assert seen == [{"first"}] and Path(started.output_path, "job.json").is_file()
+    record_path = jobs_folder(tmp_path) / started.job_id / "job.json"  # the server's own folder, not the run's
+    assert seen == [{"first"}] and record_path.is_file() and not Path(started.output_path, "job.json").exists()
 
     # the server dies after the job's job.json was written but before queue.json lost it
     entry = {"job_id": started.job_id, "output_path": started.output_path, "kind": "train",
              "config": config_to_file_dict(config(tmp_path, "first"))}
-    record = Path(started.output_path, "job.json").read_text()
+    record = record_path.read_text()
     studio.shutdown(timeout=10)  # (which removes a new run that never trained: put back what a kill -9 leaves)
-    write_job(Path(started.output_path)).joinpath("job.json").write_text(record)
+    write_job(record_path.parent).joinpath("job.json").write_text(record)
     queue_path(tmp_path).write_text(json.dumps([entry]))
     again = studios(tmp_path)
     assert again.queued() == [] and again.running() == []

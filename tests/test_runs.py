@@ -33,7 +33,16 @@ def make_run(root: Path, name: str, events: list[dict], config: dict | None = No
     (folder / "config.json").write_text(json.dumps(config or {"base_model": "builtin:tiny-sd",
                                                               "training_params": {"learning_rate": 1e-4}}))
     if stderr:
-        (folder / "stderr.log").write_text(stderr)
+        (page_job(root, name) / "stderr.log").write_text(stderr)
+    return folder
+
+
+def page_job(root: Path, run: str, **record) -> Path:
+    """The server's own folder of a training job of run `run` (studio/jobfiles.py), with its job.json."""
+    folder = root / ".studio" / "jobs" / f"20261201-100000-{run}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "job.json").write_text(json.dumps({"job_id": folder.name, "kind": "train", "target": str(root / run),
+                                                 "started_at": "2026-12-01T10:00:00+00:00", **record}))
     return folder
 
 
@@ -65,7 +74,7 @@ def fill_outputs(root: Path) -> Path:
     make_run(root, "cli-killed", [_started(50), _progress(51, 1, 1.0)])  # no final event, no job.json
     (root / "uploads").mkdir()
     (root / "uploads" / "events.jsonl").write_text("")
-    (root / ".studio").mkdir()
+    (root / ".studio").mkdir(exist_ok=True)
     (root / ".studio" / "queue.json").write_text(json.dumps([{"job_id": "j9", "output_path": str(root / "waiting"),
                                                   "config": {"base_model": "builtin:tiny-sdxl"},
                                                   "queued_at": "2026-12-01T11:00:00+00:00"}]))
@@ -88,9 +97,9 @@ def test_list_runs_reads_every_run_newest_first_with_its_state(outputs: Path) ->
 def test_a_run_whose_process_lives_shows_as_running(outputs: Path) -> None:
     folder = outputs / "cli-killed"
     me = __import__("psutil").Process(os.getpid())
-    (folder / "job.json").write_text(json.dumps({"pid": os.getpid(), "start_time": me.create_time()}))
+    page_job(outputs, folder.name, pid=os.getpid(), start_time=me.create_time())
     assert run_detail(outputs, "cli-killed").state == "running"
-    (folder / "job.json").write_text(json.dumps({"pid": os.getpid(), "start_time": me.create_time() - 100}))
+    page_job(outputs, folder.name, pid=os.getpid(), start_time=me.create_time() - 100)
     assert run_detail(outputs, "cli-killed").state == "stopped"  # the pid was reused by another process
 
 
@@ -126,8 +135,11 @@ def test_run_ids_outside_the_outputs_folder_are_refused(outputs: Path, bad: str)
 
 
 def test_delete_removes_only_that_run_and_never_a_running_one(outputs: Path) -> None:
+    jobs = [page_job(outputs, "done"), page_job(outputs, "resumed")]  # the server's records of their jobs
     assert delete_run(outputs, "done") == (outputs / "done").resolve()
     assert not (outputs / "done").exists() and (outputs / "resumed").is_dir()
+    assert not jobs[0].exists() and jobs[1].is_dir()  # a deleted run's job records go with it
+    assert "done" not in {row.id for row in list_runs(outputs)}
     with pytest.raises(RunError, match="still running"):
         delete_run(outputs, "cli-killed", running=True)
     assert (outputs / "cli-killed").is_dir()

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_runs import _event, _progress, _started, make_run
+from test_runs import _event, _progress, _started, make_run, page_job
 from timeouts import within
 
 from lora_core.runrecord import MAX_POINTS
@@ -29,7 +29,7 @@ def test_a_fifo_named_config_or_events_never_hangs_the_runs_list(tmp_path: Path)
     fifo_events = tmp_path / "fifo-events"
     fifo_events.mkdir()
     os.mkfifo(fifo_events / "events.jsonl")
-    (fifo_events / "job.json").write_text("{}")
+    page_job(tmp_path, "fifo-events")  # started by the page: a run from then on
     rows = _rows(tmp_path)
     assert rows["good"].step == 1 and rows["fifo-config"].step == 2 and rows["fifo-config"].base_model == ""
     assert "fifo-events" in rows and "not a regular file" in rows["fifo-events"].problem

@@ -90,8 +90,9 @@ def test_uploads_a_queued_or_running_job_uses_are_never_removed(tmp_path):
     (outputs / ".studio").mkdir(parents=True)  # the page server's own folder (studio/queue.py)
     (outputs / ".studio" / "queue.json").write_text(json.dumps([{"job_id": "j1", "output_path": str(outputs / "next"),
                                                      "config": {"dataset_path": str(uploads / "queued")}}]))
-    (outputs / "starting").mkdir()  # a job that has not written its config.json yet
-    (outputs / "starting" / "job_config.json").write_text(json.dumps({"training_params": {
+    starting = outputs / ".studio" / "jobs" / "j2"  # a job that has not written its run's config.json yet
+    starting.mkdir(parents=True)
+    (starting / "job_config.json").write_text(json.dumps({"training_params": {
         "dataset_path": str(uploads / "running"), "validation_dataset_path": str(uploads / "validation")}}))
     assert [path.name for path in remove_unused(uploads, outputs)] == ["unused"]
     assert sorted(path.name for path in uploads.iterdir()) == ["queued", "running", "validation"]

@@ -109,15 +109,14 @@ def test_leftovers_of_killed_writes_are_removed(tmp_path):
     assert [step for step, _ in checkpoint.state_folders(tmp_path)] == [2]
 
 
-def test_the_sweep_of_leftovers_spares_job_json_which_the_server_writes_while_the_job_runs(tmp_path):
-    """A forked job sweeps its folder at once: the server's write of the job's pid into job.json lost its
-    temporary file to that sweep (seen in CI) and the server stopped following its jobs."""
-    (tmp_path / ".job.json.w1e2.tmp").write_bytes(b"{")
-    (tmp_path / ".jobs" / "grid-1").mkdir(parents=True)
-    (tmp_path / ".jobs" / "grid-1" / ".job.json.q9.tmp").write_bytes(b"{")
+def test_the_sweep_of_leftovers_spares_nothing_the_page_server_keeps_its_job_files_apart(tmp_path):
+    """Everything in a run folder is the run's: the server's job.json lives in OUTPUTS/.studio/jobs/<id>
+    (studio/jobfiles.py), so a forked job sweeping its folder at once can never take the server's write."""
     (tmp_path / ".lora_final.safetensors.k2j3.tmp").write_bytes(b"half")
-    assert [path.name for path in checkpoint.clean_leftovers(tmp_path)] == [".lora_final.safetensors.k2j3.tmp"]
-    assert (tmp_path / ".job.json.w1e2.tmp").exists() and (tmp_path / ".jobs" / "grid-1" / ".job.json.q9.tmp").exists()
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / ".step_2.png.q9.tmp").write_bytes(b"half")
+    removed = checkpoint.clean_leftovers(tmp_path)
+    assert sorted(path.name for path in removed) == [".lora_final.safetensors.k2j3.tmp", ".step_2.png.q9.tmp"]
 
 
 def test_a_fresh_run_into_a_folder_with_training_states_is_refused_before_any_model_loads(dataset_dir, tmp_path):

@@ -201,10 +201,12 @@ def test_full_job_from_upload_to_a_lora_that_loads_in_diffusers(client, served, 
     state = wait_for(client, lambda s: s["state"] in TERMINAL, job)
     assert state["state"] == "complete", state
     assert state["percent"] == 100 and state["step"] == 4
-    run = Path(state["output_path"])  # the job was a process of its own, recorded in its run folder
-    record = json.loads((run / "job.json").read_text())
+    run = Path(state["output_path"])  # the job was a process of its own, recorded in the server's own folder
+    record = json.loads((run.parent / ".studio" / "jobs" / job / "job.json").read_text())
     assert record["job_id"] == job and record["pid"] != os.getpid() and gone(record["pid"])
-    assert record["command"][1:4] == ["-m", "lora_core", "train"] and (run / "stderr.log").is_file()
+    assert record["command"][1:4] == ["-m", "lora_core", "train"] and record["target"] == str(run)
+    assert (run.parent / ".studio" / "jobs" / job / "stderr.log").is_file()
+    assert not {"job.json", "job_config.json", "stderr.log"} & {path.name for path in run.iterdir()}  # the run's only
     reopened = Client(served[2], verbose=False, download_files=str(tmp_path / "downloads"))  # a new page
     status, plot, samples, checkpoints, final = reopened.predict(api_name="/refresh")[:5]
     reopened.close()
@@ -314,7 +316,7 @@ def test_starts_queue_in_order_stop_is_answered_under_a_flood_of_polls_and_keeps
     assert resumed["checkpoints"][0] == str(checkpoint)  # the checkpoints before the resume stay listed
     for job_id in (ids[1], ids[0]):  # each starts by itself when the one before it ends
         assert wait_for(client, lambda s: s["state"] in TERMINAL, job_id, timeout=180)["state"] == "complete"
-    starts = [json.loads((Path(a["output_path"]) / "job.json").read_text())["start_time"] for a in later]
+    starts = [job_record(answer)["start_time"] for answer in later]
     assert starts[1] < starts[0]
     assert client.predict(api_name="/queue") == []
 
@@ -450,7 +452,9 @@ LONG = dict(dataset_path=str(DEMO), steps=5000, checkpoint_steps=5000, validatio
 
 
 def job_record(state: dict) -> dict:
-    return json.loads((Path(state["output_path"]) / "job.json").read_text())
+    """A page job's job.json: in the server's own folder, OUTPUTS/.studio/jobs/<job id> (studio/jobfiles.py)."""
+    return json.loads((Path(state["output_path"]).parent / ".studio" / "jobs" / state["job_id"] / "job.json")
+                      .read_text())
 
 
 @pytest.mark.e2e
@@ -463,7 +467,7 @@ def test_a_job_killed_with_sigkill_shows_as_failed_with_its_signal_and_stderr(cl
     state = wait_for(client, lambda s: s["state"] in TERMINAL, job)
     assert state["state"] == "failed" and "killed by signal 9 (SIGKILL)" in state["message"]
     assert "Last lines of stderr.log" in state["message"] and state["stderr_tail"]
-    assert state["stderr_tail"][0].startswith("--- ")  # the job's own stderr, from its run folder
+    assert state["stderr_tail"][0].startswith("--- ")  # the job's own stderr, from its job folder
     page = Client(client.src, verbose=False)  # a page opened now shows the failure, with the signal
     status = page.predict(api_name="/refresh")[0]
     page.close()
