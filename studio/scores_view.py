@@ -117,8 +117,7 @@ class ScoresSection:
 
     def __init__(self, root: Path, studio: Studio | None):
         self.root, self.studio = Path(root), studio
-        self._asked: dict[str, Path] = {}  # job id -> run folder, of the scores queued here (a queued job's
-        self._lock = threading.RLock()     # view names no run; a running one's job.json does)
+        self._lock = threading.Lock()  # two clicks at once: one is queued, the other refused
 
     def form(self, run_id: str) -> tuple[Any, ...]:
         """The opened run's scores: the recommendation and warnings, the figures by step, the table."""
@@ -139,7 +138,7 @@ class ScoresSection:
 
         if self.studio is None:
             raise gr.Error("this page cannot score runs (no job registry)")
-        with self._lock:  # two clicks at once: one is queued, the other refused
+        with self._lock:
             try:
                 folder = runs.resolve_run(self.root, run_id)
                 if (busy := self.scoring(folder)) is not None:
@@ -148,7 +147,6 @@ class ScoresSection:
                 submitted = self.studio.submit_tool("score", folder, [])
             except (UserError, BusyError, ValueError) as error:
                 raise gr.Error(f"No score queued: {error}") from None
-            self._asked[submitted.job_id] = folder.resolve()
         return {**submitted.to_dict(), "run_id": folder.name}
 
     def scoring(self, folder: Path | None = None) -> dict[str, str] | None:
@@ -156,21 +154,13 @@ class ScoresSection:
         opened or reloaded while it scores follows."""
         if self.studio is None:
             return None
-        with self._lock:
-            return self._scoring(folder)
-
-    def _scoring(self, folder: Path | None) -> dict[str, str] | None:
-        queued = {job["job_id"] for job in self.studio.queued()}  # before running(): a job leaves the queue
-        asked = {job_id: run for job_id, run in self._asked.items() if job_id in queued}  # for the devices
-        for job_id in self.studio.running():  # the ones this server adopted after a restart too
-            if "-score-" in job_id:
-                target = RunFiles(Path(self.studio.view(job_id).output_path)).job_record().get("target")
-                if target or job_id in self._asked:
-                    asked[job_id] = Path(str(target)).resolve() if target else self._asked[job_id]
-        self._asked = {job_id: run for job_id, run in self._asked.items() if job_id in asked}  # ended: forgotten
-        for job_id, run in asked.items():
-            if folder is None or run == Path(folder).resolve():
-                return {"job_id": job_id, "run_id": run.name}
+        jobs = [(job["job_id"], job.get("target")) for job in self.studio.queued() if job.get("kind") == "score"]
+        for job_id in self.studio.running():  # after queued(): a job leaves the queue as it starts
+            if "-score-" in job_id:  # a running one's job.json names its run (adopted after a restart too)
+                jobs.append((job_id, RunFiles(Path(self.studio.view(job_id).output_path)).job_record().get("target")))
+        for job_id, target in jobs:
+            if target and (folder is None or Path(str(target)).resolve() == Path(folder).resolve()):
+                return {"job_id": job_id, "run_id": Path(str(target)).name}
         return None
 
     def follow(self, submitted: dict[str, Any] | None, opened: str | None) -> Iterator[tuple[Any, ...]]:

@@ -154,21 +154,34 @@ def test_queue_two_jobs_then_open_score_compare_and_grid_them_in_the_browser(stu
 
 
 def score_and_follow(page, run: str) -> None:
-    """Score the opened run: the job's progress, a second Score refused while it scores, a page opened then
-    (as a reload is) following it to its end, and the scores shown on both without a reload."""
+    """Score the opened run: it waits for the device (a long run trains, so this part takes no race with the
+    scoring's speed), a second Score is refused while it waits or runs, a page opened then (as a reload is)
+    follows it, and when it ends both pages show the scores without a reload."""
     from playwright.sync_api import expect
 
-    summary = page.locator("#scores-summary")
-    expect(summary).to_contain_text("Not scored yet")
+    expect(page.locator("#scores-summary")).to_contain_text("Not scored yet")
+    page.get_by_role("tab", name="Train").click()
+    for name, value in (("steps", 5000), ("checkpoint_steps", 5000), ("validation_steps", 5000), ("run_name", "long")):
+        fill(page, name, value)
+    page.click("#start")
+    expect(page.locator("#run-status")).to_have_attribute("data-state", re.compile("starting|running"))
+    expect(page.locator("#run-status")).to_contain_text("long")  # it holds the one device from now on
+    page.get_by_role("tab", name="Runs").click()
     page.click("#score-run")
     status = page.locator("#score-status")
-    expect(status).to_have_attribute("data-state", re.compile("queued|starting|running"))
+    expect(status).to_have_attribute("data-state", "queued")
+    expect(status).to_contain_text(f"Score of {run}: waiting for the device")
     page.click("#score-run")
     expect(page.get_by_text(f"No score queued: run '{run}' is being scored now")).to_be_visible()
     reloaded = page.context.browser.new_page()  # as a reload: a new page session
     reloaded.goto(page.url)
+    expect(reloaded.locator("#queue-table")).to_contain_text(run)  # the queue names the run a score is of
     reloaded.get_by_role("tab", name="Runs").click()
-    expect(reloaded.locator("#score-status")).to_have_attribute("data-state", re.compile("starting|running"))
+    expect(reloaded.locator("#score-status")).to_contain_text(f"Score of {run}: waiting for the device")
+    page.get_by_role("tab", name="Train").click()
+    page.click("#stop")  # the device is free: the score starts
+    expect(page.locator("#run-status")).to_have_attribute("data-state", "stopped", timeout=60_000)
+    page.get_by_role("tab", name="Runs").click()
     for shown in (page, reloaded):
         expect(shown.locator("#score-status")).to_have_attribute("data-state", "complete", timeout=300_000)
         expect(shown.locator("#score-status")).to_contain_text(f"Score of {run}: done")
