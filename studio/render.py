@@ -165,10 +165,9 @@ QUEUE_HEADERS = ["#", "run", "job", "model", "steps", "queued at"]
 
 
 def queued_run_name(job: dict[str, Any]) -> str:
-    """The run a queued job is for: a training job's own folder, a grid's or sweep's run (its job folder is
-    RUN/.jobs/ID)."""
-    folder = Path(job["output_path"])
-    return folder.parent.parent.name if job.get("kind", "train") != "train" else folder.name
+    """The run a queued job is for: a training job's own folder, a grid's, sweep's or score's run (its target;
+    its job folder is OUTPUTS/.studio/jobs/ID)."""
+    return Path(job.get("target") or job["output_path"]).name
 
 
 def queue_label(job: dict[str, Any]) -> str:

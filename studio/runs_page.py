@@ -9,7 +9,6 @@ with `run`).
 
 from __future__ import annotations
 
-import html
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +28,6 @@ from studio.train_form import PageSettings, refuse_data_paths
 
 if TYPE_CHECKING:
     from studio.jobs import Studio
-    from studio.jobview import RunView
 
 FOLLOW_TICK_S = 0.5
 TOOL_JOB = re.compile(r"-(grid|sweep)-")  # a grid's or sweep's job id (Studio.submit_tool names them so)
@@ -72,21 +70,6 @@ def _detail_markdown(detail: runs.RunDetail) -> str:
     return "\n".join(lines)
 
 
-def sheet_status(view: RunView, kind: str) -> str:
-    """A grid or sweep job's state in words, with its cells drawn."""
-    words = {"queued": "waiting for the device", "starting": "loading the base model",
-             "running": f"{'scoring' if kind == 'score' else 'drawing cell'} {view.step} of {view.total_steps}",
-             "stopping": "stopping",
-             "complete": "done", "stopped": "stopped", "failed": "failed", "idle": "unknown job"}
-    word = "saving the image" if view.state == "stopping" and view.terminal is not None else words[view.state]
-    text = f"{kind.capitalize()}: {word}"
-    if view.message and view.state != "complete":
-        text += f". {view.message}"
-    return (f'<div class="ls-status ls-{view.state}" id="sheet-status" data-state="{view.state}">'
-            f'<div class="ls-bar"><div class="ls-fill" style="width:{min(view.percent, 100):.2f}%"></div></div>'
-            f'<div class="ls-line">{html.escape(text)}</div></div>')
-
-
 class RunsTab:
     """The Runs tab. `running`: ids of the runs this server is training now (None: ask the OS). `studio`:
     the server's job registry, which draws grids and sweeps (None: the tab only reads runs)."""
@@ -97,6 +80,7 @@ class RunsTab:
         self._running = running
         self.studio = studio
         self.settings = settings  # its datasets root holds for a run's stored config too (Resume, Rerun)
+        self.scores = scores_view.ScoresSection(self.root, studio)
 
     def running(self) -> set[str] | None:
         return None if self._running is None else self._running()
@@ -200,31 +184,6 @@ class RunsTab:
         shown = gr.Dataframe(value=table, headers=["field", *result["runs"]])  # a column per run, named
         return _frame(result["curves"], smoothed=False), shown, result
 
-    def scores_form(self, run_id: str) -> tuple[Any, ...]:
-        """The opened run's scores: the recommendation and warnings, the figures by step, the table."""
-        try:
-            detail = runs.run_detail(self.root, run_id)
-        except UserError:
-            return (gr.skip(),) * 3
-        return (scores_view.summary(detail), scores_view.figures_frame(detail.scores),
-                gr.Dataframe(value=scores_view.table(detail.scores), headers=scores_view.scores.TABLE_HEADERS))
-
-    def score(self, run_id: str) -> dict[str, Any]:
-        """Queue the scoring of a run's saved LoRAs (scores.json): {job_id, state, position, output_path}."""
-        return {**self._submit("score", run_id, lambda folder: []), "run_id": run_id}
-
-    def follow_score(self, submitted: dict[str, Any] | None) -> Iterator[tuple[Any, ...]]:
-        """The score job's progress, then the run's scores shown."""
-        if not submitted or self.studio is None:
-            return
-        while True:
-            view = self.studio.view(submitted["job_id"])
-            if not (view.active or view.state == "queued"):
-                break
-            yield sheet_status(view, "score"), gr.skip(), gr.skip(), gr.skip()
-            time.sleep(FOLLOW_TICK_S)
-        yield sheet_status(view, "score"), *self.scores_form(str(submitted.get("run_id", "")))
-
     def side_by_side(self, result: dict[str, Any] | None) -> tuple[Any, Any]:
         pictures, table = scores_view.side_by_side(result)
         items = (result or {}).get("runs", [])
@@ -255,7 +214,7 @@ class RunsTab:
         if self.studio is None:
             return None
         running = [job_id for job_id in self.studio.running() if TOOL_JOB.search(job_id)]
-        waiting = [job["job_id"] for job in self.studio.queued() if job.get("kind", "train") != "train"]
+        waiting = [job["job_id"] for job in self.studio.queued() if job.get("kind") in ("grid", "sweep")]
         return {"job_id": (running + waiting)[0]} if running or waiting else None
 
     def grid(self, run_id: str, steps: list[str] | None, prompts: str | None) -> dict[str, Any]:
@@ -287,13 +246,13 @@ class RunsTab:
             view = self.studio.view(submitted["job_id"])
             if not (view.active or view.state == "queued"):
                 break
-            yield sheet_status(view, kind), gr.skip(), gr.skip()
+            yield scores_view.job_status(view, kind), gr.skip(), gr.skip()
             time.sleep(FOLLOW_TICK_S)
         if view.state == "complete" and view.final_path:
-            yield (sheet_status(view, kind), gr.update(value=view.final_path, visible=True),
+            yield (scores_view.job_status(view, kind), gr.update(value=view.final_path, visible=True),
                    gr.update(value=view.final_path, visible=True))
         else:
-            yield sheet_status(view, kind), gr.skip(), gr.skip()
+            yield scores_view.job_status(view, kind), gr.skip(), gr.skip()
 
     # --- layout ---
     def build(self) -> None:
@@ -315,7 +274,7 @@ class RunsTab:
                                  interactive=False, elem_id="run-files")
             self.report = gr.File(label="HTML report", interactive=False, elem_id="run-report")
             self.detail = gr.JSON(label="Run details", visible=False)
-            self._scores_section()
+            self.scores.build()
             with gr.Row():
                 self.confirm = gr.Checkbox(label="yes, delete this run's folder", value=False,
                                            elem_id="runs-confirm")
@@ -342,17 +301,6 @@ class RunsTab:
                                                columns=2, height=320, elem_id="compare-pictures")
             self.compare_scores = gr.Dataframe(headers=["figure", "values"], interactive=False,
                                                elem_id="compare-scores")
-
-    def _scores_section(self) -> None:
-        with gr.Group(elem_id="run-scores"):
-            self.scores_summary = gr.Markdown(elem_id="scores-summary")
-            self.scores_plot = gr.LinePlot(x="step", y="value", color="figure", title="Scores by step (strength 1)",
-                                           height=240, elem_id="scores-plot")
-            self.scores_table = gr.Dataframe(headers=scores_view.scores.TABLE_HEADERS, interactive=False,
-                                             elem_id="scores-table")
-            self.score_button = gr.Button("Score this run", elem_id="score-run")
-            self.score_job = gr.JSON(visible=False)
-            self.score_state = gr.HTML(elem_id="score-progress")
 
     def _sheet_section(self) -> None:
         with gr.Group(elem_id="pick-best"):
@@ -383,8 +331,7 @@ class RunsTab:
         demo.load(self.list, None, listed, api_name=False)
         opened = self.open_button.click(self.open, self.pick, [self.summary, self.plot, self.samples, self.files,
                                                                self.report, self.detail], api_name="open_run")
-        opened.then(self.scores_form, self.pick, [self.scores_summary, self.scores_plot, self.scores_table],
-                    api_name=False)
+        opened.then(self.scores.opened, self.pick, self.scores.wire(demo, self.pick), api_name=False)  # and Score
         opened.then(self.sheet_form, self.pick, [self.grid_steps, self.grid_prompts, self.sweep_step,
                                                  self.sheet_image, self.sheet_file], api_name=False)
         control = dict(concurrency_id="control", concurrency_limit=None)  # as Start: never behind the polls
@@ -400,10 +347,6 @@ class RunsTab:
                   concurrency_limit=None).then(  # a reloaded page sees it draw
             self.follow, self.sheet_job, shown, api_name=False, concurrency_id="follow", concurrency_limit=None,
             show_progress="hidden")
-        self.score_button.click(self.score, self.pick, self.score_job, api_name="score", **control).then(
-            self.follow_score, self.score_job, [self.score_state, self.scores_summary, self.scores_plot,
-                                                self.scores_table],
-            api_name=False, concurrency_id="follow", concurrency_limit=None, show_progress="hidden")
         self.resume_button.click(self.resume, self.pick, self.resumed, api_name="resume_run",
                                  concurrency_id="control", concurrency_limit=None).then(
             self.list, None, listed, api_name=False)

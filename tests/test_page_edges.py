@@ -46,8 +46,8 @@ def test_the_queue_says_run_kind_model_and_steps_not_ids():
     train = {"job_id": "20260101-000000-abcdef", "position": 1, "output_path": "/out/my-lora-2", "resume": False,
              "queued_at": "2026-01-01T10:11:12+00:00", "kind": "train", "base_model": "builtin:toy-sd",
              "steps": 300}
-    grid = {**train, "job_id": "x-grid-1", "position": 2, "output_path": "/out/my-lora/.jobs/x-grid-1",
-            "kind": "grid", "base_model": None, "steps": None}
+    grid = {**train, "job_id": "x-grid-1", "position": 2, "output_path": "/out/.studio/jobs/x-grid-1",
+            "target": "/out/my-lora", "kind": "grid", "base_model": None, "steps": None}
     assert render.queue_label(train) == "1. my-lora-2 · train · builtin:toy-sd · 300 steps"
     assert render.queue_label(grid) == "2. my-lora · grid"
     assert render.queue_label({**train, "resume": True}).startswith("1. my-lora-2 · resume")
