@@ -221,14 +221,9 @@ class Studio:
             return self._queue.move_up(job_id)
 
     def queued(self) -> list[dict[str, Any]]:
-        """The queue in order: job_id, position, output_path, resume, processes, queued_at, kind and its model, and
-        target (the folder it works on: a grid's or score's run)."""
+        """The queue in order, a row a job (pipeline.queue_row: its id, position, kind, model, target...)."""
         with self._lock:
-            return [{"job_id": job.job_id, "position": index + 1, "output_path": job.output_path, "resume": job.resume,
-                     "target": str(target_of(job)),
-                     "processes": job.processes, "queued_at": job.queued_at, "kind": job.kind, "base_model": job.config
-                     .get("base_model"), "steps": job.config.get("training_params", {}).get("steps")} for index, job
-                    in enumerate(self._queue.jobs)]
+            return [pipeline.queue_row(job, index + 1) for index, job in enumerate(self._queue.jobs)]
 
     def _busy(self) -> dict[Path, set[str]]:
         """The folders this server's queued and running jobs work on, with their kinds."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from lora_core import runlock
 from lora_core.config import TrainConfig
@@ -72,6 +73,14 @@ def job_command(job: QueuedJob, folder: Path) -> tuple[list[str], TrainConfig | 
 
         _, config = read_run(job.args[0])
     return tool_command([job.kind, *job.args]), config
+
+
+def queue_row(job: QueuedJob, position: int) -> dict[str, Any]:
+    """What the page shows of a queued job: job_id, position, output_path, resume, processes, queued_at, kind,
+    its model and steps, and target (the folder it works on: a grid's or score's run)."""
+    return {"job_id": job.job_id, "position": position, "output_path": job.output_path, "resume": job.resume,
+            "target": str(target_of(job)), "processes": job.processes, "queued_at": job.queued_at, "kind": job.kind,
+            "base_model": job.config.get("base_model"), "steps": job.config.get("training_params", {}).get("steps")}
 
 
 def check_free(target: Path, kind: str, busy: dict[Path, set[str]]) -> None:
