@@ -9,6 +9,7 @@ right (no bleed). One JSON line per LoRA on stdout, a table at the end.
     OMP_NUM_THREADS=1 python -m bench.overfit --setup 3e-3:160:6:42 --setup 1e-2:240:4:0 --every 20 > runs.jsonl
     python -m bench.overfit --table runs.jsonl      # the markdown table of bench/RESULTS.md
 
+"warnings" are those of today's rule (lora_core.scores.warnings, overfit_patience 3) on the logged figures;
 "checker" below is the share right of all 18 concept scenes and `--vocabulary` prompts together (one seed each,
 20 sampler steps); rho(figure) the rank correlation, within a run, of a figure with it (the held-out loss and the
 bleed negated: higher is better for every column).
@@ -107,28 +108,29 @@ def _rho(a: list[float], b: list[float]) -> float:
 def table(files: list[Path]) -> str:
     """The markdown table of logged runs: the recommendation and the final LoRA on the checker, and which
     figure follows the checker."""
+    from lora_core import scores
+
     runs: dict[str, list[dict]] = {}
-    warned: dict[str, list[str]] = {}
     for file in files:
         for line in file.read_text().splitlines():
             row = json.loads(line) if line.startswith("{") else None
             if row and "label" in row:
                 right = 18 * row["checker_concept"] + 24 * row["checker_plain"]
                 runs.setdefault(row["setup"], []).append({**row, "checker": right / 42})
-            elif row:
-                warned[row["setup"]] = row["warnings"]
     figures = {"-loss": lambda r: -r["heldout_loss"], "concept": lambda r: r["concept"],
                "likeness": lambda r: r["likeness"], "-bleed": lambda r: -r["bleed"]}
     lines = ["| lr:steps:pictures:seed | warnings | recommended (checker) | final (checker) | best (checker) | "
              "rank of recommended | " + " | ".join(f"rho({name})" for name in figures) + " |",
              "| --- " * (6 + len(figures)) + "|"]
     for setup, rows in runs.items():
+        loras = [{**row, "final": row["label"].startswith("final")} for row in rows]
+        warned = [warning["reason"] for warning in scores.warnings({"loras": loras})]  # by today's rule
         chosen = next(row for row in rows if row["recommended"])
         best = max(rows, key=lambda row: row["checker"])
         place = 1 + sum(row["checker"] > chosen["checker"] for row in rows)
         checker = [row["checker"] for row in rows]
         rhos = " | ".join(f"{_rho([get(row) for row in rows], checker):+.2f}" for get in figures.values())
-        lines.append(f"| {setup} | {', '.join(warned.get(setup, [])) or '-'} | {chosen['step']} "
+        lines.append(f"| {setup} | {', '.join(warned) or '-'} | {chosen['step']} "
                      f"({chosen['checker']:.2f}) | {rows[-1]['step']} ({rows[-1]['checker']:.2f}) | {best['step']} "
                      f"({best['checker']:.2f}) | {place} of {len(rows)} | {rhos} |")
     return "\n".join(lines)
