@@ -98,8 +98,9 @@ def test_the_recommendation_says_which_checkpoint_and_strength_and_why():
 def overfit_run(tmp_path_factory):
     """6 of the demo's pictures (2 held out), learning rate 1e-2 (ten times the demo's) for up to 160 steps with
     early stop after 4 evaluations without a new lowest, scored at the end. bench/overfit.py measured such runs
-    (bench/RESULTS.md): from 1e-2 up the LoRA breaks what the checker sees, more the longer it trains, and the
-    held-out loss rises with it; at 3e-3 the held-out loss rises too, but the checker finds no harm."""
+    (bench/RESULTS.md): from 1e-2 up the LoRA breaks what the checker sees (prompts without the trigger most) and
+    the held-out loss rises; at 3e-3 the held-out loss rises too, but the checker finds no harm. Measured: the
+    held-out loss is lowest at step 20 (0.039), then 0.047, 0.041, 0.049, 0.044; early stop at step 100."""
     from lora_core.job import run_job
     from lora_core.scoring import score_at_end
 
@@ -129,9 +130,9 @@ def sound_run(tmp_path_factory):
     return config.output_path, score_run(config.output_path, renderer=renderer), renderer
 
 
-def checker_score(run_folder, entry) -> float:
-    """The toy checker's share right: each concept scene with the trigger word (magenta, the shape, the
-    background) and 12 vocabulary prompts (unchanged by the LoRA), one seed each."""
+def checker_shares(run_folder, entry, scale: float = 1.0) -> tuple[float, float]:
+    """The toy checker's shares right with the LoRA at `scale`: the concept scenes with the trigger word (magenta,
+    the shape, the background; every second one) and 12 vocabulary prompts (unchanged by the LoRA), one seed each."""
     from diffusers import StableDiffusionPipeline
 
     from lora_core import builtin
@@ -139,16 +140,25 @@ def checker_score(run_folder, entry) -> float:
 
     pipeline = StableDiffusionPipeline.from_pretrained(builtin.builtin_folder("toy-sd"), safety_checker=None,
                                                        requires_safety_checker=False)
-    pipeline.load_lora_weights(str(run_folder / entry["file"]))
-    scenes = [(scene, scene.caption(world.TRIGGER)) for scene in world.concept_scenes()[::2]]
-    scenes += [(scene, scene.caption()) for scene, _ in score.vocabulary_set(12)]
-    images = score.draw(pipeline, [caption for _, caption in scenes], [7] * len(scenes), steps=CHECKER_STEPS)
-    return sum(checker.judge(image).matches(scene) for (scene, _), image in zip(scenes, images, strict=True)) \
-        / len(scenes)
+    pipeline.load_lora_weights(str(run_folder / entry["file"]), adapter_name="judged")
+    pipeline.set_adapters(["judged"], [scale])
+    shares = []
+    for scenes in ([(scene, scene.caption(world.TRIGGER)) for scene in world.concept_scenes()[::2]],
+                   [(scene, scene.caption()) for scene, _ in score.vocabulary_set(12)]):
+        images = score.draw(pipeline, [caption for _, caption in scenes], [7] * len(scenes), steps=CHECKER_STEPS)
+        shares.append(sum(checker.judge(image).matches(scene)
+                          for (scene, _), image in zip(scenes, images, strict=True)) / len(scenes))
+    return shares[0], shares[1]
+
+
+def checker_score(run_folder, entry, scale: float = 1.0) -> float:
+    """The share right of the 9 concept scenes and 12 vocabulary prompts together."""
+    concept, vocabulary = checker_shares(run_folder, entry, scale)
+    return (9 * concept + 12 * vocabulary) / 21
 
 
 @pytest.mark.e2e
-def test_an_overfitting_run_is_warned_and_its_recommended_lora_beats_its_final_one_on_the_checker(overfit_run):
+def test_an_overfitting_run_is_warned_and_its_recommendation_beats_its_final_lora_on_the_checker(overfit_run):
     events = read_events(overfit_run / "events.jsonl")
     types = [event.type for event in events]
     assert types.index("complete") < types.index("score_progress")  # score_at_end: after the run's end
@@ -174,9 +184,12 @@ def test_an_overfitting_run_is_warned_and_its_recommended_lora_beats_its_final_o
                                    else "lora_best.safetensors")
     assert "the held-out loss stopped falling at step" in recommended["text"]
     assert "heldout_rising" in [warning["reason"] for warning in data["warnings"]]
-    # the proof: the checker, which knows what each picture should show, rates the recommended LoRA above the final
-    by_checker = {entry["label"]: checker_score(overfit_run, entry) for entry in (recommended, final)}
-    assert by_checker[recommended["label"]] > by_checker[final["label"]], by_checker
+    # the proof, by the checker, which knows what each picture should show: the recommendation followed (that
+    # LoRA at that strength) draws more right than the final LoRA as it comes (strength 1), and still draws the
+    # concept; the checkpoints themselves, at strength 1, differ by less than the checker's noise (bench/RESULTS.md)
+    followed, as_is = checker_shares(overfit_run, recommended, recommended["scale"]), checker_shares(overfit_run, final)
+    assert recommended["scale"] < 1 and followed[0] > 0, followed
+    assert 9 * followed[0] + 12 * followed[1] > 9 * as_is[0] + 12 * as_is[1], (followed, as_is)
     report = (overfit_run / "training_report.html").read_text()
     assert "Recommended: " in report and "likely overfitting" in report
 
