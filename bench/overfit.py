@@ -8,6 +8,7 @@ right (no bleed). One JSON line per LoRA on stdout, a table at the end.
 
     OMP_NUM_THREADS=1 python -m bench.overfit --setup 3e-3:160:6:42 --setup 1e-2:240:4:0 --every 20 > runs.jsonl
     python -m bench.overfit --table runs.jsonl      # the markdown table of bench/RESULTS.md
+    python -m bench.overfit --recheck RUN/out ...   # judged again at 3 seeds: the recommendation followed
 
 "warnings" are those of today's rule (lora_core.scores.warnings, overfit_patience 3) on the logged figures;
 "checker" below is the share right of all 18 concept scenes and `--vocabulary` prompts together (one seed each,
@@ -88,6 +89,31 @@ def run_setup(spec: str, every: int, checker_steps: int, vocabulary: int, keep: 
     return rows
 
 
+def recheck(folder: Path, pipeline) -> dict:
+    """A scored run's recommendation judged with 3 seeds of all 18 concept scenes and 60 vocabulary prompts: the
+    recommended LoRA at its strength and at 1, the final LoRA at 1 and at the recommended strength."""
+    from lora_core.toy import checker, score, world
+
+    concept = [(scene, scene.caption(world.TRIGGER), seed) for scene in world.concept_scenes() for seed in (7, 8, 9)]
+    plain = [(scene, scene.caption(), seed) for scene, seed in score.vocabulary_set(60)]
+    data = json.loads((folder / "scores.json").read_text())
+    recommended, final = data["recommendation"], data["loras"][-1]
+    result = {"run": str(folder)}
+    for name, entry, scale in (("followed", recommended, recommended["scale"]), ("recommended_at_1", recommended, 1.0),
+                               ("final", final, 1.0), ("final_at_its_strength", final, recommended["scale"])):
+        pipeline.unload_lora_weights()
+        pipeline.load_lora_weights(str(folder / entry["file"]), adapter_name="judged")
+        pipeline.set_adapters(["judged"], [scale])
+        shares = []
+        for items in (concept, plain):
+            images = score.draw(pipeline, [caption for _, caption, _ in items], [seed for *_, seed in items])
+            shares.append(sum(checker.judge(image).matches(scene)
+                              for (scene, _, _), image in zip(items, images, strict=True)) / len(items))
+        result[name] = {"file": entry["file"], "scale": scale, "concept": round(shares[0], 3),
+                        "vocabulary": round(shares[1], 3), "all": round((54 * shares[0] + 60 * shares[1]) / 114, 3)}
+    return result
+
+
 def _rank(values: list[float]) -> list[float]:
     order = sorted(range(len(values)), key=values.__getitem__)
     ranks = [0.0] * len(values)
@@ -144,9 +170,19 @@ def main() -> None:
     parser.add_argument("--checker-steps", type=int, default=20)
     parser.add_argument("--vocabulary", type=int, default=24, help="vocabulary prompts the checker judges")
     parser.add_argument("--keep", type=Path, help="keep the runs under this folder")
+    parser.add_argument("--recheck", type=Path, nargs="+", help="judge these scored runs again at 3 seeds")
     args = parser.parse_args()
     if args.table:
         print(table(args.table))
+    if args.recheck:
+        from diffusers import StableDiffusionPipeline
+
+        from lora_core import builtin
+
+        pipeline = StableDiffusionPipeline.from_pretrained(builtin.builtin_folder("toy-sd"), safety_checker=None,
+                                                           requires_safety_checker=False)
+        for folder in args.recheck:
+            print(json.dumps(recheck(folder, pipeline)), flush=True)
     for spec in args.setup:
         rows = run_setup(spec, args.every, args.checker_steps, args.vocabulary, args.keep)
         print(f"# {spec}")
