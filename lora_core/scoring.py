@@ -1,7 +1,7 @@
 """Score every saved LoRA of a run: held-out loss, concept strength, likeness and bleed (defined in scores.py),
 at strength 1 for every checkpoint, early stop's lora_best.safetensors and the final LoRA, and at the sweep's
-strengths for the best ones. The
-figures, the recommended checkpoint and strength and the warnings go to RUN/scores.json (written atomically).
+strengths for the best ones. The figures, the recommended checkpoint and strength and the warnings go to
+RUN/scores.json (written atomically).
 
 Cheap and deterministic by construction: the base model is loaded once (drawing.Renderer, as the grid does);
 every LoRA is judged on the same things: SEEDS for each of at most MAX_PROMPTS trigger prompts (the run's
