@@ -5,7 +5,10 @@ the events it calls for: one `overfitting` event (reason heldout_rising) the fir
 more than RISE above its lowest for `overfit_patience` evaluations in a row, and, with `early_stop_patience` > 0, one
 (reason early_stop) when it has not reached a new lowest for that many evaluations, which ends the training.
 The lowest value is the run's best; with early stop on, training.py saves its LoRA as lora_best.safetensors
-at each new lowest. A resumed run watches afresh from its first evaluation after the resume. Torch-free.
+at each new lowest. The scores (scoring.py) measure that file too, with the same held-out images and draws, so
+the lowest held-out loss among the scored LoRAs is its (or a checkpoint's of its step), which the recommendation
+picks unless a LoRA within 1 % of it has more concept over bleed. A resumed run watches afresh from its first
+evaluation after the resume. Torch-free.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from lora_core.heldout_watch import RISE
 from lora_core.runrecord import read_json
 
 SCORES_FILE = "scores.json"
+PATIENCE = 3  # the last LoRAs whose held-out loss must all have risen: overfit_patience's default
 TIE = 0.01  # held-out losses within 1 % of the lowest are a tie, decided by concept over bleed
 FIGURES: dict[str, str] = {
     "heldout_loss": "held-out loss: how well the LoRA denoises the held-out pictures at fixed noise levels and "
@@ -115,20 +116,22 @@ def recommend(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def warnings(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """[{reason, step, message}]: the held-out loss more than RISE above its lowest at every LoRA after it, and
-    the final LoRA's bleed passing its concept strength (at strength 1: what a user takes by default)."""
+    """[{reason, step, message}]: the held-out loss more than RISE above its lowest at each of the last LoRAs
+    (the run's overfit_patience of them, or every one after the lowest when fewer), and the final LoRA's bleed
+    passing its concept strength (at strength 1: what a user takes by default)."""
     found = []
     loras = [lora for lora in data.get("loras") or [] if not lora.get("final")] + \
         [lora for lora in data.get("loras") or [] if lora.get("final")]
     measured = [lora for lora in loras if _loss(lora) is not None]
     if measured:
         lowest = min(range(len(measured)), key=lambda i: _loss(measured[i]))
-        after = measured[lowest + 1:]
+        patience = (data.get("settings") or {}).get("overfit_patience") or PATIENCE
+        last = measured[lowest + 1:][-patience:]
         low = _loss(measured[lowest])
-        if after and all(_loss(lora) > low * (1 + RISE) for lora in after):
-            found.append({"reason": "heldout_rising", "step": after[-1].get("step"), "message": (
+        if last and all(_loss(lora) > low * (1 + RISE) for lora in last):
+            found.append({"reason": "heldout_rising", "step": last[-1].get("step"), "message": (
                 f"the held-out loss rose after {_label(measured[lowest])} ({low:.4g}) and stayed more than "
-                f"{RISE:.0%} above it for the {len(after)} LoRA(s) after it: the LoRA is likely overfitting")})
+                f"{RISE:.0%} above it for the last {len(last)} LoRA(s): the LoRA is likely overfitting")})
     final = next((lora for lora in reversed(loras) if lora.get("final")), loras[-1] if loras else None)
     if final is not None and final["bleed"] > final["concept"]:
         found.append({"reason": "bleed_over_concept", "step": final.get("step"), "message": (

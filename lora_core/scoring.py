@@ -1,6 +1,7 @@
 """Score every saved LoRA of a run: held-out loss, concept strength, likeness and bleed (defined in scores.py),
-at strength 1 for every checkpoint and the final LoRA, and at the sweep's strengths for the best ones. The
-figures, the recommended checkpoint and strength and the warnings go to RUN/scores.json (written atomically).
+at strength 1 for every checkpoint, early stop's lora_best.safetensors and the final LoRA, and at the sweep's
+strengths for the best ones. The figures, the recommended checkpoint and strength and the warnings go to
+RUN/scores.json (written atomically).
 
 Cheap and deterministic by construction: the base model is loaded once (drawing.Renderer, as the grid does);
 every LoRA is judged on the same things: SEEDS for each of at most MAX_PROMPTS trigger prompts (the run's
@@ -39,12 +40,14 @@ from lora_core.grid import (
     GridStopped,
     SavedLora,
     _Counter,
+    _header_steps,
     _renderer_for,
     parse_options,
     read_run,
     saved_loras,
     spread,
 )
+from lora_core.heldout_watch import BEST_FILE
 
 if TYPE_CHECKING:
     from lora_core.drawing import Renderer
@@ -193,6 +196,27 @@ def _loss_set(renderer: Renderer, config: TrainConfig, report: dataset.DatasetRe
     return validation, evaluated
 
 
+class BestLora(SavedLora):
+    """lora_best.safetensors (early stop: the LoRA of the lowest held-out loss the training saw)."""
+
+    @property
+    def label(self) -> str:
+        return f"best (step {self.step})"
+
+
+def scored_loras(folder: Path) -> list[SavedLora]:
+    """The run's checkpoints by step, lora_best.safetensors at its step when it is no checkpoint's (the
+    held-out loss is evaluated more often than checkpoints are saved, so early stop's best may fall between
+    them, and it is scored like them), then the final LoRA. A best of step 0 is the untrained LoRA, the base
+    model itself, which is no choice of checkpoint."""
+    saved = saved_loras(folder)
+    best = folder / BEST_FILE
+    step = _header_steps(best) if best.is_file() else None
+    if not step or step in {lora.step for lora in saved}:
+        return saved
+    return sorted([*saved, BestLora(step, best, False)], key=lambda lora: (lora.final, lora.step or 0))
+
+
 def _entry(saved: SavedLora, folder: Path) -> dict[str, Any]:
     return {"label": saved.label, "step": saved.step, "final": saved.final,
             "file": saved.path.relative_to(folder).as_posix()}
@@ -204,7 +228,7 @@ def score_run(run_folder: str | Path, options: ScoreOptions | dict | None = None
     """Score every saved LoRA of a run and write RUN/scores.json; returns what it holds."""
     options = parse_options(ScoreOptions, options)
     folder, config = read_run(run_folder)
-    saved = saved_loras(folder)
+    saved = scored_loras(folder)
     if not saved:
         raise GridError(f"{folder} holds no LoRA yet (checkpoints/lora_step_*.safetensors or "
                         "lora_final.safetensors); score it once it has saved one")
@@ -221,7 +245,8 @@ def score_run(run_folder: str | Path, options: ScoreOptions | dict | None = None
     data: dict[str, Any] = {"run": folder.name, "base_model": config.base_model, "settings": {
         "trigger_prompts": judge.trigger, "plain_prompts": judge.plain, "seeds": list(SEEDS),
         "sampler_steps": SCORE_STEPS, "size": judge.size, "guidance": config.sample_guidance_scale,
-        "loss_on": judge.loss_on, "loss_images": judge.loss_images}, "loras": [], "strengths": []}
+        "loss_on": judge.loss_on, "loss_images": judge.loss_images,
+        "overfit_patience": config.overfit_patience}, "loras": [], "strengths": []}
     try:
         for lora in saved:
             renderer.load(lora.path)

@@ -83,6 +83,11 @@ def test_the_recommendation_says_which_checkpoint_and_strength_and_why():
                         lora(1500, 0.25, 0.6, 0.1, final=True)]}
     assert [(w["reason"], w["step"]) for w in warnings(rising)] == [("heldout_rising", 1500)]
     assert recommend(rising)["text"].startswith("step 1,000 at 1: the held-out loss stopped falling at step 1,000;")
+    # a loss that wanders back near its lowest once and then stays up: the last overfit_patience LoRAs decide
+    wandering = [lora(500, 0.20, 0.2, 0.1), lora(1000, 0.21, 0.4, 0.1), lora(1500, 0.25, 0.5, 0.1),
+                 lora(2000, 0.26, 0.5, 0.1), lora(2500, 0.27, 0.6, 0.1, final=True)]
+    assert [w["step"] for w in warnings({"loras": wandering})] == [2500]
+    assert warnings({"loras": wandering, "settings": {"overfit_patience": 4}}) == []
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -91,9 +96,11 @@ def test_the_recommendation_says_which_checkpoint_and_strength_and_why():
 
 @pytest.fixture(scope="module")
 def overfit_run(tmp_path_factory):
-    """6 of the demo's pictures (2 held out), learning rate 3e-3 for up to 160 steps with early stop after 4
-    evaluations without a new lowest, scored at the end. Measured without early stop: the held-out loss is
-    lowest at step 40 (0.026), 13-23 % above it at steps 60-100 and 51 % above at 160."""
+    """6 of the demo's pictures (2 held out), learning rate 1e-2 (ten times the demo's) for up to 160 steps with
+    early stop after 4 evaluations without a new lowest, scored at the end. bench/overfit.py measured such runs
+    (bench/RESULTS.md): from 1e-2 up the LoRA breaks what the checker sees (prompts without the trigger most) and
+    the held-out loss rises; at 3e-3 the held-out loss rises too, but the checker finds no harm. Measured: the
+    held-out loss is lowest at step 20 (0.039), then 0.047, 0.041, 0.049, 0.044; early stop at step 100."""
     from lora_core.job import run_job
     from lora_core.scoring import score_at_end
 
@@ -101,9 +108,9 @@ def overfit_run(tmp_path_factory):
     for index in range(1, 7):
         for suffix in (".png", ".txt"):
             shutil.copy(ROOT / "demo" / "dataset" / f"zwx_{index:02d}{suffix}", root / f"zwx_{index:02d}{suffix}")
-    config = toy_config(root / "out", dataset=root, steps=160, checkpoint_steps=40, learning_rate=3e-3,
+    config = toy_config(root / "out", dataset=root, steps=160, checkpoint_steps=40, learning_rate=1e-2,
                         validation_images=2, validation_loss_steps=20, validation_steps=80, score_at_end=True,
-                        early_stop_patience=4)
+                        overfit_patience=2, early_stop_patience=4)
     final = run_job(config, lambda event: None, lambda: False, at_end=score_at_end)  # as the CLI passes it
     assert final.type == "complete", final
     return root / "out"
@@ -123,9 +130,9 @@ def sound_run(tmp_path_factory):
     return config.output_path, score_run(config.output_path, renderer=renderer), renderer
 
 
-def checker_score(run_folder, entry) -> float:
-    """The toy checker's share right: each concept scene with the trigger word (magenta, the shape, the
-    background) and 12 vocabulary prompts (unchanged by the LoRA), one seed each."""
+def checker_shares(run_folder, entry, scale: float = 1.0) -> tuple[float, float]:
+    """The toy checker's shares right with the LoRA at `scale`: the concept scenes with the trigger word (magenta,
+    the shape, the background; every second one) and 12 vocabulary prompts (unchanged by the LoRA), one seed each."""
     from diffusers import StableDiffusionPipeline
 
     from lora_core import builtin
@@ -133,16 +140,25 @@ def checker_score(run_folder, entry) -> float:
 
     pipeline = StableDiffusionPipeline.from_pretrained(builtin.builtin_folder("toy-sd"), safety_checker=None,
                                                        requires_safety_checker=False)
-    pipeline.load_lora_weights(str(run_folder / entry["file"]))
-    scenes = [(scene, scene.caption(world.TRIGGER)) for scene in world.concept_scenes()[::2]]
-    scenes += [(scene, scene.caption()) for scene, _ in score.vocabulary_set(12)]
-    images = score.draw(pipeline, [caption for _, caption in scenes], [7] * len(scenes), steps=CHECKER_STEPS)
-    return sum(checker.judge(image).matches(scene) for (scene, _), image in zip(scenes, images, strict=True)) \
-        / len(scenes)
+    pipeline.load_lora_weights(str(run_folder / entry["file"]), adapter_name="judged")
+    pipeline.set_adapters(["judged"], [scale])
+    shares = []
+    for scenes in ([(scene, scene.caption(world.TRIGGER)) for scene in world.concept_scenes()[::2]],
+                   [(scene, scene.caption()) for scene, _ in score.vocabulary_set(12)]):
+        images = score.draw(pipeline, [caption for _, caption in scenes], [7] * len(scenes), steps=CHECKER_STEPS)
+        shares.append(sum(checker.judge(image).matches(scene)
+                          for (scene, _), image in zip(scenes, images, strict=True)) / len(scenes))
+    return shares[0], shares[1]
+
+
+def checker_score(run_folder, entry, scale: float = 1.0) -> float:
+    """The share right of the 9 concept scenes and 12 vocabulary prompts together."""
+    concept, vocabulary = checker_shares(run_folder, entry, scale)
+    return (9 * concept + 12 * vocabulary) / 21
 
 
 @pytest.mark.e2e
-def test_an_overfitting_run_is_warned_and_its_lowest_held_out_checkpoint_recommended(overfit_run):
+def test_an_overfitting_run_is_warned_and_its_recommendation_beats_its_final_lora_on_the_checker(overfit_run):
     events = read_events(overfit_run / "events.jsonl")
     types = [event.type for event in events]
     assert types.index("complete") < types.index("score_progress")  # score_at_end: after the run's end
@@ -153,15 +169,27 @@ def test_an_overfitting_run_is_warned_and_its_lowest_held_out_checkpoint_recomme
     assert len(stopped) == 1 and stopped[0].step == complete.step < 160  # early stop ends the run completely
     best = stopped[0].best_step
     assert Path(stopped[0].best_path) == overfit_run / "lora_best.safetensors"
-    assert load_file(overfit_run / "lora_best.safetensors").keys() == \
-        load_file(overfit_run / "checkpoints" / f"lora_step_{best}.safetensors").keys()
-    assert all(torch.equal(tensor, load_file(overfit_run / "checkpoints" / f"lora_step_{best}.safetensors")[key])
-               for key, tensor in load_file(overfit_run / "lora_best.safetensors").items())
+    kept = load_file(overfit_run / "lora_best.safetensors")
+    checkpoint = overfit_run / "checkpoints" / f"lora_step_{best}.safetensors"
+    if checkpoint.is_file():  # the best is a checkpoint's step: the same weights
+        assert kept.keys() == load_file(checkpoint).keys()
+        assert all(torch.equal(tensor, load_file(checkpoint)[key]) for key, tensor in kept.items())
     data = json.loads((overfit_run / "scores.json").read_text())
     losses = {entry["label"]: entry["heldout_loss"] for entry in data["loras"]}
-    assert data["recommendation"]["label"] == min(losses, key=losses.get) != data["loras"][-1]["label"]
-    assert "the held-out loss stopped falling at step" in data["recommendation"]["text"]
+    recommended, final = data["recommendation"], data["loras"][-1]
+    # the scores re-measure the loss the watch saw: early stop's best is the recommended LoRA, scored as
+    # lora_best.safetensors when it fell between two checkpoints
+    assert recommended["label"] == min(losses, key=losses.get) != final["label"] and recommended["step"] == best
+    assert recommended["file"] == (checkpoint.relative_to(overfit_run).as_posix() if checkpoint.is_file()
+                                   else "lora_best.safetensors")
+    assert "the held-out loss stopped falling at step" in recommended["text"]
     assert "heldout_rising" in [warning["reason"] for warning in data["warnings"]]
+    # the proof, by the checker, which knows what each picture should show: the recommendation followed (that
+    # LoRA at that strength) draws more right than the final LoRA as it comes (strength 1), and still draws the
+    # concept; the checkpoints themselves, at strength 1, differ by less than the checker's noise (bench/RESULTS.md)
+    followed, as_is = checker_shares(overfit_run, recommended, recommended["scale"]), checker_shares(overfit_run, final)
+    assert recommended["scale"] < 1 and followed[0] > 0, followed
+    assert 9 * followed[0] + 12 * followed[1] > 9 * as_is[0] + 12 * as_is[1], (followed, as_is)
     report = (overfit_run / "training_report.html").read_text()
     assert "Recommended: " in report and "likely overfitting" in report
 
