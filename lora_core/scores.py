@@ -26,6 +26,7 @@ from lora_core.runrecord import read_json
 SCORES_FILE = "scores.json"
 PATIENCE = 3  # the last LoRAs whose held-out loss must all have risen: overfit_patience's default
 TIE = 0.01  # held-out losses within 1 % of the lowest are a tie, decided by concept over bleed
+LIKENESS_TIE = 0.02  # likeness within this of the highest is as near: the stronger strength is taken
 FIGURES: dict[str, str] = {
     "heldout_loss": "held-out loss: how well the LoRA denoises the held-out pictures at fixed noise levels and "
                     "noise (lower is better); mean of the training loss L over images and draws",
@@ -89,9 +90,25 @@ def _checkpoint_reason(loras: list[dict[str, Any]], chosen: dict[str, Any]) -> s
 
 
 def _strength(data: dict[str, Any], chosen: dict[str, Any]) -> tuple[float, str]:
-    """The largest of the scored strengths up to which each step up adds more concept than bleed."""
+    """The scored strength whose trigger results come nearest the training pictures (the highest likeness; the
+    strongest of those within LIKENESS_TIE of it). A LoRA pushed past its pictures (overcooked: at 1 it
+    overshoots the colours and shapes it learnt) comes back to them at a lower strength; a sound one is nearest
+    at or near 1. Without likeness figures: the largest strength up to which each step adds more concept than
+    bleed."""
     rows = sorted([row for row in data.get("strengths", []) if row.get("label") == chosen.get("label")]
                   + [{**chosen, "scale": 1.0}], key=lambda row: row["scale"])
+    if all(_finite(row.get("likeness")) for row in rows):
+        best = max(row["likeness"] for row in rows)
+        pick = max((row for row in rows if row["likeness"] >= best - LIKENESS_TIE), key=lambda row: row["scale"])
+        if pick["scale"] == 1.0:
+            reason = f"its trigger prompts' results come nearest the training pictures at full strength " \
+                     f"(likeness {pick['likeness']:.2f})"
+        else:
+            reason = (f"its trigger prompts' results come nearest the training pictures at {pick['scale']:g} "
+                      f"(likeness {pick['likeness']:.2f}, {rows[-1]['likeness']:.2f} at 1: stronger overshoots them)")
+        if pick["bleed"] > pick["concept"]:
+            reason += "; there its bleed passes its concept strength"
+        return pick["scale"], reason
     scale, concept, bleed = 0.0, 0.0, 0.0  # the base model: nothing moved
     for row in rows:
         if row["bleed"] - bleed > row["concept"] - concept:
@@ -101,6 +118,10 @@ def _strength(data: dict[str, Any], chosen: dict[str, Any]) -> tuple[float, str]
             return scale, f"strength beyond {scale:g} adds bleed faster than concept"
         scale, concept, bleed = row["scale"], row["concept"], row["bleed"]
     return scale, f"up to {scale:g} each step of strength adds more concept than bleed"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def recommend(data: dict[str, Any]) -> dict[str, Any]:
