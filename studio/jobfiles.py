@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 from collections import deque
@@ -39,6 +40,9 @@ JOB_FILE = "job.json"
 JOB_CONFIG_FILE = "job_config.json"
 STDERR_FILE = "stderr.log"
 STDERR_TAIL_LINES = 20
+# The ids the server gives jobs (studio/jobs.py): a training's 20250101-120000-a1b2c3, a tool's
+# 20250101-120000-doctor-a1b2c3. An id from a client names a job folder only when it is one of these.
+SERVER_JOB_ID = re.compile(r"\d{8}-\d{6}(-[a-z]{1,16})?-[0-9a-f]{6}")
 
 
 def jobs_folder(outputs_root: str | Path) -> Path:
@@ -119,6 +123,25 @@ def _run_of(root: Path, record: dict[str, Any]) -> tuple[str, str] | None:
     if not path.is_absolute() or path.parent != root or path.name in ("", ".", "..") or path.name.startswith("."):
         return None
     return path.name, str(record.get("started_at", ""))
+
+
+def find_job(outputs_root: str | Path, job_id: str) -> tuple[JobFiles, dict[str, Any], Path] | None:
+    """The job folder of `job_id` (an id a client sent: only an id the server makes, so never a path), its
+    job.json and the folder its events are in (a training's run folder directly under the root, a tool's job
+    folder); None when there is no such job, or its job.json is damaged or names another job."""
+    if not isinstance(job_id, str) or not SERVER_JOB_ID.fullmatch(job_id):
+        return None
+    root = Path(outputs_root).resolve()
+    files = JobFiles(jobs_folder(root) / job_id)
+    if files.folder.is_symlink() or not files.folder.is_dir():
+        return None
+    record = files.record()
+    if record.get("job_id") != job_id:
+        return None
+    if record.get("kind", "train") != "train":
+        return files, record, files.folder
+    run = _run_of(root, record)
+    return (files, record, root / run[0]) if run is not None else None
 
 
 def job_of(run_folder: str | Path) -> JobFiles | None:

@@ -37,7 +37,7 @@ from lora_core.runrecord import EVENTS_FILE, FAILED, QUEUED, RunFiles, ended_bef
 from lora_core.runtail import RecordTail
 from studio import pipeline, runs
 from studio.jobfiles import JobFiles, jobs_folder, migrate
-from studio.jobview import RunView, Submitted, folder_view, job_tail
+from studio.jobview import RunView, Submitted, ended_job, folder_view, job_tail
 from studio.launcher import JobProcess, device_count
 from studio.pipeline import BusyError, check_free, find_jobs, job_command, job_folder, record_end, target_of
 from studio.queue import JobQueue, QueuedJob, QueueFull
@@ -318,6 +318,8 @@ class Studio:
                 queued = self._queue.get(key)
                 return RunView(job_id=key, state=QUEUED, output_path=queued.output_path if queued else "",
                                message=f"Queued: position {position} of {len(self._queue.jobs)}")
+            if tail is None and job_id and (found := ended_job(self.outputs_root, job_id)):  # ended before a restart
+                (tail, self._job_files[key]), self._tails[key] = found, found[0]
             if tail is None:
                 return (self._previous or RunView()) if job_id is None else RunView(job_id=job_id)
             tail.update()

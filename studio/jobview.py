@@ -5,12 +5,13 @@ Start answers (`Submitted`). The registry that makes them is studio/jobs.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lora_core.runrecord import FAILED, STARTING, RunRecord
+from lora_core.runrecord import FAILED, STARTING, RunRecord, ended_before
 from lora_core.runtail import RecordTail
-from studio.jobfiles import job_of
+from studio.jobfiles import JobFiles, find_job, job_of
 from studio.runs import read_record
 
 MAX_CURVE_POINTS = 400  # the loss curve shown is averaged down to this many points
@@ -58,6 +59,26 @@ class RunView(RunRecord):
 def job_tail(folder: Path, job_id: str) -> RecordTail:
     """Follows a job's run folder into a RunView."""
     return RecordTail(folder, RunView(job_id=job_id, state=STARTING, output_path=str(folder)))
+
+
+def ended_job(outputs_root: Path, job_id: str) -> tuple[RecordTail, JobFiles] | None:
+    """An ended job that this server does not follow (it ended before a restart), found by its id from its
+    folder in .studio/jobs: its events and its files; None for no such job, or one that has not ended (a
+    job still running is followed by the registry itself). A training's part ends only after it started:
+    the run's end before it is an earlier part's."""
+    found = find_job(outputs_root, job_id)
+    if found is None:
+        return None
+    files, record, events = found
+    tail = job_tail(events, job_id)
+    started = record.get("started_at")
+    try:
+        since = datetime.fromisoformat(str(started)).timestamp() if started else None
+    except (TypeError, ValueError, OverflowError):
+        since = None
+    if not tail.update().ended or (record.get("kind", "train") == "train" and ended_before(tail.record, since)):
+        return None
+    return tail, files
 
 
 def folder_view(folder: Path) -> RunView | None:

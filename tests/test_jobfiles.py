@@ -1,0 +1,65 @@
+"""The server's own files of a job (OUTPUTS/.studio/jobs/<id>, studio/jobfiles.py) after the job: an ended job
+found again by its id after a restart, only by an id the server makes; the folders kept and the ones removed
+(studio/cleanup.py); the datasets a caption or doctor job works on kept from the uploads cleanup."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from doctor_data import TRIGGER, make_set
+
+from lora_core import files
+from studio.jobfiles import jobs_folder
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_STUDIO_CACHE", str(tmp_path / "cache"))
+
+
+def test_an_ended_doctor_job_is_found_by_its_id_after_a_restart_and_only_by_an_id_the_server_makes(tmp_path):
+    """The doctor's status endpoint (`doctor_status`) of a job that ended before the server restarted shows its
+    findings, read from the job's folder; an id that is a path, or names another job's record, finds nothing."""
+    from studio.doctor_job import DoctorJobPanel
+    from studio.jobs import Studio
+
+    folder = make_set(tmp_path / "set", 3)
+    outputs = tmp_path / "outputs"
+    first = Studio(outputs, devices=0)
+    try:
+        job_id = DoctorJobPanel(first, lambda path: None).start(str(folder), TRIGGER)[2]
+        assert first.wait(job_id, timeout=60).state == "complete"
+        before = DoctorJobPanel(first, lambda path: None).status(job_id)
+    finally:
+        first.shutdown(timeout=10)
+    second = Studio(outputs, devices=0)
+    try:
+        assert job_id not in second.running()
+        status = DoctorJobPanel(second, lambda path: None).status(job_id)
+        assert status == before and status[0].startswith("3 image(s) checked") and status[1]
+        assert second.view(job_id).state == "complete" and second.view(job_id).job_id == job_id
+
+        own = jobs_folder(second.outputs_root) / job_id
+        forged = jobs_folder(second.outputs_root) / "20250101-120000-doctor-abcdef"
+        forged.mkdir()
+        (forged / "job.json").write_text(json.dumps({"job_id": job_id, "kind": "doctor"}))  # another job's
+        (forged / "events.jsonl").write_bytes((own / "events.jsonl").read_bytes())
+        linked = jobs_folder(second.outputs_root) / "20250101-120000-doctor-fedcba"
+        linked.symlink_to(own)
+        for asked in (forged.name, linked.name, f"../jobs/{job_id}", f"{job_id}/..", "..", ".", job_id.upper(),
+                      str(own), f"{job_id}/events.jsonl", ""):
+            assert second.view(asked or "no-such-job").state == "idle", asked
+    finally:
+        second.shutdown(timeout=10)
+
+
+def test_every_temporary_of_a_killed_write_in_a_run_folder_is_swept_none_spared(tmp_path):
+    """A run folder holds no file of the server's (its job files are in .studio/jobs), so nothing is spared."""
+    for name in (".job.json.a1.tmp", ".lora_final.safetensors.b2.tmp"):
+        (tmp_path / name).write_bytes(b"half")
+    removed = files.remove_stale_temporaries(tmp_path)
+    assert sorted(path.name for path in removed) == [".job.json.a1.tmp", ".lora_final.safetensors.b2.tmp"]
+    with pytest.raises(TypeError):
+        files.remove_stale_temporaries(tmp_path, spare=("job.json",))  # noqa  (no caller spares anything)
