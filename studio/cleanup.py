@@ -2,7 +2,8 @@
 it served or received, and the temporary folders of exported configs.
 
 Each sweep is bounded (a number of entries looked at, age and size limits) and never touches what is in use:
-an upload a run, a running job or a queued job trains on stays, whatever its age.
+an upload a run, a running job or a queued job trains on (or captions, or the doctor checks) stays, whatever its
+age.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 UNUSED_UPLOAD_DAYS = 2.0  # an upload no run has used is deleted this long after it was made
 # Gradio keeps a copy of every file it receives (refused uploads too) and of every file it serves (each
@@ -24,13 +26,15 @@ UNUSED_UPLOAD_DAYS = 2.0  # an upload no run has used is deleted this long after
 CACHE_MAX_AGE_S, CACHE_MAX_BYTES = 24 * 3600.0, 4 * 1024**3
 SWEEP_EVERY_S, SWEEP_MAX_ENTRIES, MAX_FILES_COUNTED = 600.0, 10_000, 1000
 EXPORTS = ".exports"  # under the outputs folder: export_config's files, one folder a call
+DATASET_KINDS = ("caption", "doctor")  # jobs whose target is a dataset folder (studio/pipeline.py)
 
 
 def remove_unused(uploads_root: Path, outputs_root: Path, max_age_days: float = UNUSED_UPLOAD_DAYS,
                   now: float | None = None) -> list[Path]:
     """Delete upload folders older than `max_age_days` that no run or job in `outputs_root` uses (`used_paths`:
-    any data path of a run's config.json or a job's job_config.json, or of a job waiting in queue.json); the removed
-    folders. The page calls it for every new upload."""
+    any data path of a run's config.json or a job's job_config.json, or of a job waiting in queue.json; the
+    dataset of a queued or running caption or doctor job); the removed folders. The page calls it for every new
+    upload."""
     uploads_root, now = Path(uploads_root), time.time() if now is None else now
     if not uploads_root.is_dir():
         return []
@@ -49,7 +53,8 @@ def remove_unused(uploads_root: Path, outputs_root: Path, max_age_days: float = 
 
 def used_paths(outputs_root: Path) -> set[Path]:
     """Every data path (each field the config model marks, lora_core.config.DATA_PATH) that a run, a running
-    job or a queued job in `outputs_root` trains on, resolved."""
+    job or a queued job in `outputs_root` trains on, and every dataset a queued or running caption or doctor
+    job works on, resolved."""
     from lora_core.config import TrainConfig
     from lora_core.config_paths import data_paths
     from lora_core.safefile import read_json
@@ -59,13 +64,37 @@ def used_paths(outputs_root: Path) -> set[Path]:
                for path in outputs_root.glob(pattern)]  # a run's, a page job's (studio/jobfiles.py)
     queued = read_json(outputs_root / STUDIO_DIR / QUEUE_FILE)
     configs += [item.get("config") for item in queued if isinstance(item, dict)] if isinstance(queued, list) else []
+    items = [item for config in map(flat_config, configs) for _, item in data_paths(TrainConfig, config)]
+    return _resolved([*items, *dataset_targets(outputs_root, queued)])
+
+
+def dataset_targets(outputs_root: Path, queued: Any = None) -> list[str]:
+    """The dataset folders that a queued or running caption or doctor job works on (its target; a queued
+    one's first argument): kept like a training's data. `queued`: queue.json as read (None: read it)."""
+    from lora_core.safefile import read_json
+    from studio.jobfiles import JOB_FILE, jobs_folder
+    from studio.launcher import JobProcess
+    from studio.queue import queue_path
+
+    queued = read_json(queue_path(outputs_root)) if queued is None else queued
+    targets = [item["args"][0] for item in (queued if isinstance(queued, list) else []) if isinstance(item, dict)
+               and item.get("kind") in DATASET_KINDS and isinstance(item.get("args"), list) and item["args"]]
+    for path in jobs_folder(outputs_root).glob(f"*/{JOB_FILE}"):
+        record = read_json(path)
+        if isinstance(record, dict) and record.get("kind") in DATASET_KINDS and record.get("target"):
+            process = JobProcess.attach(path.parent)
+            if process is not None and process.alive():  # started, or still starting (studio/launcher.py)
+                targets.append(record["target"])
+    return [item for item in targets if isinstance(item, str)]
+
+
+def _resolved(items: list[Any]) -> set[Path]:
     used = set()
-    for config in map(flat_config, configs):
-        for _, item in data_paths(TrainConfig, config):
-            try:
-                used.add(Path(item).resolve())
-            except (OSError, ValueError, RuntimeError):  # a NUL byte, a link loop: names nothing to keep
-                continue
+    for item in items:
+        try:
+            used.add(Path(item).resolve())
+        except (OSError, ValueError, RuntimeError, TypeError):  # a NUL byte, a link loop: names nothing to keep
+            continue
     return used
 
 

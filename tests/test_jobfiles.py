@@ -5,7 +5,6 @@ found again by its id after a restart, only by an id the server makes; the folde
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from doctor_data import TRIGGER, make_set
@@ -63,3 +62,41 @@ def test_every_temporary_of_a_killed_write_in_a_run_folder_is_swept_none_spared(
     assert sorted(path.name for path in removed) == [".job.json.a1.tmp", ".lora_final.safetensors.b2.tmp"]
     with pytest.raises(TypeError):
         files.remove_stale_temporaries(tmp_path, spare=("job.json",))  # noqa  (no caller spares anything)
+
+
+def test_an_upload_a_queued_or_running_caption_or_doctor_job_works_on_is_never_removed(tmp_path):
+    """Uploads older than two days go unless something uses them: a training's data, and the dataset that a
+    caption or doctor job waiting in the queue, or running (its process alive), works on; an ended one's goes."""
+    import os
+    import sys
+    import time
+
+    from helpers import wait_until
+
+    from studio.cleanup import remove_unused
+    from studio.launcher import JobProcess
+    from studio.queue import queue_path
+
+    outputs = tmp_path / "outputs"
+    uploads = outputs / "uploads"
+    for name in ("queued", "captioned", "checked", "ended"):
+        (uploads / name).mkdir(parents=True)
+        three_days_ago = time.time() - 3 * 86400
+        os.utime(uploads / name, (three_days_ago, three_days_ago))
+    queue_path(outputs).parent.mkdir(parents=True)
+    queue_path(outputs).write_text(json.dumps([{"job_id": "20250101-120000-caption-abcdef", "kind": "caption",
+                                                "output_path": str(jobs_folder(outputs) / "q"), "config": {},
+                                                "args": [str(uploads / "queued"), "--overwrite"]}]))
+    started = []
+    for kind, name, script in (("caption", "captioned", "import time; time.sleep(60)"),
+                               ("doctor", "checked", "import time; time.sleep(60)"), ("doctor", "ended", "pass")):
+        started.append(JobProcess.start(jobs_folder(outputs) / name, [sys.executable, "-c", script],
+                                        record={"job_id": name, "kind": kind, "target": str(uploads / name)}))
+    try:
+        wait_until(lambda: not started[2].alive(), what="the ended job's process")
+        assert [path.name for path in remove_unused(uploads, outputs)] == ["ended"]
+        assert sorted(path.name for path in uploads.iterdir()) == ["captioned", "checked", "queued"]
+    finally:
+        for job in started:
+            job.kill()
+            job.popen.wait(10)
