@@ -8,6 +8,7 @@ age.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -15,6 +16,7 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +171,100 @@ def sweep_caches(outputs_root: Path, now: float | None = None, every_s: float = 
             return []
         _last_sweep[key] = now
     return [*sweep(gradio_cache(), now=now), *sweep(Path(outputs_root) / EXPORTS, now=now)]
+
+
+# The job folders in OUTPUTS/.studio/jobs (studio/jobfiles.py) a server prunes, at its start and then at most
+# every JOBS_PRUNE_EVERY_S; never one whose job is alive (its lock held, its process running or starting) or queued:
+# - an ended tool job's (grid, sweep, score, caption, doctor): after ENDED_TOOL_DAYS, or beyond the newest
+#   ENDED_TOOLS_KEPT of them (its status can be asked until then, also after a restart);
+# - a training job's lives as long as its run folder (the Runs list reads its job.json, stderr.log and
+#   job_config.json): it goes with the run (delete_run), or at the next prune when the run was deleted otherwise;
+# - a job's that never started (no job.json): at once when its run's events record that it failed after it was
+#   made (a resume that could not start), else after NEVER_STARTED_DAYS.
+ENDED_TOOL_DAYS, ENDED_TOOLS_KEPT, NEVER_STARTED_DAYS, JOBS_PRUNE_EVERY_S = 7.0, 200, 1.0, 3600.0
+_last_prune: dict[str, float] = {}
+
+
+def prune_jobs_hourly(outputs_root: Path, protected: Callable[[], Collection[str]], now: float | None = None,
+                      every_s: float = JOBS_PRUNE_EVERY_S) -> threading.Thread | None:
+    """`prune_jobs` in a thread of its own, at most once every `every_s` s for an outputs folder (the page's job
+    registry calls this on every tick, under its lock: `protected` gives the ids of its running jobs then)."""
+    now = time.time() if now is None else now
+    key = str(Path(outputs_root).resolve())
+    with _sweep_lock:
+        if now - _last_prune.get(key, -every_s) < every_s:
+            return None
+        _last_prune[key] = now
+    thread = threading.Thread(target=prune_jobs, args=(Path(key), set(protected())), name="prune-jobs", daemon=True)
+    thread.start()
+    return thread
+
+
+def prune_jobs(outputs_root: Path, protected: Collection[str] = (), now: float | None = None) -> list[Path]:
+    """Remove the job folders the rule above lets go (`protected`: ids of jobs a server runs); the removed ones."""
+    from studio.jobfiles import jobs_folder, remove_job_folder
+    from studio.queue import queue_path
+
+    root, now = Path(outputs_root).resolve(), time.time() if now is None else now
+    queued = _read_json(queue_path(root))
+    keep = {*protected, *(str(item.get("job_id")) for item in queued if isinstance(item, dict))}
+    try:
+        with os.scandir(jobs_folder(root)) as listing:
+            folders = [Path(entry.path) for entry in itertools.islice(listing, SWEEP_MAX_ENTRIES)
+                       if entry.is_dir(follow_symlinks=False) and entry.name not in keep]
+    except OSError:
+        return []
+    removed, ended_tools = [], []
+    for folder in folders:
+        verdict, newest = _verdict(root, folder, keep)
+        if verdict == "remove" or (verdict == "never started" and now - newest > NEVER_STARTED_DAYS * 86400):
+            removed.append(remove_job_folder(folder))
+        elif verdict == "ended tool":
+            ended_tools.append((newest, folder))
+    ended_tools.sort(reverse=True)  # the newest first
+    for index, (newest, folder) in enumerate(ended_tools):
+        if index >= ENDED_TOOLS_KEPT or now - newest > ENDED_TOOL_DAYS * 86400:
+            removed.append(remove_job_folder(folder))
+    return removed
+
+
+def _verdict(root: Path, folder: Path, keep: Collection[str]) -> tuple[str, float]:
+    """What the rule makes of one job folder ("keep", "remove", "ended tool", "never started") and when it was
+    last written (its newest file's time)."""
+    from lora_core import runlock
+    from lora_core.runrecord import FAILED, RunFiles
+    from lora_core.runtail import RecordTail
+    from studio.jobfiles import JobFiles
+    from studio.launcher import JobProcess
+
+    files, newest = JobFiles(folder), _newest_time(folder)
+    record, process = files.record(), JobProcess.attach(folder)
+    if record.get("job_id") in keep or runlock.holder(folder) is not None or (process and process.alive()):
+        return "keep", newest
+    if not files.job.exists():  # never started: job.json is written before a job's process starts
+        config = _read_json(files.job_config, dict)
+        run = Path(str(config.get("output_path", ""))) if isinstance(config, dict) else None
+        recorded = run is not None and run.parent == root and RunFiles(run).events.is_file() and \
+            RunFiles(run).events.stat().st_mtime >= newest and RecordTail(run).update().state == FAILED
+        return ("remove" if recorded else "never started"), newest
+    target = Path(str(record.get("target", "")))
+    if record.get("kind", "train") == "train" and target.is_absolute() and target.parent == root:
+        return ("keep" if target.is_dir() else "remove"), newest
+    return "ended tool", newest  # (a damaged job.json too: kept as long)
+
+
+def _newest_time(folder: Path) -> float:
+    times = []
+    with contextlib.suppress(OSError), os.scandir(folder) as listing:
+        times = [entry.stat(follow_symlinks=False).st_mtime for entry in itertools.islice(listing, 100)]
+    with contextlib.suppress(OSError):
+        times.append(folder.lstat().st_mtime)
+    return max(times, default=0.0)
+
+
+def _read_json(path: Path, kind: type = list) -> Any:
+    """A JSON file of the server's (queue.json, job_config.json) when it holds a `kind`, else an empty one."""
+    from lora_core.safefile import read_json
+
+    data = read_json(path)
+    return data if isinstance(data, kind) else kind()

@@ -158,11 +158,18 @@ def remove_jobs_of(run_folder: str | Path) -> list[Path]:
     for name in list(_named(root, folder.name)):
         path = jobs_folder(root) / name
         if runlock.holder(path) is None and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+            removed.append(remove_job_folder(path))
         with _known_lock:
             _known.pop((str(root), name), None)
     return removed
+
+
+def remove_job_folder(folder: Path) -> Path:
+    """Delete one job folder (its caller made sure no job uses it), forgetting what was read of it."""
+    shutil.rmtree(folder, ignore_errors=True)
+    with _known_lock:
+        _known.pop((str(folder.parent.parent.parent.resolve()), folder.name), None)
+    return folder
 
 
 def _named(root: Path, run: str) -> list[str]:

@@ -35,7 +35,7 @@ from lora_core.eventlog import EventLog
 from lora_core.events import Error
 from lora_core.runrecord import EVENTS_FILE, FAILED, QUEUED, RunFiles, ended_before, settle
 from lora_core.runtail import RecordTail
-from studio import pipeline, runs
+from studio import cleanup, pipeline, runs
 from studio.jobfiles import JobFiles, jobs_folder, migrate
 from studio.jobview import RunView, Submitted, ended_job, folder_view, job_tail
 from studio.launcher import JobProcess, device_count
@@ -374,6 +374,7 @@ class Studio:
             while not self._closed:
                 self._reap()
                 self._dispatch()
+                cleanup.prune_jobs_hourly(self.outputs_root, lambda: list(self._active))  # old job folders
                 self._wake.wait(TICK_S)
 
     def _reap(self) -> None:

@@ -100,3 +100,102 @@ def test_an_upload_a_queued_or_running_caption_or_doctor_job_works_on_is_never_r
         for job in started:
             job.kill()
             job.popen.wait(10)
+
+
+HOLDER = """
+import sys, time
+from lora_core import runlock
+runlock.take(sys.argv[1])
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def _job(root, name: str, kind: str, days: float, *, target=None, ended: bool = True, record: bool = True):
+    """A job folder as the server leaves it: job.json (its process gone: a pid now another process's), stderr.log,
+    a tool's events.jsonl ending in its final event; every file last written `days` ago."""
+    import os
+    import time
+
+    from lora_core.eventlog import EventLog
+    from lora_core.events import Error
+
+    folder = jobs_folder(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if record:
+        (folder / "job.json").write_text(json.dumps({
+            "job_id": name, "kind": kind, "target": str(target or root / "data"), "pid": os.getpid(),
+            "start_time": 1.0, "token": "t", "started_at": "2025-01-01T00:00:00.000+00:00"}))
+    (folder / "stderr.log").write_text("--- the command\n")
+    if ended and kind != "train":
+        log = EventLog(folder / "events.jsonl")
+        log(Error(message="done"))
+        log.close()
+    when = time.time() - days * 86400
+    for path in [*folder.iterdir(), folder]:
+        os.utime(path, (when, when))
+    return folder
+
+
+def test_old_job_folders_go_and_every_one_a_live_queued_or_listed_job_reads_stays(tmp_path):
+    """The retention rule (studio/cleanup.py, docs/webui.md): ended tool jobs' folders for 7 days and the newest
+    200; a training's as long as its run; one whose job never started for a day, or until its run records the
+    failure; never one whose job is alive, queued or running on this server. The Runs list is unchanged."""
+    import subprocess
+    import sys
+    import time
+
+    from lora_core.eventlog import EventLog
+    from lora_core.events import Error
+    from studio.cleanup import prune_jobs
+    from studio.queue import queue_path
+    from studio.runs import list_runs
+
+    root = (tmp_path / "outputs").resolve()
+    old_tool = _job(root, "old-grid", "grid", 8)
+    recent = [_job(root, f"doctor-{i:03d}", "doctor", i / 1440) for i in range(200)]  # a minute apart
+    yesterday = _job(root, "score-yesterday", "score", 1)  # the 201st newest ended tool job
+    kept = {_job(root, "running-here", "caption", 30), _job(root, "queued", "train", 2, record=False)}
+    queue_path(root).write_text(json.dumps([{"job_id": "queued", "output_path": str(root / "next"), "config": {}}]))
+    held = _job(root, "held", "caption", 30, ended=False)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(held)], stdout=subprocess.PIPE, text=True)
+    (root / "listed").mkdir()
+    (root / "listed" / "events.jsonl").write_text("")  # a run that never wrote an event: listed by its job
+    listed = _job(root, "listed-train", "train", 30, target=root / "listed")
+    gone = _job(root, "gone-train", "train", 3, target=root / "gone")  # its run deleted by hand
+    young, stale, refused = (_job(root, name, "train", days, record=False)
+                             for name, days in (("young", 0.1), ("stale", 1.5), ("refused-resume", 0.1)))
+    (refused / "job_config.json").write_text(json.dumps({"output_path": str(root / "listed")}))
+    log = EventLog(root / "listed" / "events.jsonl")
+    log(Error(message="the train job could not start: the model cannot be loaded"))  # after the job folder
+    log.close()
+    before = [row.to_dict() for row in list_runs(root)]
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        removed = prune_jobs(root, protected=["running-here"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(path.name for path in removed) == sorted(
+        [old_tool.name, yesterday.name, gone.name, stale.name, refused.name])
+    left = {path.name for path in jobs_folder(root).iterdir()}
+    assert left == {path.name for path in [*kept, held, listed, young, *recent]}
+    assert [row.to_dict() for row in list_runs(root)] == before
+    assert {row["id"]: row["state"] for row in before} == {"next": "queued", "listed": "failed"}
+    later = prune_jobs(root, protected=["running-here"], now=time.time() + 8 * 86400)  # a week on
+    assert sorted(path.name for path in later) == sorted(["held", "young", *(path.name for path in recent)])
+
+
+def test_a_server_prunes_the_job_folders_as_it_starts(tmp_path):
+    from helpers import wait_until
+
+    from studio.jobs import Studio
+
+    root = (tmp_path / "outputs").resolve()
+    old, new = _job(root, "old-doctor", "doctor", 8), _job(root, "new-doctor", "doctor", 0)
+    studio = Studio(root, devices=0)
+    try:
+        wait_until(lambda: not old.exists(), 30, what="the prune at the server's start")
+        assert new.is_dir() and studio.running() == []
+    finally:
+        studio.shutdown(timeout=10)
