@@ -1,5 +1,6 @@
 """Cleaning up what the page server leaves behind: uploads no run or job uses, Gradio's cache of files
-it served or received, and the temporary folders of exported configs.
+it served or received, the temporary folders of exported configs, and the folders of ended jobs in
+OUTPUTS/.studio/jobs (`prune_jobs`).
 
 Each sweep is bounded (a number of entries looked at, age and size limits) and never touches what is in use:
 an upload a run, a running job or a queued job trains on (or captions, or the doctor checks) stays, whatever its

@@ -12,8 +12,10 @@ sweeps:
     .job.lock         the job folder's lock, held by the job's command wrapper (lora_core/job.py) with its token
 
 A run's training jobs are found by their job.json's `target` (`training_jobs`), read once per job folder and
-remembered: the Runs list asks on every poll. A job.json an older server left in a run folder is moved here
-when a server starts (`migrate`). Nothing here imports torch.
+remembered: the Runs list asks on every poll. Any job is found by its id (`find_job`: an id a client sends,
+so only one of the form the server makes), also one that ended before the server restarted. A job.json an
+older server left in a run folder is moved here when a server starts (`migrate`). Which folders go when is
+studio/cleanup.py's `prune_jobs` (a training's go with its run: `remove_jobs_of`). Nothing here imports torch.
 """
 
 from __future__ import annotations
