@@ -44,7 +44,7 @@ STDERR_FILE = "stderr.log"
 STDERR_TAIL_LINES = 20
 # The ids the server gives jobs (studio/jobs.py): a training's 20250101-120000-a1b2c3, a tool's
 # 20250101-120000-doctor-a1b2c3. An id from a client names a job folder only when it is one of these.
-SERVER_JOB_ID = re.compile(r"\d{8}-\d{6}(-[a-z]{1,16})?-[0-9a-f]{6}")
+SERVER_JOB_ID = re.compile(r"[0-9]{8}-[0-9]{6}(-[a-z]{1,16})?-[0-9a-f]{6}")
 
 
 def jobs_folder(outputs_root: str | Path) -> Path:

@@ -37,7 +37,7 @@ from lora_core.runrecord import EVENTS_FILE, FAILED, QUEUED, RunFiles, ended_bef
 from lora_core.runtail import RecordTail
 from studio import cleanup, pipeline, runs
 from studio.jobfiles import JobFiles, jobs_folder, migrate
-from studio.jobview import RunView, Submitted, ended_job, folder_view, job_tail
+from studio.jobview import RunView, Submitted, ended_job, folder_view, job_tail, read_to_end
 from studio.launcher import JobProcess, device_count
 from studio.pipeline import BusyError, check_free, find_jobs, job_command, job_folder, record_end, target_of
 from studio.queue import JobQueue, QueuedJob, QueueFull
@@ -282,7 +282,7 @@ class Studio:
         self._wake.notify_all()
 
     def _track(self, job: ActiveJob) -> None:
-        if job.tail.update().ended:  # a resumed run: the earlier part's end is not this job's
+        if read_to_end(job.tail).ended:  # a resumed run: the earlier part's end is not this job's
             job.tail.record.begin_part()
         self._active[job.job_id] = job
         self._tails[job.job_id] = job.tail
@@ -382,7 +382,7 @@ class Studio:
         for job_id, job in list(self._active.items()):
             if job.process.alive():
                 continue
-            if not job.tail.update().ended:
+            if not read_to_end(job.tail).ended:  # a long run's end is past 1 MiB
                 record_end(job.process, job.tail)
             del self._active[job_id]
             self._wake.notify_all()
@@ -397,7 +397,7 @@ class Studio:
             seen.add(job_id)
             tail = job_tail(process.events_folder, job_id)
             self._job_files[job_id] = JobFiles(process.folder)
-            if tail.update().ended:  # its job is over, unless that end is an earlier part's (a resume starting)
+            if read_to_end(tail).ended:  # its job is over, unless that end is an earlier part's (a resume starting)
                 if not ended_before(tail.record, process.started()):
                     continue
                 tail.record.begin_part()

@@ -199,3 +199,31 @@ def test_a_server_prunes_the_job_folders_as_it_starts(tmp_path):
         assert new.is_dir() and studio.running() == []
     finally:
         studio.shutdown(timeout=10)
+
+
+def test_a_long_run_that_completed_before_a_restart_stays_complete_and_is_found_by_its_jobs_id(tmp_path):
+    """Its events are past what one look reads (1 MiB): the restarted server reads on to their end, so it
+    neither takes the run for one whose process died without a final event (writing an error after its
+    `complete`) nor misses the job when asked by its id."""
+    from lora_core.eventlog import read_events
+    from lora_core.events import Complete, Progress, Started
+    from studio.jobs import Studio
+
+    root = (tmp_path / "outputs").resolve()
+    run, steps = root / "long", 12_000
+    run.mkdir(parents=True)
+    lines = [Started(total_steps=steps, num_images=1, device="cpu", mixed_precision="no", model_family="sd15",
+                     output_path=str(run)).to_json()]
+    lines += [Progress(step=step, total_steps=steps, loss=0.5, percent=100 * step / steps, lr=1e-4, it_per_s=9.0,
+                       eta_s=0.0, epoch=0).to_json() for step in range(1, steps + 1)]
+    lines.append(Complete(final_path=str(run / "lora_final.safetensors"), total_time=9.0, step=steps).to_json())
+    (run / "events.jsonl").write_text("\n".join(lines) + "\n")
+    assert (run / "events.jsonl").stat().st_size > 2 * 1024**2
+    job = _job(root, "20250101-120000-abcdef", "train", 0, target=run)
+    studio = Studio(root, devices=0)
+    try:
+        view = studio.view(job.name)
+        assert (view.state, view.step, view.message) == ("complete", steps, "")
+        assert [event.type for event in read_events(run / "events.jsonl")][-2:] == ["progress", "complete"]
+    finally:
+        studio.shutdown(timeout=10)
