@@ -191,12 +191,13 @@ def prune_jobs_hourly(outputs_root: Path, protected: Callable[[], Collection[str
     """`prune_jobs` in a thread of its own, at most once every `every_s` s for an outputs folder (the page's job
     registry calls this on every tick, under its lock: `protected` gives the ids of its running jobs then)."""
     now = time.time() if now is None else now
-    key = str(Path(outputs_root).resolve())
+    key = str(outputs_root)  # (called twice a second: the registry's root is resolved already)
     with _sweep_lock:
         if now - _last_prune.get(key, -every_s) < every_s:
             return None
         _last_prune[key] = now
-    thread = threading.Thread(target=prune_jobs, args=(Path(key), set(protected())), name="prune-jobs", daemon=True)
+    thread = threading.Thread(target=prune_jobs, args=(Path(key), set(protected()), now), name="prune-jobs",
+                              daemon=True)
     thread.start()
     return thread
 

@@ -186,17 +186,25 @@ def test_old_job_folders_go_and_every_one_a_live_queued_or_listed_job_reads_stay
     assert sorted(path.name for path in later) == sorted(["held", "young", *(path.name for path in recent)])
 
 
-def test_a_server_prunes_the_job_folders_as_it_starts(tmp_path):
+def test_a_server_prunes_the_job_folders_as_it_starts_and_then_at_most_hourly(tmp_path):
+    import time
+
     from helpers import wait_until
 
+    from studio.cleanup import prune_jobs_hourly
     from studio.jobs import Studio
 
     root = (tmp_path / "outputs").resolve()
-    old, new = _job(root, "old-doctor", "doctor", 8), _job(root, "new-doctor", "doctor", 0)
+    old, new = _job(root, "old-doctor", "doctor", 8), _job(root, "new-doctor", "doctor", 6.99)
     studio = Studio(root, devices=0)
     try:
         wait_until(lambda: not old.exists(), 30, what="the prune at the server's start")
         assert new.is_dir() and studio.running() == []
+        assert prune_jobs_hourly(root, list, now=time.time() + 3500) is None  # pruned less than an hour ago
+        later = prune_jobs_hourly(root, list, now=time.time() + 3700)  # an hour on: now 7 days old
+        later.join(30)
+        assert not new.exists()
+        assert prune_jobs_hourly(root, list, now=time.time() + 3800) is None
     finally:
         studio.shutdown(timeout=10)
 
