@@ -47,9 +47,9 @@ def test_an_ended_doctor_job_is_found_by_its_id_after_a_restart_and_only_by_an_i
         (forged / "events.jsonl").write_bytes((own / "events.jsonl").read_bytes())
         linked = jobs_folder(second.outputs_root) / "20250101-120000-doctor-fedcba"
         linked.symlink_to(own)
-        for asked in (forged.name, linked.name, f"../jobs/{job_id}", f"{job_id}/..", "..", ".", job_id.upper(),
-                      str(own), f"{job_id}/events.jsonl", ""):
-            assert second.view(asked or "no-such-job").state == "idle", asked
+        for asked in (forged.name, linked.name, "20250101-120000-doctor-000000", f"../jobs/{job_id}", f"{job_id}/..",
+                      "..", ".", job_id.upper(), str(own), f"{job_id}/events.jsonl", f" {job_id}", "no-such-job"):
+            assert second.view(asked).state == "idle", asked
     finally:
         second.shutdown(timeout=10)
 
