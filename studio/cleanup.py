@@ -237,6 +237,7 @@ def _verdict(root: Path, folder: Path, keep: Collection[str]) -> tuple[str, floa
     from lora_core.runrecord import FAILED, RunFiles
     from lora_core.runtail import RecordTail
     from studio.jobfiles import JobFiles
+    from studio.jobview import read_to_end
     from studio.launcher import JobProcess
 
     files, newest = JobFiles(folder), _newest_time(folder)
@@ -247,7 +248,7 @@ def _verdict(root: Path, folder: Path, keep: Collection[str]) -> tuple[str, floa
         config = _read_json(files.job_config, dict)
         run = Path(str(config.get("output_path", ""))) if isinstance(config, dict) else None
         recorded = run is not None and run.parent == root and RunFiles(run).events.is_file() and \
-            RunFiles(run).events.stat().st_mtime >= newest and RecordTail(run).update().state == FAILED
+            RunFiles(run).events.stat().st_mtime >= newest and read_to_end(RecordTail(run), 2.0).state == FAILED
         return ("remove" if recorded else "never started"), newest
     target = Path(str(record.get("target", "")))
     if record.get("kind", "train") == "train" and target.is_absolute() and target.parent == root:
