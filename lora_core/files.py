@@ -12,7 +12,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -133,17 +133,15 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data), needed=len(data))
 
 
-def remove_stale_temporaries(folder: Path, recursive: bool = False, spare: Collection[str] = ()) -> list[Path]:
-    """Delete `.*.tmp` files that killed atomic writes left in `folder`; the removed paths. The temporaries
-    of the files named in `spare` are left alone: another process writes those, and may be doing so now."""
+def remove_stale_temporaries(folder: Path, recursive: bool = False) -> list[Path]:
+    """Delete `.*.tmp` files that killed atomic writes left in `folder`; the removed paths. Every one goes: the
+    folders swept (a run's) hold no file another process writes (the server's are in OUTPUTS/.studio/jobs)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     pattern = f"**/.*{TMP_SUFFIX}" if recursive else f".*{TMP_SUFFIX}"
     removed = []
     for leftover in folder.glob(pattern):
-        if any(leftover.name.startswith(f".{name}.") for name in spare):
-            continue
         try:
             if leftover.is_file() and not leftover.is_symlink():
                 leftover.unlink()

@@ -12,8 +12,10 @@ sweeps:
     .job.lock         the job folder's lock, held by the job's command wrapper (lora_core/job.py) with its token
 
 A run's training jobs are found by their job.json's `target` (`training_jobs`), read once per job folder and
-remembered: the Runs list asks on every poll. A job.json an older server left in a run folder is moved here
-when a server starts (`migrate`). Nothing here imports torch.
+remembered: the Runs list asks on every poll. Any job is found by its id (`find_job`: an id a client sends,
+so only one of the form the server makes), also one that ended before the server restarted. A job.json an
+older server left in a run folder is moved here when a server starts (`migrate`). Which folders go when is
+studio/cleanup.py's `prune_jobs` (a training's go with its run: `remove_jobs_of`). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 from collections import deque
@@ -39,6 +42,9 @@ JOB_FILE = "job.json"
 JOB_CONFIG_FILE = "job_config.json"
 STDERR_FILE = "stderr.log"
 STDERR_TAIL_LINES = 20
+# The ids the server gives jobs (studio/jobs.py): a training's 20250101-120000-a1b2c3, a tool's
+# 20250101-120000-doctor-a1b2c3. An id from a client names a job folder only when it is one of these.
+SERVER_JOB_ID = re.compile(r"[0-9]{8}-[0-9]{6}(-[a-z]{1,16})?-[0-9a-f]{6}")
 
 
 def jobs_folder(outputs_root: str | Path) -> Path:
@@ -121,6 +127,25 @@ def _run_of(root: Path, record: dict[str, Any]) -> tuple[str, str] | None:
     return path.name, str(record.get("started_at", ""))
 
 
+def find_job(outputs_root: str | Path, job_id: str) -> tuple[JobFiles, dict[str, Any], Path] | None:
+    """The job folder of `job_id` (an id a client sent: only an id the server makes, so never a path), its
+    job.json and the folder its events are in (a training's run folder directly under the root, a tool's job
+    folder); None when there is no such job, or its job.json is damaged or names another job."""
+    if not isinstance(job_id, str) or not SERVER_JOB_ID.fullmatch(job_id):
+        return None
+    root = Path(outputs_root).resolve()
+    files = JobFiles(jobs_folder(root) / job_id)
+    if files.folder.is_symlink() or not files.folder.is_dir():
+        return None
+    record = files.record()
+    if record.get("job_id") != job_id:
+        return None
+    if record.get("kind", "train") != "train":
+        return files, record, files.folder
+    run = _run_of(root, record)
+    return (files, record, root / run[0]) if run is not None else None
+
+
 def job_of(run_folder: str | Path) -> JobFiles | None:
     """The newest training job of the run in `run_folder` (a folder directly under the outputs root)."""
     folder = Path(run_folder)
@@ -135,11 +160,18 @@ def remove_jobs_of(run_folder: str | Path) -> list[Path]:
     for name in list(_named(root, folder.name)):
         path = jobs_folder(root) / name
         if runlock.holder(path) is None and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+            removed.append(remove_job_folder(path))
         with _known_lock:
             _known.pop((str(root), name), None)
     return removed
+
+
+def remove_job_folder(folder: Path) -> Path:
+    """Delete one job folder (its caller made sure no job uses it), forgetting what was read of it."""
+    shutil.rmtree(folder, ignore_errors=True)
+    with _known_lock:
+        _known.pop((str(folder.parent.parent.parent.resolve()), folder.name), None)
+    return folder
 
 
 def _named(root: Path, run: str) -> list[str]:

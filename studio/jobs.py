@@ -35,9 +35,9 @@ from lora_core.eventlog import EventLog
 from lora_core.events import Error
 from lora_core.runrecord import EVENTS_FILE, FAILED, QUEUED, RunFiles, ended_before, settle
 from lora_core.runtail import RecordTail
-from studio import pipeline, runs
+from studio import cleanup, pipeline, runs
 from studio.jobfiles import JobFiles, jobs_folder, migrate
-from studio.jobview import RunView, Submitted, folder_view, job_tail
+from studio.jobview import RunView, Submitted, ended_job, folder_view, job_tail, read_to_end
 from studio.launcher import JobProcess, device_count
 from studio.pipeline import BusyError, check_free, find_jobs, job_command, job_folder, record_end, target_of
 from studio.queue import JobQueue, QueuedJob, QueueFull
@@ -282,7 +282,7 @@ class Studio:
         self._wake.notify_all()
 
     def _track(self, job: ActiveJob) -> None:
-        if job.tail.update().ended:  # a resumed run: the earlier part's end is not this job's
+        if read_to_end(job.tail).ended:  # a resumed run: the earlier part's end is not this job's
             job.tail.record.begin_part()
         self._active[job.job_id] = job
         self._tails[job.job_id] = job.tail
@@ -318,6 +318,8 @@ class Studio:
                 queued = self._queue.get(key)
                 return RunView(job_id=key, state=QUEUED, output_path=queued.output_path if queued else "",
                                message=f"Queued: position {position} of {len(self._queue.jobs)}")
+            if tail is None and job_id and (found := ended_job(self.outputs_root, job_id)):  # ended before a restart
+                (tail, self._job_files[key]), self._tails[key] = found, found[0]
             if tail is None:
                 return (self._previous or RunView()) if job_id is None else RunView(job_id=job_id)
             tail.update()
@@ -372,6 +374,7 @@ class Studio:
             while not self._closed:
                 self._reap()
                 self._dispatch()
+                cleanup.prune_jobs_hourly(self.outputs_root, lambda: list(self._active))  # old job folders
                 self._wake.wait(TICK_S)
 
     def _reap(self) -> None:
@@ -379,7 +382,7 @@ class Studio:
         for job_id, job in list(self._active.items()):
             if job.process.alive():
                 continue
-            if not job.tail.update().ended:
+            if not read_to_end(job.tail).ended:  # a long run's end is past 1 MiB
                 record_end(job.process, job.tail)
             del self._active[job_id]
             self._wake.notify_all()
@@ -394,7 +397,7 @@ class Studio:
             seen.add(job_id)
             tail = job_tail(process.events_folder, job_id)
             self._job_files[job_id] = JobFiles(process.folder)
-            if tail.update().ended:  # its job is over, unless that end is an earlier part's (a resume starting)
+            if read_to_end(tail).ended:  # its job is over, unless that end is an earlier part's (a resume starting)
                 if not ended_before(tail.record, process.started()):
                     continue
                 tail.record.begin_part()

@@ -4,16 +4,20 @@ Start answers (`Submitted`). The registry that makes them is studio/jobs.py.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lora_core.runrecord import FAILED, STARTING, RunRecord
+from lora_core.runrecord import FAILED, STARTING, RunRecord, ended_before
 from lora_core.runtail import RecordTail
-from studio.jobfiles import job_of
+from studio.jobfiles import JobFiles, find_job, job_of
 from studio.runs import read_record
 
 MAX_CURVE_POINTS = 400  # the loss curve shown is averaged down to this many points
+READ_SECONDS = 2.0  # an ended job looked up by its id: its events are read for at most this long at once
 IDLE = "idle"  # the page's view when there is no run at all (not a run's state)
 
 
@@ -58,6 +62,41 @@ class RunView(RunRecord):
 def job_tail(folder: Path, job_id: str) -> RecordTail:
     """Follows a job's run folder into a RunView."""
     return RecordTail(folder, RunView(job_id=job_id, state=STARTING, output_path=str(folder)))
+
+
+def read_to_end(tail: RecordTail, seconds: float | None = None) -> RunRecord:
+    """The record with every event written so far folded in (one look reads 1 MiB: a long run's end, or an
+    earlier part's, is further on), reading for at most `seconds` (None: to the end)."""
+    deadline = math.inf if seconds is None else time.monotonic() + seconds
+    tail.update()
+    while tail.behind and time.monotonic() < deadline:
+        read = tail.size - tail.behind
+        tail.update()
+        if tail.size - tail.behind <= read:  # nothing more read: the file went, or cannot be read now
+            break
+    return tail.record
+
+
+def ended_job(outputs_root: Path, job_id: str) -> tuple[RecordTail, JobFiles] | None:
+    """An ended job that this server does not follow (it ended before a restart), found by its id from its
+    folder in .studio/jobs: its events and its files; None for no such job, or one that has not ended (a
+    job still running is followed by the registry itself). A training's part ends only after it started:
+    the run's end before it is an earlier part's."""
+    found = find_job(outputs_root, job_id)
+    if found is None:
+        return None
+    files, record, events = found
+    tail = job_tail(events, job_id)
+    read_to_end(tail, READ_SECONDS)
+    started = record.get("started_at")
+    try:
+        since = datetime.fromisoformat(str(started)).timestamp() if started else None
+    except (TypeError, ValueError, OverflowError):
+        since = None
+    training = record.get("kind", "train") == "train"
+    if tail.behind or not tail.record.ended or (training and ended_before(tail.record, since)):
+        return None  # (events too long to read in READ_SECONDS: not found this time, nor cached)
+    return tail, files
 
 
 def folder_view(folder: Path) -> RunView | None:

@@ -327,16 +327,17 @@ class JobProcess:
 
     def describe_exit(self) -> str:
         """How the process ended, in words (only known to the process that started it)."""
-        code = None if self.popen is None else self.popen.poll()
+        code, what = None if self.popen is None else self.popen.poll(), PROCESS_OF.get(
+            str(self.record.get("kind", "train")), "the job's process")
         if code is None:
             started_by = "the job starter, which ended first" if self.popen else "an earlier server process"
-            return (f"the training process (pid {self.pid}) ended without a final event; its exit status is "
+            return (f"{what} (pid {self.pid}) ended without a final event; its exit status is "
                     f"unknown (it was started by {started_by})")
         if code < 0:
             name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
             hint = " (the kernel's out-of-memory killer sends this too)" if -code == signal.SIGKILL else ""
-            return f"the training process was killed by signal {-code} ({name}){hint} before it reported a result"
-        return f"the training process exited with code {code} without a result"
+            return f"{what} was killed by signal {-code} ({name}){hint} before it reported a result"
+        return f"{what} exited with code {code} without a result"
 
     def terminate(self) -> None:
         """Ask the job to stop after its current step (it saves a checkpoint)."""
@@ -378,6 +379,12 @@ class JobProcess:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signum)
+
+
+# What a lost job's message calls its process, by job.json's kind (a record without one is an older training's)
+PROCESS_OF = {"train": "the training process", "grid": "the grid's process", "sweep": "the sweep's process",
+              "score": "the scoring job's process", "caption": "the captioning job's process",
+              "doctor": "the dataset doctor's process"}
 
 
 def record_lost(job: JobProcess) -> Error:

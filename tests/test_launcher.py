@@ -142,3 +142,23 @@ def test_a_killed_job_is_told_by_its_signal_and_a_later_process_finds_it_by_pid_
     error = record_lost(job)
     assert "killed by signal 9 (SIGKILL)" in error.message and "loading the model" in error.message
     assert "exit status is unknown" in found.describe_exit()  # not its child: how it ended is not known
+
+
+def test_a_lost_tool_job_is_named_by_what_it_was_not_called_a_training(tmp_path):
+    """A doctor killed by SIGKILL: its one error (in its own job folder's events) names the dataset doctor; a
+    later server, which cannot know the exit status, names each kind the same way."""
+    script = "import sys, time; print('measuring', file=sys.stderr, flush=True); time.sleep(60)"
+    job = JobProcess.start(tmp_path / "job", [sys.executable, "-c", script],
+                           record={"job_id": "j2", "kind": "doctor", "target": str(tmp_path)})
+    wait_until(lambda: "measuring" in "".join(JobFiles(job.folder).stderr_tail()), what="the child's stderr")
+    job.kill()
+    wait_until(lambda: not job.alive(), what="the kill")
+    error = record_lost(job)
+    assert error.message.startswith("the dataset doctor's process was killed by signal 9 (SIGKILL)")
+    assert "training" not in error.message and "measuring" in error.message
+    assert [event.type for event in read_events(tmp_path / "job" / "events.jsonl")] == ["error"]
+    for kind, words in (("grid", "the grid's process"), ("score", "the scoring job's process"),
+                        ("caption", "the captioning job's process"), ("train", "the training process")):
+        later = JobProcess(tmp_path / "job", job.pid, job.start_time, {"kind": kind})
+        assert later.describe_exit().startswith(f"{words} (pid {job.pid}) ended without a final event")
+    assert JobProcess(tmp_path, 1, 0.0, {}).describe_exit().startswith("the training process")  # an older record
