@@ -23,8 +23,8 @@ load average of 3 (1 min 40 s on 2026-12-07), longer on a busier one. Remake the
 the page or the demo, look at them, and commit them:
 
     python -m bench.docs_shots                 # writes docs/webui.png, docs/runs.png, docs/grid.png
-    python -m bench.docs_shots --out /tmp/shots --work /tmp/shots-work --keep-work   # elsewhere, runs kept
-    python -m bench.docs_shots --work /tmp/shots-work   # again on those runs: trains and scores nothing
+    python -m bench.docs_shots --out /tmp/shots --work /tmp/shots-work   # elsewhere, the runs kept there
+    python -m bench.docs_shots --out /tmp/shots --work /tmp/shots-work   # again: reshoots those runs, no training
 
 The tests never write docs/: tests/test_studio_browser.py keeps its own screenshots in test-artifacts/.
 """
@@ -62,9 +62,9 @@ GAP = 12  # pixels between the two parts of runs.png
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.docs_shots", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the PNGs (default docs/)")
-    parser.add_argument("--work", type=Path, help="scratch folder for the runs (default: a new temporary one)")
-    parser.add_argument("--keep-work", action="store_true",
-                        help="keep the scratch folder; with --work again, its finished runs and scores are reused")
+    parser.add_argument("--work", type=Path, help="folder for the runs, kept; given again, its finished runs "
+                        "and scores are reused (default: a temporary one, removed at the end)")
+    parser.add_argument("--keep-work", action="store_true", help="keep the temporary folder (its path is printed)")
     parser.add_argument("--one-run", action="store_true",
                         help=f"skip the second run ({SECOND_RUN}) that the Runs tab lists beside {RUN}")
     return parser.parse_args(argv)
@@ -273,11 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         studio.shutdown(timeout=30)
         demo.close()
-        if not args.keep_work:
+        if args.work is None and not args.keep_work:  # only a folder of its own making
             shutil.rmtree(work, ignore_errors=True)
     for path in written:
         print(f"{path}: {shrink(path) // 1024} KB")
-    say("done" + (f"; the runs are in {work / 'outputs'}" if args.keep_work else ""), started)
+    say("done" + (f"; the runs are in {work / 'outputs'}" if args.work or args.keep_work else ""), started)
     return 0
 
 
