@@ -1,13 +1,11 @@
 """The studio in a real browser (Playwright, Debian's Chromium): queue two jobs, watch the first complete and the
 second start, open the Runs view, score a run, compare the two runs, make a grid. Screenshots go to
-test-artifacts/; with LORA_STUDIO_DOCS_SHOTS=1 also to docs/runs.png and docs/grid.png (the README shows them)."""
+test-artifacts/ (the README's pictures are made from a real demo run by `python -m bench.docs_shots`)."""
 
 from __future__ import annotations
 
 import faulthandler
-import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -69,8 +67,6 @@ def keep(page, name: str, locator=None, clip: dict | None = None) -> None:
         page.screenshot(path=str(ARTIFACTS / name), clip=clip, full_page=True)
     else:
         (locator or page).screenshot(path=str(ARTIFACTS / name))
-    if os.environ.get("LORA_STUDIO_DOCS_SHOTS") == "1":
-        shutil.copyfile(ARTIFACTS / name, ROOT / "docs" / name)
 
 
 def test_queue_two_jobs_then_open_score_compare_and_grid_them_in_the_browser(studio_page, tmp_path):
