@@ -462,7 +462,7 @@ def test_a_job_killed_with_sigkill_shows_as_failed_with_its_signal_and_stderr(cl
     job = start(client, run_name="killed", **LONG)
     running = wait_for(client, lambda s: s["state"] == "running", job, timeout=120)
     pid = job_record(running)["pid"]
-    assert psutil.Process(pid).ppid() == served[1]._starter._process.pid  # forked from the page's job starter
+    assert psutil.Process(pid).ppid() == served[1].starter._process.pid  # forked from the page's job starter
     os.kill(pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
     state = wait_for(client, lambda s: s["state"] in TERMINAL, job)
     assert state["state"] == "failed" and "killed by signal 9 (SIGKILL)" in state["message"]
