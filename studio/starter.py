@@ -306,8 +306,8 @@ class Starter:
         if process is not None:
             with contextlib.suppress(OSError):
                 process.stdin.close()
-            try:
-                process.wait(timeout=5)
+            try:  # still importing, it has forked nothing (what it was asked is spawned instead): no wait
+                process.wait(timeout=5 if self._ready else 0)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
