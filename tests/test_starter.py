@@ -220,7 +220,7 @@ def test_a_short_child_that_hangs_is_killed_at_its_timeout_and_one_that_dies_say
     environment = child_environment(warm_starter)
     run_python(["-c", "pass"], environment, warm_starter, timeout=120)  # warm: the timeout is the child's own
     with pytest.raises(subprocess.TimeoutExpired) as hung:
-        run_python(["-c", CHILD, "600", "0"], environment, warm_starter, timeout=3)
+        run_python(["-c", CHILD, "600", "0"], environment, warm_starter, timeout=6)  # time to print its pid
     pid = int(hung.value.stdout.split()[0])
     wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10,
                what="the hung child to go")
@@ -246,7 +246,7 @@ def test_the_pages_estimate_and_model_family_are_forked_and_a_child_outlives_a_s
 
     answer: list = []  # the starter dies while a child runs: the child's answer still comes
     asking = threading.Thread(target=lambda: answer.append(
-        run_python(["-c", CHILD, "3", "0"], child_environment(warm_starter), warm_starter, timeout=120)))
+        run_python(["-c", CHILD, "8", "0"], child_environment(warm_starter), warm_starter, timeout=120)))
     asking.start()
     wait_until(lambda: any(key > 0 for key in warm_starter._jobs), 60, what="the child's pid")
     warm_starter._process.kill()
