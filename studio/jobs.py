@@ -77,8 +77,6 @@ class Studio:
         self.outputs_root = Path(outputs_root).resolve()
         self.outputs_root.mkdir(parents=True, exist_ok=True)
         self._devices = devices
-        if devices is None:  # counted by a child process (launcher.device_count): ahead of the first Start
-            threading.Thread(target=device_count, name="count-devices", daemon=True).start()
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._active: dict[str, ActiveJob] = {}
@@ -87,10 +85,12 @@ class Studio:
         self._job_files: dict[str, JobFiles] = {}  # job id -> its own folder (its stderr.log), for every job seen
         self._current = ""  # the job a page shows when it asks for none
         self._closed = self._closing = False
-        self._starter = Starter()  # forks one-process jobs from a process that has imported the engine once
         # Jobs run in the environment the server started with: a later change to this process's (a test's
         # PYTEST_CURRENT_TEST, a library's setting) would differ from the starter's and make every job spawn.
         self._environment = dict(os.environ)
+        self.starter = Starter(base=self._environment)  # forks one-process jobs and short children: no new import
+        if devices is None:  # counted by a child process (launcher.device_count): ahead of the first Start
+            threading.Thread(target=device_count, args=(self.starter,), name="count-devices", daemon=True).start()
         with self._lock:
             self._queue = JobQueue(self.outputs_root, owned=self._owns)  # jobs queued before a restart wait on
             self.damaged = list(self._queue.damaged)  # entries of damaged files, each left out (and logged)
@@ -146,7 +146,7 @@ class Studio:
     def device_count(self) -> int:
         """GPUs on this machine; 0 for the CPU."""
         if self._devices is None:
-            self._devices = device_count()
+            self._devices = device_count(self.starter)
         return self._devices
 
     def free_devices(self) -> list[int] | None:
@@ -258,7 +258,7 @@ class Studio:
             check_free(target_of(queued), queued.kind, {})  # another process may have taken it while it waited
             command, config = job_command(queued, own)
             # the doctor imports no torch: spawned, it runs in a second; the starter would first import the engine
-            starter = None if queued.kind in pipeline.DEVICELESS else self._starter
+            starter = None if queued.kind in pipeline.DEVICELESS else self.starter
             process = JobProcess.start(own, command, config, num_processes=queued.processes, devices=devices,
                                        env=self._environment, starter=starter, before_start=lambda: (
                                            folder.mkdir(parents=True, exist_ok=True),  # listed from now on
@@ -366,7 +366,7 @@ class Studio:
         with self._lock:
             self._closed = True
             self._wake.notify_all()
-        self._starter.close()  # the jobs it started run on
+        self.starter.close()  # the jobs it started run on
 
     # --- the supervisor thread ---
     def _supervise(self) -> None:

@@ -15,13 +15,13 @@ A job that dies without a final event (SIGKILL, the out-of-memory killer, a nati
 Stop is SIGTERM to the job's process: the CLI, or accelerate's launcher (torch's elastic agent), which passes
 it to every training process; they agree on the step to stop after and the main one saves a checkpoint.
 Nothing here imports torch (the page's registry uses it): `device_count` and `validation_report` (the
-`--validate-only` report) ask a child process, so their caller never loads torch nor touches a device.
+`--validate-only` report) ask a child process, so their caller never loads torch nor touches a device; given
+the page's `Starter`, that child is forked from it too (`starter.run_python`), else spawned.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -48,7 +48,7 @@ from lora_core.files import atomic_write_text
 from lora_core.runlock import JOB_FOLDER_VARIABLE, TOKEN_VARIABLE
 from lora_core.runrecord import RunFiles, process_alive, read_json
 from studio.jobfiles import JOB_CONFIG_FILE, JOB_FILE, STDERR_FILE, JobFiles
-from studio.starter import StartedJob, Starter
+from studio.starter import StartedJob, Starter, run_python
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where `-m lora_core` is importable from
 VALIDATE_TIMEOUT_S = 600.0  # a hub model's configs may have to be downloaded first
@@ -57,23 +57,26 @@ STARTING_GRACE_S = 120.0  # a job forked but not yet holding its lock (importing
 log = logging.getLogger("studio.launcher")
 
 
-def device_count() -> int:
+def device_count(starter: Starter | None = None) -> int:
     """CUDA devices a job started from here sees (CUDA_VISIBLE_DEVICES applies); 0 without CUDA. Counted once,
-    by a child process: the caller (the page's server) never loads torch nor the CUDA driver."""
+    by a child process (forked from `starter` when given): the caller (the page's server) never loads torch
+    nor the CUDA driver."""
     with _COUNTING:  # one child, however many threads ask at once
-        return _count_devices()
+        if not _counted:
+            _counted.append(_count_devices(starter))
+        return _counted[0]
 
 
 _COUNTING = threading.Lock()
+_counted: list[int] = []  # the count, once known: the same for every server in this process
 
 
-@functools.cache
-def _count_devices() -> int:
+def _count_devices(starter: Starter | None) -> int:
     # niced: counted ahead of the first Start (studio/jobs.py), it must not slow the server answering pages
     code = ("import os; hasattr(os, 'nice') and os.nice(10); import torch; "
             "print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE_ROOT, stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, timeout=VALIDATE_TIMEOUT_S)
+    environment = job_environment(None, 1, None, starter.base if starter else None)
+    result = run_python(["-c", code], environment, starter, VALIDATE_TIMEOUT_S)
     try:
         return int(result.stdout.split()[-1])
     except (IndexError, ValueError):
@@ -113,20 +116,20 @@ def job_environment(config: TrainConfig | None, num_processes: int, devices: Seq
 
 
 def validation_report(config: TrainConfig, num_processes: int = 1, env: Mapping[str, str] | None = None,
-                      timeout: float = VALIDATE_TIMEOUT_S) -> dict[str, Any]:
+                      timeout: float = VALIDATE_TIMEOUT_S, starter: Starter | None = None) -> dict[str, Any]:
     """`train --validate-only`'s report of `config` (ok, problems, warnings, device, devices, memory_estimate,
-    total_steps...), made by a child process. The page's server asks this way so that it never imports torch
+    total_steps...), made by a child process (forked from `starter` when given; its environment from `env`,
+    else the starter's, else this process's). The page's server asks this way so that it never imports torch
     nor touches a device: a CUDA context in the long-lived server would hold memory every job then lacks, and
     a process that has used CUDA must never fork again. RuntimeError when the child gives no report."""
     with tempfile.TemporaryDirectory(prefix="lora-validate-") as folder:
         path = Path(folder) / "config.json"
         path.write_text(json.dumps(config_to_file_dict(config)), encoding="utf-8")
-        environment = job_environment(config, 1, None, env)
+        environment = job_environment(config, 1, None, starter.base if env is None and starter else env)
         if num_processes > 1:  # the plan divides the batches over this many processes (distributed.world_size)
             environment["WORLD_SIZE"] = str(num_processes)
-        result = subprocess.run(launch_command(path, 1, extra_args=["--validate-only"]), cwd=PACKAGE_ROOT,
-                                env=environment, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                timeout=timeout)
+        result = run_python(launch_command(path, 1, extra_args=["--validate-only"])[1:], environment, starter,
+                            timeout)
     for line in reversed(result.stdout.splitlines()):
         try:
             event = parse_event(line)
@@ -214,7 +217,7 @@ class JobProcess:
             (folder / JOB_FILE).unlink(missing_ok=True)
             raise
         if starter is not None and command[1:3] == ["-m", "lora_core"]:
-            job.popen = starter.start(command[3:], environment, stdout_path, stderr_path, spawn, job._started)
+            job.popen = starter.start(command[1:], environment, stdout_path, stderr_path, spawn, job._started)
         if job.popen is None:
             job.popen = spawn()
             job._started(job.popen.pid)

@@ -1,5 +1,5 @@
 """What a face shows before training: dataset thumbnails and the base model's family (read in a child process,
-so that the page's server never imports torch).
+forked from the page's job starter when it has one, so that the page's server never imports torch).
 
 Thumbnails are small JPEG copies written under the outputs folder, so a page never serves the
 original files (which may live anywhere on the server) and stays fast with large images.
@@ -10,18 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from studio.launcher import job_environment
+from studio.starter import Starter, run_python
+
 if TYPE_CHECKING:
     from lora_core.dataset import DatasetReport
 
-ROOT = Path(__file__).resolve().parent.parent
 DESCRIBE_TIMEOUT_S = 180  # a hub model's configs download in the child; a built-in one is built there once
 UNCHECKED = "the model could not be checked"  # the check failed, not the model: Start is not refused for it
 DESCRIBED_FOR_S = 60.0  # a hub model's (or a folder's) answer is asked again after this long
@@ -65,10 +65,11 @@ def thumbnails(report: DatasetReport, folder: Path, limit: int = MAX_THUMBNAILS)
     return results
 
 
-def describe_model(base_model: str) -> tuple[str, str | None, str | None]:
-    """(family in words, None, the family's id) or ("", the problem, None), from a child process: reading a
-    model (lora_core.models, which builds a built-in one the first time) imports torch, which the page's server
-    never loads. A built-in's answer is kept for the server's life, any other's for DESCRIBED_FOR_S."""
+def describe_model(base_model: str, starter: Starter | None = None) -> tuple[str, str | None, str | None]:
+    """(family in words, None, the family's id) or ("", the problem, None), from a child process (forked from
+    `starter` when given): reading a model (lora_core.models, which builds a built-in one the first time)
+    imports torch, which the page's server never loads. A built-in's answer is kept for the server's life,
+    any other's for DESCRIBED_FOR_S."""
     base_model = base_model.strip()
     if not base_model:
         return "", "choose a base model", None
@@ -78,8 +79,8 @@ def describe_model(base_model: str) -> tuple[str, str | None, str | None]:
         return answer
     code = "import json, sys; from studio.preview import describe_here; print(json.dumps(describe_here(sys.argv[1])))"
     try:  # an answer that did not come is not kept: the next look asks again
-        done = subprocess.run([sys.executable, "-c", code, base_model], capture_output=True, text=True,
-                              timeout=DESCRIBE_TIMEOUT_S, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        done = run_python(["-c", code, base_model], job_environment(None, 1, None, starter and starter.base),
+                          starter, DESCRIBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return "", f"{UNCHECKED} (no answer within {DESCRIBE_TIMEOUT_S} s)", None
     try:

@@ -1,43 +1,58 @@
-"""A fork server for the page's jobs: one process imports the engine once, then forks each job from it.
+"""A fork server for the page's processes: one process imports the engine once, then forks each one from it.
 
 A new Python process spends 5 to 6 s of CPU importing torch, diffusers, transformers and peft before a job
 does anything (measured on a 2-core machine), longer than a short job trains. So the page server starts its
 one-process jobs through a starter: `python -m studio.starter`, spawned clean by the server (none of the
 server's threads, no CUDA), imports the engine, then forks one process per request read on its stdin. The
-forked process becomes `python -m lora_core ARGV`: a session of its own, stdin from /dev/null, stdout and
-stderr to the job's files, the job's environment and working directory. The starter answers the new pid on
-its stdout and, when that process ends, its exit status (as `Popen.returncode` gives it).
+forked process becomes `python ARGS` (`-m lora_core ...` for a job, `-c CODE` for one of the server's short
+questions that need torch): a session of its own, stdin from /dev/null, stdout and stderr to the files the
+request names, the request's environment and working directory. The starter answers the new pid on its stdout
+and, when that process ends, its exit status (as `Popen.returncode` gives it).
+
+The server's short questions (the GPU count, `--validate-only`'s report, a model's family) go the same way
+through `run_python`, a `subprocess.run` forked from the starter, rather than import the engine on each click.
 
 Forking after torch is imported is what torch's DataLoader does on Linux; it is unsafe only once the parent
 has used CUDA. The starter refuses every request while a CUDA driver library is mapped into it, and the
-server then spawns the job as a new process. Libraries read environment variables when they are imported,
-so a job whose environment differs from the starter's in more than `PER_JOB` is spawned too. When the
-server goes (its end of the pipe closes) the starter exits; the jobs run on.
+server then spawns the process instead. A forked process may use CUDA: it is a process of its own. Libraries
+read environment variables when they are imported, so a process whose environment differs from the
+starter's in more than `PER_JOB` is spawned too. When the server goes (its end of the pipe closes) the
+starter exits; the jobs run on.
 
-`Starter` is the server's end; it never imports torch. `StartedJob` stands for one job in the server: the
+`Starter` is the server's end; it never imports torch. `StartedJob` stands for one process in the server: the
 subset of `subprocess.Popen` that `launcher.JobProcess` uses, for a process whose pid arrives later.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import json
 import logging
+import math
 import os
+import runpy
 import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where `-m lora_core` is importable from
-# read when CUDA or accelerate starts, or by the job alone (its token and folder, lora_core/runlock.py)
-PER_JOB = frozenset({"CUDA_VISIBLE_DEVICES", "ACCELERATE_USE_CPU", "LORA_JOB_TOKEN", "LORA_JOB_FOLDER"})
+# read when CUDA or accelerate starts (WORLD_SIZE: --validate-only's plan for several processes), or by the
+# job alone (its token and folder, lora_core/runlock.py)
+PER_JOB = frozenset({"CUDA_VISIBLE_DEVICES", "ACCELERATE_USE_CPU", "WORLD_SIZE", "LORA_JOB_TOKEN",
+                     "LORA_JOB_FOLDER"})
 PRELOAD = ("lora_core.cli", "lora_core.job", "lora_core.training", "lora_core.grid")
 REAP_S = 0.2  # how often the starter looks for ended jobs
+KILLED_WAIT_S = 5.0  # how long `run_python` waits for a child it killed (the starter reaps it within REAP_S)
 
 log = logging.getLogger("studio.starter")
 
@@ -52,6 +67,10 @@ def serve(requests: int, replies) -> dict[str, Any] | None:
         os.environ.setdefault(variable, "error")  # before their imports, which read them
     for module in PRELOAD:
         __import__(module)
+    # What Python's gc docs advise before fork without exec: the engine's objects, frozen, are never scanned by
+    # a child's collections, whose reference updates would copy every page they touch. A child that printed
+    # one line took 5.4 s to end without this and 1.0 s with it (2-core VM at a load of 7).
+    gc.freeze()
     children: set[int] = set()
     pending = b""
 
@@ -96,7 +115,8 @@ def cuda_driver_loaded() -> bool:
 
 
 def become_job(request: Mapping[str, Any]) -> int | str | None:
-    """In the forked child: turn into `python -m lora_core ARGV` as `request` describes it, and run it."""
+    """In the forked child: turn into `python ARGS` (`-m MODULE ...` or `-c CODE ...`) as `request` describes
+    it, and run it; what `sys.exit` takes (a module's own `sys.exit` raises SystemExit through here)."""
     os.setsid()
     stdin = os.open(os.devnull, os.O_RDONLY)
     stdout = os.open(request["stdout"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -112,17 +132,48 @@ def become_job(request: Mapping[str, Any]) -> int | str | None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    from lora_core.__main__ import main
+    flag, target, *rest = request["argv"]
+    if flag == "-c":  # what `python -c CODE ARGS` does
+        sys.argv = ["-c", *rest]
+        exec(compile(target, "<string>", "exec"), {"__name__": "__main__"})  # noqa: S102  (the server's own code)
+        return None
+    sys.argv = [target, *rest]  # what `python -m MODULE ARGS` does (runpy puts the module's file first)
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+    return None
 
-    sys.argv = [str(Path(__file__).with_name("__main__.py")), *request["argv"]]
-    return main(list(request["argv"]))
+
+def run_short(request: Mapping[str, Any]) -> NoReturn:
+    """In the forked child: `become_job` for one of the server's short children (`run_python`), ended as
+    multiprocessing ends what it forks: exit handlers run and output is flushed, but not the interpreter's
+    teardown, which touches every object inherited from the starter (0.6 s of a 0.8 s child at load 7)."""
+    status = 1
+    try:
+        status = exit_status(become_job(request))
+    except SystemExit as stop:
+        status = exit_status(stop.code)
+    except BaseException:  # as Python itself reports an uncaught exception: on stderr, exit status 1
+        traceback.print_exc()
+    finally:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+
+
+def exit_status(code: object) -> int:
+    """The exit status `sys.exit(code)` gives (a message is printed on stderr, status 1)."""
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=sys.stderr)
+    return 1
 
 
 # --- the server's end ---
 class StartedJob:
     """One job asked of the starter: `pid` (None until the starter answers), `poll()` (its exit status, None
-    while it runs or is starting) and `send_signal()` (kept until the pid is known). When the starter cannot
-    fork it, the job is spawned as a process of its own instead (`spawn`)."""
+    while it runs or is starting), `wait()` and `send_signal()` (kept until the pid is known). When the
+    starter cannot fork it, the job is spawned as a process of its own instead (`spawn`)."""
 
     def __init__(self, spawn: Callable[[], subprocess.Popen], on_pid: Callable[[int], None]):
         self.pid: int | None = None
@@ -132,9 +183,24 @@ class StartedJob:
         self._popen: subprocess.Popen | None = None
         self._signals: list[int] = []
         self._lock = threading.Lock()
+        self._settled = threading.Event()  # ended, spawned instead, or lost: the starter will say no more
 
     def poll(self) -> int | None:
         return self._popen.poll() if self._popen is not None else self._status
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Its exit status once it has ended, as `Popen.wait` (subprocess.TimeoutExpired after `timeout` s);
+        None for a job `lost` with the starter (once its process, when its pid is known, has gone)."""
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        if not self._settled.wait(timeout):
+            raise subprocess.TimeoutExpired(f"process {self.pid or '(starting)'}", timeout or 0.0)
+        if self._popen is not None:
+            return self._popen.wait(None if timeout is None else max(0.0, deadline - time.monotonic()))
+        while self.lost and self.pid and _running(self.pid):  # no longer anyone's child: nobody tells its end
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"process {self.pid}", timeout or 0.0)
+            time.sleep(REAP_S)
+        return self._status
 
     def send_signal(self, signum: int) -> None:
         with self._lock:
@@ -160,12 +226,27 @@ class StartedJob:
             popen = self._spawn()
         except OSError:
             self._status = 1  # nothing ran: the job's view says the process ended without a result
+            self._settled.set()
             return
         self._popen = popen
+        self._settled.set()
         self._started(popen.pid)
 
     def _ended(self, status: int) -> None:
         self._status = status
+        self._settled.set()
+
+    def _lose(self) -> None:
+        self.lost = True
+        self._settled.set()
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie has ended; init reaps an orphan)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 class Starter:
@@ -173,8 +254,10 @@ class Starter:
     returns at once (a `StartedJob`), or returns None when this job must be spawned as a process of its own
     (several processes, another environment, or no fork on this system)."""
 
-    def __init__(self, cwd: str | Path = PACKAGE_ROOT):
+    def __init__(self, cwd: str | Path = PACKAGE_ROOT, *, base: Mapping[str, str] | None = None):
         self.cwd = str(cwd)
+        # the server's environment as it started, which its jobs' and short children's are made from
+        self.base = dict(os.environ if base is None else base)
         self.environment: dict[str, str] | None = None  # the first job's, less PER_JOB: the starter's own
         self._process: subprocess.Popen | None = None
         self._jobs: dict[int, StartedJob] = {}  # request id, then pid -> job
@@ -191,15 +274,17 @@ class Starter:
         return (self.available() and not self._closed
                 and self.environment in (None, shared_environment(environment)))
 
-    def start(self, argv: Sequence[str], environment: Mapping[str, str], stdout: Path, stderr: Path,
-              spawn: Callable[[], subprocess.Popen], on_pid: Callable[[int], None]) -> StartedJob | None:
-        """Ask for `python -m lora_core ARGV`; `spawn` starts it as a process of its own if the starter
-        refuses or ends before answering, `on_pid` is told the pid either way (from another thread)."""
-        if not self.accepts(environment):
+    def start(self, args: Sequence[str], environment: Mapping[str, str], stdout: Path, stderr: Path,
+              spawn: Callable[[], subprocess.Popen], on_pid: Callable[[int], None], *,
+              short: bool = False) -> StartedJob | None:
+        """Ask for `python ARGS` (`-m MODULE ...` or `-c CODE ...`); `spawn` starts it as a process of its own
+        if the starter refuses or ends before answering, `on_pid` is told the pid either way (from another
+        thread). `short`: one of the server's short children, which skips Python's teardown (`run_short`)."""
+        if not self.accepts(environment) or len(args) < 2 or args[0] not in ("-m", "-c"):
             return None
         job = StartedJob(spawn, on_pid)
-        request = {"argv": list(argv), "env": dict(environment), "cwd": self.cwd, "stdout": str(stdout),
-                   "stderr": str(stderr)}
+        request = {"argv": list(args), "env": dict(environment), "cwd": self.cwd, "stdout": str(stdout),
+                   "stderr": str(stderr), "short": short}
         with self._lock:
             try:
                 process = self._running(environment)
@@ -221,8 +306,8 @@ class Starter:
         if process is not None:
             with contextlib.suppress(OSError):
                 process.stdin.close()
-            try:
-                process.wait(timeout=5)
+            try:  # still importing, it has forked nothing (what it was asked is spawned instead): no wait
+                process.wait(timeout=5 if self._ready else 0)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
@@ -271,13 +356,49 @@ class Starter:
             # Once the starter was ready it may have forked a job it never answered for: spawning that one
             # would start it twice. It is left lost (pid unknown): its process is found by the lock it takes
             # (launcher.JobProcess.find_pid). Before ready it read no request, so it forked none.
-            job.lost = key > 0 or self._ready
-            if key < 0 and not self._ready:
+            if key > 0 or self._ready:
+                job._lose()
+            else:
                 try:
                     job._spawned_instead()
                 except Exception:
                     log.exception("a job the starter had not forked could not be spawned")
         process.wait()
+
+
+def run_python(args: Sequence[str], environment: Mapping[str, str], starter: Starter | None = None,
+               timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`subprocess.run([python, *args])` from PACKAGE_ROOT, stdin from /dev/null, stdout and stderr captured as
+    text, for the server's short questions that need torch: forked from `starter` when there is one that
+    takes it (no new import of the engine), else spawned. Past `timeout` s the child is killed and
+    subprocess.TimeoutExpired raised, as `subprocess.run` does. A child lost with the starter (which ended
+    first) has returncode None."""
+    command = [sys.executable, *args]
+    with tempfile.TemporaryDirectory(prefix="lora-child-") as folder:
+        stdout, stderr = Path(folder) / "stdout", Path(folder) / "stderr"
+
+        def spawn() -> subprocess.Popen:
+            with open(stdout, "ab") as out, open(stderr, "ab") as err:
+                return subprocess.Popen(command, cwd=PACKAGE_ROOT, env=dict(environment), stdin=subprocess.DEVNULL,
+                                        stdout=out, stderr=err)
+
+        job = starter.start(args, environment, stdout, stderr, spawn, lambda pid: None, short=True) \
+            if starter else None
+        if job is None:
+            return subprocess.run(command, cwd=PACKAGE_ROOT, env=dict(environment), stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, timeout=timeout)
+
+        def read(path: Path) -> str:
+            return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+
+        try:
+            code = job.wait(timeout)
+        except subprocess.TimeoutExpired:
+            job.send_signal(signal.SIGKILL)  # kept until its pid is known, if the starter has not answered yet
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                job.wait(KILLED_WAIT_S)
+            raise subprocess.TimeoutExpired(command, timeout or 0.0, read(stdout), read(stderr)) from None
+        return subprocess.CompletedProcess(command, code, read(stdout), read(stderr))
 
 
 def shared_environment(environment: Mapping[str, str]) -> dict[str, str]:
@@ -291,4 +412,6 @@ if __name__ == "__main__":
     job_request = serve(sys.stdin.fileno(), answers)
     if job_request is not None:
         answers.close()  # the job holds nothing of the starter's pipes to the server
+        if job_request.get("short"):
+            run_short(job_request)
         sys.exit(become_job(job_request))

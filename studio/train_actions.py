@@ -168,7 +168,7 @@ class TrainActions:
         SD 3 / FLUX) shown only for a model of their families, as the config model's hints say."""
         from studio import preview
 
-        words, problem, family = preview.describe_model(base_model or "")
+        words, problem, family = preview.describe_model(base_model or "", self.studio.starter)
         if not (problem or "").startswith(preview.UNCHECKED):
             self.model_problems[(base_model or "").strip()] = problem
         if problem is None:
@@ -276,7 +276,8 @@ class TrainActions:
     def estimate(self, **values) -> str:
         config = build_config(values, self.studio, self.settings)
         try:
-            return estimate_markdown(validation_report(config, self.studio.num_processes()))
+            return estimate_markdown(validation_report(config, self.studio.num_processes(),
+                                                      starter=self.studio.starter))
         except Exception as error:  # an estimate must never take the page down; say what failed
             log.exception("estimate failed")
             return f"**The estimate failed:** {type(error).__name__}: {error}"

@@ -1,5 +1,7 @@
 """The job starter (studio/starter.py): one-process jobs forked from a process that imported the engine once,
-each what a spawned job is (its session, files and exit status), and spawned instead when it cannot fork them."""
+each what a spawned job is (its session, files and exit status), and spawned instead when it cannot fork them;
+and the server's short children (`run_python`: the GPU count, the estimate, a model's family), forked the same
+way and answering as `subprocess.run` does."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import psutil
 import pytest
@@ -16,8 +20,10 @@ from helpers import SHAPES_DATASET, tiny_config, wait_until
 from lora_core import runlock
 from lora_core.configfile import parse_config
 from lora_core.runtail import RecordTail
-from studio.launcher import JobProcess, job_environment, train_command
-from studio.starter import PACKAGE_ROOT, StartedJob, Starter, cuda_driver_loaded
+from studio import preview
+from studio import starter as starter_module
+from studio.launcher import JobProcess, _count_devices, job_environment, train_command, validation_report
+from studio.starter import PACKAGE_ROOT, StartedJob, Starter, cuda_driver_loaded, run_python
 
 
 def start_training(folder, run_config, starter) -> JobProcess:
@@ -165,3 +171,84 @@ def test_what_the_starters_imports_print_goes_to_stderr_not_into_its_answers():
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.splitlines() == ['{"ready": true}']
     assert "native noise" in run.stderr and "python noise" in run.stderr
+
+
+# --- the server's short children (studio.starter.run_python): the GPU count, --validate-only, a model's family ---
+CHILD = r'''
+import os, sys, time
+print(os.getpid(), os.getppid(), os.environ.get("CHILD_MARK"), sys.argv[1:], flush=True)
+print("to stderr", file=sys.stderr)
+time.sleep(float(sys.argv[1]))
+print("done")
+sys.exit(int(sys.argv[2]))
+'''
+
+
+@pytest.fixture(scope="module")
+def warm_starter():
+    """One starter for the short children's tests (importing the engine is its cost, paid once here)."""
+    starter = Starter(base={**os.environ, "CHILD_MARK": "server-side"})
+    yield starter
+    starter.close()
+
+
+def child_environment(starter: Starter) -> dict[str, str]:
+    return job_environment(None, 1, None, starter.base)
+
+
+@pytest.mark.e2e
+def test_a_short_child_is_forked_from_the_starter_and_answers_as_subprocess_run_does(warm_starter):
+    environment = child_environment(warm_starter)
+    forked = run_python(["-c", CHILD, "0", "3"], environment, warm_starter, timeout=120)
+    spawned = run_python(["-c", CHILD, "0", "3"], environment, None, timeout=120)
+    for result in (forked, spawned):
+        _pid, parent, mark, argv = result.stdout.split(" ", 3)
+        assert (result.returncode, mark, argv.splitlines()) == (3, "server-side", ["['0', '3']", "done"])
+        assert result.stderr == "to stderr\n"
+    assert int(forked.stdout.split()[1]) == warm_starter._process.pid  # no new import of the engine
+    assert int(spawned.stdout.split()[1]) == os.getpid()
+    assert not cuda_driver_loaded_in(warm_starter._process.pid)  # the children may use CUDA; the starter never
+    assert _count_devices(warm_starter) == _count_devices(None)
+
+
+def cuda_driver_loaded_in(pid: int) -> bool:
+    return "libcuda.so" in Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.e2e
+def test_a_short_child_that_hangs_is_killed_at_its_timeout_and_one_that_dies_says_how(warm_starter):
+    environment = child_environment(warm_starter)
+    run_python(["-c", "pass"], environment, warm_starter, timeout=120)  # warm: the timeout is the child's own
+    with pytest.raises(subprocess.TimeoutExpired) as hung:
+        run_python(["-c", CHILD, "600", "0"], environment, warm_starter, timeout=6)  # time to print its pid
+    pid = int(hung.value.stdout.split()[0])
+    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 10,
+               what="the hung child to go")
+    killed = run_python(["-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], environment,
+                        warm_starter, timeout=120)
+    assert killed.returncode == -signal.SIGKILL  # as subprocess.run tells it
+
+
+@pytest.mark.e2e
+def test_the_pages_estimate_and_model_family_are_forked_and_a_child_outlives_a_starter_that_dies(
+        warm_starter, monkeypatch, tmp_path):
+    """Last of the module's tests: it kills the shared starter."""
+    def spawned(*args, **kwargs):
+        raise AssertionError("spawned: the starter should have forked it")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(starter_module.subprocess, "run", spawned)
+        patched.setattr(preview, "_described", {})
+        report = validation_report(config(tmp_path / "out", steps=1), starter=warm_starter)
+        words, problem, family = preview.describe_model("builtin:tiny-sd", warm_starter)
+    assert report["ok"] and report["total_steps"] == 1
+    assert (problem, family) == (None, "sd1") and words.startswith("SD 1.x")
+
+    answer: list = []  # the starter dies while a child runs: the child's answer still comes
+    asking = threading.Thread(target=lambda: answer.append(
+        run_python(["-c", CHILD, "8", "0"], child_environment(warm_starter), warm_starter, timeout=120)))
+    asking.start()
+    wait_until(lambda: any(key > 0 for key in warm_starter._jobs), 60, what="the child's pid")
+    warm_starter._process.kill()
+    asking.join(60)
+    assert answer and answer[0].returncode is None and answer[0].stdout.endswith("done\n")  # its status is lost

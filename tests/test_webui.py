@@ -428,7 +428,7 @@ def test_the_studio_trains_on_several_devices_through_the_launcher_and_stop_ends
     run = tmp_path / "outputs" / "run"
     config = parse_config(tiny_config(SHAPES_DATASET, run, steps=500, batch_size=1, checkpoint_steps=1000,
                                       validation_steps=1000, device="cpu"))
-    estimate = validation_report(config, studio.num_processes())  # what the page's estimate shows
+    estimate = validation_report(config, studio.num_processes(), starter=studio.starter)  # the page's estimate
     assert estimate["devices"]["global_batch_size"] == 2
     markdown = estimate_markdown(estimate)
     assert "**Devices:** 2 training process(es)" in markdown and "global batch 2" in markdown
@@ -462,7 +462,7 @@ def test_a_job_killed_with_sigkill_shows_as_failed_with_its_signal_and_stderr(cl
     job = start(client, run_name="killed", **LONG)
     running = wait_for(client, lambda s: s["state"] == "running", job, timeout=120)
     pid = job_record(running)["pid"]
-    assert psutil.Process(pid).ppid() == served[1]._starter._process.pid  # forked from the page's job starter
+    assert psutil.Process(pid).ppid() == served[1].starter._process.pid  # forked from the page's job starter
     os.kill(pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
     state = wait_for(client, lambda s: s["state"] in TERMINAL, job)
     assert state["state"] == "failed" and "killed by signal 9 (SIGKILL)" in state["message"]
