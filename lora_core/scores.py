@@ -100,12 +100,15 @@ def _strength(data: dict[str, Any], chosen: dict[str, Any]) -> tuple[float, str]
     if all(_finite(row.get("likeness")) for row in rows):
         best = max(row["likeness"] for row in rows)
         pick = max((row for row in rows if row["likeness"] >= best - LIKENESS_TIE), key=lambda row: row["scale"])
+        nearest = max(rows, key=lambda row: row["likeness"])
+        tie = "" if nearest is pick else f", as near as {nearest['likeness']:.2f} at {nearest['scale']:g}"
         if pick["scale"] == 1.0:
             reason = f"its trigger prompts' results come nearest the training pictures at full strength " \
-                     f"(likeness {pick['likeness']:.2f})"
+                     f"(likeness {pick['likeness']:.2f}{tie})"
         else:
             reason = (f"its trigger prompts' results come nearest the training pictures at {pick['scale']:g} "
-                      f"(likeness {pick['likeness']:.2f}, {rows[-1]['likeness']:.2f} at 1: stronger overshoots them)")
+                      f"(likeness {pick['likeness']:.2f}{tie}; {rows[-1]['likeness']:.2f} at 1: stronger "
+                      "overshoots them)")
         if pick["bleed"] > pick["concept"]:
             reason += "; there its bleed passes its concept strength"
         return pick["scale"], reason

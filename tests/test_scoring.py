@@ -98,9 +98,10 @@ def test_the_strength_is_where_the_trigger_results_come_nearest_the_training_pic
         return recommend({"loras": [chosen], "strengths": rows})
 
     overcooked = scored({0.25: 0.70, 0.5: 0.58, 0.75: 0.01, 1.0: -0.47})  # past its pictures at 1
-    assert overcooked["scale"] == 0.25 and "nearest the training pictures at 0.25 (likeness 0.70, -0.47 at 1" \
+    assert overcooked["scale"] == 0.25 and "nearest the training pictures at 0.25 (likeness 0.70; -0.47 at 1" \
         in overcooked["text"]
-    assert scored({0.25: 0.26, 0.5: 0.61, 0.75: 0.79, 1.0: 0.78})["scale"] == 1.0  # within 0.02: the stronger
+    tied = scored({0.25: 0.26, 0.5: 0.61, 0.75: 0.79, 1.0: 0.78})  # within 0.02: the stronger
+    assert tied["scale"] == 1.0 and "at full strength (likeness 0.78, as near as 0.79 at 0.75)" in tied["text"]
     sound = scored({0.25: 0.26, 0.5: 0.61, 0.75: 0.79, 1.0: 0.72}, bleed=0.5)
     assert sound["scale"] == 0.75 and sound["text"].endswith("there its bleed passes its concept strength")
 
