@@ -42,10 +42,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.page_driver import CHROMIUM, CHROMIUM_ARGS, choose, fill
+
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
-                 "--no-first-run"]
 VIEWPORT = {"width": 1200, "height": 1000}  # the page's column at 960 px: readable at the README's width
 GRID_VIEWPORT = {"width": 1400, "height": 1000}
 WAIT_MS = 1_500_000  # a training, score or grid on a busy two-core machine
@@ -78,21 +77,6 @@ def launch_page(outputs: Path) -> tuple:
     settings.pop("server_port")
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **settings)
     return demo, studio, url.rstrip("/")
-
-
-def fill(page, field: str, value) -> None:
-    box = page.locator(f"#field-{field} input[type=number], #field-{field} textarea, "
-                       f"#field-{field} input[type=text]").first
-    box.fill(str(value))
-    box.press("Tab")
-
-
-def choose(page, elem_id: str, value: str) -> None:
-    """Type a value into a Gradio dropdown (custom values allowed) and take it."""
-    box = page.locator(f"#{elem_id} input").first
-    box.click()
-    box.fill(value)
-    box.press("Enter")
 
 
 def say(text: str, started: float) -> None:

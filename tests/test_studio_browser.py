@@ -11,13 +11,11 @@ from pathlib import Path
 import pytest
 from helpers import launch_page, make_dataset
 
+from bench.page_driver import CHROMIUM, CHROMIUM_ARGS, choose, fill
 from studio.scores_view import FIGURE_COLOURS
 
-CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
-                 "--no-first-run"]
 WHOLE_TEST_S = 900  # the test's own timeout: a hang dumps every thread's stack and ends the run
 
 pytestmark = [pytest.mark.e2e,
@@ -44,21 +42,6 @@ def studio_page(tmp_path, model_cache, monkeypatch):
         faulthandler.cancel_dump_traceback_later()
         studio.shutdown(timeout=30)
         demo.close()
-
-
-def fill(page, field: str, value) -> None:
-    box = page.locator(f"#field-{field} input[type=number], #field-{field} textarea, "
-                       f"#field-{field} input[type=text]").first
-    box.fill(str(value))
-    box.press("Tab")
-
-
-def choose(page, elem_id: str, value: str) -> None:
-    """Type a value into a Gradio dropdown (custom values allowed) and take it."""
-    box = page.locator(f"#{elem_id} input").first
-    box.click()
-    box.fill(value)
-    box.press("Enter")
 
 
 def keep(page, name: str, locator=None, clip: dict | None = None) -> None:

@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 from helpers import launch_page
 
-CHROMIUM = Path("/usr/bin/chromium")
+from bench.page_driver import CHROMIUM, CHROMIUM_ARGS
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 DEMO = ROOT / "demo" / "dataset"  # the --demo page: builtin:toy-sd at 64 px
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
-                 "--no-first-run"]
 
 pytestmark = [pytest.mark.e2e,  # serves the page and trains through a browser
               pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
