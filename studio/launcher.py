@@ -16,7 +16,7 @@ Stop is SIGTERM to the job's process: the CLI, or accelerate's launcher (torch's
 it to every training process; they agree on the step to stop after and the main one saves a checkpoint.
 Nothing here imports torch (the page's registry uses it): `device_count` and `validation_report` (the
 `--validate-only` report) ask a child process, so their caller never loads torch nor touches a device; given
-the page's `Starter`, that child is forked from it too (`starter.run_python`), else spawned.
+the page's `Starter`, that child is forked from it too (`children.run_python`), else spawned.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ from lora_core.events import Error, ValidationReport, parse_event
 from lora_core.files import atomic_write_text
 from lora_core.runlock import JOB_FOLDER_VARIABLE, TOKEN_VARIABLE
 from lora_core.runrecord import RunFiles, process_alive, read_json
+from studio.children import run_python
 from studio.jobfiles import JOB_CONFIG_FILE, JOB_FILE, STDERR_FILE, JobFiles
-from studio.starter import StartedJob, Starter, run_python
+from studio.starter import StartedJob, Starter
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where `-m lora_core` is importable from
 VALIDATE_TIMEOUT_S = 600.0  # a hub model's configs may have to be downloaded first
@@ -76,7 +77,9 @@ def _count_devices(starter: Starter | None) -> int:
     code = ("import os; hasattr(os, 'nice') and os.nice(10); import torch; "
             "print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
     environment = job_environment(None, 1, None, starter.base if starter else None)
-    result = run_python(["-c", code], environment, starter, VALIDATE_TIMEOUT_S)
+    # torch alone: spawned in about a second while the starter still imports the whole engine, which the
+    # first Start (it needs the count) would otherwise wait for
+    result = run_python(["-c", code], environment, starter, VALIDATE_TIMEOUT_S, spawn_while_importing=True)
     try:
         return int(result.stdout.split()[-1])
     except (IndexError, ValueError):

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from studio.children import run_python
 from studio.launcher import job_environment
-from studio.starter import Starter, run_python
+from studio.starter import Starter
 
 if TYPE_CHECKING:
     from lora_core.dataset import DatasetReport

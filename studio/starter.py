@@ -10,7 +10,8 @@ request names, the request's environment and working directory. The starter answ
 and, when that process ends, its exit status (as `Popen.returncode` gives it).
 
 The server's short questions (the GPU count, `--validate-only`'s report, a model's family) go the same way
-through `run_python`, a `subprocess.run` forked from the starter, rather than import the engine on each click.
+through `run_python` (studio/children.py), a `subprocess.run` forked from the starter, rather than import the
+engine on each click.
 
 Forking after torch is imported is what torch's DataLoader does on Linux; it is unsafe only once the parent
 has used CUDA. The starter refuses every request while a CUDA driver library is mapped into it, and the
@@ -37,7 +38,6 @@ import select
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -52,7 +52,6 @@ PER_JOB = frozenset({"CUDA_VISIBLE_DEVICES", "ACCELERATE_USE_CPU", "WORLD_SIZE",
                      "LORA_JOB_FOLDER"})
 PRELOAD = ("lora_core.cli", "lora_core.job", "lora_core.training", "lora_core.grid")
 REAP_S = 0.2  # how often the starter looks for ended jobs
-KILLED_WAIT_S = 5.0  # how long `run_python` waits for a child it killed (the starter reaps it within REAP_S)
 
 log = logging.getLogger("studio.starter")
 
@@ -298,6 +297,17 @@ class Starter:
                 return None
         return job
 
+    @property
+    def ready(self) -> bool:
+        """Whether the starter has imported the engine and takes requests: a fork from it answers at once."""
+        return self._ready and not self._closed
+
+    def warm(self, environment: Mapping[str, str]) -> None:
+        """Start the starter (it imports the engine in the background) without asking it for anything yet."""
+        if self.accepts(environment):
+            with self._lock, contextlib.suppress(OSError):
+                self._running(environment)
+
     def close(self) -> None:
         """End the starter (the jobs it started run on)."""
         with self._lock:
@@ -364,41 +374,6 @@ class Starter:
                 except Exception:
                     log.exception("a job the starter had not forked could not be spawned")
         process.wait()
-
-
-def run_python(args: Sequence[str], environment: Mapping[str, str], starter: Starter | None = None,
-               timeout: float | None = None) -> subprocess.CompletedProcess:
-    """`subprocess.run([python, *args])` from PACKAGE_ROOT, stdin from /dev/null, stdout and stderr captured as
-    text, for the server's short questions that need torch: forked from `starter` when there is one that
-    takes it (no new import of the engine), else spawned. Past `timeout` s the child is killed and
-    subprocess.TimeoutExpired raised, as `subprocess.run` does. A child lost with the starter (which ended
-    first) has returncode None."""
-    command = [sys.executable, *args]
-    with tempfile.TemporaryDirectory(prefix="lora-child-") as folder:
-        stdout, stderr = Path(folder) / "stdout", Path(folder) / "stderr"
-
-        def spawn() -> subprocess.Popen:
-            with open(stdout, "ab") as out, open(stderr, "ab") as err:
-                return subprocess.Popen(command, cwd=PACKAGE_ROOT, env=dict(environment), stdin=subprocess.DEVNULL,
-                                        stdout=out, stderr=err)
-
-        job = starter.start(args, environment, stdout, stderr, spawn, lambda pid: None, short=True) \
-            if starter else None
-        if job is None:
-            return subprocess.run(command, cwd=PACKAGE_ROOT, env=dict(environment), stdin=subprocess.DEVNULL,
-                                  capture_output=True, text=True, timeout=timeout)
-
-        def read(path: Path) -> str:
-            return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
-
-        try:
-            code = job.wait(timeout)
-        except subprocess.TimeoutExpired:
-            job.send_signal(signal.SIGKILL)  # kept until its pid is known, if the starter has not answered yet
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                job.wait(KILLED_WAIT_S)
-            raise subprocess.TimeoutExpired(command, timeout or 0.0, read(stdout), read(stderr)) from None
-        return subprocess.CompletedProcess(command, code, read(stdout), read(stderr))
 
 
 def shared_environment(environment: Mapping[str, str]) -> dict[str, str]:

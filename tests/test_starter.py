@@ -22,8 +22,9 @@ from lora_core.configfile import parse_config
 from lora_core.runtail import RecordTail
 from studio import preview
 from studio import starter as starter_module
+from studio.children import run_python
 from studio.launcher import JobProcess, _count_devices, job_environment, train_command, validation_report
-from studio.starter import PACKAGE_ROOT, StartedJob, Starter, cuda_driver_loaded, run_python
+from studio.starter import PACKAGE_ROOT, StartedJob, Starter, cuda_driver_loaded
 
 
 def start_training(folder, run_config, starter) -> JobProcess:
@@ -173,7 +174,7 @@ def test_what_the_starters_imports_print_goes_to_stderr_not_into_its_answers():
     assert "native noise" in run.stderr and "python noise" in run.stderr
 
 
-# --- the server's short children (studio.starter.run_python): the GPU count, --validate-only, a model's family ---
+# --- the server's short children (studio.children.run_python): the GPU count, --validate-only, a model's family ---
 CHILD = r'''
 import os, sys, time
 print(os.getpid(), os.getppid(), os.environ.get("CHILD_MARK"), sys.argv[1:], flush=True)
@@ -194,6 +195,18 @@ def warm_starter():
 
 def child_environment(starter: Starter) -> dict[str, str]:
     return job_environment(None, 1, None, starter.base)
+
+
+def test_a_light_child_is_spawned_while_the_starter_still_imports_and_the_starter_is_warmed():
+    """The GPU count imports torch alone: the server's first Start must not wait for the engine's import."""
+    cold = Starter(base={**os.environ, "CHILD_MARK": "server-side"})
+    try:
+        result = run_python(["-c", CHILD, "0", "0"], child_environment(cold), cold, timeout=60,
+                            spawn_while_importing=True)
+        assert int(result.stdout.split()[1]) == os.getpid() and result.returncode == 0  # spawned, not forked
+        assert cold._process is not None and not cold.ready  # the starter is importing meanwhile
+    finally:
+        cold.close()  # still importing: ended at once
 
 
 @pytest.mark.e2e
