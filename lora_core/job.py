@@ -187,11 +187,6 @@ def tool_command(work: Work, done: type[Event], reads: str | Path | None = None,
     return run_command(work, result, reads=reads)
 
 
-def stream_tool_job(work: Work, reads: str | Path | None = None) -> tuple[Event, int]:
-    """`stream_job` for a tool (its events logged in its job folder), by the name tool modules know it."""
-    return stream_job(work, reads=reads)
-
-
 def stream_job(work: Work, *, reads: str | Path | None = None, log_events: bool = True,
                show: Callable[[Event], None] | None = None) -> tuple[Event, int]:
     """The one command wrapper of every job (training and every tool): `work(emit, should_stop)` run with its
